@@ -1,0 +1,17 @@
+"""Exceptions raised by the feature pipeline; their messages name the file and the problem."""
+
+
+class FeaturesError(Exception):
+    """Base class for errors the command line reports as one line."""
+
+
+class FeatureStoreError(FeaturesError):
+    """A feature file that is missing, foreign, truncated or inconsistent, or a missing image id."""
+
+
+class ImageError(FeaturesError):
+    """An image that cannot be decoded or used."""
+
+
+class WeightsError(FeaturesError):
+    """A detector weight file that cannot be read or does not fit the detector."""

@@ -1,0 +1,55 @@
+"""The `vilbert` command: one subcommand per module in `tasks.commands`.
+
+Each command module defines `add_arguments(parser)` and `run(args) -> int`, plus a module docstring whose first
+line is the subcommand's help. Errors of the project's own types print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from features.errors import FeaturesError
+from tasks.errors import TasksError
+from vilbert.errors import ViLBertError
+
+# subcommand name -> module under tasks.commands
+COMMANDS: dict[str, str] = {
+}
+
+USER_ERRORS = (ViLBertError, FeaturesError, TasksError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vilbert", description="ViLBERT: features, pretraining, fine-tuning.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(f"tasks.commands.{module_name}")
+        doc = (module.__doc__ or "").strip().splitlines()
+        command = sub.add_parser(name, help=doc[0] if doc else None, description=module.__doc__)
+        module.add_arguments(command)
+        command.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.run(args) or 0)
+    except USER_ERRORS as error:
+        print(f"vilbert {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vilbert {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
