@@ -1,0 +1,22 @@
+"""The detector registry: name -> builder. Adding a detector is one module plus one line here."""
+
+from __future__ import annotations
+
+import importlib
+
+from features.detector import RegionDetector
+from features.errors import FeaturesError
+
+# name -> "module:builder"; builders take (weights: str | None = None, **options) and return a RegionDetector.
+DETECTORS: dict[str, str] = {
+    "mobilenet-v2": "features.mobilenet:build_mobilenet_v2",
+    "butd-r101-c4": "features.butd:build_butd_r101_c4",
+}
+
+
+def build_detector(name: str, weights: str | None = None, **options) -> RegionDetector:
+    """Build a registered detector by name; modules are imported only when asked for."""
+    if name not in DETECTORS:
+        raise FeaturesError(f"unknown detector {name!r}; choose one of {', '.join(sorted(DETECTORS))}")
+    module_name, builder = DETECTORS[name].split(":")
+    return getattr(importlib.import_module(module_name), builder)(weights=weights, **options)

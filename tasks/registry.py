@@ -1,0 +1,26 @@
+"""The task registry: name -> Task class. Adding a task is one module plus one line here."""
+
+from __future__ import annotations
+
+import importlib
+
+from tasks.errors import ConfigError
+from tasks.task import Task
+
+# name -> "module:TaskClass"
+TASKS: dict[str, str] = {
+    "pretrain": "tasks.pretraining:PretrainingTask",
+    "vqa": "tasks.vqa:VQATask",
+    "retrieval": "tasks.retrieval:RetrievalTask",
+    "refcoco": "tasks.refexp:RefCOCOTask",
+    "refcoco+": "tasks.refexp:RefCOCOPlusTask",
+    "refcocog": "tasks.refexp:RefCOCOgTask",
+}
+
+
+def task_class(name: str) -> type[Task]:
+    """Look a task class up by name; modules are imported only when asked for."""
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; choose one of {', '.join(sorted(TASKS))}")
+    module_name, class_name = TASKS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
