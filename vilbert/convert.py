@@ -277,8 +277,11 @@ def config_from_reference_json(path: str | os.PathLike, **overrides: Any) -> ViL
         raise ConfigError(f"{path}: {error}") from error
 
 
-def _infer_config(state: Mapping[str, torch.Tensor], source: str, num_labels: int | None) -> ViLBertConfig:
-    """Base config adjusted to what the checkpoint shows: task token table, answer count, head style."""
+def _fit_config(
+    config: ViLBertConfig, state: Mapping[str, torch.Tensor], source: str, num_labels: int | None
+) -> ViLBertConfig:
+    """Adjust `config` to what a reference checkpoint shows and its JSON config cannot say: the task-token table,
+    the answer count (unless `num_labels` is given) and the answer-head style of the source."""
     overrides: dict[str, Any] = {"task_specific_tokens": "bert.embeddings.task_embeddings.weight" in state}
     if source == "vilbert_beta":
         overrides["answer_head_type"] = "beta"
@@ -287,7 +290,14 @@ def _infer_config(state: Mapping[str, torch.Tensor], source: str, num_labels: in
         overrides["num_labels"] = num_labels
     elif answers is not None:
         overrides["num_labels"] = answers.shape[0]
-    return ViLBertConfig(**overrides)
+    current = {key: getattr(config, key) for key in overrides}
+    if current == overrides:
+        return config
+    logger.info("config adjusted to the checkpoint: %s", overrides)
+    values = config.to_dict()
+    if overrides.get("num_labels", config.num_labels) != config.num_labels:  # label names no longer apply
+        del values["id2label"], values["label2id"]
+    return ViLBertConfig(**{**values, **overrides})
 
 
 def load_reference_checkpoint(
@@ -299,19 +309,13 @@ def load_reference_checkpoint(
     """Load a released reference checkpoint into ViLBertForPreTraining (only bert.*/cls.* keys) or
     ViLBertForVLTasks (task heads present), in eval mode. Missing and unexpected keys are logged by name.
 
-    Without `config`, the base config is used with the task-token table, answer count and answer-head style read
-    off the checkpoint; `num_labels` overrides the answer count either way.
+    `config` (default: the base model) gives widths and attachment points; the task-token table, the answer count
+    and the answer-head style come from the checkpoint, except that `num_labels`, when given, fixes the answer count
+    (a checkpoint whose head has another size is then refused).
     """
     path = os.fspath(path)
     state = read_reference_state_dict(path)
-    if config is None:
-        config = _infer_config(state, source, num_labels)
-    else:
-        overrides = {"num_labels": num_labels} if num_labels is not None else {}
-        if source == "vilbert_beta":
-            overrides["answer_head_type"] = "beta"
-        if overrides:
-            config = ViLBertConfig(**{**config.to_dict(), **overrides})
+    config = _fit_config(config if config is not None else ViLBertConfig(), state, source, num_labels)
     converted = convert_reference_state_dict(state, config, source, origin=path)
     has_task_heads = any(not k.startswith(("bert.", "cls.")) for k in state)
     model = (ViLBertForVLTasks if has_task_heads else ViLBertForPreTraining)(config)
