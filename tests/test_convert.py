@@ -215,8 +215,8 @@ def tiny_bert(tmp_path, **overrides):
 
 def test_text_stream_from_bert_reproduces_bert(tmp_path):
     bert, bert_dir = tiny_bert(tmp_path)
-    # both text layers before the only co-attention: the text prefix is exactly BERT's encoder
-    config = ViLBertConfig.from_preset("tiny", num_hidden_layers=2, v_biattention_id=[0], t_biattention_id=[2])
+    # text layer 0 runs before the only co-attention: the text prefix is BERT's first layer
+    config = ViLBertConfig.from_preset("tiny", num_hidden_layers=2, v_biattention_id=[0], t_biattention_id=[1])
     model = ViLBertForPreTraining(config).eval()
     names = init_text_stream_from_bert(model, bert_dir)
     assert "mlm_head.transform.dense.weight" in names and "mlm_head.bias" in names
@@ -224,7 +224,8 @@ def test_text_stream_from_bert_reproduces_bert(tmp_path):
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, 5:] = 0
     with torch.no_grad():
-        expected = bert.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = bert.bert(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        expected = hidden[1]  # after layer 0
         prefix = model.vilbert.encode_text_prefix(ids, mask)
         torch.testing.assert_close(prefix.hidden[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model.mlm_head(expected), bert.cls(expected, torch.zeros(2, 32))[0])
