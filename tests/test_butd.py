@@ -138,3 +138,17 @@ def test_extractor_info_is_json_and_records_the_choices():
 def test_registry_builds_the_detector():
     det = build_detector("butd-r101-c4", config=BUTDConfig.tiny(), selection="vmb")
     assert isinstance(det, BUTDDetector) and det.selection.max_boxes == 100 and not det.training
+
+
+def test_bf16_autocast_and_channels_last_run_and_stay_close(detector):
+    detector = detector.to(memory_format=torch.channels_last)
+    prepared = [detector.prepare(im) for im in _images()]
+    boxes = [torch.tensor([[5.0, 5, 60, 45]]), torch.tensor([[3.0, 10, 30, 70]])]
+    reference = detector(pad_batch(prepared), prepared, boxes)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = detector(pad_batch(prepared), prepared, boxes)
+        proposed = detector(pad_batch(prepared), prepared)
+    for a, b in zip(reference, fast, strict=True):
+        assert b.features.dtype == torch.float32
+        assert (a.features - b.features).abs().max() <= 0.03 * a.features.abs().max()
+    assert all(len(r.boxes) >= 10 for r in proposed)
