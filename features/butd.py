@@ -389,6 +389,11 @@ class BUTDDetector(RegionDetector):
         self.cls_prob_dim = self.config.num_classes + 1
         self.register_buffer("_pixel_mean", torch.tensor(self.config.pixel_mean_bgr).view(3, 1, 1), persistent=False)
 
+    @property
+    def size_divisible(self) -> int:
+        """Padding multiple the pipeline uses for a batch (1: pad to the largest image only, like Caffe/HF)."""
+        return self.config.size_divisible
+
     def prepare(self, image: np.ndarray) -> PreparedImage:
         """RGB uint8 [H, W, 3] → BGR 0-255 minus the Caffe means, resized (bilinear) to 600 / max 1000."""
         if image.ndim != 3 or image.shape[2] != 3:
