@@ -158,7 +158,7 @@ def test_recall_counts_ties_against_the_positive():
 def test_recall_with_several_positives_uses_the_best_and_ignores_other_positives():
     scores = torch.tensor([[0.7, 0.9, 0.9, 0.1, 0.7]])
     assert retrieval_ranks(scores, [[1, 2]]).tolist() == [0]  # the two tied positives do not push each other
-    assert retrieval_ranks(scores, [[3, 0]]).tolist() == [2]  # best positive 0.7: two negatives at 0.9 beat it
+    assert retrieval_ranks(scores, [[3, 0]]).tolist() == [3]  # best positive 0.7: 0.9, 0.9 and the tied 0.7
     assert retrieval_ranks(scores, [[0, 4]]).tolist() == [2]  # tied positives; the negatives at 0.9 count
     assert retrieval_ranks(scores, [[3]]).tolist() == [4]
 
