@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from tasks.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.errors import AnnotationError, ConfigError
 from tasks.finetuning import (
     FinetuneDataConfig,
@@ -37,6 +38,7 @@ from tasks.finetuning import (
     task_ids_for,
     to_device,
     tokenizer_directory,
+    write_json_atomic,
 )
 from tasks.metrics import normalize_answer, soft_score, vqa_score
 from tasks.task import StepOutput, Task
@@ -171,6 +173,16 @@ class VQADataConfig(FinetuneDataConfig):
     minval_size: int = 3000
 
 
+@dataclass
+class VQAConfig:
+    """A VQA fine-tuning run (tasks/configs/vqa.yaml)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: VQADataConfig = field(default_factory=VQADataConfig)
+
+
 class VQADataset(Dataset):
     """One item per question: tokenised question, the image's regions, soft-score target."""
 
@@ -223,6 +235,7 @@ class VQATask(Task):
 
     name = "vqa"
     main_metric = "accuracy"
+    config_class = VQAConfig
 
     def __init__(self, config):
         self.config = config
@@ -284,8 +297,6 @@ class VQATask(Task):
 
     def save_extra(self, directory: str | Path) -> None:
         """Write the answer list beside a checkpoint, so evaluation and prediction read labels back."""
-        from tasks.io import write_json_atomic
-
         write_json_atomic(Path(directory) / VOCABULARY_FILE, self.vocabulary())
 
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
