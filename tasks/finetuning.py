@@ -42,6 +42,11 @@ class FinetuneDataConfig:
     eval_batch_size: int = 256
 
 
+def resolve_split(data: FinetuneDataConfig, split: str) -> str:
+    """The trainer asks for the roles "train" and "val": they mean `data.train_split` / `data.val_split`."""
+    return {"train": data.train_split, "val": data.val_split}.get(split, split)
+
+
 def write_json_atomic(path: str | Path, data: Any) -> Path:
     """Write JSON to a temporary file beside `path`, then rename: readers never see half a file."""
     path = Path(path)
