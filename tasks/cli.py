@@ -17,6 +17,9 @@ from vilbert.errors import ViLBertError
 
 # subcommand name -> module under tasks.commands
 COMMANDS: dict[str, str] = {
+    "finetune": "finetune",
+    "evaluate": "evaluate",
+    "score": "score",
 }
 
 USER_ERRORS = (ViLBertError, FeaturesError, TasksError)
