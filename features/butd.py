@@ -371,14 +371,16 @@ class BUTDDetector(RegionDetector):
     """`BUTDModel` + Caffe preprocessing + box selection, behind the `RegionDetector` interface."""
 
     name = "butd-r101-c4"
+    backend = "native"
 
     def __init__(self, config: BUTDConfig | None = None, *, selection: SelectionRule = BUTD_RULE,
-                 box_mode: str = "proposal", weights_info: dict | None = None):
+                 box_mode: str = "proposal", weights_info: dict | None = None, model: nn.Module | None = None):
+        """`model` replaces the native network by any module with `BUTDModel.forward`'s contract."""
         super().__init__()
         if box_mode not in ("proposal", "regressed"):
             raise ValueError(f"box_mode must be 'proposal' or 'regressed', got {box_mode!r}")
         self.config = config or BUTDConfig()
-        self.model = BUTDModel(self.config)
+        self.model = model if model is not None else BUTDModel(self.config)
         self.selection = selection
         self.box_mode = box_mode
         self.weights_info = weights_info or {"sha256": "random"}
@@ -409,7 +411,8 @@ class BUTDDetector(RegionDetector):
         if boxes is not None:
             if len(boxes) != len(images):
                 raise ValueError(f"got boxes for {len(boxes)} images but {len(images)} images")
-            rois = [b.to(device=device, dtype=torch.float32).reshape(-1, 4) * s for b, s in zip(boxes, scales, strict=True)]
+            rois = [b.to(device=device, dtype=torch.float32).reshape(-1, 4) * s
+                    for b, s in zip(boxes, scales, strict=True)]
         out = self.model(pixels, image_hw, rois)
         counts = [len(r) for r in out["rois"]]
         probs = F.softmax(out["cls_logits"].float(), dim=1).split(counts)  # [P_i, K+1] each
@@ -440,6 +443,9 @@ class BUTDDetector(RegionDetector):
                 stored = clip_boxes(stored, image_hw[i]) / scales[i]
             else:
                 stored = out["rois"][i][keep] / scales[i]
+            if boxes is None:  # resizing rounds the image size: clip to the original image once more
+                h, w = images[i].image_hw
+                stored = clip_boxes(stored, stored.new_tensor([h, w]))
             region = DetectedRegions(features=pooled[i][keep], boxes=stored, cls_prob=prob,
                                      objects_id=objects_id, objects_conf=fg_conf)
             if attr_probs[i] is not None:
@@ -452,7 +458,7 @@ class BUTDDetector(RegionDetector):
         c = self.config
         return {
             "detector": self.name,
-            "backend": "native",
+            "backend": self.backend,
             "weights": self.weights_info,
             "selection": self.selection.as_dict(),
             "box_mode": self.box_mode,
@@ -468,15 +474,19 @@ class BUTDDetector(RegionDetector):
 
 def build_butd_r101_c4(weights: str | None = None, *, config: BUTDConfig | None = None,
                        selection: SelectionRule | str | None = None, box_mode: str = "proposal",
-                       weights_format: str = "auto", **selection_overrides) -> BUTDDetector:
+                       weights_format: str = "auto", backend: str = "native",
+                       **selection_overrides) -> BUTDDetector:
     """The registry's builder: a BUTD detector, optionally loading a published checkpoint (any supported format).
 
     `selection` is a rule or a rule name (`butd`, `vmb`, `fixed-36`); keyword overrides such as
-    `min_boxes=36` replace single rule parameters.
+    `min_boxes=36` replace single rule parameters. `backend="detectron2"` builds the same network through
+    detectron2 (see `features.detectron2_backend`); weights, selection and outputs are the same.
     """
     from features.detector_checkpoints import load_butd_weights
     from features.selection import rule_from_name
 
+    if backend not in ("native", "detectron2"):
+        raise ValueError(f"backend must be 'native' or 'detectron2', got {backend!r}")
     if isinstance(selection, SelectionRule):
         rule = SelectionRule(**{**selection.as_dict(), **selection_overrides})
     else:
@@ -485,7 +495,15 @@ def build_butd_r101_c4(weights: str | None = None, *, config: BUTDConfig | None 
     if weights is not None:
         state, info, config = load_butd_weights(weights, config or BUTDConfig(), weights_format,
                                                 adapt_config=config is None)
-    detector = BUTDDetector(config, selection=rule, box_mode=box_mode, weights_info=info)
-    if state is not None:
-        detector.model.load_state_dict(state, strict=True)
+    config = config or BUTDConfig()
+    if backend == "detectron2":
+        from features.detectron2_backend import Detectron2BUTDDetector
+
+        detector = Detectron2BUTDDetector(config, selection=rule, box_mode=box_mode, weights_info=info)
+        if state is not None:
+            detector.load_native_state_dict(state)
+    else:
+        detector = BUTDDetector(config, selection=rule, box_mode=box_mode, weights_info=info)
+        if state is not None:
+            detector.model.load_state_dict(state, strict=True)
     return detector.eval()
