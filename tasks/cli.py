@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "finetune": "finetune",
     "evaluate": "evaluate",
     "score": "score",
+    "predict": "predict",
     "convert": "convert",
 }
 
