@@ -166,14 +166,34 @@ def test_mobilenet_without_boxes_falls_back_to_a_grid_with_a_notice(tmp_path, ca
     assert result["detector"] == "mobilenet-v2"  # chosen by the checkpoint's 96-d features
     assert "3x3 grid" in err
     np.testing.assert_allclose(result["boxes"], grid_boxes((48, 64)), atol=0.01)
-    assert [a["answer"] for a in result["answers"]] and len(result["answers"]) == 3
+    assert len(result["answers"]) == 3
+    # a plain JSON list of boxes is this image's boxes
+    (tmp_path / "list.json").write_text(json.dumps([[0, 0, 32, 24], [10, 10, 64, 48]]))
+    code, out, err = _predict(capsys, tmp_path / "ckpt", image, "--question", "how many", "--json",
+                              "--tokenizer", str(tmp_path / "tok"), "--option", "random_init=true",
+                              "--boxes", str(tmp_path / "list.json"), "--box-format", "xyxy")
+    assert code == 0 and "grid" not in err
+    assert json.loads(out)["boxes"] == [[0, 0, 32, 24], [10, 10, 64, 48]]
 
 
-def _save_checkpoint(directory, answers=None, pretraining=False, v_feature_size=7):
+def test_models_with_task_tokens_get_the_chosen_12_in_1_task_id(tmp_path, capsys):
+    _save_checkpoint(tmp_path / "ckpt", answers=["yes", "no", "two"], task_specific_tokens=True)
+    image = _write_image(tmp_path / "a.png", (40, 50), seed=3)
+    capsys.readouterr()
+    common = ["--question", "how many", "--json", "--tokenizer", str(write_vocab(tmp_path / "tok")),
+              "--detector", "tiny-test"]
+    vqa = _predict_json(capsys, tmp_path / "ckpt", image, *common)  # VQA's token (1) by default
+    same = _predict_json(capsys, tmp_path / "ckpt", image, *common, "--task-token", "vqa")
+    other = _predict_json(capsys, tmp_path / "ckpt", image, *common, "--task-token", "refcoco")
+    assert vqa["answers"] == same["answers"]
+    assert [a["score"] for a in other["answers"]] != [a["score"] for a in vqa["answers"]]
+
+
+def _save_checkpoint(directory, answers=None, pretraining=False, v_feature_size=7, **settings):
     """A freshly initialised tiny checkpoint; `answers` become its id2label as the VQA task stores them."""
     from vilbert import ViLBertConfig, ViLBertForPreTraining, ViLBertForVLTasks
 
-    config = ViLBertConfig.from_preset("tiny", v_feature_size=v_feature_size,
+    config = ViLBertConfig.from_preset("tiny", v_feature_size=v_feature_size, **settings,
                                        **({"num_labels": len(answers)} if answers else {}))
     if answers:
         config.update({"id2label": dict(enumerate(answers)), "label2id": {a: i for i, a in enumerate(answers)}})
