@@ -175,6 +175,7 @@ def test_file_that_is_not_a_state_dict_is_refused(tmp_path):
 ])
 def test_reference_config_json_gives_the_preset(name, preset):
     assert config_from_reference_json(REFERENCE_CONFIGS / name).to_dict() == ViLBertConfig.from_preset(preset).to_dict()
+    assert config_from_reference_json(name).to_dict() == ViLBertConfig.from_preset(preset).to_dict()  # packaged
 
 
 def test_convert_command_writes_a_loadable_model(tmp_path):

@@ -22,6 +22,7 @@ from vilbert.modeling_vilbert import ViLBertForPreTraining, ViLBertForVLTasks, V
 logger = logging.getLogger(__name__)
 
 SOURCES = ("vilbert-multi-task", "vilbert_beta")
+REFERENCE_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "reference_configs")  # the released JSON configs
 
 # (reference prefix, our prefix), most specific first in both columns
 _COMMON_RULES: list[tuple[str, str]] = [
@@ -249,8 +250,12 @@ def read_reference_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor
 
 
 def config_from_reference_json(path: str | os.PathLike, **overrides: Any) -> ViLBertConfig:
-    """A reference config JSON (e.g. bert_base_6layer_6conect.json) -> ViLBertConfig, with overrides."""
+    """A reference config JSON -> ViLBertConfig, with overrides. A bare name such as
+    "bert_base_4layer_4conect.json" that is not a file here is looked up among the packaged reference configs."""
     path = os.fspath(path)
+    packaged = os.path.join(REFERENCE_CONFIG_DIR, path)
+    if not os.path.exists(path) and os.path.basename(path) == path and os.path.isfile(packaged):
+        path = packaged
     try:
         with open(path, encoding="utf-8") as f:
             values = json.load(f)
