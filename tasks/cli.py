@@ -17,9 +17,13 @@ from vilbert.errors import ViLBertError
 
 # subcommand name -> module under tasks.commands
 COMMANDS: dict[str, str] = {
-    "convert": "convert",
     "extract": "extract",
     "features": "features",
+    "finetune": "finetune",
+    "evaluate": "evaluate",
+    "predict": "predict",
+    "score": "score",
+    "convert": "convert",
 }
 
 USER_ERRORS = (ViLBertError, FeaturesError, TasksError)

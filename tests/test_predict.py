@@ -1,0 +1,238 @@
+"""`vilbert predict` end to end: tiny fine-tuned checkpoints, regions extracted in-process, every output mode."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from tiny_detector import TinyDetector
+from tiny_task_data import write_karpathy, write_refcoco, write_vocab, write_vqa
+
+from features.detectors import DETECTORS
+from features.extract import extract
+from features.images import read_image
+from features.inputs import ImageInput
+from features.store import FeatureStore
+from tasks.cli import main
+from tasks.predict import detect_regions, grid_boxes
+
+TINY = ["model.preset=tiny", "model.overrides={v_feature_size: 7}", "train.global_batch_size=4", "train.max_steps=2",
+        "train.num_workers=0", "train.device=cpu", "data.max_regions=5", "data.eval_batch_size=4"]
+IMAGE_HW = (90, 120)  # the new image: another size than the training images
+
+
+def build_tiny_detector(weights=None, **options):
+    """Registry builder for the deterministic test detector (whole image + its top-left quarter)."""
+    return TinyDetector()
+
+
+def _write_image(path, hw, seed):
+    pixels = np.random.default_rng(seed).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _extract_store(tmp, image_ids):
+    """The training features, through the real pipeline with the tiny detector (the store records its name)."""
+    images = [ImageInput(str(i), str(_write_image(tmp / "images" / f"{i}.png", (80, 100), k)))
+              for k, i in enumerate(image_ids)]
+    extract(images, tmp / "f.h5", TinyDetector(), workers=0, progress=False, float32=True)
+    return tmp / "f.h5"
+
+
+def _finetune(task, tmp, data):
+    run = tmp / f"run-{task}"
+    assert main(["finetune", "--task", task, *TINY, f"train.output_dir={run}", f"data.tokenizer={tmp / 'tok'}",
+                 *data]) == 0
+    return sorted((run / "checkpoints").iterdir())[-1]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One tiny checkpoint per task, trained a couple of steps on features of the tiny detector."""
+    tmp = tmp_path_factory.mktemp("predict")
+    (tmp / "images").mkdir()
+    write_vocab(tmp / "tok")
+    vqa = write_vqa(tmp / "vqa")["image_ids"]
+    flickr = write_karpathy(tmp / "flickr" / "dataset_flickr30k.json")
+    refcoco = write_refcoco(tmp / "refcoco")["image_ids"]
+    store = _extract_store(tmp, [str(i) for i in vqa] + flickr + refcoco)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(DETECTORS, "tiny-test", "test_predict:build_tiny_detector")
+        features = f"data.features=[{store}]"
+        result = {
+            "vqa": _finetune("vqa", tmp, [f"data.root={tmp / 'vqa'}", features, "data.min_answer_count=1",
+                                          "data.minval_size=4"]),
+            "retrieval": _finetune("retrieval", tmp, [f"data.root={tmp / 'flickr'}", features,
+                                                      "data.max_text_length=12", "data.val_split=test"]),
+            "refcoco": _finetune("refcoco", tmp, [f"data.root={tmp / 'refcoco'}", features, "data.gt_features=[]"]),
+        }
+    result["image"] = _write_image(tmp / "new.png", IMAGE_HW, seed=99)
+    result["tmp"] = tmp
+    return result
+
+
+@pytest.fixture(autouse=True)
+def _tiny_detector_registered(monkeypatch):
+    monkeypatch.setitem(DETECTORS, "tiny-test", "test_predict:build_tiny_detector")
+
+
+def _predict(capsys, checkpoint, image, *args):
+    code = main(["predict", "--checkpoint", str(checkpoint), "--image", str(image), "--random-detector",
+                 "--device", "cpu", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _predict_json(capsys, checkpoint, image, *args):
+    code, out, err = _predict(capsys, checkpoint, image, "--json", *args)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def _whole_and_quarter(hw):
+    h, w = hw
+    return [[0.0, 0.0, float(w), float(h)], [0.0, 0.0, w / 2, h / 2]]
+
+
+def test_question_gives_top_k_answers_of_the_checkpoint_vocabulary_best_first(checkpoints, capsys):
+    result = _predict_json(capsys, checkpoints["vqa"], checkpoints["image"], "--question", "what color is the cat",
+                           "--top-k", "3")
+    vocabulary = list(json.loads((checkpoints["vqa"] / "config.json").read_text())["id2label"].values())
+    answers = result["answers"]
+    assert len(answers) == 3 and {a["answer"] for a in answers} <= set(vocabulary)
+    scores = [a["score"] for a in answers]
+    assert scores == sorted(scores, reverse=True) and all(0 < s < 1 for s in scores)
+    # the detector came from the run's feature store; its boxes are in the new image's pixels
+    assert result["detector"] == "tiny-test" and result["image_hw"] == list(IMAGE_HW)
+    assert result["boxes"] == _whole_and_quarter(IMAGE_HW)
+    code, out, _ = _predict(capsys, checkpoints["vqa"], checkpoints["image"], "--question", "what color is the cat")
+    assert code == 0 and "Q: what color is the cat" in out
+    shown = min(5, len(vocabulary))  # the default top 5, capped by the vocabulary size
+    assert [line.split()[0] for line in out.splitlines()[2:]] == [f"{i}." for i in range(1, shown + 1)]
+
+
+def test_expression_chooses_one_of_the_candidate_boxes_and_draws_it(checkpoints, capsys):
+    tmp = checkpoints["tmp"]
+    boxes = [[10, 5, 40, 30], [60, 20, 50, 60], [0, 45, 30, 40]]  # xywh, inside the 120x90 image
+    (tmp / "boxes.json").write_text(json.dumps({"new": boxes, "other": [[0, 0, 1, 1]]}))
+    out_png = tmp / "drawn" / "expr.png"
+    result = _predict_json(capsys, checkpoints["refcoco"], checkpoints["image"], "--expression", "man on the left",
+                           "--boxes", str(tmp / "boxes.json"), "--box-format", "xywh", "--out", str(out_png))
+    xyxy = [[x, y, x + w, y + h] for x, y, w, h in boxes]
+    candidates = [[0.0, 0.0, 120.0, 90.0], *xyxy]  # the IMG row is the whole image
+    assert result["boxes"] == xyxy
+    assert result["box"] in candidates and result["box"] == result["top"][0]["box"]
+    assert len(result["top"]) == 3 and all(t["box"] in candidates for t in result["top"])
+    assert [t["score"] for t in result["top"]] == sorted((t["score"] for t in result["top"]), reverse=True)
+    with Image.open(out_png) as drawn:
+        assert drawn.format == "PNG" and drawn.size == (IMAGE_HW[1], IMAGE_HW[0])
+    assert not [p for p in out_png.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_captions_are_ranked_by_pair_score_as_a_permutation(checkpoints, capsys):
+    captions = ["a man holding a red ball", "two dogs sitting", "a big tree", "a black car"]
+    (checkpoints["tmp"] / "captions.txt").write_text("\n".join(captions[:2]) + "\n\n" + "\n".join(captions[2:]))
+    result = _predict_json(capsys, checkpoints["retrieval"], checkpoints["image"],
+                           "--captions", str(checkpoints["tmp"] / "captions.txt"))
+    ranked = result["captions"]
+    assert sorted(c["caption"] for c in ranked) == sorted(captions)
+    assert [c["caption"] for c in ranked] == [captions[c["index"]] for c in ranked]
+    scores = [c["score"] for c in ranked]
+    assert scores == sorted(scores, reverse=True)
+    assert sum(c["probability"] for c in ranked) == pytest.approx(1.0, abs=1e-5)
+    code, out, _ = _predict(capsys, checkpoints["retrieval"], checkpoints["image"],
+                            "--captions", str(checkpoints["tmp"] / "captions.txt"))
+    assert code == 0 and out.splitlines()[2].endswith(ranked[0]["caption"])
+
+
+def test_detect_regions_matches_the_extraction_pipeline(checkpoints):
+    image = checkpoints["tmp"] / "images" / "1000.png"
+    regions = detect_regions(TinyDetector(), read_image(image))
+    stored = FeatureStore(checkpoints["tmp"] / "f.h5").read("1000")
+    assert regions.image_hw == stored.image_hw
+    np.testing.assert_allclose(regions.boxes, stored.boxes)
+    np.testing.assert_allclose(regions.features, stored.features, rtol=1e-6)
+
+
+def test_mobilenet_without_boxes_falls_back_to_a_grid_with_a_notice(tmp_path, capsys):
+    _save_checkpoint(tmp_path / "ckpt", answers=["yes", "no", "two"], v_feature_size=96)
+    image = _write_image(tmp_path / "a.png", (48, 64), seed=1)
+    capsys.readouterr()  # drop what saving printed
+    code, out, err = _predict(capsys, tmp_path / "ckpt", image, "--question", "how many", "--json",
+                              "--tokenizer", str(write_vocab(tmp_path / "tok")), "--option", "random_init=true")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["detector"] == "mobilenet-v2"  # chosen by the checkpoint's 96-d features
+    assert "3x3 grid" in err
+    np.testing.assert_allclose(result["boxes"], grid_boxes((48, 64)), atol=0.01)
+    assert len(result["answers"]) == 3
+    # a plain JSON list of boxes is this image's boxes
+    (tmp_path / "list.json").write_text(json.dumps([[0, 0, 32, 24], [10, 10, 64, 48]]))
+    code, out, err = _predict(capsys, tmp_path / "ckpt", image, "--question", "how many", "--json",
+                              "--tokenizer", str(tmp_path / "tok"), "--option", "random_init=true",
+                              "--boxes", str(tmp_path / "list.json"), "--box-format", "xyxy")
+    assert code == 0 and "grid" not in err
+    assert json.loads(out)["boxes"] == [[0, 0, 32, 24], [10, 10, 64, 48]]
+
+
+def test_models_with_task_tokens_get_the_chosen_12_in_1_task_id(tmp_path, capsys):
+    _save_checkpoint(tmp_path / "ckpt", answers=["yes", "no", "two"], task_specific_tokens=True)
+    image = _write_image(tmp_path / "a.png", (40, 50), seed=3)
+    capsys.readouterr()
+    common = ["--question", "how many", "--json", "--tokenizer", str(write_vocab(tmp_path / "tok")),
+              "--detector", "tiny-test"]
+    vqa = _predict_json(capsys, tmp_path / "ckpt", image, *common)  # VQA's token (1) by default
+    same = _predict_json(capsys, tmp_path / "ckpt", image, *common, "--task-token", "vqa")
+    other = _predict_json(capsys, tmp_path / "ckpt", image, *common, "--task-token", "refcoco")
+    assert vqa["answers"] == same["answers"]
+    assert [a["score"] for a in other["answers"]] != [a["score"] for a in vqa["answers"]]
+
+
+def _save_checkpoint(directory, answers=None, pretraining=False, v_feature_size=7, **settings):
+    """A freshly initialised tiny checkpoint; `answers` become its id2label as the VQA task stores them."""
+    from vilbert import ViLBertConfig, ViLBertForPreTraining, ViLBertForVLTasks
+
+    config = ViLBertConfig.from_preset("tiny", v_feature_size=v_feature_size, **settings,
+                                       **({"num_labels": len(answers)} if answers else {}))
+    if answers:
+        config.update({"id2label": dict(enumerate(answers)), "label2id": {a: i for i, a in enumerate(answers)}})
+    (ViLBertForPreTraining if pretraining else ViLBertForVLTasks)(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing-checkpoint", "no such directory"),
+    ("no-answer-list", "no VQA answer list"),
+    ("pretraining-expression", "pretraining checkpoint has no region_score_head"),
+    ("unreadable-image", "not an image"),
+    ("boxes-without-image", "no boxes for image 'a'"),
+    ("feature-size-mismatch", "expects 16-d"),
+    ("random-detector-weights", "random weights"),
+])
+def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, case, expected):
+    tok = str(write_vocab(tmp_path / "tok"))
+    image = _write_image(tmp_path / "a.png", (40, 50), seed=2)
+    checkpoint = tmp_path / "ckpt"
+    args = ["--question", "what color"]
+    extra = ["--random-detector"]
+    if case != "missing-checkpoint":
+        _save_checkpoint(checkpoint, answers=None if case == "no-answer-list" else ["red", "blue"],
+                         pretraining=case == "pretraining-expression",
+                         v_feature_size=16 if case == "feature-size-mismatch" else 7)
+    if case == "pretraining-expression":
+        args = ["--expression", "the red one"]
+    if case == "unreadable-image":
+        image = tmp_path / "b.jpg"
+        image.write_text("not a jpeg")
+    if case == "boxes-without-image":
+        (tmp_path / "boxes.json").write_text(json.dumps({"b": [[0, 0, 5, 5]]}))
+        args += ["--boxes", str(tmp_path / "boxes.json"), "--box-format", "xyxy"]
+    if case == "random-detector-weights":
+        extra = []
+    capsys.readouterr()  # drop what saving printed
+    code = main(["predict", "--checkpoint", str(checkpoint), "--image", str(image), "--tokenizer", tok,
+                 "--detector", "tiny-test", "--device", "cpu", *extra, *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("vilbert predict: error:") and expected in err[0], err
