@@ -18,6 +18,7 @@ from vilbert.errors import ViLBertError
 # subcommand name -> module under tasks.commands
 COMMANDS: dict[str, str] = {
     "convert": "convert",
+    "pretrain": "pretrain",
 }
 
 USER_ERRORS = (ViLBertError, FeaturesError, TasksError)
