@@ -318,11 +318,11 @@ class PretrainingTask(Task):
                 torch.tensor(len(samples)), out.loss.double() * len(samples),
             ]).to(device)
         t = totals.tolist()
-        return {
+        return {  # accuracies in percent, like the retrieval recalls
             "loss": t[6] / max(t[5], 1),
-            "mlm_accuracy": t[0] / max(t[1], 1),
-            "region_accuracy": t[2] / max(t[3], 1),
-            "alignment_accuracy": t[4] / max(t[5], 1),
+            "mlm_accuracy": 100.0 * t[0] / max(t[1], 1),
+            "region_accuracy": 100.0 * t[2] / max(t[3], 1),
+            "alignment_accuracy": 100.0 * t[4] / max(t[5], 1),
         }
 
     @torch.no_grad()

@@ -515,8 +515,11 @@ class Trainer:
             self._truncate_metrics_log(state.step)
 
         ddp = (
-            nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                                else None)
+            nn.parallel.DistributedDataParallel(
+                model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.task.find_unused_parameters,
+            )
             if self.dist.enabled
             else model
         )
@@ -642,18 +645,18 @@ def summary_lines(result: TrainResult, task: Task) -> list[str]:
     """A one-screen summary of a finished run, for the command line."""
     state = result.state
     lines = [
-        f"run directory   {result.run_dir}",
-        f"steps           {state.step} ({state.epoch} full epochs) in {result.seconds / 60:.1f} min",
+        f"run directory       {result.run_dir}",
+        f"steps               {state.step} ({state.epoch} full epochs) in {result.seconds / 60:.1f} min",
     ]
     if result.last_log:
-        lines.append(f"last loss       {result.last_log['loss']:.4f}  (lr {result.last_log['lr']:.3g}, "
+        lines.append(f"last loss           {result.last_log['loss']:.4f}  (lr {result.last_log['lr']:.3g}, "
                      f"{result.last_log['samples_per_s']:.1f} samples/s)")
     for key, value in result.last_eval.items():
-        lines.append(f"val {key:<12}{value:.4f}")
+        lines.append(f"val {key:<20} {value:.4f}")
     if state.best_step is not None:
         lines.append(f"best {task.main_metric} {state.best_value:.4f} at step {state.best_step}: {result.best_checkpoint}")
     if result.last_checkpoint is not None:
-        lines.append(f"last checkpoint {result.last_checkpoint}")
-    lines.append(f"metrics log     {result.run_dir / 'metrics.jsonl'}")
+        lines.append(f"last checkpoint     {result.last_checkpoint}")
+    lines.append(f"metrics log         {result.run_dir / 'metrics.jsonl'}")
     return lines
 
