@@ -617,6 +617,7 @@ class Trainer:
                     train.eval_every is None and epoch_done) or (finished and train.eval_at_end)
                 due_save = (train.save_every is not None and state.step % train.save_every == 0) or (
                     train.save_every is None and epoch_done) or finished
+                paused = time.perf_counter()  # evaluation and saving do not count against throughput
                 if due_eval:
                     last_eval = self.evaluate(model, state)
                     value = last_eval.get(self.task.main_metric)
@@ -626,6 +627,7 @@ class Trainer:
                 if due_save:
                     check_finite()
                     last_saved = self.save_checkpoint(model, optimizer, scheduler, scaler, state)
+                window_start += time.perf_counter() - paused
                 if finished or epoch_done:
                     break
         progress.close()
