@@ -18,6 +18,8 @@ from vilbert.errors import ViLBertError
 # subcommand name -> module under tasks.commands
 COMMANDS: dict[str, str] = {
     "convert": "convert",
+    "extract": "extract",
+    "features": "features",
     "pretrain": "pretrain",
 }
 
