@@ -126,3 +126,15 @@ def test_store_without_cls_prob_is_rejected(tmp_path, paths, capsys):
     plain = write_store(tmp_path / "plain.h5", make_images(48, seed=0), cls_prob=False)
     assert cli.main(["pretrain", "--config", str(write_config(tmp_path, paths)), f"data.train_features={plain}"]) == 2
     assert "cls_prob" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("objective, weight", [(1, 1.0), (2, 0.0)])
+def test_objective_2_weights_the_alignment_loss_zero(tmp_path, paths, objective, weight):
+    config = load_config(write_config(tmp_path, paths), PretrainConfig, [f"data.objective={objective}"])
+    task = PretrainingTask(config)
+    model = task.build_model()
+    batch = task.collate([task.dataset("train").sample(i, 0) for i in range(8)])
+    step = task.training_step(model, batch)
+    expected = step.metrics["mlm_loss"] + step.metrics["region_loss"] + weight * step.metrics["alignment_loss"]
+    torch.testing.assert_close(step.loss, expected)
+    assert step.metrics["alignment_loss"] > 0
