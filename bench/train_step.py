@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -121,7 +122,7 @@ def loader_rate(config, batch: int, length: int, regions: int, workers: int, bat
         dataset = PretrainingDataset(captions, FeatureStore(Path(tmp) / "f.h5"), load_tokenizer(tmp), length,
                                      regions, objective=1)
         loader = DataLoader(
-            EpochKeyedDataset(dataset), batch_size=batch, collate_fn=lambda s: collate_pretraining(s, regions),
+            EpochKeyedDataset(dataset), batch_size=batch, collate_fn=functools.partial(collate_pretraining, max_regions=regions),
             sampler=[(e, i) for e in range(batches) for i in range(images)][: batch * batches],
             num_workers=workers, persistent_workers=False, prefetch_factor=4 if workers else None,
         )
