@@ -19,8 +19,6 @@ from vilbert.errors import ViLBertError
 COMMANDS: dict[str, str] = {
     "extract": "extract",
     "features": "features",
-    "extract": "extract",
-    "features": "features",
     "pretrain": "pretrain",
     "finetune": "finetune",
     "evaluate": "evaluate",
