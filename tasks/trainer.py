@@ -34,21 +34,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from tasks.config import OptimConfig, TrainConfig, save_config
-from tasks.errors import ConfigError, DataError, TasksError
+from tasks.errors import ConfigError, DataError, ResumeError, TrainingDiverged
 from tasks.task import Task
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 CHECKPOINT_PREFIX = "step-"
-
-
-class TrainingDiverged(TasksError):
-    """The loss became NaN or infinite; names the step and the last good checkpoint."""
-
-
-class CheckpointError(TasksError):
-    """A checkpoint directory that cannot be resumed from (names the directory and the problem)."""
 
 
 # ------------------------------------------------------------------------------------------------------ devices
@@ -250,7 +242,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         return path
     found = list_checkpoints(path)
     if not found:
-        raise CheckpointError(f"{path}: no checkpoint to resume from (no {STATE_FILE} here or in checkpoints/)")
+        raise ResumeError(f"{path}: no checkpoint to resume from (no {STATE_FILE} here or in checkpoints/)")
     return found[-1]
 
 
@@ -270,14 +262,14 @@ def load_model_weights(model: nn.Module, directory: Path) -> None:
 
     file = directory / "model.safetensors"
     if not file.is_file():
-        raise CheckpointError(f"{directory}: no model.safetensors")
+        raise ResumeError(f"{directory}: no model.safetensors")
     weights = load_file(str(file), device="cpu")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     loaded = {id(t) for name, t in model.state_dict(keep_vars=True).items() if name in weights}
     params = model.state_dict(keep_vars=True)
     untied = [k for k in missing if id(params[k]) not in loaded]
     if untied or unexpected:
-        raise CheckpointError(
+        raise ResumeError(
             f"{file}: weights do not match the model (missing {untied[:5]}, unexpected {list(unexpected)[:5]})"
         )
 
@@ -439,7 +431,7 @@ class Trainer:
         try:
             saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         except Exception as error:  # a truncated or foreign file
-            raise CheckpointError(f"{path / STATE_FILE}: cannot read trainer state ({error})") from error
+            raise ResumeError(f"{path / STATE_FILE}: cannot read trainer state ({error})") from error
         load_model_weights(unwrap(model), path)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])

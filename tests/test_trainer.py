@@ -157,6 +157,15 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert [p.name for p in list_checkpoints(config.output_dir)] == ["step-00000002"]
 
 
+def test_resuming_from_a_directory_without_checkpoints_is_a_resume_error(tmp_path):
+    from tasks.errors import ResumeError, TasksError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ResumeError, match="no checkpoint to resume from") as error:
+        Trainer(RegressionTask(), train_config(tmp_path, "run"), OptimConfig()).fit(resume=tmp_path / "empty")
+    assert isinstance(error.value, TasksError)  # the CLI reports it as one line, exit 2
+
+
 def test_checkpoints_hold_weights_state_and_config_and_keep_last_k_and_best(tmp_path):
     config = train_config(tmp_path, "ckpt", epochs=4, save_every=2, eval_every=2, keep_last=1)
     result = Trainer(RegressionTask(), config, OptimConfig(lr=1e-2), run_config=config).fit()

@@ -19,6 +19,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from vilbert.configuration_vilbert import ViLBertConfig
+from vilbert.errors import ConfigError
 
 ACT_FNS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "silu": F.silu}  # F.gelu is the exact erf form
 
@@ -78,7 +79,7 @@ class TextEmbeddings(nn.Module):
         embedded = embedded + self.token_type_embeddings(token_type_ids)  # [B, L, H]
         if self.task_embeddings is not None:
             if task_ids is None:
-                raise ValueError("task_ids: required when the config has task_specific_tokens")
+                raise ConfigError("task_ids: required when the config has task_specific_tokens")
             task = self.task_embeddings(task_ids.view(-1, 1))  # [B, 1, H], no position or type embedding
             embedded = torch.cat([embedded[:, :1], task, embedded[:, 1:]], dim=1)  # [B, L+1, H]
         return self.dropout(self.layer_norm(embedded))
@@ -405,10 +406,10 @@ class ViLBertModel(ViLBertPreTrainedModel):
         text_prefix: TextPrefix | None = None,
     ) -> ViLBertModelOutput:
         if region_features is None or region_locations is None:
-            raise ValueError("region_features and region_locations: required")
+            raise ConfigError("region_features and region_locations: required")
         if text_prefix is None:
             if input_ids is None:
-                raise ValueError("input_ids: required unless text_prefix is given")
+                raise ConfigError("input_ids: required unless text_prefix is given")
             text_prefix = self.encode_text_prefix(input_ids, attention_mask, token_type_ids, task_ids)
         batch = region_features.shape[0]
         text, text_mask_2d = text_prefix.hidden, text_prefix.attention_mask
@@ -572,7 +573,7 @@ class ViLBertForPreTraining(ViLBertPreTrainedModel):
         mlm_selected = mlm_labels != -100 if mlm_labels is not None else None
         region_selected = region_labels == 1 if region_labels is not None else None
         if region_selected is not None and region_targets is None:
-            raise ValueError("region_targets: required with region_labels")
+            raise ConfigError("region_targets: required with region_labels")
         # the one host sync: how many positions carry a label
         selected = [m for m in (mlm_selected, region_selected) if m is not None]
         counts = torch.stack([m.sum() for m in selected]).tolist() if selected else []
@@ -686,7 +687,7 @@ class ViLBertForVLTasks(ViLBertPreTrainedModel):
     ) -> ViLBertForVLTasksOutput:
         wanted = set(VL_HEADS if heads is None else heads)
         if unknown := wanted - set(VL_HEADS):
-            raise ValueError(f"heads: unknown head(s) {sorted(unknown)}; expected names from {VL_HEADS}")
+            raise ConfigError(f"heads: unknown head(s) {sorted(unknown)}; expected names from {VL_HEADS}")
         base = self.vilbert(
             input_ids, attention_mask, token_type_ids, region_features, region_locations, region_mask, task_ids,
             text_prefix=text_prefix,
