@@ -156,14 +156,24 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW with weight decay on every weight except biases and LayerNorm parameters."""
+    """AdamW with weight decay on every weight except biases and LayerNorm parameters.
+
+    With `config.head_lr` set, the parameters of the model's pooled-output heads (the top-level modules named in
+    its `pooled_heads`, the reference's "vil_" heads) form their own two groups at that lr (reference §8.3).
+    """
     no_decay = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
-    decay, rest = [], []
+    heads = set(getattr(model, "pooled_heads", ())) if config.head_lr is not None else set()
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {(h, d): [] for h in (False, True) for d in (True, False)}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (rest if name.endswith("bias") or id(param) in no_decay else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        decays = not (name.endswith("bias") or id(param) in no_decay)
+        buckets[(name.split(".", 1)[0] in heads, decays)].append(param)
+    groups = [{"params": buckets[(False, True)], "weight_decay": config.weight_decay},
+              {"params": buckets[(False, False)], "weight_decay": 0.0}]
+    if config.head_lr is not None:
+        groups += [{"params": buckets[(True, decays)], "weight_decay": config.weight_decay if decays else 0.0,
+                    "lr": config.head_lr} for decays in (True, False) if buckets[(True, decays)]]
     return torch.optim.AdamW(
         groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, **({"fused": True} if fused else {})
     )

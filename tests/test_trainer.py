@@ -193,6 +193,27 @@ def test_no_weight_decay_on_biases_and_layernorm():
     assert optimizer.defaults["betas"] == (0.9, 0.98)
 
 
+def test_head_lr_gives_the_pooled_heads_their_own_groups_keeping_the_decay_split():
+    from vilbert import ViLBertConfig, ViLBertForVLTasks
+
+    model = ViLBertForVLTasks(ViLBertConfig.from_preset("tiny"))
+    optimizer = build_optimizer(model, OptimConfig(lr=2e-5, head_lr=1e-4, weight_decay=0.01))
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_group = [(g["lr"], g["weight_decay"], {names[id(p)] for p in g["params"]}) for g in optimizer.param_groups]
+    assert [(lr, wd) for lr, wd, _ in by_group] == [(2e-5, 0.01), (2e-5, 0.0), (1e-4, 0.01), (1e-4, 0.0)]
+    heads = ("answer_head.", "gqa_answer_head.", "binary_head.", "pair_head.", "tri_head.")
+    assert by_group[2][2] | by_group[3][2] == {n for n in names.values() if n.startswith(heads)}
+    assert "answer_head.layer_norm.weight" in by_group[3][2] and "pair_head.bias" in by_group[3][2]
+    assert "pair_head.weight" in by_group[2][2] and "answer_head.classifier.weight" in by_group[2][2]
+    assert "region_score_head.weight" in by_group[0][2]  # the reference's vision_logit keeps the base lr
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(names)
+
+    plain = build_optimizer(model, OptimConfig(lr=2e-5, head_lr=None))
+    assert [g["lr"] for g in plain.param_groups] == [2e-5, 2e-5]
+    scheduler = build_scheduler(optimizer, warmup=2, total=4)
+    assert scheduler.get_last_lr() == pytest.approx([1e-5, 1e-5, 5e-5, 5e-5])  # the schedule scales every group
+
+
 def test_schedule_warms_up_linearly_then_decays_to_zero():
     param = nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=1.0)

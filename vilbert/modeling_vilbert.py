@@ -646,6 +646,8 @@ class ViLBertForVLTasksOutput(ModelOutput):
 class ViLBertForVLTasks(ViLBertPreTrainedModel):
     """Every head of the reference VILBertForVLTasks, plus its pretraining heads (they convert and load too)."""
 
+    # the heads on the fused pooled vector (the reference's "vil_" heads; fine-tuning may give them their own lr)
+    pooled_heads = ("answer_head", "gqa_answer_head", "binary_head", "pair_head", "tri_head")
     _tied_weights_keys = {"mlm_head.decoder.weight": "vilbert.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: ViLBertConfig):
