@@ -577,9 +577,11 @@ class Trainer:
                     scaler.unscale_(optimizer)
                     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), self.optim.max_grad_norm)
                     grad_norm_sum = grad_norm_sum + grad_norm.detach().float()
+                scale = scaler.get_scale() if scaler.is_enabled() else None
                 scaler.step(optimizer)
                 scaler.update()
-                scheduler.step()
+                if scale is None or scaler.get_scale() >= scale:  # fp16: a step with inf/NaN gradients is
+                    scheduler.step()  # skipped and lowers the scale; the schedule then waits for a real update
                 optimizer.zero_grad(set_to_none=True)
                 bad_now = ~torch.isfinite(step_loss)
                 step_loss = torch.zeros((), device=self.device)

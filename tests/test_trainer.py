@@ -1,8 +1,10 @@
 """The training engine on a toy regression task: exact resume, DDP equivalence, NaN stop, checkpoints, schedule."""
 
 import json
+import math
 import os
 import socket
+import warnings
 
 import numpy as np
 import pytest
@@ -245,8 +247,13 @@ def test_sampler_shards_cover_each_global_batch_and_resume_skips_done_steps():
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_and_checkpoints_the_scaler(tmp_path, precision):
     config = train_config(tmp_path, precision, epochs=1, precision=precision, save_every=None, eval_every=None)
-    result = Trainer(RegressionTask(), config, OptimConfig(lr=1e-2)).fit()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = Trainer(RegressionTask(), config, OptimConfig(lr=1e-2)).fit()
     losses = [r["loss"] for r in logged(result.run_dir)]
     assert len(losses) == 4 and all(np.isfinite(losses))
     state = torch.load(result.last_checkpoint / STATE_FILE, weights_only=True)
     assert ("scale" in state["scaler"]) == (precision == "fp16")  # a GradScaler only for fp16
+    skipped = round(math.log2(2.0**16 / state["scaler"]["scale"])) if precision == "fp16" else 0
+    assert state["scheduler"]["last_epoch"] == 4 - skipped  # the schedule advances only with real updates
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
