@@ -528,8 +528,12 @@ class ViLBertPreTrainingOutput(ModelOutput):
     pooled_vision: torch.Tensor | None = None
 
 
-class ViLBertForPreTraining(ViLBertPreTrainedModel):
-    """Masked language modelling, masked region classification (KL to the detector's classes) and alignment."""
+class ViLBertWithPretrainingHeads(ViLBertPreTrainedModel):
+    """The base model plus the three pretraining heads and the dropout on the fused pooled vector.
+
+    Shared by `ViLBertForPreTraining` and `ViLBertForVLTasks` (the reference's task model keeps these heads too);
+    subclasses add their heads and call `post_init()`.
+    """
 
     _tied_weights_keys = {"mlm_head.decoder.weight": "vilbert.embeddings.word_embeddings.weight"}
 
@@ -540,13 +544,24 @@ class ViLBertForPreTraining(ViLBertPreTrainedModel):
         self.region_head = RegionClassHead(config)
         self.alignment_head = nn.Linear(config.bi_hidden_size, 2)
         self.dropout = nn.Dropout(config.head_dropout_prob)
-        self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.mlm_head.decoder
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.mlm_head.decoder = value
+
+    def fused_pooled(self, base: ViLBertModelOutput) -> torch.Tensor:
+        """Dropout(pooled_text ∘ pooled_vision) [B, Hb]: the input of the alignment and pooled-output heads."""
+        return self.dropout(fuse(base.pooled_text, base.pooled_vision, self.config.fusion_method))
+
+
+class ViLBertForPreTraining(ViLBertWithPretrainingHeads):
+    """Masked language modelling, masked region classification (KL to the detector's classes) and alignment."""
+
+    def __init__(self, config: ViLBertConfig):
+        super().__init__(config)
+        self.post_init()
 
     def forward(
         self,
@@ -567,8 +582,7 @@ class ViLBertForPreTraining(ViLBertPreTrainedModel):
             input_ids, attention_mask, token_type_ids, region_features, region_locations, region_mask, task_ids,
             text_prefix=text_prefix,
         )
-        fused = self.dropout(fuse(base.pooled_text, base.pooled_vision, self.config.fusion_method))
-        alignment_logits = self.alignment_head(fused)  # [B, 2]
+        alignment_logits = self.alignment_head(self.fused_pooled(base))  # [B, 2]
 
         mlm_selected = mlm_labels != -100 if mlm_labels is not None else None
         region_selected = region_labels == 1 if region_labels is not None else None
@@ -643,21 +657,15 @@ class ViLBertForVLTasksOutput(ModelOutput):
     pooled_vision: torch.Tensor | None = None
 
 
-class ViLBertForVLTasks(ViLBertPreTrainedModel):
+class ViLBertForVLTasks(ViLBertWithPretrainingHeads):
     """Every head of the reference VILBertForVLTasks, plus its pretraining heads (they convert and load too)."""
 
     # the heads on the fused pooled vector (the reference's "vil_" heads; fine-tuning may give them their own lr)
     pooled_heads = ("answer_head", "gqa_answer_head", "binary_head", "pair_head", "tri_head")
-    _tied_weights_keys = {"mlm_head.decoder.weight": "vilbert.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: ViLBertConfig):
         super().__init__(config)
         bi, eps = config.bi_hidden_size, config.layer_norm_eps
-        self.vilbert = ViLBertModel(config)
-        self.mlm_head = MaskedLanguageModelHead(config)
-        self.region_head = RegionClassHead(config)
-        self.alignment_head = nn.Linear(bi, 2)
-        self.dropout = nn.Dropout(config.head_dropout_prob)
         self.answer_head = AnswerClassifier(
             bi, 2 * bi, config.num_labels, config.answer_head_type, config.answer_head_dropout_prob, eps
         )
@@ -668,12 +676,6 @@ class ViLBertForVLTasks(ViLBertPreTrainedModel):
         self.region_score_head = nn.Linear(config.v_hidden_size, 1)
         self.token_score_head = nn.Linear(config.hidden_size, 1)
         self.post_init()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.mlm_head.decoder
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.mlm_head.decoder = value
 
     def forward(
         self,
@@ -696,7 +698,7 @@ class ViLBertForVLTasks(ViLBertPreTrainedModel):
         )
         out = ViLBertForVLTasksOutput(**base)
         if wanted & {"answer_logits", "gqa_answer_logits", "pair_logit", "binary_logits", "tri_logits"}:
-            fused = self.dropout(fuse(base.pooled_text, base.pooled_vision, self.config.fusion_method))  # [B, Hb]
+            fused = self.fused_pooled(base)  # [B, Hb]
             if "answer_logits" in wanted:
                 out.answer_logits = self.answer_head(fused)
             if "gqa_answer_logits" in wanted:
