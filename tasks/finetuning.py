@@ -8,19 +8,22 @@ fresh. Models converted from the released 12-in-1 weights carry `task_specific_t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from tasks.errors import AnnotationError, ConfigError, DataError
+from tasks.task import Task
 
 logger = logging.getLogger(__name__)
 
@@ -176,11 +179,8 @@ def task_ids_for(model: nn.Module, task: str, batch_size: int, device: torch.dev
 
 
 def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's (first) parameters."""
     return next(model.parameters()).device
-
-
-def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "region_features", "region_locations", "region_mask")
@@ -188,3 +188,57 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "region_feature
 
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {key: batch[key] for key in MODEL_INPUTS}
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def eval_batches(model: nn.Module, dataset: Dataset, collate: Callable, batch_size: int,
+                 progress: Callable | None = None) -> Iterator[dict[str, Any]]:
+    """A split's batches in order, on the model's device, with the model in eval mode while they are read."""
+    from tasks.trainer import move_to_device
+
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    device = model_device(model)
+    with eval_mode(model):
+        for batch in progress(loader) if progress else loader:
+            yield move_to_device(batch, device)
+
+
+def open_feature_store(paths: list[str], key: str = "data.features"):
+    """The feature store over `paths` (joined by image id); an empty list is a ConfigError naming `key`."""
+    from features.store import FeatureStore
+
+    if not paths:
+        raise ConfigError(f"{key}: name the feature store file(s)")
+    return FeatureStore(paths)
+
+
+class FinetuneTask(Task):
+    """What the fine-tuning tasks share: their config, the tokenizer (loaded once) and the task model."""
+
+    config_class: type
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.data = config.data
+        self._tokenizer = None
+
+    def tokenizer(self):
+        """The BERT tokenizer of `data.tokenizer` (default `model.text_init`), loaded on first use."""
+        if self._tokenizer is None:
+            from tasks.tokenization import load_tokenizer
+
+            self._tokenizer = load_tokenizer(tokenizer_directory(self.data, self.config.model))
+        return self._tokenizer
+
+    def build_model(self) -> nn.Module:
+        return build_task_model(self.config.model)
