@@ -16,14 +16,19 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from tasks.config import ModelConfig
 from tasks.errors import AnnotationError, ConfigError, DataError
 from tasks.task import Task
+
+if TYPE_CHECKING:
+    from features.store import FeatureStore
+    from tasks.tokenization import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +87,7 @@ def require(entry: Any, keys: Iterable[str], source: str, where: str) -> None:
             raise AnnotationError(f"{source}: {where} has no {key!r}")
 
 
-def image_key_resolver(store_ids: Iterable[str]):
+def image_key_resolver(store_ids: Iterable[str]) -> Callable[[Any], str | None]:
     """Map an annotation's image id (int or str) to a feature-store id.
 
     Exact matches win; otherwise the store id's trailing number is used, so COCO ids like 9 find
@@ -106,7 +111,8 @@ def image_key_resolver(store_ids: Iterable[str]):
     return resolve
 
 
-def keep_known_images(items: list, image_of, resolve, source: str, what: str) -> list:
+def keep_known_images(items: list, image_of: Callable[[Any], Any], resolve: Callable[[Any], str | None], source: str,
+                      what: str) -> list[tuple[Any, str]]:
     """Drop items whose image has no features, with one counted warning (never an error mid-epoch)."""
     kept, missing = [], set()
     for item in items:
@@ -124,14 +130,15 @@ def keep_known_images(items: list, image_of, resolve, source: str, what: str) ->
     return kept
 
 
-def tokenizer_directory(data: FinetuneDataConfig, model_config) -> str:
+def tokenizer_directory(data: FinetuneDataConfig, model_config: ModelConfig) -> str:
+    """`data.tokenizer`, else `model.text_init`; neither is a ConfigError."""
     directory = data.tokenizer or getattr(model_config, "text_init", None)
     if not directory:
         raise ConfigError("data.tokenizer: set a local BERT tokenizer directory (or model.text_init)")
     return directory
 
 
-def build_task_model(model_config, **config_overrides: Any) -> nn.Module:
+def build_task_model(model_config: ModelConfig, **config_overrides: Any) -> nn.Module:
     """A `ViLBertForVLTasks` from `model_config.init` (a checkpoint directory) or from the preset.
 
     `config_overrides` (e.g. num_labels for the VQA vocabulary) are applied either way; a checkpoint whose head
@@ -213,7 +220,7 @@ def eval_batches(model: nn.Module, dataset: Dataset, collate: Callable, batch_si
             yield move_to_device(batch, device)
 
 
-def open_feature_store(paths: list[str], key: str = "data.features"):
+def open_feature_store(paths: list[str], key: str = "data.features") -> FeatureStore:
     """The feature store over `paths` (joined by image id); an empty list is a ConfigError naming `key`."""
     from features.store import FeatureStore
 
@@ -232,7 +239,7 @@ class FinetuneTask(Task):
         self.data = config.data
         self._tokenizer = None
 
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer:
         """The BERT tokenizer of `data.tokenizer` (default `model.text_init`), loaded on first use."""
         if self._tokenizer is None:
             from tasks.tokenization import load_tokenizer

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -45,6 +46,9 @@ from tasks.finetuning import (
 )
 from tasks.metrics import box_iou, refexp_accuracy, xywh_to_xyxy
 from tasks.task import StepOutput
+
+if TYPE_CHECKING:
+    from features.store import FeatureStore
 
 logger = logging.getLogger(__name__)
 
@@ -189,14 +193,14 @@ class RefExpTask(FinetuneTask):
 
     def __init__(self, config: RefExpConfig):
         super().__init__(config)
-        self._stores: dict[bool, object] = {}
+        self._stores: dict[bool, FeatureStore] = {}
 
     def expressions(self, split: str) -> list[Expression]:
         split = resolve_split(self.data, split)
         root = Path(self.data.root)
         return read_refs(root / self.data.refs_file, root / self.data.instances_file, split)
 
-    def store(self, training: bool):
+    def store(self, training: bool) -> FeatureStore:
         """Detected boxes; for training, joined with the ground-truth boxes when a GT store is given."""
         if training not in self._stores:
             if not self.data.features:

@@ -25,6 +25,7 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,10 @@ from tasks.finetuning import (
 )
 from tasks.metrics import recall_at_k
 from tasks.task import StepOutput
+
+if TYPE_CHECKING:
+    from features.store import FeatureStore
+    from vilbert.modeling_vilbert import TextPrefix
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +205,7 @@ def is_pretraining_model(model: nn.Module) -> bool:
     return hasattr(model, "alignment_head") and not hasattr(model, "pair_head")
 
 
-def pair_scores(model: nn.Module, task: str, text_prefix, visual: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def pair_scores(model: nn.Module, task: str, text_prefix: TextPrefix, visual: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Scores [N] of one caption prefix against N images: pair_logit, or zero-shot P(aligned)."""
     inputs = {key: visual[key] for key in ("region_features", "region_locations", "region_mask")}
     ids = task_ids_for(model, task, inputs["region_features"].shape[0], inputs["region_features"].device)
@@ -241,7 +246,7 @@ class RetrievalTask(FinetuneTask):
             raise ConfigError(f"{root / self.data.annotations}: no images in split {split!r}")
         return images
 
-    def store(self):
+    def store(self) -> FeatureStore:
         if self._store is None:
             self._store = open_feature_store(self.data.features)
         return self._store

@@ -389,7 +389,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
-    def save_checkpoint(self, model, optimizer, scheduler, scaler, state: TrainerState) -> Path:
+    def save_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                        state: TrainerState) -> Path:
         """Write `checkpoints/step-N` atomically (temp dir, then rename) and prune to the last K and the best."""
         rng = rng_state()
         if self.dist.enabled:
@@ -436,7 +438,8 @@ class Trainer:
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def load_checkpoint(self, path: Path, model, optimizer, scheduler, scaler) -> TrainerState:
+    def load_checkpoint(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler) -> TrainerState:
         """Restore weights, optimizer, scheduler, scaler, this rank's RNG and the data position."""
         try:
             saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)

@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,9 @@ from tasks.finetuning import (
 )
 from tasks.metrics import normalize_answer, soft_score, vqa_score
 from tasks.task import StepOutput
+
+if TYPE_CHECKING:
+    from features.store import FeatureStore
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +276,7 @@ class VQATask(FinetuneTask):
                             len(self.answers), self.data.min_answer_count)
         return self.answers
 
-    def store(self):
+    def store(self) -> FeatureStore:
         if self._store is None:
             self._store = open_feature_store(self.data.features)
         return self._store
