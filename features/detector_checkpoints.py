@@ -158,13 +158,18 @@ def _clean(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# predictor tensors with one row per class (detectron2: background last; ours: first) and 4 rows per class
+_CLASS_ROWS = ("cls_score.weight", "cls_score.bias", "cls_embedding.weight")
+_BOX_ROWS = ("bbox_pred.weight", "bbox_pred.bias")
+
+
 def convert_detectron2(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """detectron2 / airsplay / HF frcnn layout → native: background to row 0, 4 zero background rows in bbox_pred."""
     out = _clean(state)
-    for key in ("cls_score.weight", "cls_score.bias", "cls_embedding.weight"):
+    for key in _CLASS_ROWS:
         if PREDICTOR + key in out:
             out[PREDICTOR + key] = background_last_to_first(out[PREDICTOR + key])
-    for key in ("bbox_pred.weight", "bbox_pred.bias"):
+    for key in _BOX_ROWS:
         if PREDICTOR + key in out:
             t = out[PREDICTOR + key]
             out[PREDICTOR + key] = torch.cat([t.new_zeros(4, *t.shape[1:]), t])
@@ -206,10 +211,10 @@ def convert_milvlg_caffe(
 def export_detectron2(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Native → detectron2 layout (background last, no background box rows): for the detectron2 backend."""
     out = dict(state)
-    for key in ("cls_score.weight", "cls_score.bias", "cls_embedding.weight"):
+    for key in _CLASS_ROWS:
         if PREDICTOR + key in out:
             out[PREDICTOR + key] = background_first_to_last(out[PREDICTOR + key])
-    for key in ("bbox_pred.weight", "bbox_pred.bias"):
+    for key in _BOX_ROWS:
         if PREDICTOR + key in out:
             out[PREDICTOR + key] = out[PREDICTOR + key][4:]
     return out

@@ -15,3 +15,14 @@ class AnnotationError(TasksError):
 
 class DataError(TasksError):
     """Data that cannot be joined or batched (missing feature ids, empty splits)."""
+
+
+class ResumeError(TasksError):
+    """A run checkpoint that cannot be resumed from (names the directory or file and the problem).
+
+    Distinct from `vilbert.errors.CheckpointError`, which is about model weight files that do not fit the model.
+    """
+
+
+class TrainingDiverged(TasksError):
+    """The loss became NaN or infinite; names the step and the last good checkpoint."""

@@ -8,19 +8,27 @@ fresh. Models converted from the released 12-in-1 weights carry `task_specific_t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
+from tasks.config import ModelConfig
 from tasks.errors import AnnotationError, ConfigError, DataError
+from tasks.task import Task
+
+if TYPE_CHECKING:
+    from features.store import FeatureStore
+    from tasks.tokenization import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +87,7 @@ def require(entry: Any, keys: Iterable[str], source: str, where: str) -> None:
             raise AnnotationError(f"{source}: {where} has no {key!r}")
 
 
-def image_key_resolver(store_ids: Iterable[str]):
+def image_key_resolver(store_ids: Iterable[str]) -> Callable[[Any], str | None]:
     """Map an annotation's image id (int or str) to a feature-store id.
 
     Exact matches win; otherwise the store id's trailing number is used, so COCO ids like 9 find
@@ -103,7 +111,8 @@ def image_key_resolver(store_ids: Iterable[str]):
     return resolve
 
 
-def keep_known_images(items: list, image_of, resolve, source: str, what: str) -> list:
+def keep_known_images(items: list, image_of: Callable[[Any], Any], resolve: Callable[[Any], str | None], source: str,
+                      what: str) -> list[tuple[Any, str]]:
     """Drop items whose image has no features, with one counted warning (never an error mid-epoch)."""
     kept, missing = [], set()
     for item in items:
@@ -121,14 +130,15 @@ def keep_known_images(items: list, image_of, resolve, source: str, what: str) ->
     return kept
 
 
-def tokenizer_directory(data: FinetuneDataConfig, model_config) -> str:
+def tokenizer_directory(data: FinetuneDataConfig, model_config: ModelConfig) -> str:
+    """`data.tokenizer`, else `model.text_init`; neither is a ConfigError."""
     directory = data.tokenizer or getattr(model_config, "text_init", None)
     if not directory:
         raise ConfigError("data.tokenizer: set a local BERT tokenizer directory (or model.text_init)")
     return directory
 
 
-def build_task_model(model_config, **config_overrides: Any) -> nn.Module:
+def build_task_model(model_config: ModelConfig, **config_overrides: Any) -> nn.Module:
     """A `ViLBertForVLTasks` from `model_config.init` (a checkpoint directory) or from the preset.
 
     `config_overrides` (e.g. num_labels for the VQA vocabulary) are applied either way; a checkpoint whose head
@@ -176,11 +186,8 @@ def task_ids_for(model: nn.Module, task: str, batch_size: int, device: torch.dev
 
 
 def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's (first) parameters."""
     return next(model.parameters()).device
-
-
-def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "region_features", "region_locations", "region_mask")
@@ -188,3 +195,57 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "region_feature
 
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {key: batch[key] for key in MODEL_INPUTS}
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def eval_batches(model: nn.Module, dataset: Dataset, collate: Callable, batch_size: int,
+                 progress: Callable | None = None) -> Iterator[dict[str, Any]]:
+    """A split's batches in order, on the model's device, with the model in eval mode while they are read."""
+    from tasks.trainer import move_to_device
+
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    device = model_device(model)
+    with eval_mode(model):
+        for batch in progress(loader) if progress else loader:
+            yield move_to_device(batch, device)
+
+
+def open_feature_store(paths: list[str], key: str = "data.features") -> FeatureStore:
+    """The feature store over `paths` (joined by image id); an empty list is a ConfigError naming `key`."""
+    from features.store import FeatureStore
+
+    if not paths:
+        raise ConfigError(f"{key}: name the feature store file(s)")
+    return FeatureStore(paths)
+
+
+class FinetuneTask(Task):
+    """What the fine-tuning tasks share: their config, the tokenizer (loaded once) and the task model."""
+
+    config_class: type
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.data = config.data
+        self._tokenizer = None
+
+    def tokenizer(self) -> Tokenizer:
+        """The BERT tokenizer of `data.tokenizer` (default `model.text_init`), loaded on first use."""
+        if self._tokenizer is None:
+            from tasks.tokenization import load_tokenizer
+
+            self._tokenizer = load_tokenizer(tokenizer_directory(self.data, self.config.model))
+        return self._tokenizer
+
+    def build_model(self) -> nn.Module:
+        return build_task_model(self.config.model)

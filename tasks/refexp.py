@@ -21,31 +21,34 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from tasks.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.errors import AnnotationError, ConfigError
 from tasks.finetuning import (
     FinetuneDataConfig,
-    build_task_model,
+    FinetuneTask,
+    eval_batches,
     image_key_resolver,
     keep_known_images,
     load_json,
-    model_device,
     model_inputs,
+    open_feature_store,
     require,
     resolve_split,
     task_ids_for,
-    to_device,
-    tokenizer_directory,
 )
 from tasks.metrics import box_iou, refexp_accuracy, xywh_to_xyxy
-from tasks.task import StepOutput, Task
+from tasks.task import StepOutput
+
+if TYPE_CHECKING:
+    from features.store import FeatureStore
 
 logger = logging.getLogger(__name__)
 
@@ -179,41 +182,31 @@ def refexp_loss(region_logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return F.binary_cross_entropy_with_logits(region_logits.float(), target) * target.shape[1]
 
 
-class RefExpTask(Task):
+class RefExpTask(FinetuneTask):
     """Referring-expression comprehension; subclasses fix the dataset name, task token and split files."""
 
     name = "refexp"
     main_metric = "accuracy"
     higher_is_better = True
     config_class = RefExpConfig
+    data: RefExpDataConfig
 
-    def __init__(self, config):
-        self.config = config
-        self.data: RefExpDataConfig = config.data
-        self._tokenizer = None
-        self._stores: dict[bool, object] = {}
+    def __init__(self, config: RefExpConfig):
+        super().__init__(config)
+        self._stores: dict[bool, FeatureStore] = {}
 
     def expressions(self, split: str) -> list[Expression]:
         split = resolve_split(self.data, split)
         root = Path(self.data.root)
         return read_refs(root / self.data.refs_file, root / self.data.instances_file, split)
 
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from tasks.tokenization import load_tokenizer
-
-            self._tokenizer = load_tokenizer(tokenizer_directory(self.data, self.config.model))
-        return self._tokenizer
-
-    def store(self, training: bool):
+    def store(self, training: bool) -> FeatureStore:
         """Detected boxes; for training, joined with the ground-truth boxes when a GT store is given."""
         if training not in self._stores:
-            from features.store import FeatureStore
-
             if not self.data.features:
                 raise ConfigError("data.features: name the detected-box feature store file(s)")
             paths = list(self.data.features) + (list(self.data.gt_features) if training else [])
-            self._stores[training] = FeatureStore(paths)
+            self._stores[training] = open_feature_store(paths)
         return self._stores[training]
 
     def dataset(self, split: str) -> Dataset:
@@ -226,9 +219,6 @@ class RefExpTask(Task):
     def collate(self, samples: list) -> dict:
         return collate_refexp(samples)
 
-    def build_model(self) -> nn.Module:
-        return build_task_model(self.config.model)
-
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
         ids = task_ids_for(model, self.name, batch["input_ids"].shape[0], batch["input_ids"].device)
         logits = model(**model_inputs(batch), task_ids=ids, heads=["region_logits"]).region_logits  # [B, R]
@@ -240,13 +230,9 @@ class RefExpTask(Task):
     def predict(self, model: nn.Module, split: str, progress: Callable | None = None) -> list[dict]:
         """[{"ref_id", "sent_id", "image_id", "box" (x1 y1 x2 y2), "score", "iou"}] per expression."""
         dataset = self.dataset(split)
-        loader = DataLoader(dataset, batch_size=self.data.eval_batch_size, collate_fn=self.collate)
-        was_training = model.training
-        model.eval()
-        device = model_device(model)
         predictions = []
-        for batch in progress(loader) if progress else loader:
-            batch = to_device(batch, device)
+        for batch in eval_batches(model, dataset, self.collate, self.data.eval_batch_size, progress):
+            device = batch["input_ids"].device
             ids = task_ids_for(model, self.name, batch["input_ids"].shape[0], device)
             logits = model(**model_inputs(batch), task_ids=ids, heads=["region_logits"]).region_logits
             best = logits.argmax(dim=1)  # [B]
@@ -257,7 +243,6 @@ class RefExpTask(Task):
                 predictions.append({"ref_id": e.ref_id, "sent_id": e.sent_id, "image_id": e.image_id,
                                     "box": chosen[k].tolist(), "score": torch.sigmoid(logits[k, best[k]]).item(),
                                     "iou": ious[k].item()})
-        model.train(was_training)
         return predictions
 
     def evaluate(self, model: nn.Module, split: str, progress: Callable | None = None) -> dict[str, float]:

@@ -25,6 +25,7 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -35,18 +36,23 @@ from tasks.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.errors import AnnotationError, ConfigError
 from tasks.finetuning import (
     FinetuneDataConfig,
-    build_task_model,
+    FinetuneTask,
+    eval_mode,
     image_key_resolver,
     keep_known_images,
     load_json,
     model_device,
+    open_feature_store,
     require,
     resolve_split,
     task_ids_for,
-    tokenizer_directory,
 )
 from tasks.metrics import recall_at_k
-from tasks.task import StepOutput, Task
+from tasks.task import StepOutput
+
+if TYPE_CHECKING:
+    from features.store import FeatureStore
+    from vilbert.modeling_vilbert import TextPrefix
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +205,7 @@ def is_pretraining_model(model: nn.Module) -> bool:
     return hasattr(model, "alignment_head") and not hasattr(model, "pair_head")
 
 
-def pair_scores(model: nn.Module, task: str, text_prefix, visual: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def pair_scores(model: nn.Module, task: str, text_prefix: TextPrefix, visual: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Scores [N] of one caption prefix against N images: pair_logit, or zero-shot P(aligned)."""
     inputs = {key: visual[key] for key in ("region_features", "region_locations", "region_mask")}
     ids = task_ids_for(model, task, inputs["region_features"].shape[0], inputs["region_features"].device)
@@ -209,18 +215,17 @@ def pair_scores(model: nn.Module, task: str, text_prefix, visual: Mapping[str, t
     return model(**inputs, task_ids=ids, text_prefix=text_prefix, heads=["pair_logit"]).pair_logit.float()
 
 
-class RetrievalTask(Task):
+class RetrievalTask(FinetuneTask):
     """Caption-based image retrieval; main metric: the mean of caption→image R@1, R@5, R@10."""
 
     name = "retrieval"
     main_metric = "r_mean"
     higher_is_better = True
     config_class = RetrievalConfig
+    data: RetrievalDataConfig
 
-    def __init__(self, config):
-        self.config = config
-        self.data: RetrievalDataConfig = config.data
-        self._tokenizer = None
+    def __init__(self, config: RetrievalConfig):
+        super().__init__(config)
         self._store = None
 
     @property
@@ -241,20 +246,9 @@ class RetrievalTask(Task):
             raise ConfigError(f"{root / self.data.annotations}: no images in split {split!r}")
         return images
 
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from tasks.tokenization import load_tokenizer
-
-            self._tokenizer = load_tokenizer(tokenizer_directory(self.data, self.config.model))
-        return self._tokenizer
-
-    def store(self):
+    def store(self) -> FeatureStore:
         if self._store is None:
-            from features.store import FeatureStore
-
-            if not self.data.features:
-                raise ConfigError("data.features: name the feature store file(s)")
-            self._store = FeatureStore(self.data.features)
+            self._store = open_feature_store(self.data.features)
         return self._store
 
     def dataset(self, split: str) -> Dataset:
@@ -266,9 +260,6 @@ class RetrievalTask(Task):
 
     def collate(self, samples: list) -> dict:
         return collate_retrieval(samples)
-
-    def build_model(self) -> nn.Module:
-        return build_task_model(self.config.model)
 
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "token_type_ids", "region_features",
@@ -293,21 +284,19 @@ class RetrievalTask(Task):
         resolve = image_key_resolver(store.ids)
         visuals = [visual_input(store.read(resolve(im.image_id)), self.data.max_regions) for im in images]
         text = self.tokenizer().encode(captions, self.data.max_text_length)
-        was_training = model.training
-        model.eval()
         chunk = max(1, self.data.eval_batch_size)
         chunks = [{k: v.to(device) for k, v in collate_visual(visuals[s: s + chunk]).items()}
                   for s in range(0, len(visuals), chunk)]
         scores = torch.empty(len(captions), len(images))
         rows = range(len(captions))
-        for c in progress(rows) if progress else rows:
-            ids = torch.from_numpy(text.input_ids[c: c + 1]).to(device)
-            task_ids = None if is_pretraining_model(model) else task_ids_for(model, self.token_task, 1, device)
-            prefix = model.vilbert.encode_text_prefix(
-                ids, torch.from_numpy(text.attention_mask[c: c + 1]).to(device),
-                torch.from_numpy(text.token_type_ids[c: c + 1]).to(device), task_ids=task_ids)
-            scores[c] = torch.cat([pair_scores(model, self.token_task, prefix, v).cpu() for v in chunks])
-        model.train(was_training)
+        with eval_mode(model):
+            for c in progress(rows) if progress else rows:
+                ids = torch.from_numpy(text.input_ids[c: c + 1]).to(device)
+                task_ids = None if is_pretraining_model(model) else task_ids_for(model, self.token_task, 1, device)
+                prefix = model.vilbert.encode_text_prefix(
+                    ids, torch.from_numpy(text.attention_mask[c: c + 1]).to(device),
+                    torch.from_numpy(text.token_type_ids[c: c + 1]).to(device), task_ids=task_ids)
+                scores[c] = torch.cat([pair_scores(model, self.token_task, prefix, v).cpu() for v in chunks])
         return scores
 
     def evaluate(self, model: nn.Module, split: str, progress: Callable | None = None) -> dict[str, float]:

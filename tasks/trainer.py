@@ -34,21 +34,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from tasks.config import OptimConfig, TrainConfig, save_config
-from tasks.errors import ConfigError, DataError, TasksError
+from tasks.errors import ConfigError, DataError, ResumeError, TrainingDiverged
 from tasks.task import Task
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 CHECKPOINT_PREFIX = "step-"
-
-
-class TrainingDiverged(TasksError):
-    """The loss became NaN or infinite; names the step and the last good checkpoint."""
-
-
-class CheckpointError(TasksError):
-    """A checkpoint directory that cannot be resumed from (names the directory and the problem)."""
 
 
 # ------------------------------------------------------------------------------------------------------ devices
@@ -164,14 +156,24 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW with weight decay on every weight except biases and LayerNorm parameters."""
+    """AdamW with weight decay on every weight except biases and LayerNorm parameters.
+
+    With `config.head_lr` set, the parameters of the model's pooled-output heads (the top-level modules named in
+    its `pooled_heads`, the reference's "vil_" heads) form their own two groups at that lr (reference §8.3).
+    """
     no_decay = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
-    decay, rest = [], []
+    heads = set(getattr(model, "pooled_heads", ())) if config.head_lr is not None else set()
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {(h, d): [] for h in (False, True) for d in (True, False)}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (rest if name.endswith("bias") or id(param) in no_decay else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        decays = not (name.endswith("bias") or id(param) in no_decay)
+        buckets[(name.split(".", 1)[0] in heads, decays)].append(param)
+    groups = [{"params": buckets[(False, True)], "weight_decay": config.weight_decay},
+              {"params": buckets[(False, False)], "weight_decay": 0.0}]
+    if config.head_lr is not None:
+        groups += [{"params": buckets[(True, decays)], "weight_decay": config.weight_decay if decays else 0.0,
+                    "lr": config.head_lr} for decays in (True, False) if buckets[(True, decays)]]
     return torch.optim.AdamW(
         groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, **({"fused": True} if fused else {})
     )
@@ -250,7 +252,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         return path
     found = list_checkpoints(path)
     if not found:
-        raise CheckpointError(f"{path}: no checkpoint to resume from (no {STATE_FILE} here or in checkpoints/)")
+        raise ResumeError(f"{path}: no checkpoint to resume from (no {STATE_FILE} here or in checkpoints/)")
     return found[-1]
 
 
@@ -270,14 +272,14 @@ def load_model_weights(model: nn.Module, directory: Path) -> None:
 
     file = directory / "model.safetensors"
     if not file.is_file():
-        raise CheckpointError(f"{directory}: no model.safetensors")
+        raise ResumeError(f"{directory}: no model.safetensors")
     weights = load_file(str(file), device="cpu")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     loaded = {id(t) for name, t in model.state_dict(keep_vars=True).items() if name in weights}
     params = model.state_dict(keep_vars=True)
     untied = [k for k in missing if id(params[k]) not in loaded]
     if untied or unexpected:
-        raise CheckpointError(
+        raise ResumeError(
             f"{file}: weights do not match the model (missing {untied[:5]}, unexpected {list(unexpected)[:5]})"
         )
 
@@ -387,7 +389,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
-    def save_checkpoint(self, model, optimizer, scheduler, scaler, state: TrainerState) -> Path:
+    def save_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                        state: TrainerState) -> Path:
         """Write `checkpoints/step-N` atomically (temp dir, then rename) and prune to the last K and the best."""
         rng = rng_state()
         if self.dist.enabled:
@@ -434,12 +438,13 @@ class Trainer:
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def load_checkpoint(self, path: Path, model, optimizer, scheduler, scaler) -> TrainerState:
+    def load_checkpoint(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler) -> TrainerState:
         """Restore weights, optimizer, scheduler, scaler, this rank's RNG and the data position."""
         try:
             saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         except Exception as error:  # a truncated or foreign file
-            raise CheckpointError(f"{path / STATE_FILE}: cannot read trainer state ({error})") from error
+            raise ResumeError(f"{path / STATE_FILE}: cannot read trainer state ({error})") from error
         load_model_weights(unwrap(model), path)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -575,9 +580,11 @@ class Trainer:
                     scaler.unscale_(optimizer)
                     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), self.optim.max_grad_norm)
                     grad_norm_sum = grad_norm_sum + grad_norm.detach().float()
+                scale = scaler.get_scale() if scaler.is_enabled() else None
                 scaler.step(optimizer)
                 scaler.update()
-                scheduler.step()
+                if scale is None or scaler.get_scale() >= scale:  # fp16: a step with inf/NaN gradients is
+                    scheduler.step()  # skipped and lowers the scale; the schedule then waits for a real update
                 optimizer.zero_grad(set_to_none=True)
                 bad_now = ~torch.isfinite(step_loss)
                 step_loss = torch.zeros((), device=self.device)

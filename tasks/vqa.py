@@ -18,30 +18,34 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from tasks.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.errors import AnnotationError, ConfigError
 from tasks.finetuning import (
     FinetuneDataConfig,
+    FinetuneTask,
     build_task_model,
+    eval_batches,
     image_key_resolver,
     keep_known_images,
     load_json,
-    model_device,
     model_inputs,
+    open_feature_store,
     require,
     resolve_split,
     task_ids_for,
-    to_device,
-    tokenizer_directory,
 )
 from tasks.metrics import normalize_answer, soft_score, vqa_score
-from tasks.task import StepOutput, Task
+from tasks.task import StepOutput
+
+if TYPE_CHECKING:
+    from features.store import FeatureStore
 
 logger = logging.getLogger(__name__)
 
@@ -238,18 +242,17 @@ def vqa_loss(answer_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(answer_logits.float(), target) * target.shape[1]
 
 
-class VQATask(Task):
+class VQATask(FinetuneTask):
     """VQA v2 fine-tuning and evaluation (main metric: the official accuracy on the validation split)."""
 
     name = "vqa"
     main_metric = "accuracy"
     higher_is_better = True
     config_class = VQAConfig
+    data: VQADataConfig
 
-    def __init__(self, config):
-        self.config = config
-        self.data: VQADataConfig = config.data
-        self._tokenizer = None
+    def __init__(self, config: VQAConfig):
+        super().__init__(config)
         self._store = None
         self._questions: dict[str, list[VQAQuestion]] = {}
         self.answers: list[str] | None = None
@@ -273,20 +276,9 @@ class VQATask(Task):
                             len(self.answers), self.data.min_answer_count)
         return self.answers
 
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from tasks.tokenization import load_tokenizer
-
-            self._tokenizer = load_tokenizer(tokenizer_directory(self.data, self.config.model))
-        return self._tokenizer
-
-    def store(self):
+    def store(self) -> FeatureStore:
         if self._store is None:
-            from features.store import FeatureStore
-
-            if not self.data.features:
-                raise ConfigError("data.features: name the feature store file(s)")
-            self._store = FeatureStore(self.data.features)
+            self._store = open_feature_store(self.data.features)
         return self._store
 
     def dataset(self, split: str) -> Dataset:
@@ -318,21 +310,14 @@ class VQATask(Task):
     @torch.no_grad()
     def predict(self, model: nn.Module, split: str, progress: Callable | None = None) -> list[dict]:
         """[{"question_id", "answer", "score"}] for every question of the split whose image has features."""
-        dataset = self.dataset(split)
-        loader = DataLoader(dataset, batch_size=self.data.eval_batch_size, collate_fn=self.collate)
         answers = self.vocabulary()
-        was_training = model.training
-        model.eval()
-        device = model_device(model)
         predictions = []
-        for batch in progress(loader) if progress else loader:
-            batch = to_device(batch, device)
-            ids = task_ids_for(model, "vqa", batch["input_ids"].shape[0], device)
+        for batch in eval_batches(model, self.dataset(split), self.collate, self.data.eval_batch_size, progress):
+            ids = task_ids_for(model, "vqa", batch["input_ids"].shape[0], batch["input_ids"].device)
             logits = model(**model_inputs(batch), task_ids=ids, heads=["answer_logits"]).answer_logits
             probs, labels = torch.sigmoid(logits.float()).max(dim=1)
             for qid, label, prob in zip(batch["question_id"].tolist(), labels.tolist(), probs.tolist(), strict=True):
                 predictions.append({"question_id": qid, "answer": answers[label], "score": prob})
-        model.train(was_training)
         return predictions
 
     def evaluate(self, model: nn.Module, split: str, progress: Callable | None = None) -> dict[str, float]:

@@ -95,3 +95,16 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(bad, RunConfig)
+
+
+@pytest.mark.parametrize("task", ["vqa", "retrieval", "refcoco", "refcoco+", "refcocog"])
+def test_finetuning_configs_give_the_pooled_heads_the_reference_lr(task):
+    from pathlib import Path
+
+    from tasks.registry import task_class
+
+    path = Path(__file__).parents[1] / "tasks" / "configs" / f"{task}.yaml"
+    config = load_config(path, task_class(task).config_class)
+    assert config.optim.head_lr == 1e-4 and config.optim.lr < config.optim.head_lr
+    with pytest.raises(ConfigError, match="optim.head_lr"):
+        load_config(path, task_class(task).config_class, ["optim.head_lr=-1"])

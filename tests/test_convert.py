@@ -202,6 +202,13 @@ def test_convert_command_fails_in_one_line_and_writes_nothing(tmp_path, capsys):
     assert len(err) == 1 and "task.bin" in err[0] and "has shape" in err[0]
     assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "task.bin"]
 
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert cli.main(argv) == 2  # never writes into a directory that holds files
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0] and "not empty" in err[0]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
 
 # ---------------------------------------------------------------------------------------------------- BERT text init
 

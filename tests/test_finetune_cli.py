@@ -83,3 +83,11 @@ def test_bad_annotation_file_is_one_line_exit_2(tmp_path, capsys):
     assert main(["score", "--task", "vqa", "--predictions", str(tmp_path / "p.json"), "--annotations",
                  str(tmp_path / "a.json"), "--questions", str(tmp_path / "q.json")]) == 2
     assert "p.json: entry 0 has no 'answer'" in capsys.readouterr().err
+
+    (tmp_path / "p.json").write_text('[{"question_id": 1, "answer": "yes"}]')
+    (tmp_path / "a.json").write_text('{"annotations": [{"question_id": 1, "answers": []}]}')
+    (tmp_path / "q.json").write_text('{"questions": [{"question_id": 1}]}')
+    assert main(["score", "--task", "vqa", "--predictions", str(tmp_path / "p.json"), "--annotations",
+                 str(tmp_path / "a.json"), "--questions", str(tmp_path / "q.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a.json" in err[0] and "human answer" in err[0]  # one line, no traceback

@@ -1,8 +1,10 @@
 """The training engine on a toy regression task: exact resume, DDP equivalence, NaN stop, checkpoints, schedule."""
 
 import json
+import math
 import os
 import socket
+import warnings
 
 import numpy as np
 import pytest
@@ -157,6 +159,15 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert [p.name for p in list_checkpoints(config.output_dir)] == ["step-00000002"]
 
 
+def test_resuming_from_a_directory_without_checkpoints_is_a_resume_error(tmp_path):
+    from tasks.errors import ResumeError, TasksError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ResumeError, match="no checkpoint to resume from") as error:
+        Trainer(RegressionTask(), train_config(tmp_path, "run"), OptimConfig()).fit(resume=tmp_path / "empty")
+    assert isinstance(error.value, TasksError)  # the CLI reports it as one line, exit 2
+
+
 def test_checkpoints_hold_weights_state_and_config_and_keep_last_k_and_best(tmp_path):
     config = train_config(tmp_path, "ckpt", epochs=4, save_every=2, eval_every=2, keep_last=1)
     result = Trainer(RegressionTask(), config, OptimConfig(lr=1e-2), run_config=config).fit()
@@ -182,6 +193,27 @@ def test_no_weight_decay_on_biases_and_layernorm():
     assert {id(p) for p in decayed["params"]} == {id(model[0].weight), id(model[2].weight)}
     assert {id(p) for p in plain["params"]} == {id(model[0].bias), id(model[1].weight), id(model[1].bias)}
     assert optimizer.defaults["betas"] == (0.9, 0.98)
+
+
+def test_head_lr_gives_the_pooled_heads_their_own_groups_keeping_the_decay_split():
+    from vilbert import ViLBertConfig, ViLBertForVLTasks
+
+    model = ViLBertForVLTasks(ViLBertConfig.from_preset("tiny"))
+    optimizer = build_optimizer(model, OptimConfig(lr=2e-5, head_lr=1e-4, weight_decay=0.01))
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_group = [(g["lr"], g["weight_decay"], {names[id(p)] for p in g["params"]}) for g in optimizer.param_groups]
+    assert [(lr, wd) for lr, wd, _ in by_group] == [(2e-5, 0.01), (2e-5, 0.0), (1e-4, 0.01), (1e-4, 0.0)]
+    heads = ("answer_head.", "gqa_answer_head.", "binary_head.", "pair_head.", "tri_head.")
+    assert by_group[2][2] | by_group[3][2] == {n for n in names.values() if n.startswith(heads)}
+    assert "answer_head.layer_norm.weight" in by_group[3][2] and "pair_head.bias" in by_group[3][2]
+    assert "pair_head.weight" in by_group[2][2] and "answer_head.classifier.weight" in by_group[2][2]
+    assert "region_score_head.weight" in by_group[0][2]  # the reference's vision_logit keeps the base lr
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(names)
+
+    plain = build_optimizer(model, OptimConfig(lr=2e-5, head_lr=None))
+    assert [g["lr"] for g in plain.param_groups] == [2e-5, 2e-5]
+    scheduler = build_scheduler(optimizer, warmup=2, total=4)
+    assert scheduler.get_last_lr() == pytest.approx([1e-5, 1e-5, 5e-5, 5e-5])  # the schedule scales every group
 
 
 def test_schedule_warms_up_linearly_then_decays_to_zero():
@@ -215,8 +247,13 @@ def test_sampler_shards_cover_each_global_batch_and_resume_skips_done_steps():
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_and_checkpoints_the_scaler(tmp_path, precision):
     config = train_config(tmp_path, precision, epochs=1, precision=precision, save_every=None, eval_every=None)
-    result = Trainer(RegressionTask(), config, OptimConfig(lr=1e-2)).fit()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = Trainer(RegressionTask(), config, OptimConfig(lr=1e-2)).fit()
     losses = [r["loss"] for r in logged(result.run_dir)]
     assert len(losses) == 4 and all(np.isfinite(losses))
     state = torch.load(result.last_checkpoint / STATE_FILE, weights_only=True)
     assert ("scale" in state["scaler"]) == (precision == "fp16")  # a GradScaler only for fp16
+    skipped = round(math.log2(2.0**16 / state["scaler"]["scale"])) if precision == "fp16" else 0
+    assert state["scheduler"]["last_epoch"] == 4 - skipped  # the schedule advances only with real updates
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]

@@ -14,16 +14,20 @@ FUSION_METHODS = ("mul", "sum")
 # "beta": Linear, ReLU, Dropout(0.5), Linear (vilbert_beta, weight norm folded into plain weights).
 ANSWER_HEAD_TYPES = ("multi-task", "beta")
 
+
+def layer_variant(num_coattention: int) -> dict[str, Any]:
+    """The published N-layer variants: N visual layers, co-attention before each of them and before the last N
+    of the 12 text layers (bert_base_{N}layer_{N}conect.json)."""
+    n = num_coattention
+    return {"v_num_hidden_layers": n, "v_biattention_id": list(range(n)), "t_biattention_id": list(range(12 - n, 12))}
+
+
 PRESETS: dict[str, dict[str, Any]] = {
-    "base": {},  # the field defaults are the published base model
+    "base": {},  # the field defaults are the published base model (= layer_variant(6))
     "6layer": {},
-    "2layer": {"v_num_hidden_layers": 2, "v_biattention_id": [0, 1], "t_biattention_id": [10, 11]},
-    "4layer": {"v_num_hidden_layers": 4, "v_biattention_id": [0, 1, 2, 3], "t_biattention_id": [8, 9, 10, 11]},
-    "8layer": {
-        "v_num_hidden_layers": 8,
-        "v_biattention_id": [0, 1, 2, 3, 4, 5, 6, 7],
-        "t_biattention_id": [4, 5, 6, 7, 8, 9, 10, 11],
-    },
+    "2layer": layer_variant(2),
+    "4layer": layer_variant(4),
+    "8layer": layer_variant(8),
     # Text stream shaped like all-MiniLM-L6-v2; visual stream over MobileNetV2 stride-16 features (96-d);
     # 18 colour x shape classes + background as region targets.
     "embedded": {

@@ -19,6 +19,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from vilbert.configuration_vilbert import ViLBertConfig
+from vilbert.errors import ConfigError
 
 ACT_FNS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "silu": F.silu}  # F.gelu is the exact erf form
 
@@ -78,7 +79,7 @@ class TextEmbeddings(nn.Module):
         embedded = embedded + self.token_type_embeddings(token_type_ids)  # [B, L, H]
         if self.task_embeddings is not None:
             if task_ids is None:
-                raise ValueError("task_ids: required when the config has task_specific_tokens")
+                raise ConfigError("task_ids: required when the config has task_specific_tokens")
             task = self.task_embeddings(task_ids.view(-1, 1))  # [B, 1, H], no position or type embedding
             embedded = torch.cat([embedded[:, :1], task, embedded[:, 1:]], dim=1)  # [B, L+1, H]
         return self.dropout(self.layer_norm(embedded))
@@ -405,10 +406,10 @@ class ViLBertModel(ViLBertPreTrainedModel):
         text_prefix: TextPrefix | None = None,
     ) -> ViLBertModelOutput:
         if region_features is None or region_locations is None:
-            raise ValueError("region_features and region_locations: required")
+            raise ConfigError("region_features and region_locations: required")
         if text_prefix is None:
             if input_ids is None:
-                raise ValueError("input_ids: required unless text_prefix is given")
+                raise ConfigError("input_ids: required unless text_prefix is given")
             text_prefix = self.encode_text_prefix(input_ids, attention_mask, token_type_ids, task_ids)
         batch = region_features.shape[0]
         text, text_mask_2d = text_prefix.hidden, text_prefix.attention_mask
@@ -527,8 +528,12 @@ class ViLBertPreTrainingOutput(ModelOutput):
     pooled_vision: torch.Tensor | None = None
 
 
-class ViLBertForPreTraining(ViLBertPreTrainedModel):
-    """Masked language modelling, masked region classification (KL to the detector's classes) and alignment."""
+class ViLBertWithPretrainingHeads(ViLBertPreTrainedModel):
+    """The base model plus the three pretraining heads and the dropout on the fused pooled vector.
+
+    Shared by `ViLBertForPreTraining` and `ViLBertForVLTasks` (the reference's task model keeps these heads too);
+    subclasses add their heads and call `post_init()`.
+    """
 
     _tied_weights_keys = {"mlm_head.decoder.weight": "vilbert.embeddings.word_embeddings.weight"}
 
@@ -539,13 +544,24 @@ class ViLBertForPreTraining(ViLBertPreTrainedModel):
         self.region_head = RegionClassHead(config)
         self.alignment_head = nn.Linear(config.bi_hidden_size, 2)
         self.dropout = nn.Dropout(config.head_dropout_prob)
-        self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.mlm_head.decoder
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.mlm_head.decoder = value
+
+    def fused_pooled(self, base: ViLBertModelOutput) -> torch.Tensor:
+        """Dropout(pooled_text ∘ pooled_vision) [B, Hb]: the input of the alignment and pooled-output heads."""
+        return self.dropout(fuse(base.pooled_text, base.pooled_vision, self.config.fusion_method))
+
+
+class ViLBertForPreTraining(ViLBertWithPretrainingHeads):
+    """Masked language modelling, masked region classification (KL to the detector's classes) and alignment."""
+
+    def __init__(self, config: ViLBertConfig):
+        super().__init__(config)
+        self.post_init()
 
     def forward(
         self,
@@ -566,13 +582,12 @@ class ViLBertForPreTraining(ViLBertPreTrainedModel):
             input_ids, attention_mask, token_type_ids, region_features, region_locations, region_mask, task_ids,
             text_prefix=text_prefix,
         )
-        fused = self.dropout(fuse(base.pooled_text, base.pooled_vision, self.config.fusion_method))
-        alignment_logits = self.alignment_head(fused)  # [B, 2]
+        alignment_logits = self.alignment_head(self.fused_pooled(base))  # [B, 2]
 
         mlm_selected = mlm_labels != -100 if mlm_labels is not None else None
         region_selected = region_labels == 1 if region_labels is not None else None
         if region_selected is not None and region_targets is None:
-            raise ValueError("region_targets: required with region_labels")
+            raise ConfigError("region_targets: required with region_labels")
         # the one host sync: how many positions carry a label
         selected = [m for m in (mlm_selected, region_selected) if m is not None]
         counts = torch.stack([m.sum() for m in selected]).tolist() if selected else []
@@ -642,19 +657,15 @@ class ViLBertForVLTasksOutput(ModelOutput):
     pooled_vision: torch.Tensor | None = None
 
 
-class ViLBertForVLTasks(ViLBertPreTrainedModel):
+class ViLBertForVLTasks(ViLBertWithPretrainingHeads):
     """Every head of the reference VILBertForVLTasks, plus its pretraining heads (they convert and load too)."""
 
-    _tied_weights_keys = {"mlm_head.decoder.weight": "vilbert.embeddings.word_embeddings.weight"}
+    # the heads on the fused pooled vector (the reference's "vil_" heads; fine-tuning may give them their own lr)
+    pooled_heads = ("answer_head", "gqa_answer_head", "binary_head", "pair_head", "tri_head")
 
     def __init__(self, config: ViLBertConfig):
         super().__init__(config)
         bi, eps = config.bi_hidden_size, config.layer_norm_eps
-        self.vilbert = ViLBertModel(config)
-        self.mlm_head = MaskedLanguageModelHead(config)
-        self.region_head = RegionClassHead(config)
-        self.alignment_head = nn.Linear(bi, 2)
-        self.dropout = nn.Dropout(config.head_dropout_prob)
         self.answer_head = AnswerClassifier(
             bi, 2 * bi, config.num_labels, config.answer_head_type, config.answer_head_dropout_prob, eps
         )
@@ -665,12 +676,6 @@ class ViLBertForVLTasks(ViLBertPreTrainedModel):
         self.region_score_head = nn.Linear(config.v_hidden_size, 1)
         self.token_score_head = nn.Linear(config.hidden_size, 1)
         self.post_init()
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.mlm_head.decoder
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.mlm_head.decoder = value
 
     def forward(
         self,
@@ -686,14 +691,14 @@ class ViLBertForVLTasks(ViLBertPreTrainedModel):
     ) -> ViLBertForVLTasksOutput:
         wanted = set(VL_HEADS if heads is None else heads)
         if unknown := wanted - set(VL_HEADS):
-            raise ValueError(f"heads: unknown head(s) {sorted(unknown)}; expected names from {VL_HEADS}")
+            raise ConfigError(f"heads: unknown head(s) {sorted(unknown)}; expected names from {VL_HEADS}")
         base = self.vilbert(
             input_ids, attention_mask, token_type_ids, region_features, region_locations, region_mask, task_ids,
             text_prefix=text_prefix,
         )
         out = ViLBertForVLTasksOutput(**base)
         if wanted & {"answer_logits", "gqa_answer_logits", "pair_logit", "binary_logits", "tri_logits"}:
-            fused = self.dropout(fuse(base.pooled_text, base.pooled_vision, self.config.fusion_method))  # [B, Hb]
+            fused = self.fused_pooled(base)  # [B, Hb]
             if "answer_logits" in wanted:
                 out.answer_logits = self.answer_head(fused)
             if "gqa_answer_logits" in wanted:

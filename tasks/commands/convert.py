@@ -12,8 +12,8 @@ import os
 import shutil
 import tempfile
 
+from tasks.errors import ConfigError
 from vilbert.convert import SOURCES, config_from_reference_json, load_reference_checkpoint
-from vilbert.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if os.path.isdir(args.out) and os.listdir(args.out):
-        raise CheckpointError(f"{args.out}: output directory exists and is not empty")
+        raise ConfigError(f"--out {args.out}: the output directory exists and is not empty")
     config = config_from_reference_json(args.config) if args.config else None
     model = load_reference_checkpoint(args.input, args.source, config=config, num_labels=args.num_labels)
 

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
                               f"({len(unknown)} such)")
     try:
         result = vqa_score(predictions, annotations["annotations"])
-    except KeyError as error:
+    except (KeyError, ValueError) as error:  # a predicted question without annotation, or without human answers
         raise AnnotationError(f"{args.annotations}: {error.args[0]}") from error
     print(f"overall {result['overall']:.2f} over {result['num_questions']} questions")
     for name, value in result["per_answer_type"].items():
