@@ -51,15 +51,17 @@ def synthetic_text(batch: int, length: int, config, device) -> dict[str, torch.T
     }
 
 
-def pretraining_batch(batch: int, length: int, regions: int, config, device) -> dict[str, torch.Tensor]:
+def pretraining_batch(batch: int, length: int, regions: int, config, device) -> dict:
     inputs = {**synthetic_text(batch, length, config, device), **synthetic_visual(batch, regions, config, device)}
     mlm = torch.where(torch.rand(batch, length, device=device) < 0.15, inputs["input_ids"], -100)
     region_labels = torch.where(torch.rand(batch, regions, device=device) < 0.15, 1, -100)
     region_labels[:, 0] = -100
     targets = torch.softmax(torch.randn(batch, regions, config.v_target_size, device=device), -1)
     alignment = torch.randint(0, 2, (batch,), device=device)
+    # counted once here, as the pretraining collate counts on the host, so the timed step has no device sync
+    counts = (int((mlm != -100).sum()), int((region_labels == 1).sum()))
     return {**inputs, "mlm_labels": mlm, "region_labels": region_labels, "region_targets": targets,
-            "alignment_labels": alignment}
+            "alignment_labels": alignment, "labelled_counts": counts}
 
 
 def pretraining_loss(model: nn.Module, batch: dict) -> torch.Tensor:

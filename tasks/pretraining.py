@@ -32,6 +32,7 @@ from tasks.errors import ConfigError, DataError
 from tasks.regions import build_visual_input, collate_visual, masked_image_mean
 from tasks.task import StepOutput, Task
 from tasks.tokenization import Tokenizer, load_tokenizer
+from tasks.trainer import move_to_device
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ class PretrainingDataset(Dataset):
         }
 
 
-def collate_pretraining(samples: list[dict], max_regions: int) -> dict[str, torch.Tensor]:
+def collate_pretraining(samples: list[dict], max_regions: int) -> dict[str, torch.Tensor | tuple[int, int]]:
     """Stack text, pad the visual side to `max_regions` (fixed shapes), pad region labels with -100."""
     batch = {k: torch.from_numpy(np.stack([s[k] for s in samples]))
              for k in ("input_ids", "attention_mask", "token_type_ids", "mlm_labels")}
@@ -208,6 +209,8 @@ def collate_pretraining(samples: list[dict], max_regions: int) -> dict[str, torc
     batch["region_labels"] = torch.from_numpy(labels)
     batch["region_targets"] = torch.from_numpy(targets)
     batch["alignment_labels"] = torch.tensor([int(s["alignment_labels"]) for s in samples], dtype=torch.int64)
+    # counted here on the host so the model's forward needs no device sync to size its labelled gathers
+    batch["labelled_counts"] = (int((batch["mlm_labels"] != IGNORE).sum()), int((labels == 1).sum()))
     return batch
 
 
@@ -312,7 +315,7 @@ class PretrainingTask(Task):
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for start in range(0, len(dataset), size):
             samples = [dataset.sample(i, 0) for i in range(start, min(start + size, len(dataset)))]
-            batch = {k: v.to(device, non_blocking=True) for k, v in self.collate(samples).items()}
+            batch = move_to_device(self.collate(samples), device)
             out = model(**batch)
             mlm_targets = batch["mlm_labels"][batch["mlm_labels"] != IGNORE]
             region_teacher = batch["region_targets"][batch["region_labels"] == 1].argmax(-1)

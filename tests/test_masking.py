@@ -139,5 +139,7 @@ def test_collate_shapes_and_dtypes(data):
     assert batch["region_locations"].shape == (4, MAX_REGIONS, 5)
     assert batch["region_targets"].shape == (4, MAX_REGIONS, 7)
     assert batch["alignment_labels"].shape == (4,)
+    counts = batch.pop("labelled_counts")
+    assert counts == (int((batch["mlm_labels"] != IGNORE).sum()), int((batch["region_labels"] == 1).sum()))
     assert all(t.dtype == torch.int64 for k, t in batch.items() if k not in ("region_features", "region_locations",
                                                                               "region_targets"))

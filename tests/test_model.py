@@ -192,6 +192,16 @@ def test_pretraining_losses_match_their_definitions(tiny):
     torch.testing.assert_close(out.loss, mlm + out.region_loss + alignment)
 
 
+def test_host_counted_labels_give_the_same_outputs_without_a_sync(tiny):
+    model = ViLBertForPreTraining(tiny).eval()
+    inputs, labels = make_inputs(tiny, batch=3), pretraining_labels(tiny)
+    with torch.no_grad():
+        synced = model(**inputs, **labels)
+        counted = model(**inputs, **labels, labelled_counts=(3, 2))
+    for name in ("loss", "mlm_logits", "region_logits", "alignment_logits"):
+        torch.testing.assert_close(getattr(counted, name), getattr(synced, name), rtol=0, atol=0)
+
+
 def test_region_loss_is_zero_without_masked_regions(tiny):
     model = ViLBertForPreTraining(tiny)
     labels = pretraining_labels(tiny)

@@ -577,7 +577,10 @@ class ViLBertForPreTraining(ViLBertWithPretrainingHeads):
         region_targets: torch.Tensor | None = None,
         alignment_labels: torch.Tensor | None = None,
         text_prefix: TextPrefix | None = None,
+        labelled_counts: tuple[int, int] | None = None,
     ) -> ViLBertPreTrainingOutput:
+        """`labelled_counts` = (positions with an MLM label, masked regions), when the caller knows them on the host
+        (the pretraining collate does): it saves the forward's one device-to-host sync."""
         base = self.vilbert(
             input_ids, attention_mask, token_type_ids, region_features, region_locations, region_mask, task_ids,
             text_prefix=text_prefix,
@@ -588,9 +591,11 @@ class ViLBertForPreTraining(ViLBertWithPretrainingHeads):
         region_selected = region_labels == 1 if region_labels is not None else None
         if region_selected is not None and region_targets is None:
             raise ConfigError("region_targets: required with region_labels")
-        # the one host sync: how many positions carry a label
         selected = [m for m in (mlm_selected, region_selected) if m is not None]
-        counts = torch.stack([m.sum() for m in selected]).tolist() if selected else []
+        if labelled_counts is not None:
+            counts = [n for n, m in zip(labelled_counts, (mlm_selected, region_selected), strict=True) if m is not None]
+        else:  # the one host sync: how many positions carry a label
+            counts = torch.stack([m.sum() for m in selected]).tolist() if selected else []
 
         mlm_loss = region_loss = alignment_loss = None
         if mlm_selected is not None:
