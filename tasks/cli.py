@@ -17,6 +17,7 @@ from vilbert.errors import ViLBertError
 
 # subcommand name -> module under tasks.commands
 COMMANDS: dict[str, str] = {
+    "shapes-world": "shapes_world",
 }
 
 USER_ERRORS = (ViLBertError, FeaturesError, TasksError)
