@@ -1,0 +1,79 @@
+"""WordPiece tokenisation into the model's text input: `[CLS] text [SEP]`, padded with [PAD] = 0.
+
+The tokenizer is read from a local Hugging Face directory (BERT-base, MiniLM, or any folder with a BERT
+`vocab.txt`); nothing is downloaded. Text is truncated to `max_length - 2` word pieces as the reference does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks.errors import ConfigError
+
+
+@dataclass
+class TextInput:
+    """Token ids, attention mask and segment ids, each `[N, max_length]` int64."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray
+
+
+class Tokenizer:
+    """A BERT WordPiece tokenizer from a local directory, with the special ids the masking code needs."""
+
+    def __init__(self, directory: str | os.PathLike, lowercase: bool = True):
+        # transformers 5: BertTokenizerFast is the tokenizers-backed BertTokenizer
+        from transformers import BertTokenizerFast
+
+        directory = Path(directory)
+        if not (directory / "vocab.txt").is_file() and not (directory / "tokenizer.json").is_file():
+            raise ConfigError(f"{directory}: no vocab.txt or tokenizer.json (a local BERT tokenizer directory)")
+        self.directory = directory
+        self.backend = BertTokenizerFast.from_pretrained(str(directory), do_lower_case=lowercase)
+        for name in ("cls_token_id", "sep_token_id", "pad_token_id", "mask_token_id"):
+            if getattr(self.backend, name) is None:
+                raise ConfigError(f"{directory}: the vocabulary has no {name.removesuffix('_id')}")
+        self.cls_id = self.backend.cls_token_id
+        self.sep_id = self.backend.sep_token_id
+        self.pad_id = self.backend.pad_token_id
+        self.mask_id = self.backend.mask_token_id
+        self.special_ids = frozenset(self.backend.all_special_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.backend)
+
+    def encode(self, texts: str | list[str], max_length: int) -> TextInput:
+        """Tokenise one text or a list into `[CLS] pieces [SEP]` arrays of exactly `max_length`."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if max_length < 2:
+            raise ConfigError(f"max text length must be >= 2 ([CLS] and [SEP]), got {max_length}")
+        encoded = self.backend(
+            list(texts),
+            max_length=max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="np",
+            return_token_type_ids=True,
+            return_attention_mask=True,
+        )
+        return TextInput(
+            input_ids=encoded["input_ids"].astype(np.int64),
+            attention_mask=encoded["attention_mask"].astype(np.int64),
+            token_type_ids=encoded["token_type_ids"].astype(np.int64),
+        )
+
+    def decode(self, ids) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def load_tokenizer(directory: str | os.PathLike, lowercase: bool = True) -> Tokenizer:
+    """The tokenizer in `directory` (a ConfigError naming the directory if it has none)."""
+    return Tokenizer(directory, lowercase=lowercase)

@@ -1,0 +1,188 @@
+"""ViLBERT configuration: every field of the reference config, presets, and validation at construction."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from transformers import PreTrainedConfig
+
+from vilbert.errors import ConfigError
+
+ACTIVATIONS = ("gelu", "relu", "swish", "silu")
+FUSION_METHODS = ("mul", "sum")
+# "multi-task": Linear, GELU, LayerNorm, Linear (vilbert-multi-task SimpleClassifier);
+# "beta": Linear, ReLU, Dropout(0.5), Linear (vilbert_beta, weight norm folded into plain weights).
+ANSWER_HEAD_TYPES = ("multi-task", "beta")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "base": {},  # the field defaults are the published base model
+    "6layer": {},
+    "2layer": {"v_num_hidden_layers": 2, "v_biattention_id": [0, 1], "t_biattention_id": [10, 11]},
+    "4layer": {"v_num_hidden_layers": 4, "v_biattention_id": [0, 1, 2, 3], "t_biattention_id": [8, 9, 10, 11]},
+    "8layer": {
+        "v_num_hidden_layers": 8,
+        "v_biattention_id": [0, 1, 2, 3, 4, 5, 6, 7],
+        "t_biattention_id": [4, 5, 6, 7, 8, 9, 10, 11],
+    },
+    # Text stream shaped like all-MiniLM-L6-v2; visual stream over MobileNetV2 stride-16 features (96-d);
+    # 18 colour x shape classes + background as region targets.
+    "embedded": {
+        "vocab_size": 30522,
+        "hidden_size": 384,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 12,
+        "intermediate_size": 1536,
+        "v_feature_size": 96,
+        "v_hidden_size": 256,
+        "v_num_hidden_layers": 2,
+        "v_num_attention_heads": 4,
+        "v_intermediate_size": 512,
+        "bi_hidden_size": 256,
+        "bi_num_attention_heads": 4,
+        "bi_intermediate_size": 512,
+        "v_biattention_id": [0, 1],
+        "t_biattention_id": [4, 5],
+        "v_target_size": 19,
+        "num_labels": 32,
+        "gqa_num_labels": 32,
+    },
+    # For tests: every part present, everything tiny.
+    "tiny": {
+        "vocab_size": 100,
+        "hidden_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+        "v_feature_size": 16,
+        "v_hidden_size": 24,
+        "v_num_hidden_layers": 2,
+        "v_num_attention_heads": 2,
+        "v_intermediate_size": 48,
+        "bi_hidden_size": 32,
+        "bi_num_attention_heads": 4,
+        "bi_intermediate_size": 32,
+        "v_biattention_id": [0, 1],
+        "t_biattention_id": [1, 2],
+        "v_target_size": 7,
+        "num_labels": 10,
+        "gqa_num_labels": 11,
+    },
+}
+
+
+class ViLBertConfig(PreTrainedConfig):
+    """Configuration of the two-stream ViLBERT model; defaults are the published base (6-layer/6-conect) model.
+
+    Suffix-free fields describe the text stream (BERT), `v_*` the visual stream, `bi_*` the co-attention.
+    `v_biattention_id[k]` / `t_biattention_id[k]` say before which visual / text layer co-attention layer k runs.
+    `bi_intermediate_size` and `v_initializer_range` are kept from the reference config but unused (as there).
+    """
+
+    model_type: ClassVar[str] = "vilbert"
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+
+    v_feature_size: int = 2048
+    v_hidden_size: int = 1024
+    v_num_hidden_layers: int = 6
+    v_num_attention_heads: int = 8
+    v_intermediate_size: int = 1024
+    v_hidden_act: str = "gelu"
+    v_hidden_dropout_prob: float = 0.1
+    v_attention_probs_dropout_prob: float = 0.1
+    v_initializer_range: float = 0.02
+    v_target_size: int = 1601
+
+    bi_hidden_size: int = 1024
+    bi_num_attention_heads: int = 8
+    bi_intermediate_size: int = 1024
+    v_biattention_id: list[int] | None = None
+    t_biattention_id: list[int] | None = None
+    with_coattention: bool = True
+
+    fusion_method: str = "mul"
+    fixed_t_layer: int = 0
+    fixed_v_layer: int = 0
+    task_specific_tokens: bool = False
+    num_task_tokens: int = 20
+
+    head_dropout_prob: float = 0.1
+    answer_head_type: str = "multi-task"
+    answer_head_dropout_prob: float = 0.5
+    gqa_num_labels: int = 1533
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        if self.v_biattention_id is None:
+            self.v_biattention_id = [0, 1, 2, 3, 4, 5]
+        if self.t_biattention_id is None:
+            self.t_biattention_id = [6, 7, 8, 9, 10, 11]
+        self.v_biattention_id = [int(i) for i in self.v_biattention_id]
+        self.t_biattention_id = [int(i) for i in self.t_biattention_id]
+        if self.id2label is None:
+            kwargs.setdefault("num_labels", 3129)
+        super().__post_init__(**kwargs)
+        self._check()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ViLBertConfig:
+        """The named preset ("base" = "6layer", "2layer", "4layer", "8layer", "embedded", "tiny") with overrides."""
+        if name not in PRESETS:
+            raise ConfigError(f"preset: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def _check(self) -> None:
+        """Raise ConfigError naming the first invalid field."""
+        for width, heads in (
+            ("hidden_size", "num_attention_heads"),
+            ("v_hidden_size", "v_num_attention_heads"),
+            ("bi_hidden_size", "bi_num_attention_heads"),
+        ):
+            w, h = getattr(self, width), getattr(self, heads)
+            if h <= 0 or w <= 0 or w % h != 0:
+                raise ConfigError(f"{width}: {w} is not divisible by {heads} = {h}")
+        for name in ("hidden_act", "v_hidden_act"):
+            if getattr(self, name) not in ACTIVATIONS:
+                raise ConfigError(f"{name}: unknown activation {getattr(self, name)!r}; expected one of {ACTIVATIONS}")
+        if self.fusion_method not in FUSION_METHODS:
+            raise ConfigError(f"fusion_method: unknown {self.fusion_method!r}; expected one of {FUSION_METHODS}")
+        if self.answer_head_type not in ANSWER_HEAD_TYPES:
+            raise ConfigError(
+                f"answer_head_type: unknown {self.answer_head_type!r}; expected one of {ANSWER_HEAD_TYPES}"
+            )
+        v_ids, t_ids = self.v_biattention_id, self.t_biattention_id
+        if len(v_ids) != len(t_ids):
+            raise ConfigError(
+                f"v_biattention_id / t_biattention_id: lengths differ ({len(v_ids)} vs {len(t_ids)}); "
+                "each co-attention layer needs one attachment point in each stream"
+            )
+        for name, ids, layers, layers_name in (
+            ("v_biattention_id", v_ids, self.v_num_hidden_layers, "v_num_hidden_layers"),
+            ("t_biattention_id", t_ids, self.num_hidden_layers, "num_hidden_layers"),
+        ):
+            for i in ids:
+                if not 0 <= i <= layers:
+                    raise ConfigError(f"{name}: id {i} is out of range [0, {layers}] ({layers_name} = {layers})")
+            if any(b <= a for a, b in zip(ids, ids[1:], strict=False)):
+                raise ConfigError(f"{name}: {ids} is not strictly increasing")
+        for name, fixed, ids in (("fixed_t_layer", self.fixed_t_layer, t_ids), ("fixed_v_layer", self.fixed_v_layer, v_ids)):
+            limit = ids[0] if ids else (self.num_hidden_layers if name == "fixed_t_layer" else self.v_num_hidden_layers)
+            if not 0 <= fixed <= limit:
+                raise ConfigError(f"{name}: {fixed} must lie in [0, {limit}] (layers before the first co-attention)")
+        if self.task_specific_tokens and self.num_task_tokens <= 0:
+            raise ConfigError(f"num_task_tokens: {self.num_task_tokens} must be positive with task_specific_tokens")
+        for name in ("vocab_size", "v_feature_size", "v_target_size", "gqa_num_labels", "num_labels"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be positive")

@@ -1,0 +1,714 @@
+"""ViLBERT: a BERT text stream and a visual stream joined by co-attention layers (Lu et al., NeurIPS 2019).
+
+Numerically the model of vilbert-multi-task (reference/vilbert.md §2-§6): post-LN BERT layers, erf GELU,
+LayerNorm eps 1e-12, additive -10000 masks, ReLU poolers, product fusion, the 12-in-1 task token.
+Our parameter names differ from the reference's; `vilbert.convert` maps them (table in docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from vilbert.configuration_vilbert import ViLBertConfig
+
+ACT_FNS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "silu": F.silu}  # F.gelu is the exact erf form
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, N] mask of 1 (attend) / 0 (ignore) -> [B, 1, 1, N] additive mask (1 - m) * -10000 in `dtype`."""
+    return (1.0 - mask.to(dtype))[:, None, None, :] * -10000.0
+
+
+def compute_dtype(parameter: torch.Tensor) -> torch.dtype:
+    """The dtype attention scores will have: the autocast dtype when autocast is on, else the parameters'."""
+    device_type = parameter.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return parameter.dtype
+
+
+def attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, num_heads: int, dropout_p: float
+) -> torch.Tensor:
+    """Multi-head scaled dot-product attention of `query` [B, Lq, D] over `key`/`value` [B, Lk, D]."""
+    batch, length, width = query.shape
+    head_dim = width // num_heads
+
+    def heads(x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, h, L, d]
+        return x.view(x.shape[0], x.shape[1], num_heads, head_dim).transpose(1, 2)
+
+    context = F.scaled_dot_product_attention(
+        heads(query), heads(key), heads(value), attn_mask=mask.to(query.dtype), dropout_p=dropout_p
+    )  # [B, h, Lq, d]
+    return context.transpose(1, 2).reshape(batch, length, width)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Embeddings
+
+
+class TextEmbeddings(nn.Module):
+    """Word + position + token-type embeddings, the optional 12-in-1 task token after [CLS], LayerNorm, dropout."""
+
+    def __init__(self, config: ViLBertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=0)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.task_embeddings = (
+            nn.Embedding(config.num_task_tokens, config.hidden_size) if config.task_specific_tokens else None
+        )
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, task_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        embedded = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+        embedded = embedded + self.token_type_embeddings(token_type_ids)  # [B, L, H]
+        if self.task_embeddings is not None:
+            if task_ids is None:
+                raise ValueError("task_ids: required when the config has task_specific_tokens")
+            task = self.task_embeddings(task_ids.view(-1, 1))  # [B, 1, H], no position or type embedding
+            embedded = torch.cat([embedded[:, :1], task, embedded[:, 1:]], dim=1)  # [B, L+1, H]
+        return self.dropout(self.layer_norm(embedded))
+
+
+class VisualEmbeddings(nn.Module):
+    """Region feature and 5-d box location, each projected to the visual width, summed, LayerNorm, dropout."""
+
+    def __init__(self, config: ViLBertConfig):
+        super().__init__()
+        self.feature_proj = nn.Linear(config.v_feature_size, config.v_hidden_size)
+        self.location_proj = nn.Linear(5, config.v_hidden_size)
+        self.layer_norm = nn.LayerNorm(config.v_hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)  # the reference uses the text dropout here
+
+    def forward(self, features: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
+        embedded = self.feature_proj(features) + self.location_proj(locations.to(features.dtype))  # [B, R, Hv]
+        return self.dropout(self.layer_norm(embedded))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layers
+
+
+class AddNorm(nn.Module):
+    """Post-LN residual output: LayerNorm(residual + Dropout(dense(x)))."""
+
+    def __init__(self, in_width: int, out_width: int, dropout: float, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(in_width, out_width)
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(out_width, eps=eps)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.layer_norm(self.dropout(self.dense(x)) + residual)
+
+
+class FeedForward(nn.Module):
+    """The position-wise FFN sublayer: width -> ffn_width -> activation -> width, residual, LayerNorm."""
+
+    def __init__(self, width: int, ffn_width: int, activation: str, dropout: float, eps: float):
+        super().__init__()
+        self.intermediate = nn.Linear(width, ffn_width)
+        self.activation = ACT_FNS[activation]
+        self.output = AddNorm(ffn_width, width, dropout, eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.activation(self.intermediate(x)), x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention projections (the scores go through scaled_dot_product_attention)."""
+
+    def __init__(self, width: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
+        self.num_heads = num_heads
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        dropout_p = self.dropout if self.training else 0.0
+        return attend(self.query(x), self.key(x), self.value(x), mask, self.num_heads, dropout_p)  # [B, N, W]
+
+
+class TransformerLayer(nn.Module):
+    """A post-LN BERT layer; the text stream's layers and (at their own widths) the visual stream's."""
+
+    def __init__(
+        self, width: int, num_heads: int, ffn_width: int, activation: str, dropout: float, attention_dropout: float,
+        eps: float,
+    ):
+        super().__init__()
+        self.attention = SelfAttention(width, num_heads, attention_dropout)
+        self.attention_output = AddNorm(width, width, dropout, eps)
+        self.ffn = FeedForward(width, ffn_width, activation, dropout, eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.ffn(self.attention_output(self.attention(x, mask), x))
+
+
+class CoAttention(nn.Module):
+    """Two cross-attentions at the co-attention width: text queries over regions and region queries over text."""
+
+    def __init__(self, config: ViLBertConfig):
+        super().__init__()
+        bi = config.bi_hidden_size
+        self.vision_query = nn.Linear(config.v_hidden_size, bi)
+        self.vision_key = nn.Linear(config.v_hidden_size, bi)
+        self.vision_value = nn.Linear(config.v_hidden_size, bi)
+        self.text_query = nn.Linear(config.hidden_size, bi)
+        self.text_key = nn.Linear(config.hidden_size, bi)
+        self.text_value = nn.Linear(config.hidden_size, bi)
+        self.num_heads = config.bi_num_attention_heads
+        self.text_over_vision_dropout = config.v_attention_probs_dropout_prob
+        self.vision_over_text_dropout = config.attention_probs_dropout_prob
+
+    def forward(
+        self, vision: torch.Tensor, vision_mask: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        p_tv = self.text_over_vision_dropout if self.training else 0.0
+        p_vt = self.vision_over_text_dropout if self.training else 0.0
+        text_context = attend(
+            self.text_query(text), self.vision_key(vision), self.vision_value(vision), vision_mask, self.num_heads, p_tv
+        )  # [B, L, bi]
+        vision_context = attend(
+            self.vision_query(vision), self.text_key(text), self.text_value(text), text_mask, self.num_heads, p_vt
+        )  # [B, R, bi]
+        return vision_context, text_context
+
+
+class CoAttentionLayer(nn.Module):
+    """Co-attention block: cross-attention replaces self-attention; each stream keeps its residual, LN and FFN."""
+
+    def __init__(self, config: ViLBertConfig):
+        super().__init__()
+        eps = config.layer_norm_eps
+        self.coattention = CoAttention(config)
+        self.vision_output = AddNorm(config.bi_hidden_size, config.v_hidden_size, config.v_hidden_dropout_prob, eps)
+        self.text_output = AddNorm(config.bi_hidden_size, config.hidden_size, config.hidden_dropout_prob, eps)
+        self.vision_ffn = FeedForward(
+            config.v_hidden_size, config.v_intermediate_size, config.v_hidden_act, config.v_hidden_dropout_prob, eps
+        )
+        self.text_ffn = FeedForward(
+            config.hidden_size, config.intermediate_size, config.hidden_act, config.hidden_dropout_prob, eps
+        )
+
+    def forward(
+        self, vision: torch.Tensor, vision_mask: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        vision_context, text_context = self.coattention(vision, vision_mask, text, text_mask)
+        vision = self.vision_ffn(self.vision_output(vision_context, vision))  # [B, R, Hv]
+        text = self.text_ffn(self.text_output(text_context, text))  # [B, L, H]
+        return vision, text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Encoder
+
+
+def layer_schedule(config: ViLBertConfig) -> list[tuple[str, int]]:
+    """The executed layer order (reference §2.3): ("T", i) text layer, ("V", i) visual layer, ("C", k) co-attention.
+
+    For the k-th attachment pair (v_k, t_k): text layers up to t_k, visual layers up to v_k, then co-attention k;
+    after the last pair the remaining visual layers, then the remaining text layers.
+    """
+    steps: list[tuple[str, int]] = []
+    t_start = v_start = 0
+    for k, (v_id, t_id) in enumerate(zip(config.v_biattention_id, config.t_biattention_id, strict=True)):
+        steps += [("T", i) for i in range(t_start, t_id)]
+        steps += [("V", i) for i in range(v_start, v_id)]
+        if config.with_coattention:
+            steps.append(("C", k))
+        t_start, v_start = t_id, v_id
+    steps += [("V", i) for i in range(v_start, config.v_num_hidden_layers)]
+    steps += [("T", i) for i in range(t_start, config.num_hidden_layers)]
+    return steps
+
+
+class ViLBertEncoder(nn.Module):
+    """Text layers, visual layers and co-attention layers, run in the order of `layer_schedule`."""
+
+    def __init__(self, config: ViLBertConfig):
+        super().__init__()
+        eps = config.layer_norm_eps
+        self.text_layers = nn.ModuleList(
+            TransformerLayer(
+                config.hidden_size, config.num_attention_heads, config.intermediate_size, config.hidden_act,
+                config.hidden_dropout_prob, config.attention_probs_dropout_prob, eps,
+            )
+            for _ in range(config.num_hidden_layers)
+        )
+        self.visual_layers = nn.ModuleList(
+            TransformerLayer(
+                config.v_hidden_size, config.v_num_attention_heads, config.v_intermediate_size, config.v_hidden_act,
+                config.v_hidden_dropout_prob, config.v_attention_probs_dropout_prob, eps,
+            )
+            for _ in range(config.v_num_hidden_layers)
+        )
+        self.coattention_layers = nn.ModuleList(CoAttentionLayer(config) for _ in config.v_biattention_id)
+        self.schedule = layer_schedule(config)
+        # the leading text-only layers: the text prefix, cacheable across images (reference fast_mode)
+        self.num_prefix_steps = next((n for n, (kind, _) in enumerate(self.schedule) if kind != "T"), len(self.schedule))
+        self.fixed_t_layer = config.fixed_t_layer
+        self.fixed_v_layer = config.fixed_v_layer
+
+    def run_text_prefix(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Run the text layers before the first co-attention or visual layer."""
+        for _, index in self.schedule[: self.num_prefix_steps]:
+            text = self._text_layer(index, text, text_mask)
+        return text
+
+    def forward(
+        self, text: torch.Tensor, vision: torch.Tensor, text_mask: torch.Tensor, vision_mask: torch.Tensor,
+        after_prefix: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """text [B, L, H], vision [B, R, Hv], additive masks [B, 1, 1, L] / [B, 1, 1, R] -> final states of both."""
+        for kind, index in self.schedule[self.num_prefix_steps if after_prefix else 0 :]:
+            if kind == "T":
+                text = self._text_layer(index, text, text_mask)
+            elif kind == "V":
+                with torch.no_grad() if index < self.fixed_v_layer else contextlib.nullcontext():
+                    vision = self.visual_layers[index](vision, vision_mask)
+            else:
+                vision, text = self.coattention_layers[index](vision, vision_mask, text, text_mask)
+        return text, vision
+
+    def _text_layer(self, index: int, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad() if index < self.fixed_t_layer else contextlib.nullcontext():
+            return self.text_layers[index](text, text_mask)
+
+
+class Pooler(nn.Module):
+    """First position ([CLS] or IMG) -> Linear to the co-attention width -> ReLU."""
+
+    def __init__(self, in_width: int, out_width: int):
+        super().__init__()
+        self.dense = nn.Linear(in_width, out_width)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.dense(hidden[:, 0]))
+
+
+def fuse(pooled_text: torch.Tensor, pooled_vision: torch.Tensor, method: str) -> torch.Tensor:
+    """Fuse the pooled streams: element-wise product ("mul", the released models) or sum."""
+    return pooled_text * pooled_vision if method == "mul" else pooled_text + pooled_vision
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The base model
+
+
+@dataclass
+class TextPrefix:
+    """Text states after the text-only layers that precede the first co-attention, with the 2-D text mask.
+
+    Computed once by `ViLBertModel.encode_text_prefix` and passed as `text_prefix=`; a batch-1 prefix is expanded
+    to the image batch (the reference's fast_mode for retrieval evaluation).
+    """
+
+    hidden: torch.Tensor  # [B, L, H] (L includes the task token when there is one)
+    attention_mask: torch.Tensor  # [B, L]
+
+
+@dataclass
+class ViLBertModelOutput(ModelOutput):
+    """Final states of both streams and their pooled vectors."""
+
+    text_hidden: torch.Tensor | None = None  # [B, L, H]
+    vision_hidden: torch.Tensor | None = None  # [B, R, Hv]
+    pooled_text: torch.Tensor | None = None  # [B, Hb]
+    pooled_vision: torch.Tensor | None = None  # [B, Hb]
+
+
+class ViLBertPreTrainedModel(PreTrainedModel):
+    """Weight init (normal(0, initializer_range), zero biases, LayerNorm 1/0) and save/load plumbing."""
+
+    config_class = ViLBertConfig
+    config: ViLBertConfig
+    base_model_prefix = "vilbert"
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)  # the padding row too, as the reference
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, MaskedLanguageModelHead):
+            init.zeros_(module.bias)
+
+
+class ViLBertModel(ViLBertPreTrainedModel):
+    """The two streams, the co-attention encoder and the two poolers."""
+
+    def __init__(self, config: ViLBertConfig):
+        super().__init__(config)
+        self.embeddings = TextEmbeddings(config)
+        self.visual_embeddings = VisualEmbeddings(config)
+        self.encoder = ViLBertEncoder(config)
+        self.text_pooler = Pooler(config.hidden_size, config.bi_hidden_size)
+        self.visual_pooler = Pooler(config.v_hidden_size, config.bi_hidden_size)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    def encode_text_prefix(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        task_ids: torch.Tensor | None = None,
+    ) -> TextPrefix:
+        """Embed the text and run the text layers before the first co-attention (cacheable across images)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if self.embeddings.task_embeddings is not None:  # the task token is always attended
+            attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], 1), attention_mask], dim=1)
+        text = self.embeddings(input_ids, token_type_ids, task_ids)  # [B, L, H]
+        text_mask = additive_mask(attention_mask, compute_dtype(text))
+        return TextPrefix(self.encoder.run_text_prefix(text, text_mask), attention_mask)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        region_features: torch.Tensor | None = None,
+        region_locations: torch.Tensor | None = None,
+        region_mask: torch.Tensor | None = None,
+        task_ids: torch.Tensor | None = None,
+        text_prefix: TextPrefix | None = None,
+    ) -> ViLBertModelOutput:
+        if text_prefix is None:
+            if input_ids is None:
+                raise ValueError("input_ids: required unless text_prefix is given")
+            text_prefix = self.encode_text_prefix(input_ids, attention_mask, token_type_ids, task_ids)
+        batch = region_features.shape[0]
+        text, text_mask_2d = text_prefix.hidden, text_prefix.attention_mask
+        if text.shape[0] == 1 and batch > 1:  # one caption against many images
+            text, text_mask_2d = text.expand(batch, -1, -1), text_mask_2d.expand(batch, -1)
+        if region_mask is None:
+            region_mask = region_features.new_ones(region_features.shape[:2])
+
+        vision = self.visual_embeddings(region_features, region_locations)  # [B, R, Hv]
+        dtype = compute_dtype(vision)
+        text_mask, vision_mask = additive_mask(text_mask_2d, dtype), additive_mask(region_mask, dtype)
+        text, vision = self.encoder(text, vision, text_mask, vision_mask, after_prefix=True)
+        return ViLBertModelOutput(
+            text_hidden=text,
+            vision_hidden=vision,
+            pooled_text=self.text_pooler(text),
+            pooled_vision=self.visual_pooler(vision),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Heads
+
+
+class PredictionTransform(nn.Module):
+    """dense, activation, LayerNorm: the shared front of the MLM and region-class heads."""
+
+    def __init__(self, width: int, activation: str, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.activation = ACT_FNS[activation]
+        self.layer_norm = nn.LayerNorm(width, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer_norm(self.activation(self.dense(x)))
+
+
+class MaskedLanguageModelHead(nn.Module):
+    """Transform, then a decoder tied to the word embeddings, plus its own output bias."""
+
+    def __init__(self, config: ViLBertConfig):
+        super().__init__()
+        self.transform = PredictionTransform(config.hidden_size, config.hidden_act, config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden)) + self.bias  # [..., V]
+
+
+class RegionClassHead(nn.Module):
+    """Transform, then Linear to the detector's class distribution (v_target_size, background at 0)."""
+
+    def __init__(self, config: ViLBertConfig):
+        super().__init__()
+        # the reference's visual transform applies the *text* activation (hidden_act)
+        self.transform = PredictionTransform(config.v_hidden_size, config.hidden_act, config.layer_norm_eps)
+        self.decoder = nn.Linear(config.v_hidden_size, config.v_target_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden))  # [..., C]
+
+
+class AnswerClassifier(nn.Module):
+    """Two-layer classifier on the fused pooled vector.
+
+    "multi-task": Linear, GELU, LayerNorm, Linear (vilbert-multi-task SimpleClassifier, its dropout unused);
+    "beta": Linear, ReLU, Dropout, Linear (vilbert_beta, with the weight norm folded into the weights).
+    """
+
+    def __init__(self, in_width: int, hidden_width: int, num_outputs: int, kind: str, dropout: float, eps: float):
+        super().__init__()
+        self.kind = kind
+        self.dense = nn.Linear(in_width, hidden_width)
+        if kind == "multi-task":
+            self.layer_norm = nn.LayerNorm(hidden_width, eps=eps)
+        else:
+            self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_width, num_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "multi-task":
+            return self.classifier(self.layer_norm(F.gelu(self.dense(x))))
+        return self.classifier(self.dropout(F.relu(self.dense(x))))
+
+
+def _select(hidden: torch.Tensor, selected: torch.Tensor, count: int) -> torch.Tensor:
+    """Rows of hidden [B, N, D] where selected [B, N] is true, in nonzero order -> [count, D] (no host sync)."""
+    index = torch.nonzero_static(selected.flatten(), size=count).squeeze(1)
+    return hidden.flatten(0, 1).index_select(0, index)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pretraining
+
+
+@dataclass
+class ViLBertPreTrainingOutput(ModelOutput):
+    """Losses (when labels are given) and the three heads' logits.
+
+    With labels, `mlm_logits` is [N, V] over the labelled tokens and `region_logits` [M, C] over the masked
+    regions (both in nonzero order); without labels they are [B, L, V] and [B, R, C].
+    """
+
+    loss: torch.Tensor | None = None
+    mlm_loss: torch.Tensor | None = None
+    region_loss: torch.Tensor | None = None
+    alignment_loss: torch.Tensor | None = None
+    alignment_logits: torch.Tensor | None = None  # [B, 2], index 0 = aligned
+    mlm_logits: torch.Tensor | None = None
+    region_logits: torch.Tensor | None = None
+    text_hidden: torch.Tensor | None = None
+    vision_hidden: torch.Tensor | None = None
+    pooled_text: torch.Tensor | None = None
+    pooled_vision: torch.Tensor | None = None
+
+
+class ViLBertForPreTraining(ViLBertPreTrainedModel):
+    """Masked language modelling, masked region classification (KL to the detector's classes) and alignment."""
+
+    _tied_weights_keys = {"mlm_head.decoder.weight": "vilbert.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: ViLBertConfig):
+        super().__init__(config)
+        self.vilbert = ViLBertModel(config)
+        self.mlm_head = MaskedLanguageModelHead(config)
+        self.region_head = RegionClassHead(config)
+        self.alignment_head = nn.Linear(config.bi_hidden_size, 2)
+        self.dropout = nn.Dropout(config.head_dropout_prob)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.mlm_head.decoder
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.mlm_head.decoder = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        region_features: torch.Tensor | None = None,
+        region_locations: torch.Tensor | None = None,
+        region_mask: torch.Tensor | None = None,
+        task_ids: torch.Tensor | None = None,
+        mlm_labels: torch.Tensor | None = None,
+        region_labels: torch.Tensor | None = None,
+        region_targets: torch.Tensor | None = None,
+        alignment_labels: torch.Tensor | None = None,
+        text_prefix: TextPrefix | None = None,
+    ) -> ViLBertPreTrainingOutput:
+        base = self.vilbert(
+            input_ids, attention_mask, token_type_ids, region_features, region_locations, region_mask, task_ids,
+            text_prefix=text_prefix,
+        )
+        fused = self.dropout(fuse(base.pooled_text, base.pooled_vision, self.config.fusion_method))
+        alignment_logits = self.alignment_head(fused)  # [B, 2]
+
+        mlm_selected = mlm_labels != -100 if mlm_labels is not None else None
+        region_selected = region_labels == 1 if region_labels is not None else None
+        if region_selected is not None and region_targets is None:
+            raise ValueError("region_targets: required with region_labels")
+        # the one host sync: how many positions carry a label
+        selected = [m for m in (mlm_selected, region_selected) if m is not None]
+        counts = torch.stack([m.sum() for m in selected]).tolist() if selected else []
+
+        mlm_loss = region_loss = alignment_loss = None
+        if mlm_selected is not None:
+            num_tokens = counts.pop(0)
+            mlm_logits = self.mlm_head(_select(base.text_hidden, mlm_selected, num_tokens))  # [N, V]
+            targets = _select(mlm_labels[..., None], mlm_selected, num_tokens).squeeze(1)
+            mlm_loss = F.cross_entropy(mlm_logits.float(), targets, reduction="sum") / max(num_tokens, 1)
+        else:
+            mlm_logits = self.mlm_head(base.text_hidden)  # [B, L, V]
+        if region_selected is not None:
+            num_regions = counts.pop(0)
+            region_logits = self.region_head(_select(base.vision_hidden, region_selected, num_regions))  # [M, C]
+            targets = _select(region_targets, region_selected, num_regions).float()
+            log_probs = F.log_softmax(region_logits.float(), dim=-1)
+            region_loss = F.kl_div(log_probs, targets, reduction="sum") / max(num_regions, 1)
+        else:
+            region_logits = self.region_head(base.vision_hidden)  # [B, R, C]
+        if alignment_labels is not None:
+            alignment_loss = F.cross_entropy(alignment_logits.float(), alignment_labels.view(-1))
+
+        losses = [x for x in (mlm_loss, region_loss, alignment_loss) if x is not None]
+        return ViLBertPreTrainingOutput(
+            loss=torch.stack(losses).sum() if losses else None,
+            mlm_loss=mlm_loss,
+            region_loss=region_loss,
+            alignment_loss=alignment_loss,
+            alignment_logits=alignment_logits,
+            mlm_logits=mlm_logits,
+            region_logits=region_logits,
+            **base,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Vision-and-language tasks
+
+VL_HEADS = (
+    "answer_logits",
+    "gqa_answer_logits",
+    "pair_logit",
+    "binary_logits",
+    "tri_logits",
+    "region_logits",
+    "token_logits",
+    "region_class_logits",
+)
+
+
+@dataclass
+class ViLBertForVLTasksOutput(ModelOutput):
+    """Every task head's output (None for heads not asked for), and the base outputs."""
+
+    answer_logits: torch.Tensor | None = None  # [B, num_labels]
+    gqa_answer_logits: torch.Tensor | None = None  # [B, gqa_num_labels]
+    pair_logit: torch.Tensor | None = None  # [B]
+    binary_logits: torch.Tensor | None = None  # [B/2, 2], pairs of consecutive rows; None when B is odd
+    tri_logits: torch.Tensor | None = None  # [B, 3]
+    region_logits: torch.Tensor | None = None  # [B, R], padded regions -10000
+    token_logits: torch.Tensor | None = None  # [B, L]
+    region_class_logits: torch.Tensor | None = None  # [B, R, v_target_size]
+    text_hidden: torch.Tensor | None = None
+    vision_hidden: torch.Tensor | None = None
+    pooled_text: torch.Tensor | None = None
+    pooled_vision: torch.Tensor | None = None
+
+
+class ViLBertForVLTasks(ViLBertPreTrainedModel):
+    """Every head of the reference VILBertForVLTasks, plus its pretraining heads (they convert and load too)."""
+
+    _tied_weights_keys = {"mlm_head.decoder.weight": "vilbert.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: ViLBertConfig):
+        super().__init__(config)
+        bi, eps = config.bi_hidden_size, config.layer_norm_eps
+        self.vilbert = ViLBertModel(config)
+        self.mlm_head = MaskedLanguageModelHead(config)
+        self.region_head = RegionClassHead(config)
+        self.alignment_head = nn.Linear(bi, 2)
+        self.dropout = nn.Dropout(config.head_dropout_prob)
+        self.answer_head = AnswerClassifier(
+            bi, 2 * bi, config.num_labels, config.answer_head_type, config.answer_head_dropout_prob, eps
+        )
+        self.gqa_answer_head = AnswerClassifier(bi, 2 * bi, config.gqa_num_labels, "multi-task", 0.0, eps)
+        self.binary_head = AnswerClassifier(2 * bi, 2 * bi, 2, "multi-task", 0.0, eps)
+        self.pair_head = nn.Linear(bi, 1)
+        self.tri_head = nn.Linear(bi, 3)
+        self.region_score_head = nn.Linear(config.v_hidden_size, 1)
+        self.token_score_head = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.mlm_head.decoder
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.mlm_head.decoder = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        region_features: torch.Tensor | None = None,
+        region_locations: torch.Tensor | None = None,
+        region_mask: torch.Tensor | None = None,
+        task_ids: torch.Tensor | None = None,
+        heads: Iterable[str] | None = None,
+        text_prefix: TextPrefix | None = None,
+    ) -> ViLBertForVLTasksOutput:
+        wanted = set(VL_HEADS if heads is None else heads)
+        if unknown := wanted - set(VL_HEADS):
+            raise ValueError(f"heads: unknown head(s) {sorted(unknown)}; expected names from {VL_HEADS}")
+        base = self.vilbert(
+            input_ids, attention_mask, token_type_ids, region_features, region_locations, region_mask, task_ids,
+            text_prefix=text_prefix,
+        )
+        out = ViLBertForVLTasksOutput(**base)
+        if wanted & {"answer_logits", "gqa_answer_logits", "pair_logit", "binary_logits", "tri_logits"}:
+            fused = self.dropout(fuse(base.pooled_text, base.pooled_vision, self.config.fusion_method))  # [B, Hb]
+            if "answer_logits" in wanted:
+                out.answer_logits = self.answer_head(fused)
+            if "gqa_answer_logits" in wanted:
+                out.gqa_answer_logits = self.gqa_answer_head(fused)
+            if "pair_logit" in wanted:
+                out.pair_logit = self.pair_head(fused).squeeze(-1)
+            if "binary_logits" in wanted and fused.shape[0] % 2 == 0:
+                out.binary_logits = self.binary_head(fused.reshape(fused.shape[0] // 2, 2 * fused.shape[1]))
+            if "tri_logits" in wanted:
+                out.tri_logits = self.tri_head(fused)
+        if "region_logits" in wanted:
+            vision = base.vision_hidden
+            if region_mask is None:
+                region_mask = vision.new_ones(vision.shape[:2])
+            scores = self.region_score_head(self.dropout(vision)).squeeze(-1)  # [B, R]
+            out.region_logits = scores + (1.0 - region_mask.to(scores.dtype)) * -10000.0
+        if "token_logits" in wanted:
+            out.token_logits = self.token_score_head(self.dropout(base.text_hidden)).squeeze(-1)  # [B, L]
+        if "region_class_logits" in wanted:
+            out.region_class_logits = self.region_head(base.vision_hidden)  # [B, R, C]
+        return out
