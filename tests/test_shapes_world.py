@@ -4,8 +4,6 @@ import hashlib
 import json
 import pickle
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -194,9 +192,41 @@ def test_caption_files_hold_every_image_of_their_split(world, scenes):
         assert set(first) == {str(i) for i in ids}
 
 
-def test_command_rejects_too_few_images_with_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "tasks.cli", "shapes-world", "--out", str(tmp_path / "x"),
-                             "--images", "3"], capture_output=True, text=True)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["vilbert shapes-world: error: --images must be at least 4 (one per split), got 3"]
+def test_command_rejects_too_few_images_with_one_line(tmp_path, capsys):
+    from tasks.cli import main
+
+    assert main(["shapes-world", "--out", str(tmp_path / "x"), "--images", "3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "vilbert shapes-world: error: --images must be at least 4 (one per split), got 3"]
     assert not (tmp_path / "x").exists()
+
+
+def test_class_targets_become_one_hot_cls_prob_in_the_store(world, scenes, tmp_path):
+    from features.store import FeatureStore, FeatureStoreWriter
+    from tasks.cli import main
+
+    boxes = json.loads((world / "gt_boxes.json").read_text())
+    store_path = tmp_path / "gt.h5"
+    with FeatureStoreWriter(store_path, feature_dim=8) as writer:
+        for image_id in ("0", "5"):
+            writer.add(image_id, (128, 128), np.ones((len(boxes[image_id]), 8)), np.asarray(boxes[image_id]))
+    assert main(["shapes-world", "--out", str(world), "--add-cls-prob", str(store_path)]) == 0
+    store = FeatureStore(store_path)
+    regions = store.read("5")
+    names = [CLASS_NAMES[c] for c in regions.cls_prob.argmax(1)]
+    assert names == [f"{s['colour']} {s['kind']}" for s in scenes[5]["shapes"]]
+    assert np.array_equal(regions.cls_prob.sum(1), np.ones(len(names)))
+    assert np.array_equal(regions.features, np.ones((len(names), 8)))
+
+
+def test_class_targets_refuse_a_store_with_other_boxes(world, tmp_path, capsys):
+    from features.store import FeatureStoreWriter
+    from tasks.cli import main
+
+    store_path = tmp_path / "grid.h5"
+    with FeatureStoreWriter(store_path, feature_dim=8) as writer:
+        writer.add("0", (128, 128), np.ones((1, 8)), np.array([[0, 0, 64, 64]]))
+    before = store_path.read_bytes()
+    assert main(["shapes-world", "--out", str(world), "--add-cls-prob", str(store_path)]) == 2
+    assert "are not the ground-truth boxes" in capsys.readouterr().err
+    assert store_path.read_bytes() == before
