@@ -1,0 +1,179 @@
+"""What the fine-tuning tasks share: their data config, the task model, task tokens, image-id joins, JSON reading.
+
+A fine-tuning run builds `ViLBertForVLTasks` from a preset, or loads it from a checkpoint directory: a task
+checkpoint, or a pretraining (`ViLBertForPreTraining`) one, whose shared weights load and whose task heads start
+fresh. Models converted from the released 12-in-1 weights carry `task_specific_tokens`; the tasks then pass their
+12-in-1 task id (VQA 1, COCO retrieval 7, Flickr30k retrieval 8, RefCOCO 9, RefCOCO+ 10, RefCOCOg 11).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tasks.errors import AnnotationError, ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+# 12-in-1 task tokens (reference §7.4: the yml task number).
+TASK_TOKEN_IDS = {"vqa": 1, "retrieval-coco": 7, "retrieval-flickr30k": 8, "refcoco": 9, "refcoco+": 10, "refcocog": 11}
+
+
+@dataclass
+class FinetuneDataConfig:
+    """Data settings every fine-tuning task has; each task's config adds its own fields."""
+
+    root: str = "data"  # folder holding the annotation files
+    features: list[str] = field(default_factory=list)  # feature store file(s), joined by image id
+    tokenizer: str | None = None  # local BERT tokenizer directory; defaults to model.text_init
+    max_text_length: int = 20
+    max_regions: int = 101  # IMG token included
+    train_split: str = "train"
+    val_split: str = "val"
+    eval_batch_size: int = 256
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write JSON to a temporary file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def load_json(path: str | Path) -> Any:
+    """Read a JSON file, turning unreadable or invalid files into an AnnotationError naming the file."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as error:
+        raise AnnotationError(f"{path}: cannot read ({error.strerror or error})") from error
+    except json.JSONDecodeError as error:
+        raise AnnotationError(f"{path}: not valid JSON ({error})") from error
+
+
+def require(entry: Any, keys: Iterable[str], source: str, where: str) -> None:
+    """Raise AnnotationError naming the file, the entry and the first missing key."""
+    if not isinstance(entry, Mapping):
+        raise AnnotationError(f"{source}: {where} is a {type(entry).__name__}, expected an object")
+    for key in keys:
+        if key not in entry:
+            raise AnnotationError(f"{source}: {where} has no {key!r}")
+
+
+def image_key_resolver(store_ids: Iterable[str]):
+    """Map an annotation's image id (int or str) to a feature-store id.
+
+    Exact matches win; otherwise the store id's trailing number is used, so COCO ids like 9 find
+    "COCO_val2014_000000000009" or "000000000009", and Flickr30k "1000092795" finds "1000092795".
+    Returns a function id -> store id or None.
+    """
+    exact = set(store_ids)
+    by_number: dict[int, str] = {}
+    for sid in exact:
+        match = re.search(r"(\d+)$", sid)
+        if match:
+            by_number.setdefault(int(match.group(1)), sid)
+
+    def resolve(image_id: Any) -> str | None:
+        key = str(image_id)
+        if key in exact:
+            return key
+        match = re.search(r"(\d+)$", key)
+        return by_number.get(int(match.group(1))) if match else None
+
+    return resolve
+
+
+def keep_known_images(items: list, image_of, resolve, source: str, what: str) -> list:
+    """Drop items whose image has no features, with one counted warning (never an error mid-epoch)."""
+    kept, missing = [], set()
+    for item in items:
+        sid = resolve(image_of(item))
+        if sid is None:
+            missing.add(str(image_of(item)))
+            continue
+        kept.append((item, sid))
+    if missing:
+        example = ", ".join(sorted(missing)[:3])
+        logger.warning("%s: %d %s skipped: %d image id(s) not in the feature store (e.g. %s)",
+                       source, len(items) - len(kept), what, len(missing), example)
+    if items and not kept:
+        raise DataError(f"{source}: none of the {len(items)} {what} has an image in the feature store")
+    return kept
+
+
+def tokenizer_directory(data: FinetuneDataConfig, model_config) -> str:
+    directory = data.tokenizer or getattr(model_config, "text_init", None)
+    if not directory:
+        raise ConfigError("data.tokenizer: set a local BERT tokenizer directory (or model.text_init)")
+    return directory
+
+
+def build_task_model(model_config, **config_overrides: Any) -> nn.Module:
+    """A `ViLBertForVLTasks` from `model_config.init` (a checkpoint directory) or from the preset.
+
+    `config_overrides` (e.g. num_labels for the VQA vocabulary) are applied either way; a checkpoint whose head
+    shapes differ (a pretraining checkpoint, another vocabulary) keeps every matching weight and starts the
+    mismatched heads fresh, with a log line naming them.
+    """
+    from vilbert import ViLBertConfig, ViLBertForVLTasks
+
+    if model_config.init:
+        directory = Path(model_config.init)
+        if not (directory / "config.json").is_file():
+            raise ConfigError(f"model.init: {directory} has no config.json (a save_pretrained directory)")
+        config = ViLBertConfig.from_pretrained(str(directory))
+        for key, value in {**model_config.overrides, **config_overrides}.items():
+            setattr(config, key, value)
+        model, info = ViLBertForVLTasks.from_pretrained(
+            str(directory), config=config, ignore_mismatched_sizes=True, output_loading_info=True
+        )
+        fresh = sorted({key.split(".")[0] for key in info.get("missing_keys", [])}
+                       | {str(m[0]).split(".")[0] for m in info.get("mismatched_keys", [])})
+        if fresh:
+            logger.info("initialised from %s; fresh: %s", directory, ", ".join(fresh))
+        return model
+    config = ViLBertConfig.from_preset(model_config.preset, **{**model_config.overrides, **config_overrides})
+    model = ViLBertForVLTasks(config)
+    if getattr(model_config, "text_init", None):
+        from vilbert.convert import init_text_stream_from_bert
+
+        init_text_stream_from_bert(model, model_config.text_init)
+    return model
+
+
+def task_ids_for(model: nn.Module, task: str, batch_size: int, device: torch.device) -> torch.Tensor | None:
+    """[B, 1] 12-in-1 task ids when the model has task tokens, else None."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "task_specific_tokens", False):
+        return None
+    return torch.full((batch_size, 1), TASK_TOKEN_IDS[task], dtype=torch.long, device=device)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "region_features", "region_locations", "region_mask")
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    return {key: batch[key] for key in MODEL_INPUTS}

@@ -1,0 +1,355 @@
+"""VQA v2: the official question/annotation files, the answer vocabulary, soft-score targets, and the task.
+
+Files (in `data.root`, as downloaded from visualqa.org):
+    v2_OpenEnded_mscoco_{train2014,val2014,test2015,test-dev2015}_questions.json
+    v2_mscoco_{train2014,val2014}_annotations.json
+
+Splits: train, val, trainval (train + val minus minval), minval (the last `minval_size` val questions by
+question_id; 3,000 in the reference), test, test-dev. The answer vocabulary is every normalised answer that is
+the consensus answer (`multiple_choice_answer`) of at least `min_answer_count` train+val questions: 9 gives the
+standard 3,129. A question's target gives each vocabulary answer the soft score of its human count (0, 0.3, 0.6,
+0.9, 1). Loss: BCE-with-logits (mean) × number of answers, on `answer_logits` (reference §6.4).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from tasks.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.errors import AnnotationError, ConfigError
+from tasks.finetuning import (
+    FinetuneDataConfig,
+    build_task_model,
+    image_key_resolver,
+    keep_known_images,
+    load_json,
+    model_device,
+    model_inputs,
+    require,
+    task_ids_for,
+    to_device,
+    tokenizer_directory,
+    write_json_atomic,
+)
+from tasks.metrics import normalize_answer, soft_score, vqa_score
+from tasks.task import StepOutput, Task
+
+logger = logging.getLogger(__name__)
+
+QUESTION_FILES = {
+    "train2014": "v2_OpenEnded_mscoco_train2014_questions.json",
+    "val2014": "v2_OpenEnded_mscoco_val2014_questions.json",
+    "test2015": "v2_OpenEnded_mscoco_test2015_questions.json",
+    "test-dev2015": "v2_OpenEnded_mscoco_test-dev2015_questions.json",
+}
+ANNOTATION_FILES = {
+    "train2014": "v2_mscoco_train2014_annotations.json",
+    "val2014": "v2_mscoco_val2014_annotations.json",
+}
+SPLITS = ("train", "val", "trainval", "minval", "test", "test-dev")
+VOCABULARY_FILE = "answers.json"  # saved next to the checkpoint: the label order of answer_logits
+
+
+@dataclass
+class VQAQuestion:
+    question_id: int
+    image_id: int | str
+    question: str
+    answers: list[str] = field(default_factory=list)  # the humans' answers (empty for test splits)
+    answer_type: str = ""
+    question_type: str = ""
+    consensus: str = ""  # multiple_choice_answer
+
+
+def vocabulary_key(answer: str) -> str:
+    """The vocabulary form of an answer: the official normalisation, then commas dropped (as the reference)."""
+    return normalize_answer(answer).replace(",", "")
+
+
+def read_questions(path: str | Path) -> list[VQAQuestion]:
+    """Questions of one `v2_OpenEnded_mscoco_*_questions.json` file."""
+    data = load_json(path)
+    require(data, ["questions"], str(path), "the file")
+    questions = []
+    for i, entry in enumerate(data["questions"]):
+        require(entry, ["question_id", "image_id", "question"], str(path), f"questions[{i}]")
+        questions.append(VQAQuestion(int(entry["question_id"]), entry["image_id"], str(entry["question"])))
+    return questions
+
+
+def attach_annotations(questions: list[VQAQuestion], path: str | Path) -> list[VQAQuestion]:
+    """Fill answers and types from a `v2_mscoco_*_annotations.json` file.
+
+    Questions without annotation, or whose answers are empty, are dropped with one counted warning;
+    an annotation for an unknown question is an error (the files do not belong together).
+    """
+    data = load_json(path)
+    require(data, ["annotations"], str(path), "the file")
+    by_id = {q.question_id: q for q in questions}
+    annotated = set()
+    empty = 0
+    for i, entry in enumerate(data["annotations"]):
+        require(entry, ["question_id", "answers"], str(path), f"annotations[{i}]")
+        question = by_id.get(int(entry["question_id"]))
+        if question is None:
+            raise AnnotationError(f"{path}: annotations[{i}] is for question_id {entry['question_id']}, "
+                                  "which the questions file does not have")
+        answers = []
+        for j, answer in enumerate(entry["answers"]):
+            require(answer, ["answer"], str(path), f"annotations[{i}].answers[{j}]")
+            answers.append(str(answer["answer"]))
+        if not answers or all(not a.strip() for a in answers):
+            empty += 1
+            continue
+        question.answers = answers
+        question.answer_type = str(entry.get("answer_type", ""))
+        question.question_type = str(entry.get("question_type", ""))
+        question.consensus = str(entry.get("multiple_choice_answer", Counter(answers).most_common(1)[0][0]))
+        annotated.add(question.question_id)
+    kept = [q for q in questions if q.question_id in annotated]
+    if len(kept) < len(questions):
+        logger.warning("%s: %d question(s) without usable answers skipped (%d with empty answers)",
+                       path, len(questions) - len(kept), empty)
+    return kept
+
+
+def build_vocabulary(questions: list[VQAQuestion], min_count: int) -> list[str]:
+    """Answers that are the consensus answer of at least `min_count` questions, most frequent first."""
+    counts = Counter(vocabulary_key(q.consensus) for q in questions if q.consensus)
+    counts.pop("", None)
+    vocabulary = sorted((a for a, c in counts.items() if c >= min_count), key=lambda a: (-counts[a], a))
+    if not vocabulary:
+        raise ConfigError(f"data.min_answer_count={min_count}: no answer occurs that often; lower it")
+    return vocabulary
+
+
+def soft_target(answers: list[str], label_of: Mapping[str, int]) -> dict[int, float]:
+    """{label: soft score} of one question's human answers (answers outside the vocabulary are dropped)."""
+    counts = Counter(vocabulary_key(a) for a in answers)
+    return {label_of[a]: soft_score(c) for a, c in counts.items() if a in label_of}
+
+
+def read_split(root: str | Path, split: str, minval_size: int = 3000) -> list[VQAQuestion]:
+    """The questions of a split (annotated for train/val/trainval/minval), sorted by question_id."""
+    root = Path(root)
+    if split not in SPLITS:
+        raise ConfigError(f"unknown VQA split {split!r}; choose one of {', '.join(SPLITS)}")
+
+    def annotated(subset: str) -> list[VQAQuestion]:
+        questions = read_questions(root / QUESTION_FILES[subset])
+        return sorted(attach_annotations(questions, root / ANNOTATION_FILES[subset]), key=lambda q: q.question_id)
+
+    if split == "test":
+        return sorted(read_questions(root / QUESTION_FILES["test2015"]), key=lambda q: q.question_id)
+    if split == "test-dev":
+        return sorted(read_questions(root / QUESTION_FILES["test-dev2015"]), key=lambda q: q.question_id)
+    if split == "train":
+        return annotated("train2014")
+    val = annotated("val2014")
+    if split == "val":
+        return val
+    minval = val[-minval_size:] if minval_size > 0 else []
+    if split == "minval":
+        return minval
+    held_out = {q.question_id for q in minval}
+    return annotated("train2014") + [q for q in val if q.question_id not in held_out]  # trainval
+
+
+@dataclass
+class VQADataConfig(FinetuneDataConfig):
+    max_text_length: int = 23
+    train_split: str = "trainval"
+    val_split: str = "minval"
+    min_answer_count: int = 9
+    minval_size: int = 3000
+
+
+@dataclass
+class VQAConfig:
+    """A VQA fine-tuning run (tasks/configs/vqa.yaml)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: VQADataConfig = field(default_factory=VQADataConfig)
+
+
+class VQADataset(Dataset):
+    """One item per question: tokenised question, the image's regions, soft-score target."""
+
+    def __init__(self, questions, store, tokenizer, label_of, max_text_length, max_regions, source):
+        from tasks.regions import visual_input
+
+        self._visual_input = visual_input
+        resolve = image_key_resolver(store.ids)
+        kept = keep_known_images(questions, lambda q: q.image_id, resolve, source, "questions")
+        self.questions = [q for q, _ in kept]
+        self.image_keys = [sid for _, sid in kept]
+        self.text = tokenizer.encode([q.question for q in self.questions], max_text_length)
+        self.targets = [soft_target(q.answers, label_of) for q in self.questions]
+        self.store, self.num_labels, self.max_regions = store, len(label_of), max_regions
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __getitem__(self, index: int) -> dict:
+        target = torch.zeros(self.num_labels)
+        for label, score in self.targets[index].items():
+            target[label] = score
+        return {
+            "question_id": self.questions[index].question_id,
+            "input_ids": torch.from_numpy(self.text.input_ids[index]),
+            "attention_mask": torch.from_numpy(self.text.attention_mask[index]),
+            "token_type_ids": torch.from_numpy(self.text.token_type_ids[index]),
+            "visual": self._visual_input(self.store.read(self.image_keys[index]), self.max_regions),
+            "target": target,
+        }
+
+
+def collate_vqa(samples: list[dict]) -> dict:
+    from tasks.regions import collate_visual
+
+    batch = {key: torch.stack([s[key] for s in samples]) for key in
+             ("input_ids", "attention_mask", "token_type_ids", "target")}
+    batch["question_id"] = torch.tensor([s["question_id"] for s in samples])
+    batch.update(collate_visual([s["visual"] for s in samples]))
+    return batch
+
+
+def vqa_loss(answer_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits (mean over batch × answers) × number of answers: a per-question sum, as the reference."""
+    return F.binary_cross_entropy_with_logits(answer_logits.float(), target) * target.shape[1]
+
+
+class VQATask(Task):
+    """VQA v2 fine-tuning and evaluation (main metric: the official accuracy on the validation split)."""
+
+    name = "vqa"
+    main_metric = "accuracy"
+    config_class = VQAConfig
+
+    def __init__(self, config):
+        self.config = config
+        self.data: VQADataConfig = config.data
+        self._tokenizer = None
+        self._store = None
+        self._questions: dict[str, list[VQAQuestion]] = {}
+        self.answers: list[str] | None = None
+
+    # ------------------------------------------------------------------ data
+
+    def questions(self, split: str) -> list[VQAQuestion]:
+        if split not in self._questions:
+            self._questions[split] = read_split(self.data.root, split, self.data.minval_size)
+        return self._questions[split]
+
+    def vocabulary(self) -> list[str]:
+        """The answer list: from the initial checkpoint when it has one, else built from train+val."""
+        if self.answers is None:
+            init = getattr(self.config.model, "init", None)
+            saved = Path(init) / VOCABULARY_FILE if init else None
+            if saved is not None and saved.is_file():
+                self.answers = list(load_json(saved))
+            else:
+                self.answers = build_vocabulary(self.questions("train") + self.questions("val"),
+                                                self.data.min_answer_count)
+                logger.info("answer vocabulary: %d answers given by >= %d questions",
+                            len(self.answers), self.data.min_answer_count)
+        return self.answers
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from tasks.tokenization import load_tokenizer
+
+            self._tokenizer = load_tokenizer(tokenizer_directory(self.data, self.config.model))
+        return self._tokenizer
+
+    def store(self):
+        if self._store is None:
+            from features.store import FeatureStore
+
+            if not self.data.features:
+                raise ConfigError("data.features: name the feature store file(s)")
+            self._store = FeatureStore(self.data.features)
+        return self._store
+
+    def dataset(self, split: str) -> Dataset:
+        label_of = {answer: i for i, answer in enumerate(self.vocabulary())}
+        return VQADataset(self.questions(split), self.store(), self.tokenizer(), label_of,
+                          self.data.max_text_length, self.data.max_regions, f"{self.data.root} ({split})")
+
+    def collate(self, samples: list) -> dict:
+        return collate_vqa(samples)
+
+    # ------------------------------------------------------------------ model
+
+    def build_model(self) -> nn.Module:
+        return build_task_model(self.config.model, num_labels=len(self.vocabulary()))
+
+    def save_extra(self, directory: str | Path) -> None:
+        """Write the answer list beside a checkpoint, so evaluation and prediction read labels back."""
+        write_json_atomic(Path(directory) / VOCABULARY_FILE, self.vocabulary())
+
+    def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
+        ids = task_ids_for(model, "vqa", batch["input_ids"].shape[0], batch["input_ids"].device)
+        out = model(**model_inputs(batch), task_ids=ids, heads=["answer_logits"])
+        loss = vqa_loss(out.answer_logits, batch["target"])
+        best = out.answer_logits.argmax(dim=1, keepdim=True)
+        score = batch["target"].gather(1, best).mean()  # the reference's in-training soft accuracy
+        return StepOutput(loss=loss, metrics={"soft_accuracy": score.detach()})
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, split: str, progress: Callable | None = None) -> list[dict]:
+        """[{"question_id", "answer", "score"}] for every question of the split whose image has features."""
+        dataset = self.dataset(split)
+        loader = DataLoader(dataset, batch_size=self.data.eval_batch_size, collate_fn=self.collate)
+        answers = self.vocabulary()
+        was_training = model.training
+        model.eval()
+        device = model_device(model)
+        predictions = []
+        for batch in progress(loader) if progress else loader:
+            batch = to_device(batch, device)
+            ids = task_ids_for(model, "vqa", batch["input_ids"].shape[0], device)
+            logits = model(**model_inputs(batch), task_ids=ids, heads=["answer_logits"]).answer_logits
+            probs, labels = torch.sigmoid(logits.float()).max(dim=1)
+            for qid, label, prob in zip(batch["question_id"].tolist(), labels.tolist(), probs.tolist(), strict=True):
+                predictions.append({"question_id": qid, "answer": answers[label], "score": prob})
+        model.train(was_training)
+        return predictions
+
+    def evaluate(self, model: nn.Module, split: str, progress: Callable | None = None) -> dict[str, float]:
+        predictions = self.predict(model, split, progress)
+        questions = self.questions(split)
+        if not questions or not questions[0].answers:
+            return {"num_questions": float(len(predictions))}
+        annotations = [{"question_id": q.question_id, "answers": [{"answer": a} for a in q.answers],
+                        "answer_type": q.answer_type, "question_type": q.question_type} for q in questions]
+        result = vqa_score(predictions, annotations)
+        metrics = {"accuracy": result["overall"], "num_questions": float(result["num_questions"])}
+        metrics.update({f"accuracy/{name}": value for name, value in result["per_answer_type"].items()})
+        return metrics
+
+
+def submission(predictions: list[dict], questions: list[VQAQuestion], fallback: str) -> list[dict]:
+    """The evaluation server's result list [{"question_id", "answer"}] covering every question of the split.
+
+    Questions the model could not answer (their image has no features) get `fallback` (the most frequent
+    answer) with a warning, because the server rejects files that miss questions.
+    """
+    answered = {p["question_id"]: p["answer"] for p in predictions}
+    missing = [q.question_id for q in questions if q.question_id not in answered]
+    if missing:
+        logger.warning("%d question(s) had no features; answered %r", len(missing), fallback)
+    return [{"question_id": q.question_id, "answer": answered.get(q.question_id, fallback)} for q in questions]

@@ -1,0 +1,151 @@
+"""Box-selection rules on hand-made score matrices, and against a per-class loop reference."""
+
+import pytest
+import torch
+from torchvision.ops import nms
+
+from features.selection import (
+    BUTD_RULE,
+    VMB_RULE,
+    SelectionRule,
+    fixed_k_rule,
+    max_confidence,
+    rule_from_name,
+    select_regions,
+)
+
+
+def _apart(n):
+    """n disjoint boxes, so NMS suppresses nothing."""
+    return torch.tensor([[20.0 * i, 0, 20.0 * i + 10, 10] for i in range(n)])
+
+
+def _scores(fg):
+    """Rows of foreground scores → [P, K+1] with the background column first."""
+    fg = torch.tensor(fg, dtype=torch.float32)
+    return torch.cat([(1 - fg.sum(1, keepdim=True)).clamp(min=0), fg], dim=1)
+
+
+def _reference_max_conf(boxes, scores, t):
+    """Caffe's generate_tsv loop: NMS per foreground class on the proposals."""
+    max_conf = torch.zeros(len(boxes))
+    for c in range(1, scores.shape[1]):
+        keep = nms(boxes, scores[:, c], t)
+        max_conf[keep] = torch.maximum(max_conf[keep], scores[keep, c])
+    return max_conf
+
+
+def _select(boxes, scores, rule):
+    (keep, conf), = select_regions([boxes], [scores], rule)
+    return keep.tolist(), conf
+
+
+def test_background_column_never_counts():
+    scores = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.3, 0.6]])
+    conf = max_confidence([_apart(2)], [scores], 0.3)[0]
+    assert conf.tolist() == pytest.approx([0.05, 0.6])
+
+
+def test_box_suppressed_for_one_class_survives_for_another():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0.0, 0, 10, 11]])  # IoU 0.91
+    scores = _scores([[0.6, 0.1], [0.5, 0.3]])
+    conf = max_confidence([boxes], [scores], 0.3)[0]
+    # class 1: box 1 (0.5) suppressed by box 0 (0.6); class 2: box 1 (0.3) suppresses box 0 (0.1)
+    assert conf.tolist() == pytest.approx([0.6, 0.3])
+
+
+def test_box_suppressed_for_every_class_gets_zero():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0.0, 0, 10, 11]])
+    conf = max_confidence([boxes], [_scores([[0.6, 0.3], [0.5, 0.2]])], 0.3)[0]
+    assert conf.tolist() == pytest.approx([0.6, 0.0])
+
+
+def test_in_range_keeps_passing_boxes_in_proposal_order():
+    rule = SelectionRule(min_boxes=1, max_boxes=5)
+    keep, _ = _select(_apart(4), _scores([[0.25], [0.1], [0.9], [0.2]]), rule)
+    assert keep == [0, 2, 3]  # threshold 0.2 is inclusive
+
+
+def test_fewer_than_min_takes_top_min_by_score():
+    rule = SelectionRule(min_boxes=3, max_boxes=5)
+    keep, _ = _select(_apart(5), _scores([[0.05], [0.3], [0.1], [0.01], [0.15]]), rule)
+    assert keep == [1, 4, 2]
+
+
+def test_more_than_max_takes_top_max_by_score():
+    rule = SelectionRule(min_boxes=1, max_boxes=2)
+    keep, _ = _select(_apart(4), _scores([[0.5], [0.7], [0.6], [0.9]]), rule)
+    assert keep == [3, 1]
+
+
+def test_ties_at_the_cut_prefer_the_earlier_proposal():
+    rule = fixed_k_rule(2)
+    keep, _ = _select(_apart(4), _scores([[0.3], [0.5], [0.3], [0.3]]), rule)
+    assert keep == [1, 0]
+
+
+def test_fixed_k_with_fewer_proposals_returns_them_all():
+    keep, _ = _select(_apart(3), _scores([[0.3], [0.5], [0.1]]), fixed_k_rule(36))
+    assert sorted(keep) == [0, 1, 2]
+
+
+def test_no_proposals_gives_no_regions():
+    keep, conf = _select(torch.zeros(0, 4), torch.zeros(0, 3), BUTD_RULE)
+    assert keep == [] and conf.numel() == 0
+
+
+def test_vmb_rule_sorts_by_score_and_keeps_100():
+    torch.manual_seed(1)
+    boxes = _apart(150)
+    scores = torch.softmax(torch.randn(150, 5), dim=1)
+    keep, conf = _select(boxes, scores, VMB_RULE)
+    assert len(keep) == 100
+    assert torch.all(conf[keep][:-1] >= conf[keep][1:])
+
+
+@pytest.mark.parametrize("rule", [BUTD_RULE, fixed_k_rule(36), VMB_RULE, SelectionRule(conf_threshold=0.0005)])
+def test_matches_per_class_nms_loop_on_random_detections(rule):
+    torch.manual_seed(0)
+    xy = torch.rand(120, 2) * 100
+    boxes = torch.cat([xy, xy + 10 + torch.rand(120, 2) * 40], dim=1)
+    scores = torch.softmax(torch.randn(120, 31) * 3, dim=1)  # many small scores below the pair floor
+    keep, conf = _select(boxes, scores, rule)
+    ref = _reference_max_conf(boxes, scores, rule.nms_threshold)
+    order = torch.sort(ref, descending=True, stable=True).indices
+    passing = (ref >= rule.conf_threshold).nonzero().flatten()
+    if len(passing) < rule.min_boxes:
+        expected = order[: rule.min_boxes]
+    elif len(passing) > rule.max_boxes:
+        expected = order[: rule.max_boxes]
+    else:
+        expected = order[: len(passing)] if rule.sort_by_score else passing
+    assert keep == expected.tolist()
+    assert torch.allclose(conf[keep], ref[keep])
+
+
+def test_tiny_scores_fall_back_to_every_positive_pair():
+    boxes = _apart(4)
+    scores = _scores([[1e-5, 2e-5], [3e-5, 1e-6], [5e-6, 4e-6], [2e-6, 0.0]])
+    keep, conf = _select(boxes, scores, fixed_k_rule(3))
+    assert keep == [1, 0, 2]
+    assert conf[keep].tolist() == pytest.approx([3e-5, 2e-5, 5e-6])
+
+
+def test_several_images_select_independently():
+    torch.manual_seed(2)
+    boxes = [_apart(30), _apart(5)]
+    scores = [torch.softmax(torch.randn(30, 4) * 2, 1), torch.softmax(torch.randn(5, 4) * 2, 1)]
+    together = select_regions(boxes, scores, BUTD_RULE)
+    for b, s, (keep, conf) in zip(boxes, scores, together, strict=True):
+        (alone_keep, alone_conf), = select_regions([b], [s], BUTD_RULE)
+        assert keep.tolist() == alone_keep.tolist()
+        assert torch.equal(conf, alone_conf)
+
+
+def test_rule_names_and_overrides():
+    assert rule_from_name("fixed-36").min_boxes == rule_from_name("fixed-36").max_boxes == 36
+    assert rule_from_name("butd", max_boxes=50).max_boxes == 50
+    with pytest.raises(ValueError, match="unknown selection rule"):
+        rule_from_name("maxnms")
+    with pytest.raises(ValueError, match="min_boxes <= max_boxes"):
+        SelectionRule(min_boxes=5, max_boxes=2)
