@@ -450,6 +450,17 @@ def _write_retrieval(path: Path, scenes: list[Scene], scene_captions: dict[int, 
     _write_json(path, {"images": images, "dataset": "shapes"})
 
 
+# Where each split's VQA files go, under the official names the VQA reader knows: train and val as COCO's
+# train2014/val2014, test's questions alone as test2015 (answers hidden, as on the server), and test and
+# compositional with answers in folders of their own, as val2014, so the reader's `val` split evaluates them.
+VQA_FILES = {
+    "train": [("", "train2014")],
+    "val": [("", "val2014")],
+    "test": [("", "test2015"), ("test", "val2014")],
+    "compositional": [("compositional", "val2014")],
+}
+
+
 def _write_vqa(folder: Path, scenes: list[Scene], texts: dict[int, np.random.Generator]) -> None:
     """VQA v2 question and annotation JSON per split; question_id = image_id * 100 + index."""
     for split in SPLITS:
@@ -467,11 +478,13 @@ def _write_vqa(folder: Path, scenes: list[Scene], texts: dict[int, np.random.Gen
                     "answers": [{"answer": a, "answer_confidence": "yes" if a == q.answer else "maybe",
                                  "answer_id": k + 1} for k, a in enumerate(answers)],
                 })
-        common = {"info": {"description": "shapes world (synthetic)", "version": "1.0"},
-                  "license": {"name": "MIT"}, "data_type": "shapes", "data_subtype": split}
-        _write_json(folder / f"v2_OpenEnded_mscoco_{split}_questions.json",
-                    {**common, "task_type": "Open-Ended", "questions": qs})
-        _write_json(folder / f"v2_mscoco_{split}_annotations.json", {**common, "annotations": anns})
+        for subfolder, subtype in VQA_FILES[split]:
+            common = {"info": {"description": f"shapes world (synthetic), {split} split", "version": "1.0"},
+                      "license": {"name": "MIT"}, "data_type": "shapes", "data_subtype": subtype}
+            _write_json(folder / subfolder / f"v2_OpenEnded_mscoco_{subtype}_questions.json",
+                        {**common, "task_type": "Open-Ended", "questions": qs})
+            if subtype != "test2015":
+                _write_json(folder / subfolder / f"v2_mscoco_{subtype}_annotations.json", {**common, "annotations": anns})
 
 
 def _write_refer(folder: Path, scenes: list[Scene], texts: dict[int, np.random.Generator]) -> None:

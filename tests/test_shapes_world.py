@@ -28,6 +28,14 @@ def scenes(world) -> dict[int, dict]:
     return {image["image_id"]: image for image in json.loads((world / "scenes.json").read_text())["images"]}
 
 
+def vqa_file(world: Path, split: str, kind: str) -> Path:
+    """Where the generator puts a split's VQA file (under the official names; see VQA_FILES)."""
+    folder, subtype = {"train": ("", "train2014"), "val": ("", "val2014"), "test": ("test", "val2014"),
+                       "compositional": ("compositional", "val2014")}[split]
+    name = f"v2_OpenEnded_mscoco_{subtype}_questions.json" if kind == "questions" else f"v2_mscoco_{subtype}_annotations.json"
+    return world / "vqa" / folder / name
+
+
 def folder_digest(folder: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -119,9 +127,9 @@ def test_every_referring_expression_picks_exactly_its_shape(world, scenes):
 
 def test_vqa_answers_agree_with_the_scene(world, scenes):
     for split in SPLITS:
-        questions = json.loads((world / "vqa" / f"v2_OpenEnded_mscoco_{split}_questions.json").read_text())
-        annotations = json.loads((world / "vqa" / f"v2_mscoco_{split}_annotations.json").read_text())
-        assert questions["data_subtype"] == split and questions["task_type"] == "Open-Ended"
+        questions = json.loads(vqa_file(world, split, "questions").read_text())
+        annotations = json.loads(vqa_file(world, split, "annotations").read_text())
+        assert questions["task_type"] == "Open-Ended"
         by_id = {a["question_id"]: a for a in annotations["annotations"]}
         assert len(by_id) == len(questions["questions"]) > 0
         for q in questions["questions"]:
@@ -145,7 +153,7 @@ def test_compositional_pairs_appear_only_in_the_compositional_split(world, scene
             assert not pairs & set(held_out)
     for split in ("train", "val", "test"):
         texts = (world / "captions" / f"captions_{split}.jsonl").read_text()
-        texts += (world / "vqa" / f"v2_OpenEnded_mscoco_{split}_questions.json").read_text()
+        texts += vqa_file(world, split, "questions").read_text()
         texts += " ".join(s["raw"] for r in pickle.loads((world / "refshapes" / "refs(unc).p").read_bytes())
                           if r["split"] == split for s in r["sentences"])
         # "red triangle", "large red triangle": the two words next to each other in any text
@@ -230,3 +238,18 @@ def test_class_targets_refuse_a_store_with_other_boxes(world, tmp_path, capsys):
     assert main(["shapes-world", "--out", str(world), "--add-cls-prob", str(store_path)]) == 2
     assert "are not the ground-truth boxes" in capsys.readouterr().err
     assert store_path.read_bytes() == before
+
+
+def test_vqa_files_load_through_the_vqa_reader(world, scenes):
+    from tasks.vqa import build_vocabulary, read_split
+
+    train = read_split(world / "vqa", "train")
+    trainval = read_split(world / "vqa", "trainval", minval_size=0)
+    assert {scenes[q.image_id]["split"] for q in train} == {"train"}
+    assert {scenes[q.image_id]["split"] for q in trainval} == {"train", "val"}
+    assert len(read_split(world / "vqa", "test")) == len(read_split(world / "vqa" / "test", "val"))
+    compositional = read_split(world / "vqa" / "compositional", "val")
+    assert compositional and {scenes[q.image_id]["split"] for q in compositional} == {"compositional"}
+    vocabulary = build_vocabulary(trainval, min_count=1)
+    assert {"yes", "no", "red", "circle", "2"} <= set(vocabulary) and len(vocabulary) <= 32
+    assert all(len(q.answers) == 10 for q in train)
