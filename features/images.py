@@ -82,10 +82,10 @@ def _decode(path: str, image: Image.Image, max_side: int | None, max_pixels: int
         target = (max(1, round(original_hw[1] * scale)), max(1, round(original_hw[0] * scale)))
         if image.size != target:
             image = image.resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0)
-    pixels = np.asarray(image, dtype=np.uint8)
+    pixels = np.array(image, dtype=np.uint8)  # a writable copy
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ImageError(f"{path}: decoded to an unexpected shape {pixels.shape}")
-    return LoadedImage(np.ascontiguousarray(pixels), original_hw)
+    return LoadedImage(pixels, original_hw)
 
 
 def _oriented(image: Image.Image) -> Image.Image:

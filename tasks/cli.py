@@ -17,6 +17,8 @@ from vilbert.errors import ViLBertError
 
 # subcommand name -> module under tasks.commands
 COMMANDS: dict[str, str] = {
+    "extract": "extract",
+    "features": "features",
     "shapes-world": "shapes_world",
 }
 
