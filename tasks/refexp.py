@@ -1,0 +1,276 @@
+"""Referring expressions (RefCOCO, RefCOCO+, RefCOCOg): the refer toolkit's files, IoU targets, and the task.
+
+Files (in `data.root`): `refs(unc).p` (`refs(umd).p` for RefCOCOg), a pickled list of refs {ref_id, ann_id,
+image_id, split, sentences [{sent}]}, read with the restricted unpickler; and `instances.json` (COCO format,
+bbox [x, y, w, h]). Splits come from each ref's `split`: train / val / testA / testB (unc) or train / val / test
+(umd). One sample per sentence.
+
+Regions: the detected-box store (`data.features`) for every split; for training the ground-truth-box store
+(`data.gt_features`) is joined after it (FeatureStore join: detected boxes first), truncated to
+`max_regions - 1` boxes after the IMG token. The IMG token's box is the whole image.
+Targets: the IoU of every region's box with the referred box; in training values below 0.5 are set to 0 (the
+positives keep their IoU as a soft target, as the reference). Loss: BCE-with-logits (mean) × R on
+`region_logits`, padded regions excluded from the target (their logit is −10000 and target 0).
+Metric: percent of expressions whose top-scoring region has IoU ≥ 0.5 with the referred box (see
+`tasks.metrics.refexp_accuracy` for how this compares with the reference's > 0.5 on "+1" pixel boxes).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from tasks.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.errors import AnnotationError, ConfigError
+from tasks.finetuning import (
+    FinetuneDataConfig,
+    build_task_model,
+    image_key_resolver,
+    keep_known_images,
+    load_json,
+    model_device,
+    model_inputs,
+    require,
+    task_ids_for,
+    to_device,
+    tokenizer_directory,
+)
+from tasks.metrics import box_iou, refexp_accuracy, xywh_to_xyxy
+from tasks.task import StepOutput, Task
+
+logger = logging.getLogger(__name__)
+
+POSITIVE_IOU = 0.5
+
+
+@dataclass
+class Expression:
+    ref_id: int
+    sent_id: int
+    image_id: int
+    text: str
+    box: tuple[float, float, float, float]  # referred object, x1 y1 x2 y2 pixels
+
+
+def read_refs(refs_path: str | Path, instances_path: str | Path, split: str) -> list[Expression]:
+    """Every sentence of the refs in `split`, each with its referred box from instances.json."""
+    from features.safe_pickle import safe_load
+
+    refs = safe_load(refs_path)
+    if not isinstance(refs, list):
+        raise AnnotationError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
+    instances = load_json(instances_path)
+    require(instances, ["annotations"], str(instances_path), "the file")
+    boxes = {}
+    for i, ann in enumerate(instances["annotations"]):
+        require(ann, ["id", "bbox"], str(instances_path), f"annotations[{i}]")
+        boxes[int(ann["id"])] = tuple(xywh_to_xyxy(torch.tensor(ann["bbox"], dtype=torch.float32)).tolist())
+    splits = set()
+    expressions = []
+    for i, ref in enumerate(refs):
+        require(ref, ["ref_id", "ann_id", "image_id", "split", "sentences"], str(refs_path), f"refs[{i}]")
+        splits.add(ref["split"])
+        if ref["split"] != split:
+            continue
+        if int(ref["ann_id"]) not in boxes:
+            raise AnnotationError(f"{refs_path}: ref {ref['ref_id']} names ann_id {ref['ann_id']}, "
+                                  f"which {instances_path} does not have")
+        for j, sentence in enumerate(ref["sentences"]):
+            require(sentence, ["sent"], str(refs_path), f"refs[{i}].sentences[{j}]")
+            expressions.append(Expression(int(ref["ref_id"]), int(sentence.get("sent_id", j)), ref["image_id"],
+                                          str(sentence["sent"]), boxes[int(ref["ann_id"])]))
+    if not expressions:
+        raise ConfigError(f"{refs_path}: no expressions in split {split!r}; the file has {sorted(splits)}")
+    return expressions
+
+
+def region_boxes(boxes: np.ndarray, image_hw: tuple[int, int]) -> torch.Tensor:
+    """Pixel boxes of the visual input's rows: the whole image for the IMG token, then the kept boxes."""
+    height, width = image_hw
+    whole = torch.tensor([[0.0, 0.0, float(width), float(height)]])
+    return torch.cat([whole, torch.as_tensor(np.asarray(boxes), dtype=torch.float32).reshape(-1, 4)])
+
+
+def iou_targets(boxes: torch.Tensor, referred: torch.Tensor, training: bool) -> torch.Tensor:
+    """IoU of each region box [R, 4] with the referred box [4]; in training IoU < 0.5 becomes 0."""
+    iou = box_iou(boxes, referred[None]).squeeze(1)  # [R]
+    return torch.where(iou >= POSITIVE_IOU, iou, torch.zeros_like(iou)) if training else iou
+
+
+@dataclass
+class RefExpDataConfig(FinetuneDataConfig):
+    gt_features: list[str] = field(default_factory=list)  # ground-truth-box store(s), training only
+    refs_file: str = "refs(unc).p"
+    instances_file: str = "instances.json"
+    eval_splits: list[str] = field(default_factory=lambda: ["val", "testA", "testB"])
+
+
+@dataclass
+class RefExpConfig:
+    """A referring-expression fine-tuning run (tasks/configs/refcoco*.yaml)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: RefExpDataConfig = field(default_factory=RefExpDataConfig)
+
+
+class RefExpDataset(Dataset):
+    """One item per sentence: tokens, regions (IMG + boxes), each region's box and IoU target."""
+
+    def __init__(self, expressions, store, tokenizer, max_text_length, max_regions, training, source):
+        from tasks.regions import visual_input
+
+        self._visual_input = visual_input
+        kept = keep_known_images(expressions, lambda e: e.image_id, image_key_resolver(store.ids), source,
+                                 "expressions")
+        self.expressions = [e for e, _ in kept]
+        self.image_keys = [sid for _, sid in kept]
+        self.text = tokenizer.encode([e.text for e in self.expressions], max_text_length)
+        self.store, self.max_regions, self.training = store, max_regions, training
+
+    def __len__(self) -> int:
+        return len(self.expressions)
+
+    def __getitem__(self, index: int) -> dict:
+        expression = self.expressions[index]
+        regions = self.store.read(self.image_keys[index])
+        visual = self._visual_input(regions, self.max_regions)
+        boxes = region_boxes(regions.boxes[: visual.num_boxes], regions.image_hw)  # [R', 4]
+        return {
+            "index": index,
+            "input_ids": torch.from_numpy(self.text.input_ids[index]),
+            "attention_mask": torch.from_numpy(self.text.attention_mask[index]),
+            "token_type_ids": torch.from_numpy(self.text.token_type_ids[index]),
+            "visual": visual,
+            "boxes": boxes,
+            "referred": torch.tensor(expression.box),
+            "target": iou_targets(boxes, torch.tensor(expression.box), self.training),
+        }
+
+
+def collate_refexp(samples: list[dict]) -> dict:
+    from tasks.regions import collate_visual
+
+    batch = {key: torch.stack([s[key] for s in samples]) for key in
+             ("input_ids", "attention_mask", "token_type_ids", "referred")}
+    batch.update(collate_visual([s["visual"] for s in samples]))
+    regions = batch["region_mask"].shape[1]
+    batch["target"] = torch.zeros(len(samples), regions)
+    batch["boxes"] = torch.zeros(len(samples), regions, 4)
+    for i, s in enumerate(samples):
+        batch["target"][i, : len(s["target"])] = s["target"]
+        batch["boxes"][i, : len(s["boxes"])] = s["boxes"]
+    batch["index"] = torch.tensor([s["index"] for s in samples])
+    return batch
+
+
+def refexp_loss(region_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits (mean over batch × regions) × R, as the reference."""
+    return F.binary_cross_entropy_with_logits(region_logits.float(), target) * target.shape[1]
+
+
+class RefExpTask(Task):
+    """Referring-expression comprehension; subclasses fix the dataset name, task token and split files."""
+
+    name = "refexp"
+    main_metric = "accuracy"
+    config_class = RefExpConfig
+
+    def __init__(self, config):
+        self.config = config
+        self.data: RefExpDataConfig = config.data
+        self._tokenizer = None
+        self._stores: dict[bool, object] = {}
+
+    def expressions(self, split: str) -> list[Expression]:
+        root = Path(self.data.root)
+        return read_refs(root / self.data.refs_file, root / self.data.instances_file, split)
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from tasks.tokenization import load_tokenizer
+
+            self._tokenizer = load_tokenizer(tokenizer_directory(self.data, self.config.model))
+        return self._tokenizer
+
+    def store(self, training: bool):
+        """Detected boxes; for training, joined with the ground-truth boxes when a GT store is given."""
+        if training not in self._stores:
+            from features.store import FeatureStore
+
+            if not self.data.features:
+                raise ConfigError("data.features: name the detected-box feature store file(s)")
+            paths = list(self.data.features) + (list(self.data.gt_features) if training else [])
+            self._stores[training] = FeatureStore(paths)
+        return self._stores[training]
+
+    def dataset(self, split: str) -> Dataset:
+        training = split == self.data.train_split
+        return RefExpDataset(self.expressions(split), self.store(training), self.tokenizer(),
+                             self.data.max_text_length, self.data.max_regions, training,
+                             f"{Path(self.data.root) / self.data.refs_file} ({split})")
+
+    def collate(self, samples: list) -> dict:
+        return collate_refexp(samples)
+
+    def build_model(self) -> nn.Module:
+        return build_task_model(self.config.model)
+
+    def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
+        ids = task_ids_for(model, self.name, batch["input_ids"].shape[0], batch["input_ids"].device)
+        logits = model(**model_inputs(batch), task_ids=ids, heads=["region_logits"]).region_logits  # [B, R]
+        loss = refexp_loss(logits, batch["target"])
+        hit = batch["target"].gather(1, logits.argmax(dim=1, keepdim=True)) > 0  # the reference's train metric
+        return StepOutput(loss=loss, metrics={"accuracy": hit.float().mean().detach()})
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, split: str, progress: Callable | None = None) -> list[dict]:
+        """[{"ref_id", "sent_id", "image_id", "box" (x1 y1 x2 y2), "score", "iou"}] per expression."""
+        dataset = self.dataset(split)
+        loader = DataLoader(dataset, batch_size=self.data.eval_batch_size, collate_fn=self.collate)
+        was_training = model.training
+        model.eval()
+        device = model_device(model)
+        predictions = []
+        for batch in progress(loader) if progress else loader:
+            batch = to_device(batch, device)
+            ids = task_ids_for(model, self.name, batch["input_ids"].shape[0], device)
+            logits = model(**model_inputs(batch), task_ids=ids, heads=["region_logits"]).region_logits
+            best = logits.argmax(dim=1)  # [B]
+            chosen = batch["boxes"][torch.arange(len(best), device=device), best]  # [B, 4]
+            ious = batch["target"].gather(1, best[:, None]).squeeze(1)  # eval targets are raw IoU
+            for k, index in enumerate(batch["index"].tolist()):
+                e = dataset.expressions[index]
+                predictions.append({"ref_id": e.ref_id, "sent_id": e.sent_id, "image_id": e.image_id,
+                                    "box": chosen[k].tolist(), "score": torch.sigmoid(logits[k, best[k]]).item(),
+                                    "iou": ious[k].item()})
+        model.train(was_training)
+        return predictions
+
+    def evaluate(self, model: nn.Module, split: str, progress: Callable | None = None) -> dict[str, float]:
+        predictions = self.predict(model, split, progress)
+        referred = {(e.ref_id, e.sent_id): e.box for e in self.expressions(split)}
+        pred = torch.tensor([p["box"] for p in predictions])
+        gt = torch.tensor([referred[(p["ref_id"], p["sent_id"])] for p in predictions])
+        return {"accuracy": refexp_accuracy(pred, gt), "num_expressions": float(len(predictions))}
+
+
+class RefCOCOTask(RefExpTask):
+    name = "refcoco"
+
+
+class RefCOCOPlusTask(RefExpTask):
+    name = "refcoco+"
+
+
+class RefCOCOgTask(RefExpTask):
+    name = "refcocog"
