@@ -17,6 +17,7 @@ from vilbert.errors import ViLBertError
 
 # subcommand name -> module under tasks.commands
 COMMANDS: dict[str, str] = {
+    "convert": "convert",
     "extract": "extract",
     "features": "features",
     "shapes-world": "shapes_world",

@@ -454,7 +454,8 @@ class MaskedLanguageModelHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.transform(hidden)) + self.bias  # [..., V]
+        logits = self.decoder(self.transform(hidden))  # [..., V]
+        return logits + self.bias.to(logits.dtype)  # keeps bf16 logits bf16 under autocast
 
 
 class RegionClassHead(nn.Module):

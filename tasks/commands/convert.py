@@ -1,0 +1,51 @@
+"""Convert a released ViLBERT checkpoint (.bin) into this project's format (config.json + model.safetensors).
+
+The reference config JSON (--config, e.g. bert_base_6layer_6conect.json) gives widths and attachment points; without
+it the base model is assumed, with the task-token table and answer count read off the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+
+from vilbert.convert import SOURCES, config_from_reference_json, load_reference_checkpoint
+from vilbert.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="source", required=True, choices=SOURCES, help="repository the file comes from")
+    parser.add_argument("--input", required=True, help="reference checkpoint (.bin state dict)")
+    parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    parser.add_argument("--config", help="reference config JSON (default: the base 6-layer model)")
+    parser.add_argument("--num-labels", type=int, help="answer-head size where it differs from the checkpoint's")
+
+
+def run(args: argparse.Namespace) -> int:
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        raise CheckpointError(f"{args.out}: output directory exists and is not empty")
+    config = config_from_reference_json(args.config) if args.config else None
+    model = load_reference_checkpoint(args.input, args.source, config=config, num_labels=args.num_labels)
+
+    parent = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".convert-", dir=parent)
+    try:
+        model.save_pretrained(staging)
+        if os.path.isdir(args.out):
+            os.rmdir(args.out)  # empty, checked above
+        os.replace(staging, args.out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.input} ({args.source}) -> {args.out}")
+    print(f"  model: {type(model).__name__}, {parameters / 1e6:.2f} M parameters, "
+          f"{model.config.num_hidden_layers} text / {model.config.v_num_hidden_layers} visual / "
+          f"{len(model.config.v_biattention_id)} co-attention layers, task tokens: {model.config.task_specific_tokens}")
+    return 0

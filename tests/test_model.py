@@ -1,0 +1,285 @@
+"""The ViLBERT model on tiny configs: layer order, masks, heads, losses, task token, text prefix, save/load."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel
+
+from vilbert import VL_HEADS, ViLBertConfig, ViLBertForPreTraining, ViLBertForVLTasks, ViLBertModel
+from vilbert.errors import ConfigError
+
+
+def make_inputs(config, batch=2, length=6, regions=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(1, config.vocab_size, (batch, length), generator=g),
+        "attention_mask": torch.ones(batch, length, dtype=torch.long),
+        "token_type_ids": torch.zeros(batch, length, dtype=torch.long),
+        "region_features": torch.randn(batch, regions, config.v_feature_size, generator=g),
+        "region_locations": torch.rand(batch, regions, 5, generator=g),
+        "region_mask": torch.ones(batch, regions),
+    }
+
+
+@pytest.fixture
+def tiny():
+    return ViLBertConfig.from_preset("tiny")
+
+
+# ---------------------------------------------------------------------------------------------------- encoder order
+
+REFERENCE_ORDER = {  # reference/vilbert.md §2.3, traced from the reference classes
+    "2layer": [f"T{i}" for i in range(10)] + ["C0", "T10", "V0", "C1", "V1", "T11"],
+    "4layer": [f"T{i}" for i in range(8)] + ["C0", "T8", "V0", "C1", "T9", "V1", "C2", "T10", "V2", "C3", "V3", "T11"],
+    "6layer": [f"T{i}" for i in range(6)]
+    + "C0 T6 V0 C1 T7 V1 C2 T8 V2 C3 T9 V3 C4 T10 V4 C5 V5 T11".split(),
+    "8layer": [f"T{i}" for i in range(4)]
+    + "C0 T4 V0 C1 T5 V1 C2 T6 V2 C3 T7 V3 C4 T8 V4 C5 T9 V5 C6 T10 V6 C7 V7 T11".split(),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(REFERENCE_ORDER))
+def test_encoder_runs_layers_in_reference_order(preset):
+    narrow = dict(
+        vocab_size=50, hidden_size=8, num_attention_heads=2, intermediate_size=8, v_feature_size=4, v_hidden_size=8,
+        v_num_attention_heads=2, v_intermediate_size=8, bi_hidden_size=8, bi_num_attention_heads=2, v_target_size=3,
+        num_labels=3, gqa_num_labels=3,
+    )
+    config = ViLBertConfig.from_preset(preset, **narrow)
+    model = ViLBertModel(config).eval()
+    trace = []
+    encoder = model.encoder
+    for letter, layers in (("T", encoder.text_layers), ("V", encoder.visual_layers), ("C", encoder.coattention_layers)):
+        for i, layer in enumerate(layers):
+            layer.register_forward_hook(lambda *_, name=f"{letter}{i}": trace.append(name))
+    with torch.no_grad():
+        model(**make_inputs(config, length=4, regions=3))
+    assert trace == REFERENCE_ORDER[preset]
+
+
+# ---------------------------------------------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"v_biattention_id": [0, 1], "t_biattention_id": [2]}, "v_biattention_id / t_biattention_id"),
+        ({"t_biattention_id": [1, 4]}, "t_biattention_id"),  # 3 text layers
+        ({"v_biattention_id": [1, 1]}, "v_biattention_id"),
+        ({"hidden_size": 30}, "hidden_size"),
+        ({"bi_num_attention_heads": 5}, "bi_hidden_size"),
+        ({"fusion_method": "concat"}, "fusion_method"),
+        ({"fixed_t_layer": 2}, "fixed_t_layer"),
+    ],
+)
+def test_invalid_config_fails_naming_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field):
+        ViLBertConfig.from_preset("tiny", **overrides)
+
+
+def test_presets_have_the_reference_shapes():
+    base = ViLBertConfig.from_preset("base")
+    assert (base.hidden_size, base.v_hidden_size, base.v_intermediate_size, base.bi_hidden_size) == (768, 1024, 1024, 1024)
+    assert base.t_biattention_id == [6, 7, 8, 9, 10, 11] and base.num_labels == 3129 and base.v_target_size == 1601
+    embedded = ViLBertConfig.from_preset("embedded")
+    assert (embedded.hidden_size, embedded.num_hidden_layers, embedded.num_attention_heads) == (384, 6, 12)
+    assert (embedded.v_feature_size, embedded.v_target_size) == (96, 19)
+    with pytest.raises(ConfigError, match="preset"):
+        ViLBertConfig.from_preset("huge")
+
+
+def test_init_follows_the_reference(tiny):
+    model = ViLBertForVLTasks(tiny)
+    words = model.vilbert.embeddings.word_embeddings.weight
+    assert abs(words.std().item() - 0.02) < 0.003 and words[0].abs().sum() > 0  # padding row drawn too
+    layer = model.vilbert.encoder.text_layers[0]
+    assert torch.all(layer.attention.query.bias == 0) and torch.all(layer.attention_output.layer_norm.weight == 1)
+    assert torch.all(model.mlm_head.bias == 0)
+
+
+# ---------------------------------------------------------------------------------------------------- masks
+
+
+def test_padding_does_not_change_real_outputs(tiny):
+    model = ViLBertForVLTasks(tiny).eval()
+    real = make_inputs(tiny, batch=2, length=5, regions=4)
+    real["attention_mask"][1, 3:] = 0  # row 1 already has padding
+    padded = make_inputs(tiny, batch=2, length=9, regions=7, seed=1)
+    padded["input_ids"][:, :5] = real["input_ids"]
+    padded["attention_mask"][:, :5] = real["attention_mask"]
+    padded["attention_mask"][:, 5:] = 0
+    padded["region_features"][:, :4] = real["region_features"]
+    padded["region_locations"][:, :4] = real["region_locations"]
+    padded["region_mask"][:, 4:] = 0
+    with torch.no_grad():
+        a, b = model(**real), model(**padded)
+    for name in ("pooled_text", "pooled_vision", "answer_logits", "gqa_answer_logits", "pair_logit", "tri_logits",
+                 "binary_logits"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.text_hidden[:, :5], a.text_hidden, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.vision_hidden[:, :4], a.vision_hidden, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.region_logits[:, :4], a.region_logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.token_logits[:, :5], a.token_logits, atol=1e-6, rtol=0)
+    assert torch.all(b.region_logits[:, 4:] < -9000)
+
+
+# ---------------------------------------------------------------------------------------------------- heads
+
+
+def test_task_heads_have_the_documented_shapes(tiny):
+    model = ViLBertForVLTasks(tiny).eval()
+    with torch.no_grad():
+        out = model(**make_inputs(tiny, batch=4, length=6, regions=5))
+    assert out.answer_logits.shape == (4, 10) and out.gqa_answer_logits.shape == (4, 11)
+    assert out.pair_logit.shape == (4,) and out.tri_logits.shape == (4, 3) and out.binary_logits.shape == (2, 2)
+    assert out.region_logits.shape == (4, 5) and out.token_logits.shape == (4, 6)
+    assert out.region_class_logits.shape == (4, 5, 7)
+    # binary pairs consecutive rows: [fused(0) | fused(1)]
+    fused = out.pooled_text * out.pooled_vision
+    torch.testing.assert_close(out.binary_logits[1], model.binary_head(torch.cat([fused[2], fused[3]])))
+
+
+def test_heads_argument_computes_only_the_named_heads(tiny):
+    model = ViLBertForVLTasks(tiny).eval()
+    with torch.no_grad():
+        out = model(**make_inputs(tiny, batch=3), heads=["region_logits", "binary_logits"])
+    assert out.region_logits is not None and out.answer_logits is None and out.region_class_logits is None
+    assert out.binary_logits is None  # odd batch: no pairs
+    assert all(getattr(out, name) is None for name in VL_HEADS if name != "region_logits")
+    with pytest.raises(ValueError, match="vqa"):
+        model(**make_inputs(tiny), heads=["vqa"])
+
+
+def test_fusion_sum_adds_the_pooled_vectors(tiny):
+    model = ViLBertForVLTasks(ViLBertConfig.from_preset("tiny", fusion_method="sum")).eval()
+    with torch.no_grad():
+        out = model(**make_inputs(tiny))
+        torch.testing.assert_close(out.pair_logit, model.pair_head(out.pooled_text + out.pooled_vision).squeeze(-1))
+
+
+# ---------------------------------------------------------------------------------------------------- pretraining
+
+
+def pretraining_labels(config, batch=3, length=6, regions=5):
+    mlm = torch.full((batch, length), -100)
+    mlm[0, 2], mlm[1, 1], mlm[2, 4] = 5, 7, 9
+    region_labels = torch.full((batch, regions), -100)
+    region_labels[:, 1:] = 0
+    region_labels[0, 3] = region_labels[2, 1] = 1
+    targets = torch.softmax(torch.randn(batch, regions, config.v_target_size), dim=-1)
+    return {"mlm_labels": mlm, "region_labels": region_labels, "region_targets": targets,
+            "alignment_labels": torch.tensor([0, 1, 0])}
+
+
+def test_pretraining_losses_match_their_definitions(tiny):
+    model = ViLBertForPreTraining(tiny).eval()
+    inputs, labels = make_inputs(tiny, batch=3), pretraining_labels(tiny)
+    with torch.no_grad():
+        full = model(**inputs)
+        out = model(**inputs, **labels)
+    selected = labels["mlm_labels"] != -100
+    torch.testing.assert_close(out.mlm_logits, full.mlm_logits[selected])
+    mlm = F.cross_entropy(full.mlm_logits.view(-1, tiny.vocab_size), labels["mlm_labels"].view(-1), ignore_index=-100)
+    torch.testing.assert_close(out.mlm_loss, mlm)
+    masked = labels["region_labels"] == 1
+    torch.testing.assert_close(out.region_logits, full.region_logits[masked])
+    kl = F.kl_div(F.log_softmax(full.region_logits, -1), labels["region_targets"], reduction="none").sum(-1)
+    torch.testing.assert_close(out.region_loss, kl[masked].sum() / masked.sum())
+    alignment = F.cross_entropy(full.alignment_logits, labels["alignment_labels"])
+    torch.testing.assert_close(out.alignment_loss, alignment)
+    torch.testing.assert_close(out.loss, mlm + out.region_loss + alignment)
+
+
+def test_region_loss_is_zero_without_masked_regions(tiny):
+    model = ViLBertForPreTraining(tiny)
+    labels = pretraining_labels(tiny)
+    labels["region_labels"][:] = 0
+    out = model(**make_inputs(tiny, batch=3), **labels)
+    assert out.region_loss.item() == 0.0 and math.isfinite(out.loss.item())
+    out.loss.backward()
+
+
+def test_bf16_autocast_forward_and_backward_run(tiny):
+    model = ViLBertForPreTraining(tiny).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**make_inputs(tiny, batch=3), **pretraining_labels(tiny))
+    assert out.mlm_logits.dtype == torch.bfloat16
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads) > 0 and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_fixed_text_layers_get_no_gradient():
+    config = ViLBertConfig.from_preset("tiny", fixed_t_layer=1)
+    model = ViLBertForVLTasks(config).train()
+    model(**make_inputs(config), heads=["answer_logits"]).answer_logits.sum().backward()
+    layers = model.vilbert.encoder.text_layers
+    assert all(p.grad is None for p in layers[0].parameters())
+    assert all(p.grad is not None for p in layers[1].parameters())
+
+
+# ---------------------------------------------------------------------------------------------------- task token
+
+
+def test_task_token_follows_cls_without_position_embedding():
+    config = ViLBertConfig.from_preset("tiny", task_specific_tokens=True)
+    model = ViLBertForVLTasks(config).eval()
+    inputs = make_inputs(config, batch=2, length=6)
+    task_ids = torch.tensor([[1], [10]])
+    with torch.no_grad():
+        out = model(**inputs, task_ids=task_ids)
+        assert out.text_hidden.shape[1] == 7 and out.token_logits.shape == (2, 7)
+        emb = model.vilbert.embeddings
+        embedded = emb(inputs["input_ids"], inputs["token_type_ids"], task_ids)
+        plain = emb.word_embeddings(inputs["input_ids"]) + emb.position_embeddings.weight[:6]
+        plain = plain + emb.token_type_embeddings(inputs["token_type_ids"])
+        torch.testing.assert_close(embedded[:, 0], emb.layer_norm(plain[:, 0]))
+        torch.testing.assert_close(embedded[:, 1], emb.layer_norm(emb.task_embeddings(task_ids[:, 0])))
+        torch.testing.assert_close(embedded[:, 2:], emb.layer_norm(plain[:, 1:]))
+        other = model(**inputs, task_ids=torch.tensor([[2], [10]]))
+    assert not torch.allclose(other.answer_logits[0], out.answer_logits[0])
+    torch.testing.assert_close(other.answer_logits[1], out.answer_logits[1])
+
+
+# ---------------------------------------------------------------------------------------------------- text prefix
+
+
+def test_batch1_text_prefix_matches_the_full_forward(tiny):
+    model = ViLBertForVLTasks(tiny).eval()
+    inputs = make_inputs(tiny, batch=4)
+    caption = {k: inputs[k][:1] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    repeated = {k: v.expand(4, -1) for k, v in caption.items()}
+    with torch.no_grad():
+        prefix = model.vilbert.encode_text_prefix(**caption)
+        fast = model(region_features=inputs["region_features"], region_locations=inputs["region_locations"],
+                     region_mask=inputs["region_mask"], text_prefix=prefix)
+        full = model(**{**inputs, **repeated})
+    torch.testing.assert_close(fast.pair_logit, full.pair_logit, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fast.text_hidden, full.text_hidden, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- save / load
+
+
+@pytest.mark.parametrize("cls", [ViLBertForPreTraining, ViLBertForVLTasks])
+def test_save_and_load_round_trip_is_bitwise_and_keeps_the_decoder_tied(cls, tiny, tmp_path):
+    model = cls(tiny).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "model.safetensors").is_file()
+    loaded = cls.from_pretrained(tmp_path).eval()
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert loaded.mlm_head.decoder.weight is loaded.vilbert.embeddings.word_embeddings.weight
+    inputs = make_inputs(tiny)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).pooled_text, loaded(**inputs).pooled_text)
+
+
+def test_auto_classes_load_the_base_model(tiny, tmp_path):
+    ViLBertForPreTraining(tiny).save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), ViLBertConfig)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), ViLBertModel)
+    task_model = ViLBertForVLTasks.from_pretrained(tmp_path)  # how fine-tuning starts from pretraining
+    assert task_model.answer_head.classifier.weight.shape == (10, 64)
