@@ -440,6 +440,9 @@ class BUTDDetector(RegionDetector):
                 stored = clip_boxes(stored, image_hw[i]) / scales[i]
             else:
                 stored = out["rois"][i][keep] / scales[i]
+            if boxes is None:  # resizing rounds the image size: clip to the original image once more
+                h, w = images[i].image_hw
+                stored = clip_boxes(stored, stored.new_tensor([h, w]))
             region = DetectedRegions(features=pooled[i][keep], boxes=stored, cls_prob=prob,
                                      objects_id=objects_id, objects_conf=fg_conf)
             if attr_probs[i] is not None:

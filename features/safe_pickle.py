@@ -18,6 +18,7 @@ from features.errors import WeightsError
 
 _PLAIN = {
     ("collections", "OrderedDict"),
+    ("_codecs", "encode"),  # how protocol-2 pickles spell bytes
     ("builtins", "set"),
     ("builtins", "frozenset"),
     ("builtins", "bytearray"),
