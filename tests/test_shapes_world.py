@@ -253,3 +253,14 @@ def test_vqa_files_load_through_the_vqa_reader(world, scenes):
     vocabulary = build_vocabulary(trainval, min_count=1)
     assert {"yes", "no", "red", "circle", "2"} <= set(vocabulary) and len(vocabulary) <= 32
     assert all(len(q.answers) == 10 for q in train)
+
+
+def test_refer_files_load_through_the_refexp_reader(world, scenes):
+    from tasks.refexp import read_refs
+
+    refs, instances = world / "refshapes" / "refs(unc).p", world / "refshapes" / "instances.json"
+    for split in SPLITS:
+        expressions = read_refs(refs, instances, split)
+        assert expressions and {scenes[e.image_id]["split"] for e in expressions} == {split}
+        for e in expressions:
+            assert list(e.box) in [pytest.approx(s["box"], abs=1e-3) for s in scenes[e.image_id]["shapes"]]
