@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "convert": "convert",
     "extract": "extract",
     "features": "features",
+    "pretrain": "pretrain",
     "shapes-world": "shapes_world",
 }
 

@@ -2,6 +2,19 @@
 
 The trainer knows nothing task-specific: it asks the task for datasets, a collate function, the model, the loss of
 a batch, and the evaluation metrics. Adding a task is one module implementing this class plus one registry line.
+
+How `tasks.trainer.Trainer` calls a task:
+- `build_model()` once, after seeding every rank identically; the trainer moves it to the device (and wraps it
+  in DDP / torch.compile).
+- `dataset("train")`, read by index in DataLoader workers. A dataset that needs per-sample randomness (masking,
+  negatives) defines `sample(index, epoch)`; the trainer then calls it instead of `dataset[index]`, and the
+  dataset seeds its generator from (seed, epoch, index) so runs are reproducible and resumable.
+- `collate(samples)` in the workers; the result (a mapping of tensors) is moved to the device by the trainer.
+- `training_step(model, batch)` under autocast, batch already on the device; returns the micro-batch's mean loss
+  and metric tensors that stay on the device (the trainer averages them and syncs only at log intervals).
+- `evaluate(model, split)` on rank 0 in eval mode under `torch.no_grad()` and autocast; returns floats.
+  An empty dict means "nothing to evaluate". `main_metric` picks the best checkpoint, in the direction
+  `higher_is_better`.
 """
 
 from __future__ import annotations
@@ -23,10 +36,11 @@ class StepOutput:
 
 
 class Task:
-    """Base class. `name` keys the task registry; `main_metric` picks the best checkpoint (higher is better)."""
+    """Base class. `name` keys the task registry; `main_metric` picks the best checkpoint."""
 
     name: str = ""
     main_metric: str = "loss"
+    higher_is_better: bool = False  # for main_metric; accuracy-like metrics set True
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError

@@ -1,0 +1,359 @@
+"""Pretraining on image-caption pairs: masked language modelling, masked region classification, alignment.
+
+Masking follows the reference (vilbert.md §5.2-5.4) and runs in DataLoader workers, seeded per sample from
+(seed, epoch, index), so a run is reproducible and a resumed run sees the same masks:
+- text: each caption token (not [CLS], [SEP] or padding) is selected with p = 0.15; a selected token becomes
+  [MASK] (80 %), a uniformly random id (10 %) or stays (10 %); its label is the original id, others -100;
+- regions: each real region (never the IMG token, never padding) is selected with p = 0.15; its feature is
+  zeroed (90 %) or kept (10 %); region_labels is 1 at selected regions, else -100; the target is the region's
+  detector class distribution (`cls_prob`). The IMG feature is the vilbert-multi-task pretraining mean
+  (`tasks.regions.masked_image_mean`: masked features included as zeros, denominator = regions clear of masking);
+- alignment: with p = 0.5 the caption is swapped for a caption of another image (label 1 = mismatched,
+  0 = aligned). The reference draws from all captions without a check; we redraw until the image differs so
+  that label 1 is never an aligned pair.
+Objectives (vilbert-multi-task `--objective`): 0 = all losses on all pairs; 1 = mismatched pairs carry no MLM or
+region labels; 2 = no negatives and the alignment loss weighted 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from tasks.captions import Caption, join_with_store, load_captions
+from tasks.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.errors import ConfigError, DataError
+from tasks.regions import build_visual_input, collate_visual, masked_image_mean
+from tasks.task import StepOutput, Task
+from tasks.tokenization import Tokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+TEXT_MASK_PROB = 0.15
+REGION_MASK_PROB = 0.15
+NEGATIVE_PROB = 0.5
+IGNORE = -100
+
+
+@dataclasses.dataclass
+class PretrainingDataConfig:
+    train_features: list[str] | str | None = None  # one store or several joined (features.store.FeatureStore)
+    train_captions: str | None = None
+    val_features: list[str] | str | None = None
+    val_captions: str | None = None
+    tokenizer: str | None = None  # local BERT directory; defaults to model.text_init
+    lowercase: bool = True
+    max_text_length: int = 36  # [CLS] + 34 word pieces + [SEP]
+    max_regions: int = 37  # IMG token + 36 boxes
+    objective: int = 1
+    strict: bool = False  # missing image ids are an error instead of a warning
+    eval_batch_size: int = 64
+    retrieval_images: int = 100  # images (with their captions) in the zero-shot retrieval evaluation
+    retrieval_chunk: int = 500  # images scored per forward against one cached caption
+
+    def validate(self) -> None:
+        if self.objective not in (0, 1, 2):
+            raise ConfigError(f"data.objective must be 0, 1 or 2, got {self.objective}")
+        if self.max_text_length < 3:
+            raise ConfigError(f"data.max_text_length must be >= 3, got {self.max_text_length}")
+        if self.max_regions < 2:
+            raise ConfigError(f"data.max_regions must be >= 2 (IMG + one box), got {self.max_regions}")
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """The `vilbert pretrain` run config (tasks/configs/pretrain_*.yaml)."""
+
+    task: str = "pretrain"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: PretrainingDataConfig = dataclasses.field(default_factory=PretrainingDataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+
+    def validate(self) -> None:
+        if self.task != "pretrain":
+            raise ConfigError(f"task must be 'pretrain' for vilbert pretrain, got {self.task!r}")
+        if self.data.tokenizer is None and self.model.text_init is None:
+            raise ConfigError("data.tokenizer: needed (a local BERT directory) when model.text_init is not set")
+
+
+# ------------------------------------------------------------------------------------------------------- masking
+
+
+def mask_text(
+    input_ids: np.ndarray, tokenizer: Tokenizer, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """BERT masking of one `[L]` id row → (masked ids, labels with -100 where nothing is predicted)."""
+    ids = input_ids.copy()
+    labels = np.full_like(ids, IGNORE)
+    candidates = (ids != tokenizer.cls_id) & (ids != tokenizer.sep_id) & (ids != tokenizer.pad_id)
+    selected = candidates & (rng.random(len(ids)) < TEXT_MASK_PROB)
+    labels[selected] = ids[selected]
+    action = rng.random(len(ids))
+    ids[selected & (action < 0.8)] = tokenizer.mask_id
+    randomised = selected & (action >= 0.8) & (action < 0.9)
+    ids[randomised] = rng.integers(0, tokenizer.vocab_size, size=int(randomised.sum()))
+    return ids, labels
+
+
+def mask_regions(num_regions: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Region selection for `num_regions` real boxes → (selected [K] bool, zeroed [K] bool ⊆ selected)."""
+    selected = rng.random(num_regions) < REGION_MASK_PROB
+    zeroed = selected & (rng.random(num_regions) < 0.9)
+    return selected, zeroed
+
+
+# ------------------------------------------------------------------------------------------------------- dataset
+
+
+def _open_store(paths):
+    from features.store import FeatureStore
+
+    return FeatureStore(paths)
+
+
+class PretrainingDataset(Dataset):
+    """Image-caption pairs joined with a feature store that has `cls_prob`; `sample(index, epoch)` masks."""
+
+    def __init__(
+        self,
+        captions: list[Caption],
+        store,
+        tokenizer: Tokenizer,
+        max_text_length: int = 36,
+        max_regions: int = 37,
+        objective: int = 1,
+        seed: int = 0,
+    ):
+        if "cls_prob" not in store.optional:
+            raise DataError(f"{', '.join(store.paths)}: the feature store has no cls_prob (masked-region targets)")
+        self.captions, self.store, self.tokenizer = captions, store, tokenizer
+        self.max_text_length, self.max_regions = max_text_length, max_regions
+        self.objective, self.seed = objective, seed
+        self.text = tokenizer.encode([c.text for c in captions], max_text_length).input_ids.astype(np.int32)
+        image_ids = [c.image_id for c in captions]
+        self.image_index = np.unique(image_ids, return_inverse=True)[1]  # [N] image number per caption
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return self.sample(index, 0)
+
+    def _negative(self, index: int, rng: np.random.Generator) -> int:
+        if self.image_index.max() == 0:
+            return index  # a single image: no mismatched caption exists
+        while True:
+            other = int(rng.integers(len(self.captions)))
+            if self.image_index[other] != self.image_index[index]:
+                return other
+
+    def sample(self, index: int, epoch: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch, index])
+        caption_index, mismatched = index, 0
+        if self.objective != 2 and rng.random() < NEGATIVE_PROB:
+            caption_index = self._negative(index, rng)
+            mismatched = int(caption_index != index)
+        ids = self.text[caption_index].astype(np.int64)
+        masked_ids, mlm_labels = mask_text(ids, self.tokenizer, rng)
+
+        regions = self.store.read(self.captions[index].image_id)
+        if regions.cls_prob is None:
+            raise DataError(f"image {regions.image_id!r}: the feature store has no cls_prob (masked-region targets)")
+        keep = min(len(regions), self.max_regions - 1)
+        features, boxes = regions.features[:keep].copy(), regions.boxes[:keep]
+        selected, zeroed = mask_regions(keep, rng)
+        features[zeroed] = 0.0
+        visual = build_visual_input(
+            features, boxes, regions.image_hw, self.max_regions,
+            image_feature=masked_image_mean(features, boxes, selected),
+        )
+        region_labels = np.full(keep + 1, IGNORE, dtype=np.int64)
+        region_labels[1:][selected] = 1
+        region_targets = np.zeros((keep + 1, regions.cls_prob.shape[1]), dtype=np.float32)
+        region_targets[1:] = regions.cls_prob[:keep]
+
+        if self.objective == 1 and mismatched:
+            mlm_labels[:] = IGNORE
+            region_labels[:] = IGNORE
+        return {
+            "input_ids": masked_ids,
+            "attention_mask": (ids != self.tokenizer.pad_id).astype(np.int64),
+            "token_type_ids": np.zeros_like(ids),
+            "mlm_labels": mlm_labels,
+            "visual": visual,
+            "region_labels": region_labels,
+            "region_targets": region_targets,
+            "alignment_labels": np.int64(mismatched),
+        }
+
+
+def collate_pretraining(samples: list[dict], max_regions: int) -> dict[str, torch.Tensor]:
+    """Stack text, pad the visual side to `max_regions` (fixed shapes), pad region labels with -100."""
+    batch = {k: torch.from_numpy(np.stack([s[k] for s in samples]))
+             for k in ("input_ids", "attention_mask", "token_type_ids", "mlm_labels")}
+    batch.update(collate_visual([s["visual"] for s in samples], pad_to=max_regions))
+    classes = samples[0]["region_targets"].shape[1]
+    labels = np.full((len(samples), max_regions), IGNORE, dtype=np.int64)
+    targets = np.zeros((len(samples), max_regions, classes), dtype=np.float32)
+    for i, s in enumerate(samples):
+        labels[i, : len(s["region_labels"])] = s["region_labels"]
+        targets[i, : len(s["region_targets"])] = s["region_targets"]
+    batch["region_labels"] = torch.from_numpy(labels)
+    batch["region_targets"] = torch.from_numpy(targets)
+    batch["alignment_labels"] = torch.tensor([int(s["alignment_labels"]) for s in samples], dtype=torch.int64)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------- task
+
+
+class PretrainingTask(Task):
+    """Masked multimodal pretraining (reference §5) for the shared trainer."""
+
+    name = "pretrain"
+    main_metric = "mlm_accuracy"
+    higher_is_better = True
+
+    def __init__(self, config: PretrainConfig):
+        self.config = config
+        data = config.data
+        self.tokenizer = load_tokenizer(data.tokenizer or config.model.text_init, lowercase=data.lowercase)
+        self._datasets: dict[str, PretrainingDataset] = {}
+        # join and check the data now, so that missing images or a bad store fail before training starts
+        if data.train_captions is not None:
+            self._datasets["train"] = self._build_dataset(data.train_features, data.train_captions, "train")
+        if data.val_captions is not None:
+            self._datasets["val"] = self._build_dataset(data.val_features, data.val_captions, "val")
+
+    def _build_dataset(self, features, captions_path, split: str) -> PretrainingDataset:
+        data = self.config.data
+        if features is None:
+            raise ConfigError(f"data.{split}_features: needed with data.{split}_captions")
+        store = _open_store(features)
+        captions = join_with_store(load_captions(captions_path), store, str(captions_path), strict=data.strict)
+        seed = self.config.train.seed if split == "train" else self.config.train.seed + 1
+        return PretrainingDataset(captions, store, self.tokenizer, data.max_text_length, data.max_regions,
+                                  data.objective, seed=seed)
+
+    def dataset(self, split: str) -> PretrainingDataset:
+        if split not in self._datasets:
+            raise ConfigError(f"data.{split}_captions: no {split} data configured")
+        return self._datasets[split]
+
+    def build_model(self) -> nn.Module:
+        from vilbert import ViLBertConfig, ViLBertForPreTraining
+
+        model_config = self.config.model
+        if model_config.init is not None:
+            model = ViLBertForPreTraining.from_pretrained(model_config.init)
+        else:
+            model = ViLBertForPreTraining(ViLBertConfig.from_preset(model_config.preset, **model_config.overrides))
+            if model_config.text_init is not None:
+                from vilbert.convert import init_text_stream_from_bert
+
+                init_text_stream_from_bert(model, model_config.text_init)
+        self._check_model(model.config)
+        return model
+
+    def _check_model(self, config) -> None:
+        if self.tokenizer.vocab_size > config.vocab_size:
+            raise ConfigError(
+                f"{self.tokenizer.directory}: the tokenizer has {self.tokenizer.vocab_size} ids but the model's "
+                f"vocab_size is {config.vocab_size}"
+            )
+        for split, dataset in self._datasets.items():
+            store = dataset.store
+            if store.feature_dim != config.v_feature_size:
+                raise ConfigError(f"data.{split}_features: features are {store.feature_dim}-d but the model's "
+                                  f"v_feature_size is {config.v_feature_size}")
+            if store.optional["cls_prob"] != config.v_target_size:
+                raise ConfigError(f"data.{split}_features: cls_prob has {store.optional['cls_prob']} classes but "
+                                  f"the model's v_target_size is {config.v_target_size}")
+
+    def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        return collate_pretraining(samples, self.config.data.max_regions)
+
+    def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
+        out = model(**batch)
+        alignment_weight = 0.0 if self.config.data.objective == 2 else 1.0
+        loss = out.mlm_loss + out.region_loss + alignment_weight * out.alignment_loss
+        return StepOutput(loss, {
+            "mlm_loss": out.mlm_loss.detach(),
+            "region_loss": out.region_loss.detach(),
+            "alignment_loss": out.alignment_loss.detach(),
+        })
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+
+    def evaluate(self, model: nn.Module, split: str, progress: Callable | None = None) -> dict[str, float]:
+        """Masked-objective accuracies on held-out pairs, then zero-shot image retrieval R@1/5/10."""
+        if split not in self._datasets:
+            return {}
+        metrics = self._masked_metrics(model, self._datasets[split])
+        metrics.update(self._zero_shot_retrieval(model, self._datasets[split]))
+        return metrics
+
+    @torch.no_grad()
+    def _masked_metrics(self, model: nn.Module, dataset: PretrainingDataset) -> dict[str, float]:
+        device = next(model.parameters()).device
+        size = self.config.data.eval_batch_size
+        totals = torch.zeros(7, dtype=torch.float64, device=device)  # mlm ok/n, region ok/n, align ok/n, loss sum
+        for start in range(0, len(dataset), size):
+            samples = [dataset.sample(i, 0) for i in range(start, min(start + size, len(dataset)))]
+            batch = {k: v.to(device) for k, v in self.collate(samples).items()}
+            out = model(**batch)
+            mlm_targets = batch["mlm_labels"][batch["mlm_labels"] != IGNORE]
+            region_teacher = batch["region_targets"][batch["region_labels"] == 1].argmax(-1)
+            totals += torch.stack([
+                (out.mlm_logits.argmax(-1) == mlm_targets).sum().double(), torch.tensor(mlm_targets.numel()),
+                (out.region_logits.argmax(-1) == region_teacher).sum().double(), torch.tensor(region_teacher.numel()),
+                (out.alignment_logits.argmax(-1) == batch["alignment_labels"]).sum().double(),
+                torch.tensor(len(samples)), out.loss.double() * len(samples),
+            ]).to(device)
+        t = totals.tolist()
+        return {
+            "loss": t[6] / max(t[5], 1),
+            "mlm_accuracy": t[0] / max(t[1], 1),
+            "region_accuracy": t[2] / max(t[3], 1),
+            "alignment_accuracy": t[4] / max(t[5], 1),
+        }
+
+    @torch.no_grad()
+    def _zero_shot_retrieval(self, model: nn.Module, dataset: PretrainingDataset) -> dict[str, float]:
+        """Each held-out caption ranks the held-out images by softmax(alignment_logits)[:, 0]; the text stream
+        runs once per caption (encode_text_prefix) and is expanded over chunks of images."""
+        from tasks.metrics import recall_at_k
+
+        data = self.config.data
+        device = next(model.parameters()).device
+        image_ids = list(dict.fromkeys(c.image_id for c in dataset.captions))[: data.retrieval_images]
+        if len(image_ids) < 2:
+            return {}
+        position = {image_id: i for i, image_id in enumerate(image_ids)}
+        queries = [i for i, c in enumerate(dataset.captions) if c.image_id in position]
+        visual = collate_visual(
+            [build_visual_input(r.features, r.boxes, r.image_hw, data.max_regions)
+             for r in (dataset.store.read(i) for i in image_ids)],
+            pad_to=data.max_regions,
+        )
+        visual = {k: v.to(device) for k, v in visual.items()}
+        scores = torch.empty(len(queries), len(image_ids), device=device)
+        for row, index in enumerate(queries):
+            ids = torch.from_numpy(dataset.text[index : index + 1].astype(np.int64)).to(device)  # [1, L]
+            prefix = model.vilbert.encode_text_prefix(ids, (ids != self.tokenizer.pad_id).long(),
+                                                      torch.zeros_like(ids))
+            for start in range(0, len(image_ids), data.retrieval_chunk):
+                chunk = {k: v[start : start + data.retrieval_chunk] for k, v in visual.items()}
+                logits = model(text_prefix=prefix, **chunk).alignment_logits  # [chunk, 2]
+                scores[row, start : start + len(logits)] = logits.float().softmax(-1)[:, 0]
+        positives = [position[dataset.captions[i].image_id] for i in queries]
+        recall = recall_at_k(scores.cpu(), positives)
+        return {f"retrieval_{k}": v for k, v in recall.items() if k in ("r1", "r5", "r10")}
+

@@ -1,0 +1,336 @@
+"""Image-text retrieval (Flickr30k, COCO): Karpathy-split or JSON-lines annotations, 4-way training, recall@K.
+
+Annotations: the Karpathy split file (`dataset_flickr30k.json` / `dataset_coco.json`: images[] with split,
+filename, imgid or cocoid, sentences[].raw; COCO's "restval" counts as train), or the reference's JSON-lines
+files (`all_data_final_*.jsonline`, one image per line with img_path or id, and sentences), one per split.
+Image ids: COCO's cocoid / id; otherwise the file stem of filename / img_path.
+
+Training (reference §7.2): each sample is 4 (image, caption) pairs scored by `pair_logit`, cross-entropy with
+target 0: the true pair; the image with a random other image's caption; a random other image with the caption;
+the image with a caption of a hard-negative image. Hard negatives are drawn from a pool file (JSON
+{image_id: [neighbour image ids, nearest first]}, `data.hard_negatives`), which
+`vilbert evaluate --task retrieval --split train --hard-negatives OUT.json` computes from a model's scores;
+without a pool the fourth option is a second random caption.
+
+Evaluation: every caption of the split against every image. The text stream before the first co-attention is
+computed once per caption (`encode_text_prefix`) and the images are scored in chunks of `eval_batch_size`.
+Caption→image and image→caption R@1/5/10, median and mean rank (`tasks.metrics.recall_at_k`, pessimistic ties).
+A pretraining checkpoint (`ViLBertForPreTraining`) scores zero-shot with softmax(alignment_logits)[:, 0].
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from tasks.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.errors import AnnotationError, ConfigError
+from tasks.finetuning import (
+    FinetuneDataConfig,
+    build_task_model,
+    image_key_resolver,
+    keep_known_images,
+    load_json,
+    model_device,
+    require,
+    task_ids_for,
+    tokenizer_directory,
+)
+from tasks.metrics import recall_at_k
+from tasks.task import StepOutput, Task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RetrievalImage:
+    image_id: str
+    captions: list[str]
+
+
+def _image_id(entry: Mapping, source: str, where: str) -> str:
+    for key in ("cocoid", "id"):
+        if key in entry:
+            return str(entry[key])
+    for key in ("filename", "img_path"):
+        if key in entry:
+            return Path(str(entry[key])).stem
+    raise AnnotationError(f"{source}: {where} has no image id (cocoid, id, filename or img_path)")
+
+
+def _captions(entry: Mapping, source: str, where: str) -> list[str]:
+    require(entry, ["sentences"], source, where)
+    captions = []
+    for j, sentence in enumerate(entry["sentences"]):
+        text = sentence.get("raw") if isinstance(sentence, Mapping) else sentence
+        if not isinstance(text, str):
+            raise AnnotationError(f"{source}: {where}.sentences[{j}] has no caption text")
+        captions.append(text)
+    return captions
+
+
+def read_karpathy(path: str | Path, split: str) -> list[RetrievalImage]:
+    """Images of `split` (train includes restval) from a Karpathy split JSON file."""
+    data = load_json(path)
+    require(data, ["images"], str(path), "the file")
+    wanted = {"train", "restval"} if split == "train" else {split}
+    images = []
+    for i, entry in enumerate(data["images"]):
+        require(entry, ["split"], str(path), f"images[{i}]")
+        if entry["split"] in wanted:
+            images.append(RetrievalImage(_image_id(entry, str(path), f"images[{i}]"),
+                                         _captions(entry, str(path), f"images[{i}]")))
+    return images
+
+
+def read_jsonlines(path: str | Path) -> list[RetrievalImage]:
+    """Images of the reference's JSON-lines file (one JSON object per line)."""
+    import json
+
+    images = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise AnnotationError(f"{path}: cannot read ({error.strerror or error})") from error
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise AnnotationError(f"{path}: line {i + 1} is not valid JSON ({error})") from error
+        images.append(RetrievalImage(_image_id(entry, str(path), f"line {i + 1}"),
+                                     _captions(entry, str(path), f"line {i + 1}")))
+    return images
+
+
+@dataclass
+class RetrievalDataConfig(FinetuneDataConfig):
+    max_text_length: int = 30
+    annotations: str = "dataset_flickr30k.json"  # Karpathy file, relative to root (or absolute)
+    split_files: dict[str, str] = field(default_factory=dict)  # JSON-lines per split; overrides `annotations`
+    hard_negatives: str | None = None  # JSON {image_id: [neighbour ids]}
+    dataset: str = "flickr30k"  # flickr30k | coco: picks the 12-in-1 task token
+    val_split: str = "val"
+
+
+@dataclass
+class RetrievalConfig:
+    """An image-text retrieval fine-tuning run (tasks/configs/retrieval.yaml)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: RetrievalDataConfig = field(default_factory=RetrievalDataConfig)
+
+
+class RetrievalTrainDataset(Dataset):
+    """4-way samples: (image, caption), (image, random caption), (random image, caption), (image, hard caption)."""
+
+    def __init__(self, images, store, tokenizer, max_text_length, max_regions, hard_pool, source, seed=0):
+        from tasks.regions import visual_input
+
+        self._visual_input = visual_input
+        kept = keep_known_images(images, lambda im: im.image_id, image_key_resolver(store.ids), source, "images")
+        if len(kept) < 2:
+            raise ConfigError(f"{source}: retrieval training needs at least 2 images with features")
+        self.images = [im for im, _ in kept]
+        self.image_keys = [sid for _, sid in kept]
+        self.pairs = [(i, c) for i, im in enumerate(self.images) for c in range(len(im.captions))]
+        flat = [caption for im in self.images for caption in im.captions]
+        self.caption_start = [0]
+        for im in self.images:
+            self.caption_start.append(self.caption_start[-1] + len(im.captions))
+        self.text = tokenizer.encode(flat, max_text_length)
+        position = {im.image_id: i for i, im in enumerate(self.images)}
+        self.hard = [[position[str(n)] for n in (hard_pool or {}).get(im.image_id, []) if str(n) in position
+                      and str(n) != im.image_id] for im in self.images]
+        self.store, self.max_regions, self.rng = store, max_regions, random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _caption(self, image: int, which: int | None = None) -> int:
+        count = self.caption_start[image + 1] - self.caption_start[image]
+        return self.caption_start[image] + (self.rng.randrange(count) if which is None else which)
+
+    def _other_image(self, image: int) -> int:
+        other = self.rng.randrange(len(self.images) - 1)
+        return other + (other >= image)
+
+    def __getitem__(self, index: int) -> dict:
+        image, which = self.pairs[index]
+        caption = self._caption(image, which)
+        hard_image = self.rng.choice(self.hard[image]) if self.hard[image] else self._other_image(image)
+        options = [(image, caption), (image, self._caption(self._other_image(image))),
+                   (self._other_image(image), caption), (image, self._caption(hard_image))]
+        visual = {}
+        for im, _ in options:
+            if im not in visual:
+                visual[im] = self._visual_input(self.store.read(self.image_keys[im]), self.max_regions)
+        return {
+            "input_ids": torch.from_numpy(self.text.input_ids[[c for _, c in options]]),
+            "attention_mask": torch.from_numpy(self.text.attention_mask[[c for _, c in options]]),
+            "token_type_ids": torch.from_numpy(self.text.token_type_ids[[c for _, c in options]]),
+            "visual": [visual[im] for im, _ in options],
+        }
+
+
+def collate_retrieval(samples: list[dict]) -> dict:
+    """[B samples × 4 options] flattened to 4B rows, option-major within a sample."""
+    from tasks.regions import collate_visual
+
+    batch = {key: torch.cat([s[key] for s in samples]) for key in ("input_ids", "attention_mask", "token_type_ids")}
+    batch.update(collate_visual([v for s in samples for v in s["visual"]]))
+    batch["num_options"] = torch.tensor(4)
+    return batch
+
+
+def is_pretraining_model(model: nn.Module) -> bool:
+    return hasattr(model, "alignment_head") and not hasattr(model, "pair_head")
+
+
+def pair_scores(model: nn.Module, task: str, text_prefix, visual: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Scores [N] of one caption prefix against N images: pair_logit, or zero-shot P(aligned)."""
+    inputs = {key: visual[key] for key in ("region_features", "region_locations", "region_mask")}
+    ids = task_ids_for(model, task, inputs["region_features"].shape[0], inputs["region_features"].device)
+    if is_pretraining_model(model):
+        out = model(**inputs, text_prefix=text_prefix)
+        return torch.softmax(out.alignment_logits.float(), dim=1)[:, 0]
+    return model(**inputs, task_ids=ids, text_prefix=text_prefix, heads=["pair_logit"]).pair_logit.float()
+
+
+class RetrievalTask(Task):
+    """Caption-based image retrieval; main metric: the mean of caption→image R@1, R@5, R@10."""
+
+    name = "retrieval"
+    main_metric = "r_mean"
+    config_class = RetrievalConfig
+
+    def __init__(self, config):
+        self.config = config
+        self.data: RetrievalDataConfig = config.data
+        self._tokenizer = None
+        self._store = None
+
+    @property
+    def token_task(self) -> str:
+        if self.data.dataset not in ("flickr30k", "coco"):
+            raise ConfigError(f"data.dataset must be flickr30k or coco, got {self.data.dataset!r}")
+        return f"retrieval-{self.data.dataset}"
+
+    def images(self, split: str) -> list[RetrievalImage]:
+        root = Path(self.data.root)
+        if self.data.split_files:
+            if split not in self.data.split_files:
+                raise ConfigError(f"data.split_files has no {split!r} (has {sorted(self.data.split_files)})")
+            return read_jsonlines(root / self.data.split_files[split])
+        images = read_karpathy(root / self.data.annotations, split)
+        if not images:
+            raise ConfigError(f"{root / self.data.annotations}: no images in split {split!r}")
+        return images
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from tasks.tokenization import load_tokenizer
+
+            self._tokenizer = load_tokenizer(tokenizer_directory(self.data, self.config.model))
+        return self._tokenizer
+
+    def store(self):
+        if self._store is None:
+            from features.store import FeatureStore
+
+            if not self.data.features:
+                raise ConfigError("data.features: name the feature store file(s)")
+            self._store = FeatureStore(self.data.features)
+        return self._store
+
+    def dataset(self, split: str) -> Dataset:
+        pool = load_json(Path(self.data.root) / self.data.hard_negatives) if self.data.hard_negatives else None
+        if pool is not None and not isinstance(pool, dict):
+            raise AnnotationError(f"{self.data.hard_negatives}: expected {{image_id: [neighbour ids]}}")
+        return RetrievalTrainDataset(self.images(split), self.store(), self.tokenizer(), self.data.max_text_length,
+                                     self.data.max_regions, pool, f"{self.data.root} ({split})")
+
+    def collate(self, samples: list) -> dict:
+        return collate_retrieval(samples)
+
+    def build_model(self) -> nn.Module:
+        return build_task_model(self.config.model)
+
+    def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "token_type_ids", "region_features",
+                                              "region_locations", "region_mask")}
+        rows = inputs["input_ids"].shape[0]
+        ids = task_ids_for(model, self.token_task, rows, inputs["input_ids"].device)
+        logits = model(**inputs, task_ids=ids, heads=["pair_logit"]).pair_logit.view(rows // 4, 4)  # [B, 4]
+        target = torch.zeros(rows // 4, dtype=torch.long, device=logits.device)
+        loss = F.cross_entropy(logits.float(), target)
+        accuracy = (logits.argmax(dim=1) == 0).float().mean()
+        return StepOutput(loss=loss, metrics={"accuracy": accuracy.detach()})
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def score_matrix(self, model: nn.Module, images: list[RetrievalImage], captions: list[str],
+                     progress: Callable | None = None) -> torch.Tensor:
+        """Scores [C, I] of every caption against every image (text prefix computed once per caption)."""
+        from tasks.regions import collate_visual, visual_input
+
+        store, device = self.store(), model_device(model)
+        resolve = image_key_resolver(store.ids)
+        visuals = [visual_input(store.read(resolve(im.image_id)), self.data.max_regions) for im in images]
+        text = self.tokenizer().encode(captions, self.data.max_text_length)
+        was_training = model.training
+        model.eval()
+        chunk = max(1, self.data.eval_batch_size)
+        chunks = [{k: v.to(device) for k, v in collate_visual(visuals[s: s + chunk]).items()}
+                  for s in range(0, len(visuals), chunk)]
+        scores = torch.empty(len(captions), len(images))
+        rows = range(len(captions))
+        for c in progress(rows) if progress else rows:
+            ids = torch.from_numpy(text.input_ids[c: c + 1]).to(device)
+            task_ids = None if is_pretraining_model(model) else task_ids_for(model, self.token_task, 1, device)
+            prefix = model.vilbert.encode_text_prefix(
+                ids, torch.from_numpy(text.attention_mask[c: c + 1]).to(device),
+                torch.from_numpy(text.token_type_ids[c: c + 1]).to(device), task_ids=task_ids)
+            scores[c] = torch.cat([pair_scores(model, self.token_task, prefix, v).cpu() for v in chunks])
+        model.train(was_training)
+        return scores
+
+    def evaluate(self, model: nn.Module, split: str, progress: Callable | None = None) -> dict[str, float]:
+        kept = keep_known_images(self.images(split), lambda im: im.image_id, image_key_resolver(self.store().ids),
+                                 f"{self.data.root} ({split})", "images")
+        images = [im for im, _ in kept]
+        captions = [c for im in images for c in im.captions]
+        caption_image = [i for i, im in enumerate(images) for _ in im.captions]
+        scores = self.score_matrix(model, images, captions, progress)  # [C, I]
+        text_to_image = recall_at_k(scores, caption_image)
+        image_captions = [[c for c, i in enumerate(caption_image) if i == image] for image in range(len(images))]
+        image_to_text = recall_at_k(scores.T, image_captions)
+        metrics = {f"{k}": v for k, v in text_to_image.items()}
+        metrics.update({f"i2t_{k}": v for k, v in image_to_text.items()})
+        metrics["r_mean"] = (text_to_image["r1"] + text_to_image["r5"] + text_to_image["r10"]) / 3
+        metrics["num_images"], metrics["num_captions"] = float(len(images)), float(len(captions))
+        self.last_scores = (images, scores)
+        return metrics
+
+    def hard_negative_pool(self, model: nn.Module, split: str, size: int = 100,
+                           progress: Callable | None = None) -> dict[str, list[str]]:
+        """{image_id: the `size` other images that score highest with its first caption}, nearest first."""
+        kept = keep_known_images(self.images(split), lambda im: im.image_id, image_key_resolver(self.store().ids),
+                                 f"{self.data.root} ({split})", "images")
+        images = [im for im, _ in kept]
+        scores = self.score_matrix(model, images, [im.captions[0] for im in images], progress)  # [I, I]
+        scores.fill_diagonal_(float("-inf"))
+        top = scores.topk(min(size, len(images) - 1), dim=1).indices
+        return {im.image_id: [images[j].image_id for j in row] for im, row in zip(images, top.tolist(), strict=True)}

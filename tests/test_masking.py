@@ -1,0 +1,143 @@
+"""Pretraining masking statistics over many samples (reference §5.2-5.4) and the objective 0/1/2 semantics."""
+
+import numpy as np
+import pytest
+import torch
+from tiny_pretrain_data import caption_for, make_images, write_store, write_vocab
+
+from features.store import FeatureStore
+from tasks.captions import Caption
+from tasks.pretraining import IGNORE, PretrainingDataset, collate_pretraining
+from tasks.regions import masked_image_mean
+from tasks.tokenization import load_tokenizer
+
+MAX_REGIONS = 12  # IMG + up to 11 boxes; images have 8, so 3 padding slots per sample
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("masking")
+    images = make_images(150, seed=3)
+    store = FeatureStore(write_store(root / "f.h5", images))
+    tokenizer = load_tokenizer(write_vocab(root / "vocab"))
+    captions = [Caption(i, caption_for(im["classes"])) for i, im in images.items()]
+    return images, store, tokenizer, captions
+
+
+def dataset(data, objective):
+    _, store, tokenizer, captions = data
+    return PretrainingDataset(captions, store, tokenizer, max_text_length=20, max_regions=MAX_REGIONS,
+                              objective=objective, seed=11)
+
+
+def draw(ds, epochs=4):
+    return [(i, ds.sample(i, epoch)) for epoch in range(epochs) for i in range(len(ds))]
+
+
+def test_text_masking_rates_and_labels(data):
+    ds = dataset(data, objective=0)
+    tok = ds.tokenizer
+    candidates = selected = as_mask = as_random = kept = 0
+    for index, s in draw(ds):
+        caption_index = index if s["alignment_labels"] == 0 else None
+        labels, ids = s["mlm_labels"], s["input_ids"]
+        if caption_index is not None:
+            original = ds.text[index]
+        else:  # a swapped caption: recover the original ids from the labels where selected
+            original = np.where(labels != IGNORE, labels, ids)
+        special = np.isin(original, [tok.cls_id, tok.sep_id, tok.pad_id])
+        assert (labels[special] == IGNORE).all()  # [CLS], [SEP], padding never predicted
+        chosen = labels != IGNORE
+        assert (labels[chosen] == original[chosen]).all()  # labels are the original ids
+        assert (ids[~chosen] == original[~chosen]).all()  # unselected tokens untouched
+        candidates += int((~special).sum())
+        selected += int(chosen.sum())
+        as_mask += int((ids[chosen] == tok.mask_id).sum())
+        kept += int((ids[chosen] == original[chosen]).sum())
+        as_random += int(((ids[chosen] != tok.mask_id) & (ids[chosen] != original[chosen])).sum())
+    vocab = tok.vocab_size
+    assert selected / candidates == pytest.approx(0.15, abs=0.01)
+    assert as_mask / selected == pytest.approx(0.8, abs=0.03)
+    assert as_random / selected == pytest.approx(0.1 * (1 - 2 / vocab), abs=0.02)  # a random id may hit the original or [MASK]
+    assert kept / selected == pytest.approx(0.1 + 0.1 / vocab, abs=0.02)
+
+
+def test_region_masking_rates_img_and_padding_never_masked(data):
+    images = data[0]
+    ds = dataset(data, objective=0)
+    real = selected = zeroed = 0
+    for index, s in draw(ds):
+        image = images[ds.captions[index].image_id]
+        batch = collate_pretraining([s], MAX_REGIONS)
+        labels = batch["region_labels"][0].numpy()
+        features = batch["region_features"][0].numpy()
+        assert labels[0] == IGNORE and (features[0] != 0).any()  # IMG token: never a target, never zeroed
+        assert (labels[9:] == IGNORE).all() and batch["region_mask"][0, 9:].sum() == 0  # padding
+        assert set(np.unique(labels)) <= {IGNORE, 1}
+        chosen = labels[1:9] == 1
+        is_zero = ~features[1:9].any(axis=1)
+        assert not (is_zero & ~chosen).any()  # only selected regions are zeroed
+        np.testing.assert_array_equal(features[1:9][~is_zero], image["features"][~is_zero].astype(np.float16).astype(np.float32))
+        targets = batch["region_targets"][0].numpy()
+        np.testing.assert_allclose(targets[1:9], image["cls_prob"], atol=1e-3)  # cls_prob rows, aligned
+        masked = features[1:9]
+        np.testing.assert_allclose(features[0], masked_image_mean(masked, image["boxes"], chosen), rtol=1e-5)
+        real += 8
+        selected += int(chosen.sum())
+        zeroed += int((chosen & is_zero).sum())
+    assert selected / real == pytest.approx(0.15, abs=0.01)
+    assert zeroed / selected == pytest.approx(0.9, abs=0.03)
+
+
+def test_negatives_swap_captions_half_the_time_with_label_one(data):
+    ds = dataset(data, objective=0)
+    samples = draw(ds)
+    labels = np.array([int(s["alignment_labels"]) for _, s in samples])
+    assert labels.mean() == pytest.approx(0.5, abs=0.03)
+    swapped_differs = []
+    for index, s in samples:
+        unmasked = np.where(s["mlm_labels"] != IGNORE, s["mlm_labels"], s["input_ids"])
+        same = bool((unmasked == ds.text[index]).all())
+        if s["alignment_labels"] == 0:
+            assert same  # aligned pairs keep their own caption
+        else:
+            swapped_differs.append(not same)  # another image's caption (rarely the same words)
+    assert np.mean(swapped_differs) > 0.8
+
+
+def test_objective_1_drops_masked_labels_on_mismatched_pairs_only(data):
+    ds = dataset(data, objective=1)
+    aligned_with_labels = 0
+    for _, s in draw(ds, epochs=1):
+        if s["alignment_labels"] == 1:
+            assert (s["mlm_labels"] == IGNORE).all() and (s["region_labels"] == IGNORE).all()
+        else:
+            aligned_with_labels += int((s["mlm_labels"] != IGNORE).any())
+    assert aligned_with_labels > len(ds) * 0.3
+
+
+def test_objective_2_has_no_negatives(data):
+    ds = dataset(data, objective=2)
+    assert all(s["alignment_labels"] == 0 for _, s in draw(ds, epochs=2))
+
+
+def test_masks_are_a_function_of_seed_epoch_and_index(data):
+    ds = dataset(data, objective=1)
+    a, b = ds.sample(5, 2), ds.sample(5, 2)
+    for key in ("input_ids", "mlm_labels", "region_labels"):
+        np.testing.assert_array_equal(a[key], b[key])
+    np.testing.assert_array_equal(a["visual"].features, b["visual"].features)
+    different = [not np.array_equal(ds.sample(i, 0)["mlm_labels"], ds.sample(i, 1)["mlm_labels"]) for i in range(40)]
+    assert sum(different) > 10
+
+
+def test_collate_shapes_and_dtypes(data):
+    ds = dataset(data, objective=1)
+    batch = collate_pretraining([ds.sample(i, 0) for i in range(4)], MAX_REGIONS)
+    assert batch["input_ids"].shape == batch["mlm_labels"].shape == (4, 20)
+    assert batch["region_features"].shape == (4, MAX_REGIONS, 16)
+    assert batch["region_locations"].shape == (4, MAX_REGIONS, 5)
+    assert batch["region_targets"].shape == (4, MAX_REGIONS, 7)
+    assert batch["alignment_labels"].shape == (4,)
+    assert all(t.dtype == torch.int64 for k, t in batch.items() if k not in ("region_features", "region_locations",
+                                                                              "region_targets"))
