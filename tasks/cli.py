@@ -18,9 +18,12 @@ from vilbert.errors import ViLBertError
 # subcommand name -> module under tasks.commands
 COMMANDS: dict[str, str] = {
     "convert": "convert",
+    "evaluate": "evaluate",
     "extract": "extract",
     "features": "features",
+    "finetune": "finetune",
     "pretrain": "pretrain",
+    "score": "score",
     "shapes-world": "shapes_world",
 }
 

@@ -42,6 +42,11 @@ class FinetuneDataConfig:
     eval_batch_size: int = 256
 
 
+def resolve_split(data: FinetuneDataConfig, split: str) -> str:
+    """The trainer asks for the roles "train" and "val": they mean `data.train_split` / `data.val_split`."""
+    return {"train": data.train_split, "val": data.val_split}.get(split, split)
+
+
 def write_json_atomic(path: str | Path, data: Any) -> Path:
     """Write JSON to a temporary file beside `path`, then rename: readers never see half a file."""
     path = Path(path)
@@ -132,13 +137,18 @@ def build_task_model(model_config, **config_overrides: Any) -> nn.Module:
     """
     from vilbert import ViLBertConfig, ViLBertForVLTasks
 
+    labels = {key: config_overrides[key] for key in ("id2label", "label2id") if key in config_overrides}
+    settings = {key: value for key, value in config_overrides.items() if key not in labels}
+    if "id2label" in labels:
+        settings["num_labels"] = len(labels["id2label"])
     if model_config.init:
         directory = Path(model_config.init)
         if not (directory / "config.json").is_file():
             raise ConfigError(f"model.init: {directory} has no config.json (a save_pretrained directory)")
         config = ViLBertConfig.from_pretrained(str(directory))
-        for key, value in {**model_config.overrides, **config_overrides}.items():
+        for key, value in {**model_config.overrides, **settings}.items():
             setattr(config, key, value)
+        config.update(labels)
         model, info = ViLBertForVLTasks.from_pretrained(
             str(directory), config=config, ignore_mismatched_sizes=True, output_loading_info=True
         )
@@ -147,7 +157,8 @@ def build_task_model(model_config, **config_overrides: Any) -> nn.Module:
         if fresh:
             logger.info("initialised from %s; fresh: %s", directory, ", ".join(fresh))
         return model
-    config = ViLBertConfig.from_preset(model_config.preset, **{**model_config.overrides, **config_overrides})
+    config = ViLBertConfig.from_preset(model_config.preset, **{**model_config.overrides, **settings})
+    config.update(labels)
     model = ViLBertForVLTasks(config)
     if getattr(model_config, "text_init", None):
         from vilbert.convert import init_text_stream_from_bert

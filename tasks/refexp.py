@@ -39,6 +39,7 @@ from tasks.finetuning import (
     model_device,
     model_inputs,
     require,
+    resolve_split,
     task_ids_for,
     to_device,
     tokenizer_directory,
@@ -183,6 +184,7 @@ class RefExpTask(Task):
 
     name = "refexp"
     main_metric = "accuracy"
+    higher_is_better = True
     config_class = RefExpConfig
 
     def __init__(self, config):
@@ -192,6 +194,7 @@ class RefExpTask(Task):
         self._stores: dict[bool, object] = {}
 
     def expressions(self, split: str) -> list[Expression]:
+        split = resolve_split(self.data, split)
         root = Path(self.data.root)
         return read_refs(root / self.data.refs_file, root / self.data.instances_file, split)
 
@@ -214,6 +217,7 @@ class RefExpTask(Task):
         return self._stores[training]
 
     def dataset(self, split: str) -> Dataset:
+        split = resolve_split(self.data, split)
         training = split == self.data.train_split
         return RefExpDataset(self.expressions(split), self.store(training), self.tokenizer(),
                              self.data.max_text_length, self.data.max_regions, training,

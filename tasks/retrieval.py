@@ -41,6 +41,7 @@ from tasks.finetuning import (
     load_json,
     model_device,
     require,
+    resolve_split,
     task_ids_for,
     tokenizer_directory,
 )
@@ -213,6 +214,7 @@ class RetrievalTask(Task):
 
     name = "retrieval"
     main_metric = "r_mean"
+    higher_is_better = True
     config_class = RetrievalConfig
 
     def __init__(self, config):
@@ -228,6 +230,7 @@ class RetrievalTask(Task):
         return f"retrieval-{self.data.dataset}"
 
     def images(self, split: str) -> list[RetrievalImage]:
+        split = resolve_split(self.data, split)
         root = Path(self.data.root)
         if self.data.split_files:
             if split not in self.data.split_files:

@@ -35,10 +35,10 @@ from tasks.finetuning import (
     model_device,
     model_inputs,
     require,
+    resolve_split,
     task_ids_for,
     to_device,
     tokenizer_directory,
-    write_json_atomic,
 )
 from tasks.metrics import normalize_answer, soft_score, vqa_score
 from tasks.task import StepOutput, Task
@@ -56,7 +56,6 @@ ANNOTATION_FILES = {
     "val2014": "v2_mscoco_val2014_annotations.json",
 }
 SPLITS = ("train", "val", "trainval", "minval", "test", "test-dev")
-VOCABULARY_FILE = "answers.json"  # saved next to the checkpoint: the label order of answer_logits
 
 
 @dataclass
@@ -130,6 +129,15 @@ def build_vocabulary(questions: list[VQAQuestion], min_count: int) -> list[str]:
     if not vocabulary:
         raise ConfigError(f"data.min_answer_count={min_count}: no answer occurs that often; lower it")
     return vocabulary
+
+
+def checkpoint_answers(directory: str | None) -> list[str] | None:
+    """The answer list saved in a VQA checkpoint's config.json (id2label), or None for other checkpoints."""
+    if not directory or not (Path(directory) / "config.json").is_file():
+        return None
+    id2label = load_json(Path(directory) / "config.json").get("id2label") or {}
+    answers = [id2label[k] for k in sorted(id2label, key=int)]
+    return answers if answers and not all(a == f"LABEL_{i}" for i, a in enumerate(answers)) else None
 
 
 def soft_target(answers: list[str], label_of: Mapping[str, int]) -> dict[int, float]:
@@ -235,6 +243,7 @@ class VQATask(Task):
 
     name = "vqa"
     main_metric = "accuracy"
+    higher_is_better = True
     config_class = VQAConfig
 
     def __init__(self, config):
@@ -248,19 +257,17 @@ class VQATask(Task):
     # ------------------------------------------------------------------ data
 
     def questions(self, split: str) -> list[VQAQuestion]:
+        split = resolve_split(self.data, split)
         if split not in self._questions:
             self._questions[split] = read_split(self.data.root, split, self.data.minval_size)
         return self._questions[split]
 
     def vocabulary(self) -> list[str]:
-        """The answer list: from the initial checkpoint when it has one, else built from train+val."""
+        """The answer list: the initial checkpoint's (config id2label) when it has one, else built from train+val."""
         if self.answers is None:
-            init = getattr(self.config.model, "init", None)
-            saved = Path(init) / VOCABULARY_FILE if init else None
-            if saved is not None and saved.is_file():
-                self.answers = list(load_json(saved))
-            else:
-                self.answers = build_vocabulary(self.questions("train") + self.questions("val"),
+            self.answers = checkpoint_answers(getattr(self.config.model, "init", None))
+            if self.answers is None:
+                self.answers = build_vocabulary(read_split(self.data.root, "train") + read_split(self.data.root, "val"),
                                                 self.data.min_answer_count)
                 logger.info("answer vocabulary: %d answers given by >= %d questions",
                             len(self.answers), self.data.min_answer_count)
@@ -293,11 +300,10 @@ class VQATask(Task):
     # ------------------------------------------------------------------ model
 
     def build_model(self) -> nn.Module:
-        return build_task_model(self.config.model, num_labels=len(self.vocabulary()))
-
-    def save_extra(self, directory: str | Path) -> None:
-        """Write the answer list beside a checkpoint, so evaluation and prediction read labels back."""
-        write_json_atomic(Path(directory) / VOCABULARY_FILE, self.vocabulary())
+        """The task model; its config's id2label carries the answer list, so checkpoints know their labels."""
+        answers = self.vocabulary()
+        return build_task_model(self.config.model, id2label=dict(enumerate(answers)),
+                                label2id={a: i for i, a in enumerate(answers)})
 
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
         ids = task_ids_for(model, "vqa", batch["input_ids"].shape[0], batch["input_ids"].device)

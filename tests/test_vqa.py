@@ -34,7 +34,7 @@ def _task(root, **data):
     config = VQAConfig(model=ModelConfig(preset="tiny"),
                        data=VQADataConfig(root=str(root / "vqa"), features=[str(root / "feats.h5")],
                                           tokenizer=str(root / "tok"), min_answer_count=1, minval_size=4,
-                                          max_regions=5, eval_batch_size=5, **data))
+                                          max_regions=5, eval_batch_size=5, train_split="train", **data))
     return VQATask(config)
 
 

@@ -1,0 +1,98 @@
+"""Evaluate a checkpoint on a task split with the official metric; write metrics and predictions.
+
+`vilbert evaluate --task vqa --checkpoint DIR --split minval [--out DIR]` writes DIR/metrics.json and
+DIR/predictions.json. For VQA test / test-dev the predictions are the submission file
+([{"question_id", "answer"}] for every question of the split). For retrieval, `--hard-negatives OUT.json`
+writes the hard-negative pool of the split's images (100 nearest by the model's scores) instead.
+A pretraining checkpoint evaluates retrieval zero-shot (alignment head).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from tasks.finetuning import load_json, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+TASK_CHOICES = ("vqa", "retrieval", "refcoco", "refcoco+", "refcocog")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_task(name: str, config_path: str | None, overrides: list[str]):
+    """The task object with its config: the YAML (default tasks/configs/<name>.yaml) plus key=value overrides."""
+    from tasks.config import load_config
+    from tasks.registry import task_class
+
+    cls = task_class(name)
+    config = load_config(config_path or CONFIG_DIR / f"{name}.yaml", cls.config_class, overrides)
+    return cls(config)
+
+
+def load_checkpoint_model(checkpoint: str, task):
+    """A task model from `checkpoint`; for retrieval a pretraining checkpoint loads as is (zero-shot)."""
+    from tasks.errors import ConfigError
+
+    config_file = Path(checkpoint) / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"--checkpoint {checkpoint}: no config.json (a save_pretrained directory)")
+    architectures = load_json(config_file).get("architectures") or []
+    if task.name == "retrieval" and "ViLBertForPreTraining" in architectures:
+        from vilbert import ViLBertForPreTraining
+
+        logger.info("pretraining checkpoint: zero-shot retrieval from the alignment head")
+        return ViLBertForPreTraining.from_pretrained(checkpoint)
+    return task.build_model()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", required=True, choices=TASK_CHOICES)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + model.safetensors)")
+    parser.add_argument("--split", required=True, help="vqa: train|val|trainval|minval|test|test-dev; "
+                        "retrieval: train|val|test; refexp: val|testA|testB|test")
+    parser.add_argument("--config", help="YAML config (default: tasks/configs/<task>.yaml)")
+    parser.add_argument("--out", help="output directory (default: <checkpoint>/eval-<split>)")
+    parser.add_argument("--hard-negatives", metavar="OUT.json", help="retrieval: write the split's hard-negative pool")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    task = load_task(args.task, args.config, [*args.overrides, f"model.init={args.checkpoint}"])
+    model = load_checkpoint_model(args.checkpoint, task)
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    out = Path(args.out or Path(args.checkpoint) / f"eval-{args.split}")
+    progress = lambda items: tqdm(items, desc=f"{args.task} {args.split}", leave=False)  # noqa: E731
+
+    if args.hard_negatives:
+        pool = task.hard_negative_pool(model, args.split, progress=progress)
+        write_json_atomic(args.hard_negatives, pool)
+        print(f"hard negatives of {len(pool)} images -> {args.hard_negatives}")
+        return 0
+    if args.task == "vqa" and args.split in ("test", "test-dev"):
+        from tasks.vqa import submission
+
+        predictions = task.predict(model, args.split, progress)
+        result = submission(predictions, task.questions(args.split), fallback=task.vocabulary()[0])
+        write_json_atomic(out / "predictions.json", result)
+        metrics = {"num_questions": len(result)}
+    elif hasattr(task, "predict"):
+        predictions = task.predict(model, args.split, progress)
+        metrics = task.evaluate(model, args.split, progress)
+        write_json_atomic(out / "predictions.json", predictions)
+    else:
+        metrics = task.evaluate(model, args.split, progress)
+        images, scores = task.last_scores
+        write_json_atomic(out / "predictions.json", {"image_ids": [im.image_id for im in images],
+                                                     "captions": [c for im in images for c in im.captions],
+                                                     "scores": scores.tolist()})
+    write_json_atomic(out / "metrics.json", {"task": args.task, "split": args.split,
+                                             "checkpoint": str(args.checkpoint), **metrics})
+    for key, value in metrics.items():
+        print(f"{key:>24} {value:.2f}" if isinstance(value, float) else f"{key:>24} {value}")
+    print(f"predictions and metrics -> {out}")
+    return 0
