@@ -264,3 +264,22 @@ def test_refer_files_load_through_the_refexp_reader(world, scenes):
         assert expressions and {scenes[e.image_id]["split"] for e in expressions} == {split}
         for e in expressions:
             assert list(e.box) in [pytest.approx(s["box"], abs=1e-3) for s in scenes[e.image_id]["shapes"]]
+
+
+def test_retrieval_json_loads_through_the_karpathy_reader(world, scenes):
+    from tasks.retrieval import read_karpathy
+
+    for split in SPLITS:
+        images = read_karpathy(world / "retrieval" / "dataset_shapes.json", split)
+        assert {scenes[int(im.image_id)]["split"] for im in images} == {split}
+        assert all(len(im.captions) == 5 for im in images)
+
+
+def test_caption_files_load_through_the_caption_reader(world):
+    from tasks.captions import load_captions
+
+    lines = load_captions(world / "captions" / "captions_train.jsonl")
+    first = load_captions(world / "captions" / "caption_train.json")
+    assert len(lines) == 5 * len(first)
+    assert {c.image_id for c in lines} == {c.image_id for c in first}
+    assert all(c.text.startswith("from left to right: ") for c in first)
