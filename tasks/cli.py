@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "features": "features",
     "finetune": "finetune",
     "pretrain": "pretrain",
+    "report": "report",
     "score": "score",
     "shapes-world": "shapes_world",
 }

@@ -410,12 +410,6 @@ def write_shapes_world(out: str | Path, seed: int = 0, num_images: int = 2000, s
 
     texts = {scene.image_id: np.random.default_rng([seed, scene.image_id, 2]) for scene in scenes}
     scene_captions = {s.image_id: captions(s, texts[s.image_id]) for s in scenes}
-    _write_json(out / "scenes.json", {
-        "seed": seed, "size": size, "classes": CLASS_NAMES,
-        "compositional_pairs": [list(p) for p in COMPOSITIONAL_PAIRS],
-        "images": [{"image_id": s.image_id, "file_name": s.file_name, "split": s.split,
-                    "shapes": [asdict(shape) for shape in s.shapes]} for s in scenes],
-    })
     _write_json(out / "gt_boxes.json", {str(s.image_id): [list(x.box) for x in s.shapes] for s in scenes})
     _write_json(out / "gt_classes.json",
                 {str(s.image_id): [class_id(x.colour, x.kind) for x in s.shapes] for s in scenes})
@@ -423,6 +417,13 @@ def write_shapes_world(out: str | Path, seed: int = 0, num_images: int = 2000, s
     _write_retrieval(out / "retrieval" / "dataset_shapes.json", scenes, scene_captions)
     _write_vqa(out / "vqa", scenes, texts)
     _write_refer(out / "refshapes", scenes, texts)
+    # scenes.json comes last: its presence says the whole dataset is written (the Makefile's target)
+    _write_json(out / "scenes.json", {
+        "seed": seed, "size": size, "classes": CLASS_NAMES,
+        "compositional_pairs": [list(p) for p in COMPOSITIONAL_PAIRS],
+        "images": [{"image_id": s.image_id, "file_name": s.file_name, "split": s.split,
+                    "shapes": [asdict(shape) for shape in s.shapes]} for s in scenes],
+    })
     return dict(Counter(s.split for s in scenes))
 
 
