@@ -414,7 +414,7 @@ def write_shapes_world(out: str | Path, seed: int = 0, num_images: int = 2000, s
     _write_json(out / "gt_classes.json",
                 {str(s.image_id): [class_id(x.colour, x.kind) for x in s.shapes] for s in scenes})
     _write_captions(out / "captions", scenes, scene_captions)
-    _write_retrieval(out / "retrieval" / "dataset_shapes.json", scenes, scene_captions)
+    _write_retrieval(out / "retrieval", scenes, scene_captions)
     _write_vqa(out / "vqa", scenes, texts)
     _write_refer(out / "refshapes", scenes, texts)
     # scenes.json comes last: its presence says the whole dataset is written (the Makefile's target)
@@ -437,18 +437,37 @@ def _write_captions(folder: Path, scenes: list[Scene], scene_captions: dict[int,
         _write_json(folder / f"caption_{split}.json", {str(s.image_id): scene_captions[s.image_id][0] for s in chosen})
 
 
-def _write_retrieval(path: Path, scenes: list[Scene], scene_captions: dict[int, list[str]]) -> None:
-    """Karpathy's split JSON: five sentences per image; imgid equals the image id (ids are 0..N-1)."""
+def _raw(caption: str) -> str:
+    """A sentence as annotators typed it: capitalised (the `raw` field of Karpathy's files)."""
+    return caption[0].upper() + caption[1:]
+
+
+RETRIEVAL_EVAL_IMAGES = 50  # images in each `set0` evaluation file (COCO's 1k test subset, scaled down)
+
+
+def _write_retrieval(folder: Path, scenes: list[Scene], scene_captions: dict[int, list[str]]) -> None:
+    """Karpathy's split JSON `dataset_shapes.json` (five sentences per image; imgid equals the image id, ids
+    are 0..N-1), and the reference's JSON-lines files: `all_data_final_train.jsonline` with every train image and,
+    per held-out split, `all_data_final_<split>_set0.jsonline` with its first 50 images. Scoring every caption
+    against every image costs captions x images forward passes, so a CPU evaluates the small sets.
+    """
+    for split in SPLITS:
+        chosen = [s for s in scenes if s.split == split]
+        name = "all_data_final_train.jsonline" if split == "train" else f"all_data_final_{split}_set0.jsonline"
+        if split != "train":
+            chosen = chosen[:RETRIEVAL_EVAL_IMAGES]
+        lines = [json.dumps({"id": s.image_id, "img_path": s.file_name, "sentences": [_raw(c) for c in scene_captions[s.image_id]]})
+                 for s in chosen]
+        _write_bytes(folder / name, ("\n".join(lines) + "\n").encode())
     images, sentid = [], 0
     for scene in scenes:
         sentences = []
         for caption in scene_captions[scene.image_id]:
-            raw = caption[0].upper() + caption[1:]
-            sentences.append({"raw": raw, "tokens": tokens(caption), "imgid": scene.image_id, "sentid": sentid})
+            sentences.append({"raw": _raw(caption), "tokens": tokens(caption), "imgid": scene.image_id, "sentid": sentid})
             sentid += 1
         images.append({"filename": scene.file_name, "imgid": scene.image_id, "split": scene.split,
                        "sentences": sentences, "sentids": [s["sentid"] for s in sentences]})
-    _write_json(path, {"images": images, "dataset": "shapes"})
+    _write_json(folder / "dataset_shapes.json", {"images": images, "dataset": "shapes"})
 
 
 # Where each split's VQA files go, under the official names the VQA reader knows: train and val as COCO's

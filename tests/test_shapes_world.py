@@ -266,13 +266,17 @@ def test_refer_files_load_through_the_refexp_reader(world, scenes):
             assert list(e.box) in [pytest.approx(s["box"], abs=1e-3) for s in scenes[e.image_id]["shapes"]]
 
 
-def test_retrieval_json_loads_through_the_karpathy_reader(world, scenes):
-    from tasks.retrieval import read_karpathy
+def test_retrieval_files_load_through_the_karpathy_and_jsonlines_readers(world, scenes):
+    from tasks.retrieval import read_jsonlines, read_karpathy
 
     for split in SPLITS:
         images = read_karpathy(world / "retrieval" / "dataset_shapes.json", split)
         assert {scenes[int(im.image_id)]["split"] for im in images} == {split}
         assert all(len(im.captions) == 5 for im in images)
+        name = "all_data_final_train.jsonline" if split == "train" else f"all_data_final_{split}_set0.jsonline"
+        lines = read_jsonlines(world / "retrieval" / name)
+        assert [(im.image_id, im.captions) for im in lines] == [(im.image_id, im.captions) for im in images[:len(lines)]]
+        assert len(lines) == (len(images) if split == "train" else min(50, len(images)))
 
 
 def test_caption_files_load_through_the_caption_reader(world):
