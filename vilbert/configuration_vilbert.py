@@ -173,8 +173,8 @@ class ViLBertConfig(PreTrainedConfig):
             ("t_biattention_id", t_ids, self.num_hidden_layers, "num_hidden_layers"),
         ):
             for i in ids:
-                if not 0 <= i <= layers:
-                    raise ConfigError(f"{name}: id {i} is out of range [0, {layers}] ({layers_name} = {layers})")
+                if not 0 <= i < layers:  # as the reference asserts: co-attention runs before an existing layer
+                    raise ConfigError(f"{name}: id {i} is out of range [0, {layers - 1}] ({layers_name} = {layers})")
             if any(b <= a for a, b in zip(ids, ids[1:], strict=False)):
                 raise ConfigError(f"{name}: {ids} is not strictly increasing")
         for name, fixed, ids in (("fixed_t_layer", self.fixed_t_layer, t_ids), ("fixed_v_layer", self.fixed_v_layer, v_ids)):

@@ -22,6 +22,7 @@ from vilbert.modeling_vilbert import ViLBertForPreTraining, ViLBertForVLTasks, V
 logger = logging.getLogger(__name__)
 
 SOURCES = ("vilbert-multi-task", "vilbert_beta")
+REFERENCE_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "reference_configs")  # the released JSON configs
 
 # (reference prefix, our prefix), most specific first in both columns
 _COMMON_RULES: list[tuple[str, str]] = [
@@ -249,8 +250,12 @@ def read_reference_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor
 
 
 def config_from_reference_json(path: str | os.PathLike, **overrides: Any) -> ViLBertConfig:
-    """A reference config JSON (e.g. bert_base_6layer_6conect.json) -> ViLBertConfig, with overrides."""
+    """A reference config JSON -> ViLBertConfig, with overrides. A bare name such as
+    "bert_base_4layer_4conect.json" that is not a file here is looked up among the packaged reference configs."""
     path = os.fspath(path)
+    packaged = os.path.join(REFERENCE_CONFIG_DIR, path)
+    if not os.path.exists(path) and os.path.basename(path) == path and os.path.isfile(packaged):
+        path = packaged
     try:
         with open(path, encoding="utf-8") as f:
             values = json.load(f)
@@ -277,8 +282,11 @@ def config_from_reference_json(path: str | os.PathLike, **overrides: Any) -> ViL
         raise ConfigError(f"{path}: {error}") from error
 
 
-def _infer_config(state: Mapping[str, torch.Tensor], source: str, num_labels: int | None) -> ViLBertConfig:
-    """Base config adjusted to what the checkpoint shows: task token table, answer count, head style."""
+def _fit_config(
+    config: ViLBertConfig, state: Mapping[str, torch.Tensor], source: str, num_labels: int | None
+) -> ViLBertConfig:
+    """Adjust `config` to what a reference checkpoint shows and its JSON config cannot say: the task-token table,
+    the answer count (unless `num_labels` is given) and the answer-head style of the source."""
     overrides: dict[str, Any] = {"task_specific_tokens": "bert.embeddings.task_embeddings.weight" in state}
     if source == "vilbert_beta":
         overrides["answer_head_type"] = "beta"
@@ -287,7 +295,14 @@ def _infer_config(state: Mapping[str, torch.Tensor], source: str, num_labels: in
         overrides["num_labels"] = num_labels
     elif answers is not None:
         overrides["num_labels"] = answers.shape[0]
-    return ViLBertConfig(**overrides)
+    current = {key: getattr(config, key) for key in overrides}
+    if current == overrides:
+        return config
+    logger.info("config adjusted to the checkpoint: %s", overrides)
+    values = config.to_dict()
+    if overrides.get("num_labels", config.num_labels) != config.num_labels:  # label names no longer apply
+        del values["id2label"], values["label2id"]
+    return ViLBertConfig(**{**values, **overrides})
 
 
 def load_reference_checkpoint(
@@ -299,19 +314,13 @@ def load_reference_checkpoint(
     """Load a released reference checkpoint into ViLBertForPreTraining (only bert.*/cls.* keys) or
     ViLBertForVLTasks (task heads present), in eval mode. Missing and unexpected keys are logged by name.
 
-    Without `config`, the base config is used with the task-token table, answer count and answer-head style read
-    off the checkpoint; `num_labels` overrides the answer count either way.
+    `config` (default: the base model) gives widths and attachment points; the task-token table, the answer count
+    and the answer-head style come from the checkpoint, except that `num_labels`, when given, fixes the answer count
+    (a checkpoint whose head has another size is then refused).
     """
     path = os.fspath(path)
     state = read_reference_state_dict(path)
-    if config is None:
-        config = _infer_config(state, source, num_labels)
-    else:
-        overrides = {"num_labels": num_labels} if num_labels is not None else {}
-        if source == "vilbert_beta":
-            overrides["answer_head_type"] = "beta"
-        if overrides:
-            config = ViLBertConfig(**{**config.to_dict(), **overrides})
+    config = _fit_config(config if config is not None else ViLBertConfig(), state, source, num_labels)
     converted = convert_reference_state_dict(state, config, source, origin=path)
     has_task_heads = any(not k.startswith(("bert.", "cls.")) for k in state)
     model = (ViLBertForVLTasks if has_task_heads else ViLBertForPreTraining)(config)

@@ -404,6 +404,8 @@ class ViLBertModel(ViLBertPreTrainedModel):
         task_ids: torch.Tensor | None = None,
         text_prefix: TextPrefix | None = None,
     ) -> ViLBertModelOutput:
+        if region_features is None or region_locations is None:
+            raise ValueError("region_features and region_locations: required")
         if text_prefix is None:
             if input_ids is None:
                 raise ValueError("input_ids: required unless text_prefix is given")
