@@ -224,3 +224,18 @@ def test_boxes_need_an_explicit_format(tmp_path, capsys):
     code = main(["extract", "--images", str(tmp_path / "img"), "--out", str(tmp_path / "f.h5"),
                  "--boxes", str(tmp_path / "b.json")])
     assert code == 2 and "--box-format" in capsys.readouterr().err
+
+
+def test_rerun_on_a_grown_folder_adds_only_the_new_images(tmp_path):
+    _make_images(tmp_path / "img", 3)
+    out = tmp_path / "f.h5"
+    extract(list_images(tmp_path / "img"), out, TinyDetector(), workers=0, progress=False)
+    before = _features_by_id(out)
+    _make_images(tmp_path / "more", 5, seed=1)
+    for name in ("im03.png", "im04.png"):
+        (tmp_path / "more" / name).rename(tmp_path / "img" / name)
+    summary = extract(list_images(tmp_path / "img"), out, TinyDetector(), workers=0, progress=False)
+    assert (summary.images_written, summary.images_skipped) == (2, 3)
+    after = _features_by_id(out)
+    assert sorted(after) == ["im00", "im01", "im02", "im03", "im04"]
+    np.testing.assert_array_equal(after["im01"].features, before["im01"].features)
