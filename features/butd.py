@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from torchvision.ops import batched_nms, roi_pool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from features.detector import DetectedRegions, PreparedImage, RegionDetector
+from features.errors import FeaturesError
 from features.selection import BUTD_RULE, SelectionRule, select_regions
 
 logger = logging.getLogger(__name__)
@@ -371,20 +372,27 @@ class BUTDDetector(RegionDetector):
     """`BUTDModel` + Caffe preprocessing + box selection, behind the `RegionDetector` interface."""
 
     name = "butd-r101-c4"
+    backend = "native"
 
     def __init__(self, config: BUTDConfig | None = None, *, selection: SelectionRule = BUTD_RULE,
-                 box_mode: str = "proposal", weights_info: dict | None = None):
+                 box_mode: str = "proposal", weights_info: dict | None = None, model: nn.Module | None = None):
+        """`model` replaces the native network by any module with `BUTDModel.forward`'s contract."""
         super().__init__()
         if box_mode not in ("proposal", "regressed"):
-            raise ValueError(f"box_mode must be 'proposal' or 'regressed', got {box_mode!r}")
+            raise FeaturesError(f"box_mode must be 'proposal' or 'regressed', got {box_mode!r}")
         self.config = config or BUTDConfig()
-        self.model = BUTDModel(self.config)
+        self.model = model if model is not None else BUTDModel(self.config)
         self.selection = selection
         self.box_mode = box_mode
         self.weights_info = weights_info or {"sha256": "random"}
         self.feature_dim = self.config.feature_dim
         self.cls_prob_dim = self.config.num_classes + 1
         self.register_buffer("_pixel_mean", torch.tensor(self.config.pixel_mean_bgr).view(3, 1, 1), persistent=False)
+
+    @property
+    def size_divisible(self) -> int:
+        """Padding multiple the pipeline uses for a batch (1: pad to the largest image only, like Caffe/HF)."""
+        return self.config.size_divisible
 
     def prepare(self, image: np.ndarray) -> PreparedImage:
         """RGB uint8 [H, W, 3] → BGR 0-255 minus the Caffe means, resized (bilinear) to 600 / max 1000."""
@@ -409,7 +417,8 @@ class BUTDDetector(RegionDetector):
         if boxes is not None:
             if len(boxes) != len(images):
                 raise ValueError(f"got boxes for {len(boxes)} images but {len(images)} images")
-            rois = [b.to(device=device, dtype=torch.float32).reshape(-1, 4) * s for b, s in zip(boxes, scales, strict=True)]
+            rois = [b.to(device=device, dtype=torch.float32).reshape(-1, 4) * s
+                    for b, s in zip(boxes, scales, strict=True)]
         out = self.model(pixels, image_hw, rois)
         counts = [len(r) for r in out["rois"]]
         probs = F.softmax(out["cls_logits"].float(), dim=1).split(counts)  # [P_i, K+1] each
@@ -455,7 +464,7 @@ class BUTDDetector(RegionDetector):
         c = self.config
         return {
             "detector": self.name,
-            "backend": "native",
+            "backend": self.backend,
             "weights": self.weights_info,
             "selection": self.selection.as_dict(),
             "box_mode": self.box_mode,
@@ -469,26 +478,56 @@ class BUTDDetector(RegionDetector):
         }
 
 
-def build_butd_r101_c4(weights: str | None = None, *, config: BUTDConfig | None = None,
+def build_butd_r101_c4(weights: str | None = None, *, config: BUTDConfig | None = None, preset: str = "r101",
                        selection: SelectionRule | str | None = None, box_mode: str = "proposal",
-                       weights_format: str = "auto", **selection_overrides) -> BUTDDetector:
+                       weights_format: str = "auto", backend: str = "native", **options) -> BUTDDetector:
     """The registry's builder: a BUTD detector, optionally loading a published checkpoint (any supported format).
 
-    `selection` is a rule or a rule name (`butd`, `vmb`, `fixed-36`); keyword overrides such as
-    `min_boxes=36` replace single rule parameters.
+    `selection` is a rule or a rule name (`butd`, `vmb`, `fixed-36`). Other keyword options (strings from the
+    command line's `--option KEY=VALUE` included) override one `SelectionRule` field (`min_boxes=36`) or one
+    `BUTDConfig` field (`min_size=800`); `preset="tiny"` starts from the test-sized network. Unless `config` is
+    given, the config follows the weight file where the file decides (attribute head present, Caffe anchors).
+    `backend="detectron2"` builds the same network through detectron2 (see `features.detectron2_backend`).
     """
     from features.detector_checkpoints import load_butd_weights
     from features.selection import rule_from_name
 
-    if isinstance(selection, SelectionRule):
-        rule = SelectionRule(**{**selection.as_dict(), **selection_overrides})
-    else:
-        rule = rule_from_name(selection or "butd", **selection_overrides)
+    if backend not in ("native", "detectron2"):
+        raise FeaturesError(f"butd-r101-c4: backend must be 'native' or 'detectron2', got {backend!r}")
+    rule_fields = {f.name for f in fields(SelectionRule)} - {"name"}
+    config_fields = {f.name for f in fields(BUTDConfig) if f.init}
+    unknown = sorted(set(options) - rule_fields - config_fields)
+    if unknown:
+        raise FeaturesError(f"butd-r101-c4: unknown option(s) {', '.join(unknown)}; options are preset, selection, "
+                            f"box_mode, weights_format, backend, {', '.join(sorted(rule_fields | config_fields))}")
+    rule_options = {k: v for k, v in options.items() if k in rule_fields}
+    config_options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in config_fields}
+    try:
+        if isinstance(selection, SelectionRule):
+            rule = SelectionRule(**{**selection.as_dict(), **rule_options})
+        else:
+            rule = rule_from_name(selection or "butd", **rule_options)
+    except (TypeError, ValueError) as e:
+        raise FeaturesError(f"butd-r101-c4: bad selection options: {e}") from e
+    if preset not in ("r101", "tiny"):
+        raise FeaturesError(f"butd-r101-c4: preset must be 'r101' or 'tiny', got {preset!r}")
+    explicit_config = config is not None
+    if config is None:
+        config = BUTDConfig.tiny(**config_options) if preset == "tiny" else BUTDConfig(**config_options)
+    elif config_options:
+        config = replace(config, **config_options)
     state, info = None, None
     if weights is not None:
-        state, info, config = load_butd_weights(weights, config or BUTDConfig(), weights_format,
-                                                adapt_config=config is None)
-    detector = BUTDDetector(config, selection=rule, box_mode=box_mode, weights_info=info)
-    if state is not None:
-        detector.model.load_state_dict(state, strict=True)
+        state, info, adapted = load_butd_weights(weights, config, weights_format, adapt_config=not explicit_config)
+        config = replace(adapted, **config_options)  # options the user set win over the file's suggestions
+    if backend == "detectron2":
+        from features.detectron2_backend import Detectron2BUTDDetector
+
+        detector = Detectron2BUTDDetector(config, selection=rule, box_mode=box_mode, weights_info=info)
+        if state is not None:
+            detector.load_native_state_dict(state)
+    else:
+        detector = BUTDDetector(config, selection=rule, box_mode=box_mode, weights_info=info)
+        if state is not None:
+            detector.model.load_state_dict(state, strict=True)
     return detector.eval()

@@ -6,8 +6,14 @@ Rule A (bottom-up-attention, Caffe `generate_tsv.py`): per-class NMS on the prop
 Fixed-K (e.g. 36 boxes) is rule A with `min_boxes = max_boxes = K`. Rule C (vqa-maskrcnn-benchmark, ViLBERT's
 features): NMS 0.5, threshold 0, the top 100 by `max_conf`, sorted.
 
-Everything runs on the device: one `batched_nms` over (proposal, class) pairs grouped by class (and image), and
+Everything runs on the device: one grouped NMS over (proposal, class) pairs grouped by class (and image), and
 `scatter_reduce` for `max_conf`. Background is column 0 of the score matrix and never counts.
+
+Only pairs scoring at least a floor take part, starting at the confidence threshold: a pair can only be suppressed
+by a same-class pair scoring at least as much, so `max_conf` is exact for every proposal whose true value reaches
+the floor. When a selection has to reach below the floor (fewer than `min_boxes` pass), the floor drops tenfold
+and the image is redone, down to every positive pair. The result always equals Caffe's per-class loop, at a cost of
+at most P / floor pairs per pass instead of P x K.
 """
 
 from __future__ import annotations
@@ -15,10 +21,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, nms
 
-# A first pass keeps only (proposal, class) pairs scoring at least this much; see `max_confidence`.
-PAIR_SCORE_FLOOR = 1e-3
+# First floor when the threshold is 0 (rule C), and the last one before taking every positive pair.
+START_FLOOR = 0.05
+LAST_FLOOR = 1e-6
+# On CUDA, NMS of up to this many pairs runs as one kernel (boxes of different groups shifted apart).
+ONE_KERNEL_NMS_LIMIT = 40_000
 
 
 @dataclass(frozen=True)
@@ -67,14 +76,26 @@ def rule_from_name(name: str, **overrides) -> SelectionRule:
     return SelectionRule(**{**rule.as_dict(), **{k: v for k, v in overrides.items() if v is not None}})
 
 
+def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, threshold: float,
+                one_kernel: bool | None = None) -> torch.Tensor:
+    """NMS within each group; kept indices sorted by score. One kernel on CUDA (groups shifted apart in space),
+    torchvision's per-group loop for large inputs on CPU, where one quadratic kernel would be slower."""
+    if one_kernel is None:
+        one_kernel = boxes.is_cuda and len(boxes) <= ONE_KERNEL_NMS_LIMIT
+    if one_kernel and len(boxes) > 0:
+        span = boxes.max() - boxes.min() + 1
+        return nms(boxes + (groups.to(boxes) * span)[:, None], scores, threshold)
+    return batched_nms(boxes, scores, groups, threshold)
+
+
 def max_confidence(
     boxes: list[torch.Tensor], scores: list[torch.Tensor], nms_threshold: float, floor: float = 0.0
 ) -> list[torch.Tensor]:
     """Per-class NMS over every image at once; returns `max_conf` [P_i] per image.
 
     boxes[i] [P_i, 4] proposals; scores[i] [P_i, K+1] class probabilities, background at column 0.
-    Only pairs with score >= `floor` (> 0 when `floor` is 0) take part. This is exact for every proposal whose
-    true `max_conf` is >= `floor`: a pair can only be suppressed by a same-class pair scoring at least as much.
+    Only pairs with score >= `floor` (> 0 when `floor` is 0) take part; exact for every proposal whose true
+    `max_conf` is >= `floor` (see the module docstring), 0 or a lower bound elsewhere.
     """
     counts = [b.shape[0] for b in boxes]
     if sum(counts) == 0:
@@ -87,7 +108,7 @@ def max_confidence(
     mask = fg >= floor if floor > 0 else fg > 0
     prop, cls = mask.nonzero(as_tuple=True)  # pairs [M]
     pair_scores = fg[prop, cls]
-    keep = batched_nms(all_boxes[prop], pair_scores, image_of[prop] * num_fg + cls, nms_threshold)
+    keep = grouped_nms(all_boxes[prop], pair_scores, image_of[prop] * num_fg + cls, nms_threshold)
     max_conf = fg.new_zeros(fg.shape[0]).scatter_reduce(0, prop[keep], pair_scores[keep], "amax")
     return list(max_conf.split(counts))
 
@@ -111,16 +132,20 @@ def select_regions(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Apply `rule` to each image: returns (kept indices [k_i], max_conf [P_i]) per image.
 
-    A first pass uses only pairs scoring >= min(PAIR_SCORE_FLOOR, conf_threshold) (a few thousand instead of
-    P x K); images whose selection reaches below that floor are recomputed with every positive pair, so the
-    result equals the full per-class NMS either way.
+    `max_conf` is exact wherever it is at least the last floor used for that image (every kept box's is).
     """
-    floor = min(PAIR_SCORE_FLOOR, rule.conf_threshold) if rule.conf_threshold > 0 else PAIR_SCORE_FLOOR
-    confs = max_confidence(boxes, scores, rule.nms_threshold, floor)
-    picks = [_pick(conf, rule) for conf in confs]
-    redo = [i for i, (conf, keep) in enumerate(zip(confs, picks, strict=True)) if keep.numel() and conf[keep].min() < floor]
-    if redo:
-        exact = max_confidence([boxes[i] for i in redo], [scores[i] for i in redo], rule.nms_threshold, 0.0)
-        for i, conf in zip(redo, exact, strict=True):
-            confs[i], picks[i] = conf, _pick(conf, rule)
-    return list(zip(picks, confs, strict=True))
+    results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(boxes)
+    pending = list(range(len(boxes)))
+    floor = rule.conf_threshold if rule.conf_threshold > 0 else START_FLOOR
+    while pending:
+        confs = max_confidence([boxes[i] for i in pending], [scores[i] for i in pending], rule.nms_threshold, floor)
+        still = []
+        for i, conf in zip(pending, confs, strict=True):
+            keep = _pick(conf, rule)
+            if floor == 0 or keep.numel() == 0 or conf[keep].min() >= floor:
+                results[i] = (keep, conf)
+            else:
+                still.append(i)
+        pending = still
+        floor = floor / 10 if floor / 10 >= LAST_FLOOR else 0.0
+    return results

@@ -138,3 +138,30 @@ def test_extractor_info_is_json_and_records_the_choices():
 def test_registry_builds_the_detector():
     det = build_detector("butd-r101-c4", config=BUTDConfig.tiny(), selection="vmb")
     assert isinstance(det, BUTDDetector) and det.selection.max_boxes == 100 and not det.training
+
+
+def test_bf16_autocast_and_channels_last_run_and_stay_close(detector):
+    detector = detector.to(memory_format=torch.channels_last)
+    prepared = [detector.prepare(im) for im in _images()]
+    boxes = [torch.tensor([[5.0, 5, 60, 45]]), torch.tensor([[3.0, 10, 30, 70]])]
+    reference = detector(pad_batch(prepared), prepared, boxes)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = detector(pad_batch(prepared), prepared, boxes)
+        proposed = detector(pad_batch(prepared), prepared)
+    for a, b in zip(reference, fast, strict=True):
+        assert b.features.dtype == torch.float32
+        assert (a.features - b.features).abs().max() <= 0.03 * a.features.abs().max()
+    assert all(len(r.boxes) >= 10 for r in proposed)
+
+
+def test_builder_takes_command_line_options_and_names_unknown_ones():
+    det = build_butd_r101_c4(preset="tiny", max_boxes=36, min_boxes=36, min_size=80, anchor_sizes=[32, 64])
+    assert det.selection.min_boxes == det.selection.max_boxes == 36
+    assert det.config.min_size == 80 and det.config.anchor_sizes == (32, 64)
+    assert det.model.proposal_generator.rpn_head.objectness_logits.out_channels == 6
+    from features.errors import FeaturesError
+
+    with pytest.raises(FeaturesError, match="unknown option.*max_box\\b"):
+        build_butd_r101_c4(preset="tiny", max_box=3)
+    with pytest.raises(FeaturesError, match="box_mode"):
+        build_butd_r101_c4(preset="tiny", box_mode="corners")

@@ -149,3 +149,16 @@ def test_rule_names_and_overrides():
         rule_from_name("maxnms")
     with pytest.raises(ValueError, match="min_boxes <= max_boxes"):
         SelectionRule(min_boxes=5, max_boxes=2)
+
+
+def test_one_kernel_grouped_nms_matches_per_group_nms():
+    from torchvision.ops import batched_nms
+
+    from features.selection import grouped_nms
+
+    torch.manual_seed(3)
+    xy = torch.rand(3000, 2) * 50
+    boxes = torch.cat([xy, xy + 5 + torch.rand(3000, 2) * 20], dim=1)
+    scores, groups = torch.rand(3000), torch.randint(0, 40, (3000,))
+    shifted = grouped_nms(boxes, scores, groups, 0.4, one_kernel=True)
+    assert shifted.tolist() == batched_nms(boxes, scores, groups, 0.4).tolist()
