@@ -280,11 +280,14 @@ class PretrainingTask(Task):
     def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         return collate_pretraining(samples, self.config.data.max_regions)
 
+    def objective_loss(self, out) -> torch.Tensor:
+        """L_mlm + L_region + L_alignment, the alignment term weighted 0 under objective 2."""
+        alignment_weight = 0.0 if self.config.data.objective == 2 else 1.0
+        return out.mlm_loss + out.region_loss + alignment_weight * out.alignment_loss
+
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
         out = model(**batch)
-        alignment_weight = 0.0 if self.config.data.objective == 2 else 1.0
-        loss = out.mlm_loss + out.region_loss + alignment_weight * out.alignment_loss
-        return StepOutput(loss, {
+        return StepOutput(self.objective_loss(out), {
             "mlm_loss": out.mlm_loss.detach(),
             "region_loss": out.region_loss.detach(),
             "alignment_loss": out.alignment_loss.detach(),
@@ -304,25 +307,28 @@ class PretrainingTask(Task):
     def _masked_metrics(self, model: nn.Module, dataset: PretrainingDataset) -> dict[str, float]:
         device = next(model.parameters()).device
         size = self.config.data.eval_batch_size
-        totals = torch.zeros(7, dtype=torch.float64, device=device)  # mlm ok/n, region ok/n, align ok/n, loss sum
+        correct = torch.zeros(3, dtype=torch.float64, device=device)  # MLM, region, alignment
+        counts = np.zeros(3, dtype=np.int64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for start in range(0, len(dataset), size):
             samples = [dataset.sample(i, 0) for i in range(start, min(start + size, len(dataset)))]
-            batch = {k: v.to(device) for k, v in self.collate(samples).items()}
+            batch = {k: v.to(device, non_blocking=True) for k, v in self.collate(samples).items()}
             out = model(**batch)
             mlm_targets = batch["mlm_labels"][batch["mlm_labels"] != IGNORE]
             region_teacher = batch["region_targets"][batch["region_labels"] == 1].argmax(-1)
-            totals += torch.stack([
-                (out.mlm_logits.argmax(-1) == mlm_targets).sum().double(), torch.tensor(mlm_targets.numel()),
-                (out.region_logits.argmax(-1) == region_teacher).sum().double(), torch.tensor(region_teacher.numel()),
-                (out.alignment_logits.argmax(-1) == batch["alignment_labels"]).sum().double(),
-                torch.tensor(len(samples)), out.loss.double() * len(samples),
-            ]).to(device)
-        t = totals.tolist()
-        return {
-            "loss": t[6] / max(t[5], 1),
-            "mlm_accuracy": t[0] / max(t[1], 1),
-            "region_accuracy": t[2] / max(t[3], 1),
-            "alignment_accuracy": t[4] / max(t[5], 1),
+            correct += torch.stack([
+                (out.mlm_logits.argmax(-1) == mlm_targets).sum(),
+                (out.region_logits.argmax(-1) == region_teacher).sum(),
+                (out.alignment_logits.argmax(-1) == batch["alignment_labels"]).sum(),
+            ]).double()
+            counts += [mlm_targets.numel(), region_teacher.numel(), len(samples)]
+            loss_sum += self.objective_loss(out).double() * len(samples)
+        t = correct.tolist()
+        return {  # accuracies in percent, like the retrieval recalls
+            "loss": loss_sum.item() / max(counts[2], 1),
+            "mlm_accuracy": 100.0 * t[0] / max(counts[0], 1),
+            "region_accuracy": 100.0 * t[1] / max(counts[1], 1),
+            "alignment_accuracy": 100.0 * t[2] / max(counts[2], 1),
         }
 
     @torch.no_grad()

@@ -15,6 +15,8 @@ How `tasks.trainer.Trainer` calls a task:
 - `evaluate(model, split)` on rank 0 in eval mode under `torch.no_grad()` and autocast; returns floats.
   An empty dict means "nothing to evaluate". `main_metric` picks the best checkpoint, in the direction
   `higher_is_better`.
+- Under DDP, a model with parameters that get no gradient in `training_step` (heads of other tasks) must set
+  `find_unused_parameters = True` on the task (DistributedDataParallel's option of that name).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Task:
     name: str = ""
     main_metric: str = "loss"
     higher_is_better: bool = False  # for main_metric; accuracy-like metrics set True
+    find_unused_parameters: bool = False  # DDP: some parameters get no gradient in training_step
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError

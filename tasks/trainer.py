@@ -515,8 +515,11 @@ class Trainer:
             self._truncate_metrics_log(state.step)
 
         ddp = (
-            nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                                else None)
+            nn.parallel.DistributedDataParallel(
+                model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.task.find_unused_parameters,
+            )
             if self.dist.enabled
             else model
         )
@@ -614,6 +617,7 @@ class Trainer:
                     train.eval_every is None and epoch_done) or (finished and train.eval_at_end)
                 due_save = (train.save_every is not None and state.step % train.save_every == 0) or (
                     train.save_every is None and epoch_done) or finished
+                paused = time.perf_counter()  # evaluation and saving do not count against throughput
                 if due_eval:
                     last_eval = self.evaluate(model, state)
                     value = last_eval.get(self.task.main_metric)
@@ -623,6 +627,7 @@ class Trainer:
                 if due_save:
                     check_finite()
                     last_saved = self.save_checkpoint(model, optimizer, scheduler, scaler, state)
+                window_start += time.perf_counter() - paused
                 if finished or epoch_done:
                     break
         progress.close()
@@ -642,18 +647,18 @@ def summary_lines(result: TrainResult, task: Task) -> list[str]:
     """A one-screen summary of a finished run, for the command line."""
     state = result.state
     lines = [
-        f"run directory   {result.run_dir}",
-        f"steps           {state.step} ({state.epoch} full epochs) in {result.seconds / 60:.1f} min",
+        f"run directory       {result.run_dir}",
+        f"steps               {state.step} ({state.epoch} full epochs) in {result.seconds / 60:.1f} min",
     ]
     if result.last_log:
-        lines.append(f"last loss       {result.last_log['loss']:.4f}  (lr {result.last_log['lr']:.3g}, "
+        lines.append(f"last loss           {result.last_log['loss']:.4f}  (lr {result.last_log['lr']:.3g}, "
                      f"{result.last_log['samples_per_s']:.1f} samples/s)")
     for key, value in result.last_eval.items():
-        lines.append(f"val {key:<12}{value:.4f}")
+        lines.append(f"val {key:<20} {value:.4f}")
     if state.best_step is not None:
         lines.append(f"best {task.main_metric} {state.best_value:.4f} at step {state.best_step}: {result.best_checkpoint}")
     if result.last_checkpoint is not None:
-        lines.append(f"last checkpoint {result.last_checkpoint}")
-    lines.append(f"metrics log     {result.run_dir / 'metrics.jsonl'}")
+        lines.append(f"last checkpoint     {result.last_checkpoint}")
+    lines.append(f"metrics log         {result.run_dir / 'metrics.jsonl'}")
     return lines
 

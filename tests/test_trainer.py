@@ -210,3 +210,13 @@ def test_sampler_shards_cover_each_global_batch_and_resume_skips_done_steps():
     assert list(sampler) == single[16:] and len(sampler) == 32
     sampler.set_position(epoch=1, start_step=0)
     assert [i for _, i in sampler] != [i for _, i in single] and all(e == 1 for e, _ in sampler)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_checkpoints_the_scaler(tmp_path, precision):
+    config = train_config(tmp_path, precision, epochs=1, precision=precision, save_every=None, eval_every=None)
+    result = Trainer(RegressionTask(), config, OptimConfig(lr=1e-2)).fit()
+    losses = [r["loss"] for r in logged(result.run_dir)]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    state = torch.load(result.last_checkpoint / STATE_FILE, weights_only=True)
+    assert ("scale" in state["scaler"]) == (precision == "fp16")  # a GradScaler only for fp16
