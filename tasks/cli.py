@@ -17,12 +17,14 @@ from vilbert.errors import ViLBertError
 
 # subcommand name -> module under tasks.commands
 COMMANDS: dict[str, str] = {
+    "shapes-world": "shapes_world",
     "extract": "extract",
     "features": "features",
     "pretrain": "pretrain",
     "finetune": "finetune",
     "evaluate": "evaluate",
     "predict": "predict",
+    "report": "report",
     "score": "score",
     "convert": "convert",
 }

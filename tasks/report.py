@@ -1,0 +1,205 @@
+"""One-screen reports of the embedded default's runs: every metric beside its chance level.
+
+Pretraining: the trainer's last held-out evaluation (`metrics.jsonl`) of masked-token accuracy, masked-region
+accuracy, alignment accuracy and zero-shot R@1, each beside the score of the best blind guess:
+- masked tokens: always the most frequent word piece of the held-out captions;
+- masked regions: always the most frequent class of the held-out regions;
+- alignment: 50 % (half the pairs are swapped);
+- zero-shot R@1: 1 / the number of images ranked.
+
+Fine-tuning: the run's last checkpoint is evaluated by its task on the shapes world's held-out `test` split and on
+the `compositional` split (held-out colour-shape pairs), beside:
+- VQA: the best answer per question type from the training answers (a language-only prior);
+- retrieval: R@1 of a random ranking, 1 / the number of images;
+- referring expressions: the expected accuracy of picking one of the image's regions at random.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+# The shapes world's evaluation splits per task: (label, split name, path under data.root or None).
+# The VQA reader knows only COCO's file names, so the generator writes test and compositional as `val2014`
+# in folders of their own (tasks.shapes_world.VQA_FILES).
+EVAL_SPLITS = {
+    "vqa": [("held-out test", "val", "test"), ("compositional", "val", "compositional")],
+    "retrieval": [("held-out test", "test", None), ("compositional", "compositional", None)],
+    "refcoco": [("held-out test", "test", None), ("compositional", "compositional", None)],
+}
+MAIN_METRIC = {"vqa": ("accuracy", "VQA accuracy"), "retrieval": ("r1", "R@1 caption->image"),
+               "refcoco": ("accuracy", "accuracy (IoU >= 0.5)")}
+
+
+@dataclass
+class Row:
+    name: str
+    value: float  # percent
+    chance: float  # percent
+
+    def line(self, width: int = 34) -> str:
+        return f"  {self.name:<{width}} {self.value:6.1f} %   (chance {self.chance:5.1f} %)"
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    from tasks.trainer import list_checkpoints
+
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise DataError(f"{run_dir}: no finished checkpoint; train first")
+    return found[-1]
+
+
+def last_evaluation(run_dir: Path) -> dict[str, float]:
+    """The last held-out evaluation the trainer logged in `metrics.jsonl`."""
+    path = run_dir / "metrics.jsonl"
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: cannot read the run's metrics log ({error})") from error
+    evaluations = [r for r in records if r.get("kind") == "eval"]
+    if not evaluations:
+        raise DataError(f"{path}: the run logged no evaluation")
+    return evaluations[-1]
+
+
+# -------------------------------------------------------------------------------------------------- pretraining
+
+
+def pretraining_rows(run_dir: Path) -> list[Row]:
+    """Held-out pretraining metrics and their chance levels."""
+    from features.store import FeatureStore
+    from tasks.captions import join_with_store, load_captions
+    from tasks.config import load_config
+    from tasks.pretraining import PretrainConfig
+    from tasks.tokenization import load_tokenizer
+
+    config = load_config(run_dir / "config.yaml", PretrainConfig)
+    metrics = last_evaluation(run_dir)
+    data = config.data
+    store = FeatureStore(data.val_features)
+    captions = join_with_store(load_captions(data.val_captions), store, str(data.val_captions))
+    tokenizer = load_tokenizer(data.tokenizer or config.model.text_init, lowercase=data.lowercase)
+    encoded = tokenizer.encode([c.text for c in captions], data.max_text_length).input_ids
+    pieces = Counter(int(i) for i in encoded.reshape(-1) if int(i) not in tokenizer.special_ids)
+    classes = Counter()
+    for image_id in dict.fromkeys(c.image_id for c in captions):
+        regions = store.read(image_id)
+        if regions.cls_prob is None:
+            raise DataError(f"{data.val_features}: no cls_prob; add the class targets first")
+        classes.update(regions.cls_prob[: data.max_regions - 1].argmax(1).tolist())
+    ranked = min(data.retrieval_images, len({c.image_id for c in captions}))
+    return [
+        Row("masked-token accuracy (MLM)", 100 * metrics["mlm_accuracy"], 100 * max(pieces.values()) / sum(pieces.values())),
+        Row("masked-region accuracy", 100 * metrics["region_accuracy"], 100 * max(classes.values()) / sum(classes.values())),
+        Row("alignment accuracy", 100 * metrics["alignment_accuracy"], 50.0),
+        Row(f"zero-shot retrieval R@1 ({ranked} images)", metrics["retrieval_r1"], 100 / ranked),
+    ]
+
+
+def pretraining_report(run_dir: str | Path) -> list[str]:
+    run_dir = Path(run_dir)
+    rows = pretraining_rows(run_dir)
+    return (["Pretraining on the shapes world: held-out (val) metrics"] + [row.line() for row in rows]
+            + [f"checkpoint {last_checkpoint(run_dir)}"])
+
+
+# ---------------------------------------------------------------------------------------------------- finetuning
+
+
+def _task_for(run_dir: Path, task_name: str, split_root: str | None):
+    from tasks.commands.evaluate import load_task
+
+    checkpoint = last_checkpoint(run_dir)
+    overrides = [f"model.init={checkpoint}"]
+    if split_root is not None:
+        from tasks.config import load_config
+        from tasks.registry import task_class
+
+        root = load_config(run_dir / "config.yaml", task_class(task_name).config_class).data.root
+        overrides.append(f"data.root={Path(root) / split_root}")
+    return load_task(task_name, str(run_dir / "config.yaml"), overrides)
+
+
+def _vqa_chance(task, split: str, train_task) -> float:
+    """Accuracy of answering each question with its question type's most frequent training answer."""
+    from tasks.metrics import vqa_score
+
+    by_type: dict[str, Counter] = {}
+    for q in train_task.questions("train"):
+        by_type.setdefault(q.question_type, Counter())[q.consensus] += 1
+    overall = Counter(q.consensus for q in train_task.questions("train")).most_common(1)[0][0]
+    questions = task.questions(split)
+    guesses = {q.question_id: (by_type[q.question_type].most_common(1)[0][0] if q.question_type in by_type
+                               else overall) for q in questions}
+    annotations = [{"question_id": q.question_id, "answers": [{"answer": a} for a in q.answers],
+                    "answer_type": q.answer_type} for q in questions]
+    return vqa_score(guesses, annotations)["overall"]
+
+
+def _refexp_chance(task, split: str) -> float:
+    """Expected accuracy of a uniformly random region (IMG token included, as the model may pick it)."""
+    import torch
+
+    from tasks.metrics import box_iou
+    from tasks.refexp import region_boxes
+
+    store = task.store(False)
+    hits = []
+    for e in task.expressions(split):
+        regions = store.read(str(e.image_id))
+        boxes = region_boxes(regions.boxes[: task.data.max_regions - 1], regions.image_hw)
+        iou = box_iou(boxes, torch.tensor([e.box]))[:, 0]
+        hits.append(float((iou >= 0.5).float().mean()))
+    return 100 * float(np.mean(hits))
+
+
+def finetuning_rows(run_dir: str | Path, task_name: str) -> list[Row]:
+    """Evaluate the run's last checkpoint on the held-out and compositional splits."""
+    import torch
+
+    from tasks.commands.evaluate import load_checkpoint_model
+
+    if task_name not in EVAL_SPLITS:
+        raise ConfigError(f"--task {task_name}: the report knows {', '.join(EVAL_SPLITS)}")
+    run_dir = Path(run_dir)
+    metric, metric_name = MAIN_METRIC[task_name]
+    train_task = _task_for(run_dir, task_name, None)
+    model = load_checkpoint_model(str(last_checkpoint(run_dir)), train_task).eval()
+    rows = []
+    for label, split, root in EVAL_SPLITS[task_name]:
+        task = _task_for(run_dir, task_name, root)
+        with torch.no_grad():
+            metrics = task.evaluate(model, split)
+        if task_name == "vqa":
+            chance = _vqa_chance(task, split, train_task)
+        elif task_name == "retrieval":
+            chance = 100 / metrics["num_images"]
+        else:
+            chance = _refexp_chance(task, split)
+        rows.append(Row(f"{label}: {metric_name}", metrics[metric], chance))
+    return rows
+
+
+def finetuning_report(run_dir: str | Path, task_name: str, compare: str | Path | None = None) -> list[str]:
+    lines = [f"Fine-tuning {task_name} on the shapes world from {run_dir}"]
+    rows = finetuning_rows(run_dir, task_name)
+    if compare is None:
+        lines += [row.line() for row in rows]
+    else:
+        other = finetuning_rows(compare, task_name)
+        lines.append(f"  {'':<34} {'pretrained':>10} {'text-only':>10}   chance")
+        for mine, theirs in zip(rows, other, strict=True):
+            lines.append(f"  {mine.name:<34} {mine.value:8.1f} % {theirs.value:8.1f} %   {mine.chance:5.1f} %")
+        lines.append(f"  (text-only: the same steps from the MiniLM text stream alone: {compare})")
+    lines.append(f"checkpoint {last_checkpoint(Path(run_dir))}")
+    return lines
