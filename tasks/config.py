@@ -40,6 +40,7 @@ class OptimConfig:
 
     lr: float = 1e-4
     head_lr: float | None = None  # lr of the model's pooled-output heads (reference "vil_" heads); None = lr
+    text_lr: float | None = None  # lr of the BERT-initialised text stream (reference meant 0.1 x lr); None = lr
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
     weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
@@ -49,8 +50,10 @@ class OptimConfig:
     def validate(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be positive, got {self.lr}")
-        if self.head_lr is not None and self.head_lr <= 0:
-            raise ConfigError(f"optim.head_lr must be positive or null, got {self.head_lr}")
+        for key in ("head_lr", "text_lr"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"optim.{key} must be positive or null, got {value}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas must lie in [0, 1), got {list(self.betas)}")
         if self.warmup < 0:

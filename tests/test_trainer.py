@@ -216,6 +216,22 @@ def test_head_lr_gives_the_pooled_heads_their_own_groups_keeping_the_decay_split
     assert scheduler.get_last_lr() == pytest.approx([1e-5, 1e-5, 5e-5, 5e-5])  # the schedule scales every group
 
 
+def test_text_lr_gives_the_bert_initialised_text_stream_its_own_groups():
+    from vilbert import ViLBertConfig, ViLBertForPreTraining
+
+    model = ViLBertForPreTraining(ViLBertConfig.from_preset("tiny", task_specific_tokens=True))
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-3, text_lr=1e-4, weight_decay=0.01))
+    names = {id(p): n for n, p in model.named_parameters()}
+    text = {names[id(p)] for g in optimizer.param_groups if g["lr"] == 1e-4 for p in g["params"]}
+    assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [
+        (1e-3, 0.01), (1e-3, 0.0), (1e-4, 0.01), (1e-4, 0.0)]
+    assert text == {n for n in names.values()
+                    if n.startswith(("vilbert.embeddings.", "vilbert.encoder.text_layers."))} - {
+        "vilbert.embeddings.task_embeddings.weight"}
+    assert "vilbert.embeddings.word_embeddings.weight" in text  # also the tied MLM decoder, as in BERT
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(names)
+
+
 def test_schedule_warms_up_linearly_then_decays_to_zero():
     param = nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=1.0)

@@ -343,6 +343,15 @@ class ViLBertPreTrainedModel(PreTrainedModel):
     base_model_prefix = "vilbert"
     _supports_sdpa = True
 
+    def text_stream_parameters(self) -> list[nn.Parameter]:
+        """The parameters a BERT checkpoint initialises: text embeddings (not the task-token table) and text layers.
+
+        The reference meant these to train at a tenth of the learning rate (reference §5.6); trainers may group them.
+        """
+        base = getattr(self, self.base_model_prefix, self)
+        embeddings = [p for n, p in base.embeddings.named_parameters() if not n.startswith("task_embeddings")]
+        return embeddings + list(base.encoder.text_layers.parameters())
+
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
