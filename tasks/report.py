@@ -99,10 +99,12 @@ def pretraining_rows(run_dir: Path) -> list[Row]:
         classes.update(regions.cls_prob[: data.max_regions - 1].argmax(1).tolist())
     ranked = min(data.retrieval_images, len({c.image_id for c in captions}))
     return [
-        Row("masked-token accuracy (MLM)", 100 * metrics["mlm_accuracy"], 100 * max(pieces.values()) / sum(pieces.values())),
-        Row("masked-region accuracy", 100 * metrics["region_accuracy"], 100 * max(classes.values()) / sum(classes.values())),
-        Row("alignment accuracy", 100 * metrics["alignment_accuracy"], 50.0),
-        Row(f"zero-shot retrieval R@1 ({ranked} images)", metrics["retrieval_r1"], 100 / ranked),
+        # the trainer's evaluation reports every metric in percent already
+        Row("masked-token accuracy (MLM)", metrics["mlm_accuracy"], 100 * max(pieces.values()) / sum(pieces.values())),
+        Row("masked-region accuracy", metrics["region_accuracy"], 100 * max(classes.values()) / sum(classes.values())),
+        Row("alignment accuracy", metrics["alignment_accuracy"], 50.0),
+        *(Row(f"zero-shot retrieval R@{k} ({ranked} images)", metrics[f"retrieval_r{k}"], min(100.0, 100 * k / ranked))
+          for k in (1, 5, 10)),
     ]
 
 

@@ -31,8 +31,9 @@ def run_dir(tmp_path_factory):
         f"data.val_captions={world / 'captions' / 'captions_val.jsonl'}", "data.retrieval_images=100"])
     save_config(config, run / "config.yaml")
     records = [{"kind": "train", "step": 5, "loss": 3.0},
-               {"kind": "eval", "step": 5, "mlm_accuracy": 0.5, "region_accuracy": 0.25,
-                "alignment_accuracy": 0.75, "retrieval_r1": 40.0}]
+               {"kind": "eval", "step": 5, "mlm_accuracy": 50.0, "region_accuracy": 25.0,  # percent, as the
+                "alignment_accuracy": 75.0, "retrieval_r1": 40.0, "retrieval_r5": 100.0,  # trainer logs them
+                "retrieval_r10": 100.0}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (run / "checkpoints" / "step-00000005").mkdir(parents=True)
     (run / "checkpoints" / "step-00000005" / "trainer_state.pt").write_bytes(b"")
@@ -50,6 +51,8 @@ def test_pretraining_report_puts_each_metric_beside_its_chance_level(run_dir):
     assert "(chance  50.0 %)" in rows["alignment accuracy"]
     # two val images rank against each other: R@1 of a random ranking is 50 %
     assert rows["zero-shot retrieval R@1 (2 images)"].endswith("40.0 %   (chance  50.0 %)")
+    assert rows["zero-shot retrieval R@5 (2 images)"].endswith("100.0 %   (chance 100.0 %)")
+    assert rows["alignment accuracy"].startswith("  alignment accuracy") and " 75.0 %" in rows["alignment accuracy"]
     classes = json.loads((world / "gt_classes.json").read_text())
     scenes = json.loads((world / "scenes.json").read_text())["images"]
     val_ids = {str(s["image_id"]) for s in scenes if s["split"] == "val"}
