@@ -46,7 +46,7 @@ class Row:
     value: float  # percent
     chance: float  # percent
 
-    def line(self, width: int = 34) -> str:
+    def line(self, width: int = 37) -> str:
         return f"  {self.name:<{width}} {self.value:6.1f} %   (chance {self.chance:5.1f} %)"
 
 
