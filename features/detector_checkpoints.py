@@ -18,7 +18,6 @@ The native layout is detectron2's names with background first (see `features.but
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import pickle
@@ -28,6 +27,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from features.checksum import sha256_file
 from features.errors import WeightsError
 from features.safe_pickle import safe_load
 
@@ -39,13 +39,6 @@ _DROPPED_SUFFIXES = (".num_batches_tracked",)
 _DROPPED_PREFIXES = ("proposal_generator.anchor_generator.", "pixel_mean", "pixel_std")
 _MILVLG_RENAMES = {"cls_embed.": "cls_embedding.", "attr_linear1.": "fc_attr.", "attr_linear2.": "attr_score."}
 
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,11 +23,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from features.checksum import sha256_file
 from features.detector import DetectedRegions, PreparedImage, RegionDetector, pad_batch
 from features.errors import FeaturesError, ImageError
 from features.images import MAX_SIDE, read_image
 from features.inputs import ImageInput, clip_boxes
-from features.mobilenet import file_sha256
 from features.store import FeatureStore, ResumableStoreWriter, merge_stores
 
 logger = logging.getLogger(__name__)
@@ -309,4 +309,4 @@ def _merge_shards(out: Path, world_size: int, poll_seconds: float = 2.0) -> None
 
 def boxes_file_info(path: str | os.PathLike, box_format: str) -> dict:
     """How given boxes are recorded in the store's extractor attribute."""
-    return {"file": Path(path).name, "sha256": file_sha256(path), "format": box_format}
+    return {"file": Path(path).name, "sha256": sha256_file(path), "format": box_format}

@@ -6,7 +6,6 @@ shapes world these 96-d vectors carry colour and shape almost perfectly (referen
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.ops import roi_align
 
+from features.checksum import sha256_file
 from features.detector import DetectedRegions, PreparedImage, RegionDetector
 from features.errors import FeaturesError, WeightsError
 
@@ -41,13 +41,6 @@ def packaged_weights_path() -> Path:
         raise WeightsError(f"no .pth file in {get_path.get_weights_dir()}; reinstall it with `make weights`")
     return found[0]
 
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_mobilenet_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -141,5 +134,5 @@ def build_mobilenet_v2(weights: str | None = None, short_side: int | None = None
     if random_init:
         return MobileNetV2Regions(short_side=short_side)
     path = Path(weights) if weights else packaged_weights_path()
-    info = {"weights": path.name, "weights_sha256": file_sha256(path) if path.exists() else None}
+    info = {"weights": path.name, "weights_sha256": sha256_file(path) if path.exists() else None}
     return MobileNetV2Regions(load_mobilenet_state_dict(path), info, short_side=short_side)

@@ -36,6 +36,15 @@ logger = logging.getLogger(__name__)
 TASK_TOKEN_IDS = {"vqa": 1, "retrieval-coco": 7, "retrieval-flickr30k": 8, "refcoco": 9, "refcoco+": 10, "refcocog": 11}
 
 
+def soft_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits against soft targets, averaged over every entry, times the number of labels per example.
+
+    The reference's loss for VQA (soft answer scores, x answers) and referring expressions (soft IoU targets,
+    x regions): in effect a per-example sum.
+    """
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target) * target.shape[1]
+
+
 @dataclass
 class FinetuneDataConfig:
     """Data settings every fine-tuning task has; each task's config adds its own fields."""

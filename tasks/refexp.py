@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -42,6 +41,7 @@ from tasks.finetuning import (
     open_feature_store,
     require,
     resolve_split,
+    soft_bce_loss,
     task_ids_for,
 )
 from tasks.metrics import box_iou, refexp_accuracy, xywh_to_xyxy
@@ -177,11 +177,6 @@ def collate_refexp(samples: list[dict]) -> dict:
     return batch
 
 
-def refexp_loss(region_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE-with-logits (mean over batch × regions) × R, as the reference."""
-    return F.binary_cross_entropy_with_logits(region_logits.float(), target) * target.shape[1]
-
-
 class RefExpTask(FinetuneTask):
     """Referring-expression comprehension; subclasses fix the dataset name, task token and split files."""
 
@@ -222,7 +217,7 @@ class RefExpTask(FinetuneTask):
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
         ids = task_ids_for(model, self.name, batch["input_ids"].shape[0], batch["input_ids"].device)
         logits = model(**model_inputs(batch), task_ids=ids, heads=["region_logits"]).region_logits  # [B, R]
-        loss = refexp_loss(logits, batch["target"])
+        loss = soft_bce_loss(logits, batch["target"])
         hit = batch["target"].gather(1, logits.argmax(dim=1, keepdim=True)) > 0  # the reference's train metric
         return StepOutput(loss=loss, metrics={"accuracy": hit.float().mean().detach()})
 

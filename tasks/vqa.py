@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -39,6 +38,7 @@ from tasks.finetuning import (
     open_feature_store,
     require,
     resolve_split,
+    soft_bce_loss,
     task_ids_for,
 )
 from tasks.metrics import normalize_answer, soft_score, vqa_score
@@ -237,11 +237,6 @@ def collate_vqa(samples: list[dict]) -> dict:
     return batch
 
 
-def vqa_loss(answer_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE-with-logits (mean over batch × answers) × number of answers: a per-question sum, as the reference."""
-    return F.binary_cross_entropy_with_logits(answer_logits.float(), target) * target.shape[1]
-
-
 class VQATask(FinetuneTask):
     """VQA v2 fine-tuning and evaluation (main metric: the official accuracy on the validation split)."""
 
@@ -300,7 +295,7 @@ class VQATask(FinetuneTask):
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
         ids = task_ids_for(model, "vqa", batch["input_ids"].shape[0], batch["input_ids"].device)
         out = model(**model_inputs(batch), task_ids=ids, heads=["answer_logits"])
-        loss = vqa_loss(out.answer_logits, batch["target"])
+        loss = soft_bce_loss(out.answer_logits, batch["target"])
         best = out.answer_logits.argmax(dim=1, keepdim=True)
         score = batch["target"].gather(1, best).mean()  # the reference's in-training soft accuracy
         return StepOutput(loss=loss, metrics={"soft_accuracy": score.detach()})

@@ -7,12 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
+from features.checksum import sha256_file
 from features.detector import pad_batch
 from features.detectors import build_detector
 from features.errors import FeaturesError, WeightsError
 from features.extract import extract
 from features.inputs import list_images
-from features.mobilenet import MobileNetV2Regions, build_mobilenet_v2, file_sha256, packaged_weights_path
+from features.mobilenet import MobileNetV2Regions, build_mobilenet_v2, packaged_weights_path
 from features.store import FeatureStore
 
 
@@ -34,7 +35,7 @@ def detector():
 def test_packaged_weights_load_and_are_recorded(detector):
     info = detector.extractor_info()
     assert info["detector"] == "mobilenet-v2" and info["boxes"] == "given"
-    assert info["weights_sha256"] == file_sha256(packaged_weights_path()) and len(info["weights_sha256"]) == 64
+    assert info["weights_sha256"] == sha256_file(packaged_weights_path()) and len(info["weights_sha256"]) == 64
     assert not detector.training and not any(p.requires_grad for p in detector.parameters())
     detector.train()
     assert not detector.training  # BatchNorm stays frozen
@@ -108,7 +109,7 @@ def test_local_weight_file_loads_and_its_hash_is_recorded(tmp_path):
     torch.save(state, tmp_path / "mine.pth")
     detector = build_mobilenet_v2(str(tmp_path / "mine.pth"))
     assert detector.extractor_info()["weights"] == "mine.pth"
-    assert detector.extractor_info()["weights_sha256"] == file_sha256(tmp_path / "mine.pth")
+    assert detector.extractor_info()["weights_sha256"] == sha256_file(tmp_path / "mine.pth")
     torch.testing.assert_close(detector.trunk[0][0].weight, state["features.0.0.weight"])
 
 
