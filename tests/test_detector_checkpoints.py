@@ -6,8 +6,10 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from tiny_butd import randomise_butd_weights
 
 from features.butd import BUTDConfig, BUTDDetector, build_butd_r101_c4
+from features.checksum import sha256_file
 from features.detector import pad_batch
 from features.detector_checkpoints import (
     anchor_permutation,
@@ -15,7 +17,6 @@ from features.detector_checkpoints import (
     export_detectron2,
     load_butd_weights,
     read_weight_file,
-    sha256_file,
 )
 from features.errors import WeightsError
 from features.selection import fixed_k_rule
@@ -27,19 +28,9 @@ RPN = "proposal_generator.rpn_head."
 @pytest.fixture
 def native():
     """A tiny detector with every tensor random (BN statistics too), background box rows zero."""
-    det = BUTDDetector(BUTDConfig.tiny(), selection=fixed_k_rule(8), box_mode="regressed").eval()
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, t in det.model.state_dict().items():
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
-            elif "norm" in name:
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
-            elif name.startswith(P):
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.05)
-        det.model.roi_heads.box_predictor.bbox_pred.weight[:4] = 0
-        det.model.roi_heads.box_predictor.bbox_pred.bias[:4] = 0
-    return det
+    return randomise_butd_weights(
+        BUTDDetector(BUTDConfig.tiny(), selection=fixed_k_rule(8), box_mode="regressed").eval(), seed=3
+    )
 
 
 def _detectron2_layout(state):

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tiny_butd import randomise_butd_weights
 
 from features.butd import BUTDConfig, BUTDDetector, build_butd_r101_c4
 from features.detector import pad_batch
@@ -23,27 +24,13 @@ def test_missing_detectron2_is_one_clear_error(monkeypatch):
         build_butd_r101_c4(config=BUTDConfig.tiny(), backend="detectron2")
 
 
-def _randomised(det):
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for name, t in det.model.state_dict().items():
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
-            elif "norm" in name:
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
-            elif name.startswith("roi_heads.box_predictor."):
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.05)
-        det.model.roi_heads.box_predictor.bbox_pred.weight[:4] = 0
-        det.model.roi_heads.box_predictor.bbox_pred.bias[:4] = 0
-    return det
-
-
 @pytest.mark.parametrize("box_mode", ["proposal", "regressed"])
 def test_native_and_detectron2_give_the_same_regions(tmp_path, box_mode):
     pytest.importorskip("detectron2")
     pytest.importorskip("detectron2.modeling")
     config = BUTDConfig.tiny()
-    native = _randomised(BUTDDetector(config, selection=fixed_k_rule(10), box_mode=box_mode).eval())
+    native = BUTDDetector(config, selection=fixed_k_rule(10), box_mode=box_mode).eval()
+    randomise_butd_weights(native, seed=4)
     path = tmp_path / "weights.pkl"
     state = {k: v.numpy() for k, v in export_detectron2(native.model.state_dict()).items()}
     path.write_bytes(pickle.dumps({"model": state, "__author__": "test"}))
