@@ -200,6 +200,18 @@ def clip_boxes(boxes: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
     return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
 
 
+def argmax_class_boxes(rois: torch.Tensor, deltas: torch.Tensor, probs: torch.Tensor, image_hw: torch.Tensor,
+                       weights: tuple[float, ...]) -> torch.Tensor:
+    """Each proposal's box regressed for its arg-max foreground class, clipped to its image.
+
+    rois [P, 4]; deltas [P, (K+1)*4] class-specific, background first; probs [P, K+1]; image_hw [P, 2] or [2].
+    Returns [P, 4] in the coordinates of `rois` (the box the airsplay, HF and MILVLG two-stage rules use).
+    """
+    cls = probs[:, 1:].argmax(dim=1) + 1  # [P], background excluded
+    chosen = deltas.view(len(rois), deltas.shape[1] // 4, 4)[torch.arange(len(rois), device=rois.device), cls]
+    return clip_boxes(decode_boxes(chosen, rois, weights), image_hw)
+
+
 class RPNHead(nn.Module):
     """3x3 conv (512 wide in BUTD) + ReLU, then one objectness logit and 4 deltas per anchor."""
 
@@ -347,16 +359,19 @@ class BUTDModel(nn.Module):
                 nn.init.normal_(layer.weight, std=0.01)
                 nn.init.zeros_(layer.bias)
 
-    def forward(self, pixels: torch.Tensor, image_hw: torch.Tensor, rois: list[torch.Tensor] | None = None) -> dict:
-        """pixels [N, 3, H, W] Caffe-normalised; image_hw [N, 2]; rois per image (resized pixels) skip the RPN."""
-        features = self.backbone(pixels)
+    def forward(self, pixels: torch.Tensor, image_hw: torch.Tensor, rois: list[torch.Tensor] | None = None,
+                feature_maps: torch.Tensor | None = None) -> dict:
+        """pixels [N, 3, H, W] Caffe-normalised; image_hw [N, 2]; rois per image (resized pixels) skip the RPN;
+        `feature_maps` (an earlier call's output of that name) skips the trunk, for a second pass on new boxes."""
+        if feature_maps is None:
+            feature_maps = self.backbone(pixels)  # [N, 4c, H/16, W/16]
         if rois is None:
-            rois = self.proposal_generator(features, image_hw)
+            rois = self.proposal_generator(feature_maps, image_hw)
         rois = [r.float() for r in rois]
-        pooled = self.roi_heads.pool(features, rois)
+        pooled = self.roi_heads.pool(feature_maps, rois)
         cls_logits, deltas, attr_logits = self.roi_heads.box_predictor(pooled)
         return {"rois": rois, "pooled": pooled, "cls_logits": cls_logits, "deltas": deltas,
-                "attr_logits": attr_logits}
+                "attr_logits": attr_logits, "feature_maps": feature_maps}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -369,17 +384,26 @@ def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float
 
 
 class BUTDDetector(RegionDetector):
-    """`BUTDModel` + Caffe preprocessing + box selection, behind the `RegionDetector` interface."""
+    """`BUTDModel` + Caffe preprocessing + box selection, behind the `RegionDetector` interface.
+
+    Detected regions take their features from the proposals, except under a rule with `pool_on="selected"` (rule D),
+    where the kept boxes go through the given-box path a second time, on the same trunk feature maps.
+    """
 
     name = "butd-r101-c4"
     backend = "native"
 
     def __init__(self, config: BUTDConfig | None = None, *, selection: SelectionRule = BUTD_RULE,
-                 box_mode: str = "proposal", weights_info: dict | None = None, model: nn.Module | None = None):
-        """`model` replaces the native network by any module with `BUTDModel.forward`'s contract."""
+                 box_mode: str | None = None, weights_info: dict | None = None, model: nn.Module | None = None):
+        """`model` replaces the native network by any module with `BUTDModel.forward`'s contract. `box_mode`
+        (stored boxes: `proposal` or `regressed`) defaults to the boxes the selection rule's NMS ran on."""
         super().__init__()
+        box_mode = box_mode or selection.nms_boxes
         if box_mode not in ("proposal", "regressed"):
             raise FeaturesError(f"box_mode must be 'proposal' or 'regressed', got {box_mode!r}")
+        if selection.pool_on == "selected" and box_mode != "regressed":
+            raise FeaturesError(f"selection {selection.name!r} pools features on the stored boxes, so it needs "
+                                f"box_mode 'regressed' (the proposals were pooled already), got {box_mode!r}")
         self.config = config or BUTDConfig()
         self.model = model if model is not None else BUTDModel(self.config)
         self.selection = selection
@@ -410,55 +434,52 @@ class BUTDDetector(RegionDetector):
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor, images: list[PreparedImage],
                 boxes: list[torch.Tensor] | None = None) -> list[DetectedRegions]:
-        device = pixels.device
-        image_hw = torch.tensor([im.pixels.shape[1:] for im in images], device=device, dtype=torch.float32)
-        scales = [im.scale for im in images]
-        rois = None
         if boxes is not None:
             if len(boxes) != len(images):
                 raise ValueError(f"got boxes for {len(boxes)} images but {len(images)} images")
-            rois = [b.to(device=device, dtype=torch.float32).reshape(-1, 4) * s
-                    for b, s in zip(boxes, scales, strict=True)]
-        out = self.model(pixels, image_hw, rois)
+            return self.regions_on_boxes(pixels, images, boxes)
+        image_hw = self._resized_hw(pixels, images)
+        out = self.model(pixels, image_hw)
         counts = [len(r) for r in out["rois"]]
-        probs = F.softmax(out["cls_logits"].float(), dim=1).split(counts)  # [P_i, K+1] each
-        deltas = out["deltas"].float().split(counts)
-        pooled = out["pooled"].float().split(counts)
-        attr_probs = (F.softmax(out["attr_logits"].float(), dim=1).split(counts)
-                      if out["attr_logits"] is not None else [None] * len(images))
+        empty = [i for i, c in enumerate(counts) if c == 0]
+        if empty:
+            logger.warning("RPN returned no proposals for %d of %d images in this batch", len(empty), len(images))
+        heads = _split_heads(out, counts)
+        probs = list(heads["probs"])
 
-        if boxes is None:
-            empty = [i for i, c in enumerate(counts) if c == 0]
-            if empty:
-                logger.warning("RPN returned no proposals for %d of %d images in this batch", len(empty), len(images))
-            keeps = [keep for keep, _ in select_regions(out["rois"], list(probs), self.selection)]
-        else:
-            keeps = [torch.arange(c, device=device) for c in counts]
+        regressed = None
+        if self.selection.nms_boxes == "regressed" or self.box_mode == "regressed":
+            rois = torch.cat(out["rois"])  # [P, 4]
+            rois_hw = torch.repeat_interleave(image_hw, torch.tensor(counts, device=pixels.device), dim=0)  # [P, 2]
+            regressed = argmax_class_boxes(rois, out["deltas"].float(), torch.cat(probs), rois_hw,
+                                           self.config.bbox_reg_weights).split(counts)
+        nms_boxes = regressed if self.selection.nms_boxes == "regressed" else out["rois"]
+        keeps = [keep for keep, _ in select_regions(list(nms_boxes), probs, self.selection)]
 
-        results = []
+        stored = []
         for i, keep in enumerate(keeps):
-            prob = probs[i][keep]
-            fg_conf, fg_idx = prob[:, 1:].max(dim=1)
-            objects_id = fg_idx + 1  # column of cls_prob, background excluded
-            if boxes is not None:
-                stored = boxes[i].to(device=device, dtype=torch.float32).reshape(-1, 4)
-            elif self.box_mode == "regressed":
-                cls_deltas = deltas[i][keep].view(len(keep), -1, 4)
-                chosen = cls_deltas[torch.arange(len(keep), device=device), objects_id]
-                stored = decode_boxes(chosen, out["rois"][i][keep], self.config.bbox_reg_weights)
-                stored = clip_boxes(stored, image_hw[i]) / scales[i]
-            else:
-                stored = out["rois"][i][keep] / scales[i]
-            if boxes is None:  # resizing rounds the image size: clip to the original image once more
-                h, w = images[i].image_hw
-                stored = clip_boxes(stored, stored.new_tensor([h, w]))
-            region = DetectedRegions(features=pooled[i][keep], boxes=stored, cls_prob=prob,
-                                     objects_id=objects_id, objects_conf=fg_conf)
-            if attr_probs[i] is not None:
-                attr_conf, attr_idx = attr_probs[i][keep][:, 1:].max(dim=1)
-                region.attrs_id, region.attrs_conf = attr_idx + 1, attr_conf
-            results.append(region)
-        return results
+            kept = (regressed if self.box_mode == "regressed" else out["rois"])[i][keep] / images[i].scale
+            h, w = images[i].image_hw  # resizing rounds the image size: clip to the original image once more
+            stored.append(clip_boxes(kept, kept.new_tensor([h, w])))
+        if self.selection.pool_on == "selected":
+            return self.regions_on_boxes(pixels, images, stored, feature_maps=out["feature_maps"])
+        return [_regions(heads, i, keep, box) for i, (keep, box) in enumerate(zip(keeps, stored, strict=True))]
+
+    def regions_on_boxes(self, pixels: torch.Tensor, images: list[PreparedImage], boxes: list[torch.Tensor],
+                         feature_maps: torch.Tensor | None = None) -> list[DetectedRegions]:
+        """Given-box mode: pool on exactly `boxes` (original pixels, per image), in their order, skipping the RPN.
+        `feature_maps` from a first pass over the same `pixels` skips the trunk (rule D's second stage)."""
+        device = pixels.device
+        boxes = [b.to(device=device, dtype=torch.float32).reshape(-1, 4) for b in boxes]
+        rois = [b * im.scale for b, im in zip(boxes, images, strict=True)]
+        out = self.model(pixels, self._resized_hw(pixels, images), rois, feature_maps)
+        heads = _split_heads(out, [len(r) for r in rois])
+        return [_regions(heads, i, torch.arange(len(b), device=device), b) for i, b in enumerate(boxes)]
+
+    @staticmethod
+    def _resized_hw(pixels: torch.Tensor, images: list[PreparedImage]) -> torch.Tensor:
+        """Valid (unpadded) size of each resized image. [N, 2]"""
+        return torch.tensor([im.pixels.shape[1:] for im in images], device=pixels.device, dtype=torch.float32)
 
     def extractor_info(self) -> dict:
         c = self.config
@@ -478,12 +499,33 @@ class BUTDDetector(RegionDetector):
         }
 
 
+def _split_heads(out: dict, counts: list[int]) -> dict:
+    """The RoI heads' outputs as float32 per-image pieces: probs, pooled, attr_probs (None without the head)."""
+    attr = out["attr_logits"]
+    return {"probs": F.softmax(out["cls_logits"].float(), dim=1).split(counts),  # [P_i, K+1] each
+            "pooled": out["pooled"].float().split(counts),  # [P_i, D] each
+            "attr_probs": F.softmax(attr.float(), dim=1).split(counts) if attr is not None else None}
+
+
+def _regions(heads: dict, i: int, keep: torch.Tensor, boxes: torch.Tensor) -> DetectedRegions:
+    """Rows `keep` of image `i`'s head outputs as regions stored with `boxes` [k, 4] (original pixels)."""
+    prob = heads["probs"][i][keep]
+    fg_conf, fg_idx = prob[:, 1:].max(dim=1)
+    region = DetectedRegions(features=heads["pooled"][i][keep], boxes=boxes, cls_prob=prob,
+                             objects_id=fg_idx + 1, objects_conf=fg_conf)  # ids index cls_prob columns
+    if heads["attr_probs"] is not None:
+        attr_conf, attr_idx = heads["attr_probs"][i][keep][:, 1:].max(dim=1)
+        region.attrs_id, region.attrs_conf = attr_idx + 1, attr_conf
+    return region
+
+
 def build_butd_r101_c4(weights: str | None = None, *, config: BUTDConfig | None = None, preset: str = "r101",
-                       selection: SelectionRule | str | None = None, box_mode: str = "proposal",
+                       selection: SelectionRule | str | None = None, box_mode: str | None = None,
                        weights_format: str = "auto", backend: str = "native", **options) -> BUTDDetector:
     """The registry's builder: a BUTD detector, optionally loading a published checkpoint (any supported format).
 
-    `selection` is a rule or a rule name (`butd`, `vmb`, `fixed-36`). Other keyword options (strings from the
+    `selection` is a rule or a rule name (`butd`, `vmb`, `fixed-36`, `maxnms-36`, `two-stage-100`; see
+    `features.selection`); `box_mode` defaults to the boxes the rule's NMS sees. Other keyword options (strings from the
     command line's `--option KEY=VALUE` included) override one `SelectionRule` field (`min_boxes=36`) or one
     `BUTDConfig` field (`min_size=800`); `preset="tiny"` starts from the test-sized network. Unless `config` is
     given, the config follows the weight file where the file decides (attribute head present, Caffe anchors).

@@ -172,11 +172,12 @@ class Detectron2BUTDModel(nn.Module):
 
         self.rcnn = build_model(cfg)
 
-    def forward(self, pixels: torch.Tensor, image_hw: torch.Tensor, rois: list[torch.Tensor] | None = None) -> dict:
+    def forward(self, pixels: torch.Tensor, image_hw: torch.Tensor, rois: list[torch.Tensor] | None = None,
+                feature_maps: dict[str, torch.Tensor] | None = None) -> dict:
         from detectron2.structures import Boxes, ImageList
 
         images = ImageList(pixels, [tuple(int(v) for v in hw) for hw in image_hw.tolist()])
-        features = self.rcnn.backbone(pixels)
+        features = self.rcnn.backbone(pixels) if feature_maps is None else feature_maps
         if rois is None:
             proposals, _ = self.rcnn.proposal_generator(images, features, None)
             rois = [p.proposal_boxes.tensor for p in proposals]
@@ -188,7 +189,7 @@ class Detectron2BUTDModel(nn.Module):
         cls_logits = torch.cat([scores[:, -1:], scores[:, :-1]], dim=1)  # background to column 0
         deltas = torch.cat([deltas.new_zeros(len(deltas), 4), deltas], dim=1)
         return {"rois": rois, "pooled": pooled, "cls_logits": cls_logits, "deltas": deltas,
-                "attr_logits": attr_logits}
+                "attr_logits": attr_logits, "feature_maps": features}
 
 
 class Detectron2BUTDDetector(BUTDDetector):

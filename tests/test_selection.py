@@ -1,17 +1,22 @@
 """Box-selection rules on hand-made score matrices, and against a per-class loop reference."""
 
+import math
+
 import pytest
 import torch
 from torchvision.ops import nms
 
+from features.butd import argmax_class_boxes
 from features.selection import (
     BUTD_RULE,
     VMB_RULE,
     SelectionRule,
     fixed_k_rule,
     max_confidence,
+    maxnms_rule,
     rule_from_name,
     select_regions,
+    two_stage_rule,
 )
 
 
@@ -146,7 +151,9 @@ def test_rule_names_and_overrides():
     assert rule_from_name("fixed-36").min_boxes == rule_from_name("fixed-36").max_boxes == 36
     assert rule_from_name("butd", max_boxes=50).max_boxes == 50
     with pytest.raises(ValueError, match="unknown selection rule"):
-        rule_from_name("maxnms")
+        rule_from_name("maxnms36")
+    with pytest.raises(ValueError, match="unknown selection rule"):
+        rule_from_name("fixed")
     with pytest.raises(ValueError, match="min_boxes <= max_boxes"):
         SelectionRule(min_boxes=5, max_boxes=2)
 
@@ -162,3 +169,101 @@ def test_one_kernel_grouped_nms_matches_per_group_nms():
     scores, groups = torch.rand(3000), torch.randint(0, 40, (3000,))
     shifted = grouped_nms(boxes, scores, groups, 0.4, one_kernel=True)
     assert shifted.tolist() == batched_nms(boxes, scores, groups, 0.4).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rule B (maxnms) and rule D (two-stage)
+
+
+def _shifted(*xs):
+    """10x10 boxes at the given x offsets: a shift of d gives IoU (10 - d) / (10 + d)."""
+    return torch.tensor([[x, 0.0, x + 10, 10] for x in xs])
+
+
+# proposal order D, B, A, C: A (0.9) at 0, B (0.8) at 4 (IoU 0.43 with A), C (0.7) at 30, D (0.6) at 31 (IoU 0.82)
+RAISING_BOXES = _shifted(31, 4, 0, 30)
+RAISING_SCORES = _scores([[0.6, 0.0], [0.0, 0.8], [0.9, 0.0], [0.1, 0.7]])
+
+
+@pytest.mark.parametrize("k, expected", [(2, [2, 3]), (3, [2, 1, 3]), (4, [2, 1, 3, 0])])
+def test_maxnms_raises_the_iou_until_k_boxes_survive(k, expected):
+    # 0.3 and 0.4 keep A and C; 0.5 adds B (IoU 0.43); only 0.9 adds D (IoU 0.82)
+    keep, conf = _select(RAISING_BOXES, RAISING_SCORES, maxnms_rule(k))
+    assert keep == expected  # by score, not proposal order
+    assert conf.tolist() == pytest.approx([0.6, 0.8, 0.9, 0.7])
+
+
+def test_maxnms_keeps_the_top_k_by_score_at_the_first_iou_that_suffices():
+    scores = _scores([[0.2, 0.1], [0.1, 0.7], [0.5, 0.3], [0.05, 0.3], [0.9, 0.0]])
+    keep, _ = _select(_apart(5), scores, maxnms_rule(3))
+    assert keep == [4, 1, 2]
+
+
+def test_maxnms_suppresses_across_classes_using_the_arg_max_score():
+    boxes = _shifted(0, 1)  # IoU 0.82
+    scores = _scores([[0.5, 0.1], [0.0, 0.6]])  # different arg-max classes
+    keep, _ = _select(boxes, scores, maxnms_rule(1))
+    assert keep == [1]
+    # per-class rules would keep both (each is the only box of its class above 0.2)
+    assert sorted(_select(boxes, scores, SelectionRule(min_boxes=1, max_boxes=2))[0]) == [0, 1]
+
+
+def test_maxnms_with_fewer_than_k_survivors_keeps_what_the_last_iou_leaves():
+    assert _select(_apart(3), _scores([[0.3], [0.5], [0.1]]), maxnms_rule(36))[0] == [1, 0, 2]
+    near_duplicates = _shifted(0, 0.2, 50)  # IoU 0.96 > 0.9: suppressed even at the last threshold
+    assert _select(near_duplicates, _scores([[0.3], [0.5], [0.1]]), maxnms_rule(36))[0] == [1, 2]
+    assert _select(torch.zeros(0, 4), torch.zeros(0, 3), maxnms_rule(36))[0] == []
+
+
+def test_maxnms_images_of_a_batch_raise_their_iou_independently():
+    boxes = [RAISING_BOXES, _apart(6), torch.zeros(0, 4)]
+    scores = [RAISING_SCORES, torch.softmax(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), 1),
+              torch.zeros(0, 3)]
+    together = select_regions(boxes, scores, maxnms_rule(3))
+    for b, s, (keep, conf) in zip(boxes, scores, together, strict=True):
+        (alone, alone_conf), = select_regions([b], [s], maxnms_rule(3))
+        assert keep.tolist() == alone.tolist() and torch.equal(conf, alone_conf)
+    assert together[0][0].tolist() == [2, 1, 3]
+
+
+def test_maxnms_score_threshold_and_proposal_order_options():
+    rule = SelectionRule(**{**maxnms_rule(3).as_dict(), "conf_threshold": 0.65, "sort_by_score": False})
+    assert _select(RAISING_BOXES, RAISING_SCORES, rule)[0] == [1, 2, 3]  # D (0.6) below the threshold
+
+
+def test_two_stage_keeps_the_top_k_by_per_class_max_conf_zeros_included():
+    boxes = _shifted(0, 1, 50)  # the regressed arg-max boxes; the first two overlap (IoU 0.82)
+    scores = _scores([[0.9, 0.05], [0.8, 0.1], [0.3, 0.2]])
+    # class 1: box 1 suppressed by box 0; class 2: box 1 (0.1) suppresses box 0 (0.05) -> max_conf 0.9, 0.1, 0.3
+    assert _select(boxes, scores, two_stage_rule(2))[0] == [0, 2]
+    assert _select(boxes, scores, two_stage_rule(3))[0] == [0, 2, 1]
+    suppressed_everywhere = _scores([[0.9, 0.2], [0.8, 0.1], [0.3, 0.2]])
+    keep, conf = _select(boxes, suppressed_everywhere, two_stage_rule(3))
+    assert keep == [0, 2, 1] and conf[1] == 0  # MILVLG sorts every box, max_conf 0 included
+
+
+def test_rule_b_and_d_names_and_parameters():
+    b, d = rule_from_name("maxnms"), rule_from_name("two-stage")
+    assert (b.name, b.min_boxes, b.max_boxes, b.nms, b.nms_boxes, b.pool_on) == (
+        "maxnms-36", 36, 36, "class-agnostic", "regressed", "proposal")
+    assert b.nms_schedule() == pytest.approx([0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    assert (d.name, d.max_boxes, d.nms_threshold, d.nms, d.nms_boxes, d.pool_on) == (
+        "two-stage-100", 100, 0.3, "per-class", "regressed", "selected")
+    assert rule_from_name("maxnms-10").max_boxes == 10 and rule_from_name("two-stage-36").min_boxes == 36
+    assert rule_from_name("maxnms", max_nms_threshold=1.0).nms_schedule()[-1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="pool_on"):
+        rule_from_name("butd", pool_on="box")
+    with pytest.raises(ValueError, match="max_nms_threshold"):
+        rule_from_name("maxnms", max_nms_threshold=0.2)
+
+
+def test_regressed_box_of_the_arg_max_foreground_class():
+    rois = torch.tensor([[0.0, 0, 10, 10], [20.0, 20, 30, 40]])
+    deltas = torch.zeros(2, 4, 4)  # [P, K+1, 4] with weights (1, 1, 1, 1): dx = class index, in widths
+    deltas[:, :, 0] = torch.arange(4.0)
+    deltas[1, 3, 3] = math.log(2)  # class 3 of proposal 1 doubles the height
+    probs = torch.tensor([[0.7, 0.1, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]])  # background wins row 0: ignored
+    boxes = argmax_class_boxes(rois, deltas.view(2, 16), probs, torch.tensor([100.0, 100.0]), (1, 1, 1, 1))
+    torch.testing.assert_close(boxes, torch.tensor([[20.0, 0, 30, 10], [50.0, 10, 60, 50]]))
+    clipped = argmax_class_boxes(rois, deltas.view(2, 16), probs, torch.tensor([45.0, 55.0]), (1, 1, 1, 1))
+    torch.testing.assert_close(clipped, torch.tensor([[20.0, 0, 30, 10], [50.0, 10, 55, 45]]))
