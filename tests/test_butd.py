@@ -165,3 +165,24 @@ def test_builder_takes_command_line_options_and_names_unknown_ones():
         build_butd_r101_c4(preset="tiny", max_box=3)
     with pytest.raises(FeaturesError, match="box_mode"):
         build_butd_r101_c4(preset="tiny", box_mode="corners")
+
+
+def test_box_mode_follows_the_rule_and_two_stage_refuses_proposal_boxes():
+    assert build_butd_r101_c4(preset="tiny", selection="maxnms-36").box_mode == "regressed"
+    assert build_butd_r101_c4(preset="tiny", selection="fixed-36").box_mode == "proposal"
+    assert build_butd_r101_c4(preset="tiny", selection="maxnms", box_mode="proposal").box_mode == "proposal"
+    info = build_butd_r101_c4(preset="tiny", selection="two-stage-36").extractor_info()
+    assert info["box_mode"] == "regressed" and info["selection"]["pool_on"] == "selected"
+    from features.errors import FeaturesError
+
+    with pytest.raises(FeaturesError, match="two-stage-36.*box_mode 'regressed'"):
+        build_butd_r101_c4(preset="tiny", selection="two-stage-36", box_mode="proposal")
+
+
+@pytest.mark.parametrize("selection", ["maxnms-8", "two-stage-8"])
+def test_regressed_box_rules_survive_images_without_proposals(selection):
+    det = build_butd_r101_c4(preset="tiny", selection=selection)
+    torch.nn.init.constant_(det.model.proposal_generator.rpn_head.anchor_deltas.bias, -50.0)
+    prepared = [det.prepare(im) for im in _images()]
+    out = det(pad_batch(prepared), prepared)
+    assert [r.boxes.shape for r in out] == [(0, 4), (0, 4)] and out[0].features.shape == (0, 128)

@@ -4,8 +4,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from tiny_butd import randomise_butd_weights
 
+from features.butd import BUTDConfig, BUTDDetector, argmax_class_boxes, build_butd_r101_c4
+from features.detector import pad_batch
+from features.detector_checkpoints import export_detectron2
+from features.images import read_image
 from features.store import FeatureStore
 from tasks.cli import main
 
@@ -53,3 +59,69 @@ def test_given_boxes_are_stored_in_order(image_dir, tmp_path):
         regions = store.read(image_id)
         np.testing.assert_allclose(regions.boxes, np.asarray(given, dtype=np.float32))
         assert regions.features.shape == (len(given), 128)
+
+
+@pytest.fixture
+def random_weights(tmp_path):
+    """A tiny BUTD whose regressed boxes move a few pixels off the proposals, saved in detectron2's layout."""
+    det = randomise_butd_weights(BUTDDetector(BUTDConfig.tiny()).eval(), seed=5)
+    predictor = det.model.roi_heads.box_predictor
+    with torch.no_grad():  # scaled down so deltas are O(1) and class probabilities not saturated
+        for layer in (predictor.cls_score, predictor.bbox_pred):
+            layer.weight.mul_(0.04)
+            layer.bias.zero_()
+    path = tmp_path / "tiny_butd.pth"
+    torch.save(export_detectron2(det.model.state_dict()), path)
+    return path
+
+
+def _proposals_and_regressed(weights, image_path):
+    """Independently of the selection code: every proposal, its regressed arg-max box and its pooled feature."""
+    det = build_butd_r101_c4(str(weights), preset="tiny")
+    prepared = det.prepare(read_image(image_path).pixels)
+    hw = torch.tensor([prepared.pixels.shape[1:]], dtype=torch.float32)
+    with torch.no_grad():
+        out = det.model(pad_batch([prepared]), hw)
+    probs = torch.softmax(out["cls_logits"], dim=1)
+    regressed = argmax_class_boxes(out["rois"][0], out["deltas"], probs, hw[0], det.config.bbox_reg_weights)
+    return out["rois"][0] / prepared.scale, regressed / prepared.scale, out["pooled"]
+
+
+@pytest.mark.parametrize("selection, extra, pooled_on_stored_box", [
+    ("two-stage-12", [], True),  # rule D: second pass on the kept regressed boxes
+    ("maxnms-12", [], False),  # rule B as airsplay: regressed boxes stored, features from the proposals
+    ("maxnms-12", ["--option", "pool_on=selected"], True),
+])
+def test_regressed_box_rules_store_regressed_boxes_and_pool_where_documented(
+        image_dir, tmp_path, random_weights, selection, extra, pooled_on_stored_box):
+    names = ["wide", "tall"]
+    images = tmp_path / "list.json"
+    images.write_text(json.dumps([str(image_dir / f"{n}.png") for n in names]))
+    common = ["--images", str(images), "--weights", str(random_weights), "--batch-size", "1", "--float32"]
+    out = tmp_path / "selected.h5"
+    assert _extract(image_dir, out, *common, "--option", f"selection={selection}", *extra) == 0
+    store = FeatureStore(out)
+    assert store.extractor["box_mode"] == "regressed" and store.extractor["selection"]["name"] == selection
+
+    given = {n: store.read(n).boxes.tolist() for n in names}
+    boxes_file = tmp_path / "boxes.json"
+    boxes_file.write_text(json.dumps(given))
+    repooled = tmp_path / "given.h5"
+    assert _extract(image_dir, repooled, *common, "--boxes", str(boxes_file), "--box-format", "xyxy") == 0
+
+    for name in names:
+        regions, on_boxes = store.read(name), FeatureStore(repooled).read(name)
+        assert len(regions) == 12
+        proposals, regressed, pooled = _proposals_and_regressed(random_weights, image_dir / f"{name}.png")
+        stored = torch.from_numpy(regions.boxes)
+        distance = (stored[:, None] - regressed[None]).abs().amax(dim=-1)  # [12, P], largest coordinate gap
+        source = distance.argmin(dim=1)  # the proposal each region came from
+        assert distance.min(dim=1).values.max() < 1e-3  # every stored box is some proposal's regressed box
+        from_proposals = (stored[:, None] - proposals[None]).abs().amax(dim=-1).min(dim=1).values
+        assert from_proposals.max() > 0.5  # and not simply a proposal
+        if pooled_on_stored_box:
+            np.testing.assert_allclose(regions.features, on_boxes.features, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(regions.cls_prob, on_boxes.cls_prob, rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_allclose(regions.features, pooled[source].numpy(), rtol=1e-5, atol=1e-5)
+            assert not np.allclose(regions.features, on_boxes.features, rtol=1e-3, atol=1e-3)
