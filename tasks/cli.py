@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(f"tasks.commands.{module_name}")
         doc = (module.__doc__ or "").strip().splitlines()
-        command = sub.add_parser(name, help=doc[0] if doc else None, description=module.__doc__)
+        command = sub.add_parser(name, help=doc[0] if doc else None, description=module.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # keep examples as written
         module.add_arguments(command)
         command.set_defaults(run=module.run)
     return parser

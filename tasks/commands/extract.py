@@ -2,9 +2,19 @@
 
 Examples:
   vilbert extract --images photos/ --out feats.h5 --detector butd-r101-c4 --weights model.pth --device cuda
+  vilbert extract ... --detector butd-r101-c4 --option selection=maxnms-36    (LXMERT / airsplay 36 boxes)
   vilbert extract --images shapes.json --out gt.h5 --boxes boxes.json --box-format xyxy
   torchrun --nproc-per-node 4 -m tasks.cli extract --images photos/ --out feats.h5 --device cuda ...
   vilbert extract --merge feats.h5 feats.h5.rank0-of-2 feats.h5.rank1-of-2
+
+BUTD box selection (--option selection=NAME, reference/features.md section 1.3):
+  butd          Caffe generate_tsv / MILVLG: per-class NMS 0.3, max_conf >= 0.2, 10-100 boxes (default)
+  fixed-K       the same with exactly K boxes (the Caffe 36-box features: fixed-36)
+  vmb           vilbert-multi-task / MMF: per-class NMS 0.5, the top 100
+  maxnms-K      airsplay / LXMERT (maxnms-36): class-agnostic NMS on the regressed arg-max boxes, IoU raised
+                0.3 -> 0.9 until K survive; regressed boxes stored, features from the proposals
+  two-stage-K   MILVLG bboxes + bbox_feats: per-class NMS 0.3 on the regressed boxes, the top K, features pooled
+                again on them
 """
 
 from __future__ import annotations
@@ -30,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="native", choices=["native", "detectron2"],
                         help="build the detector natively or through detectron2 (BUTD only)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a detector option, e.g. short_side=224 or max_boxes=36 (repeatable)")
+                        help="a detector option, e.g. short_side=224, max_boxes=36, selection=maxnms-36, "
+                             "box_mode=regressed or pool_on=selected (repeatable)")
     parser.add_argument("--boxes", help="given boxes: JSON {image_id: [[4 numbers], ...]}")
     parser.add_argument("--box-format", choices=BOX_FORMATS, help="coordinates in --boxes (required with it)")
     parser.add_argument("--ids", help="a text file of image ids, one per line, in the order of the images")
