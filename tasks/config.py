@@ -79,6 +79,7 @@ class TrainConfig:
     save_every: int | None = None  # optimizer steps; None = at the end of every epoch
     keep_last: int = 2  # checkpoints kept besides the best
     eval_at_end: bool = True
+    group_by_length: bool = False  # batches of similar text length (the task's dataset gives text_lengths)
 
     def validate(self) -> None:
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):

@@ -10,7 +10,9 @@ Masking follows the reference (vilbert.md §5.2-5.4) and runs in DataLoader work
   (`tasks.regions.masked_image_mean`: masked features included as zeros, denominator = regions clear of masking);
 - alignment: with p = 0.5 the caption is swapped for a caption of another image (label 1 = mismatched,
   0 = aligned). The reference draws from all captions without a check; we redraw until the image differs so
-  that label 1 is never an aligned pair.
+  that label 1 is never an aligned pair. `data.negatives: image` swaps the image instead (the same kind of
+  mismatched pair); each sample then keeps its own caption, which lets length-grouped batches
+  (`train.group_by_length`, `data.pad_to_longest`) stay short.
 Objectives (vilbert-multi-task `--objective`): 0 = all losses on all pairs; 1 = mismatched pairs carry no MLM or
 region labels; 2 = no negatives and the alignment loss weighted 0.
 """
@@ -53,6 +55,8 @@ class PretrainingDataConfig:
     max_text_length: int = 36  # [CLS] + 34 word pieces + [SEP]
     max_regions: int = 37  # IMG token + 36 boxes
     objective: int = 1
+    negatives: str = "caption"  # mismatched pairs swap the caption (reference) or the image
+    pad_to_longest: bool = False  # pad each batch's text to its longest caption, not max_text_length
     strict: bool = False  # missing image ids are an error instead of a warning
     eval_batch_size: int = 64
     retrieval_images: int = 100  # images (with their captions) in the zero-shot retrieval evaluation
@@ -61,6 +65,8 @@ class PretrainingDataConfig:
     def validate(self) -> None:
         if self.objective not in (0, 1, 2):
             raise ConfigError(f"data.objective must be 0, 1 or 2, got {self.objective}")
+        if self.negatives not in ("caption", "image"):
+            raise ConfigError(f"data.negatives must be 'caption' or 'image', got {self.negatives!r}")
         if self.max_text_length < 3:
             raise ConfigError(f"data.max_text_length must be >= 3, got {self.max_text_length}")
         if self.max_regions < 2:
@@ -131,13 +137,15 @@ class PretrainingDataset(Dataset):
         max_regions: int = 37,
         objective: int = 1,
         seed: int = 0,
+        negatives: str = "caption",
     ):
         if "cls_prob" not in store.optional:
             raise DataError(f"{', '.join(store.paths)}: the feature store has no cls_prob (masked-region targets)")
         self.captions, self.store, self.tokenizer = captions, store, tokenizer
         self.max_text_length, self.max_regions = max_text_length, max_regions
-        self.objective, self.seed = objective, seed
+        self.objective, self.seed, self.negatives = objective, seed, negatives
         self.text = tokenizer.encode([c.text for c in captions], max_text_length).input_ids.astype(np.int32)
+        self.text_lengths = (self.text != tokenizer.pad_id).sum(1)  # [N] tokens per caption, for length grouping
         image_ids = [c.image_id for c in captions]
         self.image_index = np.unique(image_ids, return_inverse=True)[1]  # [N] image number per caption
 
@@ -157,14 +165,18 @@ class PretrainingDataset(Dataset):
 
     def sample(self, index: int, epoch: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch, index])
-        caption_index, mismatched = index, 0
+        caption_index = image_index = index
         if self.objective != 2 and rng.random() < NEGATIVE_PROB:
-            caption_index = self._negative(index, rng)
-            mismatched = int(caption_index != index)
+            other = self._negative(index, rng)
+            if self.negatives == "caption":
+                caption_index = other
+            else:
+                image_index = other
+        mismatched = int(caption_index != image_index)
         ids = self.text[caption_index].astype(np.int64)
         masked_ids, mlm_labels = mask_text(ids, self.tokenizer, rng)
 
-        regions = self.store.read(self.captions[index].image_id)
+        regions = self.store.read(self.captions[image_index].image_id)
         if regions.cls_prob is None:
             raise DataError(f"image {regions.image_id!r}: the feature store has no cls_prob (masked-region targets)")
         keep = min(len(regions), self.max_regions - 1)
@@ -195,9 +207,12 @@ class PretrainingDataset(Dataset):
         }
 
 
-def collate_pretraining(samples: list[dict], max_regions: int) -> dict[str, torch.Tensor | tuple[int, int]]:
-    """Stack text, pad the visual side to `max_regions` (fixed shapes), pad region labels with -100."""
-    batch = {k: torch.from_numpy(np.stack([s[k] for s in samples]))
+def collate_pretraining(samples: list[dict], max_regions: int,
+                        pad_to_longest: bool = False) -> dict[str, torch.Tensor | tuple[int, int]]:
+    """Stack text (cut to the batch's longest caption with `pad_to_longest`, else max_text_length), pad the visual
+    side to `max_regions` (fixed shapes), pad region labels with -100."""
+    width = max(int(s["attention_mask"].sum()) for s in samples) if pad_to_longest else None
+    batch = {k: torch.from_numpy(np.stack([s[k][:width] for s in samples]))
              for k in ("input_ids", "attention_mask", "token_type_ids", "mlm_labels")}
     batch.update(collate_visual([s["visual"] for s in samples], pad_to=max_regions))
     classes = samples[0]["region_targets"].shape[1]
@@ -243,7 +258,7 @@ class PretrainingTask(Task):
         captions = join_with_store(load_captions(captions_path), store, str(captions_path), strict=data.strict)
         seed = self.config.train.seed if split == "train" else self.config.train.seed + 1
         return PretrainingDataset(captions, store, self.tokenizer, data.max_text_length, data.max_regions,
-                                  data.objective, seed=seed)
+                                  data.objective, seed=seed, negatives=data.negatives)
 
     def dataset(self, split: str) -> PretrainingDataset:
         if split not in self._datasets:
@@ -281,7 +296,7 @@ class PretrainingTask(Task):
                                   f"the model's v_target_size is {config.v_target_size}")
 
     def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        return collate_pretraining(samples, self.config.data.max_regions)
+        return collate_pretraining(samples, self.config.data.max_regions, self.config.data.pad_to_longest)
 
     def objective_loss(self, out) -> torch.Tensor:
         """L_mlm + L_region + L_alignment, the alignment term weighted 0 under objective 2."""

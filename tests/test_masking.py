@@ -24,10 +24,10 @@ def data(tmp_path_factory):
     return images, store, tokenizer, captions
 
 
-def dataset(data, objective):
+def dataset(data, objective, negatives="caption"):
     _, store, tokenizer, captions = data
     return PretrainingDataset(captions, store, tokenizer, max_text_length=20, max_regions=MAX_REGIONS,
-                              objective=objective, seed=11)
+                              objective=objective, seed=11, negatives=negatives)
 
 
 def draw(ds, epochs=4):
@@ -103,6 +103,34 @@ def test_negatives_swap_captions_half_the_time_with_label_one(data):
         else:
             swapped_differs.append(not same)  # another image's caption (rarely the same words)
     assert np.mean(swapped_differs) > 0.8
+
+
+def test_image_negatives_keep_the_caption_and_swap_the_image(data):
+    images = data[0]
+    ds = dataset(data, objective=0, negatives="image")
+    samples = draw(ds)
+    labels = np.array([int(s["alignment_labels"]) for _, s in samples])
+    assert labels.mean() == pytest.approx(0.5, abs=0.03)
+    for index, s in samples:
+        unmasked = np.where(s["mlm_labels"] != IGNORE, s["mlm_labels"], s["input_ids"])
+        np.testing.assert_array_equal(unmasked, ds.text[index])  # every sample keeps its own caption
+        own = images[ds.captions[index].image_id]["features"].astype(np.float16).astype(np.float32)
+        shown = s["visual"].features[1:]
+        kept = shown.any(axis=1)  # regions not zeroed by masking
+        assert np.array_equal(shown[kept], own[kept]) == (s["alignment_labels"] == 0)
+
+
+def test_pad_to_longest_cuts_text_to_the_batch_and_keeps_every_token(data):
+    ds = dataset(data, objective=1)
+    samples = [ds.sample(i, 0) for i in range(6)]
+    full, cut = collate_pretraining(samples, MAX_REGIONS), collate_pretraining(samples, MAX_REGIONS, pad_to_longest=True)
+    width = int(full["attention_mask"].sum(1).max())
+    assert width < 20 and cut["input_ids"].shape == (6, width)
+    for key in ("input_ids", "attention_mask", "token_type_ids", "mlm_labels"):
+        assert torch.equal(cut[key], full[key][:, :width])
+    assert not full["attention_mask"][:, width:].any()  # only padding is cut
+    assert (full["mlm_labels"][:, width:] == IGNORE).all() and cut["labelled_counts"] == full["labelled_counts"]
+    assert len(ds.text_lengths) == len(ds) and ds.text_lengths[0] == int((ds.text[0] != ds.tokenizer.pad_id).sum())
 
 
 def test_objective_1_drops_masked_labels_on_mismatched_pairs_only(data):

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from tasks.config import OptimConfig, TrainConfig
+from tasks.errors import ConfigError
 from tasks.task import StepOutput, Task
 from tasks.trainer import (
     STATE_FILE,
@@ -258,6 +259,31 @@ def test_sampler_shards_cover_each_global_batch_and_resume_skips_done_steps():
     assert list(sampler) == single[16:] and len(sampler) == 32
     sampler.set_position(epoch=1, start_step=0)
     assert [i for _, i in sampler] != [i for _, i in single] and all(e == 1 for e, _ in sampler)
+
+
+def test_group_by_length_needs_text_lengths_from_the_task(tmp_path):
+    config = train_config(tmp_path, "grouped", epochs=1, group_by_length=True)
+    with pytest.raises(ConfigError, match="group_by_length.*text_lengths"):
+        Trainer(RegressionTask(), config, OptimConfig()).fit()
+
+
+def test_length_grouped_sampler_covers_the_epoch_in_short_batches_and_resumes():
+    lengths = np.random.default_rng(0).integers(5, 40, size=203)
+    plain = [i for _, i in ResumableDistributedSampler(203, 8, rank=0, world_size=1, seed=3)]
+    grouped = [i for _, i in ResumableDistributedSampler(203, 8, rank=0, world_size=1, seed=3, lengths=lengths,
+                                                         group_window=5)]
+    assert sorted(grouped) == sorted(plain)  # the same samples this epoch, each once
+    batches = np.array(grouped).reshape(-1, 8)
+    padded = lambda rows: sum(lengths[b].max() * len(b) for b in rows)  # noqa: E731
+    assert padded(batches) < 0.8 * padded(np.array(plain).reshape(-1, 8))
+    assert not all(np.diff(lengths[batches].max(1)) <= 0)  # batch order shuffled, not longest first
+    shards = [[i for _, i in ResumableDistributedSampler(203, 8, rank=r, world_size=2, seed=3, lengths=lengths,
+                                                           group_window=5)] for r in range(2)]
+    for step, batch in enumerate(batches):  # each global batch is split over the ranks
+        assert set(shards[0][step * 4 : step * 4 + 4]) | set(shards[1][step * 4 : step * 4 + 4]) == set(batch)
+    sampler = ResumableDistributedSampler(203, 8, rank=0, world_size=1, seed=3, lengths=lengths, group_window=5)
+    sampler.set_position(epoch=0, start_step=7)
+    assert [i for _, i in sampler] == grouped[56:]
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
