@@ -143,7 +143,7 @@ def flops_by_part(counter: FlopCounterMode, root: str, side: int) -> dict[str, f
     """GFLOP per part of PARTS (side 1 = reference names, 2 = ours), and the rest under "other"."""
     counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     parts = {part[0]: counts.get(f"{root}.{part[side]}", 0) / 1e9 for part in PARTS}
-    parts["other (other heads, losses)"] = counter.get_total_flops() / 1e9 - sum(parts.values())
+    parts["other (other heads, losses)"] = max(counter.get_total_flops() / 1e9 - sum(parts.values()), 0.0)  # no -0.00
     return parts
 
 
@@ -173,11 +173,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model")
     parser.add_argument("--timed", type=int, default=2, help="timed steps per model and round")
     parser.add_argument("--rounds", type=int, default=2, help="alternating timed blocks per model")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads")
+    parser.add_argument("--threads", type=int, default=1, help="threads of a CPU run")
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -222,7 +223,7 @@ def main() -> None:
             print(f"  {part:<56}{flops['reference'][part]:>10.2f}{flops['ours'][part]:>10.2f}")
         print(f"  {'whole step (forward + backward)':<56}{step_flops['reference']:>10.2f}{step_flops['ours']:>10.2f}")
 
-        seconds = dict.fromkeys(models, 0.0)
+        seconds: dict[str, list[float]] = {label: [] for label in models}  # per round
         optimizers = {label: torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01,
                                                fused=device.type == "cuda")
                       for label, (model, _) in models.items()}
@@ -238,11 +239,12 @@ def main() -> None:
                 for _ in range(args.timed):
                     train_step(*models[label], optimizers[label], autocast)
                 synchronize(device)
-                seconds[label] += time.perf_counter() - start
-        rates = {label: args.rounds * args.timed * batch / seconds[label] for label in models}
+                seconds[label].append(time.perf_counter() - start)
+        rates = {label: args.rounds * args.timed * batch / sum(seconds[label]) for label in models}
+        per_round = ", ".join(f"{r / o:.2f}x" for r, o in zip(seconds["reference"], seconds["ours"], strict=True))
         ratio = rates["ours"] / rates["reference"]
         print(f"samples/s: reference {rates['reference']:.2f}, ours {rates['ours']:.2f}, ratio ours/reference "
-              f"{ratio:.2f}x ({args.rounds} x {args.timed} timed steps each, after {args.warmup} warm-up)")
+              f"{ratio:.2f}x (per round {per_round}; {args.rounds} x {args.timed} timed steps each, after {args.warmup} warm-up)")
         summary.append(f"{name:<10}{batch:>6}{rates['reference']:>12.2f}{rates['ours']:>10.2f}{ratio:>8.2f}x")
         del models, optimizers, ref_model, ours, ref_loss, our_loss
         if device.type == "cuda":
