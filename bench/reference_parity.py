@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import math
 import sys
 import types
@@ -44,6 +45,12 @@ def import_reference(reference_dir: Path) -> types.ModuleType:
     package.__path__ = [str(reference_dir / "vilbert")]
     sys.modules["ref_vilbert"] = package
     return importlib.import_module("ref_vilbert.vilbert")
+
+
+def reference_config(ref: types.ModuleType, config: ViLBertConfig):
+    """The reference `BertConfig` of the same model: every constructor argument it shares with `config`."""
+    shared = [name for name in inspect.signature(ref.BertConfig).parameters if name in ViLBertConfig.__dataclass_fields__]
+    return ref.BertConfig(config.vocab_size, **{name: getattr(config, name) for name in shared if name != "vocab_size"})
 
 
 # one narrow model with the base attachment pattern, one small model with the 12-in-1 task token
@@ -98,9 +105,8 @@ def make_inputs(config: ViLBertConfig, batch: int, generator: torch.Generator) -
 
 def compare_setting(ref, name: str, fields: dict, report: dict[str, float]) -> None:
     generator = torch.Generator().manual_seed(0)
-    values = {**COMMON, **fields}
-    ref_config = ref.BertConfig(values.pop("vocab_size"), **{k: v for k, v in values.items()})
     config = ViLBertConfig(**{**COMMON, **fields, "num_labels": 3129, "gqa_num_labels": 1533})
+    ref_config = reference_config(ref, config)
 
     ref_task = ref.VILBertForVLTasks(ref_config, num_labels=3129).eval()
     randomise(ref_task, generator)
