@@ -36,6 +36,7 @@ from vilbert.convert import convert_reference_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_parity import import_reference, reference_config  # noqa: E402
+from train_step import synthetic_text, synthetic_visual  # noqa: E402
 
 SHAPES = {"pretrain": dict(batch=64, text=36, regions=37), "vqa": dict(batch=128, text=23, regions=101)}
 MASK_PROBABILITY = 0.15
@@ -69,15 +70,10 @@ def converted_pair(ref_model: nn.Module, our_class: type, config: ViLBertConfig)
 
 
 def model_inputs(config: ViLBertConfig, batch: int, length: int, regions: int, generator: torch.Generator) -> dict:
-    """Full-length text and regions (the reference shapes are the padded batch shapes)."""
-    return {
-        "input_ids": torch.randint(5, config.vocab_size, (batch, length), generator=generator),
-        "attention_mask": torch.ones(batch, length, dtype=torch.long),
-        "token_type_ids": torch.zeros(batch, length, dtype=torch.long),
-        "region_features": torch.randn(batch, regions, config.v_feature_size, generator=generator),
-        "region_locations": torch.rand(batch, regions, 5, generator=generator),
-        "region_mask": torch.ones(batch, regions),
-    }
+    """Full-length text and regions (the reference shapes are the padded batch shapes), seeded by `generator`."""
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+        return {**synthetic_text(batch, length, config, "cpu"), **synthetic_visual(batch, regions, config, "cpu")}
 
 
 def reference_args(x: dict) -> tuple:
