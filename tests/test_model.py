@@ -51,7 +51,7 @@ def test_encoder_runs_layers_in_reference_order(preset):
     model = ViLBertModel(config).eval()
     trace = []
     encoder = model.encoder
-    for letter, layers in (("T", encoder.text_layers), ("V", encoder.visual_layers), ("C", encoder.coattention_layers)):
+    for letter, layers in (("T", encoder.text_layers), ("V", encoder.vision_layers), ("C", encoder.coattention_layers)):
         for i, layer in enumerate(layers):
             layer.register_forward_hook(lambda *_, name=f"{letter}{i}": trace.append(name))
     with torch.no_grad():

@@ -16,7 +16,7 @@ ANSWER_HEAD_TYPES = ("multi-task", "beta")
 
 
 def layer_variant(num_coattention: int) -> dict[str, Any]:
-    """The published N-layer variants: N visual layers, co-attention before each of them and before the last N
+    """The published N-layer variants: N vision layers, co-attention before each of them and before the last N
     of the 12 text layers (bert_base_{N}layer_{N}conect.json)."""
     n = num_coattention
     return {"v_num_hidden_layers": n, "v_biattention_id": list(range(n)), "t_biattention_id": list(range(12 - n, 12))}
@@ -28,7 +28,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "2layer": layer_variant(2),
     "4layer": layer_variant(4),
     "8layer": layer_variant(8),
-    # Text stream shaped like all-MiniLM-L6-v2; visual stream over MobileNetV2 stride-16 features (96-d);
+    # Text stream shaped like all-MiniLM-L6-v2; vision stream over MobileNetV2 stride-16 features (96-d);
     # 18 colour x shape classes + background as region targets.
     "embedded": {
         "vocab_size": 30522,
@@ -78,8 +78,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 class ViLBertConfig(PreTrainedConfig):
     """Configuration of the two-stream ViLBERT model; defaults are the published base (6-layer/6-conect) model.
 
-    Suffix-free fields describe the text stream (BERT), `v_*` the visual stream, `bi_*` the co-attention.
-    `v_biattention_id[k]` / `t_biattention_id[k]` say before which visual / text layer co-attention layer k runs.
+    Suffix-free fields describe the text stream (BERT), `v_*` the vision stream, `bi_*` the co-attention.
+    `v_biattention_id[k]` / `t_biattention_id[k]` say before which vision / text layer co-attention layer k runs.
     `bi_intermediate_size` and `v_initializer_range` are kept from the reference config but unused (as there).
     """
 

@@ -1,4 +1,4 @@
-"""ViLBERT: a BERT text stream and a visual stream joined by co-attention layers (Lu et al., NeurIPS 2019).
+"""ViLBERT: a BERT text stream and a vision stream joined by co-attention layers (Lu et al., NeurIPS 2019).
 
 Numerically the model of vilbert-multi-task (reference/vilbert.md §2-§6): post-LN BERT layers, erf GELU,
 LayerNorm eps 1e-12, additive -10000 masks, ReLU poolers, product fusion, the 12-in-1 task token.
@@ -85,8 +85,8 @@ class TextEmbeddings(nn.Module):
         return self.dropout(self.layer_norm(embedded))
 
 
-class VisualEmbeddings(nn.Module):
-    """Region feature and 5-d box location, each projected to the visual width, summed, LayerNorm, dropout."""
+class VisionEmbeddings(nn.Module):
+    """Region feature and 5-d box location, each projected to the vision width, summed, LayerNorm, dropout."""
 
     def __init__(self, config: ViLBertConfig):
         super().__init__()
@@ -147,7 +147,7 @@ class SelfAttention(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """A post-LN BERT layer; the text stream's layers and (at their own widths) the visual stream's."""
+    """A post-LN BERT layer; the text stream's layers and (at their own widths) the vision stream's."""
 
     def __init__(
         self, width: int, num_heads: int, ffn_width: int, activation: str, dropout: float, attention_dropout: float,
@@ -179,7 +179,7 @@ class CoAttention(nn.Module):
         self.vision_over_text_dropout = config.attention_probs_dropout_prob
 
     def forward(
-        self, vision: torch.Tensor, vision_mask: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+        self, text: torch.Tensor, text_mask: torch.Tensor, vision: torch.Tensor, vision_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         p_tv = self.text_over_vision_dropout if self.training else 0.0
         p_vt = self.vision_over_text_dropout if self.training else 0.0
@@ -189,7 +189,7 @@ class CoAttention(nn.Module):
         vision_context = attend(
             self.vision_query(vision), self.text_key(text), self.text_value(text), text_mask, self.num_heads, p_vt
         )  # [B, R, bi]
-        return vision_context, text_context
+        return text_context, vision_context
 
 
 class CoAttentionLayer(nn.Module):
@@ -209,12 +209,12 @@ class CoAttentionLayer(nn.Module):
         )
 
     def forward(
-        self, vision: torch.Tensor, vision_mask: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+        self, text: torch.Tensor, text_mask: torch.Tensor, vision: torch.Tensor, vision_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        vision_context, text_context = self.coattention(vision, vision_mask, text, text_mask)
-        vision = self.vision_ffn(self.vision_output(vision_context, vision))  # [B, R, Hv]
+        text_context, vision_context = self.coattention(text, text_mask, vision, vision_mask)
         text = self.text_ffn(self.text_output(text_context, text))  # [B, L, H]
-        return vision, text
+        vision = self.vision_ffn(self.vision_output(vision_context, vision))  # [B, R, Hv]
+        return text, vision
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -222,10 +222,10 @@ class CoAttentionLayer(nn.Module):
 
 
 def layer_schedule(config: ViLBertConfig) -> list[tuple[str, int]]:
-    """The executed layer order (reference §2.3): ("T", i) text layer, ("V", i) visual layer, ("C", k) co-attention.
+    """The executed layer order (reference §2.3): ("T", i) text layer, ("V", i) vision layer, ("C", k) co-attention.
 
-    For the k-th attachment pair (v_k, t_k): text layers up to t_k, visual layers up to v_k, then co-attention k;
-    after the last pair the remaining visual layers, then the remaining text layers.
+    For the k-th attachment pair (v_k, t_k): text layers up to t_k, vision layers up to v_k, then co-attention k;
+    after the last pair the remaining vision layers, then the remaining text layers.
     """
     steps: list[tuple[str, int]] = []
     t_start = v_start = 0
@@ -241,7 +241,7 @@ def layer_schedule(config: ViLBertConfig) -> list[tuple[str, int]]:
 
 
 class ViLBertEncoder(nn.Module):
-    """Text layers, visual layers and co-attention layers, run in the order of `layer_schedule`."""
+    """Text layers, vision layers and co-attention layers, run in the order of `layer_schedule`."""
 
     def __init__(self, config: ViLBertConfig):
         super().__init__()
@@ -253,7 +253,7 @@ class ViLBertEncoder(nn.Module):
             )
             for _ in range(config.num_hidden_layers)
         )
-        self.visual_layers = nn.ModuleList(
+        self.vision_layers = nn.ModuleList(
             TransformerLayer(
                 config.v_hidden_size, config.v_num_attention_heads, config.v_intermediate_size, config.v_hidden_act,
                 config.v_hidden_dropout_prob, config.v_attention_probs_dropout_prob, eps,
@@ -268,7 +268,7 @@ class ViLBertEncoder(nn.Module):
         self.fixed_v_layer = config.fixed_v_layer
 
     def run_text_prefix(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """Run the text layers before the first co-attention or visual layer."""
+        """Run the text layers before the first co-attention or vision layer."""
         for _, index in self.schedule[: self.num_prefix_steps]:
             text = self._text_layer(index, text, text_mask)
         return text
@@ -283,9 +283,9 @@ class ViLBertEncoder(nn.Module):
                 text = self._text_layer(index, text, text_mask)
             elif kind == "V":
                 with torch.no_grad() if index < self.fixed_v_layer else contextlib.nullcontext():
-                    vision = self.visual_layers[index](vision, vision_mask)
+                    vision = self.vision_layers[index](vision, vision_mask)
             else:
-                vision, text = self.coattention_layers[index](vision, vision_mask, text, text_mask)
+                text, vision = self.coattention_layers[index](text, text_mask, vision, vision_mask)
         return text, vision
 
     def _text_layer(self, index: int, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
@@ -373,10 +373,10 @@ class ViLBertModel(ViLBertPreTrainedModel):
     def __init__(self, config: ViLBertConfig):
         super().__init__(config)
         self.embeddings = TextEmbeddings(config)
-        self.visual_embeddings = VisualEmbeddings(config)
+        self.vision_embeddings = VisionEmbeddings(config)
         self.encoder = ViLBertEncoder(config)
         self.text_pooler = Pooler(config.hidden_size, config.bi_hidden_size)
-        self.visual_pooler = Pooler(config.v_hidden_size, config.bi_hidden_size)
+        self.vision_pooler = Pooler(config.v_hidden_size, config.bi_hidden_size)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -427,7 +427,7 @@ class ViLBertModel(ViLBertPreTrainedModel):
         if region_mask is None:
             region_mask = region_features.new_ones(region_features.shape[:2])
 
-        vision = self.visual_embeddings(region_features, region_locations)  # [B, R, Hv]
+        vision = self.vision_embeddings(region_features, region_locations)  # [B, R, Hv]
         dtype = compute_dtype(vision)
         text_mask, vision_mask = additive_mask(text_mask_2d, dtype), additive_mask(region_mask, dtype)
         text, vision = self.encoder(text, vision, text_mask, vision_mask, after_prefix=True)
@@ -435,7 +435,7 @@ class ViLBertModel(ViLBertPreTrainedModel):
             text_hidden=text,
             vision_hidden=vision,
             pooled_text=self.text_pooler(text),
-            pooled_vision=self.visual_pooler(vision),
+            pooled_vision=self.vision_pooler(vision),
         )
 
 
