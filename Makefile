@@ -57,10 +57,10 @@ $(SHAPES_FEATURES): $(WORLD)/scenes.json
 	$(VILBERT) shapes-world --out $(WORLD) --add-cls-prob $(SHAPES)/features.partial.h5
 	mv $(SHAPES)/features.partial.h5 $@
 
-$(PRETRAIN_REPORT): $(SHAPES_FEATURES) tasks/configs/pretrain_embedded.yaml
+$(PRETRAIN_REPORT): $(SHAPES_FEATURES) tasks/shapes/configs/pretrain_embedded.yaml
 	@$(WEIGHTS_CHECK)
 	rm -rf $(PRETRAIN_RUN)
-	$(VILBERT) pretrain --config tasks/configs/pretrain_embedded.yaml model.text_init=$(TEXT_INIT)
+	$(VILBERT) pretrain --config tasks/shapes/configs/pretrain_embedded.yaml model.text_init=$(TEXT_INIT)
 	$(VILBERT) report --run $(PRETRAIN_RUN) > $@.tmp && mv $@.tmp $@
 
 pretrain: $(PRETRAIN_REPORT)
@@ -71,11 +71,11 @@ finetune: $(PRETRAIN_REPORT)
 	@case "$(TASK)" in vqa|retrieval|refcoco) ;; *) echo "TASK must be vqa, retrieval or refcoco, got '$(TASK)'"; exit 2;; esac
 	@$(WEIGHTS_CHECK)
 	rm -rf $(FINETUNE_RUN)
-	$(VILBERT) finetune --task $(TASK) --config tasks/configs/$(TASK)_embedded.yaml \
+	$(VILBERT) finetune --task $(TASK) --config tasks/shapes/configs/$(TASK)_embedded.yaml \
 		--init $$(tail -n 1 $(PRETRAIN_REPORT) | cut -d' ' -f2) model.text_init=$(TEXT_INIT)
 ifeq ($(TASK),vqa)
 	rm -rf $(FINETUNE_RUN)_textonly
-	$(VILBERT) finetune --task vqa --config tasks/configs/vqa_embedded.yaml model.text_init=$(TEXT_INIT) \
+	$(VILBERT) finetune --task vqa --config tasks/shapes/configs/vqa_embedded.yaml model.text_init=$(TEXT_INIT) \
 		train.output_dir=$(FINETUNE_RUN)_textonly
 	$(VILBERT) report --run $(FINETUNE_RUN) --task vqa --compare $(FINETUNE_RUN)_textonly
 else

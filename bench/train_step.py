@@ -29,8 +29,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from tasks.config import OptimConfig
-from tasks.trainer import build_optimizer
+from tasks.engine.config import OptimConfig
+from tasks.engine.optimization import build_optimizer
 
 SHAPES = {"pretrain": dict(batch=64, text=36, regions=37), "vqa": dict(batch=128, text=23, regions=101)}
 
@@ -104,10 +104,10 @@ def time_steps(model, batch, loss_fn, dtype, steps: int, warmup: int, device) ->
 def loader_rate(config, batch: int, length: int, regions: int, workers: int, batches: int) -> float:
     """Samples/s of the pretraining input pipeline on a synthetic store with the model's widths."""
     from features.store import FeatureStore, FeatureStoreWriter
-    from tasks.captions import Caption
+    from tasks.data.captions import Caption
+    from tasks.data.tokenization import load_tokenizer
+    from tasks.engine.sampler import EpochKeyedDataset
     from tasks.pretraining import PretrainingDataset, collate_pretraining
-    from tasks.tokenization import load_tokenizer
-    from tasks.trainer import EpochKeyedDataset
 
     images = batch * 4
     rng = np.random.default_rng(0)

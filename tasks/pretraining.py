@@ -7,7 +7,7 @@ Masking follows the reference (vilbert.md §5.2-5.4) and runs in DataLoader work
 - regions: each real region (never the IMG token, never padding) is selected with p = 0.15; its feature is
   zeroed (90 %) or kept (10 %); region_labels is 1 at selected regions, else -100; the target is the region's
   detector class distribution (`cls_prob`). The IMG feature is the vilbert-multi-task pretraining mean
-  (`tasks.regions.masked_image_mean`: masked features included as zeros, denominator = regions clear of masking);
+  (`tasks.data.regions.masked_image_mean`: masked features included as zeros, denominator = regions clear of masking);
 - alignment: with p = 0.5 the caption is swapped for a caption of another image (label 1 = mismatched,
   0 = aligned). The reference draws from all captions without a check; we redraw until the image differs so
   that label 1 is never an aligned pair. `data.negatives: image` swaps the image instead (the same kind of
@@ -22,19 +22,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
-from tasks.captions import Caption, join_with_store, load_captions
-from tasks.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.data.captions import Caption, join_with_store, load_captions
+from tasks.data.regions import build_visual_input, collate_visual, masked_image_mean
+from tasks.data.tokenization import Tokenizer, load_tokenizer
+from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.engine.distributed import move_to_device
+from tasks.engine.task import StepOutput, Task, TaskDataset
 from tasks.errors import ConfigError, DataError
-from tasks.regions import build_visual_input, collate_visual, masked_image_mean
-from tasks.task import StepOutput, Task
-from tasks.tokenization import Tokenizer, load_tokenizer
-from tasks.trainer import move_to_device
+from tasks.metrics import recall_at_k
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def _open_store(paths):
     return FeatureStore(paths)
 
 
-class PretrainingDataset(Dataset):
+class PretrainingDataset(TaskDataset):
     """Image-caption pairs joined with a feature store that has `cls_prob`; `sample(index, epoch)` masks."""
 
     def __init__(
@@ -298,14 +299,26 @@ class PretrainingTask(Task):
     def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         return collate_pretraining(samples, self.config.data.max_regions, self.config.data.pad_to_longest)
 
-    def objective_loss(self, out) -> torch.Tensor:
-        """L_mlm + L_region + L_alignment, the alignment term weighted 0 under objective 2."""
-        alignment_weight = 0.0 if self.config.data.objective == 2 else 1.0
-        return out.mlm_loss + out.region_loss + alignment_weight * out.alignment_loss
+    @property
+    def alignment_weight(self) -> float:
+        """Objective 2 trains without negatives: its alignment term is weighted 0."""
+        return 0.0 if self.config.data.objective == 2 else 1.0
+
+    def label_counts(self, batch: Mapping[str, Any]) -> dict[str, int]:
+        """Masked tokens, masked regions and pairs: the items each objective averages over."""
+        tokens, regions = batch["labelled_counts"]
+        return {"mlm": tokens, "region": regions, "alignment": len(batch["alignment_labels"])}
 
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
+        """L_mlm + L_region + L_alignment as sums (the alignment term weighted 0 under objective 2)."""
         out = model(**batch)
-        return StepOutput(self.objective_loss(out), {
+        tokens, regions = batch["labelled_counts"]
+        loss_sums = {  # the model's means times the micro-batch's counts
+            "mlm": out.mlm_loss * tokens,
+            "region": out.region_loss * regions,
+            "alignment": self.alignment_weight * out.alignment_loss * len(batch["alignment_labels"]),
+        }
+        return StepOutput(loss_sums, {
             "mlm_loss": out.mlm_loss.detach(),
             "region_loss": out.region_loss.detach(),
             "alignment_loss": out.alignment_loss.detach(),
@@ -313,16 +326,34 @@ class PretrainingTask(Task):
 
     # ------------------------------------------------------------------------------------------------ evaluation
 
-    def evaluate(self, model: nn.Module, split: str, progress: Callable | None = None) -> dict[str, float]:
-        """Masked-objective accuracies on held-out pairs, then zero-shot image retrieval R@1/5/10."""
+    def predict(self, model: nn.Module, split: str, progress: Callable | None = None) -> dict[str, Any]:
+        """Held-out outcomes: correct and labelled counts per masked objective, the loss sum, and the zero-shot
+        retrieval scores (each caption against the held-out images) with each caption's own image."""
         if split not in self._datasets:
             return {}
-        metrics = self._masked_metrics(model, self._datasets[split])
-        metrics.update(self._zero_shot_retrieval(model, self._datasets[split]))
+        dataset = self._datasets[split]
+        return {**self._masked_counts(model, dataset), **self._zero_shot_scores(model, dataset)}
+
+    def score(self, predictions: Mapping[str, Any], split: str) -> dict[str, float]:
+        """Masked-objective accuracies and the loss on held-out pairs, zero-shot image retrieval R@1/5/10."""
+        if not predictions:
+            return {}
+
+        correct, counts = predictions["correct"], predictions["counts"]
+        pairs = max(counts[2], 1)
+        metrics = {  # accuracies in percent, like the retrieval recalls
+            "loss": predictions["loss_sum"] / pairs,
+            "mlm_accuracy": 100.0 * correct[0] / max(counts[0], 1),
+            "region_accuracy": 100.0 * correct[1] / max(counts[1], 1),
+            "alignment_accuracy": 100.0 * correct[2] / pairs,
+        }
+        if predictions.get("retrieval_scores"):
+            recall = recall_at_k(torch.tensor(predictions["retrieval_scores"]), predictions["retrieval_positives"])
+            metrics.update({f"retrieval_{k}": v for k, v in recall.items() if k in ("r1", "r5", "r10")})
         return metrics
 
     @torch.no_grad()
-    def _masked_metrics(self, model: nn.Module, dataset: PretrainingDataset) -> dict[str, float]:
+    def _masked_counts(self, model: nn.Module, dataset: PretrainingDataset) -> dict[str, Any]:
         device = next(model.parameters()).device
         size = self.config.data.eval_batch_size
         correct = torch.zeros(3, dtype=torch.float64, device=device)  # MLM, region, alignment
@@ -340,21 +371,14 @@ class PretrainingTask(Task):
                 (out.alignment_logits.argmax(-1) == batch["alignment_labels"]).sum(),
             ]).double()
             counts += [mlm_targets.numel(), region_teacher.numel(), len(samples)]
-            loss_sum += self.objective_loss(out).double() * len(samples)
-        t = correct.tolist()
-        return {  # accuracies in percent, like the retrieval recalls
-            "loss": loss_sum.item() / max(counts[2], 1),
-            "mlm_accuracy": 100.0 * t[0] / max(counts[0], 1),
-            "region_accuracy": 100.0 * t[1] / max(counts[1], 1),
-            "alignment_accuracy": 100.0 * t[2] / max(counts[2], 1),
-        }
+            mean = out.mlm_loss + out.region_loss + self.alignment_weight * out.alignment_loss
+            loss_sum += mean.double() * len(samples)
+        return {"correct": correct.tolist(), "counts": counts.tolist(), "loss_sum": loss_sum.item()}
 
     @torch.no_grad()
-    def _zero_shot_retrieval(self, model: nn.Module, dataset: PretrainingDataset) -> dict[str, float]:
+    def _zero_shot_scores(self, model: nn.Module, dataset: PretrainingDataset) -> dict[str, Any]:
         """Each held-out caption ranks the held-out images by softmax(alignment_logits)[:, 0]; the text stream
         runs once per caption (encode_text_prefix) and is expanded over chunks of images."""
-        from tasks.metrics import recall_at_k
-
         data = self.config.data
         device = next(model.parameters()).device
         image_ids = list(dict.fromkeys(c.image_id for c in dataset.captions))[: data.retrieval_images]
@@ -378,6 +402,5 @@ class PretrainingTask(Task):
                 logits = model(text_prefix=prefix, **chunk).alignment_logits  # [chunk, 2]
                 scores[row, start : start + len(logits)] = logits.float().softmax(-1)[:, 0]
         positives = [position[dataset.captions[i].image_id] for i in queries]
-        recall = recall_at_k(scores.cpu(), positives)
-        return {f"retrieval_{k}": v for k, v in recall.items() if k in ("r1", "r5", "r10")}
+        return {"retrieval_scores": scores.cpu().tolist(), "retrieval_positives": positives}
 

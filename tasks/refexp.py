@@ -28,24 +28,26 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from tasks.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.data.annotations import (
+    image_key_resolver,
+    keep_known_images,
+    load_json,
+    open_feature_store,
+    require,
+)
+from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.engine.evaluation import eval_batches
+from tasks.engine.task import StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError
 from tasks.finetuning import (
     FinetuneDataConfig,
     FinetuneTask,
-    eval_batches,
-    image_key_resolver,
-    keep_known_images,
-    load_json,
     model_inputs,
-    open_feature_store,
-    require,
     resolve_split,
-    soft_bce_loss,
+    soft_bce_sum,
     task_ids_for,
 )
 from tasks.metrics import box_iou, refexp_accuracy, xywh_to_xyxy
-from tasks.task import StepOutput
 
 if TYPE_CHECKING:
     from features.store import FeatureStore
@@ -127,11 +129,11 @@ class RefExpConfig:
     data: RefExpDataConfig = field(default_factory=RefExpDataConfig)
 
 
-class RefExpDataset(Dataset):
+class RefExpDataset(TaskDataset):
     """One item per sentence: tokens, regions (IMG + boxes), each region's box and IoU target."""
 
     def __init__(self, expressions, store, tokenizer, max_text_length, max_regions, training, source):
-        from tasks.regions import visual_input
+        from tasks.data.regions import visual_input
 
         self._visual_input = visual_input
         kept = keep_known_images(expressions, lambda e: e.image_id, image_key_resolver(store.ids), source,
@@ -162,7 +164,7 @@ class RefExpDataset(Dataset):
 
 
 def collate_refexp(samples: list[dict]) -> dict:
-    from tasks.regions import collate_visual
+    from tasks.data.regions import collate_visual
 
     batch = {key: torch.stack([s[key] for s in samples]) for key in
              ("input_ids", "attention_mask", "token_type_ids", "referred")}
@@ -217,9 +219,9 @@ class RefExpTask(FinetuneTask):
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
         ids = task_ids_for(model, self.name, batch["input_ids"].shape[0], batch["input_ids"].device)
         logits = model(**model_inputs(batch), task_ids=ids, heads=["region_logits"]).region_logits  # [B, R]
-        loss = soft_bce_loss(logits, batch["target"])
         hit = batch["target"].gather(1, logits.argmax(dim=1, keepdim=True)) > 0  # the reference's train metric
-        return StepOutput(loss=loss, metrics={"accuracy": hit.float().mean().detach()})
+        return StepOutput({"loss": soft_bce_sum(logits, batch["target"])},
+                          metrics={"accuracy": hit.float().mean().detach()})
 
     @torch.no_grad()
     def predict(self, model: nn.Module, split: str, progress: Callable | None = None) -> list[dict]:
@@ -240,8 +242,7 @@ class RefExpTask(FinetuneTask):
                                     "iou": ious[k].item()})
         return predictions
 
-    def evaluate(self, model: nn.Module, split: str, progress: Callable | None = None) -> dict[str, float]:
-        predictions = self.predict(model, split, progress)
+    def score(self, predictions: list[dict], split: str) -> dict[str, float]:
         referred = {(e.ref_id, e.sent_id): e.box for e in self.expressions(split)}
         pred = torch.tensor([p["box"] for p in predictions])
         gt = torch.tensor([referred[(p["ref_id"], p["sent_id"])] for p in predictions])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+from tasks.engine.task import Task
 from tasks.errors import ConfigError
-from tasks.task import Task
 
 # name -> "module:TaskClass"
 TASKS: dict[str, str] = {

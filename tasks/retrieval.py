@@ -21,34 +21,30 @@ A pretraining checkpoint (`ViLBertForPreTraining`) scores zero-shot with softmax
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from tasks.config import ModelConfig, OptimConfig, TrainConfig
-from tasks.errors import AnnotationError, ConfigError
-from tasks.finetuning import (
-    FinetuneDataConfig,
-    FinetuneTask,
-    eval_mode,
+from tasks.data.annotations import (
     image_key_resolver,
     keep_known_images,
     load_json,
-    model_device,
     open_feature_store,
     require,
-    resolve_split,
-    task_ids_for,
 )
+from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.engine.evaluation import eval_mode, model_device
+from tasks.engine.task import StepOutput, TaskDataset
+from tasks.errors import AnnotationError, ConfigError
+from tasks.finetuning import FinetuneDataConfig, FinetuneTask, resolve_split, task_ids_for
 from tasks.metrics import recall_at_k
-from tasks.task import StepOutput
 
 if TYPE_CHECKING:
     from features.store import FeatureStore
@@ -139,11 +135,14 @@ class RetrievalConfig:
     data: RetrievalDataConfig = field(default_factory=RetrievalDataConfig)
 
 
-class RetrievalTrainDataset(Dataset):
-    """4-way samples: (image, caption), (image, random caption), (random image, caption), (image, hard caption)."""
+class RetrievalTrainDataset(TaskDataset):
+    """4-way samples: (image, caption), (image, random caption), (random image, caption), (image, hard caption).
 
-    def __init__(self, images, store, tokenizer, max_text_length, max_regions, hard_pool, source, seed=0):
-        from tasks.regions import visual_input
+    The random draws of `sample(index, epoch)` come from a generator seeded by (seed, epoch, index).
+    """
+
+    def __init__(self, images, store, tokenizer, max_text_length, max_regions, hard_pool, source, seed):
+        from tasks.data.regions import visual_input
 
         self._visual_input = visual_input
         kept = keep_known_images(images, lambda im: im.image_id, image_key_resolver(store.ids), source, "images")
@@ -160,25 +159,30 @@ class RetrievalTrainDataset(Dataset):
         position = {im.image_id: i for i, im in enumerate(self.images)}
         self.hard = [[position[str(n)] for n in (hard_pool or {}).get(im.image_id, []) if str(n) in position
                       and str(n) != im.image_id] for im in self.images]
-        self.store, self.max_regions, self.rng = store, max_regions, random.Random(seed)
+        self.store, self.max_regions, self.seed = store, max_regions, seed
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def _caption(self, image: int, which: int | None = None) -> int:
+    def _caption(self, image: int, rng: np.random.Generator) -> int:
         count = self.caption_start[image + 1] - self.caption_start[image]
-        return self.caption_start[image] + (self.rng.randrange(count) if which is None else which)
+        return self.caption_start[image] + int(rng.integers(count))
 
-    def _other_image(self, image: int) -> int:
-        other = self.rng.randrange(len(self.images) - 1)
+    def _other_image(self, image: int, rng: np.random.Generator) -> int:
+        other = int(rng.integers(len(self.images) - 1))
         return other + (other >= image)
 
     def __getitem__(self, index: int) -> dict:
+        return self.sample(index, 0)
+
+    def sample(self, index: int, epoch: int) -> dict:
+        rng = np.random.default_rng([self.seed, epoch, index])
         image, which = self.pairs[index]
-        caption = self._caption(image, which)
-        hard_image = self.rng.choice(self.hard[image]) if self.hard[image] else self._other_image(image)
-        options = [(image, caption), (image, self._caption(self._other_image(image))),
-                   (self._other_image(image), caption), (image, self._caption(hard_image))]
+        caption = self.caption_start[image] + which
+        hard = self.hard[image]
+        hard_image = hard[int(rng.integers(len(hard)))] if hard else self._other_image(image, rng)
+        options = [(image, caption), (image, self._caption(self._other_image(image, rng), rng)),
+                   (self._other_image(image, rng), caption), (image, self._caption(hard_image, rng))]
         visual = {}
         for im, _ in options:
             if im not in visual:
@@ -193,7 +197,7 @@ class RetrievalTrainDataset(Dataset):
 
 def collate_retrieval(samples: list[dict]) -> dict:
     """[B samples × 4 options] flattened to 4B rows, option-major within a sample."""
-    from tasks.regions import collate_visual
+    from tasks.data.regions import collate_visual
 
     batch = {key: torch.cat([s[key] for s in samples]) for key in ("input_ids", "attention_mask", "token_type_ids")}
     batch.update(collate_visual([v for s in samples for v in s["visual"]]))
@@ -256,7 +260,8 @@ class RetrievalTask(FinetuneTask):
         if pool is not None and not isinstance(pool, dict):
             raise AnnotationError(f"{self.data.hard_negatives}: expected {{image_id: [neighbour ids]}}")
         return RetrievalTrainDataset(self.images(split), self.store(), self.tokenizer(), self.data.max_text_length,
-                                     self.data.max_regions, pool, f"{self.data.root} ({split})")
+                                     self.data.max_regions, pool, f"{self.data.root} ({split})",
+                                     seed=self.config.train.seed)
 
     def collate(self, samples: list) -> dict:
         return collate_retrieval(samples)
@@ -268,9 +273,9 @@ class RetrievalTask(FinetuneTask):
         ids = task_ids_for(model, self.token_task, rows, inputs["input_ids"].device)
         logits = model(**inputs, task_ids=ids, heads=["pair_logit"]).pair_logit.view(rows // 4, 4)  # [B, 4]
         target = torch.zeros(rows // 4, dtype=torch.long, device=logits.device)
-        loss = F.cross_entropy(logits.float(), target)
         accuracy = (logits.argmax(dim=1) == 0).float().mean()
-        return StepOutput(loss=loss, metrics={"accuracy": accuracy.detach()})
+        return StepOutput({"loss": F.cross_entropy(logits.float(), target, reduction="sum")},
+                          metrics={"accuracy": accuracy.detach()})
 
     # ------------------------------------------------------------------ evaluation
 
@@ -278,7 +283,7 @@ class RetrievalTask(FinetuneTask):
     def score_matrix(self, model: nn.Module, images: list[RetrievalImage], captions: list[str],
                      progress: Callable | None = None) -> torch.Tensor:
         """Scores [C, I] of every caption against every image (text prefix computed once per caption)."""
-        from tasks.regions import collate_visual, visual_input
+        from tasks.data.regions import collate_visual, visual_input
 
         store, device = self.store(), model_device(model)
         resolve = image_key_resolver(store.ids)
@@ -299,13 +304,24 @@ class RetrievalTask(FinetuneTask):
                 scores[c] = torch.cat([pair_scores(model, self.token_task, prefix, v).cpu() for v in chunks])
         return scores
 
-    def evaluate(self, model: nn.Module, split: str, progress: Callable | None = None) -> dict[str, float]:
+    def predict(self, model: nn.Module, split: str, progress: Callable | None = None) -> dict[str, Any]:
+        """{"image_ids", "captions", "caption_image" (each caption's image position), "scores" [C][I]}."""
         kept = keep_known_images(self.images(split), lambda im: im.image_id, image_key_resolver(self.store().ids),
                                  f"{self.data.root} ({split})", "images")
         images = [im for im, _ in kept]
         captions = [c for im in images for c in im.captions]
-        caption_image = [i for i, im in enumerate(images) for _ in im.captions]
-        scores = self.score_matrix(model, images, captions, progress)  # [C, I]
+        return {
+            "image_ids": [im.image_id for im in images],
+            "captions": captions,
+            "caption_image": [i for i, im in enumerate(images) for _ in im.captions],
+            "scores": self.score_matrix(model, images, captions, progress).tolist(),
+        }
+
+    def score(self, predictions: Mapping[str, Any], split: str) -> dict[str, float]:
+        """Recall@1/5/10 caption → image and image → caption (pessimistic ties), and their mean."""
+        images, captions = predictions["image_ids"], predictions["captions"]
+        caption_image = predictions["caption_image"]
+        scores = torch.tensor(predictions["scores"]).view(len(captions), len(images))  # [C, I]
         text_to_image = recall_at_k(scores, caption_image)
         image_captions = [[c for c, i in enumerate(caption_image) if i == image] for image in range(len(images))]
         image_to_text = recall_at_k(scores.T, image_captions)
@@ -313,7 +329,6 @@ class RetrievalTask(FinetuneTask):
         metrics.update({f"i2t_{k}": v for k, v in image_to_text.items()})
         metrics["r_mean"] = (text_to_image["r1"] + text_to_image["r5"] + text_to_image["r10"]) / 3
         metrics["num_images"], metrics["num_captions"] = float(len(images)), float(len(captions))
-        self.last_scores = (images, scores)
         return metrics
 
     def hard_negative_pool(self, model: nn.Module, split: str, size: int = 100,

@@ -24,25 +24,27 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from tasks.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.data.annotations import (
+    image_key_resolver,
+    keep_known_images,
+    load_json,
+    open_feature_store,
+    require,
+)
+from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.engine.evaluation import eval_batches
+from tasks.engine.task import StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError
 from tasks.finetuning import (
     FinetuneDataConfig,
     FinetuneTask,
     build_task_model,
-    eval_batches,
-    image_key_resolver,
-    keep_known_images,
-    load_json,
     model_inputs,
-    open_feature_store,
-    require,
     resolve_split,
-    soft_bce_loss,
+    soft_bce_sum,
     task_ids_for,
 )
 from tasks.metrics import normalize_answer, soft_score, vqa_score
-from tasks.task import StepOutput
 
 if TYPE_CHECKING:
     from features.store import FeatureStore
@@ -195,11 +197,11 @@ class VQAConfig:
     data: VQADataConfig = field(default_factory=VQADataConfig)
 
 
-class VQADataset(Dataset):
+class VQADataset(TaskDataset):
     """One item per question: tokenised question, the image's regions, soft-score target."""
 
     def __init__(self, questions, store, tokenizer, label_of, max_text_length, max_regions, source):
-        from tasks.regions import visual_input
+        from tasks.data.regions import visual_input
 
         self._visual_input = visual_input
         resolve = image_key_resolver(store.ids)
@@ -228,7 +230,7 @@ class VQADataset(Dataset):
 
 
 def collate_vqa(samples: list[dict]) -> dict:
-    from tasks.regions import collate_visual
+    from tasks.data.regions import collate_visual
 
     batch = {key: torch.stack([s[key] for s in samples]) for key in
              ("input_ids", "attention_mask", "token_type_ids", "target")}
@@ -295,10 +297,10 @@ class VQATask(FinetuneTask):
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
         ids = task_ids_for(model, "vqa", batch["input_ids"].shape[0], batch["input_ids"].device)
         out = model(**model_inputs(batch), task_ids=ids, heads=["answer_logits"])
-        loss = soft_bce_loss(out.answer_logits, batch["target"])
         best = out.answer_logits.argmax(dim=1, keepdim=True)
         score = batch["target"].gather(1, best).mean()  # the reference's in-training soft accuracy
-        return StepOutput(loss=loss, metrics={"soft_accuracy": score.detach()})
+        return StepOutput({"loss": soft_bce_sum(out.answer_logits, batch["target"])},
+                          metrics={"soft_accuracy": score.detach()})
 
     # ------------------------------------------------------------------ evaluation
 
@@ -315,8 +317,7 @@ class VQATask(FinetuneTask):
                 predictions.append({"question_id": qid, "answer": answers[label], "score": prob})
         return predictions
 
-    def evaluate(self, model: nn.Module, split: str, progress: Callable | None = None) -> dict[str, float]:
-        predictions = self.predict(model, split, progress)
+    def score(self, predictions: list[dict], split: str) -> dict[str, float]:
         questions = self.questions(split)
         if not questions or not questions[0].answers:
             return {"num_questions": float(len(predictions))}

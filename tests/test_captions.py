@@ -7,7 +7,7 @@ import pytest
 from tiny_pretrain_data import make_images, write_store
 
 from features.store import FeatureStore
-from tasks.captions import Caption, join_with_store, load_captions
+from tasks.data.captions import Caption, join_with_store, load_captions
 from tasks.errors import AnnotationError, DataError
 
 

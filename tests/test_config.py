@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import yaml
 
-from tasks.config import ModelConfig, OptimConfig, TrainConfig, load_config, save_config
+from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig, load_config, save_config
 from tasks.errors import ConfigError
 
 

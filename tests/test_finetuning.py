@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.finetuning import eval_batches, eval_mode
+from tasks.engine.evaluation import eval_batches, eval_mode
 
 
 def test_eval_batches_run_in_eval_mode_in_order_and_restore_training():

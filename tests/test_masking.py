@@ -6,10 +6,10 @@ import torch
 from tiny_pretrain_data import caption_for, make_images, write_store, write_vocab
 
 from features.store import FeatureStore
-from tasks.captions import Caption
+from tasks.data.captions import Caption
+from tasks.data.regions import masked_image_mean
+from tasks.data.tokenization import load_tokenizer
 from tasks.pretraining import IGNORE, PretrainingDataset, collate_pretraining
-from tasks.regions import masked_image_mean
-from tasks.tokenization import load_tokenizer
 
 MAX_REGIONS = 12  # IMG + up to 11 boxes; images have 8, so 3 padding slots per sample
 

@@ -14,7 +14,7 @@ from features.images import read_image
 from features.inputs import ImageInput
 from features.store import FeatureStore
 from tasks.cli import main
-from tasks.predict import detect_regions, grid_boxes
+from tasks.runners.predict import detect_regions, grid_boxes
 
 TINY = ["model.preset=tiny", "model.overrides={v_feature_size: 7}", "train.global_batch_size=4", "train.max_steps=2",
         "train.num_workers=0", "train.device=cpu", "data.max_regions=5", "data.eval_batch_size=4"]

@@ -9,9 +9,10 @@ import yaml
 from tiny_pretrain_data import write_pretraining_data
 
 from tasks import cli
-from tasks.config import load_config
+from tasks.engine.checkpoints import STATE_FILE, list_checkpoints
+from tasks.engine.config import load_config
+from tasks.engine.trainer import Trainer
 from tasks.pretraining import PretrainConfig, PretrainingTask
-from tasks.trainer import STATE_FILE, Trainer, list_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +138,9 @@ def test_objective_2_weights_the_alignment_loss_zero(tmp_path, paths, objective,
     model = task.build_model()
     batch = task.collate([task.dataset("train").sample(i, 0) for i in range(8)])
     step = task.training_step(model, batch)
-    expected = step.metrics["mlm_loss"] + step.metrics["region_loss"] + weight * step.metrics["alignment_loss"]
-    torch.testing.assert_close(step.loss, expected)
+    counts = task.label_counts(batch)
+    assert counts["alignment"] == 8
+    torch.testing.assert_close(step.loss_sums["alignment"], weight * step.metrics["alignment_loss"] * 8)
+    torch.testing.assert_close(step.loss_sums["mlm"], step.metrics["mlm_loss"] * counts["mlm"])
+    torch.testing.assert_close(step.loss_sums["region"], step.metrics["region_loss"] * counts["region"])
     assert step.metrics["alignment_loss"] > 0

@@ -7,7 +7,7 @@ import torch
 from tiny_task_data import write_json, write_refcoco, write_store, write_vocab
 
 from features.errors import FeaturesError
-from tasks.config import ModelConfig
+from tasks.engine.config import ModelConfig
 from tasks.errors import AnnotationError, ConfigError
 from tasks.refexp import RefCOCOgTask, RefCOCOPlusTask, RefExpConfig, RefExpDataConfig, iou_targets, read_refs
 
@@ -61,14 +61,14 @@ def test_training_step_and_evaluation(refcoco):
     model = task.build_model()
     batch = task.collate([task.dataset("train")[i] for i in range(4)])
     out = task.training_step(model, batch)
-    assert out.loss.ndim == 0 and out.loss.item() > 0
+    assert out.loss_sums["loss"].ndim == 0 and out.loss_sums["loss"].item() > 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(25):
         optimizer.zero_grad()
-        task.training_step(model, batch).loss.backward()
+        task.training_step(model, batch).loss_sums["loss"].backward()
         optimizer.step()
     model.eval()
-    assert task.training_step(model, batch).loss.item() < out.loss.item()
+    assert task.training_step(model, batch).loss_sums["loss"].item() < out.loss_sums["loss"].item()
     predictions = task.predict(model, "val")
     metrics = task.evaluate(model, "val")
     assert metrics["num_expressions"] == 4

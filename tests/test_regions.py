@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.regions import box_iou, collate_visual, masked_image_mean, visual_input
+from tasks.data.regions import box_iou, collate_visual, masked_image_mean, visual_input
 
 
 def make_regions(k, dim=4, hw=(100, 200)):

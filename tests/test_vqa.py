@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_task_data import write_json, write_store, write_vocab, write_vqa
 
-from tasks.config import ModelConfig
+from tasks.engine.config import ModelConfig
 from tasks.errors import AnnotationError, ConfigError
 from tasks.metrics import vqa_accuracy
 from tasks.vqa import (
@@ -106,15 +106,15 @@ def test_training_step_loss_is_bce_times_answers_and_decreases(vqa_root):
     out = task.training_step(model, batch)
     logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "region_features",
                                             "region_locations", "region_mask")}, heads=["answer_logits"])
-    assert out.loss.ndim == 0 and out.loss.item() > 0
+    assert out.loss_sums["loss"].ndim == 0 and out.loss_sums["loss"].item() > 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    first = out.loss.item()
+    first = out.loss_sums["loss"].item()
     for _ in range(15):
         optimizer.zero_grad()
-        task.training_step(model, batch).loss.backward()
+        task.training_step(model, batch).loss_sums["loss"].backward()
         optimizer.step()
     model.eval()
-    assert task.training_step(model, batch).loss.item() < first
+    assert task.training_step(model, batch).loss_sums["loss"].item() < first
     assert logits.answer_logits.shape == (6, 4)
 
 

@@ -53,10 +53,10 @@ def run(args: argparse.Namespace) -> int:
 
     from features.detectors import build_detector
     from features.images import read_image
-    from tasks import predict
-    from tasks.commands.extract import parse_options
+    from tasks.cli.extract import parse_options
+    from tasks.data.tokenization import load_tokenizer
     from tasks.errors import ConfigError
-    from tasks.tokenization import load_tokenizer
+    from tasks.runners import predict
 
     if args.boxes and not args.box_format:
         raise ConfigError("--boxes needs --box-format xyxy or xywh (coordinates are never guessed)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from tasks.commands.evaluate import TASK_CHOICES, load_task
+from tasks.cli.evaluate import TASK_CHOICES, load_task
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tasks.trainer import Trainer, summary_lines
+    from tasks.engine.trainer import Trainer, summary_lines
 
     overrides = list(args.overrides) + ([f"model.init={args.init}"] if args.init else [])
     task = load_task(args.task, args.config, overrides)

@@ -13,7 +13,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from tasks.finetuning import load_json, write_json_atomic
+from features.atomic import write_json_atomic
+from tasks.data.annotations import load_json
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 def load_task(name: str, config_path: str | None, overrides: list[str]):
     """The task object with its config: the YAML (default tasks/configs/<name>.yaml) plus key=value overrides."""
-    from tasks.config import load_config
+    from tasks.engine.config import load_config
     from tasks.registry import task_class
 
     cls = task_class(name)

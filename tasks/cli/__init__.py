@@ -1,4 +1,4 @@
-"""The `vilbert` command: one subcommand per module in `tasks.commands`.
+"""The `vilbert` command: one subcommand per module in `tasks.cli`.
 
 Each command module defines `add_arguments(parser)` and `run(args) -> int`, plus a module docstring whose first
 line is the subcommand's help. Errors of the project's own types print one line and exit with status 2.
@@ -15,7 +15,7 @@ from features.errors import FeaturesError
 from tasks.errors import TasksError
 from vilbert.errors import ViLBertError
 
-# subcommand name -> module under tasks.commands
+# subcommand name -> module under tasks.cli
 COMMANDS: dict[str, str] = {
     "shapes-world": "shapes_world",
     "extract": "extract",
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():
-        module = importlib.import_module(f"tasks.commands.{module_name}")
+        module = importlib.import_module(f"tasks.cli.{module_name}")
         doc = (module.__doc__ or "").strip().splitlines()
         command = sub.add_parser(name, help=doc[0] if doc else None, description=module.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # keep examples as written

@@ -2,7 +2,7 @@
 
 ViLBERT's masked-region loss regresses the detector's class distribution `cls_prob` (1601-way for Visual Genome).
 The shapes world has no detector: its boxes are the ground truth, so the stand-in distribution is one-hot over the
-19 classes (background 0, then colour x kind 1..18, `tasks.shapes_world.CLASS_NAMES`). `add_class_targets`
+19 classes (background 0, then colour x kind 1..18, `tasks.shapes.world.CLASS_NAMES`). `add_class_targets`
 rewrites a finished store through the store's own writer with `cls_prob` [M, 19] and `objects_id` [M] added,
 after checking that every stored box is the generator's box for that image in the same order.
 """
@@ -17,7 +17,7 @@ import numpy as np
 
 from features.store import FeatureStore, FeatureStoreWriter
 from tasks.errors import DataError
-from tasks.shapes_world import NUM_CLASSES
+from tasks.shapes.world import NUM_CLASSES
 
 logger = logging.getLogger(__name__)
 

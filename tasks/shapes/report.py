@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 # The shapes world's evaluation splits per task: (label, split name, path under data.root or None).
 # The VQA reader knows only COCO's file names, so the generator writes test and compositional as `val2014`
-# in folders of their own (tasks.shapes_world.VQA_FILES).
+# in folders of their own (tasks.shapes.world.VQA_FILES).
 EVAL_SPLITS = {
     "vqa": [("held-out test", "val", "test"), ("compositional", "val", "compositional")],
     "retrieval": [("held-out test", "test", None), ("compositional", "compositional", None)],
@@ -51,7 +51,7 @@ class Row:
 
 
 def last_checkpoint(run_dir: Path) -> Path:
-    from tasks.trainer import list_checkpoints
+    from tasks.engine.checkpoints import list_checkpoints
 
     found = list_checkpoints(run_dir)
     if not found:
@@ -78,10 +78,10 @@ def last_evaluation(run_dir: Path) -> dict[str, float]:
 def pretraining_rows(run_dir: Path) -> list[Row]:
     """Held-out pretraining metrics and their chance levels."""
     from features.store import FeatureStore
-    from tasks.captions import join_with_store, load_captions
-    from tasks.config import load_config
+    from tasks.data.captions import join_with_store, load_captions
+    from tasks.data.tokenization import load_tokenizer
+    from tasks.engine.config import load_config
     from tasks.pretraining import PretrainConfig
-    from tasks.tokenization import load_tokenizer
 
     config = load_config(run_dir / "config.yaml", PretrainConfig)
     metrics = last_evaluation(run_dir)
@@ -119,12 +119,12 @@ def pretraining_report(run_dir: str | Path) -> list[str]:
 
 
 def _task_for(run_dir: Path, task_name: str, split_root: str | None):
-    from tasks.commands.evaluate import load_task
+    from tasks.cli.evaluate import load_task
 
     checkpoint = last_checkpoint(run_dir)
     overrides = [f"model.init={checkpoint}"]
     if split_root is not None:
-        from tasks.config import load_config
+        from tasks.engine.config import load_config
         from tasks.registry import task_class
 
         root = load_config(run_dir / "config.yaml", task_class(task_name).config_class).data.root
@@ -169,7 +169,7 @@ def finetuning_rows(run_dir: str | Path, task_name: str) -> list[Row]:
     """Evaluate the run's last checkpoint on the held-out and compositional splits."""
     import torch
 
-    from tasks.commands.evaluate import load_checkpoint_model
+    from tasks.cli.evaluate import load_checkpoint_model
 
     if task_name not in EVAL_SPLITS:
         raise ConfigError(f"--task {task_name}: the report knows {', '.join(EVAL_SPLITS)}")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from tasks.config import load_config
+from tasks.engine.config import load_config
+from tasks.engine.trainer import Trainer, summary_lines
 from tasks.pretraining import PretrainConfig, PretrainingTask
-from tasks.trainer import Trainer, summary_lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from tasks.data.annotations import load_json, require
 from tasks.errors import AnnotationError
-from tasks.finetuning import load_json, require
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

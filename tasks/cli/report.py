@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from tasks.report import EVAL_SPLITS, finetuning_report, pretraining_report
+from tasks.shapes.report import EVAL_SPLITS, finetuning_report, pretraining_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 
 from tasks.errors import ConfigError
-from tasks.shapes_targets import add_class_targets
-from tasks.shapes_world import write_shapes_world
+from tasks.shapes.targets import add_class_targets
+from tasks.shapes.world import write_shapes_world
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

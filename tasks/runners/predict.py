@@ -1,8 +1,8 @@
 """Predict on one new image: a fine-tuned checkpoint answers a question, grounds an expression, or ranks captions.
 
 The image's regions are extracted in-process with a registered detector, then built into the model's visual input
-exactly as the tasks build it (`tasks.regions.visual_input`: IMG token, then up to `max_regions - 1` boxes) and
-paired with the text tokenised as in training (`tasks.tokenization`). What the checkpoint was trained with comes
+exactly as the tasks build it (`tasks.data.regions.visual_input`: IMG token, then up to `max_regions - 1` boxes) and
+paired with the text tokenised as in training (`tasks.data.tokenization`). What the checkpoint was trained with comes
 from its directory: `config.json` (the model, the VQA answer list in `id2label`) and, when the trainer wrote it,
 `run_config.yaml` (tokenizer, text length, regions per image, the feature store and hence the detector).
 
@@ -30,9 +30,10 @@ from features.errors import FeaturesError
 from features.images import LoadedImage
 from features.inputs import BOX_FORMATS, clip_boxes, load_boxes
 from features.store import FeatureStore, Regions
+from tasks.data.annotations import load_json
+from tasks.data.regions import collate_visual, visual_input
 from tasks.errors import ConfigError
-from tasks.finetuning import TASK_TOKEN_IDS, load_json, task_ids_for
-from tasks.regions import collate_visual, visual_input
+from tasks.finetuning import TASK_TOKEN_IDS, task_ids_for
 
 logger = logging.getLogger(__name__)
 

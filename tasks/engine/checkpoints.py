@@ -1,0 +1,166 @@
+"""Run checkpoints: the directory layout, model weights, every RNG's state, and the trainer's position."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.engine.config import save_config
+from tasks.errors import ResumeError
+
+STATE_FILE = "trainer_state.pt"
+CHECKPOINT_PREFIX = "step-"
+
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG this process uses, as tensors and numbers (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_has_gauss": int(np_state[3]),
+        "numpy_gauss": float(np_state[4]),
+        "python_version": int(py_version),
+        "python_internal": torch.tensor(py_internal, dtype=torch.int64),
+        "python_gauss": py_gauss,
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(
+        ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], state["numpy_has_gauss"],
+         state["numpy_gauss"])
+    )
+    random.setstate((state["python_version"], tuple(state["python_internal"].tolist()), state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, or the latest checkpoint of a run directory."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise ResumeError(f"{path}: no checkpoint to resume from (no {STATE_FILE} here or in checkpoints/)")
+    return found[-1]
+
+
+def save_model_weights(model: nn.Module, directory: Path) -> None:
+    """`save_pretrained` for Hugging Face models (config.json + model.safetensors), safetensors otherwise."""
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(directory)
+    else:
+        from safetensors.torch import save_model
+
+        save_model(model, str(directory / "model.safetensors"))
+
+
+def load_model_weights(model: nn.Module, directory: Path) -> None:
+    """Load `model.safetensors` into `model`; keys missing only because their weight is tied are fine."""
+    from safetensors.torch import load_file
+
+    file = directory / "model.safetensors"
+    if not file.is_file():
+        raise ResumeError(f"{directory}: no model.safetensors")
+    weights = load_file(str(file), device="cpu")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    loaded = {id(t) for name, t in model.state_dict(keep_vars=True).items() if name in weights}
+    params = model.state_dict(keep_vars=True)
+    untied = [k for k in missing if id(params[k]) not in loaded]
+    if untied or unexpected:
+        raise ResumeError(
+            f"{file}: weights do not match the model (missing {untied[:5]}, unexpected {list(unexpected)[:5]})"
+        )
+
+
+
+
+
+@dataclass
+class TrainerState:
+    """Where the run is: optimizer steps done, the data position, the best evaluation so far."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    best_value: float | None = None
+    best_step: int | None = None
+
+
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def write_checkpoint(run_dir: Path, state: TrainerState, model: nn.Module, trainer_state: dict[str, Any],
+                     run_config: Any = None) -> Path:
+    """Write `checkpoints/step-N` atomically: a temporary directory, renamed once complete."""
+    final = checkpoint_path(run_dir, state.step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model_weights(model, tmp)
+    if run_config is not None:
+        save_config(run_config, tmp / "run_config.yaml")
+    torch.save({"state": vars(state).copy(), **trainer_state}, tmp / STATE_FILE)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, best_step: int | None) -> None:
+    """Delete all checkpoints but the last `keep_last` and the best."""
+    found = list_checkpoints(run_dir)
+    keep = set(found[-keep_last:])
+    if best_step is not None:
+        keep.add(checkpoint_path(run_dir, best_step))
+    for path in found:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint directory (weights_only load); unreadable files are a ResumeError."""
+    try:
+        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file
+        raise ResumeError(f"{path / STATE_FILE}: cannot read trainer state ({error})") from error

@@ -1,0 +1,132 @@
+"""The contract between the engine and a task (pretraining, VQA, retrieval, referring expressions, ...).
+
+The engine and the runners know nothing task-specific: every hook they call is declared here, with its default.
+Adding a task is one module subclassing `Task` plus one line in `tasks.registry.TASKS`.
+
+How `tasks.engine.trainer.Trainer` calls a task:
+- `build_model()` once, after seeding every rank identically; the trainer moves it to the device (and wraps it
+  in DDP / torch.compile). Parameters with `requires_grad=False` are frozen: no gradient, no optimizer state.
+- `dataset("train")`, read by index in DataLoader workers through `TaskDataset.sample(index, epoch)`: per-sample
+  randomness (masking, negatives) is seeded from (seed, epoch, index), so runs are reproducible and resumable
+  and DataLoader workers draw independently. `text_lengths` (optional) lets the sampler group by length.
+- `collate(samples)` in the workers; the trainer moves the result to the device.
+- `label_counts(batch)` on the host, before the forward: how many labelled items each loss term of the batch
+  has. The trainer sums them over ranks and accumulation micro-steps, and `training_step` returns per-term *sums*,
+  so the loss of one optimizer step is the same mean however the global batch is split.
+- `training_step(model, batch)` under autocast: per-term loss sums and metric tensors, all kept on the device.
+
+How evaluation (trainer, `vilbert evaluate`, reports) calls a task: `predict(model, split)` once, in eval mode under
+`torch.no_grad()`, then `score(predictions, split)`; `evaluate` is exactly that composition. `main_metric` picks
+the best checkpoint in the direction `higher_is_better`.
+
+How `vilbert predict` calls a task: `predict_one(model, example)` on one image's regions and the user's text, and
+`draw(example, result)` for the picture of the answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+@dataclass
+class StepOutput:
+    """One micro-batch's loss terms, each summed over its labelled items, and metric tensors (all on device)."""
+
+    loss_sums: dict[str, torch.Tensor]
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class TaskDataset(Dataset):
+    """A training set. `sample(index, epoch)` is what the trainer reads; its default ignores the epoch.
+
+    A dataset with per-sample randomness overrides `sample` and seeds its generator from (seed, epoch, index),
+    never from state kept between calls.
+    """
+
+    text_lengths: np.ndarray | None = None  # one text length per sample, for `train.group_by_length`
+
+    def sample(self, index: int, epoch: int) -> Any:
+        return self[index]
+
+
+@dataclass
+class PredictExample:
+    """What `vilbert predict` hands a task: the image's regions as model input, and the user's request."""
+
+    image: Any  # features.images.LoadedImage: the picture, for drawing
+    boxes: np.ndarray  # [K, 4] the regions' boxes in original pixels (the IMG token excluded)
+    visual: Mapping[str, torch.Tensor]  # region_features [1, R, D], region_locations [1, R, 5], region_mask [1, R]
+    text: str | None = None  # a question, an expression, a hypothesis
+    candidates: Sequence[str] = ()  # captions to rank, when the task ranks texts
+    options: Mapping[str, Any] = field(default_factory=dict)  # task-specific settings (e.g. top-k)
+
+
+class Task:
+    """Base class. `name` keys the task registry; `main_metric` picks the best checkpoint."""
+
+    name: str = ""
+    main_metric: str = "loss"
+    higher_is_better: bool = False  # for main_metric; accuracy-like metrics set True
+    find_unused_parameters: bool = False  # DDP: some trainable parameters get no gradient in training_step
+    predict_modes: tuple[str, ...] = ()  # the `vilbert predict` request kinds this task serves ("question", ...)
+
+    # ---------------------------------------------------------------------------------------------- training
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def dataset(self, split: str) -> TaskDataset:
+        raise NotImplementedError
+
+    def collate(self, samples: list) -> Mapping[str, Any]:
+        raise NotImplementedError
+
+    def label_counts(self, batch: Mapping[str, Any]) -> dict[str, int]:
+        """Labelled items per loss term of a collated batch (host ints). Default: one term over the samples."""
+        return {"loss": batch_size(batch)}
+
+    def training_step(self, model: nn.Module, batch: Mapping[str, Any]) -> StepOutput:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------------- evaluation
+
+    def predict(self, model: nn.Module, split: str, progress: Callable | None = None) -> Any:
+        """Predictions for every item of `split` (JSON-serialisable; what `vilbert evaluate` writes)."""
+        raise NotImplementedError
+
+    def score(self, predictions: Any, split: str) -> dict[str, float]:
+        """The split's metrics from `predict`'s output. An empty dict means "nothing to evaluate"."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, split: str, progress: Callable | None = None) -> dict[str, float]:
+        """Predict once, then score."""
+        return self.score(self.predict(model, split, progress), split)
+
+    def chance(self, split: str) -> dict[str, float]:
+        """Metric values a model without the image would get (for reports); empty when not defined."""
+        return {}
+
+    # ---------------------------------------------------------------------------------------------- prediction
+
+    def predict_one(self, model: nn.Module, example: PredictExample) -> dict[str, Any]:
+        """The answer for one image and request, JSON-serialisable (what `vilbert predict` prints)."""
+        raise NotImplementedError(f"task {self.name!r} has no single-example prediction")
+
+    def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Any:
+        """A PIL image showing `result` on the example's picture."""
+        raise NotImplementedError(f"task {self.name!r} has no drawing")
+
+
+def batch_size(batch: Mapping[str, Any]) -> int:
+    """The number of samples in a collated batch: the first dimension of its first tensor."""
+    for value in batch.values():
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0])
+    raise ValueError("the batch holds no tensor")

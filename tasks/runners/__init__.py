@@ -1,0 +1,1 @@
+"""Runners over trained checkpoints: evaluation (predict once, then score) and prediction on new images."""
