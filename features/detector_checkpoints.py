@@ -27,6 +27,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from features.butd import BUTDModel
 from features.checksum import sha256_file
 from features.errors import WeightsError
 from features.safe_pickle import safe_load
@@ -260,8 +261,6 @@ def load_butd_weights(
     centres (offset 0.5) for MILVLG caffe-mode weights. Shapes are then checked against the model the config
     builds, so a mismatch names the file and the tensors.
     """
-    from features.butd import BUTDModel
-
     path = os.fspath(path)
     raw = read_weight_file(path)
     fmt = detect_format(raw) if fmt == "auto" else fmt

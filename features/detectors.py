@@ -10,7 +10,7 @@ from features.errors import FeaturesError
 # name -> "module:builder"; builders take (weights: str | None = None, **options) and return a RegionDetector.
 DETECTORS: dict[str, str] = {
     "mobilenet-v2": "features.mobilenet:build_mobilenet_v2",
-    "butd-r101-c4": "features.butd:build_butd_r101_c4",
+    "butd-r101-c4": "features.butd_builder:build_butd_r101_c4",
 }
 
 

@@ -204,10 +204,3 @@ class Detectron2BUTDDetector(BUTDDetector):
     def load_native_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load weights in the native layout (what `features.detector_checkpoints` produces)."""
         self.model.rcnn.load_state_dict(export_detectron2(state), strict=True)
-
-
-def build_butd_detectron2(weights: str | None = None, **options) -> BUTDDetector:
-    """Registry-style builder for the detectron2 backend (same options as `build_butd_r101_c4`)."""
-    from features.butd import build_butd_r101_c4
-
-    return build_butd_r101_c4(weights, backend="detectron2", **options)

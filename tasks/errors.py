@@ -1,12 +1,17 @@
-"""Exceptions raised by training and evaluation code; their messages name the file, key or id."""
+"""Exceptions raised by training and evaluation code; their messages name the file, key or id.
+
+One hierarchy with the model's: `TasksError` is a `vilbert.errors.ViLBertError`, and a bad run configuration is the
+model package's `ConfigError` (re-exported here). The feature pipeline keeps its own root, `FeaturesError`, because
+`features` and `vilbert` never import each other; the command line reports both as one line.
+"""
+
+from vilbert.errors import ConfigError, ViLBertError
+
+__all__ = ["AnnotationError", "ConfigError", "DataError", "ResumeError", "TasksError", "TrainingDiverged"]
 
 
-class TasksError(Exception):
-    """Base class for errors the command line reports as one line."""
-
-
-class ConfigError(TasksError, ValueError):
-    """An invalid run configuration (names the key)."""
+class TasksError(ViLBertError):
+    """Base class for errors of data, training and evaluation."""
 
 
 class AnnotationError(TasksError):

@@ -12,21 +12,19 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from tasks.data.tokenization import Tokenizer, load_tokenizer
 from tasks.engine.config import ModelConfig
 from tasks.engine.task import Task
 from tasks.errors import ConfigError
 
-if TYPE_CHECKING:
-    from tasks.data.tokenization import Tokenizer
-
 logger = logging.getLogger(__name__)
 
-# 12-in-1 task tokens (reference §7.4: the yml task number).
+# 12-in-1 task tokens: the task numbers of its vilbert_tasks.yml.
 TASK_TOKEN_IDS = {"vqa": 1, "retrieval-coco": 7, "retrieval-flickr30k": 8, "refcoco": 9, "refcoco+": 10, "refcocog": 11}
 
 
@@ -133,8 +131,6 @@ class FinetuneTask(Task):
     def tokenizer(self) -> Tokenizer:
         """The BERT tokenizer of `data.tokenizer` (default `model.text_init`), loaded on first use."""
         if self._tokenizer is None:
-            from tasks.data.tokenization import load_tokenizer
-
             self._tokenizer = load_tokenizer(tokenizer_directory(self.data, self.config.model))
         return self._tokenizer
 

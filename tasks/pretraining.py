@@ -1,6 +1,6 @@
 """Pretraining on image-caption pairs: masked language modelling, masked region classification, alignment.
 
-Masking follows the reference (vilbert.md §5.2-5.4) and runs in DataLoader workers, seeded per sample from
+Masking follows vilbert-multi-task's pretraining loader and runs in DataLoader workers, seeded per sample from
 (seed, epoch, index), so a run is reproducible and a resumed run sees the same masks:
 - text: each caption token (not [CLS], [SEP] or padding) is selected with p = 0.15; a selected token becomes
   [MASK] (80 %), a uniformly random id (10 %) or stays (10 %); its label is the original id, others -100;
@@ -234,7 +234,7 @@ def collate_pretraining(samples: list[dict], max_regions: int,
 
 
 class PretrainingTask(Task):
-    """Masked multimodal pretraining (reference §5) for the shared trainer."""
+    """Masked multimodal pretraining for the shared trainer."""
 
     name = "pretrain"
     main_metric = "mlm_accuracy"

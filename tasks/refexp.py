@@ -21,13 +21,14 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from features.safe_pickle import safe_load
+from features.store import FeatureStore
 from tasks.data.annotations import (
     image_key_resolver,
     keep_known_images,
@@ -35,6 +36,7 @@ from tasks.data.annotations import (
     open_feature_store,
     require,
 )
+from tasks.data.regions import collate_visual, visual_input
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.evaluation import eval_batches
 from tasks.engine.task import StepOutput, TaskDataset
@@ -48,9 +50,6 @@ from tasks.finetuning import (
     task_ids_for,
 )
 from tasks.metrics import box_iou, refexp_accuracy, xywh_to_xyxy
-
-if TYPE_CHECKING:
-    from features.store import FeatureStore
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +67,6 @@ class Expression:
 
 def read_refs(refs_path: str | Path, instances_path: str | Path, split: str) -> list[Expression]:
     """Every sentence of the refs in `split`, each with its referred box from instances.json."""
-    from features.safe_pickle import safe_load
-
     refs = safe_load(refs_path)
     if not isinstance(refs, list):
         raise AnnotationError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
@@ -133,9 +130,6 @@ class RefExpDataset(TaskDataset):
     """One item per sentence: tokens, regions (IMG + boxes), each region's box and IoU target."""
 
     def __init__(self, expressions, store, tokenizer, max_text_length, max_regions, training, source):
-        from tasks.data.regions import visual_input
-
-        self._visual_input = visual_input
         kept = keep_known_images(expressions, lambda e: e.image_id, image_key_resolver(store.ids), source,
                                  "expressions")
         self.expressions = [e for e, _ in kept]
@@ -149,7 +143,7 @@ class RefExpDataset(TaskDataset):
     def __getitem__(self, index: int) -> dict:
         expression = self.expressions[index]
         regions = self.store.read(self.image_keys[index])
-        visual = self._visual_input(regions, self.max_regions)
+        visual = visual_input(regions, self.max_regions)
         boxes = region_boxes(regions.boxes[: visual.num_boxes], regions.image_hw)  # [R', 4]
         return {
             "index": index,
@@ -164,8 +158,6 @@ class RefExpDataset(TaskDataset):
 
 
 def collate_refexp(samples: list[dict]) -> dict:
-    from tasks.data.regions import collate_visual
-
     batch = {key: torch.stack([s[key] for s in samples]) for key in
              ("input_ids", "attention_mask", "token_type_ids", "referred")}
     batch.update(collate_visual([s["visual"] for s in samples]))

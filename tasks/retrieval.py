@@ -5,7 +5,7 @@ filename, imgid or cocoid, sentences[].raw; COCO's "restval" counts as train), o
 files (`all_data_final_*.jsonline`, one image per line with img_path or id, and sentences), one per split.
 Image ids: COCO's cocoid / id; otherwise the file stem of filename / img_path.
 
-Training (reference §7.2): each sample is 4 (image, caption) pairs scored by `pair_logit`, cross-entropy with
+Training (as vilbert-multi-task): each sample is 4 (image, caption) pairs scored by `pair_logit`, cross-entropy with
 target 0: the true pair; the image with a random other image's caption; a random other image with the caption;
 the image with a caption of a hard-negative image. Hard negatives are drawn from a pool file (JSON
 {image_id: [neighbour image ids, nearest first]}, `data.hard_negatives`), which
@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from features.store import FeatureStore
 from tasks.data.annotations import (
     image_key_resolver,
     keep_known_images,
@@ -39,16 +40,14 @@ from tasks.data.annotations import (
     open_feature_store,
     require,
 )
+from tasks.data.regions import collate_visual, visual_input
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.evaluation import eval_mode, model_device
 from tasks.engine.task import StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError
 from tasks.finetuning import FinetuneDataConfig, FinetuneTask, resolve_split, task_ids_for
 from tasks.metrics import recall_at_k
-
-if TYPE_CHECKING:
-    from features.store import FeatureStore
-    from vilbert.modeling_vilbert import TextPrefix
+from vilbert.modeling_vilbert import TextPrefix
 
 logger = logging.getLogger(__name__)
 
@@ -142,9 +141,6 @@ class RetrievalTrainDataset(TaskDataset):
     """
 
     def __init__(self, images, store, tokenizer, max_text_length, max_regions, hard_pool, source, seed):
-        from tasks.data.regions import visual_input
-
-        self._visual_input = visual_input
         kept = keep_known_images(images, lambda im: im.image_id, image_key_resolver(store.ids), source, "images")
         if len(kept) < 2:
             raise ConfigError(f"{source}: retrieval training needs at least 2 images with features")
@@ -186,7 +182,7 @@ class RetrievalTrainDataset(TaskDataset):
         visual = {}
         for im, _ in options:
             if im not in visual:
-                visual[im] = self._visual_input(self.store.read(self.image_keys[im]), self.max_regions)
+                visual[im] = visual_input(self.store.read(self.image_keys[im]), self.max_regions)
         return {
             "input_ids": torch.from_numpy(self.text.input_ids[[c for _, c in options]]),
             "attention_mask": torch.from_numpy(self.text.attention_mask[[c for _, c in options]]),
@@ -197,8 +193,6 @@ class RetrievalTrainDataset(TaskDataset):
 
 def collate_retrieval(samples: list[dict]) -> dict:
     """[B samples × 4 options] flattened to 4B rows, option-major within a sample."""
-    from tasks.data.regions import collate_visual
-
     batch = {key: torch.cat([s[key] for s in samples]) for key in ("input_ids", "attention_mask", "token_type_ids")}
     batch.update(collate_visual([v for s in samples for v in s["visual"]]))
     batch["num_options"] = torch.tensor(4)
@@ -283,8 +277,6 @@ class RetrievalTask(FinetuneTask):
     def score_matrix(self, model: nn.Module, images: list[RetrievalImage], captions: list[str],
                      progress: Callable | None = None) -> torch.Tensor:
         """Scores [C, I] of every caption against every image (text prefix computed once per caption)."""
-        from tasks.data.regions import collate_visual, visual_input
-
         store, device = self.store(), model_device(model)
         resolve = image_key_resolver(store.ids)
         visuals = [visual_input(store.read(resolve(im.image_id)), self.data.max_regions) for im in images]

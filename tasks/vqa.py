@@ -8,7 +8,7 @@ Splits: train, val, trainval (train + val minus minval), minval (the last `minva
 question_id; 3,000 in the reference), test, test-dev. The answer vocabulary is every normalised answer that is
 the consensus answer (`multiple_choice_answer`) of at least `min_answer_count` train+val questions: 9 gives the
 standard 3,129. A question's target gives each vocabulary answer the soft score of its human count (0, 0.3, 0.6,
-0.9, 1). Loss: BCE-with-logits (mean) × number of answers, on `answer_logits` (reference §6.4).
+0.9, 1). Loss: BCE-with-logits (mean) × number of answers, on `answer_logits`.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from features.store import FeatureStore
 from tasks.data.annotations import (
     image_key_resolver,
     keep_known_images,
@@ -31,6 +31,7 @@ from tasks.data.annotations import (
     open_feature_store,
     require,
 )
+from tasks.data.regions import collate_visual, visual_input
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.evaluation import eval_batches
 from tasks.engine.task import StepOutput, TaskDataset
@@ -45,9 +46,6 @@ from tasks.finetuning import (
     task_ids_for,
 )
 from tasks.metrics import normalize_answer, soft_score, vqa_score
-
-if TYPE_CHECKING:
-    from features.store import FeatureStore
 
 logger = logging.getLogger(__name__)
 
@@ -201,9 +199,6 @@ class VQADataset(TaskDataset):
     """One item per question: tokenised question, the image's regions, soft-score target."""
 
     def __init__(self, questions, store, tokenizer, label_of, max_text_length, max_regions, source):
-        from tasks.data.regions import visual_input
-
-        self._visual_input = visual_input
         resolve = image_key_resolver(store.ids)
         kept = keep_known_images(questions, lambda q: q.image_id, resolve, source, "questions")
         self.questions = [q for q, _ in kept]
@@ -224,14 +219,12 @@ class VQADataset(TaskDataset):
             "input_ids": torch.from_numpy(self.text.input_ids[index]),
             "attention_mask": torch.from_numpy(self.text.attention_mask[index]),
             "token_type_ids": torch.from_numpy(self.text.token_type_ids[index]),
-            "visual": self._visual_input(self.store.read(self.image_keys[index]), self.max_regions),
+            "visual": visual_input(self.store.read(self.image_keys[index]), self.max_regions),
             "target": target,
         }
 
 
 def collate_vqa(samples: list[dict]) -> dict:
-    from tasks.data.regions import collate_visual
-
     batch = {key: torch.stack([s[key] for s in samples]) for key in
              ("input_ids", "attention_mask", "token_type_ids", "target")}
     batch["question_id"] = torch.tensor([s["question_id"] for s in samples])

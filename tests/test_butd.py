@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from features.butd import BUTDConfig, BUTDDetector, BUTDModel, build_butd_r101_c4, cell_anchors, resize_scale
+from features.butd import BUTDConfig, BUTDDetector, BUTDModel, cell_anchors, resize_scale
+from features.butd_builder import build_butd_r101_c4
 from features.detector import pad_batch
 from features.detectors import build_detector
 from features.selection import fixed_k_rule

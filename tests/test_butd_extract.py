@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from tiny_butd import randomise_butd_weights
 
-from features.butd import BUTDConfig, BUTDDetector, argmax_class_boxes, build_butd_r101_c4
+from features.butd import BUTDConfig, BUTDDetector, argmax_class_boxes
+from features.butd_builder import build_butd_r101_c4
 from features.detector import pad_batch
 from features.detector_checkpoints import export_detectron2
 from features.images import read_image

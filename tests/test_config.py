@@ -108,3 +108,13 @@ def test_finetuning_configs_give_the_pooled_heads_the_reference_lr(task):
     assert config.optim.head_lr == 1e-4 and config.optim.lr < config.optim.head_lr
     with pytest.raises(ConfigError, match="optim.head_lr"):
         load_config(path, task_class(task).config_class, ["optim.head_lr=-1"])
+
+
+def test_nested_model_overrides_are_settable_on_the_command_line():
+    config = load_config(None, RunConfig, ["model.overrides.v_hidden_size=64", "model.overrides.fixed_t_layer=2"])
+    assert config.model.overrides == {"v_hidden_size": 64, "fixed_t_layer": 2}
+
+
+def test_a_typo_inside_model_overrides_is_an_error_naming_the_field():
+    with pytest.raises(ConfigError, match="v_hiden_size.*did you mean 'v_hidden_size'"):
+        load_config(None, RunConfig, ["model.overrides.v_hiden_size=64"])

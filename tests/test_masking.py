@@ -1,4 +1,4 @@
-"""Pretraining masking statistics over many samples (reference §5.2-5.4) and the objective 0/1/2 semantics."""
+"""Pretraining masking statistics over many samples and the objective 0/1/2 semantics."""
 
 import numpy as np
 import pytest

@@ -30,7 +30,7 @@ def tiny():
 
 # ---------------------------------------------------------------------------------------------------- encoder order
 
-REFERENCE_ORDER = {  # reference/vilbert.md §2.3, traced from the reference classes
+REFERENCE_ORDER = {  # traced from the reference classes
     "2layer": [f"T{i}" for i in range(10)] + ["C0", "T10", "V0", "C1", "V1", "T11"],
     "4layer": [f"T{i}" for i in range(8)] + ["C0", "T8", "V0", "C1", "T9", "V1", "C2", "T10", "V2", "C3", "V3", "T11"],
     "6layer": [f"T{i}" for i in range(6)]

@@ -1,6 +1,6 @@
 """Released ViLBERT checkpoints <-> this model; Hugging Face BERT -> the text stream.
 
-The only module that knows the reference's parameter names (reference/vilbert.md §10-§11). Rules map module-path
+The only module that knows the reference's parameter names (docs/architecture.md tabulates them). Rules map module-path
 prefixes both ways, so import and export share one table; `{i}` stands for a layer index.
 """
 

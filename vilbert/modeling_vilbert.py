@@ -1,6 +1,6 @@
 """ViLBERT: a BERT text stream and a vision stream joined by co-attention layers (Lu et al., NeurIPS 2019).
 
-Numerically the model of vilbert-multi-task (reference/vilbert.md §2-§6): post-LN BERT layers, erf GELU,
+Numerically the model of vilbert-multi-task: post-LN BERT layers, erf GELU,
 LayerNorm eps 1e-12, additive -10000 masks, ReLU poolers, product fusion, the 12-in-1 task token.
 Our parameter names differ from the reference's; `vilbert.convert` maps them (table in docs/architecture.md).
 """
@@ -222,7 +222,7 @@ class CoAttentionLayer(nn.Module):
 
 
 def layer_schedule(config: ViLBertConfig) -> list[tuple[str, int]]:
-    """The executed layer order (reference §2.3): ("T", i) text layer, ("V", i) vision layer, ("C", k) co-attention.
+    """The executed layer order: ("T", i) text layer, ("V", i) vision layer, ("C", k) co-attention.
 
     For the k-th attachment pair (v_k, t_k): text layers up to t_k, vision layers up to v_k, then co-attention k;
     after the last pair the remaining vision layers, then the remaining text layers.
@@ -346,7 +346,7 @@ class ViLBertPreTrainedModel(PreTrainedModel):
     def text_stream_parameters(self) -> list[nn.Parameter]:
         """The parameters a BERT checkpoint initialises: text embeddings (not the task-token table) and text layers.
 
-        The reference meant these to train at a tenth of the learning rate (reference §5.6); trainers may group them.
+        The reference meant these to train at a tenth of the learning rate; trainers may group them.
         """
         base = getattr(self, self.base_model_prefix, self)
         embeddings = [p for n, p in base.embeddings.named_parameters() if not n.startswith("task_embeddings")]

@@ -14,38 +14,11 @@ import logging
 from pathlib import Path
 
 from features.atomic import write_json_atomic
-from tasks.data.annotations import load_json
+from tasks.runners.evaluate import evaluate_split, load_checkpoint_model, load_task
 
 logger = logging.getLogger(__name__)
 
 TASK_CHOICES = ("vqa", "retrieval", "refcoco", "refcoco+", "refcocog")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-def load_task(name: str, config_path: str | None, overrides: list[str]):
-    """The task object with its config: the YAML (default tasks/configs/<name>.yaml) plus key=value overrides."""
-    from tasks.engine.config import load_config
-    from tasks.registry import task_class
-
-    cls = task_class(name)
-    config = load_config(config_path or CONFIG_DIR / f"{name}.yaml", cls.config_class, overrides)
-    return cls(config)
-
-
-def load_checkpoint_model(checkpoint: str, task):
-    """A task model from `checkpoint`; for retrieval a pretraining checkpoint loads as is (zero-shot)."""
-    from tasks.errors import ConfigError
-
-    config_file = Path(checkpoint) / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"--checkpoint {checkpoint}: no config.json (a save_pretrained directory)")
-    architectures = load_json(config_file).get("architectures") or []
-    if task.name == "retrieval" and "ViLBertForPreTraining" in architectures:
-        from vilbert import ViLBertForPreTraining
-
-        logger.info("pretraining checkpoint: zero-shot retrieval from the alignment head")
-        return ViLBertForPreTraining.from_pretrained(checkpoint)
-    return task.build_model()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,16 +54,9 @@ def run(args: argparse.Namespace) -> int:
         result = submission(predictions, task.questions(args.split), fallback=task.vocabulary()[0])
         write_json_atomic(out / "predictions.json", result)
         metrics = {"num_questions": len(result)}
-    elif hasattr(task, "predict"):
-        predictions = task.predict(model, args.split, progress)
-        metrics = task.evaluate(model, args.split, progress)
-        write_json_atomic(out / "predictions.json", predictions)
     else:
-        metrics = task.evaluate(model, args.split, progress)
-        images, scores = task.last_scores
-        write_json_atomic(out / "predictions.json", {"image_ids": [im.image_id for im in images],
-                                                     "captions": [c for im in images for c in im.captions],
-                                                     "scores": scores.tolist()})
+        predictions, metrics = evaluate_split(task, model, args.split, progress)
+        write_json_atomic(out / "predictions.json", predictions)
     write_json_atomic(out / "metrics.json", {"task": args.task, "split": args.split,
                                              "checkpoint": str(args.checkpoint), **metrics})
     for key, value in metrics.items():

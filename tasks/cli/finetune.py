@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from tasks.cli.evaluate import TASK_CHOICES, load_task
+from tasks.cli.evaluate import TASK_CHOICES
+from tasks.runners.evaluate import load_task
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

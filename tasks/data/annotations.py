@@ -83,8 +83,6 @@ def keep_known_images(items: list, image_of: Callable[[Any], Any], resolve: Call
 
 def open_feature_store(paths: list[str], key: str = "data.features") -> FeatureStore:
     """The feature store over `paths` (joined by image id); an empty list is a ConfigError naming `key`."""
-    from features.store import FeatureStore
-
     if not paths:
         raise ConfigError(f"{key}: name the feature store file(s)")
     return FeatureStore(paths)

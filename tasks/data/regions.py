@@ -2,10 +2,10 @@
 
 Position 0 is the IMG token: its feature is the mean of the image's region features and its location is
 [0, 0, 1, 1, 1]. Then come up to `max_regions - 1` boxes in store order, each located by
-[x1/W, y1/H, x2/W, y2/H, area/(W·H)] in original pixels (reference §3.2-3.3). The region mask is 1 for the IMG
+[x1/W, y1/H, x2/W, y2/H, area/(W·H)] in original pixels. The region mask is 1 for the IMG
 token and the real boxes, 0 for padding.
 
-Two IMG means exist in the reference (§3.3). Downstream tasks use `visual_input`: the mean over *all* stored
+Two IMG means exist in vilbert-multi-task. Downstream tasks use `visual_input`: the mean over *all* stored
 boxes, computed before truncation. Pretraining uses `masked_image_mean`, the vilbert-multi-task variant: the sum
 of the (partly zeroed) region features divided by the number of regions that overlap no masked region with
 IoU > 0.4.

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from features.atomic import atomic_path
 from tasks.engine.config import save_config
 from tasks.errors import ResumeError
 
@@ -133,17 +134,12 @@ def write_checkpoint(run_dir: Path, state: TrainerState, model: nn.Module, train
                      run_config: Any = None) -> Path:
     """Write `checkpoints/step-N` atomically: a temporary directory, renamed once complete."""
     final = checkpoint_path(run_dir, state.step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model_weights(model, tmp)
-    if run_config is not None:
-        save_config(run_config, tmp / "run_config.yaml")
-    torch.save({"state": vars(state).copy(), **trainer_state}, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        save_model_weights(model, tmp)
+        if run_config is not None:
+            save_config(run_config, tmp / "run_config.yaml")
+        torch.save({"state": vars(state).copy(), **trainer_state}, tmp / STATE_FILE)
     return final
 
 

@@ -10,8 +10,8 @@ called once after loading, to check values against each other.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -19,7 +19,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from features.atomic import write_text_atomic
 from tasks.errors import ConfigError
+from vilbert import ViLBertConfig
 
 T = TypeVar("T")
 
@@ -32,6 +34,14 @@ class ModelConfig:
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # ViLBertConfig fields to change
     text_init: str | None = None  # local Hugging Face BERT directory for the text stream
     init: str | None = None  # a checkpoint directory (save_pretrained) to start from
+
+    def validate(self) -> None:
+        known = set(ViLBertConfig().to_dict())
+        for key in self.overrides:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"model.overrides: {key!r} is not a ViLBertConfig field{hint}")
 
 
 @dataclasses.dataclass
@@ -143,16 +153,23 @@ def apply_override(config: Any, override: str) -> None:
         raise ConfigError(f"{source}: override {override!r} is not of the form key=value")
     key, raw = override.split("=", 1)
     parts = key.strip().split(".")
-    target = config
-    for depth, part in enumerate(parts):
-        if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:
-            raise ConfigError(f"{source}: unknown key {'.'.join(parts[: depth + 1])!r} in override {override!r}")
-        if depth < len(parts) - 1:
-            target = getattr(target, part)
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    target = config
+    for depth, part in enumerate(parts):
+        if isinstance(target, dict):  # a free-form mapping (e.g. model.overrides): the rest of the key is its path
+            for inner in parts[depth:-1]:
+                target = target.setdefault(inner, {})
+                if not isinstance(target, dict):
+                    raise ConfigError(f"{source}: {'.'.join(parts[:-1])!r} is not a mapping in override {override!r}")
+            target[parts[-1]] = value
+            return
+        if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:
+            raise ConfigError(f"{source}: unknown key {'.'.join(parts[: depth + 1])!r} in override {override!r}")
+        if depth < len(parts) - 1:
+            target = getattr(target, part)
     hint = typing.get_type_hints(type(target))[parts[-1]]
     setattr(target, parts[-1], _convert(value, hint, source, key))
 
@@ -182,12 +199,7 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def save_config(config: Any, path: str | os.PathLike) -> None:
     """Write the merged config as YAML, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        yaml.safe_dump(to_dict(config), handle, sort_keys=False)
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def _convert(value: Any, hint: Any, source: str, key: str) -> Any:

@@ -12,9 +12,9 @@ def build_optimizer(model: nn.Module, config: OptimConfig, fused: bool = False) 
     """AdamW with weight decay on every weight except biases and LayerNorm parameters.
 
     Parameters are grouped by (lr, decay). With `config.head_lr` set, the model's pooled-output heads (the top-level
-    modules named in its `pooled_heads`, the reference's "vil_" heads, §8.3) train at that lr; with
+    modules named in its `pooled_heads`, the reference's "vil_" heads) train at that lr; with
     `config.text_lr` set, the BERT-initialised text stream (`model.text_stream_parameters()`) trains at that one
-    (the reference's intended 0.1x BERT lr, §5.6). Groups come out in a fixed order: base, heads, text.
+    (the reference's intended 0.1x BERT lr). Groups come out in a fixed order: base, heads, text.
     """
     no_decay = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
     heads = set(getattr(model, "pooled_heads", ())) if config.head_lr is not None else set()

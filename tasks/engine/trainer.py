@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from features.atomic import write_text_atomic
 from tasks.engine.checkpoints import (
     TrainerState,
     checkpoint_path,
@@ -379,9 +380,7 @@ class Trainer:
         if not self.dist.is_main or not path.is_file():
             return
         kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     # ---------------------------------------------------------------------------------------------- evaluation
 

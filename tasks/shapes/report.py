@@ -24,7 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
+from features.store import FeatureStore
+from tasks.data.captions import join_with_store, load_captions
+from tasks.data.tokenization import load_tokenizer
+from tasks.engine.checkpoints import list_checkpoints
+from tasks.engine.config import load_config
 from tasks.errors import ConfigError, DataError
+from tasks.metrics import box_iou, vqa_score
+from tasks.pretraining import PretrainConfig
+from tasks.refexp import region_boxes
+from tasks.registry import task_class
+from tasks.runners.evaluate import load_checkpoint_model, load_task
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +61,6 @@ class Row:
 
 
 def last_checkpoint(run_dir: Path) -> Path:
-    from tasks.engine.checkpoints import list_checkpoints
-
     found = list_checkpoints(run_dir)
     if not found:
         raise DataError(f"{run_dir}: no finished checkpoint; train first")
@@ -77,12 +85,6 @@ def last_evaluation(run_dir: Path) -> dict[str, float]:
 
 def pretraining_rows(run_dir: Path) -> list[Row]:
     """Held-out pretraining metrics and their chance levels."""
-    from features.store import FeatureStore
-    from tasks.data.captions import join_with_store, load_captions
-    from tasks.data.tokenization import load_tokenizer
-    from tasks.engine.config import load_config
-    from tasks.pretraining import PretrainConfig
-
     config = load_config(run_dir / "config.yaml", PretrainConfig)
     metrics = last_evaluation(run_dir)
     data = config.data
@@ -119,14 +121,9 @@ def pretraining_report(run_dir: str | Path) -> list[str]:
 
 
 def _task_for(run_dir: Path, task_name: str, split_root: str | None):
-    from tasks.cli.evaluate import load_task
-
     checkpoint = last_checkpoint(run_dir)
     overrides = [f"model.init={checkpoint}"]
     if split_root is not None:
-        from tasks.engine.config import load_config
-        from tasks.registry import task_class
-
         root = load_config(run_dir / "config.yaml", task_class(task_name).config_class).data.root
         overrides.append(f"data.root={Path(root) / split_root}")
     return load_task(task_name, str(run_dir / "config.yaml"), overrides)
@@ -134,8 +131,6 @@ def _task_for(run_dir: Path, task_name: str, split_root: str | None):
 
 def _vqa_chance(task, split: str, train_task) -> float:
     """Accuracy of answering each question with its question type's most frequent training answer."""
-    from tasks.metrics import vqa_score
-
     by_type: dict[str, Counter] = {}
     for q in train_task.questions("train"):
         by_type.setdefault(q.question_type, Counter())[q.consensus] += 1
@@ -152,9 +147,6 @@ def _refexp_chance(task, split: str) -> float:
     """Expected accuracy of a uniformly random region (IMG token included, as the model may pick it)."""
     import torch
 
-    from tasks.metrics import box_iou
-    from tasks.refexp import region_boxes
-
     store = task.store(False)
     hits = []
     for e in task.expressions(split):
@@ -168,8 +160,6 @@ def _refexp_chance(task, split: str) -> float:
 def finetuning_rows(run_dir: str | Path, task_name: str) -> list[Row]:
     """Evaluate the run's last checkpoint on the held-out and compositional splits."""
     import torch
-
-    from tasks.cli.evaluate import load_checkpoint_model
 
     if task_name not in EVAL_SPLITS:
         raise ConfigError(f"--task {task_name}: the report knows {', '.join(EVAL_SPLITS)}")

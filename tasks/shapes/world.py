@@ -1,7 +1,7 @@
 """The shapes world: a seeded synthetic dataset written in the official file formats of the real tasks.
 
 Each image holds 2-5 non-overlapping coloured shapes (6 colours x 3 kinds x 2 sizes) on a noisy background
-(reference/features.md §8.6). From the scene description alone we write the files the real readers take:
+(the embedded default of docs/architecture.md). From the scene description alone we write the files the real readers take:
 pretraining captions, VQA v2 question/annotation JSON, a Karpathy-style retrieval JSON, refer-toolkit
 `refs(unc).p` + COCO `instances.json`, and the ground-truth boxes and colour x shape classes for extraction.
 
@@ -18,9 +18,7 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import pickle
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -29,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from features.atomic import atomic_path
 
 # Base colours (RGB); each shape jitters every channel by a uniform integer in [-25, 25].
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -379,15 +379,8 @@ def tokens(sentence: str) -> list[str]:
 
 def _write_bytes(path: Path, data: bytes) -> None:
     """Write through a temporary file in the same folder, then rename: no half-written files."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
+    with atomic_path(path) as temp:
+        temp.write_bytes(data)
 
 
 def _write_json(path: Path, value) -> None:
