@@ -347,13 +347,14 @@ class RegionProposalNetwork(nn.Module):
             anchors = self.anchor_generator.level_anchors(level, h, w)
             for i in range(num_images):
                 per_image[i].append(select_level_proposals(logits[i], deltas[i], anchors, clip_hw[i], self.config))
-        proposals = []
-        for parts in per_image:
-            boxes = torch.cat([b for b, _ in parts])
-            scores = torch.cat([s for _, s in parts])
-            top = scores.topk(min(self.config.rpn_fpn_post_nms_top_n, scores.numel()), sorted=True).indices
-            proposals.append(boxes[top])
-        return proposals
+        return [top_over_levels(parts, self.config.rpn_fpn_post_nms_top_n) for parts in per_image]
+
+
+def top_over_levels(parts: list[tuple[torch.Tensor, torch.Tensor]], top_n: int) -> torch.Tensor:
+    """One image's (boxes [k, 4], logits [k]) of every level -> its `top_n` boxes by objectness, best first."""
+    boxes = torch.cat([b for b, _ in parts])
+    scores = torch.cat([s for _, s in parts])
+    return boxes[scores.topk(min(top_n, scores.numel()), sorted=True).indices]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -478,6 +479,12 @@ def resize_like_cv2(pixels: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.ops.aten.upsample_bilinear2d(pixels[None], size, False, scale, scale)[0]
 
 
+def select_proposals(boxes: list[torch.Tensor], probs: list[torch.Tensor], rule: SelectionRule) -> list[torch.Tensor]:
+    """Kept proposal indices per image under `rule`, its NMS on "+1" IoU as the fork's. boxes [P_i, 4] in original
+    pixels (the script's NMS runs there, and "+1" IoU is not scale-invariant); probs [P_i, K+1]."""
+    return [keep for keep, _ in select_regions([plus_one(b) for b in boxes], probs, rule)]
+
+
 class VMBDetector(RegionDetector):
     """`VMBModel` + vilbert-multi-task's `extract_features.py` preprocessing and selection.
 
@@ -487,8 +494,8 @@ class VMBDetector(RegionDetector):
     """
 
     name = "vmb-x152-fpn"
-    weights_hint = (f"detectron_model.pth ({PUBLISHED_WEIGHTS}; its config: {PUBLISHED_CONFIG}, passed with "
-                    "--config or --option config=FILE)")
+    weights_hint = (f"detectron_model.pth ({PUBLISHED_WEIGHTS}) and its {PUBLISHED_CONFIG} with "
+                    "--option config_file=FILE")
 
     def __init__(self, config: VMBConfig | None = None, *, selection: SelectionRule = VMB_RULE,
                  weights_info: dict | None = None):
@@ -535,10 +542,9 @@ class VMBDetector(RegionDetector):
             logger.warning("RPN returned no proposals for %d of %d images", counts.count(0), len(images))
         probs = F.softmax(out["cls_logits"].float(), dim=1).split(counts)  # [P_i, K+1] each
         features = out["fc6"].float().split(counts)
-        original = [r / im.scale for r, im in zip(out["rois"], images, strict=True)]  # NMS in original pixels
-        selected = select_regions([plus_one(b) for b in original], list(probs), self.selection)
-        return [_regions(features[i][keep], original[i][keep], probs[i][keep])
-                for i, (keep, _) in enumerate(selected)]
+        original = [r / im.scale for r, im in zip(out["rois"], images, strict=True)]
+        keeps = select_proposals(original, list(probs), self.selection)
+        return [_regions(features[i][keep], original[i][keep], probs[i][keep]) for i, keep in enumerate(keeps)]
 
     def regions_on_boxes(self, pixels: torch.Tensor, images: list[PreparedImage],
                          boxes: list[torch.Tensor]) -> list[DetectedRegions]:
@@ -609,8 +615,11 @@ def build_vmb_x152_fpn(weights: str | None = None, *, config: VMBConfig | None =
     except (TypeError, ValueError) as e:
         raise FeaturesError(f"{VMBDetector.name}: bad options: {e}") from e
     info = None
-    detector = VMBDetector(config, selection=rule)
-    if weights is not None:
+    if weights is None:
+        detector = VMBDetector(config, selection=rule)
+    else:
+        with torch.device("meta"):  # no random init of 206 M parameters that the file replaces anyway
+            detector = VMBDetector(config, selection=rule)
         info = load_vmb_weights(weights, detector.model)
         if config_file is not None:
             info["config_file"] = {"file": os.path.basename(config_file), "sha256": sha256_file(config_file)}

@@ -120,8 +120,8 @@ def read_vmb_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_vmb_weights(path: str | os.PathLike, model: nn.Module) -> dict:
-    """Load `path` into `model` (a `VMBModel`): missing tensors and wrong shapes are errors naming them, extra
-    tensors are logged and ignored. Returns the weights' description for the feature store."""
+    """Load `path` into `model` (a `VMBModel`, possibly on the meta device): missing tensors and wrong shapes are
+    errors naming them, extra tensors are logged and ignored. Returns the weights' description for the store."""
     path = os.fspath(path)
     state = read_vmb_state_dict(path)
     expected = model.state_dict()
@@ -140,7 +140,8 @@ def load_vmb_weights(path: str | os.PathLike, model: nn.Module) -> dict:
     if extra:
         logger.info("%s: ignoring %d tensors the detector does not use: %s", path, len(extra),
                     ", ".join(extra[:8]) + (", ..." if len(extra) > 8 else ""))
-    model.load_state_dict({k: state[k].float() for k in expected}, strict=True)
+    # assign: the model may have been built on the meta device, so its tensors become the file's
+    model.load_state_dict({k: state[k].float().contiguous() for k in expected}, strict=True, assign=True)
     info = {"file": os.path.basename(path), "sha256": sha256_file(path), "format": "vmb"}
     logger.info("loaded VMB weights from %s (sha256 %s)", path, info["sha256"][:12])
     return info
