@@ -18,6 +18,7 @@ import os
 import pickle
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -113,6 +114,8 @@ def read_vmb_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     strip = all(isinstance(n, str) and n.startswith("module.") for n in names)
     state = {}
     for name, value in obj.items():
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.ascontiguousarray(value))
         if not isinstance(value, torch.Tensor):
             raise WeightsError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
         state[name.removeprefix("module.") if strip else name] = value
