@@ -23,13 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import nms, roi_align
+from torchvision.ops import roi_align
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from features.checksum import sha256_file
 from features.detector import DetectedRegions, PreparedImage, RegionDetector
 from features.errors import FeaturesError
-from features.selection import VMB_RULE, SelectionRule, select_regions
+from features.selection import VMB_RULE, SelectionRule, grouped_nms, select_regions
 
 logger = logging.getLogger(__name__)
 
@@ -252,20 +252,18 @@ def decode_legacy(deltas: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
                         pred_ctr_x + 0.5 * pred_w - 1, pred_ctr_y + 0.5 * pred_h - 1], dim=-1)
 
 
-def clip_legacy(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Clamp to [0, W - 1] x [0, H - 1] (nothing removed). [..., 4]"""
-    x = boxes[..., 0::2].clamp(min=0, max=width - 1)
-    y = boxes[..., 1::2].clamp(min=0, max=height - 1)
+def clip_legacy(boxes: torch.Tensor, height: int | torch.Tensor, width: int | torch.Tensor) -> torch.Tensor:
+    """Clamp to [0, W - 1] x [0, H - 1] (nothing removed). [..., 4]; a tensor height / width broadcasts against
+    boxes[..., 0] (e.g. [N, 1] for boxes [N, k, 4])."""
+    width = torch.as_tensor(width, dtype=boxes.dtype, device=boxes.device)[..., None]
+    height = torch.as_tensor(height, dtype=boxes.dtype, device=boxes.device)[..., None]
+    x = boxes[..., 0::2].clamp(min=0).minimum(width - 1)
+    y = boxes[..., 1::2].clamp(min=0).minimum(height - 1)
     return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
 
 
-def nms_legacy(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """NMS with "+1" areas and intersections: torchvision's on boxes whose x2, y2 grow by 1. Kept indices."""
-    return nms(plus_one(boxes), scores, threshold)
-
-
 def plus_one(boxes: torch.Tensor) -> torch.Tensor:
-    """x1 y1 x2+1 y2+1: continuous IoU on these equals the legacy "+1" IoU on the originals."""
+    """x1 y1 x2+1 y2+1: continuous IoU on these equals the legacy "+1" IoU on the originals (the fork's NMS)."""
     return boxes + boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
 
 
@@ -308,21 +306,53 @@ class AnchorGenerator(nn.Module):
         return grid_anchors(getattr(self.cell_anchors, str(level)), self.strides[level], height, width)
 
 
-def select_level_proposals(logits: torch.Tensor, deltas: torch.Tensor, anchors: torch.Tensor,
-                           clip_hw: tuple[int, int], config: VMBConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """One image, one level: top pre-NMS by objectness, decode, clip, drop small, NMS, top post-NMS.
+def level_candidates(logits: torch.Tensor, deltas: torch.Tensor, anchors: torch.Tensor, clip_hw: torch.Tensor,
+                     pre_nms_top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One level, every image: the top `pre_nms_top_n` anchors by objectness, decoded and clipped.
 
-    logits [H*W*A], deltas [H*W*A, 4], anchors [H*W*A, 4] (location-major). Returns boxes [k, 4], logits [k].
+    logits [N, H*W*A], deltas [N, H*W*A, 4], anchors [H*W*A, 4] (location-major), clip_hw [N, 2].
+    Returns boxes [N, k, 4] and logits [N, k], best first.
     """
-    k = min(config.rpn_pre_nms_top_n, logits.numel())
-    top_logits, top = logits.topk(k, sorted=True)
-    boxes = clip_legacy(decode_legacy(deltas[top], anchors[top]), *clip_hw)
+    top_logits, top = logits.topk(min(pre_nms_top_n, logits.shape[1]), dim=1, sorted=True)  # [N, k]
+    top_deltas = deltas.gather(1, top[..., None].expand(-1, -1, 4))  # [N, k, 4]
+    boxes = decode_legacy(top_deltas, anchors[top])
+    return clip_legacy(boxes, clip_hw[:, 0, None], clip_hw[:, 1, None]), top_logits
+
+
+def nms_and_top_n(boxes: torch.Tensor, logits: torch.Tensor, level: torch.Tensor,
+                  config: VMBConfig) -> list[torch.Tensor]:
+    """The fork's selection after decoding: per (image, level) drop small boxes, NMS ("+1" IoU), keep the top
+    `rpn_post_nms_top_n`; then per image the top `rpn_fpn_post_nms_top_n` over all levels, best first.
+
+    boxes [N, M, 4], logits [N, M] (each level's candidates side by side), level [M]. One grouped NMS for all.
+    """
+    num_images, m = logits.shape
+    flat_boxes, flat_logits = boxes.reshape(-1, 4), logits.reshape(-1)
+    image = torch.arange(num_images, device=boxes.device).repeat_interleave(m)  # [N*M]
+    group = image * len(config.anchor_strides) + level.repeat(num_images)
+    candidates = torch.arange(len(flat_logits), device=boxes.device)
     if config.rpn_min_size > 0:
-        keep = ((boxes[:, 2] - boxes[:, 0] + 1 >= config.rpn_min_size)
-                & (boxes[:, 3] - boxes[:, 1] + 1 >= config.rpn_min_size)).nonzero(as_tuple=True)[0]
-        boxes, top_logits = boxes[keep], top_logits[keep]
-    keep = nms_legacy(boxes, top_logits, config.rpn_nms_threshold)[: config.rpn_post_nms_top_n]
-    return boxes[keep], top_logits[keep]
+        sides = flat_boxes[:, 2:] - flat_boxes[:, :2] + 1
+        candidates = (sides >= config.rpn_min_size).all(dim=1).nonzero(as_tuple=True)[0]
+    kept = candidates[grouped_nms(plus_one(flat_boxes[candidates]), flat_logits[candidates], group[candidates],
+                                  config.rpn_nms_threshold)]
+    kept = kept[torch.sort(flat_logits[kept], descending=True, stable=True).indices]
+    kept = kept[_rank_within(group[kept], num_images * len(config.anchor_strides)) < config.rpn_post_nms_top_n]
+    kept = kept[_rank_within(image[kept], num_images) < config.rpn_fpn_post_nms_top_n]
+    kept = kept[torch.sort(image[kept], stable=True).indices]  # grouped by image, best first within each
+    counts = torch.bincount(image[kept], minlength=num_images).tolist()
+    return list(flat_boxes[kept].split(counts))
+
+
+def _rank_within(group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Each element's position among the earlier elements of its group. Reorders nothing: returned as given.
+    group [K] -> rank [K]."""
+    order = torch.sort(group, stable=True).indices
+    counts = torch.bincount(group, minlength=num_groups)
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=group.device) - starts[group[order]]
+    return rank
 
 
 class RegionProposalNetwork(nn.Module):
@@ -338,23 +368,20 @@ class RegionProposalNetwork(nn.Module):
         """levels P2..P6 [N, C, h, w]; clip_hw the (H, W) each image's proposals are clipped to. Boxes per image,
         sorted by objectness, in padded-input pixels. [P_i, 4] each."""
         num_images = levels[0].shape[0]
-        per_image: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(num_images)]
+        bounds = torch.tensor(clip_hw, dtype=torch.float32, device=levels[0].device)  # [N, 2]
+        boxes, logits, level_of = [], [], []
         for level, feature in enumerate(levels):
-            logits, deltas = self.head(feature)
-            _, a, h, w = logits.shape
-            logits = logits.permute(0, 2, 3, 1).reshape(num_images, -1).float()  # [N, H*W*A]
+            objectness, deltas = self.head(feature)
+            _, a, h, w = objectness.shape
+            objectness = objectness.permute(0, 2, 3, 1).reshape(num_images, -1).float()  # [N, H*W*A]
             deltas = deltas.view(num_images, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(num_images, -1, 4).float()
             anchors = self.anchor_generator.level_anchors(level, h, w)
-            for i in range(num_images):
-                per_image[i].append(select_level_proposals(logits[i], deltas[i], anchors, clip_hw[i], self.config))
-        return [top_over_levels(parts, self.config.rpn_fpn_post_nms_top_n) for parts in per_image]
-
-
-def top_over_levels(parts: list[tuple[torch.Tensor, torch.Tensor]], top_n: int) -> torch.Tensor:
-    """One image's (boxes [k, 4], logits [k]) of every level -> its `top_n` boxes by objectness, best first."""
-    boxes = torch.cat([b for b, _ in parts])
-    scores = torch.cat([s for _, s in parts])
-    return boxes[scores.topk(min(top_n, scores.numel()), sorted=True).indices]
+            level_boxes, level_logits = level_candidates(objectness, deltas, anchors, bounds,
+                                                         self.config.rpn_pre_nms_top_n)
+            boxes.append(level_boxes)
+            logits.append(level_logits)
+            level_of.append(torch.full((level_logits.shape[1],), level, device=bounds.device))
+        return nms_and_top_n(torch.cat(boxes, dim=1), torch.cat(logits, dim=1), torch.cat(level_of), self.config)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,12 +19,11 @@ from features.vmb import (
     fork_cell_anchors,
     fpn_levels,
     grid_anchors,
-    nms_legacy,
+    level_candidates,
+    nms_and_top_n,
     resize_like_cv2,
     resize_scale,
-    select_level_proposals,
     select_proposals,
-    top_over_levels,
 )
 
 # reference appendix: the fork's generator (sizes 32..512, strides 4..64, ratios 0.5 / 1 / 2)
@@ -80,12 +79,14 @@ def test_clipping_clamps_to_size_minus_one_and_removes_nothing():
     assert clip_legacy(boxes, 32, 48).tolist() == [[0, 3, 40, 31], [40, 31, 47, 31], [2, 2, 5, 5]]
 
 
-def test_nms_uses_plus_one_iou():
-    boxes = torch.tensor([[0.0, 0, 9, 9], [5, 0, 14, 9]])
-    scores = torch.tensor([0.9, 0.8])
+def test_rpn_nms_uses_plus_one_iou():
+    boxes = torch.tensor([[[0.0, 0, 9, 9], [5, 0, 14, 9]]])
+    logits, level = torch.tensor([[0.9, 0.8]]), torch.tensor([0, 0])
     # "+1": intersection 5 x 10 = 50, union 150, IoU 1/3; continuous: 36 / 126 = 0.29
-    assert nms_legacy(boxes, scores, 0.3).tolist() == [0]
-    assert nms_legacy(boxes, scores, 0.34).tolist() == [0, 1]
+    (kept,) = nms_and_top_n(boxes, logits, level, VMBConfig.tiny(rpn_nms_threshold=0.3))
+    assert kept.tolist() == [[0, 0, 9, 9]]
+    (kept,) = nms_and_top_n(boxes, logits, level, VMBConfig.tiny(rpn_nms_threshold=0.34))
+    assert len(kept) == 2
 
 
 @pytest.mark.parametrize("side, level", [
@@ -97,14 +98,30 @@ def test_level_assignment_at_the_boundaries(side, level):
     assert fpn_levels(box).tolist() == [level]
 
 
-def test_per_level_top_n_before_and_after_nms():
-    config = VMBConfig.tiny(rpn_pre_nms_top_n=3, rpn_post_nms_top_n=2, rpn_nms_threshold=0.7)
+def test_level_candidates_take_the_top_n_per_image_then_decode_and_clip():
     anchors = torch.tensor([[0.0, 0, 9, 9], [0, 0, 9, 8], [20, 20, 29, 29], [40, 40, 49, 49], [60, 60, 69, 69]])
-    logits = torch.tensor([0.9, 0.8, 0.1, 0.7, 0.95])
-    boxes, scores = select_level_proposals(logits, torch.zeros(5, 4), anchors, (100, 100), config)
-    # pre-NMS top 3: anchors 4, 0, 1; NMS drops 1 (IoU 0.9 with 0); post-NMS top 2: 4, 0 (3 never competed)
-    assert scores.tolist() == pytest.approx([0.95, 0.9])
-    assert boxes.tolist() == [[60, 60, 69, 69], [0, 0, 9, 9]]
+    logits = torch.tensor([[0.9, 0.8, 0.1, 0.7, 0.95], [0.1, 0.2, 0.3, 0.4, 0.5]])
+    deltas = torch.zeros(2, 5, 4)
+    deltas[1, 4, 2] = math.log(2)  # image 1's best anchor doubles in width: 65 +- 10 -> [55, 60, 74, 69]
+    boxes, top = level_candidates(logits, deltas, anchors, torch.tensor([[100.0, 100], [100, 70]]), 3)
+    assert top.tolist() == [pytest.approx([0.95, 0.9, 0.8]), pytest.approx([0.5, 0.4, 0.3])]
+    assert boxes[0].tolist() == [[60, 60, 69, 69], [0, 0, 9, 9], [0, 0, 9, 8]]
+    assert boxes[1].tolist() == [[55, 60, 69, 69], [40, 40, 49, 49], [20, 20, 29, 29]]  # x2 74 clipped to 69
+
+
+def test_nms_then_top_n_per_level_then_per_image():
+    config = VMBConfig.tiny(rpn_nms_threshold=0.7, rpn_post_nms_top_n=2, rpn_fpn_post_nms_top_n=3)
+    a, a_twin, b, c = [0.0, 0, 9, 9], [0.0, 0, 9, 8], [20.0, 20, 29, 29], [40.0, 40, 49, 49]
+    # two images; P2 holds four candidates, P3 two
+    boxes = torch.tensor([[a, a_twin, b, c, b, c], [a, b, c, a, b, c]])
+    logits = torch.tensor([[0.9, 0.8, 0.5, 0.4, 0.6, 0.7], [0.1, 0.2, 0.3, 0.9, 0.8, 0.7]])
+    level = torch.tensor([0, 0, 0, 0, 1, 1])
+    first, second = nms_and_top_n(boxes, logits, level, config)
+    # image 0, P2: NMS drops a's twin (IoU 0.9), the cap keeps a 0.9 and b 0.5; P3 keeps c 0.7 and b 0.6;
+    # the image's top 3: a, c, b (P3's b outscores P2's)
+    assert first.tolist() == [a, c, b]
+    # image 1, P2: a 0.9 suppresses its copy a 0.1, the cap keeps a 0.9 and c 0.3; P3 b 0.8, c 0.7
+    assert second.tolist() == [a, b, c]
 
 
 def test_rpn_caps_each_level_then_keeps_the_images_top_n():
@@ -123,13 +140,6 @@ def test_rpn_caps_each_level_then_keeps_the_images_top_n():
     # per level the best one survives (0.9, 0.8, 0.4, 0.7, 0.65); the image keeps the top 3, best first:
     # P2 cell 1 (stride 4, size 8: [-2, -2, 5, 5] + 4 in x), P3 cell 0 (stride 8), P5 cell 0 (stride 32), clipped
     assert boxes.tolist() == [[2, 0, 9, 5], [0, 0, 11, 11], [0, 0, 47, 47]]
-
-
-def test_top_over_levels_sorts_by_objectness():
-    parts = [(torch.tensor([[0.0, 0, 1, 1], [1, 1, 2, 2]]), torch.tensor([0.2, 0.5])),
-             (torch.tensor([[2.0, 2, 3, 3]]), torch.tensor([0.4]))]
-    assert top_over_levels(parts, 2).tolist() == [[1, 1, 2, 2], [2, 2, 3, 3]]
-    assert len(top_over_levels(parts, 10)) == 3
 
 
 def test_resize_scale_follows_the_scripts_rounded_cap():
