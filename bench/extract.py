@@ -3,16 +3,21 @@
     python bench/extract.py                              # both, CPU defaults
     python bench/extract.py --only extract --device cuda --batch-size 64 --workers 8 --precision bf16
     python bench/extract.py --only store --store-images 2000
+    python bench/extract.py --only extract --detector vmb-x152-fpn --option preset=tiny --batch-size 8
+    python bench/extract.py --only extract --detector vmb-x152-fpn --weights detectron_model.pth --device cuda \
+        --precision bf16 --batch-size 8 --workers 8 --size 640
 
 Extraction: solid-background PNGs with a few boxes each, through `features.extract.extract` (decode in workers,
-detector, HDF5 writes), timed end to end excluding image generation. Store reads: a synthetic store of
-`--store-images` images x 36 boxes x 2048-d float16, read in random order one image at a time, then through a
-DataLoader (0 and 2 workers) with batches of 64 padded to [64, 36, 2048].
+detector, HDF5 writes), timed end to end excluding image generation, beside the detector's forward alone on the
+first batch (decoded and padded beforehand) in the same run. Store reads: a synthetic store of `--store-images`
+images x 36 boxes x 2048-d float16, read in random order one image at a time, then through a DataLoader (0 and 2
+workers) with batches of 64 padded to [64, 36, 2048].
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -26,10 +31,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from features.detector import pad_batch  # noqa: E402
 from features.detectors import build_detector  # noqa: E402
-from features.extract import extract  # noqa: E402
+from features.extract import PRECISIONS, extract  # noqa: E402
+from features.images import read_image  # noqa: E402
 from features.inputs import list_images  # noqa: E402
 from features.store import FeatureStore, FeatureStoreWriter  # noqa: E402
+from tasks.cli.extract import parse_options  # noqa: E402
 
 
 def bench_extract(args, folder: Path) -> dict:
@@ -46,17 +54,45 @@ def bench_extract(args, folder: Path) -> dict:
             pixels[y1:y2, x1:x2] = rng.integers(0, 256, 3)
         Image.fromarray(pixels).save(images / f"{i:05d}.png")
         boxes[f"{i:05d}"] = given.astype(np.float32)
-    options = {"random_init": True} if args.random_weights else {}
+    options = parse_options(args.option)
+    if args.random_weights:
+        options["random_init"] = True
     detector = build_detector(args.detector, weights=args.weights, **options)
     given = boxes if args.detector == "mobilenet-v2" else None
     extract(list_images(images)[: args.batch_size], folder / "warmup.h5", detector, boxes=given,
             batch_size=args.batch_size, workers=0, device=args.device, precision=args.precision, progress=False)
     summary = extract(list_images(images), folder / "feats.h5", detector, boxes=given, batch_size=args.batch_size,
                       workers=args.workers, device=args.device, precision=args.precision, progress=False)
-    return {"detector": args.detector, "images": summary.images_written, "size": args.size,
+    forward = bench_forward(detector, list_images(images)[: args.batch_size], given, args)
+    pipeline = summary.images_per_second
+    return {"detector": args.detector, "options": options, "images": summary.images_written, "size": args.size,
             "boxes_per_image": args.boxes_per_image, "batch_size": args.batch_size, "workers": args.workers,
             "device": args.device, "precision": args.precision, "seconds": round(summary.seconds, 2),
-            "images_per_s": round(summary.images_per_second, 1)}
+            "images_per_s": round(pipeline, 2), "forward_images_per_s": round(forward, 2),
+            "pipeline_over_forward": round(pipeline / forward, 2)}
+
+
+def bench_forward(detector, images, boxes, args) -> float:
+    """images/s of the detector's forward alone (network and box selection on the device) on one batch, decoded,
+    prepared and padded beforehand: what the pipeline would reach if decoding and writing cost nothing."""
+    prepared = [detector.prepare(read_image(im.path).pixels) for im in images]
+    pixels = pad_batch(prepared, getattr(detector, "size_divisible", 1)).to(args.device)
+    given = [torch.from_numpy(boxes[im.image_id]).to(args.device) for im in images] if boxes else None
+    dtype = PRECISIONS[args.precision]
+    autocast = torch.autocast(torch.device(args.device).type, dtype=dtype) if dtype else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
+        detector(pixels, prepared, given)  # warm-up
+        _synchronize(args.device)
+        started = time.perf_counter()
+        for _ in range(args.forward_repeats):
+            detector(pixels, prepared, given)
+        _synchronize(args.device)
+    return len(images) * args.forward_repeats / (time.perf_counter() - started)
+
+
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -115,6 +151,9 @@ def main() -> None:
     parser.add_argument("--detector", default="mobilenet-v2")
     parser.add_argument("--weights")
     parser.add_argument("--random-weights", action="store_true", help="mobilenet-v2 with random weights")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a detector option, as for vilbert extract (e.g. preset=tiny)")
+    parser.add_argument("--forward-repeats", type=int, default=3, help="timed forwards of the first batch")
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--boxes-per-image", type=int, default=4)

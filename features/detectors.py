@@ -11,6 +11,7 @@ from features.errors import FeaturesError
 DETECTORS: dict[str, str] = {
     "mobilenet-v2": "features.mobilenet:build_mobilenet_v2",
     "butd-r101-c4": "features.butd_builder:build_butd_r101_c4",
+    "vmb-x152-fpn": "features.vmb:build_vmb_x152_fpn",
 }
 
 

@@ -4,6 +4,8 @@ Examples:
   vilbert extract --images photos/ --out feats.h5 --detector butd-r101-c4 --weights model.pth --device cuda
   vilbert extract ... --detector butd-r101-c4 --option selection=maxnms-36    (LXMERT / airsplay 36 boxes)
   vilbert extract --images shapes.json --out gt.h5 --boxes boxes.json --box-format xyxy
+  vilbert extract --images photos/ --out feats.h5 --detector vmb-x152-fpn --weights detectron_model.pth \
+      --config detectron_config.yaml --device cuda     (the features of the vilbert-multi-task / 12-in-1 models)
   torchrun --nproc-per-node 4 -m tasks.cli extract --images photos/ --out feats.h5 --device cuda ...
   vilbert extract --merge feats.h5 feats.h5.rank0-of-2 feats.h5.rank1-of-2
 
@@ -37,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="the feature store to write (e.g. feats.h5)")
     parser.add_argument("--detector", default="mobilenet-v2", choices=sorted(DETECTORS))
     parser.add_argument("--weights", help="detector weight file (default: the detector's packaged weights)")
+    parser.add_argument("--config", help="detector config file (vmb-x152-fpn: detectron_config.yaml)")
     parser.add_argument("--backend", default="native", choices=["native", "detectron2"],
                         help="build the detector natively or through detectron2 (BUTD only)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -84,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     options = parse_options(args.option)
     if args.backend != "native":
         options["backend"] = args.backend
+    if args.config:
+        options["config_file"] = args.config
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = args.device
     if world_size > 1 and device == "cuda":

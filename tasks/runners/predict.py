@@ -43,6 +43,7 @@ MODE_HEADS = {"question": "answer_head", "expression": "region_score_head", "cap
 DEFAULT_TOKEN_TASK = {"question": "vqa", "expression": "refcoco", "captions": "retrieval-flickr30k"}
 # when neither --detector nor the checkpoint's feature store names one: the detector that gives this feature size
 DETECTOR_BY_FEATURE_SIZE = {96: "mobilenet-v2", 2048: "butd-r101-c4"}
+VMB_DETECTOR = "vmb-x152-fpn"  # the detector of the released vilbert-multi-task (12-in-1) models
 GRID = 3  # fallback boxes for detectors that need given boxes: the whole image and a GRID x GRID grid
 
 
@@ -192,12 +193,19 @@ def tokenizer_directory(info: CheckpointInfo, override: str | None = None) -> st
 
 
 def detector_name(info: CheckpointInfo, requested: str | None, feature_size: int) -> str:
-    """--detector, else the detector of the run's feature store, else the one giving the model's feature size."""
+    """--detector, else the detector of the run's feature store, else the one config.json's `visual_features`
+    records (`vilbert convert`), else for a converted vilbert-multi-task checkpoint (2048-d, no run config, not
+    the beta answer head) the VMB X-152 FPN its features came from, else the one giving the model's feature size."""
     if requested:
         return requested
     extractor = info.feature_extractor() or {}
     if extractor.get("detector"):
         return str(extractor["detector"])
+    recorded = info.config.get("visual_features")
+    if isinstance(recorded, dict) and recorded.get("detector"):
+        return str(recorded["detector"])
+    if not info.run_config and feature_size == 2048 and info.config.get("answer_head_type") != "beta":
+        return VMB_DETECTOR
     if feature_size in DETECTOR_BY_FEATURE_SIZE:
         return DETECTOR_BY_FEATURE_SIZE[feature_size]
     raise ConfigError(f"--checkpoint {info.directory}: no detector recorded for its {feature_size}-d features; "
@@ -211,8 +219,9 @@ def check_detector(detector: RegionDetector, feature_size: int, allow_random: bo
                           f"checkpoint expects {feature_size}-d (v_feature_size); pass the detector it was trained on")
     info = detector.extractor_info()
     if not allow_random and info.get("weights") in (None, "random") and not info.get("weights_sha256"):
-        raise ConfigError(f"detector {detector.name} has random weights; pass --weights FILE "
-                          "(or --random-detector for a smoke run)")
+        hint = getattr(detector, "weights_hint", None)
+        raise ConfigError(f"detector {detector.name} has random weights; pass --weights "
+                          f"{hint or 'FILE'} (or --random-detector for a smoke run)")
 
 
 # ------------------------------------------------------------------------------------------------------ regions
