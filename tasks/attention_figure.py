@@ -185,11 +185,11 @@ def draw_figure(pixels: np.ndarray, original_hw: tuple[int, int], view: CoAttent
 
     `pixels` [h, w, 3] may be a downscaled decode of an `original_hw` image; boxes are in original pixels.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
     from matplotlib.patches import Rectangle
+
+    from tasks.figures import pyplot
+
+    plt = pyplot()
 
     if not words:
         raise ConfigError("the text has no words to show (only special tokens)")
@@ -236,19 +236,10 @@ def draw_figure(pixels: np.ndarray, original_hw: tuple[int, int], view: CoAttent
 
 
 def save_figure(fig, out: str | os.PathLike, dpi: int = 110) -> Path:
-    """Write the figure as a PNG atomically (a temporary name, then a rename) and close it."""
-    from matplotlib import pyplot as plt
+    """Write the figure as a PNG atomically and close it."""
+    from tasks.figures import save_png
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-        plt.close(fig)
-    return out
+    return save_png(fig, out, dpi)
 
 
 # ---------------------------------------------------------------------------------------------------- prediction

@@ -1,0 +1,30 @@
+"""Writing matplotlib figures headless: the Agg backend (no display needed) and atomic PNG files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (figures are only ever written to files here)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt
+
+
+def save_png(fig, out: str | os.PathLike, dpi: int = 100) -> Path:
+    """Write `fig` to `out` as a PNG under a temporary name, rename it into place, close the figure."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        pyplot().close(fig)
+    return out
