@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "report": "report",
     "score": "score",
     "convert": "convert",
+    "serve": "serve",
 }
 
 USER_ERRORS = (ViLBertError, FeaturesError, TasksError)
