@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup weights test lint bench pretrain finetune features
+.PHONY: setup weights test test-browser lint bench pretrain finetune features demo
 
 setup: $(STAMP)
 
@@ -25,6 +25,12 @@ weights:
 
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+# The demo page in headless Chromium: Debian's chromium and its driver (apt-get, as root), then the browser test.
+test-browser: setup
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+		|| { apt-get update && apt-get install -y chromium chromium-driver; }
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs tests/test_serve_browser.py
 
 lint: setup
 	$(BIN)/ruff check vilbert features tasks tests bench
@@ -61,7 +67,7 @@ $(PRETRAIN_REPORT): $(SHAPES_FEATURES) tasks/shapes/configs/pretrain_embedded.ya
 	@$(WEIGHTS_CHECK)
 	rm -rf $(PRETRAIN_RUN)
 	$(VILBERT) pretrain --config tasks/shapes/configs/pretrain_embedded.yaml model.text_init=$(TEXT_INIT)
-	$(VILBERT) report --run $(PRETRAIN_RUN) > $@.tmp && mv $@.tmp $@
+	$(VILBERT) report --run $(PRETRAIN_RUN) --plot $(PRETRAIN_RUN)/curves.png > $@.tmp && mv $@.tmp $@
 
 pretrain: $(PRETRAIN_REPORT)
 	@cat $(PRETRAIN_REPORT)
@@ -77,10 +83,19 @@ ifeq ($(TASK),vqa)
 	rm -rf $(FINETUNE_RUN)_textonly
 	$(VILBERT) finetune --task vqa --config tasks/shapes/configs/vqa_embedded.yaml model.text_init=$(TEXT_INIT) \
 		train.output_dir=$(FINETUNE_RUN)_textonly
-	$(VILBERT) report --run $(FINETUNE_RUN) --task vqa --compare $(FINETUNE_RUN)_textonly
+	$(VILBERT) report --run $(FINETUNE_RUN) --task vqa --compare $(FINETUNE_RUN)_textonly \
+		--plot $(FINETUNE_RUN)/curves.png
 else
-	$(VILBERT) report --run $(FINETUNE_RUN) --task $(TASK)
+	$(VILBERT) report --run $(FINETUNE_RUN) --task $(TASK) --plot $(FINETUNE_RUN)/curves.png
 endif
+
+# make demo: the web demo (http://127.0.0.1:7860/) on every fine-tuned embedded run there is, with the shapes
+# world's test images to pick from. Run `make finetune TASK=...` first.
+DEMO_CHECKPOINTS = $$(for run in runs/vqa_embedded runs/refcoco_embedded runs/retrieval_embedded; do \
+	ls -d $$run/checkpoints/step-* 2>/dev/null | tail -n 1; done)
+demo: setup
+	@test -n "$(DEMO_CHECKPOINTS)" || { echo "no fine-tuned embedded run: run \`make finetune TASK=vqa\` first"; exit 2; }
+	$(VILBERT) serve $$(for c in $(DEMO_CHECKPOINTS); do echo --checkpoint $$c; done) --examples $(WORLD)
 
 # make features IMAGES=dir OUT=feats.h5 [BOXES=boxes.json]: MobileNetV2 features on given boxes.
 features: setup

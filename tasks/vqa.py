@@ -319,6 +319,7 @@ class VQATask(FinetuneTask):
         result = vqa_score(predictions, annotations)
         metrics = {"accuracy": result["overall"], "num_questions": float(result["num_questions"])}
         metrics.update({f"accuracy/{name}": value for name, value in result["per_answer_type"].items()})
+        metrics.update({f"question_type/{name}": value for name, value in result["per_question_type"].items()})
         return metrics
 
 

@@ -5,6 +5,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
 from vilbert.configuration_vilbert import PRESETS, ViLBertConfig
 from vilbert.modeling_vilbert import (
     VL_HEADS,
+    AttentionMaps,
     TextPrefix,
     ViLBertForPreTraining,
     ViLBertForVLTasks,
@@ -19,6 +20,7 @@ AutoModel.register(ViLBertConfig, ViLBertModel, exist_ok=True)
 AutoModelForPreTraining.register(ViLBertConfig, ViLBertForPreTraining, exist_ok=True)
 
 __all__ = [
+    "AttentionMaps",
     "PRESETS",
     "VL_HEADS",
     "TextPrefix",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,19 +38,30 @@ def compute_dtype(parameter: torch.Tensor) -> torch.dtype:
 
 
 def attend(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, num_heads: int, dropout_p: float
-) -> torch.Tensor:
-    """Multi-head scaled dot-product attention of `query` [B, Lq, D] over `key`/`value` [B, Lk, D]."""
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, num_heads: int, dropout_p: float,
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Multi-head scaled dot-product attention of `query` [B, Lq, D] over `key`/`value` [B, Lk, D].
+
+    Returns the context [B, Lq, D] and, when `output_attentions`, the attention probabilities [B, h, Lq, Lk]
+    (before dropout). The maps need the scores spelled out, so they come from an explicit softmax; the fused
+    kernel (scaled_dot_product_attention) serves every call that does not ask for them.
+    """
     batch, length, width = query.shape
     head_dim = width // num_heads
 
     def heads(x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, h, L, d]
         return x.view(x.shape[0], x.shape[1], num_heads, head_dim).transpose(1, 2)
 
-    context = F.scaled_dot_product_attention(
-        heads(query), heads(key), heads(value), attn_mask=mask.to(query.dtype), dropout_p=dropout_p
-    )  # [B, h, Lq, d]
-    return context.transpose(1, 2).reshape(batch, length, width)
+    q, k, v = heads(query), heads(key), heads(value)
+    probs = None
+    if output_attentions:
+        scores = q @ k.transpose(-1, -2) * head_dim**-0.5 + mask.to(q.dtype)  # [B, h, Lq, Lk]
+        probs = torch.softmax(scores, dim=-1)
+        context = F.dropout(probs, dropout_p, training=dropout_p > 0).to(v.dtype) @ v  # [B, h, Lq, d]
+    else:
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout_p)
+    return context.transpose(1, 2).reshape(batch, length, width), probs
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -141,9 +152,13 @@ class SelfAttention(nn.Module):
         self.num_heads = num_heads
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         dropout_p = self.dropout if self.training else 0.0
-        return attend(self.query(x), self.key(x), self.value(x), mask, self.num_heads, dropout_p)  # [B, N, W]
+        return attend(
+            self.query(x), self.key(x), self.value(x), mask, self.num_heads, dropout_p, output_attentions
+        )  # [B, N, W], [B, h, N, N] or None
 
 
 class TransformerLayer(nn.Module):
@@ -158,8 +173,11 @@ class TransformerLayer(nn.Module):
         self.attention_output = AddNorm(width, width, dropout, eps)
         self.ffn = FeedForward(width, ffn_width, activation, dropout, eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.ffn(self.attention_output(self.attention(x, mask), x))
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        context, probs = self.attention(x, mask, output_attentions)
+        return self.ffn(self.attention_output(context, x)), probs
 
 
 class CoAttention(nn.Module):
@@ -179,17 +197,22 @@ class CoAttention(nn.Module):
         self.vision_over_text_dropout = config.attention_probs_dropout_prob
 
     def forward(
-        self, text: torch.Tensor, text_mask: torch.Tensor, vision: torch.Tensor, vision_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, text: torch.Tensor, text_mask: torch.Tensor, vision: torch.Tensor, vision_mask: torch.Tensor,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """-> text context [B, L, bi], vision context [B, R, bi], and when asked the maps (words over regions
+        [B, h, L, R], regions over words [B, h, R, L])."""
         p_tv = self.text_over_vision_dropout if self.training else 0.0
         p_vt = self.vision_over_text_dropout if self.training else 0.0
-        text_context = attend(
-            self.text_query(text), self.vision_key(vision), self.vision_value(vision), vision_mask, self.num_heads, p_tv
-        )  # [B, L, bi]
-        vision_context = attend(
-            self.vision_query(vision), self.text_key(text), self.text_value(text), text_mask, self.num_heads, p_vt
-        )  # [B, R, bi]
-        return text_context, vision_context
+        text_context, text_to_vision = attend(
+            self.text_query(text), self.vision_key(vision), self.vision_value(vision), vision_mask, self.num_heads,
+            p_tv, output_attentions,
+        )
+        vision_context, vision_to_text = attend(
+            self.vision_query(vision), self.text_key(text), self.text_value(text), text_mask, self.num_heads, p_vt,
+            output_attentions,
+        )
+        return text_context, vision_context, (text_to_vision, vision_to_text) if output_attentions else None
 
 
 class CoAttentionLayer(nn.Module):
@@ -209,12 +232,13 @@ class CoAttentionLayer(nn.Module):
         )
 
     def forward(
-        self, text: torch.Tensor, text_mask: torch.Tensor, vision: torch.Tensor, vision_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        text_context, vision_context = self.coattention(text, text_mask, vision, vision_mask)
+        self, text: torch.Tensor, text_mask: torch.Tensor, vision: torch.Tensor, vision_mask: torch.Tensor,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        text_context, vision_context, maps = self.coattention(text, text_mask, vision, vision_mask, output_attentions)
         text = self.text_ffn(self.text_output(text_context, text))  # [B, L, H]
         vision = self.vision_ffn(self.vision_output(vision_context, vision))  # [B, R, Hv]
-        return text, vision
+        return text, vision, maps
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -238,6 +262,25 @@ def layer_schedule(config: ViLBertConfig) -> list[tuple[str, int]]:
     steps += [("V", i) for i in range(v_start, config.v_num_hidden_layers)]
     steps += [("T", i) for i in range(t_start, config.num_hidden_layers)]
     return steps
+
+
+@dataclass
+class AttentionMaps:
+    """Attention probabilities collected layer by layer (each list in layer-index order); see `attend`."""
+
+    text: list[torch.Tensor] = field(default_factory=list)  # per text layer [B, h, L, L]
+    vision: list[torch.Tensor] = field(default_factory=list)  # per vision layer [B, hv, R, R]
+    text_to_vision: list[torch.Tensor] = field(default_factory=list)  # per co-attention layer [B, hb, L, R]
+    vision_to_text: list[torch.Tensor] = field(default_factory=list)  # per co-attention layer [B, hb, R, L]
+
+    def as_outputs(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        """The maps under the output dataclasses' field names."""
+        return {
+            "text_attentions": tuple(self.text),
+            "vision_attentions": tuple(self.vision),
+            "text_to_vision_attentions": tuple(self.text_to_vision),
+            "vision_to_text_attentions": tuple(self.vision_to_text),
+        }
 
 
 class ViLBertEncoder(nn.Module):
@@ -267,30 +310,46 @@ class ViLBertEncoder(nn.Module):
         self.fixed_t_layer = config.fixed_t_layer
         self.fixed_v_layer = config.fixed_v_layer
 
-    def run_text_prefix(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def run_text_prefix(
+        self, text: torch.Tensor, text_mask: torch.Tensor, attentions: AttentionMaps | None = None
+    ) -> torch.Tensor:
         """Run the text layers before the first co-attention or vision layer."""
         for _, index in self.schedule[: self.num_prefix_steps]:
-            text = self._text_layer(index, text, text_mask)
+            text = self._text_layer(index, text, text_mask, attentions)
         return text
 
     def forward(
         self, text: torch.Tensor, vision: torch.Tensor, text_mask: torch.Tensor, vision_mask: torch.Tensor,
-        after_prefix: bool = False,
+        after_prefix: bool = False, attentions: AttentionMaps | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """text [B, L, H], vision [B, R, Hv], additive masks [B, 1, 1, L] / [B, 1, 1, R] -> final states of both."""
+        """text [B, L, H], vision [B, R, Hv], additive masks [B, 1, 1, L] / [B, 1, 1, R] -> final states of both.
+
+        With `attentions`, every layer run appends its attention probabilities there (the explicit softmax path).
+        """
+        record = attentions is not None
         for kind, index in self.schedule[self.num_prefix_steps if after_prefix else 0 :]:
             if kind == "T":
-                text = self._text_layer(index, text, text_mask)
+                text = self._text_layer(index, text, text_mask, attentions)
             elif kind == "V":
                 with torch.no_grad() if index < self.fixed_v_layer else contextlib.nullcontext():
-                    vision = self.vision_layers[index](vision, vision_mask)
+                    vision, probs = self.vision_layers[index](vision, vision_mask, record)
+                if record:
+                    attentions.vision.append(probs)
             else:
-                text, vision = self.coattention_layers[index](text, text_mask, vision, vision_mask)
+                text, vision, maps = self.coattention_layers[index](text, text_mask, vision, vision_mask, record)
+                if record:
+                    attentions.text_to_vision.append(maps[0])
+                    attentions.vision_to_text.append(maps[1])
         return text, vision
 
-    def _text_layer(self, index: int, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def _text_layer(
+        self, index: int, text: torch.Tensor, text_mask: torch.Tensor, attentions: AttentionMaps | None
+    ) -> torch.Tensor:
         with torch.no_grad() if index < self.fixed_t_layer else contextlib.nullcontext():
-            return self.text_layers[index](text, text_mask)
+            text, probs = self.text_layers[index](text, text_mask, attentions is not None)
+        if attentions is not None:
+            attentions.text.append(probs)
+        return text
 
 
 class Pooler(nn.Module):
@@ -327,12 +386,16 @@ class TextPrefix:
 
 @dataclass
 class ViLBertModelOutput(ModelOutput):
-    """Final states of both streams and their pooled vectors."""
+    """Final states of both streams, their pooled vectors, and (with output_attentions=True) the attention maps."""
 
     text_hidden: torch.Tensor | None = None  # [B, L, H]
     vision_hidden: torch.Tensor | None = None  # [B, R, Hv]
     pooled_text: torch.Tensor | None = None  # [B, Hb]
     pooled_vision: torch.Tensor | None = None  # [B, Hb]
+    text_attentions: tuple[torch.Tensor, ...] | None = None  # per text layer [B, h, L, L]
+    vision_attentions: tuple[torch.Tensor, ...] | None = None  # per vision layer [B, hv, R, R]
+    text_to_vision_attentions: tuple[torch.Tensor, ...] | None = None  # per co-attention layer [B, hb, L, R]
+    vision_to_text_attentions: tuple[torch.Tensor, ...] | None = None  # per co-attention layer [B, hb, R, L]
 
 
 class ViLBertPreTrainedModel(PreTrainedModel):
@@ -391,8 +454,12 @@ class ViLBertModel(ViLBertPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         task_ids: torch.Tensor | None = None,
+        attentions: AttentionMaps | None = None,
     ) -> TextPrefix:
-        """Embed the text and run the text layers before the first co-attention (cacheable across images)."""
+        """Embed the text and run the text layers before the first co-attention (cacheable across images).
+
+        With `attentions`, the prefix layers append their maps there.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
@@ -401,7 +468,7 @@ class ViLBertModel(ViLBertPreTrainedModel):
             attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], 1), attention_mask], dim=1)
         text = self.embeddings(input_ids, token_type_ids, task_ids)  # [B, L, H]
         text_mask = additive_mask(attention_mask, compute_dtype(text))
-        return TextPrefix(self.encoder.run_text_prefix(text, text_mask), attention_mask)
+        return TextPrefix(self.encoder.run_text_prefix(text, text_mask, attentions), attention_mask)
 
     def forward(
         self,
@@ -413,13 +480,22 @@ class ViLBertModel(ViLBertPreTrainedModel):
         region_mask: torch.Tensor | None = None,
         task_ids: torch.Tensor | None = None,
         text_prefix: TextPrefix | None = None,
+        output_attentions: bool | None = None,
     ) -> ViLBertModelOutput:
+        """`output_attentions` (default: config.output_attentions) adds every layer's attention probabilities to the
+        output, computed by an explicit softmax instead of the fused kernel; the other outputs stay the same."""
         if region_features is None or region_locations is None:
             raise ConfigError("region_features and region_locations: required")
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        attentions = AttentionMaps() if output_attentions else None
         if text_prefix is None:
             if input_ids is None:
                 raise ConfigError("input_ids: required unless text_prefix is given")
-            text_prefix = self.encode_text_prefix(input_ids, attention_mask, token_type_ids, task_ids)
+            text_prefix = self.encode_text_prefix(input_ids, attention_mask, token_type_ids, task_ids, attentions)
+        elif attentions is not None:
+            raise ConfigError("output_attentions: needs input_ids, not text_prefix (the prefix layers' maps are gone); "
+                              "or pass attentions= to encode_text_prefix")
         batch = region_features.shape[0]
         text, text_mask_2d = text_prefix.hidden, text_prefix.attention_mask
         if text.shape[0] == 1 and batch > 1:  # one caption against many images
@@ -430,12 +506,13 @@ class ViLBertModel(ViLBertPreTrainedModel):
         vision = self.vision_embeddings(region_features, region_locations)  # [B, R, Hv]
         dtype = compute_dtype(vision)
         text_mask, vision_mask = additive_mask(text_mask_2d, dtype), additive_mask(region_mask, dtype)
-        text, vision = self.encoder(text, vision, text_mask, vision_mask, after_prefix=True)
+        text, vision = self.encoder(text, vision, text_mask, vision_mask, after_prefix=True, attentions=attentions)
         return ViLBertModelOutput(
             text_hidden=text,
             vision_hidden=vision,
             pooled_text=self.text_pooler(text),
             pooled_vision=self.vision_pooler(vision),
+            **(attentions.as_outputs() if attentions is not None else {}),
         )
 
 
@@ -535,6 +612,10 @@ class ViLBertPreTrainingOutput(ModelOutput):
     vision_hidden: torch.Tensor | None = None
     pooled_text: torch.Tensor | None = None
     pooled_vision: torch.Tensor | None = None
+    text_attentions: tuple[torch.Tensor, ...] | None = None  # per text layer [B, h, L, L]
+    vision_attentions: tuple[torch.Tensor, ...] | None = None  # per vision layer [B, hv, R, R]
+    text_to_vision_attentions: tuple[torch.Tensor, ...] | None = None  # per co-attention layer [B, hb, L, R]
+    vision_to_text_attentions: tuple[torch.Tensor, ...] | None = None  # per co-attention layer [B, hb, R, L]
 
 
 class ViLBertWithPretrainingHeads(ViLBertPreTrainedModel):
@@ -587,12 +668,13 @@ class ViLBertForPreTraining(ViLBertWithPretrainingHeads):
         alignment_labels: torch.Tensor | None = None,
         text_prefix: TextPrefix | None = None,
         labelled_counts: tuple[int, int] | None = None,
+        output_attentions: bool | None = None,
     ) -> ViLBertPreTrainingOutput:
         """`labelled_counts` = (positions with an MLM label, masked regions), when the caller knows them on the host
         (the pretraining collate does): it saves the forward's one device-to-host sync."""
         base = self.vilbert(
             input_ids, attention_mask, token_type_ids, region_features, region_locations, region_mask, task_ids,
-            text_prefix=text_prefix,
+            text_prefix=text_prefix, output_attentions=output_attentions,
         )
         alignment_logits = self.alignment_head(self.fused_pooled(base))  # [B, 2]
 
@@ -669,6 +751,10 @@ class ViLBertForVLTasksOutput(ModelOutput):
     vision_hidden: torch.Tensor | None = None
     pooled_text: torch.Tensor | None = None
     pooled_vision: torch.Tensor | None = None
+    text_attentions: tuple[torch.Tensor, ...] | None = None  # per text layer [B, h, L, L]
+    vision_attentions: tuple[torch.Tensor, ...] | None = None  # per vision layer [B, hv, R, R]
+    text_to_vision_attentions: tuple[torch.Tensor, ...] | None = None  # per co-attention layer [B, hb, L, R]
+    vision_to_text_attentions: tuple[torch.Tensor, ...] | None = None  # per co-attention layer [B, hb, R, L]
 
 
 class ViLBertForVLTasks(ViLBertWithPretrainingHeads):
@@ -702,13 +788,14 @@ class ViLBertForVLTasks(ViLBertWithPretrainingHeads):
         task_ids: torch.Tensor | None = None,
         heads: Iterable[str] | None = None,
         text_prefix: TextPrefix | None = None,
+        output_attentions: bool | None = None,
     ) -> ViLBertForVLTasksOutput:
         wanted = set(VL_HEADS if heads is None else heads)
         if unknown := wanted - set(VL_HEADS):
             raise ConfigError(f"heads: unknown head(s) {sorted(unknown)}; expected names from {VL_HEADS}")
         base = self.vilbert(
             input_ids, attention_mask, token_type_ids, region_features, region_locations, region_mask, task_ids,
-            text_prefix=text_prefix,
+            text_prefix=text_prefix, output_attentions=output_attentions,
         )
         out = ViLBertForVLTasksOutput(**base)
         if wanted & {"answer_logits", "gqa_answer_logits", "pair_logit", "binary_logits", "tri_logits"}:

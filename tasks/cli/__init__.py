@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "report": "report",
     "score": "score",
     "convert": "convert",
+    "serve": "serve",
 }
 
 USER_ERRORS = (ViLBertError, FeaturesError)  # tasks.errors.TasksError is a ViLBertError

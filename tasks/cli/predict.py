@@ -4,6 +4,7 @@ Examples:
   vilbert predict --checkpoint runs/vqa/checkpoints/step-100 --image cat.jpg --question "what color is the cat"
   vilbert predict --checkpoint CKPT --image cat.jpg --expression "the cat on the left" --out cat-boxes.png
   vilbert predict --checkpoint CKPT --image cat.jpg --captions captions.txt --json
+  vilbert predict --checkpoint CKPT --image cat.jpg --question "what color is the cat" --attention maps.png
 The image's regions are extracted with the detector the checkpoint's features came from (recorded in the run's
 feature store), or --detector/--weights. mobilenet-v2 pools on given boxes: pass --boxes, else a whole-image +
 3x3 grid is used.
@@ -46,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="FILE.png", help="draw the boxes and the result on the image")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    maps = parser.add_argument_group("co-attention maps (the text: the question, expression or best caption)")
+    maps.add_argument("--attention", metavar="FILE.png", help="figure: the regions each word attends to, and the "
+                      "words each region attends to, in the last co-attention layer")
+    maps.add_argument("--attention-json", metavar="FILE.json", help="every layer's raw attention maps")
+    maps.add_argument("--words", nargs="+", metavar="WORD", help="the words to draw (default: all)")
+    maps.add_argument("--head", type=int, help="one co-attention head (default: the mean of all heads)")
+    maps.add_argument("--rollout", action="store_true", help="attention rollout across all layers instead")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--boxes needs --box-format xyxy or xywh (coordinates are never guessed)")
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    if (args.words or args.head is not None or args.rollout) and not (args.attention or args.attention_json):
+        raise ConfigError("--words, --head and --rollout shape the attention maps: add --attention FILE.png")
+    if args.head is not None and args.rollout:
+        raise ConfigError("--rollout averages the heads of every layer; it takes no --head")
     mode = "question" if args.question is not None else "expression" if args.expression is not None else "captions"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -109,6 +121,15 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         predict.draw_prediction(image, inputs.row_boxes[1:], chosen, predict.describe(result), args.out)
         result["out"] = args.out
+    if args.attention or args.attention_json:
+        from tasks.figures.attention import explain_prediction
+        from tasks.finetuning import task_ids_for
+        from tasks.retrieval import is_pretraining_model
+
+        text = result.get("question") or result.get("expression") or result["captions"][0]["caption"]
+        task_ids = None if is_pretraining_model(model) else task_ids_for(model, task, 1, device)
+        result.update(explain_prediction(model, tokenizer, inputs, image, text, max_text_length, task_ids,
+                                         args.words, args.head, args.rollout, args.attention, args.attention_json))
 
     if args.json:
         print(json.dumps(result, indent=1))
@@ -153,4 +174,7 @@ def summary_lines(result: dict) -> list[str]:
                   for i, c in enumerate(result["captions"])]
     if result.get("out"):
         lines.append(f"drawn -> {result['out']}")
+    for key in ("attention", "attention_json"):
+        if result.get(key):
+            lines.append(f"{key.replace('_', ' ')} -> {result[key]}")
     return lines

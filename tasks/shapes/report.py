@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,7 @@ class Row:
     name: str
     value: float  # percent
     chance: float  # percent
+    metrics: dict = field(default_factory=dict)  # the whole evaluation the row came from (for the figures)
 
     def line(self, width: int = 37) -> str:
         return f"  {self.name:<{width}} {self.value:6.1f} %   (chance {self.chance:5.1f} %)"
@@ -178,17 +179,19 @@ def finetuning_rows(run_dir: str | Path, task_name: str) -> list[Row]:
             chance = 100 / metrics["num_images"]
         else:
             chance = _refexp_chance(task, split)
-        rows.append(Row(f"{label}: {metric_name}", metrics[metric], chance))
+        rows.append(Row(f"{label}: {metric_name}", metrics[metric], chance, metrics))
     return rows
 
 
-def finetuning_report(run_dir: str | Path, task_name: str, compare: str | Path | None = None) -> list[str]:
+def finetuning_report(run_dir: str | Path, task_name: str, compare: str | Path | None = None,
+                      rows: list[Row] | None = None, other: list[Row] | None = None) -> list[str]:
+    """The report's lines; `rows` / `other` are the runs' `finetuning_rows` when the caller already has them."""
     lines = [f"Fine-tuning {task_name} on the shapes world from {run_dir}"]
-    rows = finetuning_rows(run_dir, task_name)
+    rows = finetuning_rows(run_dir, task_name) if rows is None else rows
     if compare is None:
         lines += [row.line() for row in rows]
     else:
-        other = finetuning_rows(compare, task_name)
+        other = finetuning_rows(compare, task_name) if other is None else other
         lines.append(f"  {'':<34} {'pretrained':>10} {'text-only':>10}   chance")
         for mine, theirs in zip(rows, other, strict=True):
             lines.append(f"  {mine.name:<34} {mine.value:8.1f} % {theirs.value:8.1f} %   {mine.chance:5.1f} %")
