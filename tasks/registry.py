@@ -15,6 +15,7 @@ TASKS: dict[str, str] = {
     "refcoco": "tasks.refexp:RefCOCOTask",
     "refcoco+": "tasks.refexp:RefCOCOPlusTask",
     "refcocog": "tasks.refexp:RefCOCOgTask",
+    "snli-ve": "tasks.snli_ve:SNLIVETask",
 }
 
 
