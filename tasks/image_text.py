@@ -105,16 +105,18 @@ def read_json_lines(path: str | Path) -> list[tuple[int, Any]]:
     return entries
 
 
-def known_samples(samples: list[Sample], store_ids: Sequence[str], source: str,
-                  strict: bool = False) -> list[tuple[Sample, list[str]]]:
+def known_samples(samples: list[Sample], store_ids: Sequence[str], source: str, strict: bool = False,
+                  exact_ids: bool = False) -> list[tuple[Sample, list[str]]]:
     """(sample, its rows' store ids) for the samples whose every image has features.
 
+    Image ids match store ids exactly, or (unless `exact_ids`) by their trailing number (`image_key_resolver`).
     The others are dropped with one warning line naming (up to five of) the missing image ids, or, with
     `strict`, refused with a DataError naming them; an empty split or one left empty is a DataError.
     """
     if not samples:
         raise DataError(f"{source}: the split has no items")
-    resolve = image_key_resolver(store_ids)
+    exact = set(store_ids)
+    resolve = (lambda image: image if image in exact else None) if exact_ids else image_key_resolver(store_ids)
     kept, missing, dropped = [], set(), 0
     for sample in samples:
         keys = [resolve(image) for image in sample.images]
@@ -164,6 +166,7 @@ class ImageTextTask(FinetuneTask):
     higher_is_better = True
     find_unused_parameters = True  # only one of the model's heads gets gradients
     head: str = ""
+    exact_image_ids: bool = False  # image ids whose trailing number is no id (NLVR2's "...-img0")
     data: ImageTextDataConfig
 
     def __init__(self, config: Any):
@@ -197,7 +200,8 @@ class ImageTextTask(FinetuneTask):
         return str(self.annotation_file(resolve_split(self.data, split)))
 
     def dataset(self, split: str) -> Dataset:
-        kept = known_samples(self.samples(split), self.store().ids, self.source(split), self.data.strict)
+        kept = known_samples(self.samples(split), self.store().ids, self.source(split), self.data.strict,
+                             self.exact_image_ids)
         return SampleDataset(self, kept, self.store())
 
     def visual(self, sample: Sample, regions: list[Regions]) -> list[VisualInput]:

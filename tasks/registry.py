@@ -16,6 +16,8 @@ TASKS: dict[str, str] = {
     "refcoco+": "tasks.refexp:RefCOCOPlusTask",
     "refcocog": "tasks.refexp:RefCOCOgTask",
     "snli-ve": "tasks.snli_ve:SNLIVETask",
+    "nlvr2": "tasks.nlvr2:NLVR2Task",
+    "gqa": "tasks.gqa:GQATask",
 }
 
 

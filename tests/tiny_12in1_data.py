@@ -35,3 +35,42 @@ def write_snli_ve(root: Path) -> list[str]:
                             "captionID": f"{image}.jpg#{k}"})
         write_jsonl(root / f"snli_ve_{split}.jsonl", entries)
     return sorted(set(ids))
+
+
+def write_nlvr2(root: Path) -> list[str]:
+    """train.json / dev.json (JSON lines): 2 sentences x 2 image pairs per set; returns the image stems."""
+    ids = []
+    for split in ("train", "dev", "test1"):
+        entries = []
+        for set_id in (1, 2):
+            for pair in (0, 1):
+                ids += [f"{split}-{set_id}-{pair}-img0", f"{split}-{set_id}-{pair}-img1"]
+                for sentence in (0, 1):
+                    entry = {"identifier": f"{split}-{set_id}-{pair}-{sentence}",
+                             "sentence": SENTENCES[(set_id + sentence) % len(SENTENCES)],
+                             "left_url": "http://x/l.jpg", "right_url": "http://x/r.jpg", "synset": "n0", "query": "q",
+                             "directory": set_id}
+                    if split != "test1":
+                        entry["label"] = "True" if (pair + sentence) % 2 == 0 else "False"
+                    entries.append(entry)
+        write_jsonl(root / f"{split}.json", entries)
+    return ids
+
+
+GQA_ANSWERS = ["yes", "no", "red", "left"]
+
+
+def write_gqa(root: Path) -> list[str]:
+    """{train,val,testdev}_balanced_questions.json: 6 questions over 3 images per split."""
+    ids = []
+    for s, split in enumerate(("train", "val", "testdev")):
+        questions = {}
+        for k in range(6):
+            image = f"n{100 * s + k % 3}"
+            ids.append(image)
+            questions[f"{s}{k:03d}"] = {"imageId": image, "question": SENTENCES[k], "answer": GQA_ANSWERS[(k + s) % 4],
+                                        "fullAnswer": "a sentence.", "isBalanced": True, "groups": {}, "entailed": [],
+                                        "equivalent": [], "types": {"structural": "query"}, "annotations": {},
+                                        "semantic": [], "semanticStr": ""}
+        write_json(root / f"{split}_balanced_questions.json", questions)
+    return sorted(set(ids))
