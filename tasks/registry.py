@@ -18,6 +18,9 @@ TASKS: dict[str, str] = {
     "snli-ve": "tasks.snli_ve:SNLIVETask",
     "nlvr2": "tasks.nlvr2:NLVR2Task",
     "gqa": "tasks.gqa:GQATask",
+    "visual7w": "tasks.pointing:Visual7WTask",
+    "guesswhat-pointing": "tasks.guesswhat:GuessWhatPointingTask",
+    "guesswhat": "tasks.guesswhat:GuessWhatTask",
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tiny_task_data import write_json
+from tiny_task_data import write_json  # noqa: F401 (re-exported for the tests)
 
 SENTENCES = ["a man holding a red ball", "two dogs sitting on the left", "a white cat", "a big tree on the right",
              "a small person in a blue shirt", "there are three black cars"]
@@ -74,3 +74,61 @@ def write_gqa(root: Path) -> list[str]:
                                         "semantic": [], "semanticStr": ""}
         write_json(root / f"{split}_balanced_questions.json", questions)
     return sorted(set(ids))
+
+
+def write_visual7w(root: Path) -> dict:
+    """dataset_v7w_pointing.json: 2 images per split, 2 "which" questions each over 4 boxes per image.
+
+    Returns {"image_ids", "gt_boxes": {image id: [[x1, y1, x2, y2], ...]}} (the GT store's boxes, box-id order).
+    """
+    images, boxes, gt_boxes = [], [], {}
+    box_id = 0
+    qa_id = 0
+    for s, split in enumerate(("train", "val", "test")):
+        for i in range(2):
+            image_id = 100 * (s + 1) + i
+            ids = []
+            gt_boxes[str(image_id)] = []
+            for k in range(4):
+                x, y, w, h = 5 + 22 * k, 10 + 3 * i, 18, 30
+                boxes.append({"box_id": box_id, "image_id": image_id, "name": "cat", "x": x, "y": y, "width": w,
+                              "height": h})
+                gt_boxes[str(image_id)].append([x, y, x + w, y + h])
+                ids.append(box_id)
+                box_id += 1
+            qa_pairs = []
+            for q in range(2):
+                answer = ids[(q + i + s) % 4]
+                qa_pairs.append({"qa_id": qa_id, "image_id": image_id, "question": SENTENCES[q + i],
+                                 "answer": answer, "multiple_choices": [b for b in ids if b != answer],
+                                 "type": "which"})
+                qa_id += 1
+            images.append({"image_id": image_id, "filename": f"v7w_{image_id}.jpg", "split": split,
+                           "qa_pairs": qa_pairs})
+    write_json(root / "dataset_v7w_pointing.json", {"images": images, "boxes": boxes})
+    return {"image_ids": sorted(gt_boxes), "gt_boxes": gt_boxes}
+
+
+def write_guesswhat(root: Path) -> dict:
+    """guesswhat.{train,valid,test}.jsonl: 3 games per split (one of them failed), 3 objects and 2 turns each."""
+    answers = ("Yes", "No", "N/A")
+    gt_boxes, qa_id = {}, 0
+    for s, split in enumerate(("train", "valid", "test")):
+        games = []
+        for g in range(3):
+            image_id = 300 + 10 * s + g
+            objects = [{"id": 10 * image_id + k, "category": "cat", "category_id": 17,
+                        "bbox": [5.0 + 30 * k, 10.0, 25.0, 40.0], "area": 1000.0, "segment": []} for k in range(3)]
+            gt_boxes[str(image_id)] = [[o["bbox"][0], o["bbox"][1], o["bbox"][0] + o["bbox"][2],
+                                        o["bbox"][1] + o["bbox"][3]] for o in objects]
+            qas = []
+            for t in range(2):
+                qas.append({"id": qa_id, "question": SENTENCES[(g + t) % len(SENTENCES)],
+                            "answer": answers[(g + t + s) % 3]})
+                qa_id += 1
+            games.append({"id": 1000 * s + g, "image": {"id": image_id, "file_name": f"COCO_{image_id}.jpg",
+                                                       "width": 100, "height": 80},
+                          "objects": objects, "object_id": objects[(g + s) % 3]["id"], "qas": qas,
+                          "status": "failure" if g == 2 else "success", "questioner_id": 1, "timestamp": "x"})
+        write_jsonl(root / f"guesswhat.{split}.jsonl", games)
+    return {"image_ids": sorted(gt_boxes), "gt_boxes": gt_boxes}
