@@ -21,6 +21,11 @@ TASKS: dict[str, str] = {
     "visual7w": "tasks.pointing:Visual7WTask",
     "guesswhat-pointing": "tasks.guesswhat:GuessWhatPointingTask",
     "guesswhat": "tasks.guesswhat:GuessWhatTask",
+    "genome-qa": "tasks.genome_qa:GenomeQATask",
+    "foil": "tasks.foil:FoilTask",
+    "flickr-grounding": "tasks.flickr_grounding:FlickrGroundingTask",
+    "vcr-qa": "tasks.vcr:VCRTask",
+    "vcr-qar": "tasks.vcr:VCRRationaleTask",
 }
 
 

@@ -132,3 +132,92 @@ def write_guesswhat(root: Path) -> dict:
                           "status": "failure" if g == 2 else "success", "questioner_id": 1, "timestamp": "x"})
         write_jsonl(root / f"guesswhat.{split}.jsonl", games)
     return {"image_ids": sorted(gt_boxes), "gt_boxes": gt_boxes}
+
+
+def write_genome_qa(root: Path) -> list[str]:
+    """question_answers.json: 4 images with 3 questions each (answers "Two", "red.", "yes")."""
+    images = []
+    for i in range(4):
+        image_id = 2300 + i
+        qas = [{"qa_id": 10 * image_id + k, "image_id": image_id, "question": SENTENCES[(i + k) % len(SENTENCES)],
+                "answer": ("Two", "red.", "yes")[(i + k) % 3], "a_objects": [], "q_objects": []} for k in range(3)]
+        images.append({"id": image_id, "qas": qas})
+    write_json(root / "question_answers.json", images)
+    return [str(2300 + i) for i in range(4)]
+
+
+def write_foil(root: Path) -> list[str]:
+    """foilv1.0_{train,test}_2017.json: 2 images x (1 right + 1 foil caption) per split."""
+    ids = []
+    for s, split in enumerate(("train", "test")):
+        images, annotations = [], []
+        for i in range(2):
+            image_id = 40 + 10 * s + i
+            ids.append(str(image_id))
+            images.append({"id": image_id, "file_name": f"COCO_val2014_{image_id:012d}.jpg"})
+            annotations.append({"id": 2 * image_id, "image_id": image_id, "caption": "a white cat", "foil": False,
+                                "target_word": "cat", "foil_word": "ORIG"})
+            annotations.append({"id": 2 * image_id + 1, "image_id": image_id, "caption": "a white dog", "foil": True,
+                                "target_word": "cat", "foil_word": "dog"})
+        write_json(root / f"foilv1.0_{split}_2017.json", {"images": images, "annotations": annotations})
+    return ids
+
+
+def write_flickr_entities(root: Path) -> dict:
+    """{train,val,test}.txt, Sentences/*.txt, Annotations/*.xml: 2 images per split; entity 2 has two boxes."""
+    (root / "Sentences").mkdir(parents=True, exist_ok=True)
+    (root / "Annotations").mkdir(parents=True, exist_ok=True)
+    boxes = {}
+    for s, split in enumerate(("train", "val", "test")):
+        ids = [str(5000 + 10 * s + i) for i in range(2)]
+        (root / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        for image_id in ids:
+            (root / "Sentences" / f"{image_id}.txt").write_text(
+                "[/EN#1/people A man] holds [/EN#2/other two balls] in [/EN#3/scene the park] .\n"
+                "[/EN#2/other Balls] near [/EN#1/people a person] .\n")
+            (root / "Annotations" / f"{image_id}.xml").write_text(
+                "<annotation><filename>x.jpg</filename><size><width>100</width><height>80</height><depth>3</depth>"
+                "</size>"
+                "<object><name>1</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>35</xmax><ymax>70</ymax></bndbox>"
+                "</object>"
+                "<object><name>2</name><bndbox><xmin>50</xmin><ymin>10</ymin><xmax>60</xmax><ymax>20</ymax></bndbox>"
+                "</object>"
+                "<object><name>2</name><bndbox><xmin>70</xmin><ymin>10</ymin><xmax>80</xmax><ymax>20</ymax></bndbox>"
+                "</object>"
+                "<object><name>3</name><nobndbox>1</nobndbox><scene>1</scene></object></annotation>")
+            boxes[image_id] = [[6, 5, 35, 70], [50, 10, 80, 20], [0, 0, 20, 20]]  # "detections"
+    return {"image_ids": sorted(boxes), "boxes": boxes}
+
+
+def write_vcr(root: Path) -> list[str]:
+    """{train,val,test}.jsonl: 3 items per split with detection tags; test has no labels."""
+    ids = []
+    for split in ("train", "val", "test"):
+        items = []
+        for i in range(3):
+            image = f"lsmdc_movie/{split}_{i}"
+            ids.append(f"{split}_{i}")
+            item = {"annot_id": f"{split}-{i}", "objects": ["person", "dog", "person"], "img_fn": f"{image}.jpg",
+                    "metadata_fn": f"{image}.json", "question": ["What", "is", [0], "doing", "with", [1], "?"],
+                    "answer_choices": [[[0], "is", "walking", "it", "."], [[2], "runs", "."], ["Nothing", "."],
+                                       [[0, 2], "are", "talking", "."]],
+                    "rationale_choices": [[[1], "has", "a", "leash", "."], ["It", "is", "night", "."],
+                                          ["They", "sit", "."], [[0], "is", "outside", "."]]}
+            if split != "test":
+                item.update(answer_label=i % 4, rationale_label=(i + 1) % 4)
+            items.append(item)
+        write_jsonl(root / f"{split}.jsonl", items)
+    return ids
+
+
+VCR_WORDS = "casey riley walking it runs nothing talking doing with leash night sit outside has".split()
+
+
+def write_vocab_with(directory: Path, words: list[str]) -> Path:
+    """The tests' tiny vocabulary plus `words` (so that texts are not mostly [UNK])."""
+    from tiny_task_data import write_vocab
+
+    write_vocab(directory)
+    with open(directory / "vocab.txt", "a") as f:
+        f.write("\n".join(words) + "\n")
+    return directory
