@@ -4,7 +4,7 @@ Files (in `data.root`, as released): `train.json`, `dev.json`, `test1.json` — 
 each with `identifier` ("split-set-pair-sentence", e.g. "dev-850-0-0"), `sentence` and `label` ("True" /
 "False"; absent on unreleased test sets). The images are named by the identifier without its sentence number:
 "dev-850-0-img0" (left) and "dev-850-0-img1" (right), the file stems of the released PNGs, matched exactly
-against the feature store.
+against the feature store (or, with `data.images_from_urls`, the file stems of `left_url` / `right_url`).
 
 Model (12-in-1 task 12, reference §7.4): each sample is two rows, the sentence with the left image and with the
 right image; `binary_logits` reads their pooled products concatenated ([B/2, 2]), BCE on the one-hot label.
@@ -36,11 +36,16 @@ def image_pair(identifier: str) -> list[str]:
     return [f"{stem}-img0", f"{stem}-img1"]
 
 
-def read_nlvr2(path: str | Path) -> list[Sample]:
-    """One sample per line: the sentence twice, with the left and the right image; label True/False or None."""
+def read_nlvr2(path: str | Path, images_from_urls: bool = False) -> list[Sample]:
+    """One sample per line: the sentence twice, with the left and the right image; label True/False or None.
+
+    With `images_from_urls` the image ids are the file stems of `left_url` / `right_url` instead of the
+    identifier's (the shapes world names its scenes' PNGs there).
+    """
     samples = []
     for number, entry in read_json_lines(path):
-        require(entry, ["identifier", "sentence"], str(path), f"line {number}")
+        require(entry, ["identifier", "sentence", *(["left_url", "right_url"] if images_from_urls else [])],
+                str(path), f"line {number}")
         identifier = str(entry["identifier"])
         if identifier.count("-") < 3:
             raise AnnotationError(f"{path}: line {number} has identifier {identifier!r}, not split-set-pair-sentence")
@@ -48,7 +53,9 @@ def read_nlvr2(path: str | Path) -> list[Sample]:
         if label is not None and str(label) not in LABELS:
             raise AnnotationError(f"{path}: line {number} has label {label!r}; expected True or False")
         sentence = str(entry["sentence"])
-        samples.append(Sample(identifier, [sentence, sentence], image_pair(identifier),
+        images = ([Path(str(entry[key])).stem for key in ("left_url", "right_url")] if images_from_urls
+                  else image_pair(identifier))
+        samples.append(Sample(identifier, [sentence, sentence], images,
                               None if label is None else LABELS[str(label)]))
     return samples
 
@@ -58,6 +65,7 @@ class NLVR2DataConfig(ImageTextDataConfig):
     max_text_length: int = 40
     train_split: str = "train"
     val_split: str = "dev"
+    images_from_urls: bool = False  # image ids from left_url/right_url file stems instead of the identifier
 
 
 @dataclass
@@ -84,7 +92,7 @@ class NLVR2Task(ImageTextTask):
         return Path(self.data.root) / SPLIT_FILES[split]
 
     def read_samples(self, split: str) -> list[Sample]:
-        return read_nlvr2(self.annotation_file(split))
+        return read_nlvr2(self.annotation_file(split), self.data.images_from_urls)
 
     def target(self, sample: Sample) -> torch.Tensor:
         return one_hot(None if sample.label is None else int(sample.label), 2)
