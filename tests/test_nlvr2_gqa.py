@@ -91,3 +91,23 @@ def test_gqa_missing_image_id_names_the_question(tmp_path):
     (tmp_path / "q.json").write_text('{"7": {"question": "is it red"}}')
     with pytest.raises(AnnotationError, match=r"q.json: question 7 has no 'imageId'"):
         read_gqa(tmp_path / "q.json")
+
+
+def test_predict_one_on_given_regions(tmp_path):
+    """`predict_one` answers a hand-made sample on regions read elsewhere (as `vilbert predict` extracts them)."""
+    from features.store import FeatureStore
+    from tasks.image_text import Sample
+
+    ids = write_nlvr2(tmp_path / "nlvr2")
+    write_store(tmp_path / "f.h5", ids)
+    write_vocab(tmp_path / "tok")
+    task = NLVR2Task(NLVR2Config(model=ModelConfig(preset="tiny"), data=NLVR2DataConfig(**_data(tmp_path, "nlvr2"))))
+    model = task.build_model().eval()
+    store = FeatureStore(tmp_path / "f.h5")
+    sample = Sample("mine-0-0-0", ["two dogs sitting on the left"] * 2, ["a", "b"])
+    regions = [store.read("dev-1-0-img0"), store.read("dev-1-0-img1")]
+    prediction = task.predict_one(model, sample, regions)
+    batch = task.collate([{"index": 0, **task.encode(sample, regions)}])
+    with torch.no_grad():
+        expected = task.logits(model, batch)[0].argmax().item() == 1
+    assert prediction == {"identifier": "mine-0-0-0", "prediction": str(expected)}
