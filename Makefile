@@ -72,19 +72,26 @@ $(PRETRAIN_REPORT): $(SHAPES_FEATURES) tasks/shapes/configs/pretrain_embedded.ya
 pretrain: $(PRETRAIN_REPORT)
 	@cat $(PRETRAIN_REPORT)
 
-# make finetune TASK=vqa|retrieval|refcoco: from the pretraining checkpoint; VQA also from the text stream alone.
-finetune: $(PRETRAIN_REPORT)
-	@case "$(TASK)" in vqa|retrieval|refcoco) ;; *) echo "TASK must be vqa, retrieval or refcoco, got '$(TASK)'"; exit 2;; esac
+# The NLVR2, SNLI-VE, GQA and Visual7W files of the world (tasks/shapes/tasks.py), beside its other files.
+WORLD_TASKS := $(WORLD)/visual7w/dataset_v7w_pointing.json
+$(WORLD_TASKS): $(WORLD)/scenes.json
+	$(VILBERT) shapes-world --out $(WORLD) --add-tasks
+
+# make finetune TASK=vqa|retrieval|refcoco|nlvr2|snli-ve|gqa|visual7w: from the pretraining checkpoint; VQA and
+# the four 12-in-1 tasks also from the text stream alone, reported side by side.
+TEXT_ONLY_TASKS := vqa nlvr2 snli-ve gqa visual7w
+finetune: $(PRETRAIN_REPORT) $(WORLD_TASKS)
+	@case "$(TASK)" in vqa|retrieval|refcoco|nlvr2|snli-ve|gqa|visual7w) ;; \
+		*) echo "TASK must be vqa, retrieval, refcoco, nlvr2, snli-ve, gqa or visual7w, got '$(TASK)'"; exit 2;; esac
 	@$(WEIGHTS_CHECK)
 	rm -rf $(FINETUNE_RUN)
 	$(VILBERT) finetune --task $(TASK) --config tasks/shapes/configs/$(TASK)_embedded.yaml \
 		--init $$(tail -n 1 $(PRETRAIN_REPORT) | cut -d' ' -f2) model.text_init=$(TEXT_INIT)
-ifeq ($(TASK),vqa)
+ifneq ($(filter $(TASK),$(TEXT_ONLY_TASKS)),)
 	rm -rf $(FINETUNE_RUN)_textonly
-	$(VILBERT) finetune --task vqa --config tasks/shapes/configs/vqa_embedded.yaml model.text_init=$(TEXT_INIT) \
+	$(VILBERT) finetune --task $(TASK) --config tasks/configs/$(TASK)_embedded.yaml model.text_init=$(TEXT_INIT) \
 		train.output_dir=$(FINETUNE_RUN)_textonly
-	$(VILBERT) report --run $(FINETUNE_RUN) --task vqa --compare $(FINETUNE_RUN)_textonly \
-		--plot $(FINETUNE_RUN)/curves.png
+	$(VILBERT) report --run $(FINETUNE_RUN) --task $(TASK) --compare $(FINETUNE_RUN)_textonly
 else
 	$(VILBERT) report --run $(FINETUNE_RUN) --task $(TASK) --plot $(FINETUNE_RUN)/curves.png
 endif

@@ -3,7 +3,9 @@
 A fine-tuning run builds `ViLBertForVLTasks` from a preset, or loads it from a checkpoint directory: a task
 checkpoint, or a pretraining (`ViLBertForPreTraining`) one, whose shared weights load and whose task heads start
 fresh. Models converted from the released 12-in-1 weights carry `task_specific_tokens`; the tasks then pass their
-12-in-1 task id (VQA 1, COCO retrieval 7, Flickr30k retrieval 8, RefCOCO 9, RefCOCO+ 10, RefCOCOg 11).
+12-in-1 task id (VQA 1, Genome QA 2, Visual7W 4, VCR Q→A 5 and QA→R 6, COCO retrieval 7, Flickr30k retrieval 8,
+RefCOCO 9, RefCOCO+ 10, RefCOCOg 11, NLVR2 12, SNLI-VE 13, GuessWhat 14, GQA 15, FOIL 16, GuessWhat pointing 17,
+Flickr30k grounding 18).
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ from tasks.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 # 12-in-1 task tokens: the task numbers of its vilbert_tasks.yml.
-TASK_TOKEN_IDS = {"vqa": 1, "retrieval-coco": 7, "retrieval-flickr30k": 8, "refcoco": 9, "refcoco+": 10, "refcocog": 11}
+TASK_TOKEN_IDS = {
+    "vqa": 1, "genome-qa": 2, "visual7w": 4, "vcr-qa": 5, "vcr-qar": 6, "retrieval-coco": 7, "retrieval-flickr30k": 8,
+    "refcoco": 9, "refcoco+": 10, "refcocog": 11, "nlvr2": 12, "snli-ve": 13, "guesswhat": 14, "gqa": 15, "foil": 16,
+    "guesswhat-pointing": 17, "flickr-grounding": 18,
+}  # fmt: skip
 
 
 def soft_bce_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

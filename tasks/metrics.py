@@ -4,6 +4,8 @@
   (GT-Vision-Lab/VQA, `vqaEval.py`), and the soft target scores of the reference's answer caches.
 - Retrieval: recall at K with a stated tie rule, plus median and mean rank.
 - Referring expressions: box IoU and the share of expressions whose chosen box overlaps the referred one.
+- The other 12-in-1 tasks: GQA exact match, accuracy (SNLI-VE, FOIL, Visual7W, GuessWhat), NLVR2 accuracy and
+  consistency, VCR Q→A / QA→R / Q→AR, and grounding accuracy at IoU ≥ 0.5 (Flickr30k Entities).
 
 Aggregate scores (`vqa_score`, `recall_at_k`, `refexp_accuracy`) are percentages, as the papers report them;
 per-item scores (`vqa_accuracy`, `box_iou`) are fractions in [0, 1].
@@ -276,3 +278,94 @@ def refexp_accuracy(pred_boxes: torch.Tensor, gt_boxes: torch.Tensor, threshold:
     if ious.numel() == 0:
         raise ValueError("refexp_accuracy needs at least one expression")
     return 100.0 * (ious >= threshold).to(torch.float64).mean().item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The other 12-in-1 tasks: exact match, accuracy, NLVR2 consistency, VCR, grounding
+#
+# Each takes the predictions ({item id: predicted label}) and the gold labels of the *whole* split ({item id:
+# gold}): an item without a prediction (its image had no features) counts as wrong, and a prediction for an
+# unknown id is a KeyError naming it. Results are percentages.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_known(predictions: Mapping, gold: Mapping, what: str = "item") -> None:
+    if not gold:
+        raise ValueError("no gold labels to score against (an empty split)")
+    unknown = [key for key in predictions if key not in gold]
+    if unknown:
+        raise KeyError(f"{what} {unknown[0]!r} has a prediction but no gold label")
+
+
+def accuracy(predictions: Mapping, gold: Mapping) -> float:
+    """Percent of gold items whose prediction equals the gold label (SNLI-VE, FOIL, Visual7W, GuessWhat, VCR)."""
+    _check_known(predictions, gold)
+    return 100.0 * sum(key in predictions and predictions[key] == label for key, label in gold.items()) / len(gold)
+
+
+def gqa_accuracy(predictions: Mapping[str, str], gold: Mapping[str, str]) -> float:
+    """GQA accuracy: percent of questions whose predicted answer is exactly the gold answer string.
+
+    The official evaluation compares the strings as given (GQA answers are already lower-case single words or
+    short phrases); only surrounding whitespace is ignored here.
+    """
+    _check_known(predictions, gold, "question")
+    hits = sum(key in predictions and str(predictions[key]).strip() == str(answer).strip()
+               for key, answer in gold.items())
+    return 100.0 * hits / len(gold)
+
+
+def nlvr2_sentence_key(identifier: str) -> str:
+    """The sentence an NLVR2 example belongs to: its identifier "split-set-pair-sentence" without the pair.
+
+    One sentence is written for a set of image pairs; consistency asks that all of them be judged correctly.
+    """
+    parts = str(identifier).split("-")
+    if len(parts) < 4:
+        raise ValueError(f"NLVR2 identifier {identifier!r} is not split-set-pair-sentence")
+    return "-".join([*parts[:-2], parts[-1]])
+
+
+def nlvr2_scores(predictions: Mapping[str, bool], gold: Mapping[str, bool]) -> dict[str, float]:
+    """NLVR2 accuracy and consistency (percent of unique sentences whose examples are all correct)."""
+    _check_known(predictions, gold, "identifier")
+    correct = {key: key in predictions and bool(predictions[key]) == bool(label) for key, label in gold.items()}
+    by_sentence: dict[str, bool] = {}
+    for key, hit in correct.items():
+        sentence = nlvr2_sentence_key(key)
+        by_sentence[sentence] = by_sentence.get(sentence, True) and hit
+    return {"accuracy": 100.0 * sum(correct.values()) / len(correct),
+            "consistency": 100.0 * sum(by_sentence.values()) / len(by_sentence)}
+
+
+def vcr_scores(answers: Mapping[str, int], rationales: Mapping[str, int],
+               gold_answers: Mapping[str, int], gold_rationales: Mapping[str, int]) -> dict[str, float]:
+    """VCR Q→A, QA→R and Q→AR accuracy over the annotated items (Q→AR: both the answer and the rationale right).
+
+    QA→R is scored as the benchmark does: the rationale chosen given the *correct* answer.
+    """
+    _check_known(answers, gold_answers, "annot_id")
+    _check_known(rationales, gold_rationales, "annot_id")
+    answer_hit = {key: answers.get(key) == label for key, label in gold_answers.items()}
+    rationale_hit = {key: rationales.get(key) == label for key, label in gold_rationales.items()}
+    both = [answer_hit[key] and rationale_hit.get(key, False) for key in gold_answers]
+    return {"q_a": 100.0 * sum(answer_hit.values()) / len(answer_hit),
+            "qa_r": 100.0 * sum(rationale_hit.values()) / len(rationale_hit),
+            "q_ar": 100.0 * sum(both) / len(both)}
+
+
+def grounding_accuracy(predicted_boxes: Mapping, gold_boxes: Mapping, threshold: float = 0.5) -> float:
+    """Percent of phrases whose predicted box [x1, y1, x2, y2] has IoU ≥ `threshold` with a gold box.
+
+    `gold_boxes[key]` is one box or a list of boxes (a Flickr30k Entities phrase may name several); any of
+    them counts. A phrase without prediction counts as wrong.
+    """
+    _check_known(predicted_boxes, gold_boxes, "phrase")
+    hits = 0
+    for key, gold in gold_boxes.items():
+        if key not in predicted_boxes:
+            continue
+        gold = torch.as_tensor(gold, dtype=torch.float32).reshape(-1, 4)
+        predicted = torch.as_tensor(predicted_boxes[key], dtype=torch.float32).reshape(1, 4)
+        hits += bool((box_iou(predicted, gold) >= threshold).any())
+    return 100.0 * hits / len(gold_boxes)

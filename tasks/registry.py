@@ -15,6 +15,17 @@ TASKS: dict[str, str] = {
     "refcoco": "tasks.refexp:RefCOCOTask",
     "refcoco+": "tasks.refexp:RefCOCOPlusTask",
     "refcocog": "tasks.refexp:RefCOCOgTask",
+    "snli-ve": "tasks.snli_ve:SNLIVETask",
+    "nlvr2": "tasks.nlvr2:NLVR2Task",
+    "gqa": "tasks.gqa:GQATask",
+    "visual7w": "tasks.pointing:Visual7WTask",
+    "guesswhat-pointing": "tasks.guesswhat:GuessWhatPointingTask",
+    "guesswhat": "tasks.guesswhat:GuessWhatTask",
+    "genome-qa": "tasks.genome_qa:GenomeQATask",
+    "foil": "tasks.foil:FoilTask",
+    "flickr-grounding": "tasks.flickr_grounding:FlickrGroundingTask",
+    "vcr-qa": "tasks.vcr:VCRTask",
+    "vcr-qar": "tasks.vcr:VCRRationaleTask",
 }
 
 

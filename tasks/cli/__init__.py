@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "finetune": "finetune",
     "evaluate": "evaluate",
     "predict": "predict",
+    "predict-task": "predict_task",
     "report": "report",
     "score": "score",
     "convert": "convert",

@@ -14,18 +14,19 @@ import logging
 from pathlib import Path
 
 from features.atomic import write_json_atomic
+from tasks.registry import TASKS
 from tasks.runners.evaluate import evaluate_split, load_checkpoint_model, load_task
 
 logger = logging.getLogger(__name__)
 
-TASK_CHOICES = ("vqa", "retrieval", "refcoco", "refcoco+", "refcocog")
+TASK_CHOICES = tuple(name for name in TASKS if name != "pretrain")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, choices=TASK_CHOICES)
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + model.safetensors)")
     parser.add_argument("--split", required=True, help="vqa: train|val|trainval|minval|test|test-dev; "
-                        "retrieval: train|val|test; refexp: val|testA|testB|test")
+                        "retrieval: train|val|test; refexp: val|testA|testB|test; others: their files' splits")
     parser.add_argument("--config", help="YAML config (default: tasks/configs/<task>.yaml)")
     parser.add_argument("--out", help="output directory (default: <checkpoint>/eval-<split>)")
     parser.add_argument("--hard-negatives", metavar="OUT.json", help="retrieval: write the split's hard-negative pool")

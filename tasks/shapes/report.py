@@ -11,7 +11,9 @@ Fine-tuning: the run's last checkpoint is evaluated by its task on the shapes wo
 the `compositional` split (held-out colour-shape pairs), beside:
 - VQA: the best answer per question type from the training answers (a language-only prior);
 - retrieval: R@1 of a random ranking, 1 / the number of images;
-- referring expressions: the expected accuracy of picking one of the image's regions at random.
+- referring expressions: the expected accuracy of picking one of the image's regions at random;
+- NLVR2, SNLI-VE, GQA: always the most frequent training label (a blind guess);
+- Visual7W pointing: the expected accuracy of a random candidate box.
 """
 
 from __future__ import annotations
@@ -45,9 +47,15 @@ EVAL_SPLITS = {
     "vqa": [("held-out test", "val", "test"), ("compositional", "val", "compositional")],
     "retrieval": [("held-out test", "test", None), ("compositional", "compositional", None)],
     "refcoco": [("held-out test", "test", None), ("compositional", "compositional", None)],
+    "nlvr2": [("held-out test", "test1", None)],
+    "snli-ve": [("held-out test", "test", None)],
+    "gqa": [("held-out test", "testdev", None)],
+    "visual7w": [("held-out test", "test", None)],
 }
 MAIN_METRIC = {"vqa": ("accuracy", "VQA accuracy"), "retrieval": ("r1", "R@1 caption->image"),
-               "refcoco": ("accuracy", "accuracy (IoU >= 0.5)")}
+               "refcoco": ("accuracy", "accuracy (IoU >= 0.5)"), "nlvr2": ("accuracy", "accuracy"),
+               "snli-ve": ("accuracy", "accuracy"), "gqa": ("accuracy", "accuracy (exact match)"),
+               "visual7w": ("accuracy", "accuracy (chosen box)")}
 
 
 @dataclass
@@ -158,6 +166,18 @@ def _refexp_chance(task, split: str) -> float:
     return 100 * float(np.mean(hits))
 
 
+def _prior_chance(task, split: str, train_task) -> float:
+    """Accuracy of always giving the most frequent training label (NLVR2, SNLI-VE, GQA: a blind guess)."""
+    majority = Counter(s.label for s in train_task.samples("train")).most_common(1)[0][0]
+    gold = task.gold(split)
+    return 100 * sum(label == majority for label in gold.values()) / len(gold)
+
+
+def _pointing_chance(task, split: str) -> float:
+    """Expected accuracy of a uniformly random candidate box."""
+    return 100 * float(np.mean([1 / len(s.extra["candidates"]) for s in task.samples(split)]))
+
+
 def finetuning_rows(run_dir: str | Path, task_name: str) -> list[Row]:
     """Evaluate the run's last checkpoint on the held-out and compositional splits."""
     import torch
@@ -177,6 +197,10 @@ def finetuning_rows(run_dir: str | Path, task_name: str) -> list[Row]:
             chance = _vqa_chance(task, split, train_task)
         elif task_name == "retrieval":
             chance = 100 / metrics["num_images"]
+        elif task_name in ("nlvr2", "snli-ve", "gqa"):
+            chance = _prior_chance(task, split, train_task)
+        elif task_name == "visual7w":
+            chance = _pointing_chance(task, split)
         else:
             chance = _refexp_chance(task, split)
         rows.append(Row(f"{label}: {metric_name}", metrics[metric], chance, metrics))

@@ -1,0 +1,141 @@
+"""Visual Genome QA: free-form questions on Visual Genome images, answered from the VQA answer list.
+
+File (in `data.root`): Visual Genome's `question_answers.json`, a list of images {"id", "qas": [{"qa_id",
+"image_id", "question", "answer"}]}. Visual Genome has no official QA split; as an assumption stated here, the
+last `data.val_images` images by id are `val` and the others `train`.
+
+Answers: the VQA answer list (12-in-1 task 2 answers through the VQA head): the initial checkpoint's
+(config id2label, e.g. a VQA or converted 12-in-1 checkpoint), else `data.answers_file` (the reference's
+`trainval_label2ans.pkl`), else the normalised answers given by at least `data.min_answer_count` train questions.
+Answers are normalised as VQA's (`tasks.vqa.vocabulary_key`). Loss: BCE × number of answers on the one-hot
+answer (`answer_logits`, reference §6.4). Metric: with one human answer per question the ten-way VQA formula is
+undefined, so the score is the exact match of the normalised answers (`tasks.metrics.accuracy`).
+Predictions [{"qa_id", "answer"}].
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tasks.data.annotations import load_json, require
+from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.errors import AnnotationError, ConfigError
+from tasks.finetuning import build_task_model, soft_bce_sum
+from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot
+from tasks.metrics import accuracy
+
+
+def read_genome_qa(path: str | Path, split: str, val_images: int) -> list[Sample]:
+    """The questions of `split` ("train" or "val"); labels are normalised answers."""
+    from tasks.vqa import vocabulary_key
+
+    if split not in ("train", "val"):
+        raise ConfigError(f"unknown Visual Genome QA split {split!r}; choose train or val")
+    data = load_json(path)
+    if not isinstance(data, list):
+        raise AnnotationError(f"{path}: expected a list of images with \"qas\", got {type(data).__name__}")
+    for i, image in enumerate(data):
+        require(image, ["id", "qas"], str(path), f"images[{i}]")
+    images = sorted(data, key=lambda image: int(image["id"]))
+    chosen = images[len(images) - val_images:] if split == "val" else images[: max(len(images) - val_images, 0)]
+    samples = []
+    for image in chosen:
+        for j, qa in enumerate(image["qas"]):
+            require(qa, ["qa_id", "question", "answer"], str(path), f"image {image['id']} qas[{j}]")
+            samples.append(Sample(int(qa["qa_id"]), [str(qa["question"])], [str(image["id"])],
+                                  vocabulary_key(str(qa["answer"]))))
+    return samples
+
+
+@dataclass
+class GenomeQADataConfig(ImageTextDataConfig):
+    annotations: str = "question_answers.json"
+    max_text_length: int = 26
+    train_split: str = "train"
+    val_split: str = "val"
+    val_images: int = 5000
+    answers_file: str | None = None  # trainval_label2ans.pkl
+    min_answer_count: int = 9
+
+
+@dataclass
+class GenomeQAConfig:
+    """A Visual Genome QA fine-tuning run (tasks/configs/genome-qa.yaml)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: GenomeQADataConfig = field(default_factory=GenomeQADataConfig)
+
+
+class GenomeQATask(ImageTextTask):
+    """Visual Genome QA on the VQA head (`answer_logits`)."""
+
+    name = "genome-qa"
+    head = "answer_logits"
+    config_class = GenomeQAConfig
+    data: GenomeQADataConfig
+
+    def __init__(self, config: GenomeQAConfig):
+        super().__init__(config)
+        self._answers: list[str] | None = None
+        self._label_of: dict[str, int] = {}
+
+    def annotation_file(self, split: str) -> Path:
+        return Path(self.data.root) / self.data.annotations
+
+    def read_samples(self, split: str) -> list[Sample]:
+        return read_genome_qa(self.annotation_file(split), split, self.data.val_images)
+
+    def answers(self) -> list[str]:
+        """The VQA answer list (see the module docstring for where it comes from)."""
+        if self._answers is None:
+            from tasks.gqa import read_answer_list
+            from tasks.vqa import checkpoint_answers
+
+            answers = checkpoint_answers(getattr(self.config.model, "init", None))
+            if answers is None and self.data.answers_file:
+                answers = read_answer_list(self.data.answers_file)
+            if answers is None:
+                counts = Counter(s.label for s in self.samples("train"))
+                answers = sorted((a for a, c in counts.items() if c >= self.data.min_answer_count and a),
+                                 key=lambda a: (-counts[a], a))
+                if not answers:
+                    raise ConfigError(f"data.min_answer_count={self.data.min_answer_count}: no answer occurs that "
+                                      "often in the train split")
+            self._answers = answers
+            self._label_of = {answer: i for i, answer in enumerate(answers)}
+        return self._answers
+
+    def build_model(self) -> nn.Module:
+        answers = self.answers()
+        return build_task_model(self.config.model, id2label=dict(enumerate(answers)),
+                                label2id={a: i for i, a in enumerate(answers)})
+
+    def target(self, sample: Sample) -> torch.Tensor:
+        self.answers()
+        return one_hot(self._label_of.get(sample.label), len(self._answers))
+
+    def loss(self, logits: torch.Tensor, batch) -> torch.Tensor:
+        return soft_bce_sum(logits, batch["target"])
+
+    def decode(self, sample: Sample, logits: torch.Tensor) -> dict:
+        return {"qa_id": sample.id, "answer": self.answers()[int(logits.argmax())]}
+
+    def id_of(self, prediction: dict) -> int:
+        return prediction["qa_id"]
+
+    def predicted_label(self, prediction: dict) -> str:
+        from tasks.vqa import vocabulary_key
+
+        return vocabulary_key(prediction["answer"])
+
+    def score(self, predictions: list[dict], split: str) -> dict[str, float]:
+        gold = self.gold(split)
+        return {"accuracy": accuracy({self.id_of(p): self.predicted_label(p) for p in predictions}, gold),
+                "num_items": float(len(gold)), "num_predictions": float(len(predictions))}

@@ -1,0 +1,307 @@
+"""What the other 12-in-1 tasks share: samples of (text, image) rows, their batches, heads, predictions, scores.
+
+A task reads its benchmark's own annotation files into `Sample`s: the benchmark's item id, the text of each
+model row, the image of each row, and the gold label. Most samples are one row; NLVR2 pairs its sentence with
+the left and the right image (2 rows: `binary_logits` reads the two pooled products concatenated), VCR pairs
+the question with each of its 4 options (4 rows: `pair_logit` as a 4-way choice).
+
+Every task here follows one contract: `dataset(split)`, `collate(samples)`, `training_step(model, batch)`,
+`predict(model, split) -> [dict]` (one JSON-serialisable dict per item, keyed by the benchmark's ids) and a pure
+`score(predictions, split)` computing the official metric from predictions and annotations (`tasks.metrics`);
+`evaluate` is `score(predict(...))`.
+
+Missing images: a sample with an image that has no features is left out of the dataset, with one warning line
+naming the ids (`data.strict: true` makes it an error); `score` counts it as wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from tasks.data.annotations import image_key_resolver, open_feature_store
+from tasks.engine.evaluation import eval_batches
+from tasks.engine.task import StepOutput, TaskDataset
+from tasks.errors import AnnotationError, DataError
+from tasks.finetuning import (
+    FinetuneDataConfig,
+    FinetuneTask,
+    model_inputs,
+    resolve_split,
+    soft_bce_sum,
+    task_ids_for,
+)
+from tasks.metrics import accuracy
+
+if TYPE_CHECKING:
+    from features.store import FeatureStore, Regions
+    from tasks.data.regions import VisualInput
+    from tasks.data.tokenization import TextInput, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+Text = str | tuple[str, str]  # a sentence, or a sentence pair (segments 0 and 1)
+
+
+@dataclass
+class Sample:
+    """One benchmark item as model rows: `texts[i]` is read with image `images[i]`."""
+
+    id: Any  # the benchmark's item id (JSON-serialisable)
+    texts: list[Text]
+    images: list[str]  # the annotation's image id of each row
+    label: Any = None  # gold label; None on unlabelled (test) splits
+    extra: dict = field(default_factory=dict)  # task-specific annotation (candidate boxes, ...)
+
+
+@dataclass
+class ImageTextDataConfig(FinetuneDataConfig):
+    strict: bool = False  # a sample whose image has no features is an error instead of a skipped item
+
+
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[Text], max_length: int) -> TextInput:
+    """`[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]` (segment ids 0 then 1) arrays of exactly `max_length`.
+
+    A pair is truncated longest-first, as BERT's sentence-pair tasks do.
+    """
+    from tasks.data.tokenization import TextInput
+
+    if all(isinstance(text, str) for text in texts):
+        return tokenizer.encode(list(texts), max_length)
+    firsts = [text[0] if isinstance(text, tuple) else text for text in texts]
+    seconds = [text[1] if isinstance(text, tuple) else "" for text in texts]
+    encoded = tokenizer.backend(firsts, seconds, max_length=max_length, padding="max_length",
+                                truncation="longest_first", return_tensors="np", return_token_type_ids=True,
+                                return_attention_mask=True)
+    return TextInput(encoded["input_ids"].astype("int64"), encoded["attention_mask"].astype("int64"),
+                     encoded["token_type_ids"].astype("int64"))
+
+
+def read_json_lines(path: str | Path) -> list[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSON-lines file; errors name the file and the line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise AnnotationError(f"{path}: cannot read ({error.strerror or error})") from error
+    except UnicodeDecodeError as error:
+        raise AnnotationError(f"{path}: not UTF-8 text ({error})") from error
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append((number, json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise AnnotationError(f"{path}: line {number} is not valid JSON ({error.msg})") from error
+    return entries
+
+
+def known_samples(samples: list[Sample], store_ids: Sequence[str], source: str, strict: bool = False,
+                  exact_ids: bool = False) -> list[tuple[Sample, list[str]]]:
+    """(sample, its rows' store ids) for the samples whose every image has features.
+
+    Image ids match store ids exactly, or (unless `exact_ids`) by their trailing number (`image_key_resolver`).
+    The others are dropped with one warning line naming (up to five of) the missing image ids, or, with
+    `strict`, refused with a DataError naming them; an empty split or one left empty is a DataError.
+    """
+    if not samples:
+        raise DataError(f"{source}: the split has no items")
+    exact = set(store_ids)
+    resolve = (lambda image: image if image in exact else None) if exact_ids else image_key_resolver(store_ids)
+    kept, missing, dropped = [], set(), 0
+    for sample in samples:
+        keys = [resolve(image) for image in sample.images]
+        if any(key is None for key in keys):
+            missing.update(str(image) for image, key in zip(sample.images, keys, strict=True) if key is None)
+            dropped += 1
+            continue
+        kept.append((sample, keys))
+    if missing:
+        names = ", ".join(sorted(missing)[:5]) + (" ..." if len(missing) > 5 else "")
+        if strict:
+            raise DataError(f"{source}: {len(missing)} image id(s) not in the feature store: {names}")
+        logger.warning("%s: %d item(s) skipped (counted wrong): %d image id(s) not in the feature store: %s",
+                       source, dropped, len(missing), names)
+    if not kept:
+        raise DataError(f"{source}: none of the {len(samples)} items has its image(s) in the feature store")
+    return kept
+
+
+class SampleDataset(TaskDataset):
+    """The samples of a split whose images have features; items are encoded by the task."""
+
+    def __init__(self, task: ImageTextTask, kept: list[tuple[Sample, list[str]]], store: FeatureStore):
+        self.task, self.store = task, store
+        self.samples = [sample for sample, _ in kept]
+        self.keys = [keys for _, keys in kept]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        regions = [self.store.read(key) for key in self.keys[index]]
+        return {"index": index, **self.task.encode(self.samples[index], regions)}
+
+
+class ImageTextTask(FinetuneTask):
+    """A task whose samples are (text, image) rows scored by one head; subclasses read files and pick heads.
+
+    Subclasses set `name` (also the 12-in-1 task token) and `head`, and define `annotation_file(split)`,
+    `read_samples(split)`,
+    `target(sample)` (the loss target of one sample), `decode(sample, logits)` (one prediction dict) and
+    `gold(split)` / `predicted_label(prediction)` (what `score` compares); `logits` and `loss` have defaults for
+    a classifier head read per sample.
+    """
+
+    main_metric = "accuracy"
+    higher_is_better = True
+    find_unused_parameters = True  # only one of the model's heads gets gradients
+    head: str = ""
+    exact_image_ids: bool = False  # image ids whose trailing number is no id (NLVR2's "...-img0")
+    data: ImageTextDataConfig
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self._store: FeatureStore | None = None
+        self._samples: dict[str, list[Sample]] = {}
+
+    # ------------------------------------------------------------------ data
+
+    def read_samples(self, split: str) -> list[Sample]:
+        raise NotImplementedError
+
+    def samples(self, split: str) -> list[Sample]:
+        """The samples of a split (the roles train/val resolved through data.train_split/val_split), cached."""
+        split = resolve_split(self.data, split)
+        if split not in self._samples:
+            self._samples[split] = self.read_samples(split)
+        return self._samples[split]
+
+    def store(self) -> FeatureStore:
+        if self._store is None:
+            self._store = open_feature_store(self.data.features)
+        return self._store
+
+    def annotation_file(self, split: str) -> Path:
+        """The annotation file of a (resolved) split."""
+        raise NotImplementedError
+
+    def source(self, split: str) -> str:
+        """How log lines and errors name the split: its annotation file."""
+        return str(self.annotation_file(resolve_split(self.data, split)))
+
+    def dataset(self, split: str) -> Dataset:
+        kept = known_samples(self.samples(split), self.store().ids, self.source(split), self.data.strict,
+                             self.exact_image_ids)
+        return SampleDataset(self, kept, self.store())
+
+    def visual(self, sample: Sample, regions: list[Regions]) -> list[VisualInput]:
+        """The visual input of each row: IMG token + the image's first `max_regions - 1` boxes."""
+        from tasks.data.regions import visual_input
+
+        return [visual_input(image, self.data.max_regions) for image in regions]
+
+    def encode(self, sample: Sample, regions: list[Regions]) -> dict:
+        """One item: the rows' texts and visual inputs, the label and the loss target."""
+        return {"texts": sample.texts, "visuals": self.visual(sample, regions), "target": self.target(sample)}
+
+    def target(self, sample: Sample) -> torch.Tensor:
+        raise NotImplementedError
+
+    def collate(self, samples: list) -> dict:
+        from tasks.data.regions import collate_visual
+
+        texts = [text for s in samples for text in s["texts"]]
+        encoded = encode_texts(self.tokenizer(), texts, self.data.max_text_length)
+        batch = {"input_ids": torch.from_numpy(encoded.input_ids),  # [B·rows, L]
+                 "attention_mask": torch.from_numpy(encoded.attention_mask),
+                 "token_type_ids": torch.from_numpy(encoded.token_type_ids),
+                 "target": torch.stack([s["target"] for s in samples]),
+                 "index": torch.tensor([s["index"] for s in samples])}
+        batch.update(collate_visual([v for s in samples for v in s["visuals"]]))
+        return batch
+
+    # ------------------------------------------------------------------ model
+
+    def forward(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> Any:
+        rows = batch["input_ids"].shape[0]
+        ids = task_ids_for(model, self.name, rows, batch["input_ids"].device)
+        return model(**model_inputs(batch), task_ids=ids, heads=[self.head])
+
+    def logits(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """[B, C] scores of each sample's choices (classes, options or candidate boxes)."""
+        return getattr(self.forward(model, batch), self.head).float()
+
+    def loss(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """BCE-with-logits against the (one-hot or soft) target summed over the batch's entries: the reference's
+        classifier loss (mean x number of choices) times the batch size, which the engine divides out."""
+        return soft_bce_sum(logits, batch["target"])
+
+    def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
+        logits = self.logits(model, batch)
+        loss = self.loss(logits, batch)
+        hit = batch["target"].gather(1, logits.argmax(dim=1, keepdim=True))  # the reference's soft accuracy
+        return StepOutput({"loss": loss}, metrics={"accuracy": hit.mean().detach()})
+
+    # ------------------------------------------------------------------ evaluation
+
+    def decode(self, sample: Sample, logits: torch.Tensor) -> dict:
+        """One prediction dict from a sample's scores [C] (float, CPU)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, split: str, progress: Callable | None = None) -> list[dict]:
+        """One prediction dict per item of the split whose images have features."""
+        dataset = self.dataset(split)
+        predictions = []
+        for batch in eval_batches(model, dataset, self.collate, self.data.eval_batch_size, progress):
+            logits = self.logits(model, batch).cpu()
+            for row, index in enumerate(batch["index"].tolist()):
+                predictions.append(self.decode(dataset.samples[index], logits[row]))
+        return predictions
+
+    @torch.no_grad()
+    def predict_sample(self, model: nn.Module, sample: Sample, regions: list[Regions]) -> dict:
+        """The prediction for one sample built by hand (e.g. `vilbert predict`), on given regions per row."""
+        from tasks.engine.distributed import move_to_device
+        from tasks.engine.evaluation import eval_mode, model_device
+
+        batch = move_to_device(self.collate([{"index": 0, **self.encode(sample, regions)}]), model_device(model))
+        with eval_mode(model):
+            return self.decode(sample, self.logits(model, batch).cpu()[0])
+
+    def gold(self, split: str) -> dict:
+        """{item id: gold label} of the whole split (items with missing images included)."""
+        return {sample.id: sample.label for sample in self.samples(split)}
+
+    def predicted_label(self, prediction: Mapping) -> Any:
+        return prediction["label"]
+
+    def id_of(self, prediction: Mapping) -> Any:
+        return prediction["id"]
+
+    def score(self, predictions: list[dict], split: str) -> dict[str, float]:
+        """Accuracy over every labelled item of the split; an unlabelled split reports only the count."""
+        gold = self.gold(split)
+        if any(label is None for label in gold.values()):
+            return {"num_predictions": float(len(predictions))}
+        predicted = {self.id_of(p): self.predicted_label(p) for p in predictions}
+        return {"accuracy": accuracy(predicted, gold), "num_items": float(len(gold)),
+                "num_predictions": float(len(predictions))}
+
+
+def one_hot(label: int | None, size: int) -> torch.Tensor:
+    """[size] float target with 1 at `label` (all zeros for None: an unlabelled item)."""
+    target = torch.zeros(size)
+    if label is not None:
+        target[label] = 1.0
+    return target

@@ -1,0 +1,248 @@
+"""The shapes world's files for more 12-in-1 tasks, written in each dataset's own format from `scenes.json`.
+
+`vilbert shapes-world --out WORLD --add-tasks` reads the scenes of a generated world and writes, beside its
+existing files (which it leaves untouched):
+
+- `nlvr2/{train,dev,test1}.json`: statements about two scenes of one split ("the left image has more red
+  shapes than the right image"), each sentence judged on two image pairs (one true, one false when the
+  scenes allow it), so consistency means something. `left_url` / `right_url` name the scenes' PNGs: the
+  embedded config reads the image ids from them (`data.images_from_urls`), since the identifiers' "-img0"
+  names are not the store's ids.
+- `snli_ve/snli_ve_{train,dev,test}.jsonl`: per scene an entailed, a contradicted and a neutral hypothesis
+  (neutral ones ascribe what a picture cannot show: material, weight, age).
+- `gqa/{train,val,testdev}_balanced_questions.json`: compositional questions (relation checks, relate-then-
+  query, attribute comparisons, or-logic), one answer each.
+- `visual7w/dataset_v7w_pointing.json`: "which is the <unique description>?" over the scene's shapes (box ids
+  image_id * 10 + shape index; the candidates are all of the scene's 2-5 shapes, so chance varies per question).
+
+Splits: train -> train, val -> dev/val, test -> test/testdev/test1 (the compositional images are not used).
+Everything is a pure function of the scenes and the world's seed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from tasks.shapes.world import (
+    COLOURS,
+    KINDS,
+    NUMBER_WORDS,
+    Scene,
+    Shape,
+    _write_bytes,
+    _write_json,
+    above,
+    left_of,
+    unique_descriptions,
+)
+
+SPLIT_NAMES = {  # shapes-world split -> each dataset's split name
+    "nlvr2": {"train": "train", "val": "dev", "test": "test1"},
+    "snli_ve": {"train": "train", "val": "dev", "test": "test"},
+    "gqa": {"train": "train", "val": "val", "test": "testdev"},
+}
+VISUAL7W_SPLITS = {"train": "train", "val": "val", "test": "test"}
+TASK_STREAM = {"nlvr2": 12, "snli_ve": 13, "gqa": 15, "visual7w": 4}  # per-task random streams
+
+
+def load_scenes(world: str | Path) -> tuple[int, list[Scene]]:
+    """(seed, scenes) of a generated world's `scenes.json`."""
+    data = json.loads((Path(world) / "scenes.json").read_text())
+    scenes = []
+    for image in data["images"]:
+        shapes = tuple(Shape(s["colour"], s["kind"], s["size"], tuple(s["rgb"]), tuple(s["centre"]), s["radius"],
+                             s["rotation"], tuple(s["box"])) for s in image["shapes"])
+        scenes.append(Scene(image["image_id"], image["split"], data["size"], (0, 0, 0), shapes))
+    return int(data["seed"]), scenes
+
+
+def _rng(seed: int, task: str, key: int) -> np.random.Generator:
+    return np.random.default_rng([seed, TASK_STREAM[task], key])
+
+
+def _lines(entries: list[dict]) -> bytes:
+    return "".join(json.dumps(entry) + "\n" for entry in entries).encode()
+
+
+# ---------------------------------------------------------------------------------------------------------- NLVR2
+
+
+def _count(scene: Scene, **attributes: str) -> int:
+    return sum(s.matches(**attributes) for s in scene.shapes)
+
+
+def nlvr2_statement(rng: np.random.Generator):
+    """A random statement template: (sentence, truth function of (left scene, right scene))."""
+    colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    kind = KINDS[int(rng.integers(len(KINDS)))]
+    choice = int(rng.integers(5))
+    if choice == 0:
+        return (f"the left image has more {colour} shapes than the right image",
+                lambda a, b: _count(a, colour=colour) > _count(b, colour=colour))
+    if choice == 1:
+        return (f"the right image has more {kind}s than the left image",
+                lambda a, b: _count(b, kind=kind) > _count(a, kind=kind))
+    if choice == 2:
+        return (f"both images contain a {colour} shape",
+                lambda a, b: _count(a, colour=colour) > 0 and _count(b, colour=colour) > 0)
+    if choice == 3:
+        return (f"exactly one image contains a {kind}",
+                lambda a, b: (_count(a, kind=kind) > 0) != (_count(b, kind=kind) > 0))
+    return ("the two images have the same number of shapes", lambda a, b: len(a.shapes) == len(b.shapes))
+
+
+def _write_nlvr2(folder: Path, scenes: list[Scene], seed: int) -> None:
+    for split, name in SPLIT_NAMES["nlvr2"].items():
+        chosen = [s for s in scenes if s.split == split]
+        entries = []
+        for set_id in range(len(chosen)):
+            rng = _rng(seed, "nlvr2", chosen[set_id].image_id)
+            sentence, truth = nlvr2_statement(rng)
+            pairs = {}
+            for _ in range(60):  # a true and a false pair for the sentence, when the scenes allow it
+                a, b = (chosen[int(i)] for i in rng.choice(len(chosen), size=2, replace=False))
+                pairs.setdefault(bool(truth(a, b)), (a, b))
+                if len(pairs) == 2:
+                    break
+            for pair_id, (label, (a, b)) in enumerate(sorted(pairs.items())):
+                entries.append({"identifier": f"{name}-{set_id}-{pair_id}-0", "sentence": sentence,
+                                "label": str(label), "left_url": a.file_name, "right_url": b.file_name,
+                                "synset": "shapes", "query": "shapes", "directory": 0})
+        _write_bytes(folder / f"{name}.json", _lines(entries))
+
+
+# -------------------------------------------------------------------------------------------------------- SNLI-VE
+
+NEUTRAL = ("is made of wood", "is made of metal", "is heavy", "is brand new", "is very old", "belongs to a child")
+
+
+def snli_ve_hypotheses(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """[(hypothesis, gold_label)]: one entailed, one contradicted, one neutral."""
+    target = scene.shapes[int(rng.integers(len(scene.shapes)))]
+    phrase = unique_descriptions(scene.shapes, target, (("kind",), ("size", "kind")))
+    absent = [(c, k) for c in COLOURS for k in KINDS if not any(s.matches(colour=c, kind=k) for s in scene.shapes)]
+    wrong_count = [n for n in range(2, 6) if n != len(scene.shapes)]
+    if phrase and rng.random() < 0.5:
+        other = [c for c in COLOURS if c != target.colour]
+        entailed = f"the {phrase[0]} is {target.colour}"
+        contradicted = f"the {phrase[0]} is {other[int(rng.integers(len(other)))]}"
+    elif rng.random() < 0.5:
+        colour, kind = absent[int(rng.integers(len(absent)))]
+        entailed = f"there is a {target.colour} {target.kind} in the picture"
+        contradicted = f"there is a {colour} {kind} in the picture"
+    else:
+        entailed = f"there are {NUMBER_WORDS[len(scene.shapes)]} shapes in the picture"
+        contradicted = f"there are {NUMBER_WORDS[wrong_count[int(rng.integers(len(wrong_count)))]]} shapes in the picture"
+    neutral = f"the {target.colour} {target.kind} {NEUTRAL[int(rng.integers(len(NEUTRAL)))]}"
+    return [(entailed, "entailment"), (contradicted, "contradiction"), (neutral, "neutral")]
+
+
+def _write_snli_ve(folder: Path, scenes: list[Scene], seed: int) -> None:
+    for split, name in SPLIT_NAMES["snli_ve"].items():
+        entries = []
+        for scene in (s for s in scenes if s.split == split):
+            rng = _rng(seed, "snli_ve", scene.image_id)
+            premise = f"a picture of {NUMBER_WORDS[len(scene.shapes)]} shapes"
+            for k, (hypothesis, label) in enumerate(snli_ve_hypotheses(scene, rng)):
+                entries.append({"Flikr30kID": scene.file_name, "sentence1": premise, "sentence2": hypothesis,
+                                "gold_label": label, "pairID": f"{scene.file_name}#0r{k}{label[0]}",
+                                "captionID": f"{scene.file_name}#0"})
+        _write_bytes(folder / f"snli_ve_{name}.jsonl", _lines(entries))
+
+
+# ------------------------------------------------------------------------------------------------------------ GQA
+
+
+def gqa_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """[(question, answer, structural type)]: relation verify, relate-query, compare, logic."""
+    shapes = scene.shapes
+    described = [(s, unique_descriptions(shapes, s)) for s in shapes]
+    described = [(s, d[int(rng.integers(len(d)))]) for s, d in described if d]
+    out = []
+    if len(described) >= 2:
+        (a, a_text), (b, b_text) = (described[int(i)] for i in rng.choice(len(described), size=2, replace=False))
+        relation, test = [("to the left of", left_of), ("above", above)][int(rng.integers(2))]
+        out.append((f"is the {a_text} {relation} the {b_text}?", "yes" if test(a, b) else "no", "verify"))
+        same = a.colour == b.colour
+        out.append((f"are the {a_text} and the {b_text} the same color?", "yes" if same else "no", "compare"))
+        left = [s for s in shapes if left_of(s, b)]
+        if len(left) == 1:
+            out.append((f"what color is the shape to the left of the {b_text}?", left[0].colour, "query"))
+        right = [s for s in shapes if left_of(b, s)]
+        if len(right) == 1:
+            out.append((f"what shape is the object to the right of the {b_text}?", right[0].kind, "query"))
+    colours = list(COLOURS)
+    c1, c2 = (colours[int(i)] for i in rng.choice(len(colours), size=2, replace=False))
+    k1, k2 = (KINDS[int(i)] for i in rng.integers(len(KINDS), size=2))
+    if rng.random() < 0.5:  # half the or-questions name a shape that is there: yes and no equally often
+        shown = shapes[int(rng.integers(len(shapes)))]
+        c1, k1 = shown.colour, shown.kind
+    present = _count(scene, colour=c1, kind=k1) > 0 or _count(scene, colour=c2, kind=k2) > 0
+    out.append((f"is there a {c1} {k1} or a {c2} {k2}?", "yes" if present else "no", "logical"))
+    return out
+
+
+def _write_gqa(folder: Path, scenes: list[Scene], seed: int) -> None:
+    for split, name in SPLIT_NAMES["gqa"].items():
+        questions = {}
+        for scene in (s for s in scenes if s.split == split):
+            rng = _rng(seed, "gqa", scene.image_id)
+            for k, (question, answer, structural) in enumerate(gqa_questions(scene, rng)):
+                questions[f"{scene.image_id}{k:02d}"] = {
+                    "imageId": str(scene.image_id), "question": question, "answer": answer,
+                    "fullAnswer": f"The answer is {answer}.", "isBalanced": True,
+                    "types": {"structural": structural, "semantic": "rel", "detailed": structural},
+                    "groups": {"global": None, "local": None}, "entailed": [], "equivalent": [],
+                    "annotations": {"question": {}, "answer": {}, "fullAnswer": {}}, "semantic": [],
+                    "semanticStr": ""}
+        _write_json(folder / f"{name}_balanced_questions.json", questions)
+
+
+# ------------------------------------------------------------------------------------------------------- Visual7W
+
+
+def _write_visual7w(folder: Path, scenes: list[Scene], seed: int) -> None:
+    images, boxes = [], []
+    for scene in (s for s in scenes if s.split in VISUAL7W_SPLITS):
+        rng = _rng(seed, "visual7w", scene.image_id)
+        ids = [scene.image_id * 10 + index for index in range(len(scene.shapes))]
+        for box_id, shape in zip(ids, scene.shapes, strict=True):
+            x1, y1, x2, y2 = shape.box
+            boxes.append({"box_id": box_id, "image_id": scene.image_id, "name": f"{shape.colour} {shape.kind}",
+                          "x": x1, "y": y1, "width": round(x2 - x1, 2), "height": round(y2 - y1, 2)})
+        qa_pairs = []
+        for index, shape in enumerate(scene.shapes):
+            phrases = unique_descriptions(scene.shapes, shape)
+            if not phrases:
+                continue
+            phrase = phrases[int(rng.integers(len(phrases)))]
+            qa_pairs.append({"qa_id": ids[index], "image_id": scene.image_id, "question": f"which is the {phrase}?",
+                             "answer": ids[index], "multiple_choices": [b for b in ids if b != ids[index]],
+                             "type": "which"})
+        images.append({"image_id": scene.image_id, "filename": scene.file_name,
+                       "split": VISUAL7W_SPLITS[scene.split], "qa_pairs": qa_pairs})
+    _write_json(folder / "dataset_v7w_pointing.json", {"images": images, "boxes": boxes})
+
+
+def write_task_files(world: str | Path) -> dict[str, int]:
+    """Write the four tasks' files under `world`; returns the number of items per task (all splits)."""
+    world = Path(world)
+    seed, scenes = load_scenes(world)
+    _write_nlvr2(world / "nlvr2", scenes, seed)
+    _write_snli_ve(world / "snli_ve", scenes, seed)
+    _write_gqa(world / "gqa", scenes, seed)
+    _write_visual7w(world / "visual7w", scenes, seed)
+    counts = Counter()
+    for name in SPLIT_NAMES["nlvr2"].values():
+        counts["nlvr2"] += len((world / "nlvr2" / f"{name}.json").read_text().splitlines())
+    for name in SPLIT_NAMES["snli_ve"].values():
+        counts["snli-ve"] += len((world / "snli_ve" / f"snli_ve_{name}.jsonl").read_text().splitlines())
+    for name in SPLIT_NAMES["gqa"].values():
+        counts["gqa"] += len(json.loads((world / "gqa" / f"{name}_balanced_questions.json").read_text()))
+    v7w = json.loads((world / "visual7w" / "dataset_v7w_pointing.json").read_text())
+    counts["visual7w"] = sum(len(image["qa_pairs"]) for image in v7w["images"])
+    return dict(counts)

@@ -1,0 +1,91 @@
+"""The shapes world's NLVR2 / SNLI-VE / GQA / Visual7W files: readable by the task readers, true to the scenes,
+deterministic, and written beside the world's other files without changing them."""
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tasks.gqa import read_gqa
+from tasks.nlvr2 import read_nlvr2
+from tasks.pointing import read_visual7w
+from tasks.shapes.tasks import write_task_files
+from tasks.shapes.world import write_shapes_world
+from tasks.snli_ve import LABELS, read_snli_ve
+
+
+def digest(folder: Path) -> str:
+    hashed = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        hashed.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+    return hashed.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    write_shapes_world(out, seed=3, num_images=60, size=128, progress=False)
+    before = digest(out)
+    counts = write_task_files(out)
+    new = {"nlvr2", "snli_ve", "gqa", "visual7w"}
+    assert {p.name for p in out.iterdir()} >= new and all(counts.values())
+    original = out.parent / "original"  # the world's own files are unchanged: the same digest without the new
+    original.mkdir()
+    for path in out.iterdir():
+        if path.name not in new:
+            path.rename(original / path.name)
+    assert digest(original) == before
+    for path in original.iterdir():
+        path.rename(out / path.name)
+    return out
+
+
+def test_files_are_deterministic(world, tmp_path):
+    again = tmp_path / "again"
+    write_shapes_world(again, seed=3, num_images=60, size=128, progress=False)
+    write_task_files(again)
+    for name in ("nlvr2", "snli_ve", "gqa", "visual7w"):
+        assert digest(world / name) == digest(again / name)
+
+
+def test_nlvr2_statements_pair_true_and_false(world):
+    samples = read_nlvr2(world / "nlvr2" / "train.json", images_from_urls=True)
+    labels = Counter(s.label for s in samples)
+    assert labels[True] > 0.3 * len(samples) and labels[False] > 0.3 * len(samples)
+    scenes = {str(i["image_id"]): i for i in json.loads((world / "scenes.json").read_text())["images"]}
+    for sample in samples:
+        left, right = (scenes[image] for image in sample.images)
+        assert left["split"] == right["split"] == "train"
+        if sample.texts[0] == "the two images have the same number of shapes":
+            assert sample.label == (len(left["shapes"]) == len(right["shapes"]))
+
+
+def test_snli_ve_has_one_hypothesis_of_each_label_per_scene(world):
+    samples = read_snli_ve(world / "snli_ve" / "snli_ve_dev.jsonl")
+    by_image = Counter(s.images[0] for s in samples)
+    assert set(by_image.values()) == {3}
+    assert Counter(s.label for s in samples) == {i: len(by_image) for i in range(len(LABELS))}
+
+
+def test_gqa_answers_are_true_of_the_scene(world):
+    scenes = {str(i["image_id"]): i for i in json.loads((world / "scenes.json").read_text())["images"]}
+    samples = read_gqa(world / "gqa" / "testdev_balanced_questions.json")
+    assert samples
+    for sample in samples:
+        text, shapes = sample.texts[0], scenes[sample.images[0]]["shapes"]
+        if text.startswith("is there a "):
+            options = text.removeprefix("is there a ").removesuffix("?").split(" or a ")
+            present = any(f"{s['colour']} {s['kind']}" in options for s in shapes)
+            assert sample.label == ("yes" if present else "no")
+
+
+def test_visual7w_candidates_are_the_scene_shapes(world):
+    samples = read_visual7w(world / "visual7w" / "dataset_v7w_pointing.json", "test")
+    scenes = {str(i["image_id"]): i for i in json.loads((world / "scenes.json").read_text())["images"]}
+    for sample in samples:
+        shapes = scenes[sample.images[0]]["shapes"]
+        assert len(sample.extra["candidates"]) == len(shapes)
+        target = shapes[sample.label % 10]
+        assert sample.extra["boxes"][sample.extra["candidates"].index(sample.label)] == pytest.approx(target["box"])
