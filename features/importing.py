@@ -1,0 +1,164 @@
+"""Import a published feature file (LMDB, TSV, npy folder) into the HDF5 store, streaming and resumable.
+
+Rows are read and decoded one at a time by the format's reader (`features.published`) and appended to a
+`ResumableStoreWriter`, the writer `vilbert extract` uses: memory does not grow with the source, and a run killed at
+any moment (SIGKILL included) continues where it stopped when rerun with the same arguments. A bad row (bad base64,
+wrong shapes, NaN, duplicate id) stops the import with one line naming the source, the id and the problem, or with
+`skip_bad` is recorded in `<out>.errors.jsonl` and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from features.errors import FeatureStoreError
+from features.published import PublishedRegions, open_published, store_id
+from features.store import ResumableStoreWriter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImportSummary:
+    out: str
+    format: str
+    source: str
+    images_written: int = 0
+    images_resumed: int = 0  # already in the store from an earlier, interrupted run
+    images_bad: int = 0
+    seconds: float = 0.0
+    errors_file: str | None = None
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_written / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "images_per_second": round(self.images_per_second, 2)}
+
+
+def import_features(
+    source: str | os.PathLike,
+    format: str,
+    out: str | os.PathLike,
+    ids_from: str = "image",
+    limit: int | None = None,
+    skip_bad: bool = False,
+    float32: bool = False,
+    progress: bool = True,
+    part_images: int = 2048,
+    part_seconds: float = 60.0,
+) -> ImportSummary:
+    """Import the first `limit` (all when None) rows of `source`, a published file in `format`, into store `out`.
+
+    Store ids come from the source's ids by `ids_from` (`features.published.store_id`). The store's `extractor`
+    attribute records the format, the source's file name and the id rule, so a rerun with other settings refuses
+    to mix its rows with the earlier ones.
+    """
+    out = Path(out)
+    started = time.monotonic()
+    reader = open_published(source, format)
+    extractor = {"name": "imported", "format": format, "source": Path(source).name, "ids_from": ids_from}
+    summary = ImportSummary(out=str(out), format=format, source=str(source))
+    errors_path = Path(f"{out}.errors.jsonl")
+    errors_path.unlink(missing_ok=True)  # the log describes this run only
+
+    def bad(source_id: str, image_id: str | None, error: FeatureStoreError) -> None:
+        if not skip_bad:
+            raise error
+        summary.images_bad += 1
+        record = {"source": str(source), "source_id": source_id, "image_id": image_id, "problem": str(error)}
+        with open(errors_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        logger.warning("skipped: %s", error)
+
+    total = reader.count()
+    if limit is not None and total is not None:
+        total = min(total, limit)
+    bar = tqdm(total=total, desc=f"import {format}", unit="img", disable=not progress, dynamic_ncols=True)
+    writer: ResumableStoreWriter | None = None
+    seen: dict[str, str] = {}
+    try:
+        for n, (source_id, raw) in enumerate(reader.entries()):
+            if limit is not None and n >= limit:
+                break
+            bar.update(1)
+            try:
+                image_id = store_id(source_id, ids_from)
+            except ValueError as error:
+                bad(source_id, None, FeatureStoreError(f"{source}: image {source_id!r}: {error}"))
+                continue
+            if image_id in seen:
+                bad(source_id, image_id, FeatureStoreError(
+                    f"{source}: image {source_id!r}: duplicate id {image_id!r} (also from {seen[image_id]!r})"))
+                continue
+            seen[image_id] = source_id
+            if writer is not None and image_id in writer.done_ids:
+                summary.images_resumed += 1
+                continue
+            try:
+                regions = reader.decode(source_id, raw)
+            except FeatureStoreError as error:
+                bad(source_id, image_id, error)
+                continue
+            if writer is None:  # the first good row fixes the widths
+                writer = _open_writer(out, regions, extractor, float32, part_images, part_seconds)
+                if writer.resumed:
+                    logger.info("%s: resuming, %d images already written", out, writer.resumed)
+                if image_id in writer.done_ids:
+                    summary.images_resumed += 1
+                    continue
+            problem = _mismatch(writer, regions)
+            if problem:
+                bad(source_id, image_id, FeatureStoreError(f"{source}: image {source_id!r}: {problem}"))
+                continue
+            try:
+                writer.add(image_id, regions.image_hw, regions.features, regions.boxes, **regions.optional())
+            except FeatureStoreError as error:  # e.g. a row without the class ids the earlier rows had
+                problem = str(error).split(": ", 1)[-1]
+                bad(source_id, image_id, FeatureStoreError(f"{source}: image {source_id!r}: {problem}"))
+                continue
+            writer.checkpoint()
+            summary.images_written += 1
+            if progress:
+                bar.set_postfix_str(f"{summary.images_written / max(time.monotonic() - started, 1e-9):.1f} img/s")
+        if writer is None:
+            raise FeatureStoreError(f"{source}: no importable images in this {format} source")
+        writer.finish()
+    except BaseException:
+        if writer is not None:
+            writer.abort()  # sealed parts stay for the rerun; `out` is not touched
+        raise
+    finally:
+        bar.close()
+        reader.close()
+    summary.seconds = time.monotonic() - started
+    if errors_path.exists():
+        summary.errors_file = str(errors_path)
+    return summary
+
+
+def _open_writer(out: Path, regions: PublishedRegions, extractor: dict, float32: bool, part_images: int,
+                 part_seconds: float) -> ResumableStoreWriter:
+    cls_prob_dim = regions.cls_prob.shape[1] if regions.cls_prob is not None else None
+    return ResumableStoreWriter(out, regions.features.shape[1], cls_prob_dim, extractor, float32,
+                                part_images, part_seconds)
+
+
+def _mismatch(writer: ResumableStoreWriter, regions: PublishedRegions) -> str | None:
+    """Why this row cannot join the rows already written (other widths or other optional fields), or None."""
+    options = writer.options
+    width = regions.features.shape[1]
+    if width != options["feature_dim"]:
+        return f"features are {width} wide but earlier images' are {options['feature_dim']}"
+    cls_prob_dim = regions.cls_prob.shape[1] if regions.cls_prob is not None else None
+    if len(regions.boxes) and cls_prob_dim != options["cls_prob_dim"]:
+        return f"cls_prob width {cls_prob_dim} differs from earlier images' ({options['cls_prob_dim']})"
+    return None
