@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +25,8 @@ from features.published import PublishedRegions, open_published, store_id
 from features.store import ResumableStoreWriter
 
 logger = logging.getLogger(__name__)
+
+CHECKPOINT_EVERY = 32  # images between checks whether to seal the open part (each check flushes the file)
 
 
 @dataclass
@@ -83,7 +87,7 @@ def import_features(
     if limit is not None and total is not None:
         total = min(total, limit)
     bar = tqdm(total=total, desc=f"import {format}", unit="img", disable=not progress, dynamic_ncols=True)
-    writer: ResumableStoreWriter | None = None
+    writer: _WriterThread | None = None
     seen: dict[str, str] = {}
     try:
         for n, (source_id, raw) in enumerate(reader.entries()):
@@ -100,7 +104,7 @@ def import_features(
                     f"{source}: image {source_id!r}: duplicate id {image_id!r} (also from {seen[image_id]!r})"))
                 continue
             seen[image_id] = source_id
-            if writer is not None and image_id in writer.done_ids:
+            if writer is not None and image_id in writer.store.done_ids:
                 summary.images_resumed += 1
                 continue
             try:
@@ -108,33 +112,30 @@ def import_features(
             except FeatureStoreError as error:
                 bad(source_id, image_id, error)
                 continue
-            if writer is None:  # the first good row fixes the widths
-                writer = _open_writer(out, regions, extractor, float32, part_images, part_seconds)
-                if writer.resumed:
-                    logger.info("%s: resuming, %d images already written", out, writer.resumed)
-                if image_id in writer.done_ids:
+            if writer is None:  # the first good row fixes the widths and the optional fields
+                store = _open_writer(out, regions, extractor, float32, part_images, part_seconds)
+                if store.resumed:
+                    logger.info("%s: resuming, %d images already written", out, store.resumed)
+                writer = _WriterThread(store, set(regions.optional()), min(CHECKPOINT_EVERY, part_images))
+                if image_id in store.done_ids:
                     summary.images_resumed += 1
                     continue
-            problem = _mismatch(writer, regions)
+            problem = writer.mismatch(regions)
             if problem:
                 bad(source_id, image_id, FeatureStoreError(f"{source}: image {source_id!r}: {problem}"))
                 continue
-            try:
-                writer.add(image_id, regions.image_hw, regions.features, regions.boxes, **regions.optional())
-            except FeatureStoreError as error:  # e.g. a row without the class ids the earlier rows had
-                problem = str(error).split(": ", 1)[-1]
-                bad(source_id, image_id, FeatureStoreError(f"{source}: image {source_id!r}: {problem}"))
-                continue
-            writer.checkpoint()
+            writer.put(image_id, regions)
             summary.images_written += 1
             if progress:
                 bar.set_postfix_str(f"{summary.images_written / max(time.monotonic() - started, 1e-9):.1f} img/s")
         if writer is None:
             raise FeatureStoreError(f"{source}: no importable images in this {format} source")
-        writer.finish()
+        writer.close()
+        writer.store.finish()
     except BaseException:
         if writer is not None:
-            writer.abort()  # sealed parts stay for the rerun; `out` is not touched
+            writer.close(raise_error=False)
+            writer.store.abort()  # sealed parts stay for the rerun; `out` is not touched
         raise
     finally:
         bar.close()
@@ -152,13 +153,60 @@ def _open_writer(out: Path, regions: PublishedRegions, extractor: dict, float32:
                                 part_images, part_seconds)
 
 
-def _mismatch(writer: ResumableStoreWriter, regions: PublishedRegions) -> str | None:
-    """Why this row cannot join the rows already written (other widths or other optional fields), or None."""
-    options = writer.options
-    width = regions.features.shape[1]
-    if width != options["feature_dim"]:
-        return f"features are {width} wide but earlier images' are {options['feature_dim']}"
-    cls_prob_dim = regions.cls_prob.shape[1] if regions.cls_prob is not None else None
-    if len(regions.boxes) and cls_prob_dim != options["cls_prob_dim"]:
-        return f"cls_prob width {cls_prob_dim} differs from earlier images' ({options['cls_prob_dim']})"
-    return None
+class _WriterThread:
+    """Appends decoded rows to the store on a second thread, so store writes overlap reading the next rows.
+
+    Rows are checked (`mismatch`) before they are queued, so the store refuses none; any error on the writing
+    thread stops the import at the next `put` or at `close`.
+    """
+
+    def __init__(self, store: ResumableStoreWriter, optional: set[str], checkpoint_every: int, depth: int = 8):
+        self.store, self.optional, self.checkpoint_every = store, optional, checkpoint_every
+        self.queue: queue.Queue = queue.Queue(depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        written = 0
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain until close()
+            image_id, regions = item
+            try:
+                self.store.add(image_id, regions.image_hw, regions.features, regions.boxes, **regions.optional())
+                written += 1
+                if written % self.checkpoint_every == 0:
+                    self.store.checkpoint()  # seals a part when it is big or old enough
+            except BaseException as error:  # handed to the reading thread
+                self.error = error
+
+    def mismatch(self, regions: PublishedRegions) -> str | None:
+        """Why this row cannot join the rows already written (other widths or optional fields), or None."""
+        options = self.store.options
+        width = regions.features.shape[1]
+        if width != options["feature_dim"]:
+            return f"features are {width} wide but earlier images' are {options['feature_dim']}"
+        if not len(regions.boxes):
+            return None
+        cls_prob_dim = regions.cls_prob.shape[1] if regions.cls_prob is not None else None
+        if cls_prob_dim != options["cls_prob_dim"]:
+            return f"cls_prob width {cls_prob_dim} differs from earlier images' ({options['cls_prob_dim']})"
+        fields = set(regions.optional())
+        if fields != self.optional:
+            return (f"has fields {sorted(fields) or 'none'} besides features and boxes, earlier images had "
+                    f"{sorted(self.optional) or 'none'}")
+        return None
+
+    def put(self, image_id: str, regions: PublishedRegions) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((image_id, regions))
+
+    def close(self, raise_error: bool = True) -> None:
+        """Wait until every queued row is written; re-raise the writing thread's error."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if raise_error and self.error is not None:
+            raise self.error

@@ -41,7 +41,7 @@ def b64(array: np.ndarray) -> str:
 
 def write_lmdb(path: Path, entries: list[tuple[str, object]], keys: list[str] | None = None) -> Path:
     """An LMDB folder with a pickled `keys` list and one pickled value per key."""
-    env = lmdb.open(str(path), map_size=1 << 26, subdir=True)
+    env = lmdb.open(str(path), map_size=1 << 32, subdir=True)
     with env.begin(write=True) as txn:
         for key, value in entries:
             txn.put(key.encode(), value if isinstance(value, bytes) else pickle.dumps(value))
