@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from features.errors import FeatureStoreError
-from features.published import PublishedRegions, open_published, store_id
+from features.published import FORMAT_DETECTORS, PublishedRegions, open_published, store_id
 from features.store import ResumableStoreWriter
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,8 @@ def import_features(
     out = Path(out)
     started = time.monotonic()
     reader = open_published(source, format)
-    extractor = {"name": "imported", "format": format, "source": Path(source).name, "ids_from": ids_from}
+    extractor = {"name": "imported", "format": format, "detector": FORMAT_DETECTORS[format],
+                 "source": Path(source).name, "ids_from": ids_from}
     summary = ImportSummary(out=str(out), format=format, source=str(source))
     errors_path = Path(f"{out}.errors.jsonl")
     errors_path.unlink(missing_ok=True)  # the log describes this run only

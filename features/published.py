@@ -32,6 +32,14 @@ LXMERT_FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attr
                  "num_boxes", "boxes", "features")
 ID_RULES = ("image", "stem", "int")
 
+# the detector family each published format's features come from (reference/features.md §1), recorded as the
+# store's extractor "detector" so a model trained on other features can warn
+FORMAT_DETECTORS = {
+    "vilbert-lmdb": "vmb-x152-fpn", "mmf-npy": "vmb-x152-fpn",
+    "vilbert-beta-lmdb": "butd-r101-c4", "butd-tsv": "butd-r101-c4", "lxmert-tsv": "butd-r101-c4",
+    "volta-lmdb": "butd-r101-c4",
+}
+
 
 @dataclass
 class PublishedRegions:

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -263,7 +264,9 @@ def _numpy(value) -> np.ndarray:
 def _cast(values: np.ndarray, dtype) -> np.ndarray:
     """`values` as `dtype`; float32 -> float16 goes through torch, several times faster than numpy's conversion."""
     if values.dtype == np.float32 and dtype == np.float16:
-        return torch.from_numpy(np.ascontiguousarray(values)).half().numpy()
+        with warnings.catch_warnings():  # read-only input (np.frombuffer) is only read here
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(np.ascontiguousarray(values)).half().numpy()
     return np.asarray(values, dtype=dtype)
 
 

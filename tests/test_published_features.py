@@ -11,7 +11,7 @@ from published_sources import CARRIES, WRITERS, b64, butd_line, make_rows, write
 
 from features.errors import FeatureStoreError
 from features.importing import import_features
-from features.published import READERS, ButdTsvReader, store_id
+from features.published import FORMAT_DETECTORS, READERS, ButdTsvReader, store_id
 from features.store import FeatureStore
 from tasks.cli import main
 
@@ -29,7 +29,8 @@ def test_import_keeps_every_field(tmp_path, format):
     assert summary.images_written == 3 and summary.images_bad == 0
     store = FeatureStore(tmp_path / "f.h5")
     assert sorted(store.ids) == ["1", "2", "3"]
-    assert store.extractor == {"name": "imported", "format": format, "source": source.name, "ids_from": "image"}
+    assert store.extractor == {"name": "imported", "format": format, "detector": FORMAT_DETECTORS[format],
+                               "source": source.name, "ids_from": "image"}
     assert set(store.optional) == set(CARRIES[format])
     for r in rows:
         regions = store.read(r["id"])

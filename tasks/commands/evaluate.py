@@ -13,6 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from tasks.feature_provenance import warn_if_store_differs
 from tasks.finetuning import load_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    task = load_task(args.task, args.config, [*args.overrides, f"model.init={args.checkpoint}"])
+    keep_head = ["data.extend_answers=false"] if args.task == "vqa" else []  # the checkpoint's answers as they are
+    task = load_task(args.task, args.config, [*args.overrides, f"model.init={args.checkpoint}", *keep_head])
+    warn_if_store_differs(args.checkpoint, task.config.data.features)
     model = load_checkpoint_model(args.checkpoint, task)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     out = Path(args.out or Path(args.checkpoint) / f"eval-{args.split}")

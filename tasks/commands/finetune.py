@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from tasks.commands.evaluate import TASK_CHOICES, load_task
+from tasks.feature_provenance import warn_if_store_differs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + ([f"model.init={args.init}"] if args.init else [])
     task = load_task(args.task, args.config, overrides)
+    warn_if_store_differs(task.config.model.init, task.config.data.features)
     result = Trainer(task, task.config.train, task.config.optim, run_config=task.config).fit(resume=args.resume)
     for line in summary_lines(result, task):
         print(line)
