@@ -37,6 +37,7 @@ class ImportSummary:
     images_written: int = 0
     images_resumed: int = 0  # already in the store from an earlier, interrupted run
     images_bad: int = 0
+    images_excluded: int = 0  # listed in `exclude`
     seconds: float = 0.0
     errors_file: str | None = None
 
@@ -59,10 +60,12 @@ def import_features(
     progress: bool = True,
     part_images: int = 2048,
     part_seconds: float = 60.0,
+    exclude: set[str] | None = None,
 ) -> ImportSummary:
     """Import the first `limit` (all when None) rows of `source`, a published file in `format`, into store `out`.
 
-    Store ids come from the source's ids by `ids_from` (`features.published.store_id`). The store's `extractor`
+    Store ids come from the source's ids by `ids_from` (`features.published.store_id`); ids in `exclude` (e.g. the
+    reference's coco_test_ids.npy, to keep test images out of a training store) are left out. The store's `extractor`
     attribute records the format, the source's file name and the id rule, so a rerun with other settings refuses
     to mix its rows with the earlier ones.
     """
@@ -105,6 +108,9 @@ def import_features(
                     f"{source}: image {source_id!r}: duplicate id {image_id!r} (also from {seen[image_id]!r})"))
                 continue
             seen[image_id] = source_id
+            if exclude and image_id in exclude:
+                summary.images_excluded += 1
+                continue
             if writer is not None and image_id in writer.store.done_ids:
                 summary.images_resumed += 1
                 continue

@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "report": "report",
     "score": "score",
     "convert": "convert",
+    "boxes": "boxes",
 }
 
 USER_ERRORS = (ViLBertError, FeaturesError, TasksError)

@@ -16,6 +16,7 @@ import os
 from features.importing import import_features
 from features.published import EXPORTERS, ID_RULES, READERS
 from features.store import FeatureStore
+from tasks.reference_files import read_image_ids
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="store ids: the source id as written (image), its file stem (stem) or its trailing "
                           "integer (int: COCO_train2014_000000000009 -> 9)")
     imp.add_argument("--limit", type=int, help="import only the first N rows")
+    imp.add_argument("--exclude-ids", metavar="FILE", help="leave out these store ids (coco_test_ids.npy, or text)")
     imp.add_argument("--skip-bad", action="store_true", help="record bad rows in <out>.errors.jsonl and go on")
     imp.add_argument("--float32", action="store_true", help="store float32 features (default float16)")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -44,11 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "import":
+        exclude = read_image_ids(args.exclude_ids) if args.exclude_ids else None
         summary = import_features(args.source, args.format, args.out, ids_from=args.ids_from, limit=args.limit,
-                                  skip_bad=args.skip_bad, float32=args.float32, progress=not args.no_progress)
+                                  skip_bad=args.skip_bad, float32=args.float32, progress=not args.no_progress,
+                                  exclude=exclude)
         print(f"{summary.out}: {summary.images_written} images imported from {args.format} "
               f"({summary.images_per_second:.1f} img/s), {summary.images_resumed} already there, "
-              f"{summary.images_bad} bad" + (f" (see {summary.errors_file})" if summary.errors_file else ""))
+              f"{summary.images_excluded} excluded, {summary.images_bad} bad" + (f" (see {summary.errors_file})" if summary.errors_file else ""))
         return 0
     if args.action == "export":
         store = FeatureStore(args.files)
