@@ -5,7 +5,7 @@
 
 For each format a source is generated with the test writers (tests/published_sources.py), then, in the same run and
 in alternating order, timed twice: the bare loop (the format's reader: read each row and decode its arrays, nothing
-kept) and the full import into a float16 store. The ratio import / bare is what the store writes cost on top of
+kept) and the full import into a float16 store (--float32: a float32 store, no cast). The ratio import / bare is what the store writes cost on top of
 decoding. The store's size is compared with what its float16 features alone need.
 """
 
@@ -43,10 +43,10 @@ def bare_loop(source: Path, format: str) -> float:
     return time.perf_counter() - started
 
 
-def import_once(source: Path, format: str, out: Path) -> float:
+def import_once(source: Path, format: str, out: Path, float32: bool) -> float:
     if out.exists():
         out.unlink()
-    summary = import_features(source, format, out, progress=False)
+    summary = import_features(source, format, out, progress=False, float32=float32)
     return summary.seconds
 
 
@@ -63,11 +63,11 @@ def bench(format: str, args, folder: Path) -> dict:
     out = folder / "feats.h5"
     for _ in range(args.repeats):
         bare.append(bare_loop(source, format))
-        full.append(import_once(source, format, out))
+        full.append(import_once(source, format, out, args.float32))
     store_bytes = out.stat().st_size
-    feature_bytes = args.images * args.boxes * args.dim * 2
+    feature_bytes = args.images * args.boxes * args.dim * 2  # what float16 features need
     best_bare, best_full = min(bare), min(full)
-    return {"format": format, "images": args.images, "boxes": args.boxes, "dim": args.dim,
+    return {"format": format, "store": "float32" if args.float32 else "float16", "images": args.images, "boxes": args.boxes, "dim": args.dim,
             "bare_images_per_s": round(args.images / best_bare, 1),
             "import_images_per_s": round(args.images / best_full, 1),
             "ratio_import_over_bare": round(best_bare / best_full, 2),
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--formats", nargs="+", default=["vilbert-lmdb", "butd-tsv"], choices=sorted(WRITERS))
+    parser.add_argument("--float32", action="store_true", help="float32 store (no cast): the write cost alone")
     parser.add_argument("--tmp", help="folder for the generated sources (default: a temporary folder)")
     args = parser.parse_args()
     results = []

@@ -145,12 +145,16 @@ class _RowChecker:
         return PublishedRegions(self.source_id, image_hw, features, boxes)
 
     def labels(self, regions: PublishedRegions, row: dict) -> None:
-        """Class and attribute ids and confidences, `cls_prob`, where the row has them (each [K] / [K, C])."""
+        """Class and attribute ids and confidences, `cls_prob`, where the row has them (each [K] / [K, C]).
+
+        The sources count classes and attributes from 0 without background / "no attribute"; the store counts
+        them as `cls_prob` columns (background 0), so ids are shifted by one.
+        """
         k = len(regions.boxes)
-        for name, dtype in (("objects_id", np.int64), ("objects_conf", np.float32),
-                            ("attrs_id", np.int64), ("attrs_conf", np.float32)):
+        for name, dtype, shift in (("objects_id", np.int64, 1), ("objects_conf", np.float32, 0),
+                                   ("attrs_id", np.int64, 1), ("attrs_conf", np.float32, 0)):
             if name in row:
-                setattr(regions, name, self.array(row, name, dtype, 0, k))
+                setattr(regions, name, self.array(row, name, dtype, 0, k) + shift)
         if "cls_prob" in row:
             regions.cls_prob = self.array(row, "cls_prob", np.float32, None, k)
 
@@ -394,7 +398,8 @@ class MmfNpyReader(PublishedReader):
             raise check.fail(f"{path.stem}_info.npy has no bbox")
         regions = check.regions(hw, row, box_key="bbox", num_boxes=num_boxes)
         if "objects" in info:
-            regions.objects_id = check.array(info, "objects", np.int64, 0, len(regions.boxes))
+            # MMF's objects are the arg-max over the foreground columns (0-based): as cls_prob columns, + 1
+            regions.objects_id = check.array(info, "objects", np.int64, 0, len(regions.boxes)) + 1
         if "cls_prob" in info:
             regions.cls_prob = check.array(info, "cls_prob", np.float32, None, len(regions.boxes))
         return regions
