@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -44,9 +44,6 @@ class ImportSummary:
     @property
     def images_per_second(self) -> float:
         return self.images_written / self.seconds if self.seconds > 0 else 0.0
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "images_per_second": round(self.images_per_second, 2)}
 
 
 def import_features(
@@ -92,6 +89,7 @@ def import_features(
         total = min(total, limit)
     bar = tqdm(total=total, desc=f"import {format}", unit="img", disable=not progress, dynamic_ncols=True)
     writer: _WriterThread | None = None
+    empty: list[tuple[str, PublishedRegions]] = []  # images without regions met before the writer exists
     seen: dict[str, str] = {}
     try:
         for n, (source_id, raw) in enumerate(reader.entries()):
@@ -119,11 +117,18 @@ def import_features(
             except FeatureStoreError as error:
                 bad(source_id, image_id, error)
                 continue
-            if writer is None:  # the first good row fixes the widths and the optional fields
+            if writer is None:
+                if not len(regions.boxes):  # says nothing about widths: wait for an image with regions
+                    empty.append((image_id, regions))
+                    continue
+                # the first image with regions fixes the widths and the optional fields
                 store = _open_writer(out, regions, extractor, float32, part_images, part_seconds)
                 if store.resumed:
                     logger.info("%s: resuming, %d images already written", out, store.resumed)
                 writer = _WriterThread(store, set(regions.optional()), min(CHECKPOINT_EVERY, part_images))
+                for waiting_id, waiting in empty:
+                    summary.images_resumed += waiting_id in store.done_ids
+                    summary.images_written += _put(writer, waiting_id, waiting)
                 if image_id in store.done_ids:
                     summary.images_resumed += 1
                     continue
@@ -131,12 +136,11 @@ def import_features(
             if problem:
                 bad(source_id, image_id, FeatureStoreError(f"{source}: image {source_id!r}: {problem}"))
                 continue
-            writer.put(image_id, regions)
-            summary.images_written += 1
+            summary.images_written += _put(writer, image_id, regions)
             if progress:
                 bar.set_postfix_str(f"{summary.images_written / max(time.monotonic() - started, 1e-9):.1f} img/s")
         if writer is None:
-            raise FeatureStoreError(f"{source}: no importable images in this {format} source")
+            raise FeatureStoreError(f"{source}: no importable images with regions in this {format} source")
         writer.close()
         writer.store.finish()
     except BaseException:
@@ -151,6 +155,14 @@ def import_features(
     if errors_path.exists():
         summary.errors_file = str(errors_path)
     return summary
+
+
+def _put(writer: _WriterThread, image_id: str, regions: PublishedRegions) -> int:
+    """Queue one image unless an earlier run already wrote it; returns 1 when queued."""
+    if image_id in writer.store.done_ids:
+        return 0
+    writer.put(image_id, regions)
+    return 1
 
 
 def _open_writer(out: Path, regions: PublishedRegions, extractor: dict, float32: bool, part_images: int,
@@ -181,7 +193,8 @@ class _WriterThread:
                 continue  # drain until close()
             image_id, regions = item
             try:
-                self.store.add(image_id, regions.image_hw, regions.features, regions.boxes, **regions.optional())
+                optional = {k: v for k, v in regions.optional().items() if k in self.optional}  # (K = 0 rows)
+                self.store.add(image_id, regions.image_hw, regions.features, regions.boxes, **optional)
                 written += 1
                 if written % self.checkpoint_every == 0:
                     self.store.checkpoint()  # seals a part when it is big or old enough
@@ -191,11 +204,11 @@ class _WriterThread:
     def mismatch(self, regions: PublishedRegions) -> str | None:
         """Why this row cannot join the rows already written (other widths or optional fields), or None."""
         options = self.store.options
+        if not len(regions.boxes):
+            return None
         width = regions.features.shape[1]
         if width != options["feature_dim"]:
             return f"features are {width} wide but earlier images' are {options['feature_dim']}"
-        if not len(regions.boxes):
-            return None
         cls_prob_dim = regions.cls_prob.shape[1] if regions.cls_prob is not None else None
         if cls_prob_dim != options["cls_prob_dim"]:
             return f"cls_prob width {cls_prob_dim} differs from earlier images' ({options['cls_prob_dim']})"

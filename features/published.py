@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import lmdb
 import numpy as np
 
 from features.errors import FeatureStoreError, WeightsError
@@ -98,42 +99,45 @@ class _RowChecker:
         raise self.fail(f"missing field {names[0]}")
 
     def array(self, row: dict, name: str, dtype, width: int | None, rows: int | None) -> np.ndarray:
-        """Field `name` as a [rows, width] (or [rows]) array of `dtype`, from base64 text or a numpy array.
+        """Field `name` as a [rows, width] array of `dtype` ([rows] when `width` is 0), from base64 or numpy.
 
-        `rows` None means "any", and then `width` must be known to split the data; `width` None means "any".
+        `width` None means "any width" (found from `rows`, which must then be known); `rows` None means "any".
         """
         if name not in row:
             raise self.fail(f"missing field {name}")
         value = row[name]
         if isinstance(value, (str, bytes)):
-            try:
-                data = base64.b64decode(value, validate=True)
-            except (binascii.Error, ValueError):
-                raise self.fail(f"{name} is not valid base64") from None
-            item = np.dtype(dtype).itemsize
-            if len(data) % item:
-                raise self.fail(f"{name}: {len(data)} bytes is not a whole number of {np.dtype(dtype).name} values")
-            flat = np.frombuffer(data, dtype=dtype)
-            if width is None:
-                if rows is None or (rows and flat.size % rows):
-                    raise self.fail(f"{name}: {flat.size} values do not split into {rows} rows")
-                width = flat.size // rows if rows else 0
-            elif width and flat.size % width:
-                raise self.fail(f"{name}: {flat.size} values do not form rows of {width}")
-            array = flat.reshape(-1, width) if width else flat
+            array = self._from_base64(name, value, dtype, width, rows)
         elif isinstance(value, np.ndarray):
             array = value
         else:
             raise self.fail(f"{name} is a {type(value).__name__}, expected base64 text or a numpy array")
-        expected_ndim = 2 if width != 0 else 1
-        if array.ndim != expected_ndim or (rows is not None and array.shape[0] != rows) or (
-            width and array.shape[1] != width
-        ):
-            want = f"[{rows if rows is not None else 'K'}" + (f", {width or 'D'}]" if width != 0 else "]")
+        ndim = 1 if width == 0 else 2
+        if array.ndim != ndim or (rows is not None and array.shape[0] != rows) or (width and array.shape[1] != width):
+            want = f"[{'K' if rows is None else rows}" + ("]" if width == 0 else f", {width or 'D'}]")
             raise self.fail(f"{name} has shape {list(array.shape)}, expected {want}")
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise self.fail(f"{name} holds NaN or infinite values")
         return np.ascontiguousarray(array, dtype=dtype)
+
+    def _from_base64(self, name: str, value: str | bytes, dtype, width: int | None, rows: int | None) -> np.ndarray:
+        try:
+            data = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise self.fail(f"{name} is not valid base64") from None
+        if len(data) % np.dtype(dtype).itemsize:
+            raise self.fail(f"{name}: {len(data)} bytes is not a whole number of {np.dtype(dtype).name} values")
+        flat = np.frombuffer(data, dtype=dtype)
+        if width == 0:
+            return flat
+        if width is None:
+            if rows is None or (flat.size % rows if rows else flat.size):
+                raise self.fail(f"{name}: {flat.size} values do not split into {rows} rows")
+            width = flat.size // rows if rows else 0
+            return flat.reshape(rows, width)
+        if flat.size % width:
+            raise self.fail(f"{name}: {flat.size} values do not form rows of {width}")
+        return flat.reshape(-1, width)
 
     def regions(self, image_hw: tuple[int, int], row: dict, feature_key: str = "features",
                 box_key: str = "boxes", num_boxes: int | None = None) -> PublishedRegions:
@@ -185,19 +189,12 @@ class PublishedReader:
     def close(self) -> None:
         """Release the source's handles."""
 
-    def __iter__(self) -> Iterator[PublishedRegions]:
-        for source_id, raw in self.entries():
-            yield self.decode(source_id, raw)
-
 
 class _LmdbReader(PublishedReader):
     """An LMDB with a pickled `keys` list and one pickled row per key (vilbert-multi-task's layout)."""
 
     def __init__(self, path: str | os.PathLike):
         super().__init__(path)
-        import lmdb
-
-        self._lmdb = lmdb
         data = self.path / "data.mdb" if self.path.is_dir() else self.path
         try:
             self.env = lmdb.open(str(self.path), subdir=self.path.is_dir(), readonly=True, lock=False,
@@ -210,19 +207,26 @@ class _LmdbReader(PublishedReader):
         if data.stat().st_size < needed:
             self.env.close()
             raise FeatureStoreError(f"{data}: truncated LMDB ({data.stat().st_size} bytes, its index needs {needed})")
+        try:
+            self.keys = self._read_keys()
+        except FeatureStoreError:
+            self.env.close()
+            raise
+
+    def _read_keys(self) -> list[str]:
         raw_keys = self._get(b"keys")
         if raw_keys is None:
             raise FeatureStoreError(f"{self.path}: no 'keys' entry (not a vilbert-style feature LMDB)")
         keys = self._unpickle(raw_keys, "keys")
         if not isinstance(keys, (list, tuple)):
             raise FeatureStoreError(f"{self.path}: 'keys' holds a {type(keys).__name__}, expected a list of ids")
-        self.keys = [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
+        return [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
 
     def _get(self, key: bytes) -> bytes | None:
         try:
             with self.env.begin(write=False) as txn:
                 return txn.get(key)
-        except self._lmdb.Error as error:
+        except lmdb.Error as error:
             raise FeatureStoreError(f"{self.path}: cannot read key {key.decode(errors='replace')!r} ({error})") from None
 
     def _unpickle(self, data: bytes, source_id: str):
@@ -428,8 +432,6 @@ def _b64(array: np.ndarray, dtype) -> str:
 
 def export_vilbert_lmdb(store, out: str | os.PathLike, ids: list[str] | None = None) -> Path:
     """Write `store` as a vilbert-multi-task feature LMDB (folder with data.mdb); the folder appears when complete."""
-    import lmdb
-
     out = Path(out)
     ids = list(store.ids if ids is None else ids)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")

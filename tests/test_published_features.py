@@ -103,6 +103,16 @@ def test_resumes_after_an_interruption(tmp_path, monkeypatch):
     assert not (tmp_path / "f.h5.partial").exists()
 
 
+def test_an_image_without_regions_is_kept(tmp_path):
+    rows = make_rows(2)
+    empty = {**rows[0], "id": "0", "boxes": np.zeros((0, 4), np.float32), "features": np.zeros((0, 8), np.float32)}
+    source = write_butd_tsv(tmp_path / "s.tsv", [empty, *rows])
+    summary = import_features(source, "butd-tsv", tmp_path / "f.h5", progress=False)
+    assert summary.images_written == 3
+    store = FeatureStore(tmp_path / "f.h5")
+    assert store.ids == ["0", "1", "2"] and store.read("0").features.shape == (0, 8)
+
+
 # --------------------------------------------------------------------------------------------------------- bad input
 
 
