@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -158,7 +159,7 @@ class FeatureStoreWriter:
                 f"got {tuple(features.shape)} and {tuple(boxes.shape)}"
             )
         record = {"image_id": image_id, "image_hw": (int(image_hw[0]), int(image_hw[1])),
-                  "features": features, "boxes": boxes}
+                  "features": _cast(features, self.feature_dtype), "boxes": boxes}
         if self.cls_prob_dim:
             if cls_prob is None:
                 if k:
@@ -170,7 +171,7 @@ class FeatureStoreWriter:
                     f"{self.path}: image {image_id!r}: expected cls_prob [{k}, {self.cls_prob_dim}], "
                     f"got {tuple(cls_prob.shape)}"
                 )
-            record["cls_prob"] = cls_prob
+            record["cls_prob"] = _cast(cls_prob, np.float16)
         elif cls_prob is not None:
             raise FeatureStoreError(f"{self.path}: image {image_id!r} has cls_prob but the writer has no cls_prob_dim")
         given = {"objects_id": objects_id, "objects_conf": objects_conf, "attrs_id": attrs_id, "attrs_conf": attrs_conf}
@@ -212,10 +213,10 @@ class FeatureStoreWriter:
         _append(f["image_id"], n0, n1, np.array([r["image_id"] for r in records], dtype=object))
         _append(f["image_hw"], n0, n1, np.array([r["image_hw"] for r in records], np.int32).reshape(-1, 2))
         _append(f["offsets"], n0 + 1, n1 + 1, m0 + np.cumsum(counts))
-        _append(f["features"], m0, m1, np.concatenate([r["features"] for r in records]).astype(self.feature_dtype))
+        _append(f["features"], m0, m1, np.concatenate([r["features"] for r in records]))
         _append(f["boxes"], m0, m1, np.concatenate([r["boxes"] for r in records]).astype(np.float32))
         if self.cls_prob_dim:
-            _append(f["cls_prob"], m0, m1, np.concatenate([r["cls_prob"] for r in records]).astype(np.float16))
+            _append(f["cls_prob"], m0, m1, np.concatenate([r["cls_prob"] for r in records]))
         for name in self._labels or ():
             if name not in f:
                 self._rows_dataset(name, None, _LABEL_DTYPES[name])
@@ -258,6 +259,15 @@ def _numpy(value) -> np.ndarray:
             value = value.float()
         value = value.numpy()
     return np.asarray(value)
+
+
+def _cast(values: np.ndarray, dtype) -> np.ndarray:
+    """`values` as `dtype`; float32 -> float16 goes through torch, several times faster than numpy's conversion."""
+    if values.dtype == np.float32 and dtype == np.float16:
+        with warnings.catch_warnings():  # read-only input (np.frombuffer) is only read here
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(np.ascontiguousarray(values)).half().numpy()
+    return np.asarray(values, dtype=dtype)
 
 
 def _append(dataset: h5py.Dataset, start: int, stop: int, values: np.ndarray) -> None:

@@ -63,8 +63,11 @@ def resolve_split(data: FinetuneDataConfig, split: str) -> str:
 
 
 def tokenizer_directory(data: FinetuneDataConfig, model_config: ModelConfig) -> str:
-    """`data.tokenizer`, else `model.text_init`; neither is a ConfigError."""
+    """`data.tokenizer`, else `model.text_init`, else `model.init` when it holds vocab.txt; none is a ConfigError."""
     directory = data.tokenizer or getattr(model_config, "text_init", None)
+    init = getattr(model_config, "init", None)
+    if not directory and init and (Path(init) / "vocab.txt").is_file():  # a converted dir with its tokenizer
+        directory = init
     if not directory:
         raise ConfigError("data.tokenizer: set a local BERT tokenizer directory (or model.text_init)")
     return directory

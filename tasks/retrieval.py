@@ -40,6 +40,7 @@ from tasks.data.annotations import (
     open_feature_store,
     require,
 )
+from tasks.data.reference_files import read_hard_negatives
 from tasks.data.regions import collate_visual, visual_input
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.evaluation import eval_mode, model_device
@@ -119,7 +120,7 @@ class RetrievalDataConfig(FinetuneDataConfig):
     max_text_length: int = 30
     annotations: str = "dataset_flickr30k.json"  # Karpathy file, relative to root (or absolute)
     split_files: dict[str, str] = field(default_factory=dict)  # JSON-lines per split; overrides `annotations`
-    hard_negatives: str | None = None  # JSON {image_id: [neighbour ids]}
+    hard_negatives: str | None = None  # JSON {image_id: [neighbour ids]}, or the reference's hard_negative.pkl
     dataset: str = "flickr30k"  # flickr30k | coco: picks the 12-in-1 task token
     val_split: str = "val"
 
@@ -250,9 +251,8 @@ class RetrievalTask(FinetuneTask):
         return self._store
 
     def dataset(self, split: str) -> Dataset:
-        pool = load_json(Path(self.data.root) / self.data.hard_negatives) if self.data.hard_negatives else None
-        if pool is not None and not isinstance(pool, dict):
-            raise AnnotationError(f"{self.data.hard_negatives}: expected {{image_id: [neighbour ids]}}")
+        hard = self.data.hard_negatives
+        pool = read_hard_negatives(Path(self.data.root) / hard) if hard else None  # JSON or hard_negative.pkl
         return RetrievalTrainDataset(self.images(split), self.store(), self.tokenizer(), self.data.max_text_length,
                                      self.data.max_regions, pool, f"{self.data.root} ({split})",
                                      seed=self.config.train.seed)

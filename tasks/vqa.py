@@ -31,6 +31,12 @@ from tasks.data.annotations import (
     open_feature_store,
     require,
 )
+from tasks.data.answer_labels import (
+    carry_answer_rows,
+    checkpoint_classifier,
+    extend_answers,
+    require_answer_labels,
+)
 from tasks.data.regions import collate_visual, visual_input
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.evaluation import eval_batches
@@ -183,6 +189,7 @@ class VQADataConfig(FinetuneDataConfig):
     val_split: str = "minval"
     min_answer_count: int = 9
     minval_size: int = 3000
+    extend_answers: bool = True  # fine-tuning from a labelled head: append the data's new answers (evaluate: off)
 
 
 @dataclass
@@ -246,6 +253,7 @@ class VQATask(FinetuneTask):
         self._store = None
         self._questions: dict[str, list[VQAQuestion]] = {}
         self.answers: list[str] | None = None
+        self.init_answers: list[str] | None = None  # the initial checkpoint's labelled answers
 
     # ------------------------------------------------------------------ data
 
@@ -256,14 +264,25 @@ class VQATask(FinetuneTask):
         return self._questions[split]
 
     def vocabulary(self) -> list[str]:
-        """The answer list: the initial checkpoint's (config id2label) when it has one, else built from train+val."""
+        """The answer list: the initial checkpoint's (config id2label) when it has one, then (when fine-tuning) the
+        data's answers it lacks; else built from train+val. A converted head without labels is refused."""
         if self.answers is None:
-            self.answers = checkpoint_answers(getattr(self.config.model, "init", None))
-            if self.answers is None:
-                self.answers = build_vocabulary(read_split(self.data.root, "train") + read_split(self.data.root, "val"),
-                                                self.data.min_answer_count)
+            init = getattr(self.config.model, "init", None)
+            require_answer_labels(init)
+            self.init_answers = checkpoint_answers(init)
+            if self.init_answers is None or self.data.extend_answers:
+                built = build_vocabulary(read_split(self.data.root, "train") + read_split(self.data.root, "val"),
+                                         self.data.min_answer_count)
                 logger.info("answer vocabulary: %d answers given by >= %d questions",
-                            len(self.answers), self.data.min_answer_count)
+                            len(built), self.data.min_answer_count)
+            if self.init_answers is None:
+                self.answers = built
+            elif self.data.extend_answers:
+                self.answers = extend_answers(self.init_answers, built)
+                logger.info("answers: %d from %s in its order, %d new appended", len(self.init_answers), init,
+                            len(self.answers) - len(self.init_answers))
+            else:
+                self.answers = self.init_answers
         return self.answers
 
     def store(self) -> FeatureStore:
@@ -284,8 +303,12 @@ class VQATask(FinetuneTask):
     def build_model(self) -> nn.Module:
         """The task model; its config's id2label carries the answer list, so checkpoints know their labels."""
         answers = self.vocabulary()
-        return build_task_model(self.config.model, id2label=dict(enumerate(answers)),
-                                label2id={a: i for i, a in enumerate(answers)})
+        model = build_task_model(self.config.model, id2label=dict(enumerate(answers)),
+                                 label2id={a: i for i, a in enumerate(answers)})
+        if self.init_answers is not None and answers != self.init_answers:  # rows follow their answers
+            old = checkpoint_classifier(self.config.model.init)
+            carry_answer_rows(model.answer_head.classifier, old, self.init_answers, answers)
+        return model
 
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
         ids = task_ids_for(model, "vqa", batch["input_ids"].shape[0], batch["input_ids"].device)

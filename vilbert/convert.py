@@ -22,6 +22,24 @@ from vilbert.modeling_vilbert import ViLBertForPreTraining, ViLBertForVLTasks, V
 logger = logging.getLogger(__name__)
 
 SOURCES = ("vilbert-multi-task", "vilbert_beta")
+# the region features each source's released models were trained on (reference/vilbert.md §9.3, features.md §1);
+# `detector` uses the names feature stores record, so a store from another family can be warned about
+RELEASED_VISUAL_FEATURES: dict[str, dict[str, Any]] = {
+    "vilbert-multi-task": {
+        "detector": "vmb-x152-fpn",
+        "description": "vqa-maskrcnn-benchmark ResNeXt-152 32x8d FPN, Visual Genome 1600 classes, fc6 2048-d",
+        "selection": "per-class NMS 0.5, top 100 boxes",
+        "boxes": 100,
+        "published_features": "vilbert-lmdb (*_resnext152_faster_rcnn_genome.lmdb)",
+    },
+    "vilbert_beta": {
+        "detector": "butd-r101-c4",
+        "description": "bottom-up-attention Caffe ResNet-101 C4, Visual Genome 1600 classes, pool5 2048-d",
+        "selection": "per-class NMS 0.3, max_conf >= 0.2, 10-100 boxes",
+        "boxes": "10-100",
+        "published_features": "vilbert-beta-lmdb (*_resnet101_faster_rcnn_genome.lmdb)",
+    },
+}
 REFERENCE_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "reference_configs")  # the released JSON configs
 
 # (reference prefix, our prefix), most specific first in both columns

@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "score": "score",
     "convert": "convert",
     "serve": "serve",
+    "boxes": "boxes",
 }
 
 USER_ERRORS = (ViLBertError, FeaturesError)  # tasks.errors.TasksError is a ViLBertError

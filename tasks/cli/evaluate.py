@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from features.atomic import write_json_atomic
+from tasks.data.feature_provenance import warn_if_store_differs
 from tasks.registry import TASKS
 from tasks.runners.evaluate import evaluate_split, load_checkpoint_model, load_task
 
@@ -37,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    task = load_task(args.task, args.config, [*args.overrides, f"model.init={args.checkpoint}"])
+    keep_head = ["data.extend_answers=false"] if args.task == "vqa" else []  # the checkpoint's answers as they are
+    task = load_task(args.task, args.config, [*args.overrides, f"model.init={args.checkpoint}", *keep_head])
+    warn_if_store_differs(args.checkpoint, task.config.data.features)
     model = load_checkpoint_model(args.checkpoint, task)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     out = Path(args.out or Path(args.checkpoint) / f"eval-{args.split}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from tasks.cli.evaluate import TASK_CHOICES
+from tasks.data.feature_provenance import warn_if_store_differs
 from tasks.runners.evaluate import load_task
 
 
@@ -26,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + ([f"model.init={args.init}"] if args.init else [])
     task = load_task(args.task, args.config, overrides)
+    warn_if_store_differs(task.config.model.init, task.config.data.features)
     result = Trainer(task, task.config.train, task.config.optim, run_config=task.config).fit(resume=args.resume)
     for line in summary_lines(result, task):
         print(line)

@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from features.detectors import build_detector
     from features.images import read_image
     from tasks.cli.extract import parse_options
+    from tasks.data.feature_provenance import feature_mismatch
     from tasks.data.tokenization import load_tokenizer
     from tasks.errors import ConfigError
     from tasks.runners import predict
@@ -85,11 +86,14 @@ def run(args: argparse.Namespace) -> int:
         answers = predict.read_answers(args.answers) if args.answers else info.answers()
         if answers is None:
             raise ConfigError(f"--checkpoint {args.checkpoint}: config.json has no VQA answer list (id2label); "
-                              "pass --answers FILE")
+                              "pass --answers FILE (or convert with --answers trainval_label2ans.pkl)")
     image = read_image(args.image)
     boxes = predict.boxes_for_image(args.boxes, args.box_format, args.image) if args.boxes else None
     feature_size = info.feature_size
     name = predict.detector_name(info, args.detector, feature_size)
+    mismatch = feature_mismatch(info.config.get("visual_features"), name, f"detector {name}")
+    if mismatch:
+        print(f"warning: {mismatch}", file=sys.stderr)
     detector = build_detector(name, weights=args.weights, **parse_options(args.option))
     predict.check_detector(detector, feature_size, args.random_detector)
     tokenizer = load_tokenizer(predict.tokenizer_directory(info, args.tokenizer))
