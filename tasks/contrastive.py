@@ -57,3 +57,21 @@ def contrastive_loss(
     text_to_image = F.cross_entropy(logits.masked_fill(~keep[None, :], MASKED_LOGIT), targets, reduction="none")
     image_to_text = F.cross_entropy(logits.T.masked_fill(~keep[None, :], MASKED_LOGIT), targets, reduction="none")
     return ((text_to_image + image_to_text) * weight).sum() / (2 * weight.sum().clamp(min=1.0))
+
+
+DEFAULT_DUAL_EMBEDDING_SIZE = 256  # the shared embedding width a contrastive run gives a model that has none
+
+
+def dual_overrides(model_config, contrastive_weight: float) -> dict[str, int]:
+    """ViLBertConfig overrides a run with the contrastive term needs: a dual encoder when neither the model's
+    overrides nor its `init` checkpoint give one (`model_config` is a tasks.config.ModelConfig)."""
+    import json
+    from pathlib import Path
+
+    if contrastive_weight <= 0 or model_config.overrides.get("dual_embedding_size"):
+        return {}
+    if model_config.init:
+        config_file = Path(model_config.init) / "config.json"
+        if config_file.is_file() and json.loads(config_file.read_text()).get("dual_embedding_size"):
+            return {}
+    return {"dual_embedding_size": DEFAULT_DUAL_EMBEDDING_SIZE}

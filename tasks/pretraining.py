@@ -15,6 +15,8 @@ Masking follows the reference (vilbert.md §5.2-5.4) and runs in DataLoader work
   (`train.group_by_length`, `data.pad_to_longest`) stay short.
 Objectives (vilbert-multi-task `--objective`): 0 = all losses on all pairs; 1 = mismatched pairs carry no MLM or
 region labels; 2 = no negatives and the alignment loss weighted 0.
+`data.contrastive_weight` > 0 adds the dual encoder's symmetric InfoNCE (`tasks.contrastive`) over the batch's
+aligned pairs, the other aligned pairs of the global batch as negatives (inputs as masked for the other losses).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class PretrainingDataConfig:
     max_text_length: int = 36  # [CLS] + 34 word pieces + [SEP]
     max_regions: int = 37  # IMG token + 36 boxes
     objective: int = 1
+    contrastive_weight: float = 0.0  # > 0: add weight × InfoNCE of the dual encoder (ours, not the reference's)
     negatives: str = "caption"  # mismatched pairs swap the caption (reference) or the image
     pad_to_longest: bool = False  # pad each batch's text to its longest caption, not max_text_length
     strict: bool = False  # missing image ids are an error instead of a warning
@@ -65,6 +68,8 @@ class PretrainingDataConfig:
     def validate(self) -> None:
         if self.objective not in (0, 1, 2):
             raise ConfigError(f"data.objective must be 0, 1 or 2, got {self.objective}")
+        if self.contrastive_weight < 0:
+            raise ConfigError(f"data.contrastive_weight must be >= 0, got {self.contrastive_weight}")
         if self.negatives not in ("caption", "image"):
             raise ConfigError(f"data.negatives must be 'caption' or 'image', got {self.negatives!r}")
         if self.max_text_length < 3:
@@ -266,13 +271,16 @@ class PretrainingTask(Task):
         return self._datasets[split]
 
     def build_model(self) -> nn.Module:
+        from tasks.contrastive import dual_overrides
         from vilbert import ViLBertConfig, ViLBertForPreTraining
 
         model_config = self.config.model
+        dual = dual_overrides(model_config, self.config.data.contrastive_weight)
         if model_config.init is not None:
-            model = ViLBertForPreTraining.from_pretrained(model_config.init)
+            model = ViLBertForPreTraining.from_pretrained(model_config.init, **dual)
         else:
-            model = ViLBertForPreTraining(ViLBertConfig.from_preset(model_config.preset, **model_config.overrides))
+            model = ViLBertForPreTraining(
+                ViLBertConfig.from_preset(model_config.preset, **{**model_config.overrides, **dual}))
             if model_config.text_init is not None:
                 from vilbert.convert import init_text_stream_from_bert
 
@@ -304,12 +312,22 @@ class PretrainingTask(Task):
         return out.mlm_loss + out.region_loss + alignment_weight * out.alignment_loss
 
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
-        out = model(**batch)
-        return StepOutput(self.objective_loss(out), {
+        weight = self.config.data.contrastive_weight
+        out = model(**batch, dual=weight > 0)
+        loss = self.objective_loss(out)
+        metrics = {
             "mlm_loss": out.mlm_loss.detach(),
             "region_loss": out.region_loss.detach(),
             "alignment_loss": out.alignment_loss.detach(),
-        })
+        }
+        if weight > 0:
+            from tasks.contrastive import contrastive_loss
+
+            aligned = batch["alignment_labels"] == 0
+            contrastive = contrastive_loss(out.text_embeds, out.image_embeds, out.logit_scale, aligned)
+            loss = loss + weight * contrastive
+            metrics["contrastive_loss"] = contrastive.detach()
+        return StepOutput(loss, metrics)
 
     # ------------------------------------------------------------------------------------------------ evaluation
 
@@ -319,6 +337,8 @@ class PretrainingTask(Task):
             return {}
         metrics = self._masked_metrics(model, self._datasets[split])
         metrics.update(self._zero_shot_retrieval(model, self._datasets[split]))
+        if getattr(model.vilbert, "dual", None) is not None:
+            metrics.update(self._dual_retrieval(model, self._datasets[split]))
         return metrics
 
     @torch.no_grad()
@@ -380,4 +400,28 @@ class PretrainingTask(Task):
         positives = [position[dataset.captions[i].image_id] for i in queries]
         recall = recall_at_k(scores.cpu(), positives)
         return {f"retrieval_{k}": v for k, v in recall.items() if k in ("r1", "r5", "r10")}
+
+    @torch.no_grad()
+    def _dual_retrieval(self, model: nn.Module, dataset: PretrainingDataset) -> dict[str, float]:
+        """The same images and captions as `_zero_shot_retrieval`, ranked by the dual encoder's cosine."""
+        from tasks.metrics import recall_at_k
+
+        data = self.config.data
+        device = next(model.parameters()).device
+        image_ids = list(dict.fromkeys(c.image_id for c in dataset.captions))[: data.retrieval_images]
+        if len(image_ids) < 2:
+            return {}
+        position = {image_id: i for i, image_id in enumerate(image_ids)}
+        queries = [i for i, c in enumerate(dataset.captions) if c.image_id in position]
+        visual = collate_visual(
+            [build_visual_input(r.features, r.boxes, r.image_hw, data.max_regions)
+             for r in (dataset.store.read(i) for i in image_ids)],
+            pad_to=data.max_regions,
+        )
+        images = model.encode_image(**{k: v.to(device) for k, v in visual.items()})  # [I, E]
+        ids = torch.from_numpy(dataset.text[queries].astype(np.int64)).to(device)  # [Q, L]
+        texts = model.encode_text(ids, (ids != self.tokenizer.pad_id).long())  # [Q, E]
+        positives = [position[dataset.captions[i].image_id] for i in queries]
+        recall = recall_at_k((texts @ images.T).cpu(), positives)
+        return {f"retrieval_dual_{k}": v for k, v in recall.items() if k in ("r1", "r5", "r10")}
 

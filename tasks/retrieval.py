@@ -127,6 +127,7 @@ class RetrievalDataConfig(FinetuneDataConfig):
     hard_negatives: str | None = None  # JSON {image_id: [neighbour ids]}
     dataset: str = "flickr30k"  # flickr30k | coco: picks the 12-in-1 task token
     val_split: str = "val"
+    contrastive_weight: float = 0.0  # > 0: add weight × the dual encoder's InfoNCE over the batch's true pairs
 
 
 @dataclass
@@ -261,16 +262,30 @@ class RetrievalTask(FinetuneTask):
     def collate(self, samples: list) -> dict:
         return collate_retrieval(samples)
 
+    def build_model(self) -> nn.Module:
+        from tasks.contrastive import dual_overrides
+        from tasks.finetuning import build_task_model
+
+        return build_task_model(self.config.model, **dual_overrides(self.config.model, self.data.contrastive_weight))
+
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "token_type_ids", "region_features",
                                               "region_locations", "region_mask")}
         rows = inputs["input_ids"].shape[0]
         ids = task_ids_for(model, self.token_task, rows, inputs["input_ids"].device)
-        logits = model(**inputs, task_ids=ids, heads=["pair_logit"]).pair_logit.view(rows // 4, 4)  # [B, 4]
+        contrastive = self.data.contrastive_weight > 0
+        out = model(**inputs, task_ids=ids, heads=["pair_logit"], dual=contrastive)
+        logits = out.pair_logit.view(rows // 4, 4)  # [B, 4]
         target = torch.zeros(rows // 4, dtype=torch.long, device=logits.device)
         loss = F.cross_entropy(logits.float(), target)
-        accuracy = (logits.argmax(dim=1) == 0).float().mean()
-        return StepOutput(loss=loss, metrics={"accuracy": accuracy.detach()})
+        metrics = {"accuracy": (logits.argmax(dim=1) == 0).float().mean().detach()}
+        if contrastive:  # option 0 of each sample is its true pair; the batch's other true pairs are negatives
+            from tasks.contrastive import contrastive_loss
+
+            info_nce = contrastive_loss(out.text_embeds[::4], out.image_embeds[::4], out.logit_scale)
+            loss = loss + self.data.contrastive_weight * info_nce
+            metrics["contrastive_loss"] = info_nce.detach()
+        return StepOutput(loss=loss, metrics=metrics)
 
     # ------------------------------------------------------------------ evaluation
 
