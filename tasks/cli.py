@@ -27,6 +27,8 @@ COMMANDS: dict[str, str] = {
     "report": "report",
     "score": "score",
     "convert": "convert",
+    "index": "index",
+    "search": "search",
 }
 
 USER_ERRORS = (ViLBertError, FeaturesError, TasksError)
