@@ -15,6 +15,8 @@ Masking follows vilbert-multi-task's pretraining loader and runs in DataLoader w
   (`train.group_by_length`, `data.pad_to_longest`) stay short.
 Objectives (vilbert-multi-task `--objective`): 0 = all losses on all pairs; 1 = mismatched pairs carry no MLM or
 region labels; 2 = no negatives and the alignment loss weighted 0.
+`data.contrastive_weight` > 0 adds the dual encoder's symmetric InfoNCE (`tasks.dual.contrastive`) over the batch's
+aligned pairs, the other aligned pairs of the global batch as negatives (inputs as masked for the other losses).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 from tasks.data.captions import Caption, join_with_store, load_captions
 from tasks.data.regions import build_visual_input, collate_visual, masked_image_mean
 from tasks.data.tokenization import Tokenizer, load_tokenizer
+from tasks.dual.contrastive import contrastive_loss
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.distributed import move_to_device
 from tasks.engine.task import StepOutput, Task, TaskDataset
@@ -56,6 +59,7 @@ class PretrainingDataConfig:
     max_text_length: int = 36  # [CLS] + 34 word pieces + [SEP]
     max_regions: int = 37  # IMG token + 36 boxes
     objective: int = 1
+    contrastive_weight: float = 0.0  # > 0: add weight × InfoNCE of the dual encoder (ours, not the reference's)
     negatives: str = "caption"  # mismatched pairs swap the caption (reference) or the image
     pad_to_longest: bool = False  # pad each batch's text to its longest caption, not max_text_length
     strict: bool = False  # missing image ids are an error instead of a warning
@@ -66,6 +70,8 @@ class PretrainingDataConfig:
     def validate(self) -> None:
         if self.objective not in (0, 1, 2):
             raise ConfigError(f"data.objective must be 0, 1 or 2, got {self.objective}")
+        if self.contrastive_weight < 0:
+            raise ConfigError(f"data.contrastive_weight must be >= 0, got {self.contrastive_weight}")
         if self.negatives not in ("caption", "image"):
             raise ConfigError(f"data.negatives must be 'caption' or 'image', got {self.negatives!r}")
         if self.max_text_length < 3:
@@ -267,13 +273,16 @@ class PretrainingTask(Task):
         return self._datasets[split]
 
     def build_model(self) -> nn.Module:
+        from tasks.dual.contrastive import dual_overrides
         from vilbert import ViLBertConfig, ViLBertForPreTraining
 
         model_config = self.config.model
+        dual = dual_overrides(model_config, self.config.data.contrastive_weight)
         if model_config.init is not None:
-            model = ViLBertForPreTraining.from_pretrained(model_config.init)
+            model = ViLBertForPreTraining.from_pretrained(model_config.init, **dual)
         else:
-            model = ViLBertForPreTraining(ViLBertConfig.from_preset(model_config.preset, **model_config.overrides))
+            model = ViLBertForPreTraining(
+                ViLBertConfig.from_preset(model_config.preset, **{**model_config.overrides, **dual}))
             if model_config.text_init is not None:
                 from vilbert.convert import init_text_stream_from_bert
 
@@ -307,22 +316,33 @@ class PretrainingTask(Task):
     def label_counts(self, batch: Mapping[str, Any]) -> dict[str, int]:
         """Masked tokens, masked regions and pairs: the items each objective averages over."""
         tokens, regions = batch["labelled_counts"]
-        return {"mlm": tokens, "region": regions, "alignment": len(batch["alignment_labels"])}
+        counts = {"mlm": tokens, "region": regions, "alignment": len(batch["alignment_labels"])}
+        if self.config.data.contrastive_weight > 0:  # InfoNCE over the aligned pairs
+            counts["contrastive"] = int((batch["alignment_labels"] == 0).sum())
+        return counts
 
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
-        """L_mlm + L_region + L_alignment as sums (the alignment term weighted 0 under objective 2)."""
-        out = model(**batch)
+        """L_mlm + L_region + L_alignment as sums (the alignment term weighted 0 under objective 2), plus the dual
+        encoder's InfoNCE over the aligned pairs when `data.contrastive_weight` > 0."""
+        weight = self.config.data.contrastive_weight
+        out = model(**batch, dual=weight > 0)
         tokens, regions = batch["labelled_counts"]
         loss_sums = {  # the model's means times the micro-batch's counts
             "mlm": out.mlm_loss * tokens,
             "region": out.region_loss * regions,
             "alignment": self.alignment_weight * out.alignment_loss * len(batch["alignment_labels"]),
         }
-        return StepOutput(loss_sums, {
+        metrics = {
             "mlm_loss": out.mlm_loss.detach(),
             "region_loss": out.region_loss.detach(),
             "alignment_loss": out.alignment_loss.detach(),
-        })
+        }
+        if weight > 0:
+            aligned = batch["alignment_labels"] == 0
+            contrastive = contrastive_loss(out.text_embeds, out.image_embeds, out.logit_scale, aligned)
+            loss_sums["contrastive"] = weight * contrastive * aligned.sum()
+            metrics["contrastive_loss"] = contrastive.detach()
+        return StepOutput(loss_sums, metrics)
 
     # ------------------------------------------------------------------------------------------------ evaluation
 
@@ -332,7 +352,10 @@ class PretrainingTask(Task):
         if split not in self._datasets:
             return {}
         dataset = self._datasets[split]
-        return {**self._masked_counts(model, dataset), **self._zero_shot_scores(model, dataset)}
+        outcomes = {**self._masked_counts(model, dataset), **self._zero_shot_scores(model, dataset)}
+        if model.vilbert.dual is not None:
+            outcomes.update(self._dual_scores(model, dataset))
+        return outcomes
 
     def score(self, predictions: Mapping[str, Any], split: str) -> dict[str, float]:
         """Masked-objective accuracies and the loss on held-out pairs, zero-shot image retrieval R@1/5/10."""
@@ -350,6 +373,9 @@ class PretrainingTask(Task):
         if predictions.get("retrieval_scores"):
             recall = recall_at_k(torch.tensor(predictions["retrieval_scores"]), predictions["retrieval_positives"])
             metrics.update({f"retrieval_{k}": v for k, v in recall.items() if k in ("r1", "r5", "r10")})
+        if predictions.get("dual_scores"):
+            recall = recall_at_k(torch.tensor(predictions["dual_scores"]), predictions["retrieval_positives"])
+            metrics.update({f"retrieval_dual_{k}": v for k, v in recall.items() if k in ("r1", "r5", "r10")})
         return metrics
 
     @torch.no_grad()
@@ -403,4 +429,24 @@ class PretrainingTask(Task):
                 scores[row, start : start + len(logits)] = logits.float().softmax(-1)[:, 0]
         positives = [position[dataset.captions[i].image_id] for i in queries]
         return {"retrieval_scores": scores.cpu().tolist(), "retrieval_positives": positives}
+
+    @torch.no_grad()
+    def _dual_scores(self, model: nn.Module, dataset: PretrainingDataset) -> dict[str, Any]:
+        """The same captions against the same images as `_zero_shot_scores`, scored by the dual encoder's cosine."""
+        data = self.config.data
+        device = next(model.parameters()).device
+        image_ids = list(dict.fromkeys(c.image_id for c in dataset.captions))[: data.retrieval_images]
+        if len(image_ids) < 2:
+            return {}
+        position = {image_id: i for i, image_id in enumerate(image_ids)}
+        queries = [i for i, c in enumerate(dataset.captions) if c.image_id in position]
+        visual = collate_visual(
+            [build_visual_input(r.features, r.boxes, r.image_hw, data.max_regions)
+             for r in (dataset.store.read(i) for i in image_ids)],
+            pad_to=data.max_regions,
+        )
+        images = model.encode_image(**{k: v.to(device) for k, v in visual.items()})  # [I, E]
+        ids = torch.from_numpy(dataset.text[queries].astype(np.int64)).to(device)  # [Q, L]
+        texts = model.encode_text(ids, (ids != self.tokenizer.pad_id).long())  # [Q, E]
+        return {"dual_scores": (texts @ images.T).cpu().tolist()}
 

@@ -42,6 +42,7 @@ from tasks.data.annotations import (
 )
 from tasks.data.reference_files import read_hard_negatives
 from tasks.data.regions import collate_visual, visual_input
+from tasks.dual.contrastive import contrastive_loss, dual_overrides
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.evaluation import eval_mode, model_device
 from tasks.engine.task import StepOutput, TaskDataset
@@ -123,6 +124,7 @@ class RetrievalDataConfig(FinetuneDataConfig):
     hard_negatives: str | None = None  # JSON {image_id: [neighbour ids]}, or the reference's hard_negative.pkl
     dataset: str = "flickr30k"  # flickr30k | coco: picks the 12-in-1 task token
     val_split: str = "val"
+    contrastive_weight: float = 0.0  # > 0: add weight × the dual encoder's InfoNCE over the batch's true pairs
 
 
 @dataclass
@@ -260,16 +262,27 @@ class RetrievalTask(FinetuneTask):
     def collate(self, samples: list) -> dict:
         return collate_retrieval(samples)
 
+    def build_model(self) -> nn.Module:
+        from tasks.finetuning import build_task_model
+
+        return build_task_model(self.config.model, **dual_overrides(self.config.model, self.data.contrastive_weight))
+
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "token_type_ids", "region_features",
                                               "region_locations", "region_mask")}
         rows = inputs["input_ids"].shape[0]
         ids = task_ids_for(model, self.token_task, rows, inputs["input_ids"].device)
-        logits = model(**inputs, task_ids=ids, heads=["pair_logit"]).pair_logit.view(rows // 4, 4)  # [B, 4]
+        contrastive = self.data.contrastive_weight > 0
+        out = model(**inputs, task_ids=ids, heads=["pair_logit"], dual=contrastive)
+        logits = out.pair_logit.view(rows // 4, 4)  # [B, 4]
         target = torch.zeros(rows // 4, dtype=torch.long, device=logits.device)
-        accuracy = (logits.argmax(dim=1) == 0).float().mean()
-        return StepOutput({"loss": F.cross_entropy(logits.float(), target, reduction="sum")},
-                          metrics={"accuracy": accuracy.detach()})
+        loss_sums = {"loss": F.cross_entropy(logits.float(), target, reduction="sum")}
+        metrics = {"accuracy": (logits.argmax(dim=1) == 0).float().mean().detach()}
+        if contrastive:  # option 0 of each sample is its true pair; the batch's other true pairs are negatives
+            info_nce = contrastive_loss(out.text_embeds[::4], out.image_embeds[::4], out.logit_scale)
+            loss_sums["loss"] = loss_sums["loss"] + self.data.contrastive_weight * info_nce * (rows // 4)
+            metrics["contrastive_loss"] = info_nce.detach()
+        return StepOutput(loss_sums, metrics)
 
     # ------------------------------------------------------------------ evaluation
 

@@ -13,6 +13,9 @@ FUSION_METHODS = ("mul", "sum")
 # "multi-task": Linear, GELU, LayerNorm, Linear (vilbert-multi-task SimpleClassifier);
 # "beta": Linear, ReLU, Dropout(0.5), Linear (vilbert_beta, weight norm folded into plain weights).
 ANSWER_HEAD_TYPES = ("multi-task", "beta")
+# what the dual encoder does at a co-attention layer: "skip" it, or run its "self" half (each stream attending to
+# itself through the layer's own query/key/value of that stream, then its output LN and FFN)
+DUAL_COATTENTION = ("skip", "self")
 
 
 def layer_variant(num_coattention: int) -> dict[str, Any]:
@@ -128,6 +131,12 @@ class ViLBertConfig(PreTrainedConfig):
     gqa_num_labels: int = 1533
     tie_word_embeddings: bool = True
 
+    # The dual encoder (ours, not in the reference): each stream alone, mean-pooled, projected to
+    # `dual_embedding_size`, L2-normalised, compared by a learned temperature. 0 = no dual encoder parameters.
+    dual_embedding_size: int = 0
+    dual_coattention: str = "skip"
+    dual_temperature: float = 0.07  # initial temperature (logit scale 1/0.07), as CLIP
+
     def __post_init__(self, **kwargs: Any) -> None:
         if self.v_biattention_id is None:
             self.v_biattention_id = [0, 1, 2, 3, 4, 5]
@@ -185,6 +194,12 @@ class ViLBertConfig(PreTrainedConfig):
             limit = ids[0] if ids else (self.num_hidden_layers if name == "fixed_t_layer" else self.v_num_hidden_layers)
             if not 0 <= fixed <= limit:
                 raise ConfigError(f"{name}: {fixed} must lie in [0, {limit}] (layers before the first co-attention)")
+        if self.dual_embedding_size < 0:
+            raise ConfigError(f"dual_embedding_size: {self.dual_embedding_size} must be >= 0 (0 = no dual encoder)")
+        if self.dual_coattention not in DUAL_COATTENTION:
+            raise ConfigError(f"dual_coattention: unknown {self.dual_coattention!r}; expected one of {DUAL_COATTENTION}")
+        if not 0 < self.dual_temperature <= 1:
+            raise ConfigError(f"dual_temperature: {self.dual_temperature} must lie in (0, 1]")
         if self.task_specific_tokens and self.num_task_tokens <= 0:
             raise ConfigError(f"num_task_tokens: {self.num_task_tokens} must be positive with task_specific_tokens")
         for name in ("vocab_size", "v_feature_size", "v_target_size", "gqa_num_labels", "num_labels"):

@@ -113,6 +113,8 @@ _SOURCE_RULES: dict[str, list[tuple[str, str]]] = {
 }
 _UNUSED_REFERENCE = re.compile(r"^bert\.encoder\.c_layer\.(\d+)\.biOutput\.q_dense[12]\.(weight|bias)$")
 _TIED_DECODER = "mlm_head.decoder.weight"
+# our parameters with no reference counterpart (the dual encoder): never exported, initialised fresh on import
+OURS_ONLY_PREFIXES = ("vilbert.dual.",)
 _WORD_EMBEDDINGS = "vilbert.embeddings.word_embeddings.weight"
 # keys of the reference config JSONs that the reference code never reads or that we do not model
 _IGNORED_JSON_KEYS = {"pooling_method", "bi_attention_type", "visualization", "objective", "num_negative", "fast_mode"}
@@ -213,7 +215,8 @@ def export_reference_state_dict(model: ViLBertPreTrainedModel, source: str = "vi
     """Our model -> the reference key set of `source` (the .bin layout the reference code loads).
 
     The MLM decoder is written out as a copy of the word embeddings (the reference stores it twice) and the unused
-    q_dense1/2 as zeros, so the key set and shapes equal the released files'. From a ViLBertForVLTasks model
+    q_dense1/2 as zeros, so the key set and shapes equal the released files'. Our own parameters (the dual
+    encoder, `OURS_ONLY_PREFIXES`) are left out. From a ViLBertForVLTasks model
     exported as vilbert_beta, the heads BETA lacks (gqa, binary, tri) are left out and the answer head is written
     in weight-norm form (g = ||W||_F, v = W).
     """
@@ -225,6 +228,8 @@ def export_reference_state_dict(model: ViLBertPreTrainedModel, source: str = "vi
     rules = _rules(source, reverse=True)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in model.state_dict().items():
+        if key.startswith(OURS_ONLY_PREFIXES):
+            continue
         ref = _rename(key, rules)
         if ref is None:
             if source == "vilbert_beta" and key.startswith(("gqa_answer_head.", "binary_head.", "tri_head.")):
@@ -343,7 +348,11 @@ def load_reference_checkpoint(
     has_task_heads = any(not k.startswith(("bert.", "cls.")) for k in state)
     model = (ViLBertForVLTasks if has_task_heads else ViLBertForPreTraining)(config)
     result = model.load_state_dict(converted, strict=False)
-    missing = [k for k in result.missing_keys if k != _TIED_DECODER]
+    ours_only = [k for k in result.missing_keys if k.startswith(OURS_ONLY_PREFIXES)]
+    if ours_only:
+        logger.info("%s: %d parameters of ours that reference checkpoints do not have, initialised fresh: %s",
+                    path, len(ours_only), ", ".join(ours_only))
+    missing = [k for k in result.missing_keys if k != _TIED_DECODER and k not in ours_only]
     if missing:
         logger.warning("%s: %d parameters not in the checkpoint (left at their initial values): %s",
                        path, len(missing), ", ".join(missing))

@@ -8,6 +8,7 @@ Our parameter names differ from the reference's; `vilbert.convert` maps them (ta
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -214,6 +215,15 @@ class CoAttention(nn.Module):
         )
         return text_context, vision_context, (text_to_vision, vision_to_text) if output_attentions else None
 
+    def attend_within(self, stream: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One stream attending to itself through this layer's projections of that stream [B, N, bi]: the dual
+        encoder's "self" half of the layer (no exchange between the streams)."""
+        if stream == "text":
+            query, key, value, p = self.text_query, self.text_key, self.text_value, self.vision_over_text_dropout
+        else:
+            query, key, value, p = self.vision_query, self.vision_key, self.vision_value, self.text_over_vision_dropout
+        return attend(query(x), key(x), value(x), mask, self.num_heads, p if self.training else 0.0)[0]
+
 
 class CoAttentionLayer(nn.Module):
     """Co-attention block: cross-attention replaces self-attention; each stream keeps its residual, LN and FFN."""
@@ -239,6 +249,15 @@ class CoAttentionLayer(nn.Module):
         text = self.text_ffn(self.text_output(text_context, text))  # [B, L, H]
         vision = self.vision_ffn(self.vision_output(vision_context, vision))  # [B, R, Hv]
         return text, vision, maps
+
+    def text_alone(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """The text half with text as its own context: attention, residual + LN, FFN [B, L, H]."""
+        return self.text_ffn(self.text_output(self.coattention.attend_within("text", text, text_mask), text))
+
+    def vision_alone(self, vision: torch.Tensor, vision_mask: torch.Tensor) -> torch.Tensor:
+        """The vision half with the regions as their own context [B, R, Hv]."""
+        context = self.coattention.attend_within("vision", vision, vision_mask)
+        return self.vision_ffn(self.vision_output(context, vision))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -331,10 +350,7 @@ class ViLBertEncoder(nn.Module):
             if kind == "T":
                 text = self._text_layer(index, text, text_mask, attentions)
             elif kind == "V":
-                with torch.no_grad() if index < self.fixed_v_layer else contextlib.nullcontext():
-                    vision, probs = self.vision_layers[index](vision, vision_mask, record)
-                if record:
-                    attentions.vision.append(probs)
+                vision = self._vision_layer(index, vision, vision_mask, attentions)
             else:
                 text, vision, maps = self.coattention_layers[index](text, text_mask, vision, vision_mask, record)
                 if record:
@@ -342,14 +358,42 @@ class ViLBertEncoder(nn.Module):
                     attentions.vision_to_text.append(maps[1])
         return text, vision
 
-    def _text_layer(
-        self, index: int, text: torch.Tensor, text_mask: torch.Tensor, attentions: AttentionMaps | None
+    def run_text_alone(
+        self, text: torch.Tensor, text_mask: torch.Tensor, coattention: str, after_prefix: bool = False
     ) -> torch.Tensor:
+        """The text stream without the regions (dual encoder): the text layers in schedule order, each
+        co-attention layer skipped (`coattention` "skip") or run as text self-attention ("self")."""
+        for kind, index in self.schedule[self.num_prefix_steps if after_prefix else 0 :]:
+            if kind == "T":
+                text = self._text_layer(index, text, text_mask)
+            elif kind == "C" and coattention == "self":
+                text = self.coattention_layers[index].text_alone(text, text_mask)
+        return text
+
+    def run_vision_alone(self, vision: torch.Tensor, vision_mask: torch.Tensor, coattention: str) -> torch.Tensor:
+        """The vision stream without the text (dual encoder), as `run_text_alone`."""
+        for kind, index in self.schedule:
+            if kind == "V":
+                vision = self._vision_layer(index, vision, vision_mask)
+            elif kind == "C" and coattention == "self":
+                vision = self.coattention_layers[index].vision_alone(vision, vision_mask)
+        return vision
+
+    def _text_layer(self, index: int, text: torch.Tensor, text_mask: torch.Tensor,
+                    attentions: AttentionMaps | None = None) -> torch.Tensor:
         with torch.no_grad() if index < self.fixed_t_layer else contextlib.nullcontext():
             text, probs = self.text_layers[index](text, text_mask, attentions is not None)
         if attentions is not None:
             attentions.text.append(probs)
         return text
+
+    def _vision_layer(self, index: int, vision: torch.Tensor, vision_mask: torch.Tensor,
+                      attentions: AttentionMaps | None = None) -> torch.Tensor:
+        with torch.no_grad() if index < self.fixed_v_layer else contextlib.nullcontext():
+            vision, probs = self.vision_layers[index](vision, vision_mask, attentions is not None)
+        if attentions is not None:
+            attentions.vision.append(probs)
+        return vision
 
 
 class Pooler(nn.Module):
@@ -361,6 +405,28 @@ class Pooler(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.relu(self.dense(hidden[:, 0]))
+
+
+class DualEncoderHead(nn.Module):
+    """The dual encoder's output side: masked mean of a stream's final states, a linear projection to the shared
+    `dual_embedding_size`, L2 normalisation; and the learned logit scale (1 / temperature, kept in log space)."""
+
+    def __init__(self, config: ViLBertConfig):
+        super().__init__()
+        self.text_projection = nn.Linear(config.hidden_size, config.dual_embedding_size, bias=False)
+        self.vision_projection = nn.Linear(config.v_hidden_size, config.dual_embedding_size, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.dual_temperature)))
+
+    @staticmethod
+    def embed(hidden: torch.Tensor, mask: torch.Tensor, projection: nn.Linear) -> torch.Tensor:
+        """hidden [B, N, W], 1/0 mask [B, N] -> unit-length float32 embeddings [B, E]."""
+        weights = mask.to(hidden.dtype)[..., None]  # [B, N, 1]
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # [B, W]
+        return F.normalize(projection(pooled).float(), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), capped at 100 as CLIP caps it (keeps the softmax from collapsing)."""
+        return self.logit_scale.float().exp().clamp(max=100.0)
 
 
 def fuse(pooled_text: torch.Tensor, pooled_vision: torch.Tensor, method: str) -> torch.Tensor:
@@ -396,6 +462,9 @@ class ViLBertModelOutput(ModelOutput):
     vision_attentions: tuple[torch.Tensor, ...] | None = None  # per vision layer [B, hv, R, R]
     text_to_vision_attentions: tuple[torch.Tensor, ...] | None = None  # per co-attention layer [B, hb, L, R]
     vision_to_text_attentions: tuple[torch.Tensor, ...] | None = None  # per co-attention layer [B, hb, R, L]
+    text_embeds: torch.Tensor | None = None  # [B, E] dual encoder (with dual=True), unit length
+    image_embeds: torch.Tensor | None = None  # [B, E]
+    logit_scale: torch.Tensor | None = None  # [] exp(logit_scale), for the contrastive loss
 
 
 class ViLBertPreTrainedModel(PreTrainedModel):
@@ -428,6 +497,8 @@ class ViLBertPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, MaskedLanguageModelHead):
             init.zeros_(module.bias)
+        elif isinstance(module, DualEncoderHead):
+            init.constant_(module.logit_scale, math.log(1.0 / self.config.dual_temperature))
 
 
 class ViLBertModel(ViLBertPreTrainedModel):
@@ -440,6 +511,7 @@ class ViLBertModel(ViLBertPreTrainedModel):
         self.encoder = ViLBertEncoder(config)
         self.text_pooler = Pooler(config.hidden_size, config.bi_hidden_size)
         self.vision_pooler = Pooler(config.v_hidden_size, config.bi_hidden_size)
+        self.dual = DualEncoderHead(config) if config.dual_embedding_size else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -470,6 +542,46 @@ class ViLBertModel(ViLBertPreTrainedModel):
         text_mask = additive_mask(attention_mask, compute_dtype(text))
         return TextPrefix(self.encoder.run_text_prefix(text, text_mask, attentions), attention_mask)
 
+    # ----------------------------------------------------------------------------------------- dual encoder
+
+    def dual_head(self) -> DualEncoderHead:
+        if self.dual is None:
+            raise ConfigError("dual_embedding_size: 0 in this model's config, so it has no dual encoder; train one "
+                              "with the contrastive objective (data.contrastive_weight > 0)")
+        return self.dual
+
+    def embed_text_prefix(self, text_prefix: TextPrefix) -> torch.Tensor:
+        """Dual-encoder text embeddings [B, E] from a text prefix: the rest of the text layers alone."""
+        dual = self.dual_head()
+        mask = additive_mask(text_prefix.attention_mask, compute_dtype(text_prefix.hidden))
+        text = self.encoder.run_text_alone(text_prefix.hidden, mask, self.config.dual_coattention, after_prefix=True)
+        return dual.embed(text, text_prefix.attention_mask, dual.text_projection)
+
+    def embed_vision(self, vision: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:
+        """Dual-encoder image embeddings [B, E] from embedded regions [B, R, Hv] and their 1/0 mask [B, R]."""
+        dual = self.dual_head()
+        mask = additive_mask(region_mask, compute_dtype(vision))
+        vision = self.encoder.run_vision_alone(vision, mask, self.config.dual_coattention)
+        return dual.embed(vision, region_mask, dual.vision_projection)
+
+    def encode_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        task_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Unit-length text embeddings [B, E] from the text stream alone (no regions)."""
+        return self.embed_text_prefix(self.encode_text_prefix(input_ids, attention_mask, token_type_ids, task_ids))
+
+    def encode_image(
+        self, region_features: torch.Tensor, region_locations: torch.Tensor, region_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Unit-length image embeddings [B, E] from the vision stream alone (no text)."""
+        if region_mask is None:
+            region_mask = region_features.new_ones(region_features.shape[:2])
+        return self.embed_vision(self.vision_embeddings(region_features, region_locations), region_mask)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -481,9 +593,12 @@ class ViLBertModel(ViLBertPreTrainedModel):
         task_ids: torch.Tensor | None = None,
         text_prefix: TextPrefix | None = None,
         output_attentions: bool | None = None,
+        dual: bool = False,
     ) -> ViLBertModelOutput:
-        """`output_attentions` (default: config.output_attentions) adds every layer's attention probabilities to the
-        output, computed by an explicit softmax instead of the fused kernel; the other outputs stay the same."""
+        """The co-attention forward. `output_attentions` (default: config.output_attentions) adds every layer's
+        attention probabilities, computed by an explicit softmax instead of the fused kernel (the other outputs stay
+        the same); `dual` adds the dual encoder's embeddings of the same text and regions (the text prefix is
+        shared) and its logit scale."""
         if region_features is None or region_locations is None:
             raise ConfigError("region_features and region_locations: required")
         if output_attentions is None:
@@ -497,13 +612,18 @@ class ViLBertModel(ViLBertPreTrainedModel):
             raise ConfigError("output_attentions: needs input_ids, not text_prefix (the prefix layers' maps are gone); "
                               "or pass attentions= to encode_text_prefix")
         batch = region_features.shape[0]
+        if region_mask is None:
+            region_mask = region_features.new_ones(region_features.shape[:2])
+        vision = self.vision_embeddings(region_features, region_locations)  # [B, R, Hv]
+        dual_outputs = {}
+        if dual:
+            dual_outputs = {"text_embeds": self.embed_text_prefix(text_prefix),
+                            "image_embeds": self.embed_vision(vision, region_mask),
+                            "logit_scale": self.dual_head().scale()}
+
         text, text_mask_2d = text_prefix.hidden, text_prefix.attention_mask
         if text.shape[0] == 1 and batch > 1:  # one caption against many images
             text, text_mask_2d = text.expand(batch, -1, -1), text_mask_2d.expand(batch, -1)
-        if region_mask is None:
-            region_mask = region_features.new_ones(region_features.shape[:2])
-
-        vision = self.vision_embeddings(region_features, region_locations)  # [B, R, Hv]
         dtype = compute_dtype(vision)
         text_mask, vision_mask = additive_mask(text_mask_2d, dtype), additive_mask(region_mask, dtype)
         text, vision = self.encoder(text, vision, text_mask, vision_mask, after_prefix=True, attentions=attentions)
@@ -513,6 +633,7 @@ class ViLBertModel(ViLBertPreTrainedModel):
             pooled_text=self.text_pooler(text),
             pooled_vision=self.vision_pooler(vision),
             **(attentions.as_outputs() if attentions is not None else {}),
+            **dual_outputs,
         )
 
 
@@ -616,6 +737,9 @@ class ViLBertPreTrainingOutput(ModelOutput):
     vision_attentions: tuple[torch.Tensor, ...] | None = None  # per vision layer [B, hv, R, R]
     text_to_vision_attentions: tuple[torch.Tensor, ...] | None = None  # per co-attention layer [B, hb, L, R]
     vision_to_text_attentions: tuple[torch.Tensor, ...] | None = None  # per co-attention layer [B, hb, R, L]
+    text_embeds: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    logit_scale: torch.Tensor | None = None
 
 
 class ViLBertWithPretrainingHeads(ViLBertPreTrainedModel):
@@ -645,6 +769,22 @@ class ViLBertWithPretrainingHeads(ViLBertPreTrainedModel):
         """Dropout(pooled_text ∘ pooled_vision) [B, Hb]: the input of the alignment and pooled-output heads."""
         return self.dropout(fuse(base.pooled_text, base.pooled_vision, self.config.fusion_method))
 
+    def encode_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        task_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The base model's dual-encoder text embeddings [B, E]."""
+        return self.vilbert.encode_text(input_ids, attention_mask, token_type_ids, task_ids)
+
+    def encode_image(
+        self, region_features: torch.Tensor, region_locations: torch.Tensor, region_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The base model's dual-encoder image embeddings [B, E]."""
+        return self.vilbert.encode_image(region_features, region_locations, region_mask)
+
 
 class ViLBertForPreTraining(ViLBertWithPretrainingHeads):
     """Masked language modelling, masked region classification (KL to the detector's classes) and alignment."""
@@ -669,12 +809,14 @@ class ViLBertForPreTraining(ViLBertWithPretrainingHeads):
         text_prefix: TextPrefix | None = None,
         labelled_counts: tuple[int, int] | None = None,
         output_attentions: bool | None = None,
+        dual: bool = False,
     ) -> ViLBertPreTrainingOutput:
         """`labelled_counts` = (positions with an MLM label, masked regions), when the caller knows them on the host
-        (the pretraining collate does): it saves the forward's one device-to-host sync."""
+        (the pretraining collate does): it saves the forward's one device-to-host sync. `dual` adds the dual
+        encoder's embeddings to the output (for the contrastive loss)."""
         base = self.vilbert(
             input_ids, attention_mask, token_type_ids, region_features, region_locations, region_mask, task_ids,
-            text_prefix=text_prefix, output_attentions=output_attentions,
+            text_prefix=text_prefix, output_attentions=output_attentions, dual=dual,
         )
         alignment_logits = self.alignment_head(self.fused_pooled(base))  # [B, 2]
 
@@ -755,6 +897,9 @@ class ViLBertForVLTasksOutput(ModelOutput):
     vision_attentions: tuple[torch.Tensor, ...] | None = None  # per vision layer [B, hv, R, R]
     text_to_vision_attentions: tuple[torch.Tensor, ...] | None = None  # per co-attention layer [B, hb, L, R]
     vision_to_text_attentions: tuple[torch.Tensor, ...] | None = None  # per co-attention layer [B, hb, R, L]
+    text_embeds: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    logit_scale: torch.Tensor | None = None
 
 
 class ViLBertForVLTasks(ViLBertWithPretrainingHeads):
@@ -789,13 +934,14 @@ class ViLBertForVLTasks(ViLBertWithPretrainingHeads):
         heads: Iterable[str] | None = None,
         text_prefix: TextPrefix | None = None,
         output_attentions: bool | None = None,
+        dual: bool = False,
     ) -> ViLBertForVLTasksOutput:
         wanted = set(VL_HEADS if heads is None else heads)
         if unknown := wanted - set(VL_HEADS):
             raise ConfigError(f"heads: unknown head(s) {sorted(unknown)}; expected names from {VL_HEADS}")
         base = self.vilbert(
             input_ids, attention_mask, token_type_ids, region_features, region_locations, region_mask, task_ids,
-            text_prefix=text_prefix, output_attentions=output_attentions,
+            text_prefix=text_prefix, output_attentions=output_attentions, dual=dual,
         )
         out = ViLBertForVLTasksOutput(**base)
         if wanted & {"answer_logits", "gqa_answer_logits", "pair_logit", "binary_logits", "tri_logits"}:

@@ -29,6 +29,8 @@ COMMANDS: dict[str, str] = {
     "convert": "convert",
     "serve": "serve",
     "boxes": "boxes",
+    "index": "index",
+    "search": "search",
 }
 
 USER_ERRORS = (ViLBertError, FeaturesError)  # tasks.errors.TasksError is a ViLBertError

@@ -4,7 +4,9 @@
 DIR/predictions.json. For VQA test / test-dev the predictions are the submission file
 ([{"question_id", "answer"}] for every question of the split). For retrieval, `--hard-negatives OUT.json`
 writes the hard-negative pool of the split's images (100 nearest by the model's scores) instead.
-A pretraining checkpoint evaluates retrieval zero-shot (alignment head).
+A pretraining checkpoint evaluates retrieval zero-shot (alignment head). Retrieval `--mode coattention|dual|
+dual+rerank [--rerank-k K]` ranks by co-attention, by the dual encoder, or by the dual encoder's top K re-ranked
+by co-attention, and adds queries/s each way (tasks/dual_search.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (default: tasks/configs/<task>.yaml)")
     parser.add_argument("--out", help="output directory (default: <checkpoint>/eval-<split>)")
     parser.add_argument("--hard-negatives", metavar="OUT.json", help="retrieval: write the split's hard-negative pool")
+    parser.add_argument("--mode", choices=("coattention", "dual", "dual+rerank"),
+                        help="retrieval: how to rank (adds queries/s); default: co-attention, as before")
+    parser.add_argument("--rerank-k", type=int, default=32, help="retrieval dual+rerank: candidates re-ranked")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
 
 
@@ -58,6 +63,14 @@ def run(args: argparse.Namespace) -> int:
         result = submission(predictions, task.questions(args.split), fallback=task.vocabulary()[0])
         write_json_atomic(out / "predictions.json", result)
         metrics = {"num_questions": len(result)}
+    elif args.task == "retrieval" and args.mode:
+        from tasks.dual.search import evaluate_retrieval
+
+        metrics, images, scores = evaluate_retrieval(task, model, args.split, args.mode, args.rerank_k, progress)
+        metrics = {"mode": args.mode, **({"rerank_k": args.rerank_k} if args.mode == "dual+rerank" else {}), **metrics}
+        write_json_atomic(out / "predictions.json", {"image_ids": [im.image_id for im in images],
+                                                     "captions": [c for im in images for c in im.captions],
+                                                     "scores": scores.tolist()})
     else:
         predictions, metrics = evaluate_split(task, model, args.split, progress)
         write_json_atomic(out / "predictions.json", predictions)

@@ -1,0 +1,158 @@
+"""An on-disk index of dual-encoder image embeddings: built in resumable chunks, searched exactly or with FAISS.
+
+Layout of an index directory:
+- `settings.json`, written first: what the embeddings are made with (checkpoint, feature files, regions per
+  image, text settings, chunk size). A resumed build must have the same settings.
+- `chunks/chunk-NNNNNN.npy`: the embeddings [≤ chunk size, E] of images NNNNNN × chunk size onwards in the
+  feature store's id order, each written to a temporary name and renamed, so a chunk file is whole or absent.
+  A build killed at any point (SIGKILL included) resumes at the first missing chunk: no image twice, none lost.
+- `embeddings.npy` [N, E] float32 and `ids.json`, then `index.json` (count, width), written last: its presence
+  marks a complete index. `faiss.index` (inner product, exact) when built with FAISS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.errors import ConfigError, DataError
+
+SETTINGS_FILE = "settings.json"
+INDEX_FILE = "index.json"
+CHUNK_DIR = "chunks"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _write_chunk(path: Path, embeddings: np.ndarray) -> None:
+    """One chunk, whole or not at all (temporary file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, embeddings)
+    os.replace(tmp, path)
+
+
+def _chunk_path(directory: Path, number: int) -> Path:
+    return directory / CHUNK_DIR / f"chunk-{number:06d}.npy"
+
+
+def build_index(
+    model: nn.Module,
+    store,
+    out: str | os.PathLike,
+    settings: dict[str, Any],
+    max_regions: int,
+    chunk_size: int = 256,
+    use_faiss: bool = False,
+    progress: Callable | None = None,
+) -> Path:
+    """Embed every image of `store` (a features.store.FeatureStore) into the index directory `out`, resuming a
+    build that stopped. `settings` (JSON-able) are recorded and must equal those of the build being resumed."""
+    from tasks.data.regions import visual_input
+    from tasks.dual.search import embed_images
+
+    out = Path(out)
+    if (out / INDEX_FILE).is_file():
+        raise ConfigError(f"{out}: already holds a complete index; choose another --out or remove it")
+    settings = {**settings, "chunk_size": chunk_size, "max_regions": max_regions}
+    (out / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
+    if (out / SETTINGS_FILE).is_file():
+        started = json.loads((out / SETTINGS_FILE).read_text())
+        if started != settings:
+            changed = sorted(k for k in set(started) | set(settings) if started.get(k) != settings.get(k))
+            raise ConfigError(f"{out / SETTINGS_FILE}: the unfinished build used other settings ({', '.join(changed)}); "
+                              "rerun it with those, or choose another --out")
+    else:
+        _write_json(out / SETTINGS_FILE, settings)
+
+    ids = list(store.ids)
+    if not ids:
+        raise DataError(f"{', '.join(store.paths)}: the feature store holds no images")
+    numbers = range((len(ids) + chunk_size - 1) // chunk_size)
+    model.eval()
+    for number in progress(numbers) if progress else numbers:
+        path = _chunk_path(out, number)
+        if path.is_file():
+            continue  # written whole by an earlier run
+        rows = ids[number * chunk_size : (number + 1) * chunk_size]
+        visuals = [visual_input(store.read(image_id), max_regions) for image_id in rows]
+        _write_chunk(path, embed_images(model, visuals, chunk_size).cpu().numpy().astype(np.float32))
+
+    embeddings = np.concatenate([np.load(_chunk_path(out, n)) for n in numbers])  # [N, E]
+    if len(embeddings) != len(ids):
+        raise DataError(f"{out / CHUNK_DIR}: chunks hold {len(embeddings)} rows for {len(ids)} images")
+    _write_chunk(out / "embeddings.npy", embeddings)
+    _write_json(out / "ids.json", ids)
+    if use_faiss:
+        faiss = _import_faiss()
+        flat = faiss.IndexFlatIP(embeddings.shape[1])
+        flat.add(embeddings)
+        faiss.write_index(flat, str(out / "faiss.index.tmp"))
+        os.replace(out / "faiss.index.tmp", out / "faiss.index")
+    _write_json(out / INDEX_FILE, {"count": len(ids), "width": int(embeddings.shape[1]), "faiss": use_faiss})
+    for leftover in (out / CHUNK_DIR).glob("*.tmp"):
+        leftover.unlink()
+    return out
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError as error:
+        raise ConfigError("FAISS is not installed: pip install 'vilbert[faiss]' (faiss-cpu), or search with "
+                          "the default exact torch backend") from error
+    return faiss
+
+
+@dataclass
+class EmbeddingIndex:
+    """A complete index: image ids, their unit-length embeddings [N, E], the build settings."""
+
+    directory: Path
+    ids: list[str]
+    embeddings: torch.Tensor
+    settings: dict[str, Any]
+
+    def search(self, queries: torch.Tensor, k: int, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best images of each query [Q, E] by cosine: (scores [Q, k], row indices [Q, k]), best first."""
+        from tasks.dual.search import exact_top_k
+
+        queries = queries.detach().float().cpu()
+        if backend == "torch":
+            return exact_top_k(queries, self.embeddings, k)
+        if backend != "faiss":
+            raise ConfigError(f"backend must be torch or faiss, got {backend!r}")
+        if not (self.directory / "faiss.index").is_file():
+            raise ConfigError(f"{self.directory}: built without FAISS (vilbert index build --faiss)")
+        faiss = _import_faiss()
+        index = faiss.read_index(str(self.directory / "faiss.index"))
+        scores, rows = index.search(queries.numpy(), min(k, len(self.ids)))
+        return torch.from_numpy(scores), torch.from_numpy(rows).long()
+
+
+def load_index(directory: str | os.PathLike) -> EmbeddingIndex:
+    """Read a complete index directory; an unfinished or foreign one is a ConfigError naming it."""
+    directory = Path(directory)
+    if not (directory / INDEX_FILE).is_file():
+        what = "an unfinished build (rerun vilbert index build to complete it)" if (directory / SETTINGS_FILE).is_file() \
+            else "not an index directory"
+        raise ConfigError(f"--index {directory}: {what}")
+    meta = json.loads((directory / INDEX_FILE).read_text())
+    ids = json.loads((directory / "ids.json").read_text())
+    embeddings = torch.from_numpy(np.load(directory / "embeddings.npy"))
+    if embeddings.shape != (meta["count"], meta["width"]) or len(ids) != meta["count"]:
+        raise DataError(f"{directory}: embeddings {list(embeddings.shape)} and {len(ids)} ids do not match "
+                        f"index.json ({meta['count']} × {meta['width']})")
+    return EmbeddingIndex(directory, ids, embeddings, json.loads((directory / SETTINGS_FILE).read_text()))
