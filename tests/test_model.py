@@ -230,6 +230,51 @@ def test_fixed_text_layers_get_no_gradient():
     assert all(p.grad is not None for p in layers[1].parameters())
 
 
+def _without_gradient(cls, **overrides) -> set[str]:
+    """Names of the parameters that a backward through every output leaves without a gradient (nothing frozen)."""
+    config = ViLBertConfig.from_preset("tiny", **overrides)
+    model = cls(config).train().requires_grad_(True)
+    task_ids = torch.ones(3, 1, dtype=torch.long) if config.task_specific_tokens else None
+    if cls is ViLBertForPreTraining:
+        model(**make_inputs(config, batch=3), **pretraining_labels(config), task_ids=task_ids).loss.backward()
+    else:
+        out = model(**make_inputs(config, batch=3), task_ids=task_ids)
+        sum(getattr(out, key).sum() for key in VL_HEADS if getattr(out, key) is not None).backward()
+    return {name for name, p in model.named_parameters() if p.grad is None}
+
+
+FROZEN_SETTINGS = {
+    "text": dict(fixed_t_layer=1),
+    "vision": dict(fixed_v_layer=1, v_biattention_id=[1], t_biattention_id=[2]),
+    "both+task-token": dict(fixed_t_layer=1, fixed_v_layer=1, v_biattention_id=[1], t_biattention_id=[2],
+                            task_specific_tokens=True),
+}
+
+
+@pytest.mark.parametrize("cls", [ViLBertForPreTraining, ViLBertForVLTasks])
+@pytest.mark.parametrize("setting", sorted(FROZEN_SETTINGS))
+def test_frozen_parameters_are_exactly_those_fixed_layers_leave_without_gradient(cls, setting):
+    overrides = FROZEN_SETTINGS[setting]
+    layout = {k: v for k, v in overrides.items() if not k.startswith("fixed_")}
+    cut_off = _without_gradient(cls, **overrides) - _without_gradient(cls, **layout)  # unused heads aside
+    model = cls(ViLBertConfig.from_preset("tiny", **overrides))
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == cut_off
+    assert ("vilbert.embeddings.word_embeddings.weight" in frozen) == (
+        cls is ViLBertForVLTasks and "fixed_t_layer" in overrides)  # the tied MLM decoder trains them
+    assert not any(not p.requires_grad for p in cls(ViLBertConfig.from_preset("tiny", **layout)).parameters())
+
+
+def test_frozen_flags_survive_save_and_load(tmp_path):
+    config = ViLBertConfig.from_preset("tiny", fixed_t_layer=1)
+    ViLBertForPreTraining(config).save_pretrained(tmp_path)
+    loaded = ViLBertForPreTraining.from_pretrained(tmp_path)
+    frozen = {n for n, p in loaded.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, p in ViLBertForPreTraining(config).named_parameters() if not p.requires_grad}
+    assert "vilbert.encoder.text_layers.0.attention.query.weight" in frozen
+    assert "vilbert.encoder.text_layers.1.attention.query.weight" not in frozen
+
+
 # ---------------------------------------------------------------------------------------------------- task token
 
 

@@ -11,6 +11,7 @@ import contextlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -474,6 +475,7 @@ class ViLBertPreTrainedModel(PreTrainedModel):
     config: ViLBertConfig
     base_model_prefix = "vilbert"
     _supports_sdpa = True
+    trains_word_embeddings = False  # a head reads them (the tied MLM decoder): they train despite frozen text layers
 
     def text_stream_parameters(self) -> list[nn.Parameter]:
         """The parameters a BERT checkpoint initialises: text embeddings (not the task-token table) and text layers.
@@ -483,6 +485,43 @@ class ViLBertPreTrainedModel(PreTrainedModel):
         base = getattr(self, self.base_model_prefix, self)
         embeddings = [p for n, p in base.embeddings.named_parameters() if not n.startswith("task_embeddings")]
         return embeddings + list(base.encoder.text_layers.parameters())
+
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """The parameters `fixed_t_layer` / `fixed_v_layer` leave without a gradient.
+
+        Frozen layers run under `torch.no_grad()` and precede every co-attention (the config checks that), so
+        nothing before them reaches the loss either: the frozen layers and their stream's embeddings get no
+        gradient. The word embeddings are frozen with the text stream unless a head uses them (the tied MLM
+        decoder of pretraining).
+        """
+        base = getattr(self, self.base_model_prefix, self)
+        frozen: list[nn.Parameter] = []
+        if self.config.fixed_t_layer > 0:
+            frozen += [p for n, p in base.embeddings.named_parameters()
+                       if not (n.startswith("word_embeddings.") and self.trains_word_embeddings)]
+            frozen += list(base.encoder.text_layers[: self.config.fixed_t_layer].parameters())
+        if self.config.fixed_v_layer > 0:
+            frozen += list(base.vision_embeddings.parameters())
+            frozen += list(base.encoder.vision_layers[: self.config.fixed_v_layer].parameters())
+        return frozen
+
+    def apply_frozen_flags(self) -> None:
+        """`requires_grad=False` on `frozen_parameters()` (no gradient, optimizer state or DDP bucket), True on
+        every other parameter."""
+        frozen = {id(p) for p in self.frozen_parameters()}
+        for parameter in self.parameters():
+            parameter.requires_grad_(id(parameter) not in frozen)
+
+    def post_init(self) -> None:
+        super().post_init()
+        self.apply_frozen_flags()
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """As `PreTrainedModel.from_pretrained`; loading makes new parameters, so the frozen flags are set again."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).apply_frozen_flags()
+        return loaded
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -788,6 +827,8 @@ class ViLBertWithPretrainingHeads(ViLBertPreTrainedModel):
 
 class ViLBertForPreTraining(ViLBertWithPretrainingHeads):
     """Masked language modelling, masked region classification (KL to the detector's classes) and alignment."""
+
+    trains_word_embeddings = True  # the MLM decoder is tied to them
 
     def __init__(self, config: ViLBertConfig):
         super().__init__(config)
