@@ -21,7 +21,8 @@ from torch import nn
 
 from tasks.data.tokenization import Tokenizer, load_tokenizer
 from tasks.engine.config import ModelConfig
-from tasks.engine.task import Task
+from tasks.engine.run_record import TASKS, store_extractors
+from tasks.engine.task import PredictExample, Task
 from tasks.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def model_inputs(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 
 class FinetuneTask(Task):
-    """What the fine-tuning tasks share: their config, the tokenizer (loaded once) and the task model."""
+    """What the fine-tuning tasks share: their config, the tokenizer (loaded once), the task model, the run record."""
 
     config_class: type
 
@@ -136,6 +137,24 @@ class FinetuneTask(Task):
         self.config = config
         self.data = config.data
         self._tokenizer = None
+
+    @property
+    def token_task(self) -> str:
+        """The 12-in-1 task whose token this task gives models with task tokens (a key of TASK_TOKEN_IDS)."""
+        return self.name
+
+    @property
+    def max_regions(self) -> int:
+        return self.data.max_regions
+
+    def run_record(self) -> dict[str, Any]:
+        """The task, its 12-in-1 token, the extractors of `data.features`, the task architecture."""
+        return {"task": self.name, "task_token": self.token_task if self.token_task in TASK_TOKEN_IDS else None,
+                "feature_extractor": store_extractors(self.data.features), "architecture": TASKS}
+
+    def example_token(self, example: PredictExample) -> str:
+        """The 12-in-1 token for one prediction: the user's choice, else this task's."""
+        return example.task_token or self.token_task
 
     def tokenizer(self) -> Tokenizer:
         """The BERT tokenizer of `data.tokenizer` (default `model.text_init`), loaded on first use."""

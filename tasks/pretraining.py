@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from tasks.data.captions import Caption, join_with_store, load_captions
@@ -36,9 +37,11 @@ from tasks.data.tokenization import Tokenizer, load_tokenizer
 from tasks.dual.contrastive import contrastive_loss
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.distributed import move_to_device
-from tasks.engine.task import StepOutput, Task, TaskDataset
+from tasks.engine.run_record import PRETRAINING, store_extractors
+from tasks.engine.task import PredictExample, StepOutput, Task, TaskDataset
 from tasks.errors import ConfigError, DataError
 from tasks.metrics import recall_at_k
+from tasks.retrieval import caption_lines, draw_captions, rank_captions
 
 logger = logging.getLogger(__name__)
 
@@ -245,17 +248,35 @@ class PretrainingTask(Task):
     name = "pretrain"
     main_metric = "mlm_accuracy"
     higher_is_better = True
+    config_class = PretrainConfig
+    predict_modes = ("captions",)  # zero-shot, by the alignment head
+    pretraining_zero_shot = True
 
     def __init__(self, config: PretrainConfig):
         self.config = config
         data = config.data
         self.tokenizer = load_tokenizer(data.tokenizer or config.model.text_init, lowercase=data.lowercase)
         self._datasets: dict[str, PretrainingDataset] = {}
-        # join and check the data now, so that missing images or a bad store fail before training starts
-        if data.train_captions is not None:
-            self._datasets["train"] = self._build_dataset(data.train_features, data.train_captions, "train")
-        if data.val_captions is not None:
-            self._datasets["val"] = self._build_dataset(data.val_features, data.val_captions, "val")
+
+    @property
+    def max_regions(self) -> int:
+        return self.config.data.max_regions
+
+    def _sources(self, split: str) -> tuple[list[str] | str | None, str | None]:
+        """(features, captions) of the configured split ("train" or "val"); captions None when not configured."""
+        data = self.config.data
+        return {"train": (data.train_features, data.train_captions),
+                "val": (data.val_features, data.val_captions)}.get(split, (None, None))
+
+    def run_record(self) -> dict[str, Any]:
+        """The extractors of the train and val stores; the pretraining architecture."""
+        paths = []
+        for split in ("train", "val"):
+            features, captions = self._sources(split)
+            if captions is not None and features is not None:
+                paths += [features] if isinstance(features, str) else list(features)
+        return {"task": self.name, "task_token": None, "feature_extractor": store_extractors(paths),
+                "architecture": PRETRAINING}
 
     def _build_dataset(self, features, captions_path, split: str) -> PretrainingDataset:
         data = self.config.data
@@ -268,8 +289,12 @@ class PretrainingTask(Task):
                                   data.objective, seed=seed, negatives=data.negatives)
 
     def dataset(self, split: str) -> PretrainingDataset:
+        """The split's captions joined with its store, built on first use (and checked then)."""
         if split not in self._datasets:
-            raise ConfigError(f"data.{split}_captions: no {split} data configured")
+            features, captions = self._sources(split)
+            if captions is None:
+                raise ConfigError(f"data.{split}_captions: no {split} data configured")
+            self._datasets[split] = self._build_dataset(features, captions, split)
         return self._datasets[split]
 
     def build_model(self) -> nn.Module:
@@ -296,8 +321,11 @@ class PretrainingTask(Task):
                 f"{self.tokenizer.directory}: the tokenizer has {self.tokenizer.vocab_size} ids but the model's "
                 f"vocab_size is {config.vocab_size}"
             )
-        for split, dataset in self._datasets.items():
-            store = dataset.store
+        # the data is joined and checked here, so that missing images or a bad store fail before training starts
+        for split in ("train", "val"):
+            if self._sources(split)[1] is None:
+                continue
+            store = self.dataset(split).store
             if store.feature_dim != config.v_feature_size:
                 raise ConfigError(f"data.{split}_features: features are {store.feature_dim}-d but the model's "
                                   f"v_feature_size is {config.v_feature_size}")
@@ -349,9 +377,9 @@ class PretrainingTask(Task):
     def predict(self, model: nn.Module, split: str, progress: Callable | None = None) -> dict[str, Any]:
         """Held-out outcomes: correct and labelled counts per masked objective, the loss sum, and the zero-shot
         retrieval scores (each caption against the held-out images) with each caption's own image."""
-        if split not in self._datasets:
+        if self._sources(split)[1] is None:
             return {}
-        dataset = self._datasets[split]
+        dataset = self.dataset(split)
         outcomes = {**self._masked_counts(model, dataset), **self._zero_shot_scores(model, dataset)}
         if model.vilbert.dual is not None:
             outcomes.update(self._dual_scores(model, dataset))
@@ -450,3 +478,15 @@ class PretrainingTask(Task):
         texts = model.encode_text(ids, (ids != self.tokenizer.pad_id).long())  # [Q, E]
         return {"dual_scores": (texts @ images.T).cpu().tolist()}
 
+
+    # ------------------------------------------------------------------------------------------------ one image
+
+    def predict_one(self, model: nn.Module, example: PredictExample) -> dict[str, Any]:
+        """The captions ranked zero-shot by P(aligned) from the alignment head (as retrieval would rank them)."""
+        return rank_captions(model, self.tokenizer, example, self.config.data.max_text_length, "")
+
+    def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
+        return draw_captions(example, result)
+
+    def summary_lines(self, result: Mapping[str, Any]) -> list[str]:
+        return caption_lines(result)

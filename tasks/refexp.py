@@ -21,9 +21,11 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -39,8 +41,9 @@ from tasks.data.annotations import (
 from tasks.data.regions import collate_visual, visual_input
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.evaluation import eval_batches
-from tasks.engine.task import StepOutput, TaskDataset
+from tasks.engine.task import PredictExample, StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError
+from tasks.figures.drawing import draw_boxes
 from tasks.finetuning import (
     FinetuneDataConfig,
     FinetuneTask,
@@ -178,6 +181,8 @@ class RefExpTask(FinetuneTask):
     main_metric = "accuracy"
     higher_is_better = True
     config_class = RefExpConfig
+    predict_modes = ("expression",)
+    head_modules = ("region_score_head",)
     data: RefExpDataConfig
 
     def __init__(self, config: RefExpConfig):
@@ -239,6 +244,36 @@ class RefExpTask(FinetuneTask):
         pred = torch.tensor([p["box"] for p in predictions])
         gt = torch.tensor([referred[(p["ref_id"], p["sent_id"])] for p in predictions])
         return {"accuracy": refexp_accuracy(pred, gt), "num_expressions": float(len(predictions))}
+
+    # ------------------------------------------------------------------ one image
+
+    @torch.no_grad()
+    def predict_one(self, model: nn.Module, example: PredictExample) -> dict[str, Any]:
+        """{"expression", "box", "score", "top": the 3 best rows [{"box" (x1 y1 x2 y2 pixels), "score", "row"}]}.
+
+        Rows are the IMG token (the whole image) and the regions, scored by sigmoid(region logit).
+        """
+        device = example.visual["region_features"].device
+        text = self.tokenizer().encode([example.text], self.data.max_text_length).tensors(device)
+        ids = task_ids_for(model, self.example_token(example), 1, device)
+        logits = model(**text, **example.visual, task_ids=ids, heads=["region_logits"]).region_logits.float()[0]
+        rows = region_boxes(example.boxes, example.image.original_hw)  # [R, 4]
+        scores, best = torch.sigmoid(logits[: len(rows)]).topk(min(3, len(rows)))
+        top = [{"box": [round(float(v), 2) for v in rows[r]], "score": p, "row": r}
+               for p, r in zip(scores.tolist(), best.tolist(), strict=True)]
+        return {"expression": example.text, "box": top[0]["box"], "score": top[0]["score"], "top": top}
+
+    def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
+        return draw_boxes(example.image, example.boxes, result["box"],
+                          f"{result['expression']} ({result['score']:.2f})")
+
+    def summary_lines(self, result: Mapping[str, Any]) -> list[str]:
+        box = " ".join(f"{v:.1f}" for v in result["box"])
+        lines = [f"expression: {result['expression']}", f"chosen box (x1 y1 x2 y2): {box}  score {result['score']:.3f}"]
+        for i, candidate in enumerate(result["top"]):
+            whole = "  (whole image)" if candidate["row"] == 0 else ""
+            lines.append(f"  {i + 1}. {' '.join(f'{v:.1f}' for v in candidate['box'])}  {candidate['score']:.3f}{whole}")
+        return lines
 
 
 class RefCOCOTask(RefExpTask):

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -42,11 +43,14 @@ from tasks.data.annotations import (
 )
 from tasks.data.reference_files import read_hard_negatives
 from tasks.data.regions import collate_visual, visual_input
+from tasks.data.tokenization import Tokenizer
 from tasks.dual.contrastive import contrastive_loss, dual_overrides
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.evaluation import eval_mode, model_device
-from tasks.engine.task import StepOutput, TaskDataset
+from tasks.engine.run_record import PRETRAINING, architecture
+from tasks.engine.task import PredictExample, StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError
+from tasks.figures.drawing import draw_boxes
 from tasks.finetuning import FinetuneDataConfig, FinetuneTask, resolve_split, task_ids_for
 from tasks.metrics import recall_at_k
 from vilbert.modeling_vilbert import TextPrefix
@@ -202,17 +206,13 @@ def collate_retrieval(samples: list[dict]) -> dict:
     return batch
 
 
-def is_pretraining_model(model: nn.Module) -> bool:
-    return hasattr(model, "alignment_head") and not hasattr(model, "pair_head")
-
-
 def pair_scores(model: nn.Module, task: str, text_prefix: TextPrefix, visual: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Scores [N] of one caption prefix against N images: pair_logit, or zero-shot P(aligned)."""
     inputs = {key: visual[key] for key in ("region_features", "region_locations", "region_mask")}
-    ids = task_ids_for(model, task, inputs["region_features"].shape[0], inputs["region_features"].device)
-    if is_pretraining_model(model):
+    if architecture(model) == PRETRAINING:
         out = model(**inputs, text_prefix=text_prefix)
         return torch.softmax(out.alignment_logits.float(), dim=1)[:, 0]
+    ids = task_ids_for(model, task, inputs["region_features"].shape[0], inputs["region_features"].device)
     return model(**inputs, task_ids=ids, text_prefix=text_prefix, heads=["pair_logit"]).pair_logit.float()
 
 
@@ -223,6 +223,9 @@ class RetrievalTask(FinetuneTask):
     main_metric = "r_mean"
     higher_is_better = True
     config_class = RetrievalConfig
+    predict_modes = ("captions",)
+    head_modules = ("pair_head",)
+    pretraining_zero_shot = True
     data: RetrievalDataConfig
 
     def __init__(self, config: RetrievalConfig):
@@ -302,7 +305,7 @@ class RetrievalTask(FinetuneTask):
         with eval_mode(model):
             for c in progress(rows) if progress else rows:
                 ids = torch.from_numpy(text.input_ids[c: c + 1]).to(device)
-                task_ids = None if is_pretraining_model(model) else task_ids_for(model, self.token_task, 1, device)
+                task_ids = None if architecture(model) == PRETRAINING else task_ids_for(model, self.token_task, 1, device)
                 prefix = model.vilbert.encode_text_prefix(
                     ids, torch.from_numpy(text.attention_mask[c: c + 1]).to(device),
                     torch.from_numpy(text.token_type_ids[c: c + 1]).to(device), task_ids=task_ids)
@@ -346,3 +349,54 @@ class RetrievalTask(FinetuneTask):
         scores.fill_diagonal_(float("-inf"))
         top = scores.topk(min(size, len(images) - 1), dim=1).indices
         return {im.image_id: [images[j].image_id for j in row] for im, row in zip(images, top.tolist(), strict=True)}
+
+    # ------------------------------------------------------------------ one image
+
+    def predict_one(self, model: nn.Module, example: PredictExample) -> dict[str, Any]:
+        return rank_captions(model, self.tokenizer(), example, self.data.max_text_length,
+                             self.example_token(example))
+
+    def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
+        return draw_captions(example, result)
+
+    def summary_lines(self, result: Mapping[str, Any]) -> list[str]:
+        return caption_lines(result)
+
+
+@torch.no_grad()
+def rank_captions(model: nn.Module, tokenizer: Tokenizer, example: PredictExample, max_text_length: int,
+                  token_task: str) -> dict[str, Any]:
+    """{"captions": every candidate [{"caption", "index", "score", "probability"}], best first}.
+
+    `score` is pair_logit (for a pretraining model P(aligned), zero-shot); `probability` is the softmax of the
+    scores over the given captions (for a pretraining model: the scores renormalised). The text stream runs once
+    per caption (`encode_text_prefix`), as retrieval evaluation computes it.
+    """
+    captions = list(example.candidates)
+    device = example.visual["region_features"].device
+    text = tokenizer.encode(captions, max_text_length).tensors(device)
+    zero_shot = architecture(model) == PRETRAINING
+    task_ids = None if zero_shot else task_ids_for(model, token_task, 1, device)
+    scores = []
+    for c in range(len(captions)):
+        prefix = model.vilbert.encode_text_prefix(text["input_ids"][c: c + 1], text["attention_mask"][c: c + 1],
+                                                  text["token_type_ids"][c: c + 1], task_ids=task_ids)
+        scores.append(pair_scores(model, token_task, prefix, example.visual)[0])
+    scores = torch.stack(scores).cpu()  # [C]
+    probabilities = scores / scores.sum() if zero_shot else torch.softmax(scores, dim=0)
+    order = torch.argsort(scores, descending=True, stable=True).tolist()
+    return {"captions": [{"caption": captions[i], "index": i, "score": scores[i].item(),
+                          "probability": probabilities[i].item()} for i in order]}
+
+
+def draw_captions(example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
+    """The regions and the best caption with its score."""
+    best = result["captions"][0]
+    return draw_boxes(example.image, example.boxes, None, f"{best['caption']} ({best['score']:.2f})")
+
+
+def caption_lines(result: Mapping[str, Any]) -> list[str]:
+    """The ranking, one caption a line: score, share among the captions, text."""
+    return ["captions, best first (score, share among these captions):",
+            *(f"  {i + 1}. {c['score']:8.3f} {c['probability']:6.1%}  {c['caption']}"
+              for i, c in enumerate(result["captions"]))]

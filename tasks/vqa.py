@@ -18,8 +18,10 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -40,8 +42,9 @@ from tasks.data.answer_labels import (
 from tasks.data.regions import collate_visual, visual_input
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.evaluation import eval_batches
-from tasks.engine.task import StepOutput, TaskDataset
+from tasks.engine.task import PredictExample, StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError
+from tasks.figures.drawing import draw_boxes
 from tasks.finetuning import (
     FinetuneDataConfig,
     FinetuneTask,
@@ -145,8 +148,12 @@ def checkpoint_answers(directory: str | None) -> list[str] | None:
     """The answer list saved in a VQA checkpoint's config.json (id2label), or None for other checkpoints."""
     if not directory or not (Path(directory) / "config.json").is_file():
         return None
-    id2label = load_json(Path(directory) / "config.json").get("id2label") or {}
-    answers = [id2label[k] for k in sorted(id2label, key=int)]
+    return answer_list(load_json(Path(directory) / "config.json").get("id2label"))
+
+
+def answer_list(id2label: Mapping | None) -> list[str] | None:
+    """The answers of a model config's id2label in label order, or None when they are the default LABEL_i."""
+    answers = [id2label[k] for k in sorted(id2label or {}, key=int)]
     return answers if answers and not all(a == f"LABEL_{i}" for i, a in enumerate(answers)) else None
 
 
@@ -246,6 +253,8 @@ class VQATask(FinetuneTask):
     main_metric = "accuracy"
     higher_is_better = True
     config_class = VQAConfig
+    predict_modes = ("question",)
+    head_modules = ("answer_head",)
     data: VQADataConfig
 
     def __init__(self, config: VQAConfig):
@@ -344,6 +353,39 @@ class VQATask(FinetuneTask):
         metrics.update({f"accuracy/{name}": value for name, value in result["per_answer_type"].items()})
         metrics.update({f"question_type/{name}": value for name, value in result["per_question_type"].items()})
         return metrics
+
+    # ------------------------------------------------------------------ one image
+
+    @torch.no_grad()
+    def predict_one(self, model: nn.Module, example: PredictExample) -> dict[str, Any]:
+        """{"question", "answers": the top-k [{"answer", "score"}] by sigmoid(answer_logits), best first}.
+
+        The answer list is `options["answers"]` when given, else the checkpoint's (config id2label).
+        """
+        answers = example.options.get("answers") or answer_list(model.config.id2label)
+        if answers is None:
+            raise ConfigError("the checkpoint's config.json has no VQA answer list (id2label); pass --answers FILE")
+        if len(answers) != model.config.num_labels:
+            raise ConfigError(f"the answer list has {len(answers)} answers but the answer head has "
+                              f"{model.config.num_labels} outputs")
+        device = example.visual["region_features"].device
+        text = self.tokenizer().encode([example.text], self.data.max_text_length).tensors(device)
+        ids = task_ids_for(model, self.example_token(example), 1, device)
+        logits = model(**text, **example.visual, task_ids=ids, heads=["answer_logits"]).answer_logits
+        top_k = min(int(example.options.get("top_k", 5)), len(answers))
+        scores, labels = torch.sigmoid(logits.float()[0]).topk(top_k)
+        return {"question": example.text,
+                "answers": [{"answer": answers[i], "score": p}
+                            for p, i in zip(scores.tolist(), labels.tolist(), strict=True)]}
+
+    def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
+        best = result["answers"][0]
+        return draw_boxes(example.image, example.boxes, None,
+                          f"Q: {result['question']}  A: {best['answer']} ({best['score']:.2f})")
+
+    def summary_lines(self, result: Mapping[str, Any]) -> list[str]:
+        return [f"Q: {result['question']}",
+                *(f"  {i + 1}. {a['answer']:<24} {a['score']:.3f}" for i, a in enumerate(result["answers"]))]
 
 
 def submission(predictions: list[dict], questions: list[VQAQuestion], fallback: str) -> list[dict]:

@@ -1,9 +1,11 @@
 """`vilbert predict` end to end: tiny fine-tuned checkpoints, regions extracted in-process, every output mode."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from tiny_detector import TinyDetector
 from tiny_task_data import write_karpathy, write_refcoco, write_vocab, write_vqa
@@ -14,6 +16,8 @@ from features.images import read_image
 from features.inputs import ImageInput
 from features.store import FeatureStore
 from tasks.cli import main
+from tasks.engine.run_record import write_run_record
+from tasks.runners.checkpoint import read_checkpoint
 from tasks.runners.predict import detect_regions, grid_boxes
 
 TINY = ["model.preset=tiny", "model.overrides={v_feature_size: 7}", "train.global_batch_size=4", "train.max_steps=2",
@@ -40,8 +44,8 @@ def _extract_store(tmp, image_ids):
     return tmp / "f.h5"
 
 
-def _finetune(task, tmp, data):
-    run = tmp / f"run-{task}"
+def _finetune(task, tmp, data, run_name=None):
+    run = tmp / (run_name or f"run-{task}")
     assert main(["finetune", "--task", task, *TINY, f"train.output_dir={run}", f"data.tokenizer={tmp / 'tok'}",
                  *data]) == 0
     return sorted((run / "checkpoints").iterdir())[-1]
@@ -66,7 +70,11 @@ def checkpoints(tmp_path_factory):
             "retrieval": _finetune("retrieval", tmp, [f"data.root={tmp / 'flickr'}", features,
                                                       "data.max_text_length=12", "data.val_split=test"]),
             "refcoco": _finetune("refcoco", tmp, [f"data.root={tmp / 'refcoco'}", features, "data.gt_features=[]"]),
+            # RefCOCO+ trained on the same files, in folders without "+" in their names
+            "refcoco+": _finetune("refcoco+", tmp, [f"data.root={tmp / 'refcoco'}", features, "data.gt_features=[]"],
+                                  run_name="run-plus"),
         }
+    result["store"] = store
     result["image"] = _write_image(tmp / "new.png", IMAGE_HW, seed=99)
     result["tmp"] = tmp
     return result
@@ -155,7 +163,7 @@ def test_detect_regions_matches_the_extraction_pipeline(checkpoints):
     np.testing.assert_allclose(regions.features, stored.features, rtol=1e-6)
 
 
-def test_mobilenet_without_boxes_falls_back_to_a_grid_with_a_notice(tmp_path, capsys):
+def test_mobilenet_without_boxes_falls_back_to_a_grid_with_a_notice(tmp_path, capsys, caplog):
     _save_checkpoint(tmp_path / "ckpt", answers=["yes", "no", "two"], v_feature_size=96)
     image = _write_image(tmp_path / "a.png", (48, 64), seed=1)
     capsys.readouterr()  # drop what saving printed
@@ -165,6 +173,9 @@ def test_mobilenet_without_boxes_falls_back_to_a_grid_with_a_notice(tmp_path, ca
     result = json.loads(out)
     assert result["detector"] == "mobilenet-v2"  # chosen by the checkpoint's 96-d features
     assert "3x3 grid" in err
+    # no run record: the detector is assumed from the feature width, with one warning line saying so
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "assuming mobilenet-v2 for its 96-d features" in warnings[0]
     np.testing.assert_allclose(result["boxes"], grid_boxes((48, 64)), atol=0.01)
     assert len(result["answers"]) == 3
     # a plain JSON list of boxes is this image's boxes
@@ -209,6 +220,7 @@ def _save_checkpoint(directory, answers=None, pretraining=False, v_feature_size=
     ("boxes-without-image", "no boxes for image 'a'"),
     ("feature-size-mismatch", "expects 16-d"),
     ("random-detector-weights", "random weights"),
+    ("task-answers-another-mode", "--task refcoco does not answer --question"),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, case, expected):
     tok = str(write_vocab(tmp_path / "tok"))
@@ -230,9 +242,103 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, case, expected
         args += ["--boxes", str(tmp_path / "boxes.json"), "--box-format", "xyxy"]
     if case == "random-detector-weights":
         extra = []
+    if case == "task-answers-another-mode":
+        args += ["--task", "refcoco"]
     capsys.readouterr()  # drop what saving printed
     code = main(["predict", "--checkpoint", str(checkpoint), "--image", str(image), "--tokenizer", tok,
                  "--detector", "tiny-test", "--device", "cpu", *extra, *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("vilbert predict: error:") and expected in err[0], err
+
+
+# ------------------------------------------------------------------------------------------------- run records
+
+
+@pytest.mark.parametrize("task, token", [("vqa", "vqa"), ("retrieval", "retrieval-flickr30k"),
+                                         ("refcoco", "refcoco"), ("refcoco+", "refcoco+")])
+def test_every_run_records_its_task_token_and_feature_extractor(checkpoints, task, token):
+    checkpoint = checkpoints[task]
+    extractor = FeatureStore(checkpoints["store"]).extractor
+    assert extractor["detector"] == "tiny-test"
+    expected = {"task": task, "task_token": token, "feature_extractor": [extractor], "architecture": "tasks"}
+    run_dir = checkpoint.parent.parent
+    assert json.loads((run_dir / "run.json").read_text()) == expected
+    assert json.loads((checkpoint / "run.json").read_text()) == expected
+    info = read_checkpoint(checkpoint)
+    assert (info.task, info.task_token, info.feature_extractor, info.is_pretraining) == (task, token, extractor, False)
+
+
+def test_a_refcoco_plus_checkpoint_predicts_as_refcoco_plus_whatever_its_path(checkpoints, capsys):
+    checkpoint = checkpoints["refcoco+"]
+    assert "+" not in str(checkpoint)
+    result = _predict_json(capsys, checkpoint, checkpoints["image"], "--expression", "the left one")
+    assert result["task"] == "refcoco+" and result["detector"] == "tiny-test"
+    chosen = _predict_json(capsys, checkpoint, checkpoints["image"], "--expression", "the left one", "--task", "refcoco")
+    assert chosen["task"] == "refcoco"
+    # the task token is the one the run recorded: the default and an explicit --task-token refcoco+ agree
+    same = _predict_json(capsys, checkpoint, checkpoints["image"], "--expression", "the left one",
+                         "--task-token", "refcoco+")
+    assert same["top"] == result["top"]
+
+
+def test_the_detector_comes_from_the_run_record_not_the_training_store(checkpoints, capsys, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(checkpoints["vqa"], moved)
+    run_config = yaml.safe_load((moved / "run_config.yaml").read_text())
+    run_config["data"]["features"] = [str(tmp_path / "gone.h5")]  # the training store is not on this machine
+    (moved / "run_config.yaml").write_text(yaml.safe_dump(run_config))
+    result = _predict_json(capsys, moved, checkpoints["image"], "--question", "what color")
+    assert result["task"] == "vqa" and result["detector"] == "tiny-test"
+    (moved / "run.json").unlink()  # no record: nothing names a detector for 7-d features
+    code, _, err = _predict(capsys, moved, checkpoints["image"], "--question", "what color")
+    assert code == 2 and err.strip() == (f"vilbert predict: error: --checkpoint {moved}: no detector recorded for "
+                                         "its 7-d features; pass --detector NAME")
+
+
+def test_a_pretraining_checkpoint_ranks_captions_zero_shot_by_its_record(tmp_path, capsys):
+    checkpoint = _save_checkpoint(tmp_path / "pre", pretraining=True)
+    image = _write_image(tmp_path / "a.png", (40, 50), seed=4)
+    (tmp_path / "captions.txt").write_text("a red ball\ntwo dogs\na tree\n")
+    common = ["--captions", str(tmp_path / "captions.txt"), "--tokenizer", str(write_vocab(tmp_path / "tok"))]
+    capsys.readouterr()
+    unrecorded = _predict_json(capsys, checkpoint, image, *common, "--detector", "tiny-test")
+    assert unrecorded["task"] == "retrieval"  # the default for captions; zero-shot by the alignment head
+    write_run_record(checkpoint, {"task": "pretrain", "task_token": None, "architecture": "pretraining",
+                                  "feature_extractor": [{"detector": "tiny-test"}]})
+    recorded = _predict_json(capsys, checkpoint, image, *common)
+    assert recorded["task"] == "pretrain" and recorded["detector"] == "tiny-test"
+    for ranked in (unrecorded["captions"], recorded["captions"]):
+        assert all(0 < c["score"] < 1 for c in ranked)
+        assert sum(c["probability"] for c in ranked) == pytest.approx(1.0, abs=1e-5)
+    assert [c["caption"] for c in recorded["captions"]] == [c["caption"] for c in unrecorded["captions"]]
+    assert [c["score"] for c in recorded["captions"]] == pytest.approx([c["score"] for c in unrecorded["captions"]])
+
+
+# --------------------------------------------------------------------------------- checkpoints without the head
+
+
+def _drop_head(checkpoint, head):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(checkpoint / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith(f"{head}.")}, checkpoint / "model.safetensors",
+              metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("pretraining", "a pretraining checkpoint has no answer_head (needed by vqa)"),
+    ("headless", "model.safetensors has no answer_head weights (needed by vqa)"),
+])
+def test_evaluate_and_predict_refuse_a_checkpoint_without_the_task_head(tmp_path, capsys, kind, expected):
+    checkpoint = _save_checkpoint(tmp_path / "ckpt", answers=["red", "blue"], pretraining=kind == "pretraining")
+    if kind == "headless":
+        _drop_head(checkpoint, "answer_head")
+    capsys.readouterr()
+    assert main(["evaluate", "--task", "vqa", "--checkpoint", str(checkpoint), "--split", "minval"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vilbert evaluate: error:") and expected in err[0], err
+    code, _, err = _predict(capsys, checkpoint, _write_image(tmp_path / "a.png", (40, 50), seed=5),
+                            "--question", "what color", "--detector", "tiny-test",
+                            "--tokenizer", str(write_vocab(tmp_path / "tok")))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err

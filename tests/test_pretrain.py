@@ -65,7 +65,12 @@ def test_pretrain_command_trains_logs_checkpoints_and_loss_falls(tmp_path, paths
     assert evals[-1]["retrieval_r10"] >= evals[-1]["retrieval_r1"]
     last = list_checkpoints(run)[-1]
     assert last.name == "step-00000024"
-    assert {"config.json", "model.safetensors", STATE_FILE, "run_config.yaml"} <= {p.name for p in last.iterdir()}
+    assert {"config.json", "model.safetensors", STATE_FILE, "run_config.yaml", "run.json"} <= {
+        p.name for p in last.iterdir()}
+    # the run record: in the run directory and the checkpoint, the stores' extractors in train, val order
+    expected = {"task": "pretrain", "task_token": None, "architecture": "pretraining", "feature_extractor": [
+        {"detector": "synthetic", "file": paths[f"{split}_features"].name} for split in ("train", "val")]}
+    assert json.loads((run / "run.json").read_text()) == expected == json.loads((last / "run.json").read_text())
     saved = load_config(run / "config.yaml", PretrainConfig)
     assert saved.train.eval_every == 12 and saved.model.preset == "tiny"
     from vilbert import ViLBertForPreTraining

@@ -8,7 +8,8 @@ from PIL import Image
 from tiny_task_data import write_vocab
 
 from tasks.cli import main
-from tasks.runners.predict import CheckpointInfo, detector_name
+from tasks.runners.checkpoint import CheckpointInfo
+from tasks.runners.predict import detector_name
 
 
 def _converted(directory, v_feature_size, visual_features=None, **settings):
@@ -31,8 +32,9 @@ def _converted(directory, v_feature_size, visual_features=None, **settings):
     ({}, {"data": {}}, "butd-r101-c4"),  # trained here, store unknown: the size's default
 ])
 def test_detector_for_a_checkpoint(tmp_path, config, run_config, expected):
-    assert detector_name(CheckpointInfo(tmp_path, config, run_config), None, 2048) == expected
-    assert detector_name(CheckpointInfo(tmp_path, config, run_config), "mobilenet-v2", 2048) == "mobilenet-v2"
+    info = CheckpointInfo(tmp_path, {"v_feature_size": 2048, **config}, run_config)
+    assert detector_name(info) == expected
+    assert detector_name(info, "mobilenet-v2") == "mobilenet-v2"
 
 
 def test_predict_with_a_converted_12_in_1_checkpoint_uses_the_vmb_detector(tmp_path, capsys):

@@ -44,7 +44,8 @@ def caption_for(classes: np.ndarray) -> str:
 
 
 def write_store(path: Path, images: dict[str, dict], cls_prob: bool = True) -> Path:
-    with FeatureStoreWriter(path, feature_dim=FEATURE_DIM, cls_prob_dim=NUM_CLASSES if cls_prob else None) as w:
+    with FeatureStoreWriter(path, feature_dim=FEATURE_DIM, cls_prob_dim=NUM_CLASSES if cls_prob else None,
+                            extractor={"detector": "synthetic", "file": path.name}) as w:
         for image_id, image in images.items():
             w.add(image_id, (80, 100), image["features"], image["boxes"],
                   cls_prob=image["cls_prob"] if cls_prob else None)

@@ -39,15 +39,16 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, info = load_dual_model(args.checkpoint, device)
     store = open_feature_store(args.features, "--features")
-    max_text_length, max_regions = predict.text_settings(info, "captions")
     try:
         tokenizer = predict.tokenizer_directory(info)
     except ConfigError:
         tokenizer = None  # vilbert search then needs --tokenizer
+    task = predict.build_task(info, predict.choose_task(info, "captions"), tokenizer or "")
+    max_text_length, max_regions = task.config.data.max_text_length, task.max_regions
     settings = {"checkpoint": str(Path(args.checkpoint).resolve()),
                 "features": [str(Path(p).resolve()) for p in args.features],
                 "tokenizer": tokenizer, "max_text_length": max_text_length,
-                "task_token": predict.token_task(info, "captions")}
+                "task_token": info.task_token or getattr(task, "token_task", "retrieval-flickr30k")}
     out = build_index(model, store, args.out, settings, args.max_regions or max_regions, args.batch_size,
                       args.faiss, progress=lambda items: tqdm(items, desc="index", unit="chunk"))
     print(f"{len(store.ids)} images -> {out}")

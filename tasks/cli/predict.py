@@ -5,9 +5,10 @@ Examples:
   vilbert predict --checkpoint CKPT --image cat.jpg --expression "the cat on the left" --out cat-boxes.png
   vilbert predict --checkpoint CKPT --image cat.jpg --captions captions.txt --json
   vilbert predict --checkpoint CKPT --image cat.jpg --question "what color is the cat" --attention maps.png
-The image's regions are extracted with the detector the checkpoint's features came from (recorded in the run's
-feature store), or --detector/--weights. mobilenet-v2 pools on given boxes: pass --boxes, else a whole-image +
-3x3 grid is used.
+The task is --task, else the task the run recorded (run.json) when it answers the request, else vqa for
+--question, refcoco for --expression, retrieval for --captions (a pretraining checkpoint ranks captions zero-shot).
+The image's regions are extracted with the detector the run recorded (its feature stores' extractor), or
+--detector/--weights. mobilenet-v2 pools on given boxes: pass --boxes, else a whole-image + 3x3 grid is used.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from features.detectors import DETECTORS
 from features.inputs import BOX_FORMATS
 from tasks.finetuning import TASK_TOKEN_IDS
+from tasks.registry import TASKS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--box-format", choices=BOX_FORMATS, help="coordinates in --boxes (required with it)")
     parser.add_argument("--tokenizer", help="local BERT tokenizer directory (default: the run's)")
     parser.add_argument("--answers", metavar="FILE", help="VQA answer list, one per line (default: config id2label)")
+    parser.add_argument("--task", choices=sorted(TASKS),
+                        help="the task that answers (default: the run's task when it answers this request, else "
+                             "vqa / refcoco / retrieval)")
     parser.add_argument("--task-token", choices=sorted(TASK_TOKEN_IDS),
-                        help="12-in-1 task token for models with task tokens (default: from the mode / run)")
+                        help="12-in-1 task token for models with task tokens (default: the task's)")
     parser.add_argument("--top-k", type=int, default=5, help="answers to show for --question")
     parser.add_argument("--out", metavar="FILE.png", help="draw the boxes and the result on the image")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -63,9 +68,10 @@ def run(args: argparse.Namespace) -> int:
     from features.images import read_image
     from tasks.cli.extract import parse_options
     from tasks.data.feature_provenance import feature_mismatch
-    from tasks.data.tokenization import load_tokenizer
     from tasks.errors import ConfigError
     from tasks.runners import predict
+    from tasks.runners.checkpoint import load_model, read_checkpoint
+    from tasks.vqa import answer_list
 
     if args.boxes and not args.box_format:
         raise ConfigError("--boxes needs --box-format xyxy or xywh (coordinates are never guessed)")
@@ -79,67 +85,55 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     # everything cheap to check comes first: a bad path fails before any weights load
-    info = predict.read_checkpoint(args.checkpoint)
-    captions = predict.read_captions(args.captions) if mode == "captions" else None
-    answers = None
-    if mode == "question":
-        answers = predict.read_answers(args.answers) if args.answers else info.answers()
-        if answers is None:
-            raise ConfigError(f"--checkpoint {args.checkpoint}: config.json has no VQA answer list (id2label); "
-                              "pass --answers FILE (or convert with --answers trainval_label2ans.pkl)")
+    info = read_checkpoint(args.checkpoint)
+    if mode == "question" and not args.answers and answer_list(info.config.get("id2label")) is None:
+        raise ConfigError(f"--checkpoint {args.checkpoint}: config.json has no VQA answer list (id2label); "
+                          "pass --answers FILE (or convert with --answers trainval_label2ans.pkl)")
+    task = predict.build_task(info, predict.choose_task(info, mode, args.task),
+                              predict.tokenizer_directory(info, args.tokenizer))
+    options = {"top_k": args.top_k}
+    if args.answers:
+        options["answers"] = predict.read_answers(args.answers)
+    captions = predict.read_captions(args.captions) if mode == "captions" else ()
     image = read_image(args.image)
     boxes = predict.boxes_for_image(args.boxes, args.box_format, args.image) if args.boxes else None
-    feature_size = info.feature_size
-    name = predict.detector_name(info, args.detector, feature_size)
+    name = predict.detector_name(info, args.detector)
     mismatch = feature_mismatch(info.config.get("visual_features"), name, f"detector {name}")
     if mismatch:
         print(f"warning: {mismatch}", file=sys.stderr)
     detector = build_detector(name, weights=args.weights, **parse_options(args.option))
-    predict.check_detector(detector, feature_size, args.random_detector)
-    tokenizer = load_tokenizer(predict.tokenizer_directory(info, args.tokenizer))
+    predict.check_detector(detector, info.feature_size, args.random_detector)
     with _quiet_weight_loading():
-        model = predict.load_model(info, mode, device)
+        model = load_model(info, device, task)
 
     if boxes is None and predict.needs_given_boxes(detector):
         boxes = predict.grid_boxes(image.original_hw)
         print(f"note: {name} pools features on given boxes and --boxes was not given; using the whole image and "
               f"a {predict.GRID}x{predict.GRID} grid", file=sys.stderr)
     regions = predict.detect_regions(detector, image, boxes, device, image_id=Path(args.image).stem)
-    max_text_length, max_regions = predict.text_settings(info, mode)
-    inputs = predict.model_input(regions, max_regions, device)
-    task = predict.token_task(info, mode, args.task_token)
-
-    result = {"mode": mode, "image": args.image, "image_hw": list(regions.image_hw), "detector": name,
-              "boxes": [[round(float(v), 2) for v in box] for box in inputs.row_boxes[1:]]}
-    chosen = None
-    if mode == "question":
-        result["question"] = args.question
-        result["answers"] = predict.answer_question(model, tokenizer, inputs, args.question, answers,
-                                                    max_text_length, args.top_k, task)
-    elif mode == "expression":
-        top = predict.ground_expression(model, tokenizer, inputs, args.expression, max_text_length, 3, task)
-        chosen = top[0]["box"]
-        result.update(expression=args.expression, box=chosen, score=top[0]["score"], top=top)
-    else:
-        result["captions"] = predict.rank_captions(model, tokenizer, inputs, captions, max_text_length, task)
+    example = predict.build_example(image, regions, task.max_regions, device, text=args.question or args.expression,
+                                    candidates=captions, options=options, task_token=args.task_token)
+    with torch.no_grad():
+        answer = task.predict_one(model, example)
+    result = {"mode": mode, "task": task.name, "image": args.image, "image_hw": list(regions.image_hw),
+              "detector": name, "boxes": [[round(float(v), 2) for v in box] for box in example.boxes], **answer}
     if args.out:
-        predict.draw_prediction(image, inputs.row_boxes[1:], chosen, predict.describe(result), args.out)
+        predict.save_picture(task.draw(example, answer), args.out)
         result["out"] = args.out
     if args.attention or args.attention_json:
-        from tasks.figures.attention import explain_prediction
-        from tasks.finetuning import task_ids_for
-        from tasks.retrieval import is_pretraining_model
-
-        text = result.get("question") or result.get("expression") or result["captions"][0]["caption"]
-        task_ids = None if is_pretraining_model(model) else task_ids_for(model, task, 1, device)
-        result.update(explain_prediction(model, tokenizer, inputs, image, text, max_text_length, task_ids,
-                                         args.words, args.head, args.rollout, args.attention, args.attention_json))
+        result.update(predict.attention_maps(model, task, example, answer, words=args.words, head=args.head,
+                                             rollout=args.rollout, out=args.attention, json_out=args.attention_json))
 
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        for line in summary_lines(result):
+        height, width = result["image_hw"]
+        print(f"{args.image} ({width}x{height}), {len(example.boxes)} regions from {name}, task {task.name}")
+        for line in task.summary_lines(answer):
             print(line)
+        for key, label in (("out", "drawn"), ("attention", "attention"), ("attention_json", "attention json")):
+            if result.get(key):
+                print(f"{label} -> {result[key]}")
     return 0
 
 
@@ -155,30 +149,3 @@ def _quiet_weight_loading():
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
-
-
-def summary_lines(result: dict) -> list[str]:
-    """The one-screen text output."""
-    height, width = result["image_hw"]
-    lines = [f"{result['image']} ({width}x{height}), {len(result['boxes'])} regions from {result['detector']}"]
-    if result["mode"] == "question":
-        lines.append(f"Q: {result['question']}")
-        lines += [f"  {i + 1}. {a['answer']:<24} {a['score']:.3f}" for i, a in enumerate(result["answers"])]
-    elif result["mode"] == "expression":
-        lines.append(f"expression: {result['expression']}")
-        box = " ".join(f"{v:.1f}" for v in result["box"])
-        lines.append(f"chosen box (x1 y1 x2 y2): {box}  score {result['score']:.3f}")
-        for i, candidate in enumerate(result["top"]):
-            whole = "  (whole image)" if candidate["row"] == 0 else ""
-            lines.append(f"  {i + 1}. {' '.join(f'{v:.1f}' for v in candidate['box'])}  "
-                         f"{candidate['score']:.3f}{whole}")
-    else:
-        lines.append("captions, best first (score, share among these captions):")
-        lines += [f"  {i + 1}. {c['score']:8.3f} {c['probability']:6.1%}  {c['caption']}"
-                  for i, c in enumerate(result["captions"])]
-    if result.get("out"):
-        lines.append(f"drawn -> {result['out']}")
-    for key in ("attention", "attention_json"):
-        if result.get(key):
-            lines.append(f"{key.replace('_', ' ')} -> {result[key]}")
-    return lines

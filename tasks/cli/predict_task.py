@@ -49,10 +49,11 @@ def run(args: argparse.Namespace) -> int:
 
     from features.detectors import build_detector
     from features.images import read_image
-    from tasks.cli.evaluate import load_task
     from tasks.errors import ConfigError
     from tasks.image_text import Sample
     from tasks.runners import predict
+    from tasks.runners.checkpoint import read_checkpoint
+    from tasks.runners.evaluate import load_task
 
     if args.boxes and not args.box_format:
         raise ConfigError("--boxes needs --box-format xyxy or xywh (coordinates are never guessed)")
@@ -65,12 +66,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--boxes: {args.task} chooses among candidate boxes; give them")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    info = predict.read_checkpoint(args.checkpoint)
+    info = read_checkpoint(args.checkpoint)
     run_config = info.directory / "run_config.yaml"
     task = load_task(args.task, str(run_config) if run_config.is_file() else None, [f"model.init={info.directory}"])
     images = [read_image(path) for path in args.image]
     boxes = predict.boxes_for_image(args.boxes, args.box_format, args.image[0]) if args.boxes else None
-    name = predict.detector_name(info, args.detector, info.feature_size)
+    name = predict.detector_name(info, args.detector)
     detector = build_detector(name, weights=args.weights)
     predict.check_detector(detector, info.feature_size, args.random_detector)
     if boxes is None and predict.needs_given_boxes(detector):
@@ -108,10 +109,11 @@ def draw_images(images: list, boxes: list, chosen: list[float] | None, caption: 
     from PIL import Image
 
     from features.images import LoadedImage
-    from tasks.runners.predict import draw_prediction
+    from tasks.figures.drawing import draw_boxes
+    from tasks.runners.predict import save_picture
 
     if len(images) == 1:
-        return draw_prediction(images[0], boxes[0], chosen, caption, out)
+        return save_picture(draw_boxes(images[0], boxes[0], chosen, caption), out)
     pictures = [Image.fromarray(image.pixels).resize(image.original_hw[::-1]) for image in images]
     height = max(p.height for p in pictures)
     joined = Image.new("RGB", (sum(p.width for p in pictures), height))
@@ -122,4 +124,4 @@ def draw_images(images: list, boxes: list, chosen: list[float] | None, caption: 
         x += picture.width
     pixels = np.asarray(joined)
     loaded = LoadedImage(pixels=pixels, original_hw=tuple(pixels.shape[:2]))
-    return draw_prediction(loaded, np.concatenate(shifted), None, caption, out)
+    return save_picture(draw_boxes(loaded, np.concatenate(shifted), None, caption), out)

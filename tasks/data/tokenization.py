@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from tasks.errors import ConfigError
 
@@ -22,6 +23,11 @@ class TextInput:
     input_ids: np.ndarray
     attention_mask: np.ndarray
     token_type_ids: np.ndarray
+
+    def tensors(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """The model's text inputs: input_ids, attention_mask, token_type_ids as int64 tensors on `device`."""
+        return {name: torch.from_numpy(getattr(self, name)).to(device)
+                for name in ("input_ids", "attention_mask", "token_type_ids")}
 
 
 class Tokenizer:

@@ -16,8 +16,9 @@ from torch import nn
 
 from tasks.data.regions import VisualInput, collate_visual
 from tasks.engine.evaluation import model_device
+from tasks.engine.run_record import PRETRAINING, architecture
 from tasks.finetuning import task_ids_for
-from tasks.retrieval import is_pretraining_model, pair_scores
+from tasks.retrieval import pair_scores
 
 MODES = ("coattention", "dual", "dual+rerank")
 
@@ -42,7 +43,7 @@ def embed_texts(model: nn.Module, tokenizer, texts: Sequence[str], max_length: i
     for start in range(0, len(texts), batch_size):
         encoded = tokenizer.encode(list(texts[start : start + batch_size]), max_length)
         ids = torch.from_numpy(encoded.input_ids).to(device)
-        task_ids = None if is_pretraining_model(model) else task_ids_for(model, task, ids.shape[0], device)
+        task_ids = None if architecture(model) == PRETRAINING else task_ids_for(model, task, ids.shape[0], device)
         parts.append(model.encode_text(ids, torch.from_numpy(encoded.attention_mask).to(device),
                                        torch.from_numpy(encoded.token_type_ids).to(device), task_ids))
     return torch.cat(parts) if parts else torch.empty(0, model.config.dual_embedding_size, device=device)
@@ -89,7 +90,7 @@ class CoattentionScorer:
 
     def _prefix(self, rows: list[int]):
         ids = torch.from_numpy(self.text.input_ids[rows]).to(self.device)
-        task_ids = None if is_pretraining_model(self.model) else task_ids_for(self.model, self.task, len(rows),
+        task_ids = None if architecture(self.model) == PRETRAINING else task_ids_for(self.model, self.task, len(rows),
                                                                                 self.device)
         return self.model.vilbert.encode_text_prefix(
             ids, torch.from_numpy(self.text.attention_mask[rows]).to(self.device),
@@ -196,9 +197,9 @@ def evaluate_retrieval(task, model: nn.Module, split: str, mode: str, rerank_k: 
 
 
 def load_dual_model(checkpoint: str, device: str | torch.device = "cpu"):
-    """(model in eval mode, `tasks.runners.predict.CheckpointInfo`) of a checkpoint whose model has a dual encoder."""
+    """(model in eval mode, `tasks.runners.checkpoint.CheckpointInfo`) of a checkpoint whose model has a dual encoder."""
     from tasks.errors import ConfigError
-    from tasks.runners.predict import read_checkpoint
+    from tasks.runners.checkpoint import read_checkpoint
     from vilbert import ViLBertForPreTraining, ViLBertForVLTasks
 
     info = read_checkpoint(checkpoint)

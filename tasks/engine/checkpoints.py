@@ -16,6 +16,7 @@ from torch import nn
 
 from features.atomic import atomic_path
 from tasks.engine.config import save_config
+from tasks.engine.run_record import write_run_record
 from tasks.errors import ResumeError
 
 STATE_FILE = "trainer_state.pt"
@@ -131,14 +132,20 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
 
 
 def write_checkpoint(run_dir: Path, state: TrainerState, model: nn.Module, trainer_state: dict[str, Any],
-                     run_config: Any = None) -> Path:
-    """Write `checkpoints/step-N` atomically: a temporary directory, renamed once complete."""
+                     run_config: Any = None, run_record: Mapping[str, Any] | None = None) -> Path:
+    """Write `checkpoints/step-N` atomically: a temporary directory, renamed once complete.
+
+    Beside the weights: the run config (`run_config.yaml`) and the run record (`run.json`), so that the directory
+    alone says what it is.
+    """
     final = checkpoint_path(run_dir, state.step)
     with atomic_path(final) as tmp:
         tmp.mkdir()
         save_model_weights(model, tmp)
         if run_config is not None:
             save_config(run_config, tmp / "run_config.yaml")
+        if run_record is not None:
+            write_run_record(tmp, run_record)
         torch.save({"state": vars(state).copy(), **trainer_state}, tmp / STATE_FILE)
     return final
 

@@ -19,8 +19,22 @@ How evaluation (trainer, `vilbert evaluate`, reports) calls a task: `predict(mod
 `torch.no_grad()`, then `score(predictions, split)`; `evaluate` is exactly that composition. `main_metric` picks
 the best checkpoint in the direction `higher_is_better`.
 
-How `vilbert predict` calls a task: `predict_one(model, example)` on one image's regions and the user's text, and
-`draw(example, result)` for the picture of the answer.
+What a run records (`tasks.engine.run_record`): the trainer writes `run_record()` as `run.json` in the run directory
+and in every checkpoint: the task's name, its 12-in-1 task token, the `extractor` attributes of its feature stores
+and the architecture it trains. Prediction and evaluation read it instead of guessing from config keys.
+
+How `vilbert predict` calls a task. The task is the one the user names (`--task`), else the checkpoint's recorded
+task when it serves the request's mode (`predict_modes`), else the mode's default; it is built from the run's
+config (`run_config.yaml`) when that run trained it, else from its config class's defaults, with `data.tokenizer`
+set to the tokenizer prediction found. The runner then
+- refuses the checkpoint unless its weights hold every module of `head_modules` (a pretraining checkpoint is
+  accepted only by tasks with `pretraining_zero_shot`), and loads the model in eval mode;
+- detects the image's regions with the run's detector and builds `max_regions` visual rows (IMG token first);
+- calls `predict_one(model, example)` under `torch.no_grad()`, prints `summary_lines(result)` (or the JSON), and
+  saves `draw(example, result)` as a PNG when asked.
+`vilbert evaluate` applies the same head check before it predicts. The modes are the request flags of `vilbert
+predict` (`question`: `text`; `expression`: `text`; `captions`: `candidates`); a task with a new kind of request
+adds its flag there (tasks/cli/predict.py) and a default task for it (tasks.runners.predict.DEFAULT_TASK).
 """
 
 from __future__ import annotations
@@ -65,7 +79,8 @@ class PredictExample:
     visual: Mapping[str, torch.Tensor]  # region_features [1, R, D], region_locations [1, R, 5], region_mask [1, R]
     text: str | None = None  # a question, an expression, a hypothesis
     candidates: Sequence[str] = ()  # captions to rank, when the task ranks texts
-    options: Mapping[str, Any] = field(default_factory=dict)  # task-specific settings (e.g. top-k)
+    options: Mapping[str, Any] = field(default_factory=dict)  # task-specific settings (e.g. top_k, answers)
+    task_token: str | None = None  # the 12-in-1 token for models with task tokens; None: the task's own
 
 
 class Task:
@@ -76,6 +91,13 @@ class Task:
     higher_is_better: bool = False  # for main_metric; accuracy-like metrics set True
     find_unused_parameters: bool = False  # DDP: some trainable parameters get no gradient in training_step
     predict_modes: tuple[str, ...] = ()  # the `vilbert predict` request kinds this task serves ("question", ...)
+    head_modules: tuple[str, ...] = ()  # model modules a checkpoint must hold for this task ("answer_head", ...)
+    pretraining_zero_shot: bool = False  # a pretraining checkpoint serves this task as is (alignment head)
+    config_class: type  # the run config dataclass (tasks/configs/<name>.yaml is one of these)
+
+    def run_record(self) -> dict[str, Any]:
+        """What `run.json` says about a run of this task (see tasks.engine.run_record). Default: the name only."""
+        return {"task": self.name, "task_token": None, "feature_extractor": [], "architecture": "tasks"}
 
     # ---------------------------------------------------------------------------------------------- training
 
@@ -115,13 +137,22 @@ class Task:
 
     # ---------------------------------------------------------------------------------------------- prediction
 
+    @property
+    def max_regions(self) -> int:
+        """Visual rows (IMG token included) the task's model sees per image; `vilbert predict` builds as many."""
+        raise NotImplementedError(f"task {self.name!r} does not say how many regions it reads")
+
     def predict_one(self, model: nn.Module, example: PredictExample) -> dict[str, Any]:
-        """The answer for one image and request, JSON-serialisable (what `vilbert predict` prints)."""
+        """The answer for one image and request, JSON-serialisable (what `vilbert predict --json` prints)."""
         raise NotImplementedError(f"task {self.name!r} has no single-example prediction")
 
     def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Any:
-        """A PIL image showing `result` on the example's picture."""
+        """A PIL image showing `result` on the example's picture (original size)."""
         raise NotImplementedError(f"task {self.name!r} has no drawing")
+
+    def summary_lines(self, result: Mapping[str, Any]) -> list[str]:
+        """`predict_one`'s result as text for the terminal. Default: one `key: value` line per entry."""
+        return [f"{key}: {value}" for key, value in result.items()]
 
 
 def batch_size(batch: Mapping[str, Any]) -> int:

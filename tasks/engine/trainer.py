@@ -50,6 +50,7 @@ from tasks.engine.checkpoints import (
 from tasks.engine.config import OptimConfig, TrainConfig, save_config
 from tasks.engine.distributed import autocast_dtype, move_to_device, setup_distributed, unwrap
 from tasks.engine.optimization import build_optimizer, build_scheduler, warmup_steps_for
+from tasks.engine.run_record import write_run_record
 from tasks.engine.sampler import EpochKeyedDataset, ResumableDistributedSampler
 from tasks.engine.task import Task
 from tasks.errors import ConfigError, DataError, TrainingDiverged
@@ -131,6 +132,7 @@ class Trainer:
                 f"grad_accumulation ({self.dist.world_size} × {train.grad_accumulation})"
             )
         self.micro_batch_size = train.global_batch_size // divisor
+        self.run_record: dict[str, Any] | None = None  # the task's run.json, read once the data is open
         self._tensorboard = None
 
     # -------------------------------------------------------------------------------------------------- fit
@@ -164,11 +166,6 @@ class Trainer:
     def _prepare(self, resume: str | os.PathLike | None) -> Run:
         """Model, data, optimizer and schedule; the saved state when resuming."""
         train = self.train
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if self.run_config is not None:
-                save_config(self.run_config, self.run_dir / "config.yaml")
-
         seed_everything(train.seed)  # identical initial weights on every rank
         model = self.task.build_model().to(self.device)
         model.train()
@@ -187,6 +184,12 @@ class Trainer:
             raise DataError(
                 f"training set has {len(dataset)} samples, fewer than one global batch ({train.global_batch_size})"
             )
+        self.run_record = self.task.run_record()
+        if self.dist.is_main:  # the run directory appears once the model and the data are ready
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.run_config is not None:
+                save_config(self.run_config, self.run_dir / "config.yaml")
+            write_run_record(self.run_dir, self.run_record)
         total_steps = train.epochs * sampler.steps_per_epoch
         if train.max_steps is not None:
             total_steps = min(total_steps, train.max_steps)
@@ -426,7 +429,8 @@ class Trainer:
                 "rng": every_rank,
                 "world_size": self.dist.world_size,
             }
-            final = write_checkpoint(self.run_dir, run.state, run.model, trainer_state, self.run_config)
+            final = write_checkpoint(self.run_dir, run.state, run.model, trainer_state, self.run_config,
+                                     self.run_record)
             prune_checkpoints(self.run_dir, self.train.keep_last, run.state.best_step)
             logger.info("saved checkpoint %s", final)
         if self.dist.enabled:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from features.atomic import write_text_atomic
 from tasks.errors import ConfigError
 
 TASK_TOKEN = "[TASK]"  # the 12-in-1 task token the model inserts after [CLS]
@@ -245,41 +246,35 @@ def save_figure(fig, out: str | os.PathLike, dpi: int = 110) -> Path:
 # ---------------------------------------------------------------------------------------------------- prediction
 
 
-def explain_prediction(model: nn.Module, tokenizer, inputs, loaded, text: str, max_text_length: int,
+def explain_prediction(model: nn.Module, tokenizer, example, text: str, max_text_length: int,
                        task_ids: torch.Tensor | None, words: list[str] | None = None, head: int | None = None,
                        rollout: bool = False, out: str | os.PathLike | None = None,
                        json_out: str | os.PathLike | None = None) -> dict:
-    """Run `text` on one image's `inputs` (`tasks.runners.predict.ModelInput`) with maps; write the figure and/or the JSON.
+    """Run `text` on one image (a `tasks.engine.task.PredictExample`) with maps; write the figure and/or the JSON.
 
     Returns {"attention": figure path, "attention_json": JSON path} for what was written.
     """
     import json
 
-    from tasks.runners.predict import encode_text
+    from tasks.refexp import region_boxes
 
-    device = inputs.visual["region_features"].device
-    encoded = encode_text(tokenizer, [text], max_text_length, device)
-    outputs = attention_maps(model, encoded, inputs.visual, task_ids)
+    device = example.visual["region_features"].device
+    encoded = tokenizer.encode([text], max_text_length).tensors(device)
+    outputs = attention_maps(model, encoded, example.visual, task_ids)
+    row_boxes = region_boxes(example.boxes, example.image.original_hw).numpy()  # IMG row = the whole image
     base = getattr(model, "vilbert", model)
     tokens = text_tokens(tokenizer, encoded["input_ids"], encoded["attention_mask"],
                          base.embeddings.task_embeddings is not None)
     if rollout:
-        view = rollout_view(outputs, base.encoder.schedule, tokens, inputs.row_boxes)
+        view = rollout_view(outputs, base.encoder.schedule, tokens, row_boxes)
     else:
-        view = coattention_view(outputs, tokens, inputs.row_boxes, head)
+        view = coattention_view(outputs, tokens, row_boxes, head)
     chosen = choose_words(view, words)  # fails on an unknown word before anything is written
     written = {}
     if json_out:
-        json_out = Path(json_out)
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = json_out.with_name(f".{json_out.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps({"text": text, **maps_json(outputs, tokens, inputs.row_boxes)}))
-            os.replace(tmp, json_out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text_atomic(json_out, json.dumps({"text": text, **maps_json(outputs, tokens, row_boxes)}))
         written["attention_json"] = str(json_out)
     if out:
-        figure = draw_figure(loaded.pixels, loaded.original_hw, view, chosen, title=text)
+        figure = draw_figure(example.image.pixels, example.image.original_hw, view, chosen, title=text)
         written["attention"] = str(save_figure(figure, out))
     return written

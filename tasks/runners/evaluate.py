@@ -11,11 +11,10 @@ from typing import Any
 
 from torch import nn
 
-from tasks.data.annotations import load_json
 from tasks.engine.config import load_config
 from tasks.engine.task import Task
-from tasks.errors import ConfigError
 from tasks.registry import task_class
+from tasks.runners.checkpoint import check_serves, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +29,16 @@ def load_task(name: str, config_path: str | None, overrides: list[str]) -> Task:
 
 
 def load_checkpoint_model(checkpoint: str, task: Task) -> nn.Module:
-    """A task model from `checkpoint`; for retrieval a pretraining checkpoint loads as is (zero-shot)."""
-    config_file = Path(checkpoint) / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"--checkpoint {checkpoint}: no config.json (a save_pretrained directory)")
-    architectures = load_json(config_file).get("architectures") or []
-    if task.name == "retrieval" and "ViLBertForPreTraining" in architectures:
+    """A task model from `checkpoint`, refused in one line when the checkpoint lacks the task's head.
+
+    A pretraining checkpoint loads as is for tasks that score zero-shot (retrieval, by its alignment head).
+    """
+    info = read_checkpoint(checkpoint)
+    check_serves(info, task)
+    if info.is_pretraining:
         from vilbert import ViLBertForPreTraining
 
-        logger.info("pretraining checkpoint: zero-shot retrieval from the alignment head")
+        logger.info("pretraining checkpoint: zero-shot %s from the alignment head", task.name)
         return ViLBertForPreTraining.from_pretrained(checkpoint)
     return task.build_model()
 

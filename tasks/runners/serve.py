@@ -31,8 +31,11 @@ from starlette.exceptions import HTTPException
 from torch import nn
 
 from features.errors import FeaturesError
+from tasks.engine.task import Task
 from tasks.errors import ConfigError, DataError
+from tasks.registry import TASKS, task_class
 from tasks.runners import predict
+from tasks.runners.checkpoint import CheckpointInfo, check_serves, load_model, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -58,52 +61,54 @@ class RequestError(Exception):
 
 @dataclass
 class LoadedCheckpoint:
-    """One checkpoint with everything a request needs: model, tokenizer, detector, answer list."""
+    """One checkpoint with everything a request needs: model, detector, and the task answering each mode."""
 
     name: str
-    info: predict.CheckpointInfo
+    info: CheckpointInfo
     model: nn.Module
-    tokenizer: object
     detector: object
     detector_name: str
-    modes: list[str]
-    answers: list[str] | None = None
+    tasks: dict[str, Task]  # mode -> the task that answers it
+
+    @property
+    def modes(self) -> list[str]:
+        return list(self.tasks)
 
 
-def checkpoint_modes(info: predict.CheckpointInfo) -> list[str]:
-    """The modes a checkpoint serves: pretraining -> captions (zero-shot); a fine-tuned task -> its own mode; a
+def checkpoint_modes(info: CheckpointInfo) -> list[str]:
+    """The modes a checkpoint serves: pretraining -> captions (zero-shot); a recorded task -> its own modes; a
     checkpoint that does not say (e.g. a converted 12-in-1 model) -> every mode."""
     if info.is_pretraining:
         return ["captions"]
-    trained = info.trained_task
-    if trained is None:
-        return list(predict.MODES)
-    return ["question" if trained == "vqa" else "expression" if trained.startswith("refcoco") else "captions"]
+    if info.task in TASKS:
+        return [mode for mode in predict.MODES if mode in task_class(info.task).predict_modes]
+    return list(predict.MODES)
 
 
 def load_checkpoint(directory: str | os.PathLike, device: str, detector: str | None = None,
                     allow_random: bool = False) -> LoadedCheckpoint:
     """Load one checkpoint for serving (fails like `vilbert predict` on a bad directory, detector or tokenizer)."""
     from features.detectors import build_detector
-    from tasks.data.tokenization import load_tokenizer
+    from tasks.vqa import answer_list
 
-    info = predict.read_checkpoint(directory)
-    modes = checkpoint_modes(info)
-    feature_size = info.feature_size
-    name = predict.detector_name(info, detector, feature_size)
-    region_detector = build_detector(name)
-    predict.check_detector(region_detector, feature_size, allow_random)
-    tokenizer = load_tokenizer(predict.tokenizer_directory(info))
-    model = predict.load_model(info, modes[0], device)
-    answers = info.answers() if "question" in modes else None
-    if "question" in modes and answers is None:
-        modes.remove("question")
+    info = read_checkpoint(directory)
+    tokenizer = predict.tokenizer_directory(info)
+    tasks = {mode: predict.build_task(info, predict.choose_task(info, mode), tokenizer)
+             for mode in checkpoint_modes(info)}
+    if "question" in tasks and answer_list(info.config.get("id2label")) is None:
+        del tasks["question"]
         logger.warning("%s: no VQA answer list (config.json id2label); not offering questions", directory)
-    if not modes:
+    if not tasks:
         raise ConfigError(f"--checkpoint {directory}: nothing to serve (no answer list and no other task)")
+    name = predict.detector_name(info, detector)
+    region_detector = build_detector(name)
+    predict.check_detector(region_detector, info.feature_size, allow_random)
+    model = load_model(info, device, next(iter(tasks.values())))
+    for task in tasks.values():
+        check_serves(info, task)
     label = Path(directory).resolve()
     return LoadedCheckpoint(f"{label.parent.parent.name}/{label.name}" if label.parent.name == "checkpoints"
-                            else label.name, info, model, tokenizer, region_detector, name, modes, answers)
+                            else label.name, info, model, region_detector, name, tasks)
 
 
 @dataclass
@@ -190,11 +195,7 @@ class Demo:
 
     def _run(self, checkpoint: LoadedCheckpoint, mode: str, image, text: str, captions: list[str] | None,
              boxes: np.ndarray | None, shown: str, tmp: Path) -> dict:
-        from tasks.figures.attention import explain_prediction
-        from tasks.finetuning import task_ids_for
-        from tasks.retrieval import is_pretraining_model
-
-        model, tokenizer = checkpoint.model, checkpoint.tokenizer
+        task, model = checkpoint.tasks[mode], checkpoint.model
         notes = []
         if boxes is None and predict.needs_given_boxes(checkpoint.detector):
             boxes = predict.grid_boxes(image.original_hw)
@@ -204,34 +205,33 @@ class Demo:
             regions = predict.detect_regions(checkpoint.detector, image, boxes, self.device, image_id="image")
         except FeaturesError as error:
             raise RequestError(f"{shown}: {error}", 422) from error
-        max_text_length, max_regions = predict.text_settings(checkpoint.info, mode)
-        inputs = predict.model_input(regions, max_regions, self.device)
-        task = predict.token_task(checkpoint.info, mode)
-        result: dict = {"mode": mode, "image": shown, "checkpoint": checkpoint.name, "notes": notes,
-                        "boxes": [[round(float(v), 2) for v in box] for box in inputs.row_boxes[1:]]}
-        chosen = None
-        if mode == "question":
-            result["question"] = text
-            result["answers"] = predict.answer_question(model, tokenizer, inputs, text, checkpoint.answers,
-                                                        max_text_length, 5, task)
-        elif mode == "expression":
-            top = predict.ground_expression(model, tokenizer, inputs, text, max_text_length, 3, task)
-            chosen = top[0]["box"]
-            result.update(expression=text, box=chosen, score=top[0]["score"], top=top)
-        else:
-            result["captions"] = predict.rank_captions(model, tokenizer, inputs, captions, max_text_length, task)
-        result["summary"] = predict.describe(result)
-        drawn = predict.draw_prediction(image, inputs.row_boxes[1:], chosen, result["summary"], tmp / "drawn.png")
+        example = predict.build_example(image, regions, task.max_regions, self.device,
+                                        text=None if mode == "captions" else text, candidates=captions or ())
+        with torch.no_grad():
+            answer = task.predict_one(model, example)
+        result: dict = {"mode": mode, "task": task.name, "image": shown, "checkpoint": checkpoint.name,
+                        "notes": notes, "boxes": [[round(float(v), 2) for v in box] for box in example.boxes],
+                        **answer}
+        result["summary"] = headline(answer)
+        drawn = predict.save_picture(task.draw(example, answer), tmp / "drawn.png")
         result["drawn"] = data_url(drawn)
-        attended = result.get("question") or result.get("expression") or result["captions"][0]["caption"]
-        task_ids = None if is_pretraining_model(model) else task_ids_for(model, task, 1, self.device)
         try:
-            explain_prediction(model, tokenizer, inputs, image, attended, max_text_length, task_ids,
-                               out=tmp / "attention.png")
+            predict.attention_maps(model, task, example, answer, out=tmp / "attention.png")
             result["attention"] = data_url(tmp / "attention.png")
         except ConfigError as error:  # e.g. a text of special tokens only: the answer stands without the figure
             notes.append(f"no attention figure: {error}")
         return result
+
+
+def headline(answer: dict) -> str:
+    """One line for the page's title: the best answer, the chosen box's score, or the best caption."""
+    if "answers" in answer:
+        best = answer["answers"][0]
+        return f"Q: {answer['question']}  A: {best['answer']} ({best['score']:.2f})"
+    if "box" in answer:
+        return f"{answer['expression']} ({answer['score']:.2f})"
+    best = answer["captions"][0]
+    return f"{best['caption']} ({best['score']:.2f})"
 
 
 def safe_name(filename: str | None) -> str:
