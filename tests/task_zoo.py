@@ -103,9 +103,10 @@ def write_zoo(root: Path, names: list[str] | None = None) -> dict[str, list[str]
     return {name: _task_data(name, root / name.replace("+", "_plus")) for name in (names or list(TASKS))}
 
 
-def build_task(name: str, overrides: list[str]) -> Task:
-    """The task with the tiny preset, no dropout and the given overrides (config defaults for pretraining)."""
-    overrides = ["model.preset=tiny", *NO_DROPOUT, *overrides]
+def build_task(name: str, overrides: list[str], dropout: bool = False) -> Task:
+    """The task with the tiny preset, no dropout unless asked, and the given overrides (config defaults for
+    pretraining)."""
+    overrides = ["model.preset=tiny", *([] if dropout else NO_DROPOUT), *overrides]
     if name == "pretrain":
         cls = task_class(name)
         return cls(load_config(None, cls.config_class, overrides))

@@ -14,8 +14,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from exact_ranks import fit_losses, rank_worker, step_loss_and_grads
-from task_zoo import write_zoo
+from safetensors.torch import load_file
+from task_zoo import build_task, write_zoo
 
+from tasks.engine.config import OptimConfig, TrainConfig
+from tasks.engine.trainer import Trainer
 from tasks.registry import TASKS
 
 FROZEN = ["model.overrides.fixed_t_layer=1"]
@@ -79,3 +82,42 @@ def test_frozen_layers_train_under_two_ranks_with_the_single_process_losses(zoo,
     assert [s for s, _, _ in two] == [1, 2, 3]
     for (_, loss2, norm2), (_, loss1, norm1) in zip(two, one, strict=True):
         assert loss2 == pytest.approx(loss1, rel=1e-5) and norm2 == pytest.approx(norm1, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- kill and resume
+
+
+def _fit(name, overrides, run_dir, crash_at_call=None, resume=None):
+    """Two optimizer steps (accumulation 2, dropout on) with a checkpoint after the first; the task's
+    `training_step` raises at call `crash_at_call`, as a killed process stops there."""
+    task = build_task(name, overrides, dropout=True)
+    if crash_at_call is not None:
+        step, calls = task.training_step, []
+
+        def crashing(model, batch):
+            calls.append(1)
+            if len(calls) == crash_at_call:
+                raise KeyboardInterrupt
+            return step(model, batch)
+
+        task.training_step = crashing
+    config = TrainConfig(output_dir=str(run_dir), epochs=2, global_batch_size=2, grad_accumulation=2, max_steps=2,
+                         num_workers=0, log_every=1, save_every=1, eval_every=1000, eval_at_end=False, device="cpu")
+    return Trainer(task, config, OptimConfig(lr=1e-3, warmup=0.5)).fit(resume=resume)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_killed_and_resumed_training_ends_with_the_uninterrupted_weights(name, zoo, tmp_path):
+    full = _fit(name, zoo[name], tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):  # in step 2's second micro-step: only step 1's checkpoint survives
+        _fit(name, zoo[name], tmp_path / "killed", crash_at_call=4)
+    resumed = _fit(name, zoo[name], tmp_path / "killed", resume=tmp_path / "killed")
+    assert full.last_checkpoint.name == resumed.last_checkpoint.name == "step-00000002"
+    expected = load_file(full.last_checkpoint / "model.safetensors")
+    got = load_file(resumed.last_checkpoint / "model.safetensors")
+    assert sorted(got) == sorted(expected)
+    changed = 0
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key  # bitwise: data order, per-sample draws, dropout, optimizer
+        changed += 1
+    assert changed and full.state.step == resumed.state.step == 2
