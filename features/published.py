@@ -32,7 +32,8 @@ LXMERT_FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attr
                  "num_boxes", "boxes", "features")
 ID_RULES = ("image", "stem", "int")
 
-# the detector family each published format's features come from (reference/features.md §1), recorded as the
+# the detector family each published format's features come from (docs/features.md, importing
+# published features), recorded as the
 # store's extractor "detector" so a model trained on other features can warn
 FORMAT_DETECTORS = {
     "vilbert-lmdb": "vmb-x152-fpn", "mmf-npy": "vmb-x152-fpn",
