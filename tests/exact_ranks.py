@@ -58,10 +58,10 @@ def step_loss_and_grads(name: str, overrides: list[str], parts: int, rank: int, 
 
 
 def fit_losses(overrides: list[str], output_dir: str, world: int) -> None:
-    """Three steps of `Trainer.fit` on tiny pretraining (its metrics.jsonl is the result)."""
+    """Three steps of `Trainer.fit` on tiny pretraining, checkpoints at 2 and 3 (its metrics.jsonl is the result)."""
     task = build_task("pretrain", overrides)
     config = TrainConfig(output_dir=output_dir, global_batch_size=GLOBAL_BATCH, grad_accumulation=2 // world,
-                         max_steps=3, num_workers=0, log_every=1, save_every=None, eval_every=None,
+                         max_steps=3, num_workers=0, log_every=1, save_every=2, eval_every=None,
                          eval_at_end=False, device="cpu")
     Trainer(task, config, OptimConfig(lr=1e-3, warmup=0, max_grad_norm=1.0)).fit()
 

@@ -3,8 +3,8 @@
 Every loss is a sum over labelled items divided by the global count of those items, so the step's loss and
 gradients are the same (≤ 1e-5 relative, fp32) however the global batch is split. The two ranks are spawned once
 for the whole module and compute every registered task; each task's test compares them with one process and with
-accumulation. Frozen layers (`fixed_t_layer`) train under two ranks through `Trainer.fit` (no "Expected to have
-finished reduction" error) and log the single-process losses.
+accumulation. Frozen layers (`fixed_t_layer`) train under two ranks through `Trainer.fit` (its sampler shards, no
+"Expected to have finished reduction" error) and log the single-process losses and gradient norms.
 """
 
 import json
@@ -17,6 +17,7 @@ from exact_ranks import fit_losses, rank_worker, step_loss_and_grads
 from safetensors.torch import load_file
 from task_zoo import build_task, write_zoo
 
+from tasks.engine.checkpoints import list_checkpoints
 from tasks.engine.config import OptimConfig, TrainConfig
 from tasks.engine.trainer import Trainer
 from tasks.registry import TASKS
@@ -79,7 +80,8 @@ def test_frozen_layers_train_under_two_ranks_with_the_single_process_losses(zoo,
         return [(r["step"], r["loss"], r["grad_norm"]) for r in lines if r["kind"] == "train"]
 
     two, one = logged(fit_dir), logged(tmp_path / "single")
-    assert [s for s, _, _ in two] == [1, 2, 3]
+    assert [s for s, _, _ in two] == [1, 2, 3]  # only rank 0 logs: one line per step
+    assert [p.name for p in list_checkpoints(fit_dir)] == ["step-00000002", "step-00000003"]  # and saves
     for (_, loss2, norm2), (_, loss1, norm1) in zip(two, one, strict=True):
         assert loss2 == pytest.approx(loss1, rel=1e-5) and norm2 == pytest.approx(norm1, rel=1e-5)
 
