@@ -66,17 +66,18 @@ def fit_losses(overrides: list[str], output_dir: str, world: int) -> None:
     Trainer(task, config, OptimConfig(lr=1e-3, warmup=0, max_grad_norm=1.0)).fit()
 
 
-def rank_worker(rank: int, world: int, port: int, zoo: dict[str, list[str]], frozen: list[str], out_dir: str) -> None:
+def rank_worker(rank: int, world: int, port: int, cases: dict[str, tuple[str, list[str]]], frozen: list[str],
+                out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results = {}
-    for name, overrides in zoo.items():
+    for case, (name, overrides) in cases.items():
         try:
-            results[name] = step_loss_and_grads(name, overrides, 1, rank, world, f"{out_dir}/scratch")
+            results[case] = step_loss_and_grads(name, overrides, 1, rank, world, f"{out_dir}/scratch")
         except Exception as error:  # noqa: BLE001 (reported by the task's test, the other tasks still run)
-            results[name] = f"{type(error).__name__}: {error}"
+            results[case] = f"{type(error).__name__}: {error}"
     fit_losses(frozen, f"{out_dir}/fit", world)
     if rank == 0:
         torch.save(results, Path(out_dir) / "ranks.pt")

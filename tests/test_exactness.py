@@ -36,12 +36,19 @@ def zoo(tmp_path_factory):
     return write_zoo(tmp_path_factory.mktemp("zoo"))
 
 
+# the dual encoder's InfoNCE gathers its negatives over ranks: exact across ranks, not across accumulation steps
+# (a micro-step's negatives are its own batch)
+CONTRASTIVE = {f"{name} + contrastive": name for name in ("pretrain", "retrieval")}
+
+
 @pytest.fixture(scope="module")
 def ranks(zoo, tmp_path_factory):
-    """Both ranks' results: {task: (loss, gradients) or the error}, and the directory of their pretraining fit."""
+    """Both ranks' results: {case: (loss, gradients) or the error}, and the directory of their pretraining fit."""
     out = tmp_path_factory.mktemp("ranks")
+    cases = {name: (name, overrides) for name, overrides in zoo.items()}
+    cases.update({case: (name, [*zoo[name], "data.contrastive_weight=0.5"]) for case, name in CONTRASTIVE.items()})
     frozen = [*zoo["pretrain"], *FROZEN]
-    mp.start_processes(rank_worker, args=(2, _free_port(), zoo, frozen, str(out)), nprocs=2, join=True,
+    mp.start_processes(rank_worker, args=(2, _free_port(), cases, frozen, str(out)), nprocs=2, join=True,
                        start_method="spawn")
     return torch.load(out / "ranks.pt", weights_only=True), out / "fit"
 
@@ -69,6 +76,15 @@ def test_one_process_two_ranks_and_accumulation_give_the_same_step(name, zoo, ra
     accumulated = step_loss_and_grads(name, zoo[name], 2, 0, 1, str(tmp_path))
     _assert_same(single, results[name], f"{name}, 2 ranks")
     _assert_same(single, accumulated, f"{name}, 2 accumulation steps")
+
+
+@pytest.mark.parametrize("case", list(CONTRASTIVE))
+def test_two_ranks_give_the_single_process_step_with_the_contrastive_loss(case, zoo, ranks, tmp_path):
+    results, _ = ranks
+    assert not isinstance(results[case], str), f"two ranks failed: {results[case]}"
+    name = CONTRASTIVE[case]
+    single = step_loss_and_grads(name, [*zoo[name], "data.contrastive_weight=0.5"], 1, 0, 1, str(tmp_path))
+    _assert_same(single, results[case], f"{case}, 2 ranks")
 
 
 def test_frozen_layers_train_under_two_ranks_with_the_single_process_losses(zoo, ranks, tmp_path):
