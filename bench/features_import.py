@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import pickle
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import os
 
 import lmdb
 
@@ -60,10 +59,10 @@ def bare_loop(source: Path, format: str) -> float:
     return time.perf_counter() - started
 
 
-def import_once(source: Path, format: str, out: Path, float32: bool) -> float:
+def import_once(source: Path, format: str, out: Path, float32: bool, workers: int = 1) -> float:
     if out.exists():
         out.unlink()
-    summary = import_features(source, format, out, progress=False, float32=float32)
+    summary = import_features(source, format, out, progress=False, float32=float32, workers=workers)
     return summary.seconds
 
 
@@ -84,11 +83,12 @@ def bench(format: str, args, folder: Path) -> dict:
         bare.append(bare_loop(source, format))
         if args.cold:
             evict(source)
-        full.append(import_once(source, format, out, args.float32))
+        full.append(import_once(source, format, out, args.float32, args.workers))
     store_bytes = out.stat().st_size
     feature_bytes = args.images * args.boxes * args.dim * 2  # what float16 features need
     best_bare, best_full = min(bare), min(full)
     return {"format": format, "store": "float32" if args.float32 else "float16", "source": "cold" if args.cold else "cached",
+            "workers": args.workers,
             "images": args.images, "boxes": args.boxes, "dim": args.dim,
             "bare_images_per_s": round(args.images / best_bare, 1),
             "import_images_per_s": round(args.images / best_full, 1),
@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--formats", nargs="+", default=["vilbert-lmdb", "butd-tsv"], choices=sorted(WRITERS))
     parser.add_argument("--float32", action="store_true", help="float32 store (no cast): the write cost alone")
+    parser.add_argument("--workers", type=int, default=1, help="decoding processes for the import (--workers)")
     parser.add_argument("--cold", action="store_true", help="evict the source from the page cache before each pass")
     parser.add_argument("--tmp", help="folder for the generated sources (default: a temporary folder)")
     args = parser.parse_args()
