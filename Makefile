@@ -89,7 +89,7 @@ finetune: $(PRETRAIN_REPORT) $(WORLD_TASKS)
 		--init $$(tail -n 1 $(PRETRAIN_REPORT) | cut -d' ' -f2) model.text_init=$(TEXT_INIT)
 ifneq ($(filter $(TASK),$(TEXT_ONLY_TASKS)),)
 	rm -rf $(FINETUNE_RUN)_textonly
-	$(VILBERT) finetune --task $(TASK) --config tasks/configs/$(TASK)_embedded.yaml model.text_init=$(TEXT_INIT) \
+	$(VILBERT) finetune --task $(TASK) --config tasks/shapes/configs/$(TASK)_embedded.yaml model.text_init=$(TEXT_INIT) \
 		train.output_dir=$(FINETUNE_RUN)_textonly
 	$(VILBERT) report --run $(FINETUNE_RUN) --task $(TASK) --compare $(FINETUNE_RUN)_textonly
 else

@@ -14,9 +14,14 @@ QA→R reads (question + correct answer, rationale i). Regions: the detected sto
 the ground-truth-box store(s) `data.gt_features`, as the reference merges them. The image id is `img_fn`'s stem.
 
 Model (12-in-1 tasks 5 and 6): `pair_logit` of the 4 rows as a 4-way choice, cross-entropy. Metrics: Q→A
-(`vcr-qa`) or QA→R (`vcr-qar`) accuracy; Q→AR needs both tasks' predictions: `joint_scores`. The leaderboard's
-test CSV (rationales conditioned on every answer) is not written. Predictions [{"annot_id", "choice",
-"probabilities"}].
+(`vcr-qa`) or QA→R (`vcr-qar`) accuracy; Q→AR needs both tasks' predictions: `joint_scores`. Predictions
+[{"annot_id", "choice", "probabilities"}].
+
+Leaderboard (`vilbert vcr-submission`): the test split has no labels, so QA→R is read four times, once with each
+answer choice in the context (`data.condition_on_answer`); `leaderboard_rows` joins the Q→A probabilities and the
+four conditioned rationale distributions into the columns the VCR leaderboard's CSV asks for (annot_id,
+answer_0..3, rationale_conditioned_on_a{i}_{j}); the server takes the argmax answer, then the argmax rationale
+conditioned on the correct answer.
 """
 
 from __future__ import annotations
@@ -62,8 +67,11 @@ def detokenize(tokens: list, names: list[str], where: str) -> str:
     return " ".join(words)
 
 
-def read_vcr(path: str | Path, mode: str) -> list[Sample]:
-    """One sample per item: 4 (context, option) rows; mode "answer" (Q→A) or "rationale" (QA→R)."""
+def read_vcr(path: str | Path, mode: str, answer: int | None = None) -> list[Sample]:
+    """One sample per item: 4 (context, option) rows; mode "answer" (Q→A) or "rationale" (QA→R).
+
+    QA→R puts the correct answer in the context, or answer choice `answer` when given (unlabelled test items).
+    """
     samples = []
     for number, item in read_json_lines(path):
         where = f"{path}: line {number}"
@@ -75,9 +83,13 @@ def read_vcr(path: str | Path, mode: str) -> list[Sample]:
             context, options, label = question, answers, item.get("answer_label")
         else:
             require(item, ["rationale_choices"], str(path), f"line {number}")
-            if item.get("answer_label") is None:
-                raise AnnotationError(f"{where} has no answer_label; QA→R needs the correct answer")
-            context = f"{question} {answers[int(item['answer_label'])]}"
+            if answer is None and item.get("answer_label") is None:
+                raise AnnotationError(f"{where} has no answer_label; QA→R needs the correct answer "
+                                      "(or data.condition_on_answer for the leaderboard's conditioned rationales)")
+            chosen = int(item["answer_label"]) if answer is None else answer
+            if not 0 <= chosen < len(answers):
+                raise AnnotationError(f"{where} has {len(answers)} answer choices; answer {chosen} does not exist")
+            context = f"{question} {answers[chosen]}"
             options = [detokenize(r, names, where) for r in item["rationale_choices"]]
             label = item.get("rationale_label")
         if len(options) != 4:
@@ -94,6 +106,11 @@ class VCRDataConfig(ImageTextDataConfig):
     max_text_length: int = 60
     train_split: str = "train"
     val_split: str = "val"
+    condition_on_answer: int | None = None  # QA→R: this answer choice in every context instead of the correct one
+
+    def validate(self) -> None:
+        if self.condition_on_answer is not None and self.condition_on_answer not in range(4):
+            raise ConfigError(f"data.condition_on_answer must be 0, 1, 2 or 3, got {self.condition_on_answer}")
 
 
 @dataclass
@@ -122,7 +139,8 @@ class VCRTask(ImageTextTask):
         return Path(self.data.root) / f"{split}.jsonl"
 
     def read_samples(self, split: str) -> list[Sample]:
-        return read_vcr(self.annotation_file(split), self.mode)
+        answer = self.data.condition_on_answer if self.mode == "rationale" else None
+        return read_vcr(self.annotation_file(split), self.mode, answer)
 
     def store(self):
         if self._store is None:
@@ -167,3 +185,29 @@ def joint_scores(answer_predictions: list[dict], rationale_predictions: list[dic
     return vcr_scores({p["annot_id"]: p["choice"] for p in answer_predictions},
                       {p["annot_id"]: p["choice"] for p in rationale_predictions},
                       {s.id: s.label for s in answers}, {s.id: s.label for s in rationales})
+
+
+LEADERBOARD_COLUMNS = ("annot_id", *(f"answer_{j}" for j in range(4)),
+                       *(f"rationale_conditioned_on_a{i}_{j}" for i in range(4) for j in range(4)))
+
+
+def leaderboard_rows(answer_predictions: list[dict], conditioned: list[list[dict]]) -> list[dict]:
+    """The VCR leaderboard's rows: Q→A probabilities and, for each answer i, QA→R probabilities with answer i given.
+
+    `conditioned[i]` are the QA→R predictions read with `data.condition_on_answer = i`; every list must cover the
+    same items.
+    """
+    if len(conditioned) != 4:
+        raise ValueError(f"expected QA→R predictions conditioned on each of 4 answers, got {len(conditioned)}")
+    by_answer = [{p["annot_id"]: p["probabilities"] for p in predictions} for predictions in conditioned]
+    rows = []
+    for prediction in answer_predictions:
+        annot_id = prediction["annot_id"]
+        missing = [i for i, table in enumerate(by_answer) if annot_id not in table]
+        if missing:
+            raise ValueError(f"item {annot_id!r} has no QA→R prediction conditioned on answer {missing[0]}")
+        row = {"annot_id": annot_id, **{f"answer_{j}": p for j, p in enumerate(prediction["probabilities"])}}
+        for i, table in enumerate(by_answer):
+            row.update({f"rationale_conditioned_on_a{i}_{j}": p for j, p in enumerate(table[annot_id])})
+        rows.append(row)
+    return rows

@@ -155,6 +155,24 @@ def test_bad_row_is_one_line_naming_source_id_and_problem(tmp_path, case, capsys
     assert not out.exists()
 
 
+def test_decoding_workers_write_the_same_store_and_the_same_errors(tmp_path):
+    rows = make_rows(9)
+    source = _bad_tsv(tmp_path, BAD_TSV_LINES["nan"](rows[1]))
+    with open(source, "a", encoding="ascii") as f:  # more rows than the 4 per worker in flight
+        f.writelines(butd_line({**r, "id": str(10 + i)}) + "\n" for i, r in enumerate(rows[3:]))
+    one = import_features(source, "butd-tsv", tmp_path / "one.h5", skip_bad=True, progress=False, float32=True)
+    two = import_features(source, "butd-tsv", tmp_path / "two.h5", skip_bad=True, progress=False, float32=True,
+                          workers=2)
+    assert (two.images_written, two.images_bad) == (one.images_written, one.images_bad) == (8, 1)
+    a, b = FeatureStore(tmp_path / "one.h5"), FeatureStore(tmp_path / "two.h5")
+    assert a.ids == b.ids == ["1", "3", *(str(10 + i) for i in range(6))]  # source order kept
+    for image_id in a.ids:
+        assert a.read(image_id).features.tobytes() == b.read(image_id).features.tobytes()
+    assert (tmp_path / "one.h5.errors.jsonl").read_text() == (tmp_path / "two.h5.errors.jsonl").read_text()
+    with pytest.raises(FeatureStoreError, match="NaN or infinite"):
+        import_features(source, "butd-tsv", tmp_path / "three.h5", progress=False, workers=2)
+
+
 def test_skip_bad_records_errors_and_goes_on(tmp_path):
     row = make_rows(2)[1]
     source = _bad_tsv(tmp_path, BAD_TSV_LINES["nan"](row))

@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "boxes": "boxes",
     "index": "index",
     "search": "search",
+    "vcr-submission": "vcr_submission",
 }
 
 USER_ERRORS = (ViLBertError, FeaturesError)  # tasks.errors.TasksError is a ViLBertError

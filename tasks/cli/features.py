@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     imp.add_argument("--exclude-ids", metavar="FILE", help="leave out these store ids (coco_test_ids.npy, or text)")
     imp.add_argument("--skip-bad", action="store_true", help="record bad rows in <out>.errors.jsonl and go on")
     imp.add_argument("--float32", action="store_true", help="store float32 features (default float16)")
+    imp.add_argument("--workers", type=int, default=1,
+                     help="processes decoding rows (helps where decoding is the bottleneck: TSV base64)")
     imp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     exp = sub.add_parser("export", help="write a store as a vilbert-multi-task LMDB or a BUTD TSV")
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         exclude = read_image_ids(args.exclude_ids) if args.exclude_ids else None
         summary = import_features(args.source, args.format, args.out, ids_from=args.ids_from, limit=args.limit,
                                   skip_bad=args.skip_bad, float32=args.float32, progress=not args.no_progress,
-                                  exclude=exclude)
+                                  exclude=exclude, workers=args.workers)
         print(f"{summary.out}: {summary.images_written} images imported from {args.format} "
               f"({summary.images_per_second:.1f} img/s), {summary.images_resumed} already there, "
               f"{summary.images_excluded} excluded, {summary.images_bad} bad" + (f" (see {summary.errors_file})" if summary.errors_file else ""))
