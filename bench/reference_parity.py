@@ -2,6 +2,10 @@
 
     git -C <vilbert-multi-task git dir> archive HEAD vilbert/vilbert.py vilbert/utils.py | tar -x -C /tmp/ref
     PYTHONPATH=. python bench/reference_parity.py /tmp/ref
+    VILBERT_REFERENCE_DIR=/tmp/ref pytest tests/test_reference_parity.py   # the same comparison as a test
+
+This module is the engine of tests/test_reference_parity.py (`parity_report`), and of bench/reference_speed.py's
+reference import.
 
 REFERENCE_DIR must hold the reference's `vilbert/vilbert.py` and `vilbert/utils.py` (never committed here). They are
 imported under the name `ref_vilbert`, with stand-ins for imports a forward pass does not need (boto3, requests,
@@ -23,6 +27,7 @@ from pathlib import Path
 import torch
 
 from vilbert import ViLBertConfig, ViLBertForPreTraining, ViLBertForVLTasks
+from vilbert.configuration_vilbert import layer_variant
 from vilbert.convert import convert_reference_state_dict, export_reference_state_dict
 
 
@@ -53,14 +58,15 @@ def reference_config(ref: types.ModuleType, config: ViLBertConfig):
     return ref.BertConfig(config.vocab_size, **{name: getattr(config, name) for name in shared if name != "vocab_size"})
 
 
-# one narrow model with the base attachment pattern, one small model with the 12-in-1 task token
+NARROW = dict(hidden_size=32, num_hidden_layers=12, num_attention_heads=4, intermediate_size=48, v_hidden_size=24,
+              v_num_attention_heads=2, v_intermediate_size=24, bi_hidden_size=16, bi_num_attention_heads=2)
+# narrow models with the published 6- and 2-layer attachment patterns (bert_base_{6,2}layer_{6,2}conect.json),
+# with and without the 12-in-1 task token, and one small 4-layer model with the token
 SETTINGS = {
-    "6layer-narrow": dict(
-        hidden_size=32, num_hidden_layers=12, num_attention_heads=4, intermediate_size=48,
-        v_hidden_size=24, v_num_hidden_layers=6, v_num_attention_heads=2, v_intermediate_size=24,
-        bi_hidden_size=16, bi_num_attention_heads=2, v_biattention_id=[0, 1, 2, 3, 4, 5],
-        t_biattention_id=[6, 7, 8, 9, 10, 11], task_specific_tokens=False,
-    ),
+    "6layer-narrow": dict(**NARROW, **layer_variant(6), task_specific_tokens=False),
+    "6layer-narrow-task-token": dict(**NARROW, **layer_variant(6), task_specific_tokens=True),
+    "2layer-narrow": dict(**NARROW, **layer_variant(2), task_specific_tokens=False),
+    "2layer-narrow-task-token": dict(**NARROW, **layer_variant(2), task_specific_tokens=True),
     "4layer-task-token": dict(
         hidden_size=24, num_hidden_layers=5, num_attention_heads=3, intermediate_size=40,
         v_hidden_size=16, v_num_hidden_layers=4, v_num_attention_heads=2, v_intermediate_size=20,
@@ -103,7 +109,8 @@ def make_inputs(config: ViLBertConfig, batch: int, generator: torch.Generator) -
     }
 
 
-def compare_setting(ref, name: str, fields: dict, report: dict[str, float]) -> None:
+def compare_setting(ref: types.ModuleType, name: str, fields: dict, report: dict[str, float]) -> None:
+    """Add the max abs difference of every output of setting `name` (task and pretraining models) to `report`."""
     generator = torch.Generator().manual_seed(0)
     config = ViLBertConfig(**{**COMMON, **fields, "num_labels": 3129, "gqa_num_labels": 1533})
     ref_config = reference_config(ref, config)
@@ -197,16 +204,22 @@ def compare_setting(ref, name: str, fields: dict, report: dict[str, float]) -> N
     report[f"{name} pretrain alignment_loss"] = max_diff(ref_losses[2][0], out.alignment_loss)
 
 
+def parity_report(reference_dir: Path, settings: dict[str, dict] = SETTINGS) -> dict[str, float]:
+    """"<setting> <model> <output>" -> max abs difference between the reference's output and ours (fp32, eval)."""
+    torch.manual_seed(0)
+    ref = import_reference(Path(reference_dir))
+    report: dict[str, float] = {}
+    for name, fields in settings.items():
+        compare_setting(ref, name, fields, report)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("reference_dir", type=Path, help="directory holding the reference's vilbert/vilbert.py")
     parser.add_argument("--tolerance", type=float, default=1e-5)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    ref = import_reference(args.reference_dir)
-    report: dict[str, float] = {}
-    for name, fields in SETTINGS.items():
-        compare_setting(ref, name, fields, report)
+    report = parity_report(args.reference_dir)
     width = max(map(len, report))
     for key, diff in report.items():
         print(f"{key:<{width}}  {diff:.2e}")

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import os
 import pickle
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
+from features.atomic import atomic_path
 from features.errors import FeatureStoreError, WeightsError
 from features.safe_pickle import safe_load
 
@@ -31,7 +32,8 @@ LXMERT_FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attr
                  "num_boxes", "boxes", "features")
 ID_RULES = ("image", "stem", "int")
 
-# the detector family each published format's features come from (reference/features.md §1), recorded as the
+# the detector family each published format's features come from (docs/features.md, importing
+# published features), recorded as the
 # store's extractor "detector" so a model trained on other features can warn
 FORMAT_DETECTORS = {
     "vilbert-lmdb": "vmb-x152-fpn", "mmf-npy": "vmb-x152-fpn",
@@ -434,12 +436,10 @@ def export_vilbert_lmdb(store, out: str | os.PathLike, ids: list[str] | None = N
     """Write `store` as a vilbert-multi-task feature LMDB (folder with data.mdb); the folder appears when complete."""
     out = Path(out)
     ids = list(store.ids if ids is None else ids)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     row_bytes = 4 * (store.feature_dim + 4) + 256
     map_size = max(1 << 24, 2 * sum(store.num_boxes(i) * row_bytes + 4096 for i in ids) + (1 << 20))
-    env = lmdb.open(str(tmp), map_size=map_size, subdir=True, lock=False)
-    try:
+    with atomic_path(out) as tmp, contextlib.closing(lmdb.open(str(tmp), map_size=map_size, subdir=True,
+                                                              lock=False)) as env:
         keys = []
         with env.begin(write=True) as txn:
             for image_id in ids:
@@ -454,33 +454,19 @@ def export_vilbert_lmdb(store, out: str | os.PathLike, ids: list[str] | None = N
                 txn.put(key, pickle.dumps(value, protocol=4))
                 keys.append(key)
             txn.put(b"keys", pickle.dumps(keys, protocol=4))
-        env.close()
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        env.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
 def export_butd_tsv(store, out: str | os.PathLike, ids: list[str] | None = None) -> Path:
     """Write `store` as a bottom-up-attention TSV (image_id, image_w, image_h, num_boxes, boxes, features)."""
     out = Path(out)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="ascii", newline="") as f:
-            for image_id in store.ids if ids is None else ids:
-                regions = store.read(image_id)
-                h, w = regions.image_hw
-                fields = (image_id, w, h, len(regions.boxes), _b64(regions.boxes, np.float32),
-                          _b64(regions.features, np.float32))
-                f.write("\t".join(str(v) for v in fields) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="ascii", newline="") as f:
+        for image_id in store.ids if ids is None else ids:
+            regions = store.read(image_id)
+            h, w = regions.image_hw
+            fields = (image_id, w, h, len(regions.boxes), _b64(regions.boxes, np.float32),
+                      _b64(regions.features, np.float32))
+            f.write("\t".join(str(v) for v in fields) + "\n")
     return out
 
 

@@ -132,6 +132,7 @@ class FinetuneTask(Task):
     """What the fine-tuning tasks share: their config, the tokenizer (loaded once), the task model, the run record."""
 
     config_class: type
+    find_unused_parameters = True  # the task model carries every 12-in-1 head; a task's loss reaches one of them
 
     def __init__(self, config: Any):
         self.config = config

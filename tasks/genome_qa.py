@@ -7,9 +7,10 @@ last `data.val_images` images by id are `val` and the others `train`.
 Answers: the VQA answer list (12-in-1 task 2 answers through the VQA head): the initial checkpoint's
 (config id2label, e.g. a VQA or converted 12-in-1 checkpoint), else `data.answers_file` (the reference's
 `trainval_label2ans.pkl`), else the normalised answers given by at least `data.min_answer_count` train questions.
-Answers are normalised as VQA's (`tasks.vqa.vocabulary_key`). Loss: BCE × number of answers on the one-hot
-answer (`answer_logits`, reference §6.4). Metric: with one human answer per question the ten-way VQA formula is
-undefined, so the score is the exact match of the normalised answers (`tasks.metrics.accuracy`).
+Answers are normalised as VQA's (`tasks.vqa.vocabulary_key`). Loss: BCE × number of answers on the one-hot answer
+(`answer_logits`, as the original's vilbert/task_utils.py). Metric: with one human answer per question the
+ten-way VQA formula is undefined, so the score is the exact match of the normalised answers
+(`tasks.metrics.accuracy`).
 Predictions [{"qa_id", "answer"}].
 """
 

@@ -7,7 +7,8 @@ read with the restricted unpickler; else the one saved in the initial checkpoint
 every answer given by at least `data.min_answer_count` train questions, most frequent first. The model's
 `gqa_num_labels` follows the list.
 
-Model (12-in-1 task 15): `gqa_answer_logits`, BCE × number of answers on the one-hot answer (reference §6.4).
+Model (12-in-1 task 15): `gqa_answer_logits`, BCE × number of answers on the one-hot answer (the original's
+vilbert/task_utils.py: BCEWithLogitsLoss mean × number of labels).
 Metric: exact match (`tasks.metrics.gqa_accuracy`); a question whose answer is outside the list cannot be right.
 Predictions [{"questionId", "prediction"}]: the official submission format.
 """

@@ -5,9 +5,9 @@ Files (in `data.root`): `guesswhat.{train,valid,test}.jsonl`, one game a line: {
 "answer" ("Yes" / "No" / "N/A")}], "status" ("success" / "failure" / "incomplete")}.
 
 - `guesswhat` (oracle, 12-in-1 task 14): one sample per question of every game, the question with the image,
-  `tri_logits` with Yes 0 / No 1 / N/A 2 (reference §7.5), BCE on the one-hot answer; accuracy. As the issue's
-  table reads the task ("dialogue turn + image"), the target object is not given to the model. Predictions
-  [{"qa_id", "answer"}].
+  `tri_logits` with Yes 0 / No 1 / N/A 2 (LABEL_MAP of the original's vilbert/datasets/guesswhat_dataset.py), BCE
+  on the one-hot answer; accuracy. As the issue's table reads the task ("dialogue turn + image"), the target
+  object is not given to the model. Predictions [{"qa_id", "answer"}].
 - `guesswhat-pointing` (guesser, task 17): one sample per *successful* game, the whole dialogue ("question
   answer" turns joined) with the image; the candidates are the game's objects (see `tasks.pointing`);
   accuracy of the chosen object. Predictions [{"game_id", "object_id", "box"}].

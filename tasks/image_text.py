@@ -164,7 +164,6 @@ class ImageTextTask(FinetuneTask):
 
     main_metric = "accuracy"
     higher_is_better = True
-    find_unused_parameters = True  # only one of the model's heads gets gradients
     head: str = ""
     exact_image_ids: bool = False  # image ids whose trailing number is no id (NLVR2's "...-img0")
     data: ImageTextDataConfig

@@ -6,8 +6,9 @@ each with `identifier` ("split-set-pair-sentence", e.g. "dev-850-0-0"), `sentenc
 "dev-850-0-img0" (left) and "dev-850-0-img1" (right), the file stems of the released PNGs, matched exactly
 against the feature store (or, with `data.images_from_urls`, the file stems of `left_url` / `right_url`).
 
-Model (12-in-1 task 12, reference §7.4): each sample is two rows, the sentence with the left image and with the
-right image; `binary_logits` reads their pooled products concatenated ([B/2, 2]), BCE on the one-hot label.
+Model (12-in-1 task 12, the original's VL-binary task type): each sample is two rows, the sentence with the left
+image and with the right image; `binary_logits` reads their pooled products concatenated ([B/2, 2]), BCE on the
+one-hot label.
 Metric: accuracy and consistency (the share of unique sentences whose examples are all right,
 `tasks.metrics.nlvr2_scores`). Predictions [{"identifier", "prediction": "True"/"False"}], the leaderboard's
 two CSV columns.

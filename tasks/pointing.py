@@ -1,6 +1,6 @@
 """Pointing tasks: choose one of an image's candidate boxes (Visual7W "which" questions, GuessWhat?! guesses).
 
-Regions (reference §6.4, V-logit-mc): the IMG token and up to `max_regions - 1` detected boxes from
+Regions (the original's V-logit-mc task type): the IMG token and up to `max_regions - 1` detected boxes from
 `data.features`, then the image's ground-truth boxes from `data.gt_features` (at most `max_gt_regions`),
 appended after them as the reference appends its GT store after index 101. Each candidate box of the annotation
 is the appended GT row whose box overlaps it most (IoU ≥ 0.5; a candidate that matches none is masked out and

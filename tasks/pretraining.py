@@ -345,8 +345,11 @@ class PretrainingTask(Task):
         """Masked tokens, masked regions and pairs: the items each objective averages over."""
         tokens, regions = batch["labelled_counts"]
         counts = {"mlm": tokens, "region": regions, "alignment": len(batch["alignment_labels"])}
-        if self.config.data.contrastive_weight > 0:  # InfoNCE over the aligned pairs
-            counts["contrastive"] = int((batch["alignment_labels"] == 0).sum())
+        if self.config.data.contrastive_weight > 0:
+            # InfoNCE is already the mean over the aligned pairs of the whole global batch (its embeddings are
+            # gathered over ranks): one item per micro-batch, so every rank holds the same share of it, which the
+            # gather's world-size gradient scaling assumes (tasks.dual.contrastive)
+            counts["contrastive"] = 1
         return counts
 
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
@@ -368,7 +371,7 @@ class PretrainingTask(Task):
         if weight > 0:
             aligned = batch["alignment_labels"] == 0
             contrastive = contrastive_loss(out.text_embeds, out.image_embeds, out.logit_scale, aligned)
-            loss_sums["contrastive"] = weight * contrastive * aligned.sum()
+            loss_sums["contrastive"] = weight * contrastive  # one item (see label_counts)
             metrics["contrastive_loss"] = contrastive.detach()
         return StepOutput(loss_sums, metrics)
 

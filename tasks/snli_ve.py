@@ -4,7 +4,7 @@ Files (in `data.root`, as released with the dataset): `snli_ve_{train,dev,test}.
 with `Flikr30kID` (sic; the image file name, e.g. "2248275918.jpg"), `sentence2` (the hypothesis), `gold_label`
 and `pairID`. The image id is the file name's stem, matched against the Flickr30k feature store.
 Head: `tri_logits` (12-in-1 task 13), labels contradiction 0 / neutral 1 / entailment 2, BCE on the one-hot
-label (reference §6.4, §7.5). Metric: accuracy.
+label (the original's VL-tri task type). Metric: accuracy.
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ detections' class names), "img_fn", "question", "answer_choices" (4), "answer_la
 object indices ([0, 2]). The per-image metadata JSON (`metadata_fn`: boxes, names) is not read: the feature
 stores carry the boxes and "objects" the names.
 
-Text (reference §7.5): tags become the objects' names joined by "and"; a "person" becomes a name, here the
-index-th of a fixed list of gender-neutral names (the reference draws them at random from a table), so a
-person keeps one name within an item. Q→A reads (question, answer i) as a sentence pair (segments 0 / 1);
+Text (as the original's vilbert/datasets/vcr_dataset.py): tags become the objects' names joined by "and"; a
+"person" becomes a name, here the index-th of a fixed list of gender-neutral names (the reference draws them at
+random from a table), so a person keeps one name within an item. Q→A reads (question, answer i) as a sentence
+pair (segments 0 / 1);
 QA→R reads (question + correct answer, rationale i). Regions: the detected store(s) `data.features` joined with
 the ground-truth-box store(s) `data.gt_features`, as the reference merges them. The image id is `img_fn`'s stem.
 

@@ -34,8 +34,18 @@ def test_finetune_and_evaluate(tmp_path, task):
     assert main(["evaluate", "--task", task, "--checkpoint", str(checkpoint), "--split", split, "--out", str(out),
                  *COMMON, *data]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 <= metrics["accuracy"] <= 100 and metrics["num_predictions"] == count
-    assert len(json.loads((out / "predictions.json").read_text())) == count
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert metrics["num_predictions"] == len(predictions) == count
+    # the metrics are the accuracy of exactly the predictions written beside them, against the official files
+    if task == "nlvr2":
+        lines = (tmp_path / "data" / "dev.json").read_text().splitlines()
+        gold = {e["identifier"]: e["label"] for e in map(json.loads, lines)}
+        hits = [gold[p["identifier"]] == p["prediction"] for p in predictions]
+    else:
+        questions = json.loads((tmp_path / "data" / "dataset_v7w_pointing.json").read_text())["images"]
+        gold = {qa["qa_id"]: qa["answer"] for image in questions for qa in image["qa_pairs"]}
+        hits = [gold[p["qa_id"]] == p["answer"] for p in predictions]
+    assert metrics["accuracy"] == pytest.approx(100 * sum(hits) / count)
 
 
 def test_vcr_leaderboard_csv(tmp_path, capsys):

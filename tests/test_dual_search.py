@@ -11,6 +11,7 @@ import pytest
 import torch
 from tiny_task_data import write_karpathy, write_store, write_vocab
 
+from features.atomic import atomic_path
 from tasks import cli
 from tasks.dual.index import load_index
 from tasks.dual.search import rank_both_ways, rerank
@@ -67,9 +68,10 @@ def _killed_build(root, out):
     def write_then_die(path, embeddings):
         calls.append(path)
         if len(calls) == 3:
-            with open(path.with_name(path.name + ".tmp"), "wb") as f:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 f.write(b"\x93NUMPY half")  # a torn write
-            os.kill(os.getpid(), signal.SIGKILL)
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
         real(path, embeddings)
 
     embedding_index._write_chunk = write_then_die
@@ -82,7 +84,7 @@ def test_index_build_resumes_after_sigkill_without_duplicates(data):
     child.join(timeout=300)
     assert child.exitcode == -signal.SIGKILL
     assert sorted(p.name for p in (data / "index" / "chunks").iterdir()) == [
-        "chunk-000000.npy", "chunk-000001.npy", "chunk-000002.npy.tmp"]
+        ".chunk-000002.npy.tmp-" + str(child.pid), "chunk-000000.npy", "chunk-000001.npy"]
     with pytest.raises(Exception, match="unfinished build"):
         load_index(data / "index")
     assert _build(data, data / "index") == 0  # resumes at chunk 2
@@ -90,7 +92,7 @@ def test_index_build_resumes_after_sigkill_without_duplicates(data):
     resumed, clean = load_index(data / "index"), load_index(data / "clean")
     assert resumed.ids == clean.ids and len(set(resumed.ids)) == 10
     assert torch.equal(resumed.embeddings, clean.embeddings)
-    assert not list((data / "index" / "chunks").glob("*.tmp"))
+    assert sorted(p.name for p in (data / "index" / "chunks").iterdir()) == [f"chunk-{n:06d}.npy" for n in range(4)]
 
 
 def test_resuming_with_other_settings_is_refused(data, capsys):

@@ -1,15 +1,16 @@
-"""The training engine on a toy regression task: exact resume, DDP equivalence, NaN stop, checkpoints, schedule."""
+"""The training engine on a toy regression task: exact resume, NaN stop, checkpoints, schedule.
+
+DDP equivalence (two gloo ranks through `Trainer.fit`, one process, accumulation) is tests/test_exactness.py's,
+on the real tasks.
+"""
 
 import json
 import math
-import os
-import socket
 import warnings
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from tasks.engine.checkpoints import STATE_FILE, list_checkpoints
@@ -114,37 +115,6 @@ def test_resume_mid_epoch_with_workers_matches_too(tmp_path):
         Trainer(RegressionTask(crash_after_calls=5), crashed, optim).fit()
     resumed = Trainer(RegressionTask(), crashed, optim).fit(resume=list_checkpoints(crashed.output_dir)[-1])
     assert [r["loss"] for r in logged(resumed.run_dir)] == [r["loss"] for r in logged(full.run_dir)]
-
-
-def _ddp_worker(rank, world_size, port, output_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    config = TrainConfig(output_dir=output_dir, epochs=1, global_batch_size=16, grad_accumulation=1, num_workers=0,
-                         log_every=1, save_every=2, eval_every=None, device="cpu")
-    Trainer(RegressionTask(dropout=0.0), config, OptimConfig(lr=3e-2, warmup=1)).fit()
-    torch.distributed.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
-    single = Trainer(
-        RegressionTask(dropout=0.0),
-        train_config(tmp_path, "single", epochs=1, grad_accumulation=2, save_every=2, eval_every=None),
-        OptimConfig(lr=3e-2, warmup=1),
-    ).fit()
-    mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path / "ddp")), nprocs=2, join=True,
-                       start_method="spawn")
-    ddp_log, single_log = logged(tmp_path / "ddp"), logged(single.run_dir)
-    assert [r["step"] for r in ddp_log] == [1, 2, 3, 4]
-    np.testing.assert_allclose([r["loss"] for r in ddp_log], [r["loss"] for r in single_log], rtol=1e-5)
-    # only rank 0 wrote: one line per step, one checkpoint set
-    assert [p.name for p in list_checkpoints(tmp_path / "ddp")] == ["step-00000002", "step-00000004"]
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -22,7 +22,8 @@ from vilbert.modeling_vilbert import ViLBertForPreTraining, ViLBertForVLTasks, V
 logger = logging.getLogger(__name__)
 
 SOURCES = ("vilbert-multi-task", "vilbert_beta")
-# the region features each source's released models were trained on (reference/vilbert.md §9.3, features.md §1);
+# the region features each source's released models were trained on (docs/features.md, the VMB
+# X-152 FPN and BUTD sections);
 # `detector` uses the names feature stores record, so a store from another family can be warned about
 RELEASED_VISUAL_FEATURES: dict[str, dict[str, Any]] = {
     "vilbert-multi-task": {

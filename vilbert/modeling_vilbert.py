@@ -339,7 +339,7 @@ class ViLBertEncoder(nn.Module):
         return text
 
     def forward(
-        self, text: torch.Tensor, vision: torch.Tensor, text_mask: torch.Tensor, vision_mask: torch.Tensor,
+        self, text: torch.Tensor, text_mask: torch.Tensor, vision: torch.Tensor, vision_mask: torch.Tensor,
         after_prefix: bool = False, attentions: AttentionMaps | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """text [B, L, H], vision [B, R, Hv], additive masks [B, 1, 1, L] / [B, 1, 1, R] -> final states of both.
@@ -665,7 +665,7 @@ class ViLBertModel(ViLBertPreTrainedModel):
             text, text_mask_2d = text.expand(batch, -1, -1), text_mask_2d.expand(batch, -1)
         dtype = compute_dtype(vision)
         text_mask, vision_mask = additive_mask(text_mask_2d, dtype), additive_mask(region_mask, dtype)
-        text, vision = self.encoder(text, vision, text_mask, vision_mask, after_prefix=True, attentions=attentions)
+        text, vision = self.encoder(text, text_mask, vision, vision_mask, after_prefix=True, attentions=attentions)
         return ViLBertModelOutput(
             text_hidden=text,
             vision_hidden=vision,

@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
-import tempfile
 
+from features.atomic import atomic_path
 from tasks.errors import ConfigError
 from tasks.runners.converted_checkpoint import copy_tokenizer, label_converted_model
 from vilbert.convert import SOURCES, config_from_reference_json, load_reference_checkpoint
@@ -44,18 +43,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_reference_checkpoint(args.input, args.source, config=config, num_labels=args.num_labels)
     missing = label_converted_model(model, args.source, args.input, args.answers, args.gqa_answers)
 
-    parent = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".convert-", dir=parent)
-    try:
+    with atomic_path(args.out) as staging:  # replaces the empty directory checked above
         model.save_pretrained(staging)
         copied = copy_tokenizer(args.tokenizer, staging)
-        if os.path.isdir(args.out):
-            os.rmdir(args.out)  # empty, checked above
-        os.replace(staging, args.out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     parameters = sum(p.numel() for p in model.parameters())
     print(f"converted {args.input} ({args.source}) -> {args.out}")
     print(f"  model: {type(model).__name__}, {parameters / 1e6:.2f} M parameters, "

@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from tasks.dual.index import build_index
     from tasks.dual.search import load_dual_model
     from tasks.errors import ConfigError
+    from tasks.finetuning import FinetuneTask
     from tasks.runners import predict
 
     if args.batch_size < 1:
@@ -48,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     settings = {"checkpoint": str(Path(args.checkpoint).resolve()),
                 "features": [str(Path(p).resolve()) for p in args.features],
                 "tokenizer": tokenizer, "max_text_length": max_text_length,
-                "task_token": info.task_token or getattr(task, "token_task", "retrieval-flickr30k")}
+                "task_token": info.task_token or (task.token_task if isinstance(task, FinetuneTask)
+                                                    else "retrieval-flickr30k")}  # a pretraining run
     out = build_index(model, store, args.out, settings, args.max_regions or max_regions, args.batch_size,
                       args.faiss, progress=lambda items: tqdm(items, desc="index", unit="chunk"))
     print(f"{len(store.ids)} images -> {out}")

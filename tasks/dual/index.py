@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from features.atomic import atomic_path, write_json_atomic
 from tasks.errors import ConfigError, DataError
 
 SETTINGS_FILE = "settings.json"
@@ -30,18 +31,10 @@ INDEX_FILE = "index.json"
 CHUNK_DIR = "chunks"
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def _write_chunk(path: Path, embeddings: np.ndarray) -> None:
     """One chunk, whole or not at all (temporary file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, embeddings)
-    os.replace(tmp, path)
 
 
 def _chunk_path(directory: Path, number: int) -> Path:
@@ -75,7 +68,7 @@ def build_index(
             raise ConfigError(f"{out / SETTINGS_FILE}: the unfinished build used other settings ({', '.join(changed)}); "
                               "rerun it with those, or choose another --out")
     else:
-        _write_json(out / SETTINGS_FILE, settings)
+        write_json_atomic(out / SETTINGS_FILE, settings)
 
     ids = list(store.ids)
     if not ids:
@@ -94,15 +87,15 @@ def build_index(
     if len(embeddings) != len(ids):
         raise DataError(f"{out / CHUNK_DIR}: chunks hold {len(embeddings)} rows for {len(ids)} images")
     _write_chunk(out / "embeddings.npy", embeddings)
-    _write_json(out / "ids.json", ids)
+    write_json_atomic(out / "ids.json", ids)
     if use_faiss:
         faiss = _import_faiss()
         flat = faiss.IndexFlatIP(embeddings.shape[1])
         flat.add(embeddings)
-        faiss.write_index(flat, str(out / "faiss.index.tmp"))
-        os.replace(out / "faiss.index.tmp", out / "faiss.index")
-    _write_json(out / INDEX_FILE, {"count": len(ids), "width": int(embeddings.shape[1]), "faiss": use_faiss})
-    for leftover in (out / CHUNK_DIR).glob("*.tmp"):
+        with atomic_path(out / "faiss.index") as tmp:
+            faiss.write_index(flat, str(tmp))
+    write_json_atomic(out / INDEX_FILE, {"count": len(ids), "width": int(embeddings.shape[1]), "faiss": use_faiss})
+    for leftover in (out / CHUNK_DIR).glob(".*.tmp-*"):  # left by a process killed while writing a chunk
         leftover.unlink()
     return out
 
