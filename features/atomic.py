@@ -8,12 +8,18 @@ block ends without an error; on error the temporary is removed and an existing f
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from features.errors import DiskFullError
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_NEARLY_FULL_BYTES = 64 << 20  # a failed write with less free space than this is taken as a full disk
 
 
 @contextlib.contextmanager
@@ -27,12 +33,38 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     _remove(tmp)
     try:
-        yield tmp
+        with disk_full_as_error(path):
+            yield tmp
         if path.is_dir() and tmp.is_dir():
             _remove(path)
         os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
+        raise
+
+
+def is_disk_full(error: BaseException, where: str | os.PathLike) -> bool:
+    """Whether `error` from writing under `where` means the device is full (ENOSPC/EDQUOT, or a library's own
+    write-failure error while almost no space is left, as torch.save and HDF5 report it)."""
+    if isinstance(error, OSError) and error.errno in FULL_ERRNOS:
+        return True
+    if isinstance(error, (OSError, RuntimeError)) and ("No space left" in str(error) or "write failed" in str(error)):
+        folder = Path(where)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        with contextlib.suppress(OSError):
+            return "No space left" in str(error) or shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES
+    return False
+
+
+@contextlib.contextmanager
+def disk_full_as_error(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk while writing `path` into one `DiskFullError` line naming it; other errors pass."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        if not isinstance(error, DiskFullError) and is_disk_full(error, Path(path).parent):
+            raise DiskFullError(f"no space left on device while writing {path}") from error
         raise
 
 

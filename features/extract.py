@@ -182,10 +182,13 @@ def extract(
     if boxes is not None:
         todo = _drop_images_without_boxes(todo, boxes, run)
 
-    detector = detector.to(device).eval()
     try:
+        detector = detector.to(device).eval()
         if todo:
             _run_batches(todo, detector, boxes, run, batch_size, workers, device, precision, max_side, progress)
+        if summary.images_failed and not writer.done_ids:
+            raise FeaturesError(f"{out}: none of the {summary.images_failed} images could be extracted (nothing "
+                                f"written; the reasons are in {run.errors_path})")
         writer.finish()
     except BaseException:
         writer.abort()  # sealed parts stay for the rerun
