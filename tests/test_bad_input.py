@@ -178,3 +178,60 @@ def test_disk_full_during_extraction_is_one_line_and_sealed_parts_resume(tmp_pat
     assert summary.images_skipped == 4 and summary.images_written == 2
     assert sorted(FeatureStore(out).ids) == [f"im{i}" for i in range(6)]
 
+
+
+# ------------------------------------------------------------------------------------ 5, 9. vilbert score
+
+
+@pytest.fixture
+def score_files(tmp_path):
+    """Annotations and questions of 3 questions, and a helper writing predictions / replacing a file's content."""
+    annotations = {"annotations": [{"question_id": q, "answers": [{"answer": "yes"}] * 10, "answer_type": "yes/no"}
+                                   for q in (1, 2, 3)]}
+    questions = {"questions": [{"question_id": q, "image_id": 9, "question": "is it"} for q in (1, 2, 3)]}
+    paths = {"predictions": tmp_path / "p.json", "annotations": tmp_path / "a.json", "questions": tmp_path / "q.json"}
+    paths["annotations"].write_text(json.dumps(annotations))
+    paths["questions"].write_text(json.dumps(questions))
+
+    def argv(predictions=None, **replace):
+        if predictions is not None:
+            paths["predictions"].write_text(json.dumps(predictions))
+        for name, content in replace.items():
+            paths[name].write_text(content if isinstance(content, str) else json.dumps(content))
+        return ["score", "--task", "vqa", *(x for name, path in paths.items() for x in (f"--{name}", path))]
+
+    return paths, argv
+
+
+def test_score_requires_exactly_the_annotated_questions(score_files):
+    paths, argv = score_files
+    line = assert_refused(argv([{"question_id": 1, "answer": "yes"}]), names=[paths["predictions"], paths["annotations"]])
+    assert "2 of its questions missing (first: 2, 3)" in line  # not "100.00 over 1"
+    line = assert_refused(argv([{"question_id": q, "answer": "yes"} for q in (1, 2, 3, 77)]), names=paths["predictions"])
+    assert "1 not in it (first: 77)" in line
+    line = assert_refused(argv([{"question_id": q, "answer": "yes"} for q in (1, 2, 3, 3)]), names=paths["predictions"])
+    assert "appear more than once" in line
+    code, out, _ = run_cli(argv([{"question_id": q, "answer": "yes"} for q in (1, 2, 3)]))
+    assert code == 0 and "overall 100.00 over 3 questions" in out
+
+
+@pytest.mark.parametrize("case", [
+    ("predictions", [{"question_id": q, "answer": 1} for q in (1, 2, 3)], "answer must be a string"),
+    ("predictions", [{"question_id": "abc", "answer": "yes"}], "question_id must be an integer, got 'abc'"),
+    ("predictions", [{"question_id": None, "answer": "yes"}], "question_id must be an integer, got None"),
+    ("predictions", [{"question_id": 1.5, "answer": "yes"}], "question_id must be an integer"),
+    ("predictions", [{"question_id": int("9" * 400), "answer": "yes"}], "1 not in it (first: 999"),
+    ("questions", {"questions": [{"image_id": 9}]}, "entry 0 has no 'question_id'"),
+    ("questions", {"questions": [{"question_id": None}]}, "question_id must be an integer, got None"),
+    ("annotations", {"annotations": {"1": {"question_id": 1}}}, '"annotations" is a dict, expected a list'),
+    ("annotations", {"annotations": [{"question_id": 1, "answers": "yes"}]}, "answers must be a non-empty list"),
+], ids=["answer-int", "qid-abc", "qid-null", "qid-float", "qid-400-digits", "question-no-id", "question-null-id",
+        "annotations-object", "answers-string"])
+def test_score_bad_files_are_one_line(score_files, case):
+    paths, argv = score_files
+    name, content, problem = case
+    good = [{"question_id": q, "answer": "yes"} for q in (1, 2, 3)]
+    args = argv(content) if name == "predictions" else argv(good, **{name: content})
+    line = assert_refused(args, names=paths[name])
+    assert problem in line
+    assert len(line) < 400  # a 400-digit id is shortened, not echoed
