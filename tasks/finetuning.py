@@ -56,6 +56,7 @@ class FinetuneDataConfig:
     train_split: str = "train"
     val_split: str = "val"
     eval_batch_size: int = 256
+    strict: bool = False  # an item whose image has no features is an error (else skipped and scored as wrong)
 
 
 def resolve_split(data: FinetuneDataConfig, split: str) -> str:

@@ -132,9 +132,9 @@ class RefExpConfig:
 class RefExpDataset(TaskDataset):
     """One item per sentence: tokens, regions (IMG + boxes), each region's box and IoU target."""
 
-    def __init__(self, expressions, store, tokenizer, max_text_length, max_regions, training, source):
+    def __init__(self, expressions, store, tokenizer, max_text_length, max_regions, training, source, strict=False):
         kept = keep_known_images(expressions, lambda e: e.image_id, image_key_resolver(store.ids), source,
-                                 "expressions")
+                                 "expressions", strict)
         self.expressions = [e for e, _ in kept]
         self.image_keys = [sid for _, sid in kept]
         self.text = tokenizer.encode([e.text for e in self.expressions], max_text_length)
@@ -208,7 +208,7 @@ class RefExpTask(FinetuneTask):
         training = split == self.data.train_split
         return RefExpDataset(self.expressions(split), self.store(training), self.tokenizer(),
                              self.data.max_text_length, self.data.max_regions, training,
-                             f"{Path(self.data.root) / self.data.refs_file} ({split})")
+                             f"{Path(self.data.root) / self.data.refs_file} ({split})", self.data.strict)
 
     def collate(self, samples: list) -> dict:
         return collate_refexp(samples)
@@ -240,10 +240,14 @@ class RefExpTask(FinetuneTask):
         return predictions
 
     def score(self, predictions: list[dict], split: str) -> dict[str, float]:
+        """Accuracy over every expression of the split: one without features (no prediction) counts as wrong."""
         referred = {(e.ref_id, e.sent_id): e.box for e in self.expressions(split)}
-        pred = torch.tensor([p["box"] for p in predictions])
-        gt = torch.tensor([referred[(p["ref_id"], p["sent_id"])] for p in predictions])
-        return {"accuracy": refexp_accuracy(pred, gt), "num_expressions": float(len(predictions))}
+        chosen = {(p["ref_id"], p["sent_id"]): p["box"] for p in predictions}
+        keys = list(referred)
+        pred = torch.tensor([chosen.get(key, [0.0, 0.0, 0.0, 0.0]) for key in keys])  # an empty box: IoU 0
+        gt = torch.tensor([referred[key] for key in keys])
+        return {"accuracy": refexp_accuracy(pred, gt), "num_expressions": float(len(keys)),
+                "num_without_features": float(len(keys) - len(chosen.keys() & referred.keys()))}
 
     # ------------------------------------------------------------------ one image
 

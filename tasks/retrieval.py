@@ -315,7 +315,7 @@ class RetrievalTask(FinetuneTask):
     def predict(self, model: nn.Module, split: str, progress: Callable | None = None) -> dict[str, Any]:
         """{"image_ids", "captions", "caption_image" (each caption's image position), "scores" [C][I]}."""
         kept = keep_known_images(self.images(split), lambda im: im.image_id, image_key_resolver(self.store().ids),
-                                 f"{self.data.root} ({split})", "images")
+                                 f"{self.data.root} ({split})", "images", self.data.strict)
         images = [im for im, _ in kept]
         captions = [c for im in images for c in im.captions]
         return {
@@ -335,8 +335,17 @@ class RetrievalTask(FinetuneTask):
         image_to_text = recall_at_k(scores.T, image_captions)
         metrics = {f"{k}": v for k, v in text_to_image.items()}
         metrics.update({f"i2t_{k}": v for k, v in image_to_text.items()})
-        metrics["r_mean"] = (text_to_image["r1"] + text_to_image["r5"] + text_to_image["r10"]) / 3
-        metrics["num_images"], metrics["num_captions"] = float(len(images)), float(len(captions))
+        # images without features (and their captions) were not ranked: each counts as a miss at every k (the
+        # ranks describe the ranked queries only)
+        split_images = self.images(split)
+        total_images = max(len(split_images), len(images))
+        total_captions = max(sum(len(im.captions) for im in split_images), len(captions))
+        for key in (k for k in text_to_image if k[0] == "r" and k[1:].isdigit()):
+            metrics[key] *= len(captions) / total_captions
+            metrics[f"i2t_{key}"] *= len(images) / total_images
+        metrics["r_mean"] = (metrics["r1"] + metrics["r5"] + metrics["r10"]) / 3
+        metrics["num_images"], metrics["num_captions"] = float(total_images), float(total_captions)
+        metrics["num_without_features"] = float(total_images - len(images))
         return metrics
 
     def hard_negative_pool(self, model: nn.Module, split: str, size: int = 100,

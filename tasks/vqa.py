@@ -212,9 +212,9 @@ class VQAConfig:
 class VQADataset(TaskDataset):
     """One item per question: tokenised question, the image's regions, soft-score target."""
 
-    def __init__(self, questions, store, tokenizer, label_of, max_text_length, max_regions, source):
+    def __init__(self, questions, store, tokenizer, label_of, max_text_length, max_regions, source, strict=False):
         resolve = image_key_resolver(store.ids)
-        kept = keep_known_images(questions, lambda q: q.image_id, resolve, source, "questions")
+        kept = keep_known_images(questions, lambda q: q.image_id, resolve, source, "questions", strict)
         self.questions = [q for q, _ in kept]
         self.image_keys = [sid for _, sid in kept]
         self.text = tokenizer.encode([q.question for q in self.questions], max_text_length)
@@ -302,7 +302,8 @@ class VQATask(FinetuneTask):
     def dataset(self, split: str) -> Dataset:
         label_of = {answer: i for i, answer in enumerate(self.vocabulary())}
         return VQADataset(self.questions(split), self.store(), self.tokenizer(), label_of,
-                          self.data.max_text_length, self.data.max_regions, f"{self.data.root} ({split})")
+                          self.data.max_text_length, self.data.max_regions, f"{self.data.root} ({split})",
+                          self.data.strict)
 
     def collate(self, samples: list) -> dict:
         return collate_vqa(samples)
@@ -343,13 +344,18 @@ class VQATask(FinetuneTask):
         return predictions
 
     def score(self, predictions: list[dict], split: str) -> dict[str, float]:
+        """Official accuracy over every question of the split: one without features (no prediction) counts as
+        wrong, and `num_without_features` says how many there were."""
         questions = self.questions(split)
         if not questions or not questions[0].answers:
             return {"num_questions": float(len(predictions))}
         annotations = [{"question_id": q.question_id, "answers": [{"answer": a} for a in q.answers],
                         "answer_type": q.answer_type, "question_type": q.question_type} for q in questions]
-        result = vqa_score(predictions, annotations)
-        metrics = {"accuracy": result["overall"], "num_questions": float(result["num_questions"])}
+        answered = {int(p["question_id"]): p["answer"] for p in predictions}
+        unanswered = [q.question_id for q in questions if q.question_id not in answered]
+        result = vqa_score({**answered, **dict.fromkeys(unanswered, "")}, annotations)  # "" matches no human answer
+        metrics = {"accuracy": result["overall"], "num_questions": float(result["num_questions"]),
+                   "num_without_features": float(len(unanswered))}
         metrics.update({f"accuracy/{name}": value for name, value in result["per_answer_type"].items()})
         metrics.update({f"question_type/{name}": value for name, value in result["per_question_type"].items()})
         return metrics

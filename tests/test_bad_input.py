@@ -235,3 +235,63 @@ def test_score_bad_files_are_one_line(score_files, case):
     line = assert_refused(args, names=paths[name])
     assert problem in line
     assert len(line) < 400  # a 400-digit id is shortened, not echoed
+
+
+# ------------------------------------------------------------------------ 6. items without features count as wrong
+
+
+def test_vqa_evaluate_counts_questions_without_features_as_wrong_and_strict_refuses(vqa):
+    root = vqa["root"]
+    assert run_cli([*vqa["argv"], "train.max_steps=1"])[0] == 0
+    checkpoint = list_checkpoints(vqa["run"])[-1]
+    write_store(root / "some.h5", ["101", "102"])  # image 103 of val has no features: its 4 questions
+    data = [f"data.root={root / 'vqa'}", f"data.tokenizer={root / 'tok'}", f"data.features=[{root / 'some.h5'}]",
+            "data.max_regions=5", "data.val_split=val"]
+    out = root / "eval"
+    code, printed, _ = run_cli(["evaluate", "--task", "vqa", "--checkpoint", checkpoint, "--split", "val",
+                                "--out", out, *data])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_questions"] == 12 and metrics["num_without_features"] == 4  # not "over 8"
+    assert "num_without_features 4.00" in " ".join(printed.split())
+    predictions = {p["question_id"]: p["answer"] for p in json.loads((out / "predictions.json").read_text())}
+    from tasks.vqa import read_split
+
+    answered = [q for q in read_split(root / "vqa", "val") if q.question_id in predictions]
+    from tasks.metrics import vqa_accuracy
+
+    correct = sum(vqa_accuracy(predictions[q.question_id], q.answers) for q in answered)
+    assert metrics["accuracy"] == pytest.approx(100 * correct / 12)
+    line = assert_refused(["evaluate", "--task", "vqa", "--checkpoint", checkpoint, "--split", "val", "--out",
+                           root / "strict", "--strict", *data], names=root / "vqa", watch=[root])
+    assert "4 questions have no features" in line
+
+
+def test_refexp_and_retrieval_scores_count_items_without_features_as_wrong(tmp_path):
+    from tiny_task_data import write_karpathy, write_refcoco
+
+    from tasks.engine.config import load_config
+    from tasks.registry import task_class
+
+    info = write_refcoco(tmp_path / "refcoco")
+    write_vocab(tmp_path / "tok")
+    refexp = task_class("refcoco")(load_config(None, task_class("refcoco").config_class, [
+        f"data.root={tmp_path / 'refcoco'}", f"data.tokenizer={tmp_path / 'tok'}", "model.preset=tiny"]))
+    expressions = refexp.expressions("testA")
+    perfect = [{"ref_id": e.ref_id, "sent_id": e.sent_id, "box": list(e.box)} for e in expressions]
+    assert refexp.score(perfect, "testA")["accuracy"] == 100.0
+    metrics = refexp.score(perfect[1:], "testA")  # the first has no features: no prediction
+    assert metrics["accuracy"] == pytest.approx(100 * (len(perfect) - 1) / len(perfect))
+    assert metrics["num_expressions"] == len(perfect) and metrics["num_without_features"] == 1
+    assert info["image_ids"]
+
+    ids = write_karpathy(tmp_path / "flickr" / "dataset_flickr30k.json", num_images=4, test_images=4)
+    retrieval = task_class("retrieval")(load_config(None, task_class("retrieval").config_class, [
+        f"data.root={tmp_path / 'flickr'}", f"data.tokenizer={tmp_path / 'tok'}", "model.preset=tiny"]))
+    ranked = ids[:3]  # the 4th image has no features
+    captions = [f"{i}-{j}" for i in range(3) for j in range(2)]
+    scores = [[1.0 if i == c // 2 else 0.0 for i in range(3)] for c in range(6)]  # every ranked pair is first
+    metrics = retrieval.score({"image_ids": ranked, "captions": captions, "caption_image": [c // 2 for c in range(6)],
+                               "scores": scores}, "test")
+    assert metrics["r1"] == pytest.approx(75.0) and metrics["i2t_r1"] == pytest.approx(75.0)
+    assert metrics["num_images"] == 4 and metrics["num_captions"] == 8 and metrics["num_without_features"] == 1

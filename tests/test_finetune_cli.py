@@ -30,7 +30,8 @@ def test_vqa_finetune_evaluate_submit_and_score(tmp_path, capsys):
     checkpoint = _finetune("vqa", tmp_path, data)
     out = tmp_path / "eval"
     assert main(["evaluate", "--task", "vqa", "--checkpoint", str(checkpoint), "--split", "val",
-                 "--out", str(out), f"data.tokenizer={tmp_path / 'tok'}", "data.max_regions=5", *data]) == 0
+                 "--out", str(out), f"data.tokenizer={tmp_path / 'tok'}", "data.max_regions=5", *data,
+                 "data.val_split=val"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_questions"] == 12
     # the CLI score of the written predictions (all of val, as the official evaluator requires) equals evaluate's

@@ -63,8 +63,11 @@ def image_key_resolver(store_ids: Iterable[str]) -> Callable[[Any], str | None]:
 
 
 def keep_known_images(items: list, image_of: Callable[[Any], Any], resolve: Callable[[Any], str | None], source: str,
-                      what: str) -> list[tuple[Any, str]]:
-    """Drop items whose image has no features, with one counted warning (never an error mid-epoch)."""
+                      what: str, strict: bool = False) -> list[tuple[Any, str]]:
+    """Drop items whose image has no features, with one counted warning (never an error mid-epoch); with
+    `strict` (`data.strict`, `vilbert evaluate --strict`) they are a DataError naming the first few.
+
+    Scores still count the dropped items, as wrong (see each task's `score`)."""
     kept, missing = [], set()
     for item in items:
         sid = resolve(image_of(item))
@@ -74,7 +77,11 @@ def keep_known_images(items: list, image_of: Callable[[Any], Any], resolve: Call
         kept.append((item, sid))
     if missing:
         example = ", ".join(sorted(missing)[:3])
-        logger.warning("%s: %d %s skipped: %d image id(s) not in the feature store (e.g. %s)",
+        if strict:
+            raise DataError(f"{source}: {len(items) - len(kept)} {what} have no features: {len(missing)} image "
+                            f"id(s) not in the feature store (e.g. {example})")
+        logger.warning("%s: %d %s skipped: %d image id(s) not in the feature store (e.g. %s); scores count them "
+                       "as wrong",
                        source, len(items) - len(kept), what, len(missing), example)
     if items and not kept:
         raise DataError(f"{source}: none of the {len(items)} {what} has an image in the feature store")
