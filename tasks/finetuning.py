@@ -58,6 +58,13 @@ class FinetuneDataConfig:
     eval_batch_size: int = 256
     strict: bool = False  # an item whose image has no features is an error (else skipped and scored as wrong)
 
+    def validate(self) -> None:
+        if self.max_regions < 2:
+            raise ConfigError(f"data.max_regions must be >= 2 (IMG + one box), got {self.max_regions}")
+        for key in ("max_text_length", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+
 
 def resolve_split(data: FinetuneDataConfig, split: str) -> str:
     """The trainer asks for the roles "train" and "val": they mean `data.train_split` / `data.val_split`."""

@@ -27,11 +27,15 @@ from torch.utils.data import Dataset
 
 from features.store import FeatureStore
 from tasks.data.annotations import (
+    id_field,
     image_key_resolver,
+    int_field,
     keep_known_images,
+    list_field,
     load_json,
     open_feature_store,
     require,
+    str_field,
 )
 from tasks.data.answer_labels import (
     carry_answer_rows,
@@ -43,7 +47,7 @@ from tasks.data.regions import collate_visual, visual_input
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.evaluation import eval_batches
 from tasks.engine.task import PredictExample, StepOutput, TaskDataset
-from tasks.errors import AnnotationError, ConfigError
+from tasks.errors import AnnotationError, ConfigError, DataError
 from tasks.figures.drawing import draw_boxes
 from tasks.finetuning import (
     FinetuneDataConfig,
@@ -92,9 +96,12 @@ def read_questions(path: str | Path) -> list[VQAQuestion]:
     data = load_json(path)
     require(data, ["questions"], str(path), "the file")
     questions = []
-    for i, entry in enumerate(data["questions"]):
-        require(entry, ["question_id", "image_id", "question"], str(path), f"questions[{i}]")
-        questions.append(VQAQuestion(int(entry["question_id"]), entry["image_id"], str(entry["question"])))
+    for i, entry in enumerate(list_field(data, "questions", str(path), "the file")):
+        where = f"questions[{i}]"
+        require(entry, ["question_id", "image_id", "question"], str(path), where)
+        questions.append(VQAQuestion(int_field(entry, "question_id", str(path), where),
+                                     id_field(entry, "image_id", str(path), where),
+                                     str_field(entry, "question", str(path), where)))
     return questions
 
 
@@ -109,15 +116,18 @@ def attach_annotations(questions: list[VQAQuestion], path: str | Path) -> list[V
     by_id = {q.question_id: q for q in questions}
     annotated = set()
     empty = 0
-    for i, entry in enumerate(data["annotations"]):
+    for i, entry in enumerate(list_field(data, "annotations", str(path), "the file")):
         require(entry, ["question_id", "answers"], str(path), f"annotations[{i}]")
-        question = by_id.get(int(entry["question_id"]))
+        question = by_id.get(int_field(entry, "question_id", str(path), f"annotations[{i}]"))
         if question is None:
             raise AnnotationError(f"{path}: annotations[{i}] is for question_id {entry['question_id']}, "
                                   "which the questions file does not have")
         answers = []
-        for j, answer in enumerate(entry["answers"]):
+        for j, answer in enumerate(list_field(entry, "answers", str(path), f"annotations[{i}]")):
             require(answer, ["answer"], str(path), f"annotations[{i}].answers[{j}]")
+            if not isinstance(answer["answer"], (str, int, float)) or isinstance(answer["answer"], bool):
+                raise AnnotationError(f"{path}: annotations[{i}].answers[{j}]: answer must be a string, got "
+                                      f"{answer['answer']!r}")
             answers.append(str(answer["answer"]))
         if not answers or all(not a.strip() for a in answers):
             empty += 1
@@ -178,7 +188,10 @@ def read_split(root: str | Path, split: str, minval_size: int = 3000) -> list[VQ
     if split == "test-dev":
         return sorted(read_questions(root / QUESTION_FILES["test-dev2015"]), key=lambda q: q.question_id)
     if split == "train":
-        return annotated("train2014")
+        train = annotated("train2014")
+        if not train:
+            raise DataError(f"{root / QUESTION_FILES['train2014']}: the train split has no annotated questions")
+        return train
     val = annotated("val2014")
     if split == "val":
         return val

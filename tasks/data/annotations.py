@@ -38,12 +38,52 @@ def require(entry: Any, keys: Iterable[str], source: str, where: str) -> None:
             raise AnnotationError(f"{source}: {where} has no {key!r}")
 
 
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def int_field(entry: Mapping, key: str, source: str, where: str) -> int:
+    """`entry[key]` as an int: JSON integers and digit strings; anything else is an AnnotationError."""
+    value = entry[key]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise AnnotationError(f"{source}: {where}: {key} must be an integer, got {_short(value)}")
+
+
+def str_field(entry: Mapping, key: str, source: str, where: str) -> str:
+    """`entry[key]` as a non-empty string (a null or a number is an AnnotationError, never the text "None")."""
+    value = entry[key]
+    if not isinstance(value, str) or not value.strip():
+        raise AnnotationError(f"{source}: {where}: {key} must be a non-empty string, got {_short(value)}")
+    return value
+
+
+def id_field(entry: Mapping, key: str, source: str, where: str) -> int | str:
+    """`entry[key]` as an image or object id: an integer or a non-empty string."""
+    value = entry[key]
+    if (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.strip()):
+        return value
+    raise AnnotationError(f"{source}: {where}: {key} must be an integer or a string id, got {_short(value)}")
+
+
+def list_field(entry: Mapping, key: str, source: str, where: str) -> list:
+    """`entry[key]`, which must be a list."""
+    value = entry[key]
+    if not isinstance(value, list):
+        raise AnnotationError(f"{source}: {where}: {key} must be a list, got {_short(value)}")
+    return value
+
+
 def image_key_resolver(store_ids: Iterable[str]) -> Callable[[Any], str | None]:
     """Map an annotation's image id (int or str) to a feature-store id.
 
-    Exact matches win; otherwise the store id's trailing number is used, so COCO ids like 9 find
-    "COCO_val2014_000000000009" or "000000000009", and Flickr30k "1000092795" finds "1000092795".
-    Returns a function id -> store id or None.
+    Exact matches win; otherwise a numeric id (an int or a string of digits) finds the store id ending in that
+    number, so COCO ids like 9 find "COCO_val2014_000000000009" or "000000000009", and Flickr30k "1000092795"
+    finds "1000092795". A named id that is not in the store ("other_dataset_7") matches nothing: its number is
+    not taken for another image's. Returns a function id -> store id or None.
     """
     exact = set(store_ids)
     by_number: dict[int, str] = {}
@@ -56,8 +96,7 @@ def image_key_resolver(store_ids: Iterable[str]) -> Callable[[Any], str | None]:
         key = str(image_id)
         if key in exact:
             return key
-        match = re.search(r"(\d+)$", key)
-        return by_number.get(int(match.group(1))) if match else None
+        return by_number.get(int(key)) if key.isdigit() else None
 
     return resolve
 
