@@ -32,11 +32,16 @@ from torch.utils.data import Dataset
 from features.safe_pickle import safe_load
 from features.store import FeatureStore
 from tasks.data.annotations import (
+    box_field,
+    id_field,
     image_key_resolver,
+    int_field,
     keep_known_images,
+    list_field,
     load_json,
     open_feature_store,
     require,
+    str_field,
 )
 from tasks.data.regions import collate_visual, visual_input
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
@@ -76,23 +81,34 @@ def read_refs(refs_path: str | Path, instances_path: str | Path, split: str) -> 
     instances = load_json(instances_path)
     require(instances, ["annotations"], str(instances_path), "the file")
     boxes = {}
-    for i, ann in enumerate(instances["annotations"]):
-        require(ann, ["id", "bbox"], str(instances_path), f"annotations[{i}]")
-        boxes[int(ann["id"])] = tuple(xywh_to_xyxy(torch.tensor(ann["bbox"], dtype=torch.float32)).tolist())
+    source = str(instances_path)
+    for i, ann in enumerate(list_field(instances, "annotations", source, "the file")):
+        require(ann, ["id", "bbox"], source, f"annotations[{i}]")
+        box = box_field(ann, "bbox", source, f"annotations[{i}]")
+        boxes[int_field(ann, "id", source, f"annotations[{i}]")] = tuple(
+            xywh_to_xyxy(torch.tensor(box, dtype=torch.float32)).tolist())
     splits = set()
     expressions = []
+    source = str(refs_path)
     for i, ref in enumerate(refs):
-        require(ref, ["ref_id", "ann_id", "image_id", "split", "sentences"], str(refs_path), f"refs[{i}]")
+        where = f"refs[{i}]"
+        require(ref, ["ref_id", "ann_id", "image_id", "split", "sentences"], source, where)
+        if not isinstance(ref["split"], str):
+            raise AnnotationError(f"{source}: {where}: split must be a string, got {ref['split']!r}")
         splits.add(ref["split"])
         if ref["split"] != split:
             continue
-        if int(ref["ann_id"]) not in boxes:
-            raise AnnotationError(f"{refs_path}: ref {ref['ref_id']} names ann_id {ref['ann_id']}, "
-                                  f"which {instances_path} does not have")
-        for j, sentence in enumerate(ref["sentences"]):
-            require(sentence, ["sent"], str(refs_path), f"refs[{i}].sentences[{j}]")
-            expressions.append(Expression(int(ref["ref_id"]), int(sentence.get("sent_id", j)), ref["image_id"],
-                                          str(sentence["sent"]), boxes[int(ref["ann_id"])]))
+        ann_id, ref_id = int_field(ref, "ann_id", source, where), int_field(ref, "ref_id", source, where)
+        image_id = id_field(ref, "image_id", source, where)
+        if ann_id not in boxes:
+            raise AnnotationError(f"{refs_path}: ref {ref_id} names ann_id {ann_id}, which {instances_path} does "
+                                  "not have")
+        for j, sentence in enumerate(list_field(ref, "sentences", source, where)):
+            inner = f"{where}.sentences[{j}]"
+            require(sentence, ["sent"], source, inner)
+            sent_id = int_field(sentence, "sent_id", source, inner) if "sent_id" in sentence else j
+            expressions.append(Expression(ref_id, sent_id, image_id, str_field(sentence, "sent", source, inner),
+                                          boxes[ann_id]))
     if not expressions:
         raise ConfigError(f"{refs_path}: no expressions in split {split!r}; the file has {sorted(splits)}")
     return expressions

@@ -35,11 +35,14 @@ from torch.utils.data import Dataset
 
 from features.store import FeatureStore
 from tasks.data.annotations import (
+    id_field,
     image_key_resolver,
     keep_known_images,
+    list_field,
     load_json,
     open_feature_store,
     require,
+    str_field,
 )
 from tasks.data.reference_files import read_hard_negatives
 from tasks.data.regions import collate_visual, visual_input
@@ -67,19 +70,22 @@ class RetrievalImage:
 def _image_id(entry: Mapping, source: str, where: str) -> str:
     for key in ("cocoid", "id"):
         if key in entry:
-            return str(entry[key])
+            return str(id_field(entry, key, source, where))
     for key in ("filename", "img_path"):
         if key in entry:
-            return Path(str(entry[key])).stem
+            return Path(str_field(entry, key, source, where)).stem
     raise AnnotationError(f"{source}: {where} has no image id (cocoid, id, filename or img_path)")
 
 
 def _captions(entry: Mapping, source: str, where: str) -> list[str]:
     require(entry, ["sentences"], source, where)
     captions = []
-    for j, sentence in enumerate(entry["sentences"]):
+    sentences = list_field(entry, "sentences", source, where)
+    if not sentences:
+        raise AnnotationError(f"{source}: {where} has no captions (sentences is empty)")
+    for j, sentence in enumerate(sentences):
         text = sentence.get("raw") if isinstance(sentence, Mapping) else sentence
-        if not isinstance(text, str):
+        if not isinstance(text, str) or not text.strip():
             raise AnnotationError(f"{source}: {where}.sentences[{j}] has no caption text")
         captions.append(text)
     return captions
@@ -91,7 +97,7 @@ def read_karpathy(path: str | Path, split: str) -> list[RetrievalImage]:
     require(data, ["images"], str(path), "the file")
     wanted = {"train", "restval"} if split == "train" else {split}
     images = []
-    for i, entry in enumerate(data["images"]):
+    for i, entry in enumerate(list_field(data, "images", str(path), "the file")):
         require(entry, ["split"], str(path), f"images[{i}]")
         if entry["split"] in wanted:
             images.append(RetrievalImage(_image_id(entry, str(path), f"images[{i}]"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -67,6 +68,22 @@ def id_field(entry: Mapping, key: str, source: str, where: str) -> int | str:
     if (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.strip()):
         return value
     raise AnnotationError(f"{source}: {where}: {key} must be an integer or a string id, got {_short(value)}")
+
+
+def box_field(entry: Mapping, key: str, source: str, where: str) -> list[float]:
+    """`entry[key]` as a box: exactly 4 finite numbers with non-negative width and height (COCO x y w h)."""
+    value = entry[key]
+    numbers = value if isinstance(value, list) and len(value) == 4 else None
+    if numbers is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        raise AnnotationError(f"{source}: {where}: {key} must be a list of 4 numbers, got {_short(value)}")
+    try:
+        box = [float(v) for v in numbers]
+    except OverflowError:
+        box = [math.inf]
+    if not all(math.isfinite(v) for v in box) or box[2] < 0 or box[3] < 0:
+        raise AnnotationError(f"{source}: {where}: {key} must be 4 finite numbers with width, height >= 0, "
+                              f"got {_short(value)}")
+    return box
 
 
 def list_field(entry: Mapping, key: str, source: str, where: str) -> list:
