@@ -318,10 +318,13 @@ def _fail(path, problem: str) -> FeatureStoreError:
 def _open_h5(path: str, chunk_cache_bytes: int = 1 << 20) -> h5py.File:
     if not os.path.exists(path):
         raise _fail(path, "feature file not found")
+    if os.path.isdir(path):
+        raise _fail(path, "is a directory, not an HDF5 feature file")
     try:
         return h5py.File(path, "r", rdcc_nbytes=chunk_cache_bytes)
     except OSError as error:
-        raise _fail(path, f"not a readable HDF5 feature file (truncated or another format?): {error}") from error
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise _fail(path, f"not a readable HDF5 feature file (truncated or another format?): {reason}") from error
 
 
 def _index_file(path: str) -> _FileIndex:

@@ -107,8 +107,9 @@ def load_model_weights(model: nn.Module, directory: Path) -> None:
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as error:  # shapes of another model or task
-        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error)[:200])
-        raise ResumeError(f"{file}: weights do not match the model ({detail})") from error
+        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise ResumeError(f"{file}: weights do not match the model, a checkpoint of another task or model? "
+                          f"({detail[:160]})") from error
     loaded = {id(t) for name, t in model.state_dict(keep_vars=True).items() if name in weights}
     params = model.state_dict(keep_vars=True)
     untied = [k for k in missing if id(params[k]) not in loaded]
