@@ -295,3 +295,134 @@ def test_refexp_and_retrieval_scores_count_items_without_features_as_wrong(tmp_p
                                "scores": scores}, "test")
     assert metrics["r1"] == pytest.approx(75.0) and metrics["i2t_r1"] == pytest.approx(75.0)
     assert metrics["num_images"] == 4 and metrics["num_captions"] == 8 and metrics["num_without_features"] == 1
+
+
+# ---------------------------------------------------------------- 7, 9, 10. one line for bad files, configs, checkpoints
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A VQA and a retrieval checkpoint of one step each, shared by the checkpoint cases (read-only)."""
+    from tiny_task_data import write_karpathy
+
+    root = tmp_path_factory.mktemp("trained")
+    info = write_vqa(root / "vqa")
+    write_store(root / "f.h5", [str(i) for i in info["image_ids"]])
+    write_vocab(root / "tok")
+    vqa_data = [f"data.root={root / 'vqa'}", f"data.features=[{root / 'f.h5'}]", f"data.tokenizer={root / 'tok'}"]
+    assert run_cli(["finetune", "--task", "vqa", *COMMON, *vqa_data, f"train.output_dir={root / 'vqa-run'}",
+                    "train.max_steps=1"])[0] == 0
+    ids = write_karpathy(root / "flickr" / "dataset_flickr30k.json")
+    write_store(root / "r.h5", ids)
+    assert run_cli(["finetune", "--task", "retrieval", *COMMON[:6], f"data.root={root / 'flickr'}",
+                    f"data.features=[{root / 'r.h5'}]", f"data.tokenizer={root / 'tok'}", "data.max_text_length=12",
+                    "data.val_split=test", f"train.output_dir={root / 'retrieval-run'}", "train.max_steps=1"])[0] == 0
+    return {"root": root, "vqa_data": vqa_data, "vqa": list_checkpoints(root / "vqa-run")[-1],
+            "retrieval": list_checkpoints(root / "retrieval-run")[-1]}
+
+
+def _finetune_vqa(trained, tmp_path, *extra, data=None):
+    return ["finetune", "--task", "vqa", *COMMON, *(data or trained["vqa_data"]), "train.max_steps=1",
+            f"train.output_dir={tmp_path / 'run'}", *extra]
+
+
+def test_bad_configs_are_one_line_and_leave_nothing(trained, tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)))
+    (tmp_path / "broken.yaml").write_text("train: [unclosed\n  - x: y\n")
+    cases = [
+        ((), ["--config", tmp_path / "binary.yaml"], [tmp_path / "binary.yaml", "not a YAML config"]),
+        ((), ["--config", tmp_path / "broken.yaml"], [tmp_path / "broken.yaml", "not valid YAML", "line 2"]),
+        (("model.overrides.hidden_size=abc",), [], ["model.overrides.hidden_size", "'abc'"]),
+        (("model.overrides={hiden_size: 8}",), [], ["'hiden_size'", "did you mean 'hidden_size'"]),
+        (("data.max_regions=0",), [], ["data.max_regions", "got 0"]),
+        (("optim.lr=nan",), [], ["optim.lr", "nan"]),
+        (("optim.lr=.inf",), [], ["optim.lr", "inf"]),
+    ]
+    for overrides, options, names in cases:
+        line = assert_refused(_finetune_vqa(trained, tmp_path, *overrides, *options), names=names, watch=[tmp_path])
+        assert "Traceback" not in line
+    assert not (tmp_path / "run").exists()  # no config.yaml left by a refused run
+
+
+def test_bad_checkpoints_for_init_and_resume_are_one_line(trained, tmp_path):
+    import shutil
+
+    root = trained["root"]
+    (tmp_path / "config-only").mkdir()
+    shutil.copy(trained["vqa"] / "config.json", tmp_path / "config-only")
+    (tmp_path / "pickled").mkdir()
+    shutil.copy(trained["vqa"] / "config.json", tmp_path / "pickled")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "pickled" / "pytorch_model.bin")
+    (tmp_path / "big-tok").mkdir()
+    (tmp_path / "big-tok" / "vocab.txt").write_text((root / "tok" / "vocab.txt").read_text()
+                                                    + "".join(f"w{i}\n" for i in range(200)))
+    big_vocab = [*trained["vqa_data"][:2], f"data.tokenizer={tmp_path / 'big-tok'}"]
+    truncated = tmp_path / "truncated-run" / "checkpoints" / trained["vqa"].name
+    shutil.copytree(trained["vqa"], truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    cases = [
+        (["--init", tmp_path / "config-only"], None, [tmp_path / "config-only", "no model.safetensors"]),
+        (["--init", tmp_path / "pickled"], None, [tmp_path / "pickled", "pickle, which is never loaded"]),
+        (["--init", trained["vqa"]], big_vocab, [trained["vqa"], "another vocabulary"]),
+        (["--resume", tmp_path / "truncated-run"], None, [weights, "cannot read the weights"]),
+        (["--resume", trained["retrieval"]], None, [trained["retrieval"], "another task"]),
+    ]
+    for options, data, names in cases:
+        assert_refused(_finetune_vqa(trained, tmp_path, *options, data=data), names=names,
+                       watch=[tmp_path, trained["vqa"], trained["retrieval"]])
+    assert not (tmp_path / "run").exists()
+
+
+def test_convert_of_files_that_are_not_vilbert_checkpoints_is_one_line(tmp_path):
+    (tmp_path / "empty.bin").write_bytes(b"")
+    torch.save({}, tmp_path / "empty-dict.bin")
+    torch.save({"encoder.layer.weight": torch.zeros(3)}, tmp_path / "unrelated.bin")
+    (tmp_path / "binary.json").write_bytes(bytes(range(256)))
+    small = {"vocab_size": 40, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 1,
+             "intermediate_size": 16, "v_hidden_size": 16, "v_num_hidden_layers": 1, "v_num_attention_heads": 1,
+             "v_intermediate_size": 16, "bi_hidden_size": 16, "bi_num_attention_heads": 1, "bi_intermediate_size": 16,
+             "v_biattention_id": [0], "t_biattention_id": [0], "v_feature_size": 16, "fixed_t_layer": 0,
+             "fixed_v_layer": 0}
+    (tmp_path / "small.json").write_text(json.dumps(small))
+    cases = [
+        (["--input", tmp_path / "empty.bin"], [tmp_path / "empty.bin", "not a readable weights-only state dict"]),
+        (["--input", tmp_path / "empty-dict.bin"], [tmp_path / "empty-dict.bin", "holds no tensors"]),
+        (["--input", tmp_path / "unrelated.bin", "--config", tmp_path / "small.json"],
+         [tmp_path / "unrelated.bin", "not a vilbert-multi-task ViLBERT"]),
+        (["--input", tmp_path / "unrelated.bin", "--config", tmp_path / "binary.json"],
+         [tmp_path / "binary.json", "binary data"]),
+    ]
+    for options, names in cases:
+        assert_refused(["convert", "--from", "vilbert-multi-task", "--out", tmp_path / "out", *options], names=names,
+                       watch=[tmp_path])
+
+
+def test_feature_store_paths_that_are_not_stores_and_outputs_that_are_directories(trained, tmp_path):
+    (tmp_path / "a-dir").mkdir()
+    (tmp_path / "junk.h5").write_bytes(b"junk" * 100)
+    for store, problem in ((tmp_path / "a-dir", "is a directory"), (tmp_path / "junk.h5", "not a readable HDF5")):
+        data = [trained["vqa_data"][0], f"data.features=[{store}]", trained["vqa_data"][2]]
+        line = assert_refused(_finetune_vqa(trained, tmp_path, data=data), names=[store, problem], watch=[tmp_path])
+        assert "more with --verbose" not in line  # h5py's multi-line text is not quoted
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "im.png")
+    assert_refused(["predict", "--checkpoint", trained["vqa"], "--image", tmp_path / "im.png", "--question", "what",
+                    "--random-detector", "--out", tmp_path / "a-dir"], names=["--out", tmp_path / "a-dir"],
+                   watch=[tmp_path])
+
+
+def test_multi_line_messages_print_one_line_and_the_rest_with_verbose(capsys):
+    from tasks.cli import one_line
+
+    error = RuntimeError("Weights only load failed.\nIn PyTorch 2.6 the default ...\n\nCheck the docs.")
+    assert one_line(error) == "Weights only load failed. (more with --verbose)"
+    assert one_line(error, verbose=True) == "Weights only load failed. In PyTorch 2.6 the default ... Check the docs."
+
+
+def test_named_image_ids_do_not_match_another_image_by_their_number():
+    from tasks.data.annotations import image_key_resolver
+
+    resolve = image_key_resolver(["7", "COCO_val2014_000000000009", "other_dataset_7"])
+    assert resolve("other_dataset_7") == "other_dataset_7"
+    assert resolve("another_set_7") is None  # was "7"
+    assert resolve(9) == resolve("9") == "COCO_val2014_000000000009"

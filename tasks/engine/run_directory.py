@@ -7,8 +7,8 @@
   can never be pruned in favour of, mixed with, or resumed instead of the new one; `overwrite=True` empties it;
 - the directory is locked for the run (`<dir>/run.lock`, holder pid, stale locks taken over; `features.locks`), so
   a second process refuses in one line;
-- a new run that fails before writing its first checkpoint removes what it wrote (and the directory, if it made
-  it), so a bad config or bad data leaves no `config.yaml` behind to block the corrected rerun.
+- a run that fails before writing a checkpoint removes the files it added (and the directory, if it made it), so
+  a bad config, bad data or a bad `--resume` leaves no `config.yaml` behind to block the corrected rerun.
 """
 
 from __future__ import annotations
@@ -60,10 +60,11 @@ def claim_run_directory(run_dir: str | os.PathLike, resume: bool, overwrite: boo
             for name in before:
                 _remove(run_dir / name)
             before = set()
+        checkpoints = set(list_checkpoints(run_dir))
         try:
             yield run_dir
         except BaseException:
-            if not resume and not list_checkpoints(run_dir):  # nothing worth keeping was written
+            if set(list_checkpoints(run_dir)) <= checkpoints:  # this run saved nothing worth keeping
                 for name in set(run_contents(run_dir)) - before:
                     _remove(run_dir / name)
             raise
