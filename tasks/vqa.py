@@ -190,7 +190,7 @@ def read_split(root: str | Path, split: str, minval_size: int = 3000) -> list[VQ
     if split == "train":
         train = annotated("train2014")
         if not train:
-            raise DataError(f"{root / QUESTION_FILES['train2014']}: the train split has no annotated questions")
+            raise DataError(f"{root / ANNOTATION_FILES['train2014']}: the train split has no annotated questions")
         return train
     val = annotated("val2014")
     if split == "val":

@@ -426,3 +426,91 @@ def test_named_image_ids_do_not_match_another_image_by_their_number():
     assert resolve("other_dataset_7") == "other_dataset_7"
     assert resolve("another_set_7") is None  # was "7"
     assert resolve(9) == resolve("9") == "COCO_val2014_000000000009"
+
+
+def _rewrite_json(path, mutate):
+    data = json.loads(path.read_text())
+    mutate(data)
+    path.write_text(json.dumps(data))
+
+
+def _rewrite_refs(path, mutate):
+    import pickle
+
+    with open(path, "rb") as handle:
+        refs = pickle.load(handle)
+    mutate(refs)
+    with open(path, "wb") as handle:
+        pickle.dump(refs, handle, protocol=2)
+
+
+VQA_TRAIN_Q = "v2_OpenEnded_mscoco_train2014_questions.json"
+VQA_TRAIN_A = "v2_mscoco_train2014_annotations.json"
+ANNOTATION_CASES = {  # name: (task, file, how to break it, what the line says)
+    "vqa-question-id-abc": ("vqa", VQA_TRAIN_Q, lambda d: d["questions"][0].update(question_id="abc"),
+                            "questions[0]: question_id must be an integer, got 'abc'"),
+    "vqa-question-id-null": ("vqa", VQA_TRAIN_Q, lambda d: d["questions"][0].update(question_id=None),
+                             "question_id must be an integer, got None"),
+    "vqa-question-null": ("vqa", VQA_TRAIN_Q, lambda d: d["questions"][0].update(question=None),
+                          "question must be a non-empty string, got None"),  # never the text "None"
+    "vqa-empty-train": ("vqa", VQA_TRAIN_A, lambda d: d.update(annotations=[]),
+                        "the train split has no annotated questions"),
+    "retrieval-sentences-null": ("retrieval", "dataset_flickr30k.json",
+                                 lambda d: d["images"][0].update(sentences=None), "sentences must be a list, got None"),
+    "retrieval-no-captions": ("retrieval", "dataset_flickr30k.json", lambda d: d["images"][0].update(sentences=[]),
+                              "images[0] has no captions"),
+    "refs-ann-id-null": ("refcoco", "refs(unc).p", lambda refs: refs[0].update(ann_id=None),
+                         "refs[0]: ann_id must be an integer, got None"),
+    "refs-bbox-string": ("refcoco", "instances.json", lambda d: d["annotations"][0].update(bbox="1,2,3,4"),
+                         "bbox must be a list of 4 numbers, got '1,2,3,4'"),
+    "refs-bbox-3-numbers": ("refcoco", "instances.json", lambda d: d["annotations"][0].update(bbox=[1, 2, 3]),
+                            "bbox must be a list of 4 numbers, got [1, 2, 3]"),  # was broadcast into 4
+    "refs-bbox-400-digits": ("refcoco", "instances.json",
+                             lambda d: d["annotations"][0].update(bbox=[int("9" * 400), 2, 3, 4]),
+                             "bbox must be 4 finite numbers"),
+}
+
+
+@pytest.fixture(scope="module")
+def task_data(tmp_path_factory):
+    """Valid tiny data of each fine-tuning task (copied before a test breaks it) and its finetune arguments."""
+    from tiny_task_data import write_karpathy, write_refcoco
+
+    root = tmp_path_factory.mktemp("task-data")
+    write_vocab(root / "tok")
+    info = write_vqa(root / "vqa")
+    write_store(root / "vqa.h5", [str(i) for i in info["image_ids"]])
+    ids = write_karpathy(root / "retrieval" / "dataset_flickr30k.json")
+    write_store(root / "retrieval.h5", ids)
+    refs = write_refcoco(root / "refcoco")
+    write_store(root / "refcoco.h5", refs["image_ids"], boxes=refs["boxes"])
+    extra = {"vqa": ["data.min_answer_count=1", "data.minval_size=4"],
+             "retrieval": ["data.max_text_length=12", "data.val_split=test"], "refcoco": ["data.gt_features=[]"]}
+
+    def argv(task, data_root, run_dir):
+        return ["finetune", "--task", task, *COMMON[:6], "data.eval_batch_size=4", "train.max_steps=1",
+                f"data.root={data_root}", f"data.features=[{root / (task + '.h5')}]", f"data.tokenizer={root / 'tok'}",
+                *extra[task], f"train.output_dir={run_dir}"]
+
+    return {"root": root, "argv": argv}
+
+
+@pytest.mark.parametrize("name", list(ANNOTATION_CASES))
+def test_bad_annotations_are_one_line_naming_the_file(task_data, tmp_path, name):
+    import shutil
+
+    task, file, mutate, problem = ANNOTATION_CASES[name]
+    data_root = tmp_path / task
+    shutil.copytree(task_data["root"] / task, data_root)
+    (_rewrite_refs if file.endswith(".p") else _rewrite_json)(data_root / file, mutate)
+    line = assert_refused(task_data["argv"](task, data_root, tmp_path / "run"), names=[data_root / file, problem],
+                          watch=[tmp_path])
+    assert len(line) < 400
+
+
+def test_given_box_with_a_400_digit_coordinate_is_one_line(tmp_path, tiny_detector):
+    images = _images(tmp_path / "img", 1)
+    (tmp_path / "boxes.json").write_text('{"im0": [[0, 0, %s, 5]]}' % ("9" * 400))
+    assert_refused(["extract", "--images", images, "--out", tmp_path / "f.h5", "--boxes", tmp_path / "boxes.json",
+                    "--box-format", "xyxy", *tiny_detector], names=[tmp_path / "boxes.json", "4 finite numbers"],
+                   watch=[tmp_path])
