@@ -514,3 +514,48 @@ def test_given_box_with_a_400_digit_coordinate_is_one_line(tmp_path, tiny_detect
     assert_refused(["extract", "--images", images, "--out", tmp_path / "f.h5", "--boxes", tmp_path / "boxes.json",
                     "--box-format", "xyxy", *tiny_detector], names=[tmp_path / "boxes.json", "4 finite numbers"],
                    watch=[tmp_path])
+
+
+# ------------------------------------------------------------------------------------------- 4. memory, huge images
+
+
+def test_a_huge_jpeg_is_decoded_at_the_size_the_detector_needs(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    from features.images import read_image
+
+    path = tmp_path / "huge.jpg"
+    Image.new("RGB", (3000, 2000), (200, 40, 40)).save(path, quality=70)
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+
+    def load(self):
+        decoded.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    loaded = read_image(path, input_scale=lambda h, w: min(150 / min(h, w), 250 / max(h, w)))  # input 250 x 167
+    assert set(decoded) == {(750, 500)}  # Pillow's draft decoded 1/4 of each side, never the 6-megapixel image
+    assert loaded.pixels.shape == (333, 500, 3)  # twice the detector's input; its own resize does the rest
+    assert loaded.original_hw == (2000, 3000)  # boxes stay in original pixels
+    decoded.clear()
+    assert read_image(path).pixels.shape == (2000, 3000, 3) and set(decoded) == {(3000, 2000)}  # no detector
+
+
+def test_a_batch_never_holds_more_than_the_pixel_budget(tmp_path):
+    from tiny_detector import TinyDetector
+
+    from features.inputs import list_images
+
+    images = _images(tmp_path / "img", 5)  # 12 x 20 each
+    detector, sizes = TinyDetector(), []
+    real_forward = detector.forward
+
+    def forward(pixels, prepared, boxes=None):
+        sizes.append(pixels.shape[0] * pixels.shape[2] * pixels.shape[3])
+        return real_forward(pixels, prepared, boxes)
+
+    detector.forward = forward
+    summary = extract(list_images(images), tmp_path / "f.h5", detector, batch_size=8, workers=0,
+                      batch_pixels=2 * 12 * 20, progress=False)
+    assert summary.images_written == 5 and max(sizes) <= 2 * 12 * 20 and len(sizes) == 3
