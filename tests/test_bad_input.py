@@ -137,6 +137,16 @@ def test_second_extraction_on_the_same_output_refuses_in_one_line(tmp_path, tiny
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5", "img"]  # no lock, no .partial left
 
 
+def test_a_real_second_process_on_a_locked_store_refuses_in_one_line(tmp_path):
+    images, out = _images(tmp_path / "img", 1), tmp_path / "f.h5"
+    (tmp_path / "boxes.json").write_text(json.dumps({"im0": [[0, 0, 10, 10]]}))
+    with OutputLock(tmp_path / "f.h5.lock", "test holder"):  # held by this process; the CLI runs in another
+        line = assert_refused(["extract", "--images", images, "--out", out, "--boxes", tmp_path / "boxes.json",
+                               "--box-format", "xyxy", "--workers", "0", "--no-progress"],
+                              names=[f"feature store {out}", f"pid {os.getpid()}"], watch=[tmp_path], subprocess=True)
+        assert "in use by another process" in line
+
+
 def test_extraction_where_every_image_fails_exits_2_and_keeps_the_errors_file(tmp_path, tiny_detector):
     (tmp_path / "img").mkdir()
     for name in ("a.jpg", "b.png"):
