@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,8 @@ from typing import Any
 
 from features.errors import DiskFullError
 
-FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+FULL_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EFBIG: "file size limit exceeded"}
 _NEARLY_FULL_BYTES = 64 << 20  # a failed write with less free space than this is taken as a full disk
 
 
@@ -43,18 +45,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def is_disk_full(error: BaseException, where: str | os.PathLike) -> bool:
-    """Whether `error` from writing under `where` means the device is full (ENOSPC/EDQUOT, or a library's own
-    write-failure error while almost no space is left, as torch.save and HDF5 report it)."""
-    if isinstance(error, OSError) and error.errno in FULL_ERRNOS:
-        return True
-    if isinstance(error, (OSError, RuntimeError)) and ("No space left" in str(error) or "write failed" in str(error)):
+def disk_full_reason(error: BaseException, where: str | os.PathLike) -> str | None:
+    """Why writing under `where` failed, when the device (or the file size limit) is full: ENOSPC, EDQUOT, EFBIG as
+    an OSError, in HDF5's text ("errno = 28"), or torch.save's "file write failed" with almost no space left."""
+    code = error.errno if isinstance(error, OSError) else None
+    if code is None and isinstance(error, (OSError, RuntimeError)):
+        found = re.search(r"errno = (\d+)", str(error))  # HDF5 reports the system error inside its own text
+        code = int(found.group(1)) if found else None
+    if code in FULL_ERRNOS:
+        return FULL_ERRNOS[code]
+    if isinstance(error, RuntimeError) and "write failed" in str(error):
         folder = Path(where)
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
         with contextlib.suppress(OSError):
-            return "No space left" in str(error) or shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES
-    return False
+            if shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES:
+                return FULL_ERRNOS[errno.ENOSPC]
+    return None
 
 
 @contextlib.contextmanager
@@ -63,8 +70,9 @@ def disk_full_as_error(path: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError) as error:
-        if not isinstance(error, DiskFullError) and is_disk_full(error, Path(path).parent):
-            raise DiskFullError(f"no space left on device while writing {path}") from error
+        reason = None if isinstance(error, DiskFullError) else disk_full_reason(error, Path(path).parent)
+        if reason:
+            raise DiskFullError(f"{reason} while writing {path}") from error
         raise
 
 

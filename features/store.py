@@ -16,14 +16,17 @@ stopped. The reader opens files lazily in each process and never carries an HDF5
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import sys
 import time
+import traceback
 import warnings
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +109,12 @@ class FeatureStoreWriter:
             self._file = h5py.File(self._tmp, "w")
         except OSError as error:
             raise FeatureStoreError(f"{self.path}: cannot create the feature file ({error})") from error
-        self._create_datasets()
+        try:
+            with _hdf5_writes(self.path):
+                self._create_datasets()
+        except BaseException:
+            self.abort()
+            raise
 
     # datasets -------------------------------------------------------------------------------------------------
 
@@ -208,7 +216,7 @@ class FeatureStoreWriter:
         """Write the queued images to the temporary file (a full disk is a `DiskFullError` naming `path`)."""
         if not self._buffer:
             return
-        with disk_full_as_error(self.path):
+        with _hdf5_writes(self.path):
             self._flush()
 
     def _flush(self) -> None:
@@ -236,7 +244,7 @@ class FeatureStoreWriter:
         if self._file is None:
             return self.path
         self.flush()
-        with disk_full_as_error(self.path):
+        with _hdf5_writes(self.path):
             self._file.close()
         self._file = None
         os.replace(self._tmp, self.path)
@@ -255,7 +263,8 @@ class FeatureStoreWriter:
             except OSError:
                 pass
             try:
-                file.close()
+                with _hdf5_writes(self.path):
+                    file.close()
             except Exception as error:  # noqa: BLE001 - the data is being dropped; only its removal matters
                 logger.debug("%s: closing the discarded file failed (%s)", self._tmp, error)
         self._tmp.unlink(missing_ok=True)
@@ -268,6 +277,40 @@ class FeatureStoreWriter:
             self.close()
         else:
             self.abort()
+
+
+@contextlib.contextmanager
+def _hdf5_writes(path: Path) -> Iterator[None]:
+    """Writes to an HDF5 file: a failure HDF5 reports while h5py frees an object (printed as "Exception ignored"
+    and otherwise lost) is raised here, and a full disk becomes one `DiskFullError` naming `path`."""
+    caught: list[BaseException] = []
+    previous, previous_excepthook = sys.unraisablehook, sys.excepthook
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and "h5py" in repr(unraisable.object):
+            caught.append(unraisable.exc_value)
+        else:
+            previous(unraisable)
+
+    def excepthook(kind, value, tb) -> None:  # Cython prints a __dealloc__ failure through here first
+        frames = traceback.extract_tb(tb)
+        if isinstance(value, RuntimeError) and frames and "h5py" in frames[-1].filename:
+            caught.append(value)
+        else:
+            previous_excepthook(kind, value, tb)
+
+    sys.unraisablehook, sys.excepthook = hook, excepthook
+    try:
+        with disk_full_as_error(path):
+            try:
+                yield
+            except BaseException as error:
+                traceback.clear_frames(error.__traceback__)  # free the failed call's h5py objects while hooked
+                raise
+            if caught:
+                raise caught[0]
+    finally:
+        sys.unraisablehook, sys.excepthook = previous, previous_excepthook
 
 
 def _numpy(value) -> np.ndarray:
