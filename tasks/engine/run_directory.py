@@ -44,8 +44,10 @@ def claim_run_directory(run_dir: str | os.PathLike, resume: bool, overwrite: boo
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: resume continues the run, overwrite "
                           "deletes it")
+    occupied = bool(run_contents(run_dir))  # read by every rank before rank 0 writes anything
+    _barrier()
     if not writer:
-        if not resume and not overwrite and run_contents(run_dir):
+        if occupied and not resume and not overwrite:
             raise ConfigError(_occupied(run_dir))
         yield run_dir
         return
@@ -72,6 +74,14 @@ def claim_run_directory(run_dir: str | os.PathLike, resume: bool, overwrite: boo
         lock.release()
         if created and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()
+
+
+def _barrier() -> None:
+    """Under torchrun, wait until every rank has looked at the directory (rank 0 writes into it next)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _occupied(run_dir: Path) -> str:
