@@ -8,12 +8,20 @@ block ends without an error; on error the temporary is removed and an existing f
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from features.errors import DiskFullError
+
+FULL_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EFBIG: "file size limit exceeded"}
+_NEARLY_FULL_BYTES = 64 << 20  # a failed write with less free space than this is taken as a full disk
 
 
 @contextlib.contextmanager
@@ -27,12 +35,44 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     _remove(tmp)
     try:
-        yield tmp
+        with disk_full_as_error(path):
+            yield tmp
         if path.is_dir() and tmp.is_dir():
             _remove(path)
         os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
+        raise
+
+
+def disk_full_reason(error: BaseException, where: str | os.PathLike) -> str | None:
+    """Why writing under `where` failed, when the device (or the file size limit) is full: ENOSPC, EDQUOT, EFBIG as
+    an OSError, in HDF5's text ("errno = 28"), or torch.save's "file write failed" with almost no space left."""
+    code = error.errno if isinstance(error, OSError) else None
+    if code is None and isinstance(error, (OSError, RuntimeError)):
+        found = re.search(r"errno = (\d+)", str(error))  # HDF5 reports the system error inside its own text
+        code = int(found.group(1)) if found else None
+    if code in FULL_ERRNOS:
+        return FULL_ERRNOS[code]
+    if isinstance(error, RuntimeError) and "write failed" in str(error):
+        folder = Path(where)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES:
+                return FULL_ERRNOS[errno.ENOSPC]
+    return None
+
+
+@contextlib.contextmanager
+def disk_full_as_error(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk while writing `path` into one `DiskFullError` line naming it; other errors pass."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        reason = None if isinstance(error, DiskFullError) else disk_full_reason(error, Path(path).parent)
+        if reason:
+            raise DiskFullError(f"{reason} while writing {path}") from error
         raise
 
 

@@ -418,6 +418,9 @@ class BUTDDetector(RegionDetector):
         """Padding multiple the pipeline uses for a batch (1: pad to the largest image only, like Caffe/HF)."""
         return self.config.size_divisible
 
+    def input_scale(self, height: int, width: int) -> float:
+        return resize_scale(height, width, self.config.min_size, self.config.max_size)
+
     def prepare(self, image: np.ndarray) -> PreparedImage:
         """RGB uint8 [H, W, 3] → BGR 0-255 minus the Caffe means, resized (bilinear) to 600 / max 1000."""
         if image.ndim != 3 or image.shape[2] != 3:

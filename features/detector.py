@@ -47,6 +47,11 @@ class RegionDetector(nn.Module):
         """Turn one RGB uint8 image [H, W, 3] into network input (runs in a DataLoader worker)."""
         raise NotImplementedError
 
+    def input_scale(self, height: int, width: int) -> float:
+        """The factor `prepare` resizes an image of this size by (1.0: used as given). Extraction decodes large
+        images only as large as needed (twice the detector's input size), so their pixels never fill memory."""
+        return 1.0
+
     def forward(
         self,
         pixels: torch.Tensor,  # [N, 3, Hmax, Wmax], zero-padded at the bottom/right

@@ -15,3 +15,11 @@ class ImageError(FeaturesError):
 
 class WeightsError(FeaturesError):
     """A detector weight file that cannot be read or does not fit the detector."""
+
+
+class OutputLockedError(FeaturesError):
+    """An output (feature store, run directory) another live process is writing."""
+
+
+class DiskFullError(FeaturesError):
+    """No space left on the device while writing an output; what was sealed before stays intact."""

@@ -33,6 +33,7 @@ from features.store import FeatureStore, ResumableStoreWriter, merge_stores
 logger = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+BATCH_PIXELS = 16_000_000  # padded input pixels per detector batch; a larger image runs alone
 REGION_FIELDS = ("cls_prob", "objects_id", "objects_conf", "attrs_id", "attrs_conf")
 
 
@@ -76,8 +77,10 @@ class _Item:
 class _ImageDataset(Dataset):
     """Decodes and prepares one image per item; failures come back as items with `error` set."""
 
-    def __init__(self, images: list[ImageInput], prepare: Callable, boxes: dict | None, max_side: int | None):
+    def __init__(self, images: list[ImageInput], prepare: Callable, boxes: dict | None, max_side: int | None,
+                 input_scale: Callable[[int, int], float] | None = None):
         self.images, self.prepare, self.boxes, self.max_side = images, prepare, boxes, max_side
+        self.input_scale = input_scale
 
     def __len__(self) -> int:
         return len(self.images)
@@ -86,7 +89,7 @@ class _ImageDataset(Dataset):
         image = self.images[index]
         item = _Item(index, image.image_id, image.path)
         try:
-            loaded = read_image(image.path, self.max_side)
+            loaded = read_image(image.path, self.max_side, input_scale=self.input_scale)
             prepared = self.prepare(loaded.pixels)
         except ImageError as error:
             item.error = str(error)
@@ -145,6 +148,7 @@ def extract(
     precision: str = "fp32",
     float32: bool = False,
     max_side: int | None = MAX_SIDE,
+    batch_pixels: int | None = BATCH_PIXELS,
     rank: int = 0,
     world_size: int = 1,
     part_images: int = 2048,
@@ -154,7 +158,9 @@ def extract(
     """Extract region features for `images` into the store `out`; returns what was done.
 
     `boxes` (given-box mode) maps image id -> float32 [K, 4] x1 y1 x2 y2 in original pixels; an image without an
-    entry fails. With `world_size` > 1 only every `world_size`-th image (from `rank`) is extracted into a shard;
+    entry fails. Memory stays bounded whatever the images: each is decoded no larger than the detector needs
+    (`RegionDetector.input_scale`), and a batch holds at most `batch_pixels` padded input pixels (None: no limit).
+    With `world_size` > 1 only every `world_size`-th image (from `rank`) is extracted into a shard;
     rank 0 then waits for the other shards and merges them into `out`.
     """
     if precision not in PRECISIONS:
@@ -182,10 +188,14 @@ def extract(
     if boxes is not None:
         todo = _drop_images_without_boxes(todo, boxes, run)
 
-    detector = detector.to(device).eval()
     try:
+        detector = detector.to(device).eval()
         if todo:
-            _run_batches(todo, detector, boxes, run, batch_size, workers, device, precision, max_side, progress)
+            _run_batches(todo, detector, boxes, run, batch_size, workers, device, precision, max_side, progress,
+                         batch_pixels)
+        if summary.images_failed and not writer.done_ids:
+            raise FeaturesError(f"{out}: none of the {summary.images_failed} images could be extracted (nothing "
+                                f"written; the reasons are in {run.errors_path})")
         writer.finish()
     except BaseException:
         writer.abort()  # sealed parts stay for the rerun
@@ -214,8 +224,16 @@ def _drop_images_without_boxes(todo: list[ImageInput], boxes: dict, run: _Run) -
     return kept
 
 
-def _run_batches(todo, detector, boxes, run, batch_size, workers, device, precision, max_side, progress) -> None:
-    dataset = _ImageDataset(todo, detector.prepare, boxes, max_side)
+def _padded_pixels(items: list[_Item]) -> int:
+    """Pixels of the zero-padded batch these prepared images make."""
+    height = max(item.prepared.pixels.shape[1] for item in items)
+    width = max(item.prepared.pixels.shape[2] for item in items)
+    return len(items) * height * width
+
+
+def _run_batches(todo, detector, boxes, run, batch_size, workers, device, precision, max_side, progress,
+                 batch_pixels=BATCH_PIXELS) -> None:
+    dataset = _ImageDataset(todo, detector.prepare, boxes, max_side, detector.input_scale)
     loader = DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
         prefetch_factor=2 * batch_size if workers else None,
@@ -231,6 +249,10 @@ def _run_batches(todo, detector, boxes, run, batch_size, workers, device, precis
                 bar.update(1)
                 continue
             group = groups.setdefault(_aspect_group(item), [])
+            if group and batch_pixels and _padded_pixels([*group, item]) > batch_pixels:  # the budget: run first
+                _run_batch(group, detector, boxes is not None, run, device, precision)
+                bar.update(len(group))
+                group.clear()
             group.append(item)
             if len(group) >= batch_size:
                 _run_batch(group, detector, boxes is not None, run, device, precision)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ from features.errors import ImageError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
 MAX_SIDE = 4096  # long side after decoding; detectors resize further (BUTD to <= 1000)
 MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS)
+DECODE_MARGIN = 2.0  # decode at this multiple of the detector's input size; the detector's own resize does the rest
 
 
 @dataclass
@@ -34,8 +36,14 @@ class LoadedImage:
         return max(self.pixels.shape[:2]) / max(self.original_hw)
 
 
-def read_image(path: str | os.PathLike, max_side: int | None = MAX_SIDE, max_pixels: int = MAX_PIXELS) -> LoadedImage:
-    """Decode `path` to RGB, oriented as EXIF says, long side at most `max_side` (None: never downscale)."""
+def read_image(path: str | os.PathLike, max_side: int | None = MAX_SIDE, max_pixels: int = MAX_PIXELS,
+               input_scale: Callable[[int, int], float] | None = None) -> LoadedImage:
+    """Decode `path` to RGB, oriented as EXIF says, long side at most `max_side` (None: never downscale).
+
+    `input_scale(height, width)`: the factor a detector will resize the image by; the image is then decoded at no
+    more than twice that size (JPEG: decoded reduced by Pillow's draft mode, never at full size), which bounds the
+    memory of a huge image by what the detector needs.
+    """
     path = os.fspath(path)
     try:
         if os.path.getsize(path) == 0:
@@ -46,7 +54,7 @@ def read_image(path: str | os.PathLike, max_side: int | None = MAX_SIDE, max_pix
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                return _decode(path, image, max_side, max_pixels)
+                return _decode(path, image, max_side, max_pixels, input_scale)
     except ImageError:
         raise
     except UnidentifiedImageError as error:
@@ -62,7 +70,8 @@ def load_image(path: str | os.PathLike, max_side: int | None = MAX_SIDE) -> np.n
     return read_image(path, max_side).pixels
 
 
-def _decode(path: str, image: Image.Image, max_side: int | None, max_pixels: int) -> LoadedImage:
+def _decode(path: str, image: Image.Image, max_side: int | None, max_pixels: int,
+            input_scale: Callable[[int, int], float] | None = None) -> LoadedImage:
     width, height = image.size
     if width <= 0 or height <= 0:
         raise ImageError(f"{path}: image has no pixels ({width}x{height})")
@@ -72,6 +81,8 @@ def _decode(path: str, image: Image.Image, max_side: int | None, max_pixels: int
         image.seek(0)
     long_side = max(width, height)
     scale = 1.0 if max_side is None or long_side <= max_side else max_side / long_side
+    if input_scale is not None:  # the detector's resize rules are symmetric in height and width
+        scale = min(scale, DECODE_MARGIN * input_scale(height, width))
     if scale < 1.0 and image.format == "JPEG":
         image.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))  # decode at 1/2, 1/4, 1/8
     image.load()

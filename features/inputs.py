@@ -133,10 +133,14 @@ def load_boxes(path: str | os.PathLike, box_format: str) -> dict[str, np.ndarray
 
 
 def _is_box(value) -> bool:
-    return (
-        isinstance(value, list) and len(value) == 4
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
-    )
+    """4 numbers that are finite as float32 (a 400-digit coordinate is not a box)."""
+    if not (isinstance(value, list) and len(value) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        return False
+    try:
+        return all(math.isfinite(v) and abs(v) < 3e38 for v in value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 @dataclass

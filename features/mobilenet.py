@@ -85,6 +85,9 @@ class MobileNetV2Regions(RegionDetector):
     def train(self, mode: bool = True) -> MobileNetV2Regions:
         return super().train(False)  # frozen BatchNorm statistics, always
 
+    def input_scale(self, height: int, width: int) -> float:
+        return self.short_side / min(height, width) if self.short_side else 1.0
+
     def prepare(self, image: np.ndarray) -> PreparedImage:
         height, width = image.shape[:2]
         pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)  # [3, H, W]

@@ -16,14 +16,17 @@ stopped. The reader opens files lazily in each process and never carries an HDF5
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import sys
 import time
+import traceback
 import warnings
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +34,9 @@ import h5py
 import numpy as np
 import torch
 
+from features.atomic import disk_full_as_error
 from features.errors import FeatureStoreError
+from features.locks import OutputLock
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +109,12 @@ class FeatureStoreWriter:
             self._file = h5py.File(self._tmp, "w")
         except OSError as error:
             raise FeatureStoreError(f"{self.path}: cannot create the feature file ({error})") from error
-        self._create_datasets()
+        try:
+            with _hdf5_writes(self.path):
+                self._create_datasets()
+        except BaseException:
+            self.abort()
+            raise
 
     # datasets -------------------------------------------------------------------------------------------------
 
@@ -203,9 +213,13 @@ class FeatureStoreWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Write the queued images to the temporary file."""
+        """Write the queued images to the temporary file (a full disk is a `DiskFullError` naming `path`)."""
         if not self._buffer:
             return
+        with _hdf5_writes(self.path):
+            self._flush()
+
+    def _flush(self) -> None:
         f, records = self._file, self._buffer
         n0, n1 = self.num_images, self.num_images + len(records)
         m0, m1 = self.num_rows, self.num_rows + self._buffered_rows
@@ -230,16 +244,29 @@ class FeatureStoreWriter:
         if self._file is None:
             return self.path
         self.flush()
-        self._file.close()
+        with _hdf5_writes(self.path):
+            self._file.close()
         self._file = None
         os.replace(self._tmp, self.path)
         return self.path
 
     def abort(self) -> None:
-        """Drop everything written so far; `path` is left as it was."""
+        """Drop everything written so far; `path` is left as it was.
+
+        The temporary file is emptied before HDF5 closes it: after a failed write (a full disk) closing would flush
+        its caches into the full device again, which HDF5 does not survive.
+        """
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                os.truncate(self._tmp, 0)
+            except OSError:
+                pass
+            try:
+                with _hdf5_writes(self.path):
+                    file.close()
+            except Exception as error:  # noqa: BLE001 - the data is being dropped; only its removal matters
+                logger.debug("%s: closing the discarded file failed (%s)", self._tmp, error)
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> FeatureStoreWriter:
@@ -250,6 +277,40 @@ class FeatureStoreWriter:
             self.close()
         else:
             self.abort()
+
+
+@contextlib.contextmanager
+def _hdf5_writes(path: Path) -> Iterator[None]:
+    """Writes to an HDF5 file: a failure HDF5 reports while h5py frees an object (printed as "Exception ignored"
+    and otherwise lost) is raised here, and a full disk becomes one `DiskFullError` naming `path`."""
+    caught: list[BaseException] = []
+    previous, previous_excepthook = sys.unraisablehook, sys.excepthook
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and "h5py" in repr(unraisable.object):
+            caught.append(unraisable.exc_value)
+        else:
+            previous(unraisable)
+
+    def excepthook(kind, value, tb) -> None:  # Cython prints a __dealloc__ failure through here first
+        frames = traceback.extract_tb(tb)
+        if isinstance(value, RuntimeError) and frames and "h5py" in frames[-1].filename:
+            caught.append(value)
+        else:
+            previous_excepthook(kind, value, tb)
+
+    sys.unraisablehook, sys.excepthook = hook, excepthook
+    try:
+        with disk_full_as_error(path):
+            try:
+                yield
+            except BaseException as error:
+                traceback.clear_frames(error.__traceback__)  # free the failed call's h5py objects while hooked
+                raise
+            if caught:
+                raise caught[0]
+    finally:
+        sys.unraisablehook, sys.excepthook = previous, previous_excepthook
 
 
 def _numpy(value) -> np.ndarray:
@@ -300,10 +361,13 @@ def _fail(path, problem: str) -> FeatureStoreError:
 def _open_h5(path: str, chunk_cache_bytes: int = 1 << 20) -> h5py.File:
     if not os.path.exists(path):
         raise _fail(path, "feature file not found")
+    if os.path.isdir(path):
+        raise _fail(path, "is a directory, not an HDF5 feature file")
     try:
         return h5py.File(path, "r", rdcc_nbytes=chunk_cache_bytes)
     except OSError as error:
-        raise _fail(path, f"not a readable HDF5 feature file (truncated or another format?): {error}") from error
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise _fail(path, f"not a readable HDF5 feature file (truncated or another format?): {reason}") from error
 
 
 def _index_file(path: str) -> _FileIndex:
@@ -647,7 +711,9 @@ class ResumableStoreWriter:
     `FeatureStoreWriter`; a part is sealed every `part_images` images or `part_seconds` seconds (`checkpoint()`).
     A kill loses at most the open part, which is redone on the rerun. `finish()` merges an existing `<path>`
     (earlier complete run), the parts and the open part into `<path>` atomically, then removes the part folder.
-    `done_ids` are the ids already safely written, so the caller can skip them.
+    `done_ids` are the ids already safely written, so the caller can skip them. One process at a time: the writer
+    holds `<path>.lock` (see `features.locks`) from construction to `finish()` / `abort()`, so a second writer on
+    the same output refuses instead of deleting the first one's open part.
     """
 
     def __init__(
@@ -665,7 +731,17 @@ class ResumableStoreWriter:
         self.options = {"feature_dim": int(feature_dim), "cls_prob_dim": cls_prob_dim,
                         "extractor": json.loads(json.dumps(extractor or {})), "float32": float32}
         self.part_images, self.part_seconds = part_images, part_seconds
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = OutputLock(self.path.with_name(self.path.name + ".lock"), f"feature store {self.path}").acquire()
+        try:
+            self._open_existing()
+        except BaseException:
+            self.lock.release()
+            raise
+        self._writer: FeatureStoreWriter | None = None
+        self._opened_at = 0.0
+
+    def _open_existing(self) -> None:
+        """Read what earlier runs left: a complete store at `path` and sealed parts; drop half-written files."""
         for stale in [*self.parts_dir.glob("*.tmp-*"), *self.path.parent.glob(self.path.name + ".tmp-*")]:
             stale.unlink(missing_ok=True)  # a writer or merge killed half-way
         self.base = [self.path] if self.path.exists() else []
@@ -689,8 +765,6 @@ class ResumableStoreWriter:
             self.done_ids.update(index.ids)
             self.parts.append(part)
         self.resumed = len(self.done_ids)
-        self._writer: FeatureStoreWriter | None = None
-        self._opened_at = 0.0
 
     def _check_compatible(self, index: _FileIndex) -> None:
         want = self.options
@@ -705,6 +779,7 @@ class ResumableStoreWriter:
         if image_id in self.done_ids:
             raise FeatureStoreError(f"{self.path}: image id {image_id!r} is already written")
         if self._writer is None:
+            self.parts_dir.mkdir(parents=True, exist_ok=True)
             part = self.parts_dir / f"part-{self._next_part:05d}.h5"
             self._next_part += 1
             self._writer = FeatureStoreWriter(part, **self.options)
@@ -725,7 +800,7 @@ class ResumableStoreWriter:
             writer.flush()
 
     def finish(self) -> Path:
-        """Seal the open part and merge everything into `path`; returns `path`."""
+        """Seal the open part and merge everything into `path`; returns `path` (and releases the lock)."""
         self.checkpoint(force=True)
         sources = self.base + self.parts
         if len(sources) == 1 and sources != self.base:
@@ -735,10 +810,19 @@ class ResumableStoreWriter:
         elif not sources:
             FeatureStoreWriter(self.path, **self.options).close()
         shutil.rmtree(self.parts_dir, ignore_errors=True)
+        self.lock.release()
         return self.path
 
     def abort(self) -> None:
-        """Stop without merging; sealed parts stay for the next run, the open part is dropped."""
-        if self._writer is not None:
-            self._writer.abort()
-            self._writer = None
+        """Stop without merging; sealed parts stay for the next run, the open part is dropped, the lock released.
+
+        An empty part folder is removed, so a refused or fruitless run leaves nothing behind.
+        """
+        try:
+            if self._writer is not None:
+                writer, self._writer = self._writer, None
+                writer.abort()
+            if self.parts_dir.is_dir() and not any(self.parts_dir.iterdir()):
+                self.parts_dir.rmdir()
+        finally:
+            self.lock.release()

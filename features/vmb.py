@@ -539,6 +539,9 @@ class VMBDetector(RegionDetector):
     def size_divisible(self) -> int:
         return self.config.size_divisible
 
+    def input_scale(self, height: int, width: int) -> float:
+        return resize_scale(height, width, self.config.min_size, self.config.max_size)
+
     def prepare(self, image: np.ndarray) -> PreparedImage:
         """RGB uint8 [H, W, 3] -> BGR float 0-255 minus the means, resized as `cv2.resize` does (script order)."""
         if image.ndim != 3 or image.shape[2] != 3:

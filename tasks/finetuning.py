@@ -19,11 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from tasks.data.annotations import load_json
 from tasks.data.tokenization import Tokenizer, load_tokenizer
 from tasks.engine.config import ModelConfig
 from tasks.engine.run_record import TASKS, store_extractors
 from tasks.engine.task import PredictExample, Task
 from tasks.errors import ConfigError
+from vilbert.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,14 @@ class FinetuneDataConfig:
     train_split: str = "train"
     val_split: str = "val"
     eval_batch_size: int = 256
+    strict: bool = False  # an item whose image has no features is an error (else skipped and scored as wrong)
+
+    def validate(self) -> None:
+        if self.max_regions < 2:
+            raise ConfigError(f"data.max_regions must be >= 2 (IMG + one box), got {self.max_regions}")
+        for key in ("max_text_length", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
 
 
 def resolve_split(data: FinetuneDataConfig, split: str) -> str:
@@ -91,13 +101,23 @@ def build_task_model(model_config: ModelConfig, **config_overrides: Any) -> nn.M
         directory = Path(model_config.init)
         if not (directory / "config.json").is_file():
             raise ConfigError(f"model.init: {directory} has no config.json (a save_pretrained directory)")
-        config = ViLBertConfig.from_pretrained(str(directory))
-        for key, value in {**model_config.overrides, **settings}.items():
-            setattr(config, key, value)
-        config.update(labels)
-        model, info = ViLBertForVLTasks.from_pretrained(
-            str(directory), config=config, ignore_mismatched_sizes=True, output_loading_info=True
-        )
+        if not (directory / "model.safetensors").is_file():
+            pickled = (directory / "pytorch_model.bin").is_file()
+            raise CheckpointError(
+                f"model.init: {directory} has no model.safetensors"
+                + (" (its pytorch_model.bin is a pickle, which is never loaded; convert it with vilbert convert)"
+                   if pickled else " (a config-only directory holds no weights)"))
+        try:
+            config = ViLBertConfig.from_pretrained(str(directory))
+            for key, value in {**model_config.overrides, **settings}.items():
+                setattr(config, key, value)
+            config.update(labels)
+            model, info = ViLBertForVLTasks.from_pretrained(
+                str(directory), config=config, ignore_mismatched_sizes=True, output_loading_info=True
+            )
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:  # transformers' many ways to fail
+            first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            raise CheckpointError(f"model.init: cannot load {directory} ({first})") from error
         fresh = sorted({key.split(".")[0] for key in info.get("missing_keys", [])}
                        | {str(m[0]).split(".")[0] for m in info.get("mismatched_keys", [])})
         if fresh:
@@ -158,9 +178,21 @@ class FinetuneTask(Task):
         return example.task_token or self.token_task
 
     def tokenizer(self) -> Tokenizer:
-        """The BERT tokenizer of `data.tokenizer` (default `model.text_init`), loaded on first use."""
+        """The BERT tokenizer of `data.tokenizer` (default `model.text_init`), loaded on first use.
+
+        A tokenizer with more tokens than the model's word embeddings (`model.init` of another vocabulary) is a
+        ConfigError here, not an index error in the middle of training."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(tokenizer_directory(self.data, self.config.model))
+            directory = tokenizer_directory(self.data, self.config.model)
+            tokenizer = load_tokenizer(directory)
+            init = self.config.model.init
+            if init and (Path(init) / "config.json").is_file():
+                vocab_size = load_json(Path(init) / "config.json").get("vocab_size")
+                if isinstance(vocab_size, int) and tokenizer.vocab_size > vocab_size:
+                    raise ConfigError(
+                        f"model.init: {init} has a vocabulary of {vocab_size} tokens but the tokenizer {directory} "
+                        f"has {tokenizer.vocab_size}: the checkpoint was trained with another vocabulary")
+            self._tokenizer = tokenizer
         return self._tokenizer
 
     def build_model(self) -> nn.Module:

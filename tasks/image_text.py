@@ -64,7 +64,7 @@ class Sample:
 
 @dataclass
 class ImageTextDataConfig(FinetuneDataConfig):
-    strict: bool = False  # a sample whose image has no features is an error instead of a skipped item
+    """The data settings of the 12-in-1 image-text tasks (`strict` is every fine-tuning task's)."""
 
 
 def encode_texts(tokenizer: Tokenizer, texts: Sequence[Text], max_length: int) -> TextInput:

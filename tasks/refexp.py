@@ -32,11 +32,16 @@ from torch.utils.data import Dataset
 from features.safe_pickle import safe_load
 from features.store import FeatureStore
 from tasks.data.annotations import (
+    box_field,
+    id_field,
     image_key_resolver,
+    int_field,
     keep_known_images,
+    list_field,
     load_json,
     open_feature_store,
     require,
+    str_field,
 )
 from tasks.data.regions import collate_visual, visual_input
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
@@ -76,23 +81,34 @@ def read_refs(refs_path: str | Path, instances_path: str | Path, split: str) -> 
     instances = load_json(instances_path)
     require(instances, ["annotations"], str(instances_path), "the file")
     boxes = {}
-    for i, ann in enumerate(instances["annotations"]):
-        require(ann, ["id", "bbox"], str(instances_path), f"annotations[{i}]")
-        boxes[int(ann["id"])] = tuple(xywh_to_xyxy(torch.tensor(ann["bbox"], dtype=torch.float32)).tolist())
+    source = str(instances_path)
+    for i, ann in enumerate(list_field(instances, "annotations", source, "the file")):
+        require(ann, ["id", "bbox"], source, f"annotations[{i}]")
+        box = box_field(ann, "bbox", source, f"annotations[{i}]")
+        boxes[int_field(ann, "id", source, f"annotations[{i}]")] = tuple(
+            xywh_to_xyxy(torch.tensor(box, dtype=torch.float32)).tolist())
     splits = set()
     expressions = []
+    source = str(refs_path)
     for i, ref in enumerate(refs):
-        require(ref, ["ref_id", "ann_id", "image_id", "split", "sentences"], str(refs_path), f"refs[{i}]")
+        where = f"refs[{i}]"
+        require(ref, ["ref_id", "ann_id", "image_id", "split", "sentences"], source, where)
+        if not isinstance(ref["split"], str):
+            raise AnnotationError(f"{source}: {where}: split must be a string, got {ref['split']!r}")
         splits.add(ref["split"])
         if ref["split"] != split:
             continue
-        if int(ref["ann_id"]) not in boxes:
-            raise AnnotationError(f"{refs_path}: ref {ref['ref_id']} names ann_id {ref['ann_id']}, "
-                                  f"which {instances_path} does not have")
-        for j, sentence in enumerate(ref["sentences"]):
-            require(sentence, ["sent"], str(refs_path), f"refs[{i}].sentences[{j}]")
-            expressions.append(Expression(int(ref["ref_id"]), int(sentence.get("sent_id", j)), ref["image_id"],
-                                          str(sentence["sent"]), boxes[int(ref["ann_id"])]))
+        ann_id, ref_id = int_field(ref, "ann_id", source, where), int_field(ref, "ref_id", source, where)
+        image_id = id_field(ref, "image_id", source, where)
+        if ann_id not in boxes:
+            raise AnnotationError(f"{refs_path}: ref {ref_id} names ann_id {ann_id}, which {instances_path} does "
+                                  "not have")
+        for j, sentence in enumerate(list_field(ref, "sentences", source, where)):
+            inner = f"{where}.sentences[{j}]"
+            require(sentence, ["sent"], source, inner)
+            sent_id = int_field(sentence, "sent_id", source, inner) if "sent_id" in sentence else j
+            expressions.append(Expression(ref_id, sent_id, image_id, str_field(sentence, "sent", source, inner),
+                                          boxes[ann_id]))
     if not expressions:
         raise ConfigError(f"{refs_path}: no expressions in split {split!r}; the file has {sorted(splits)}")
     return expressions
@@ -132,9 +148,9 @@ class RefExpConfig:
 class RefExpDataset(TaskDataset):
     """One item per sentence: tokens, regions (IMG + boxes), each region's box and IoU target."""
 
-    def __init__(self, expressions, store, tokenizer, max_text_length, max_regions, training, source):
+    def __init__(self, expressions, store, tokenizer, max_text_length, max_regions, training, source, strict=False):
         kept = keep_known_images(expressions, lambda e: e.image_id, image_key_resolver(store.ids), source,
-                                 "expressions")
+                                 "expressions", strict)
         self.expressions = [e for e, _ in kept]
         self.image_keys = [sid for _, sid in kept]
         self.text = tokenizer.encode([e.text for e in self.expressions], max_text_length)
@@ -208,7 +224,7 @@ class RefExpTask(FinetuneTask):
         training = split == self.data.train_split
         return RefExpDataset(self.expressions(split), self.store(training), self.tokenizer(),
                              self.data.max_text_length, self.data.max_regions, training,
-                             f"{Path(self.data.root) / self.data.refs_file} ({split})")
+                             f"{Path(self.data.root) / self.data.refs_file} ({split})", self.data.strict)
 
     def collate(self, samples: list) -> dict:
         return collate_refexp(samples)
@@ -240,10 +256,14 @@ class RefExpTask(FinetuneTask):
         return predictions
 
     def score(self, predictions: list[dict], split: str) -> dict[str, float]:
+        """Accuracy over every expression of the split: one without features (no prediction) counts as wrong."""
         referred = {(e.ref_id, e.sent_id): e.box for e in self.expressions(split)}
-        pred = torch.tensor([p["box"] for p in predictions])
-        gt = torch.tensor([referred[(p["ref_id"], p["sent_id"])] for p in predictions])
-        return {"accuracy": refexp_accuracy(pred, gt), "num_expressions": float(len(predictions))}
+        chosen = {(p["ref_id"], p["sent_id"]): p["box"] for p in predictions}
+        keys = list(referred)
+        pred = torch.tensor([chosen.get(key, [0.0, 0.0, 0.0, 0.0]) for key in keys])  # an empty box: IoU 0
+        gt = torch.tensor([referred[key] for key in keys])
+        return {"accuracy": refexp_accuracy(pred, gt), "num_expressions": float(len(keys)),
+                "num_without_features": float(len(keys) - len(chosen.keys() & referred.keys()))}
 
     # ------------------------------------------------------------------ one image
 

@@ -35,11 +35,14 @@ from torch.utils.data import Dataset
 
 from features.store import FeatureStore
 from tasks.data.annotations import (
+    id_field,
     image_key_resolver,
     keep_known_images,
+    list_field,
     load_json,
     open_feature_store,
     require,
+    str_field,
 )
 from tasks.data.reference_files import read_hard_negatives
 from tasks.data.regions import collate_visual, visual_input
@@ -67,19 +70,22 @@ class RetrievalImage:
 def _image_id(entry: Mapping, source: str, where: str) -> str:
     for key in ("cocoid", "id"):
         if key in entry:
-            return str(entry[key])
+            return str(id_field(entry, key, source, where))
     for key in ("filename", "img_path"):
         if key in entry:
-            return Path(str(entry[key])).stem
+            return Path(str_field(entry, key, source, where)).stem
     raise AnnotationError(f"{source}: {where} has no image id (cocoid, id, filename or img_path)")
 
 
 def _captions(entry: Mapping, source: str, where: str) -> list[str]:
     require(entry, ["sentences"], source, where)
     captions = []
-    for j, sentence in enumerate(entry["sentences"]):
+    sentences = list_field(entry, "sentences", source, where)
+    if not sentences:
+        raise AnnotationError(f"{source}: {where} has no captions (sentences is empty)")
+    for j, sentence in enumerate(sentences):
         text = sentence.get("raw") if isinstance(sentence, Mapping) else sentence
-        if not isinstance(text, str):
+        if not isinstance(text, str) or not text.strip():
             raise AnnotationError(f"{source}: {where}.sentences[{j}] has no caption text")
         captions.append(text)
     return captions
@@ -91,7 +97,7 @@ def read_karpathy(path: str | Path, split: str) -> list[RetrievalImage]:
     require(data, ["images"], str(path), "the file")
     wanted = {"train", "restval"} if split == "train" else {split}
     images = []
-    for i, entry in enumerate(data["images"]):
+    for i, entry in enumerate(list_field(data, "images", str(path), "the file")):
         require(entry, ["split"], str(path), f"images[{i}]")
         if entry["split"] in wanted:
             images.append(RetrievalImage(_image_id(entry, str(path), f"images[{i}]"),
@@ -315,7 +321,7 @@ class RetrievalTask(FinetuneTask):
     def predict(self, model: nn.Module, split: str, progress: Callable | None = None) -> dict[str, Any]:
         """{"image_ids", "captions", "caption_image" (each caption's image position), "scores" [C][I]}."""
         kept = keep_known_images(self.images(split), lambda im: im.image_id, image_key_resolver(self.store().ids),
-                                 f"{self.data.root} ({split})", "images")
+                                 f"{self.data.root} ({split})", "images", self.data.strict)
         images = [im for im, _ in kept]
         captions = [c for im in images for c in im.captions]
         return {
@@ -335,8 +341,17 @@ class RetrievalTask(FinetuneTask):
         image_to_text = recall_at_k(scores.T, image_captions)
         metrics = {f"{k}": v for k, v in text_to_image.items()}
         metrics.update({f"i2t_{k}": v for k, v in image_to_text.items()})
-        metrics["r_mean"] = (text_to_image["r1"] + text_to_image["r5"] + text_to_image["r10"]) / 3
-        metrics["num_images"], metrics["num_captions"] = float(len(images)), float(len(captions))
+        # images without features (and their captions) were not ranked: each counts as a miss at every k (the
+        # ranks describe the ranked queries only)
+        split_images = self.images(split)
+        total_images = max(len(split_images), len(images))
+        total_captions = max(sum(len(im.captions) for im in split_images), len(captions))
+        for key in (k for k in text_to_image if k[0] == "r" and k[1:].isdigit()):
+            metrics[key] *= len(captions) / total_captions
+            metrics[f"i2t_{key}"] *= len(images) / total_images
+        metrics["r_mean"] = (metrics["r1"] + metrics["r5"] + metrics["r10"]) / 3
+        metrics["num_images"], metrics["num_captions"] = float(total_images), float(total_captions)
+        metrics["num_without_features"] = float(total_images - len(images))
         return metrics
 
     def hard_negative_pool(self, model: nn.Module, split: str, size: int = 100,

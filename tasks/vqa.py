@@ -27,11 +27,15 @@ from torch.utils.data import Dataset
 
 from features.store import FeatureStore
 from tasks.data.annotations import (
+    id_field,
     image_key_resolver,
+    int_field,
     keep_known_images,
+    list_field,
     load_json,
     open_feature_store,
     require,
+    str_field,
 )
 from tasks.data.answer_labels import (
     carry_answer_rows,
@@ -43,7 +47,7 @@ from tasks.data.regions import collate_visual, visual_input
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.evaluation import eval_batches
 from tasks.engine.task import PredictExample, StepOutput, TaskDataset
-from tasks.errors import AnnotationError, ConfigError
+from tasks.errors import AnnotationError, ConfigError, DataError
 from tasks.figures.drawing import draw_boxes
 from tasks.finetuning import (
     FinetuneDataConfig,
@@ -92,9 +96,12 @@ def read_questions(path: str | Path) -> list[VQAQuestion]:
     data = load_json(path)
     require(data, ["questions"], str(path), "the file")
     questions = []
-    for i, entry in enumerate(data["questions"]):
-        require(entry, ["question_id", "image_id", "question"], str(path), f"questions[{i}]")
-        questions.append(VQAQuestion(int(entry["question_id"]), entry["image_id"], str(entry["question"])))
+    for i, entry in enumerate(list_field(data, "questions", str(path), "the file")):
+        where = f"questions[{i}]"
+        require(entry, ["question_id", "image_id", "question"], str(path), where)
+        questions.append(VQAQuestion(int_field(entry, "question_id", str(path), where),
+                                     id_field(entry, "image_id", str(path), where),
+                                     str_field(entry, "question", str(path), where)))
     return questions
 
 
@@ -109,15 +116,18 @@ def attach_annotations(questions: list[VQAQuestion], path: str | Path) -> list[V
     by_id = {q.question_id: q for q in questions}
     annotated = set()
     empty = 0
-    for i, entry in enumerate(data["annotations"]):
+    for i, entry in enumerate(list_field(data, "annotations", str(path), "the file")):
         require(entry, ["question_id", "answers"], str(path), f"annotations[{i}]")
-        question = by_id.get(int(entry["question_id"]))
+        question = by_id.get(int_field(entry, "question_id", str(path), f"annotations[{i}]"))
         if question is None:
             raise AnnotationError(f"{path}: annotations[{i}] is for question_id {entry['question_id']}, "
                                   "which the questions file does not have")
         answers = []
-        for j, answer in enumerate(entry["answers"]):
+        for j, answer in enumerate(list_field(entry, "answers", str(path), f"annotations[{i}]")):
             require(answer, ["answer"], str(path), f"annotations[{i}].answers[{j}]")
+            if not isinstance(answer["answer"], (str, int, float)) or isinstance(answer["answer"], bool):
+                raise AnnotationError(f"{path}: annotations[{i}].answers[{j}]: answer must be a string, got "
+                                      f"{answer['answer']!r}")
             answers.append(str(answer["answer"]))
         if not answers or all(not a.strip() for a in answers):
             empty += 1
@@ -178,7 +188,10 @@ def read_split(root: str | Path, split: str, minval_size: int = 3000) -> list[VQ
     if split == "test-dev":
         return sorted(read_questions(root / QUESTION_FILES["test-dev2015"]), key=lambda q: q.question_id)
     if split == "train":
-        return annotated("train2014")
+        train = annotated("train2014")
+        if not train:
+            raise DataError(f"{root / ANNOTATION_FILES['train2014']}: the train split has no annotated questions")
+        return train
     val = annotated("val2014")
     if split == "val":
         return val
@@ -212,9 +225,9 @@ class VQAConfig:
 class VQADataset(TaskDataset):
     """One item per question: tokenised question, the image's regions, soft-score target."""
 
-    def __init__(self, questions, store, tokenizer, label_of, max_text_length, max_regions, source):
+    def __init__(self, questions, store, tokenizer, label_of, max_text_length, max_regions, source, strict=False):
         resolve = image_key_resolver(store.ids)
-        kept = keep_known_images(questions, lambda q: q.image_id, resolve, source, "questions")
+        kept = keep_known_images(questions, lambda q: q.image_id, resolve, source, "questions", strict)
         self.questions = [q for q, _ in kept]
         self.image_keys = [sid for _, sid in kept]
         self.text = tokenizer.encode([q.question for q in self.questions], max_text_length)
@@ -302,7 +315,8 @@ class VQATask(FinetuneTask):
     def dataset(self, split: str) -> Dataset:
         label_of = {answer: i for i, answer in enumerate(self.vocabulary())}
         return VQADataset(self.questions(split), self.store(), self.tokenizer(), label_of,
-                          self.data.max_text_length, self.data.max_regions, f"{self.data.root} ({split})")
+                          self.data.max_text_length, self.data.max_regions, f"{self.data.root} ({split})",
+                          self.data.strict)
 
     def collate(self, samples: list) -> dict:
         return collate_vqa(samples)
@@ -343,13 +357,18 @@ class VQATask(FinetuneTask):
         return predictions
 
     def score(self, predictions: list[dict], split: str) -> dict[str, float]:
+        """Official accuracy over every question of the split: one without features (no prediction) counts as
+        wrong, and `num_without_features` says how many there were."""
         questions = self.questions(split)
         if not questions or not questions[0].answers:
             return {"num_questions": float(len(predictions))}
         annotations = [{"question_id": q.question_id, "answers": [{"answer": a} for a in q.answers],
                         "answer_type": q.answer_type, "question_type": q.question_type} for q in questions]
-        result = vqa_score(predictions, annotations)
-        metrics = {"accuracy": result["overall"], "num_questions": float(result["num_questions"])}
+        answered = {int(p["question_id"]): p["answer"] for p in predictions}
+        unanswered = [q.question_id for q in questions if q.question_id not in answered]
+        result = vqa_score({**answered, **dict.fromkeys(unanswered, "")}, annotations)  # "" matches no human answer
+        metrics = {"accuracy": result["overall"], "num_questions": float(result["num_questions"]),
+                   "num_without_features": float(len(unanswered))}
         metrics.update({f"accuracy/{name}": value for name, value in result["per_answer_type"].items()})
         metrics.update({f"question_type/{name}": value for name, value in result["per_question_type"].items()})
         return metrics

@@ -29,15 +29,16 @@ def test_vqa_finetune_evaluate_submit_and_score(tmp_path, capsys):
             "data.minval_size=4"]
     checkpoint = _finetune("vqa", tmp_path, data)
     out = tmp_path / "eval"
-    assert main(["evaluate", "--task", "vqa", "--checkpoint", str(checkpoint), "--split", "minval",
-                 "--out", str(out), f"data.tokenizer={tmp_path / 'tok'}", "data.max_regions=5", *data]) == 0
+    assert main(["evaluate", "--task", "vqa", "--checkpoint", str(checkpoint), "--split", "val",
+                 "--out", str(out), f"data.tokenizer={tmp_path / 'tok'}", "data.max_regions=5", *data,
+                 "data.val_split=val"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["num_questions"] == 4
-    # the CLI score of the written predictions equals evaluate's
+    assert metrics["num_questions"] == 12
+    # the CLI score of the written predictions (all of val, as the official evaluator requires) equals evaluate's
     assert main(["score", "--task", "vqa", "--predictions", str(out / "predictions.json"),
                  "--annotations", str(tmp_path / "vqa" / "v2_mscoco_val2014_annotations.json"),
                  "--questions", str(tmp_path / "vqa" / "v2_OpenEnded_mscoco_val2014_questions.json")]) == 0
-    assert f"overall {metrics['accuracy']:.2f} over 4 questions" in capsys.readouterr().out
+    assert f"overall {metrics['accuracy']:.2f} over 12 questions" in capsys.readouterr().out
     test_out = tmp_path / "test"
     assert main(["evaluate", "--task", "vqa", "--checkpoint", str(checkpoint), "--split", "test-dev",
                  "--out", str(test_out), f"data.tokenizer={tmp_path / 'tok'}", "data.max_regions=5", *data]) == 0
@@ -91,5 +92,5 @@ def test_bad_annotation_file_is_one_line_exit_2(tmp_path, capsys):
     assert main(["score", "--task", "vqa", "--predictions", str(tmp_path / "p.json"), "--annotations",
                  str(tmp_path / "a.json"), "--questions", str(tmp_path / "q.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "a.json" in err[0] and "human answer" in err[0]  # one line, no traceback
+    assert len(err) == 1 and "a.json" in err[0] and "answers must be a non-empty list" in err[0]  # one line, no traceback
 

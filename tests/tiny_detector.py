@@ -56,3 +56,8 @@ class TinyDetector(RegionDetector):
 
     def extractor_info(self) -> dict:
         return {"detector": self.name, "weights_sha256": None}
+
+
+def build_tiny(weights: str | None = None, **options) -> TinyDetector:
+    """The registry builder (`DETECTORS["tiny-test"] = "tiny_detector:build_tiny"`) for command-line tests."""
+    return TinyDetector(**options)

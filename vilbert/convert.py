@@ -262,14 +262,17 @@ def read_reference_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or non-weights pickles
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), "no detail")
         raise CheckpointError(
-            f"{path}: not a readable weights-only state dict ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            f"{path}: not a readable weights-only state dict ({type(error).__name__}: {first}); "
             "resume files (pytorch_ckpt_*.tar) hold pickled objects and are not supported"
         ) from error
     if isinstance(state, Mapping) and "model_state_dict" in state:
         state = state["model_state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
+    if not state:
+        raise CheckpointError(f"{path}: the state dict holds no tensors")
     return normalise_reference_names(state)
 
 
@@ -283,8 +286,9 @@ def config_from_reference_json(path: str | os.PathLike, **overrides: Any) -> ViL
     try:
         with open(path, encoding="utf-8") as f:
             values = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read the reference config ({error})") from error
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        reason = "binary data, not JSON" if isinstance(error, UnicodeDecodeError) else error
+        raise ConfigError(f"{path}: cannot read the reference config ({reason})") from error
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     fields = set(ViLBertConfig.__dataclass_fields__)
@@ -349,6 +353,12 @@ def load_reference_checkpoint(
     has_task_heads = any(not k.startswith(("bert.", "cls.")) for k in state)
     model = (ViLBertForVLTasks if has_task_heads else ViLBertForPreTraining)(config)
     result = model.load_state_dict(converted, strict=False)
+    loaded = len(converted) - len(result.unexpected_keys)
+    expected = len(model.state_dict())
+    if loaded < expected // 2:  # an unrelated state dict would otherwise give a random model
+        raise CheckpointError(
+            f"{path}: not a {source} ViLBERT checkpoint: only {loaded} of its {len(state)} tensors fit the model's "
+            f"{expected} (e.g. {(result.unexpected_keys or list(state))[0]!r})")
     ours_only = [k for k in result.missing_keys if k.startswith(OURS_ONLY_PREFIXES)]
     if ours_only:
         logger.info("%s: %d parameters of ours that reference checkpoints do not have, initialised fresh: %s",

@@ -1,7 +1,8 @@
 """The `vilbert` command: one subcommand per module in `tasks.cli`.
 
 Each command module defines `add_arguments(parser)` and `run(args) -> int`, plus a module docstring whose first
-line is the subcommand's help. Errors of the project's own types print one line and exit with status 2.
+line is the subcommand's help. Errors of the project's own types print one line and exit with status 2 (with --verbose, the whole message and
+its traceback are logged as well).
 """
 
 from __future__ import annotations
@@ -60,11 +61,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except USER_ERRORS as error:
-        print(f"vilbert {args.command}: error: {error}", file=sys.stderr)
+        _close_progress_bars()
+        print(f"vilbert {args.command}: error: {one_line(error, args.verbose)}", file=sys.stderr)
+        if args.verbose:
+            logging.getLogger("vilbert").debug("details", exc_info=error)
         return 2
     except KeyboardInterrupt:
         print(f"vilbert {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(error: BaseException, verbose: bool = False) -> str:
+    """The error's message as one line; a message of several lines (a library's text quoted in it) keeps its first
+    line, and the rest is shown with --verbose."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if len(lines) == 1:
+        return lines[0]
+    return " ".join(lines) if verbose else f"{lines[0]} (more with --verbose)"
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars a failed command left open, so that its error starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

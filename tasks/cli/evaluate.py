@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("coattention", "dual", "dual+rerank"),
                         help="retrieval: how to rank (adds queries/s); default: co-attention, as before")
     parser.add_argument("--rerank-k", type=int, default=32, help="retrieval dual+rerank: candidates re-ranked")
+    parser.add_argument("--strict", action="store_true",
+                        help="items whose image has no features are an error (default: scored as wrong and counted "
+                             "in num_without_features)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
 
 
@@ -44,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     keep_head = ["data.extend_answers=false"] if args.task == "vqa" else []  # the checkpoint's answers as they are
-    task = load_task(args.task, args.config, [*args.overrides, f"model.init={args.checkpoint}", *keep_head])
+    strict = ["data.strict=true"] if args.strict else []
+    task = load_task(args.task, args.config, [*args.overrides, f"model.init={args.checkpoint}", *keep_head, *strict])
     warn_if_store_differs(args.checkpoint, task.config.data.features)
     model = load_checkpoint_model(args.checkpoint, task)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()

@@ -28,7 +28,7 @@ import yaml
 
 from features.detectors import DETECTORS, build_detector
 from features.errors import FeaturesError
-from features.extract import PRECISIONS, boxes_file_info, extract
+from features.extract import BATCH_PIXELS, PRECISIONS, boxes_file_info, extract
 from features.images import MAX_SIDE
 from features.inputs import BOX_FORMATS, list_images, load_boxes
 from features.store import merge_stores
@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--float32", action="store_true", help="store float32 features (default float16)")
     parser.add_argument("--max-side", type=int, default=MAX_SIDE,
                         help="downscale larger images while decoding (boxes stay in original pixels)")
+    parser.add_argument("--batch-pixels", type=int, default=BATCH_PIXELS,
+                        help="padded input pixels per detector batch (bounds memory; 0: no limit)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--merge", nargs="+", metavar=("OUT", "SHARD"), help="merge shard stores into OUT and exit")
 
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         images, args.out, detector, boxes=boxes,
         boxes_info=boxes_file_info(args.boxes, args.box_format) if args.boxes else None,
         batch_size=args.batch_size, workers=args.workers, device=device, precision=args.precision,
-        float32=args.float32, max_side=args.max_side, rank=rank, world_size=world_size,
+        float32=args.float32, max_side=args.max_side, batch_pixels=args.batch_pixels or None, rank=rank, world_size=world_size,
         progress=not args.no_progress,
     )
     where = f" (rank {rank} of {world_size}, shard {summary.shard})" if world_size > 1 else ""

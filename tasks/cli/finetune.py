@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (default: tasks/configs/<task>.yaml)")
     parser.add_argument("--init", help="checkpoint directory to start from (pretraining or task)")
     parser.add_argument("--resume", help="resume from a checkpoint or run directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the run already in train.output_dir and start a new one there")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=1")
 
 
@@ -28,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"model.init={args.init}"] if args.init else [])
     task = load_task(args.task, args.config, overrides)
     warn_if_store_differs(task.config.model.init, task.config.data.features)
-    result = Trainer(task, task.config.train, task.config.optim, run_config=task.config).fit(resume=args.resume)
+    trainer = Trainer(task, task.config.train, task.config.optim, run_config=task.config)
+    result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     for line in summary_lines(result, task):
         print(line)
     return 0

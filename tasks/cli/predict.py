@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--words, --head and --rollout shape the attention maps: add --attention FILE.png")
     if args.head is not None and args.rollout:
         raise ConfigError("--rollout averages the heads of every layer; it takes no --head")
+    predict.check_output_files(out=args.out, attention=args.attention, attention_json=args.attention_json)
     mode = "question" if args.question is not None else "expression" if args.expression is not None else "captions"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 

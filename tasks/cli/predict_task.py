@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--option: VCR chooses among 4 options, got {len(args.option)}")
     if args.task in POINTING and not args.boxes:
         raise ConfigError(f"--boxes: {args.task} chooses among candidate boxes; give them")
+    predict.check_output_files(out=args.out)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     info = read_checkpoint(args.checkpoint)

@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config overrides, e.g. train.global_batch_size=64 optim.lr=5e-5")
     parser.add_argument("--resume", nargs="?", const="latest", metavar="DIR",
                         help="continue from a checkpoint or run directory (no DIR: train.output_dir's latest)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the run already in train.output_dir and start a new one there")
     parser.add_argument("--strict", action="store_true", help="captions of images missing from the store are an error")
 
 
@@ -29,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     task = PretrainingTask(config)
     trainer = Trainer(task, config.train, config.optim, run_config=config)
     resume = config.train.output_dir if args.resume == "latest" else args.resume
-    result = trainer.fit(resume=resume)
+    result = trainer.fit(resume=resume, overwrite=args.overwrite)
     if trainer.dist.is_main:
         print("\n".join(summary_lines(result, task)))
     return 0

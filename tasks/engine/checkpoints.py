@@ -100,8 +100,16 @@ def load_model_weights(model: nn.Module, directory: Path) -> None:
     file = directory / "model.safetensors"
     if not file.is_file():
         raise ResumeError(f"{directory}: no model.safetensors")
-    weights = load_file(str(file), device="cpu")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        weights = load_file(str(file), device="cpu")
+    except Exception as error:  # safetensors raises its own error type for truncated or foreign files
+        raise ResumeError(f"{file}: cannot read the weights ({str(error).strip().splitlines()[0][:200]})") from error
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as error:  # shapes of another model or task
+        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise ResumeError(f"{file}: weights do not match the model, a checkpoint of another task or model? "
+                          f"({detail[:160]})") from error
     loaded = {id(t) for name, t in model.state_dict(keep_vars=True).items() if name in weights}
     params = model.state_dict(keep_vars=True)
     untied = [k for k in missing if id(params[k]) not in loaded]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -36,12 +37,27 @@ class ModelConfig:
     init: str | None = None  # a checkpoint directory (save_pretrained) to start from
 
     def validate(self) -> None:
-        known = set(ViLBertConfig().to_dict())
-        for key in self.overrides:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
+        defaults = ViLBertConfig().to_dict()
+        for key, value in self.overrides.items():
+            if key not in defaults:
+                close = difflib.get_close_matches(key, defaults, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(f"model.overrides: {key!r} is not a ViLBertConfig field{hint}")
+            default = defaults[key]
+            if default is None or value is None:
+                continue
+            kind = float if isinstance(default, float) else type(default)
+            fits = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+            if kind is float:
+                fits = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not fits:
+                raise ConfigError(f"model.overrides.{key} must be {_type_name(kind)} like its default "
+                                  f"{default!r}, got {value!r}")
+            if isinstance(default, dict):
+                unknown = sorted(set(value) - set(default)) if default else []
+                if unknown:
+                    raise ConfigError(f"model.overrides.{key}: unknown key {unknown[0]!r}; expected one of "
+                                      f"{', '.join(sorted(default))}")
 
 
 @dataclasses.dataclass
@@ -58,12 +74,12 @@ class OptimConfig:
     max_grad_norm: float | None = 1.0  # None = no clipping
 
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"optim.lr must be a positive number, got {self.lr}")
         for key in ("head_lr", "text_lr"):
             value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ConfigError(f"optim.{key} must be positive or null, got {value}")
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"optim.{key} must be a positive number or null, got {value}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas must lie in [0, 1), got {list(self.betas)}")
         if self.warmup < 0:
@@ -115,13 +131,15 @@ def load_config(path: str | os.PathLike | None, schema: type[T], overrides: list
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as error:
             raise ConfigError(f"{path}: cannot read config ({error.strerror})") from error
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{path}: not a YAML config (binary data at byte {error.start})") from error
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({error})") from error
+            raise ConfigError(f"{path}: not valid YAML ({yaml_problem(error)})") from error
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     config = from_dict(schema, data, source)
@@ -129,6 +147,13 @@ def load_config(path: str | os.PathLike | None, schema: type[T], overrides: list
         apply_override(config, override)
     validate(config)
     return config
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: the problem and where (PyYAML's own text spans several lines)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def from_dict(schema: type[T], data: dict[str, Any], source: str, prefix: str = "") -> T:
@@ -237,14 +262,17 @@ def _convert(value: Any, hint: Any, source: str, key: str) -> Any:
             return int(value)
         raise fail("an integer")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            number = float(value) if abs(value) < 1e308 else math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise fail("a number")
+        if number is None or math.isnan(number):
+            raise fail("a number")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value

@@ -50,6 +50,7 @@ from tasks.engine.checkpoints import (
 from tasks.engine.config import OptimConfig, TrainConfig, save_config
 from tasks.engine.distributed import autocast_dtype, move_to_device, setup_distributed, unwrap
 from tasks.engine.optimization import build_optimizer, build_scheduler, warmup_steps_for
+from tasks.engine.run_directory import claim_run_directory
 from tasks.engine.run_record import write_run_record
 from tasks.engine.sampler import EpochKeyedDataset, ResumableDistributedSampler
 from tasks.engine.task import Task
@@ -137,8 +138,16 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------------- fit
 
-    def fit(self, resume: str | os.PathLike | None = None) -> TrainResult:
-        """Train to the end of the schedule (resuming from a checkpoint or run directory when given)."""
+    def fit(self, resume: str | os.PathLike | None = None, overwrite: bool = False) -> TrainResult:
+        """Train to the end of the schedule (resuming from a checkpoint or run directory when given).
+
+        The run directory is claimed first (tasks/engine/run_directory.py): a new run refuses a directory holding
+        another run unless `overwrite`, and a second process on the same directory refuses.
+        """
+        with claim_run_directory(self.run_dir, resume is not None, overwrite, writer=self.dist.is_main):
+            return self._fit(resume)
+
+    def _fit(self, resume: str | os.PathLike | None) -> TrainResult:
         started = time.perf_counter()
         run = self._prepare(resume)
         progress = tqdm(total=run.total_steps, initial=run.state.step, disable=not self.dist.is_main, unit="step",

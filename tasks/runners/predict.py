@@ -248,6 +248,14 @@ def attention_maps(model: nn.Module, task: Task, example: PredictExample, result
     return explain_prediction(model, tokenizer, example, text, task.config.data.max_text_length, task_ids, **figure)
 
 
+def check_output_files(**paths: str | os.PathLike | None) -> None:
+    """Refuse, before any work, an output file option (`--out` ...) that names a directory."""
+    for option, path in paths.items():
+        if path is not None and Path(path).is_dir():
+            raise ConfigError(f"--{option.replace('_', '-')} {path}: is a directory; give a file name such as "
+                              f"{Path(path) / 'out.png'}")
+
+
 def save_picture(picture: Any, out: str | os.PathLike) -> Path:
     """Write a task's drawing (a PIL image) as a PNG, atomically."""
     with atomic_path(out) as tmp:
