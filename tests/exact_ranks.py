@@ -4,6 +4,7 @@ with accumulation, or on one of N gloo ranks; spawned once by tests/test_exactne
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -11,7 +12,9 @@ import torch.distributed as dist
 from task_zoo import build_task
 from torch import nn
 
+from features.locks import OutputLock
 from tasks.engine.config import OptimConfig, TrainConfig
+from tasks.engine.run_directory import LOCK_FILE, claim_run_directory
 from tasks.engine.trainer import Trainer
 
 GLOBAL_BATCH = 4
@@ -71,7 +74,7 @@ def rank_worker(rank: int, world: int, port: int, cases: dict[str, tuple[str, li
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))  # no endless hang
     results = {}
     for case, (name, overrides) in cases.items():
         try:
@@ -79,6 +82,24 @@ def rank_worker(rank: int, world: int, port: int, cases: dict[str, tuple[str, li
         except Exception as error:  # noqa: BLE001 (reported by the task's test, the other tasks still run)
             results[case] = f"{type(error).__name__}: {error}"
     fit_losses(frozen, f"{out_dir}/fit", world)
+    claim_locked_directory(rank, Path(out_dir))
     if rank == 0:
         torch.save(results, Path(out_dir) / "ranks.pt")
     dist.destroy_process_group()
+
+
+def claim_locked_directory(rank: int, out_dir: Path) -> None:
+    """Rank 0 cannot claim a run directory that another holder has locked: every rank must stop (none waits in a
+    collective for rank 0); each rank writes what it got to claim-<rank>.txt."""
+    run_dir = out_dir / "locked"
+    holder = OutputLock(run_dir / LOCK_FILE, "the test's holder")
+    if rank == 0:
+        holder.acquire()  # flock: a second open of the same file in this process conflicts too
+    dist.barrier()
+    try:
+        with claim_run_directory(run_dir, resume=False, writer=rank == 0):  # as Trainer.fit calls it
+            outcome = "claimed"
+    except Exception as error:  # noqa: BLE001 (the test reads what each rank got)
+        outcome = f"{type(error).__name__}: {error}"
+    (out_dir / f"claim-{rank}.txt").write_text(outcome)
+    holder.release()

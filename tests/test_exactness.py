@@ -139,3 +139,11 @@ def test_killed_and_resumed_training_ends_with_the_uninterrupted_weights(name, z
         assert torch.equal(got[key], tensor), key  # bitwise: data order, per-sample draws, dropout, optimizer
         changed += 1
     assert changed and full.state.step == resumed.state.step == 2
+
+
+def test_a_run_directory_rank_0_cannot_claim_stops_every_rank(ranks):
+    _, fit_dir = ranks
+    outcomes = [(fit_dir.parent / f"claim-{rank}.txt").read_text() for rank in (0, 1)]
+    assert outcomes[0].startswith("OutputLockedError: run directory") and "in use by another process" in outcomes[0]
+    assert outcomes[1] == (f"ConfigError: train.output_dir {fit_dir.parent / 'locked'}: rank 0 could not claim it "
+                           "(its message says why)")

@@ -19,6 +19,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch.distributed as dist
+
 from features.locks import OutputLock
 from tasks.engine.checkpoints import list_checkpoints
 from tasks.errors import ConfigError
@@ -46,14 +48,21 @@ def claim_run_directory(run_dir: str | os.PathLike, resume: bool, overwrite: boo
                           "deletes it")
     occupied = bool(run_contents(run_dir))  # read by every rank before rank 0 writes anything
     _barrier()
+    if occupied and not resume and not overwrite:  # every rank refuses alike
+        raise ConfigError(_occupied(run_dir))
     if not writer:
-        if occupied and not resume and not overwrite:
-            raise ConfigError(_occupied(run_dir))
+        if not _rank0_claimed(True):
+            raise ConfigError(f"train.output_dir {run_dir}: rank 0 could not claim it (its message says why)")
         yield run_dir
         return
     created = not run_dir.exists()
     lock = OutputLock(run_dir / LOCK_FILE, f"run directory {run_dir}")
-    lock.acquire()
+    try:
+        lock.acquire()
+    except BaseException:
+        _rank0_claimed(False)  # the other ranks stop too instead of waiting in the first collective
+        raise
+    _rank0_claimed(True)
     try:
         before = set(run_contents(run_dir))
         if before and not resume:
@@ -78,10 +87,17 @@ def claim_run_directory(run_dir: str | os.PathLike, resume: bool, overwrite: boo
 
 def _barrier() -> None:
     """Under torchrun, wait until every rank has looked at the directory (rank 0 writes into it next)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _rank0_claimed(claimed: bool) -> bool:
+    """Under torchrun, rank 0's `claimed` as every rank's answer; else `claimed`."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return claimed
+    answer = [claimed]
+    dist.broadcast_object_list(answer, src=0)
+    return bool(answer[0])
 
 
 def _occupied(run_dir: Path) -> str:
