@@ -52,7 +52,7 @@ from tasks.engine.distributed import autocast_dtype, move_to_device, setup_distr
 from tasks.engine.optimization import build_optimizer, build_scheduler, warmup_steps_for
 from tasks.engine.run_record import write_run_record
 from tasks.engine.sampler import EpochKeyedDataset, ResumableDistributedSampler
-from tasks.engine.task import Task
+from tasks.engine.task import BatchSchedule, Task
 from tasks.errors import ConfigError, DataError, TrainingDiverged
 
 logger = logging.getLogger(__name__)
@@ -78,13 +78,14 @@ class LogWindow:
 
     device: torch.device
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    micro_steps: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # how many times each key was added
     steps: int = 0
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, key: str, value: torch.Tensor) -> None:
         value = value.detach().float()
         self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.counts[key] = self.counts.get(key, 0) + 1
 
 
 @dataclass
@@ -96,7 +97,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    sampler: ResumableDistributedSampler
+    sampler: ResumableDistributedSampler | BatchSchedule
     loader: DataLoader
     state: TrainerState
     total_steps: int
@@ -177,7 +178,9 @@ class Trainer:
             lengths = dataset.text_lengths
             if lengths is None:
                 raise ConfigError(f"train.group_by_length: the {self.task.name} training set has no text_lengths")
-        sampler = ResumableDistributedSampler(
+        schedule = self.task.train_batches(dataset, self.micro_batch_size, train.grad_accumulation, self.dist.rank,
+                                           self.dist.world_size, train.seed)
+        sampler = schedule or ResumableDistributedSampler(
             len(dataset), train.global_batch_size, self.dist.rank, self.dist.world_size, train.seed, lengths=lengths
         )
         if sampler.steps_per_epoch == 0:
@@ -217,22 +220,23 @@ class Trainer:
         return Run(
             model=model, forward_model=torch.compile(wrapped) if train.compile else wrapped,
             optimizer=optimizer, scheduler=scheduler, scaler=scaler, sampler=sampler,
-            loader=self._loader(dataset, sampler), state=state, total_steps=total_steps,
+            loader=self._loader(dataset, sampler, batched=schedule is not None), state=state, total_steps=total_steps,
             window=LogWindow(self.device), first_bad=torch.full((), -1, dtype=torch.int64, device=self.device),
         )
 
-    def _loader(self, dataset, sampler: ResumableDistributedSampler) -> DataLoader:
+    def _loader(self, dataset, sampler: ResumableDistributedSampler | BatchSchedule, batched: bool) -> DataLoader:
+        """Micro-batches from the engine's sampler, or (`batched`) as the task's own schedule lists them."""
         workers = self.train.num_workers
+        order = {"batch_sampler": sampler} if batched else {
+            "batch_size": self.micro_batch_size, "sampler": sampler, "drop_last": True}
         return DataLoader(
             EpochKeyedDataset(dataset),
-            batch_size=self.micro_batch_size,
-            sampler=sampler,
+            **order,
             collate_fn=self.task.collate,
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
-            drop_last=True,
             generator=torch.Generator().manual_seed(self.train.seed),  # keeps the global RNG untouched
         )
 
@@ -288,7 +292,6 @@ class Trainer:
             step_loss = step_loss + loss.detach()
             for key, value in output.metrics.items():
                 run.window.add(key, value)
-            run.window.micro_steps += 1
 
         if self.optim.max_grad_norm is not None:
             run.scaler.unscale_(run.optimizer)
@@ -314,8 +317,8 @@ class Trainer:
         """One log line: the step loss summed over ranks, metrics averaged over micro-steps and ranks."""
         window = run.window
         keys = sorted(window.sums)
-        per_key = {"loss": window.steps, "grad_norm": window.steps}
-        values = torch.stack([window.sums[k] / per_key.get(k, window.micro_steps) for k in keys])
+        # loss and grad_norm come once per step, metrics once per micro-step of the tasks that report them
+        values = torch.stack([window.sums[k] / window.counts[k] for k in keys])
         if self.dist.enabled:
             dist.all_reduce(values)
             # the loss shares add up over ranks; every other value is a per-rank mean
@@ -404,6 +407,7 @@ class Trainer:
             box = [metrics]
             dist.broadcast_object_list(box, src=0)
             metrics = box[0]
+        self.task.on_evaluation(metrics)
         return metrics
 
     def _is_better(self, value: float, best: float | None) -> bool:
@@ -428,6 +432,7 @@ class Trainer:
                 "scaler": run.scaler.state_dict(),
                 "rng": every_rank,
                 "world_size": self.dist.world_size,
+                "task": self.task.state_dict(),
             }
             final = write_checkpoint(self.run_dir, run.state, run.model, trainer_state, self.run_config,
                                      self.run_record)
@@ -446,6 +451,7 @@ class Trainer:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
+        self.task.load_state_dict(saved.get("task", {}))
         if saved["world_size"] == self.dist.world_size:
             set_rng_state(saved["rng"][self.dist.rank])
         else:
