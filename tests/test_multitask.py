@@ -186,3 +186,45 @@ def test_two_gloo_ranks_train_a_two_task_run_as_one_process(tiny):
     two, ones = logged(tiny / "two"), logged(one.run_dir)
     assert [r["step"] for r in two] == list(range(1, 9)) and one.state.step == 8  # 4 iterations × 2 tasks
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in ones], rtol=1e-5)
+
+
+def test_a_tiny_multi_task_run_learns_evaluates_per_task_and_seeds_single_task_runs(tiny, tmp_path, capsys):
+    import yaml
+    from safetensors.torch import load_file
+
+    from tasks.cli import main
+    from tasks.runners.checkpoint import read_checkpoint
+    from tasks.runners.evaluate import load_task
+    from tasks.runners.predict import build_task
+
+    common = {"features": [str(tiny / "f.h5")], "tokenizer": str(tiny / "tok"), "max_regions": 4,
+              "max_text_length": 12, "eval_batch_size": 8, "train_split": "train", "val_split": "train"}
+    for name, folder in (("snli-ve", "snli"), ("nlvr2", "nlvr2")):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({
+            "data": {"root": str(tiny / folder), **common}, "optim": {"lr": 1e-3},
+            "train": {"global_batch_size": 2, "epochs": 12}}))
+    multi = tmp_path / "multi.yaml"
+    multi.write_text(yaml.safe_dump({
+        "model": {"preset": "tiny", "overrides": {"task_specific_tokens": True}},
+        "train": {"output_dir": str(tmp_path / "run"), "epochs": 1, "num_workers": 0, "device": "cpu",
+                  "log_every": 8, "save_every": 1000, "eval_every": 1000, "global_batch_size": 2},
+        "optim": {"lr": 1e-3, "head_lr": 3e-3, "warmup": 0.1},
+        "tasks": [{"name": "snli-ve", "config": str(tmp_path / "snli-ve.yaml"), "overrides": ["data.max_regions=4"]},
+                  {"name": "nlvr2", "config": str(tmp_path / "nlvr2.yaml")}]}))
+    assert main(["finetune", "--task", "multi", "--config", str(multi)]) == 0
+    checkpoint = list_checkpoints(tmp_path / "run")[-1]
+    assert checkpoint.name == "step-00000096"  # 48 iterations (nlvr2: 12 epochs × 4 batches) × 2 tasks
+    assert main(["evaluate", "--task", "multi", "--checkpoint", str(checkpoint), "--split", "train"]) == 0
+    metrics = json.loads((checkpoint / "eval-train" / "metrics.json").read_text())
+    assert metrics["snli-ve/accuracy"] > 1 / 3 + 0.3 and metrics["nlvr2/accuracy"] > 0.5 + 0.2  # chance 1/3, 1/2
+    record = json.loads((checkpoint / "run.json").read_text())
+    assert record["tasks"] == ["snli-ve", "nlvr2"] and record["task_tokens"] == {"snli-ve": "snli-ve",
+                                                                                  "nlvr2": "nlvr2"}
+    # predict builds a member with its own settings; a single-task run from the multi-task checkpoint keeps
+    # the task's head and its 12-in-1 token (13 for SNLI-VE)
+    assert build_task(read_checkpoint(checkpoint), "snli-ve", str(tiny / "tok")).config.data.val_split == "train"
+    single = load_task("snli-ve", str(tmp_path / "snli-ve.yaml"), [f"model.init={checkpoint}"]).build_model()
+    saved = load_file(str(checkpoint / "model.safetensors"))
+    assert torch.equal(single.tri_head.weight, saved["tri_head.weight"])
+    token = single.vilbert.embeddings.task_embeddings.weight
+    assert torch.equal(token[13], saved["vilbert.embeddings.task_embeddings.weight"][13])
