@@ -29,8 +29,8 @@ reference instead skips those steps (fewer optimizer steps in all).
 Losses: each member's loss sums are scaled by its loss scale (12-in-1: member lr / smallest member lr) and
 normalised by the engine's global label counts, keyed `<member>/<term>`, so N ranks train as one process.
 Evaluation: every member on its own validation split with its own metric, logged as `<member>/<metric>` (one
-log line per member); `score`, the best-checkpoint metric, is the mean of the members' main metrics (fractions,
-as the reference's score / data size; a lower-is-better metric enters negated).
+log line per member); `score`, the best-checkpoint metric, is the unweighted mean of the members' main metrics,
+each a percentage (the reference's score / data size, × 100; a lower-is-better metric enters negated).
 
 `multitask.clean_train_sets` (`vilbert finetune --clean-train-sets`): remove from every member's training set
 the items reading an image that appears in any member's validation split or listed `test_splits` (12-in-1's fix
