@@ -78,6 +78,7 @@ class MemberConfig:
     """One member task of a multi-task run."""
 
     name: str = ""  # a registered task
+    label: str | None = None  # its key in logs and metrics (default: name); tells two retrieval members apart
     config: str | None = None  # its YAML (default tasks/configs/<name>.yaml); its model section is replaced
     overrides: list[str] = field(default_factory=list)  # key=value on its config
     loss_scale: float | None = None  # null: its optim.lr / the smallest member optim.lr (12-in-1)
@@ -120,9 +121,9 @@ class MultiTaskConfig:
     def validate(self) -> None:
         if not self.tasks:
             raise ConfigError("tasks: a multi-task run needs at least one member task")
-        names = [member.name for member in self.tasks]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"tasks: each member appears once, got {names}")
+        labels = [member.label or member.name for member in self.tasks]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"tasks: member labels must differ (set `label` on repeated tasks), got {labels}")
         for member in self.tasks:
             if member.name in ("multi", "pretrain"):
                 raise ConfigError(f"tasks: {member.name!r} cannot be a member of a multi-task run")
@@ -300,13 +301,10 @@ def clean_indices(train_images: list[tuple[str, ...]], held_out: set[str]) -> li
 class Member:
     """A member task, its loss scale and its stop-and-go controller."""
 
+    name: str  # its label
     task: FinetuneTask
     loss_scale: float
     controller: MultiTaskStopOnPlateau
-
-    @property
-    def name(self) -> str:
-        return self.task.name
 
 
 def load_member(spec: MemberConfig, model: ModelConfig, seed: int) -> FinetuneTask:
@@ -350,7 +348,7 @@ class MultiTask(Task):
         tasks = [load_member(spec, config.model, config.train.seed) for spec in config.tasks]
         base_lr = min(task.config.optim.lr for task in tasks)
         self.members = [
-            Member(task, spec.loss_scale if spec.loss_scale is not None else task.config.optim.lr / base_lr,
+            Member(spec.label or spec.name, task, spec.loss_scale if spec.loss_scale is not None else task.config.optim.lr / base_lr,
                    MultiTaskStopOnPlateau(settings.patience, settings.threshold, settings.continue_threshold,
                                           settings.cooldown))
             for spec, task in zip(config.tasks, tasks, strict=True)
@@ -359,12 +357,6 @@ class MultiTask(Task):
         self.removed: dict[str, int] = {}  # training items each member lost to clean_train_sets
         self.schedule: MultiTaskSchedule | None = None
         self._train: MultiTaskDataset | None = None
-
-    def member(self, name: str) -> FinetuneTask:
-        for member in self.members:
-            if member.name == name:
-                return member.task
-        raise ConfigError(f"the multi-task run has no task {name!r} (it has {', '.join(self.names)})")
 
     @property
     def names(self) -> list[str]:
@@ -375,8 +367,8 @@ class MultiTask(Task):
         extractors: list[dict] = []
         for record in records:
             extractors += [e for e in record["feature_extractor"] if e not in extractors]
-        return {"task": self.name, "task_token": None, "tasks": self.names,
-                "task_tokens": {r["task"]: r["task_token"] for r in records},
+        return {"task": self.name, "task_token": None, "tasks": [m.task.name for m in self.members],
+                "task_tokens": {m.name: r["task_token"] for m, r in zip(self.members, records, strict=True)},
                 "feature_extractor": extractors, "architecture": TASK_ARCHITECTURE}
 
     # ------------------------------------------------------------------------------------------ model
