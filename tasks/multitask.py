@@ -355,6 +355,7 @@ class MultiTask(Task):
         ]
         self.head_modules = tuple(dict.fromkeys(h for m in self.members for h in member_heads(m.task)))
         self.removed: dict[str, int] = {}  # training items each member lost to clean_train_sets
+        self.micro_steps = [0] * len(self.members)  # training micro-steps each member has had
         self.schedule: MultiTaskSchedule | None = None
         self._train: MultiTaskDataset | None = None
 
@@ -471,6 +472,7 @@ class MultiTask(Task):
 
     def training_step(self, model: nn.Module, batch: Mapping[str, Any]) -> StepOutput:
         member = self.members[batch["task"]]
+        self.micro_steps[batch["task"]] += 1
         output = member.task.training_step(model, batch["batch"])
         counts = member.task.label_counts(batch["batch"])
         local_loss = sum(value.detach().float() / max(counts[key], 1) for key, value in output.loss_sums.items())
@@ -482,11 +484,14 @@ class MultiTask(Task):
 
     def state_dict(self) -> dict[str, Any]:
         return {"schedule": self.schedule.state_dict() if self.schedule else {},
-                "stop_and_go": [m.controller.state_dict() for m in self.members]}
+                "stop_and_go": [m.controller.state_dict() for m in self.members],
+                "micro_steps": {m.name: n for m, n in zip(self.members, self.micro_steps, strict=True)}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for member, saved in zip(self.members, state.get("stop_and_go", []), strict=False):
             member.controller.load_state_dict(saved)
+        saved_steps = state.get("micro_steps", {})
+        self.micro_steps = [int(saved_steps.get(m.name, 0)) for m in self.members]
         if self.schedule is not None and state.get("schedule"):
             self.schedule.load_state_dict(state["schedule"])
 

@@ -7,6 +7,9 @@ comes from the `Task` (tasks/engine/task.py). Under `torchrun` it trains with Di
 gloo on CPU); `train.global_batch_size` is the batch of one optimizer step whatever the world size: each rank sees
 `global / (world × accumulation)` samples per micro-step.
 
+A task may order its own micro-batches (`Task.train_batches`, a multi-task run's task schedule); the loader then
+takes that schedule as its batch sampler, and the task's own state (`Task.state_dict`) travels in checkpoints.
+
 Every loss term is a sum over its labelled items divided by the *global* count of those items (over ranks and
 accumulation micro-steps), so one process, N ranks and M accumulation steps train the same model. Data order
 and per-sample randomness are functions of (seed, epoch, sample index) only, and checkpoints carry the optimizer,
