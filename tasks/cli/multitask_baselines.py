@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="the multi-task run directory")
+    parser.add_argument("--run", dest="run_dir", required=True, help="the multi-task run directory")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from tasks.multitask import MultiTaskConfig, load_member
     from tasks.shapes.report import last_checkpoint, multitask_report
 
-    run_dir = Path(args.run)
+    run_dir = Path(args.run_dir)
     checkpoint = last_checkpoint(run_dir)
     config = load_config(checkpoint / "run_config.yaml", MultiTaskConfig)
     micro_steps = read_trainer_state(checkpoint)["task"]["micro_steps"]

@@ -132,6 +132,8 @@ def pretraining_report(run_dir: str | Path) -> list[str]:
 def _task_for(run_dir: Path, task_name: str, split_root: str | None, checkpoint: Path | None = None):
     checkpoint = checkpoint or last_checkpoint(run_dir)
     overrides = [f"model.init={checkpoint}"]
+    if task_name == "vqa":  # the checkpoint's answers as they are (the split folders hold no training files)
+        overrides.append("data.extend_answers=false")
     if split_root is not None:
         root = load_config(run_dir / "config.yaml", task_class(task_name).config_class).data.root
         overrides.append(f"data.root={Path(root) / split_root}")
