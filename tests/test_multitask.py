@@ -228,3 +228,12 @@ def test_a_tiny_multi_task_run_learns_evaluates_per_task_and_seeds_single_task_r
     assert torch.equal(single.tri_head.weight, saved["tri_head.weight"])
     token = single.vilbert.embeddings.task_embeddings.weight
     assert torch.equal(token[13], saved["vilbert.embeddings.task_embeddings.weight"][13])
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    from tasks.cli import main
+
+    assert main(["finetune", "--task", "snli-ve", "--clean-train-sets"]) == 2
+    assert "only a multi-task run" in capsys.readouterr().err
+    assert main(["multitask-baselines", "--run", str(tmp_path)]) == 2
+    assert "no finished checkpoint" in capsys.readouterr().err
