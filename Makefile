@@ -78,13 +78,19 @@ $(WORLD_TASKS): $(WORLD)/scenes.json
 	$(VILBERT) shapes-world --out $(WORLD) --add-tasks
 
 # make finetune TASK=vqa|retrieval|refcoco|nlvr2|snli-ve|gqa|visual7w: from the pretraining checkpoint; VQA and
-# the four 12-in-1 tasks also from the text stream alone, reported side by side.
+# the four 12-in-1 tasks also from the text stream alone, reported side by side. TASK=multi: all seven together
+# (tasks/shapes/configs/multi_embedded.yaml), then each alone for the steps it had, then the table.
 TEXT_ONLY_TASKS := vqa nlvr2 snli-ve gqa visual7w
 finetune: $(PRETRAIN_REPORT) $(WORLD_TASKS)
-	@case "$(TASK)" in vqa|retrieval|refcoco|nlvr2|snli-ve|gqa|visual7w) ;; \
-		*) echo "TASK must be vqa, retrieval, refcoco, nlvr2, snli-ve, gqa or visual7w, got '$(TASK)'"; exit 2;; esac
+	@case "$(TASK)" in vqa|retrieval|refcoco|nlvr2|snli-ve|gqa|visual7w|multi) ;; \
+		*) echo "TASK must be vqa, retrieval, refcoco, nlvr2, snli-ve, gqa, visual7w or multi, got '$(TASK)'"; exit 2;; esac
 	@$(WEIGHTS_CHECK)
 	rm -rf $(FINETUNE_RUN)
+ifeq ($(TASK),multi)
+	$(VILBERT) finetune --task multi --config tasks/shapes/configs/multi_embedded.yaml \
+		--init $$(tail -n 1 $(PRETRAIN_REPORT) | cut -d' ' -f2) model.text_init=$(TEXT_INIT)
+	$(VILBERT) multitask-baselines --run $(FINETUNE_RUN)
+else
 	$(VILBERT) finetune --task $(TASK) --config tasks/shapes/configs/$(TASK)_embedded.yaml \
 		--init $$(tail -n 1 $(PRETRAIN_REPORT) | cut -d' ' -f2) model.text_init=$(TEXT_INIT)
 ifneq ($(filter $(TASK),$(TEXT_ONLY_TASKS)),)
@@ -94,6 +100,7 @@ ifneq ($(filter $(TASK),$(TEXT_ONLY_TASKS)),)
 	$(VILBERT) report --run $(FINETUNE_RUN) --task $(TASK) --compare $(FINETUNE_RUN)_textonly
 else
 	$(VILBERT) report --run $(FINETUNE_RUN) --task $(TASK) --plot $(FINETUNE_RUN)/curves.png
+endif
 endif
 
 # make demo: the web demo (http://127.0.0.1:7860/) on every fine-tuned embedded run there is, with the shapes

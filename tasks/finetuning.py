@@ -22,6 +22,7 @@ from torch import nn
 from tasks.data.annotations import load_json
 from tasks.data.tokenization import Tokenizer, load_tokenizer
 from tasks.engine.config import ModelConfig
+from tasks.engine.distributed import unwrap
 from tasks.engine.run_record import TASKS, store_extractors
 from tasks.engine.task import PredictExample, Task
 from tasks.errors import ConfigError
@@ -135,7 +136,7 @@ def build_task_model(model_config: ModelConfig, **config_overrides: Any) -> nn.M
 
 def task_ids_for(model: nn.Module, task: str, batch_size: int, device: torch.device) -> torch.Tensor | None:
     """[B, 1] 12-in-1 task ids when the model has task tokens, else None."""
-    config = getattr(model, "config", None)
+    config = getattr(unwrap(model), "config", None)  # DDP does not forward the model's attributes
     if config is None or not getattr(config, "task_specific_tokens", False):
         return None
     return torch.full((batch_size, 1), TASK_TOKEN_IDS[task], dtype=torch.long, device=device)

@@ -143,6 +143,7 @@ class SampleDataset(TaskDataset):
         self.task, self.store = task, store
         self.samples = [sample for sample, _ in kept]
         self.keys = [keys for _, keys in kept]
+        self.image_ids = [tuple(keys) for keys in self.keys]
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -153,6 +153,7 @@ class RefExpDataset(TaskDataset):
                                  "expressions", strict)
         self.expressions = [e for e, _ in kept]
         self.image_keys = [sid for _, sid in kept]
+        self.image_ids = [(key,) for key in self.image_keys]
         self.text = tokenizer.encode([e.text for e in self.expressions], max_text_length)
         self.store, self.max_regions, self.training = store, max_regions, training
 

@@ -26,6 +26,7 @@ TASKS: dict[str, str] = {
     "flickr-grounding": "tasks.flickr_grounding:FlickrGroundingTask",
     "vcr-qa": "tasks.vcr:VCRTask",
     "vcr-qar": "tasks.vcr:VCRRationaleTask",
+    "multi": "tasks.multitask:MultiTask",
 }
 
 

@@ -160,6 +160,7 @@ class RetrievalTrainDataset(TaskDataset):
         self.images = [im for im, _ in kept]
         self.image_keys = [sid for _, sid in kept]
         self.pairs = [(i, c) for i, im in enumerate(self.images) for c in range(len(im.captions))]
+        self.image_ids = [(self.image_keys[i],) for i, _ in self.pairs]  # the positive image of each item
         flat = [caption for im in self.images for caption in im.captions]
         self.caption_start = [0]
         for im in self.images:

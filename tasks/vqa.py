@@ -230,6 +230,7 @@ class VQADataset(TaskDataset):
         kept = keep_known_images(questions, lambda q: q.image_id, resolve, source, "questions", strict)
         self.questions = [q for q, _ in kept]
         self.image_keys = [sid for _, sid in kept]
+        self.image_ids = [(key,) for key in self.image_keys]
         self.text = tokenizer.encode([q.question for q in self.questions], max_text_length)
         self.targets = [soft_target(q.answers, label_of) for q in self.questions]
         self.store, self.num_labels, self.max_regions = store, len(label_of), max_regions

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "features": "features",
     "pretrain": "pretrain",
     "finetune": "finetune",
+    "multitask-baselines": "multitask_baselines",
     "evaluate": "evaluate",
     "predict": "predict",
     "predict-task": "predict_task",

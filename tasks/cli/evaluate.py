@@ -4,6 +4,8 @@
 DIR/predictions.json. For VQA test / test-dev the predictions are the submission file
 ([{"question_id", "answer"}] for every question of the split). For retrieval, `--hard-negatives OUT.json`
 writes the hard-negative pool of the split's images (100 nearest by the model's scores) instead.
+`--task multi` on a multi-task checkpoint evaluates every member task on its own split (`--split val`: each
+member's validation split), metrics keyed `<task>/<metric>` plus their mean `score`.
 A pretraining checkpoint evaluates retrieval zero-shot (alignment head). Retrieval `--mode coattention|dual|
 dual+rerank [--rerank-k K]` ranks by co-attention, by the dual encoder, or by the dual encoder's top K re-ranked
 by co-attention, and adds queries/s each way (tasks/dual_search.py).
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from features.atomic import write_json_atomic
 from tasks.data.feature_provenance import warn_if_store_differs
+from tasks.errors import ConfigError
 from tasks.registry import TASKS
 from tasks.runners.evaluate import evaluate_split, load_checkpoint_model, load_task
 
@@ -30,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + model.safetensors)")
     parser.add_argument("--split", required=True, help="vqa: train|val|trainval|minval|test|test-dev; "
                         "retrieval: train|val|test; refexp: val|testA|testB|test; others: their files' splits")
-    parser.add_argument("--config", help="YAML config (default: tasks/configs/<task>.yaml)")
+    parser.add_argument("--config", help="YAML config (default: tasks/configs/<task>.yaml; multi: the checkpoint's "
+                        "run_config.yaml)")
     parser.add_argument("--out", help="output directory (default: <checkpoint>/eval-<split>)")
     parser.add_argument("--hard-negatives", metavar="OUT.json", help="retrieval: write the split's hard-negative pool")
     parser.add_argument("--mode", choices=("coattention", "dual", "dual+rerank"),
@@ -46,10 +50,18 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from tasks.multitask import MultiTask
+
     keep_head = ["data.extend_answers=false"] if args.task == "vqa" else []  # the checkpoint's answers as they are
+    if args.strict and args.task == "multi":
+        raise ConfigError("--strict: set data.strict in each member's config of a multi-task run")
     strict = ["data.strict=true"] if args.strict else []
-    task = load_task(args.task, args.config, [*args.overrides, f"model.init={args.checkpoint}", *keep_head, *strict])
-    warn_if_store_differs(args.checkpoint, task.config.data.features)
+    config = args.config
+    if args.task == "multi" and config is None:  # a multi-task run evaluates every member its config lists
+        config = Path(args.checkpoint) / "run_config.yaml"
+    task = load_task(args.task, config, [*args.overrides, f"model.init={args.checkpoint}", *keep_head, *strict])
+    for member in [m.task for m in task.members] if isinstance(task, MultiTask) else [task]:
+        warn_if_store_differs(args.checkpoint, member.config.data.features)
     model = load_checkpoint_model(args.checkpoint, task)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     out = Path(args.out or Path(args.checkpoint) / f"eval-{args.split}")

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -65,9 +65,27 @@ class TaskDataset(Dataset):
     """
 
     text_lengths: np.ndarray | None = None  # one text length per sample, for `train.group_by_length`
+    image_ids: list[tuple[str, ...]] | None = None  # the feature-store keys each item reads (multi-task cleaning)
 
     def sample(self, index: int, epoch: int) -> Any:
         return self[index]
+
+
+class BatchSchedule(Protocol):
+    """This rank's training micro-batches, for a task that orders its own data (`Task.train_batches`).
+
+    Iterating yields lists of dataset keys `(epoch, index)`: one list per micro-batch, `grad_accumulation` lists
+    per optimizer step, from the position last set. `steps_per_epoch` is the current epoch's number of optimizer
+    steps; `set_position(epoch, step)` is called before each pass, on every rank, with the trainer's position.
+    """
+
+    steps_per_epoch: int
+
+    def set_position(self, epoch: int, start_step: int) -> None: ...
+
+    def __iter__(self): ...
+
+    def __len__(self) -> int: ...
 
 
 @dataclass
@@ -116,6 +134,22 @@ class Task:
 
     def training_step(self, model: nn.Module, batch: Mapping[str, Any]) -> StepOutput:
         raise NotImplementedError
+
+    def train_batches(self, dataset: TaskDataset, micro_batch_size: int, grad_accumulation: int, rank: int,
+                      world_size: int, seed: int) -> BatchSchedule | None:
+        """The order of this rank's training micro-batches. Default None: the engine's shuffled sampler over
+        `dataset`, batches of `micro_batch_size` (a multi-task run returns its task schedule instead)."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Training state the task keeps between steps (saved in checkpoints for exact resume). Default: none."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()` when resuming (called after `train_batches`)."""
+
+    def on_evaluation(self, metrics: Mapping[str, float]) -> None:
+        """Called on every rank with the validation metrics after each evaluation in training. Default: nothing."""
 
     # ---------------------------------------------------------------------------------------------- evaluation
 

@@ -7,6 +7,9 @@ comes from the `Task` (tasks/engine/task.py). Under `torchrun` it trains with Di
 gloo on CPU); `train.global_batch_size` is the batch of one optimizer step whatever the world size: each rank sees
 `global / (world × accumulation)` samples per micro-step.
 
+A task may order its own micro-batches (`Task.train_batches`, a multi-task run's task schedule); the loader then
+takes that schedule as its batch sampler, and the task's own state (`Task.state_dict`) travels in checkpoints.
+
 Every loss term is a sum over its labelled items divided by the *global* count of those items (over ranks and
 accumulation micro-steps), so one process, N ranks and M accumulation steps train the same model. Data order
 and per-sample randomness are functions of (seed, epoch, sample index) only, and checkpoints carry the optimizer,
@@ -53,7 +56,7 @@ from tasks.engine.optimization import build_optimizer, build_scheduler, warmup_s
 from tasks.engine.run_directory import claim_run_directory
 from tasks.engine.run_record import write_run_record
 from tasks.engine.sampler import EpochKeyedDataset, ResumableDistributedSampler
-from tasks.engine.task import Task
+from tasks.engine.task import BatchSchedule, Task
 from tasks.errors import ConfigError, DataError, TrainingDiverged
 
 logger = logging.getLogger(__name__)
@@ -79,13 +82,14 @@ class LogWindow:
 
     device: torch.device
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    micro_steps: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # how many times each key was added
     steps: int = 0
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, key: str, value: torch.Tensor) -> None:
         value = value.detach().float()
         self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.counts[key] = self.counts.get(key, 0) + 1
 
 
 @dataclass
@@ -97,7 +101,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    sampler: ResumableDistributedSampler
+    sampler: ResumableDistributedSampler | BatchSchedule
     loader: DataLoader
     state: TrainerState
     total_steps: int
@@ -186,7 +190,9 @@ class Trainer:
             lengths = dataset.text_lengths
             if lengths is None:
                 raise ConfigError(f"train.group_by_length: the {self.task.name} training set has no text_lengths")
-        sampler = ResumableDistributedSampler(
+        schedule = self.task.train_batches(dataset, self.micro_batch_size, train.grad_accumulation, self.dist.rank,
+                                           self.dist.world_size, train.seed)
+        sampler = schedule or ResumableDistributedSampler(
             len(dataset), train.global_batch_size, self.dist.rank, self.dist.world_size, train.seed, lengths=lengths
         )
         if sampler.steps_per_epoch == 0:
@@ -226,22 +232,23 @@ class Trainer:
         return Run(
             model=model, forward_model=torch.compile(wrapped) if train.compile else wrapped,
             optimizer=optimizer, scheduler=scheduler, scaler=scaler, sampler=sampler,
-            loader=self._loader(dataset, sampler), state=state, total_steps=total_steps,
+            loader=self._loader(dataset, sampler, batched=schedule is not None), state=state, total_steps=total_steps,
             window=LogWindow(self.device), first_bad=torch.full((), -1, dtype=torch.int64, device=self.device),
         )
 
-    def _loader(self, dataset, sampler: ResumableDistributedSampler) -> DataLoader:
+    def _loader(self, dataset, sampler: ResumableDistributedSampler | BatchSchedule, batched: bool) -> DataLoader:
+        """Micro-batches from the engine's sampler, or (`batched`) as the task's own schedule lists them."""
         workers = self.train.num_workers
+        order = {"batch_sampler": sampler} if batched else {
+            "batch_size": self.micro_batch_size, "sampler": sampler, "drop_last": True}
         return DataLoader(
             EpochKeyedDataset(dataset),
-            batch_size=self.micro_batch_size,
-            sampler=sampler,
+            **order,
             collate_fn=self.task.collate,
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
-            drop_last=True,
             generator=torch.Generator().manual_seed(self.train.seed),  # keeps the global RNG untouched
         )
 
@@ -297,7 +304,6 @@ class Trainer:
             step_loss = step_loss + loss.detach()
             for key, value in output.metrics.items():
                 run.window.add(key, value)
-            run.window.micro_steps += 1
 
         if self.optim.max_grad_norm is not None:
             run.scaler.unscale_(run.optimizer)
@@ -323,8 +329,8 @@ class Trainer:
         """One log line: the step loss summed over ranks, metrics averaged over micro-steps and ranks."""
         window = run.window
         keys = sorted(window.sums)
-        per_key = {"loss": window.steps, "grad_norm": window.steps}
-        values = torch.stack([window.sums[k] / per_key.get(k, window.micro_steps) for k in keys])
+        # loss and grad_norm come once per step, metrics once per micro-step of the tasks that report them
+        values = torch.stack([window.sums[k] / window.counts[k] for k in keys])
         if self.dist.enabled:
             dist.all_reduce(values)
             # the loss shares add up over ranks; every other value is a per-rank mean
@@ -413,6 +419,7 @@ class Trainer:
             box = [metrics]
             dist.broadcast_object_list(box, src=0)
             metrics = box[0]
+        self.task.on_evaluation(metrics)
         return metrics
 
     def _is_better(self, value: float, best: float | None) -> bool:
@@ -437,6 +444,7 @@ class Trainer:
                 "scaler": run.scaler.state_dict(),
                 "rng": every_rank,
                 "world_size": self.dist.world_size,
+                "task": self.task.state_dict(),
             }
             final = write_checkpoint(self.run_dir, run.state, run.model, trainer_state, self.run_config,
                                      self.run_record)
@@ -455,6 +463,7 @@ class Trainer:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
+        self.task.load_state_dict(saved.get("task", {}))
         if saved["world_size"] == self.dist.world_size:
             set_rng_state(saved["rng"][self.dist.rank])
         else:

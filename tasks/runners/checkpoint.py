@@ -120,6 +120,8 @@ def check_serves(info: CheckpointInfo, task: Task) -> None:
             raise ConfigError(f"--checkpoint {info.directory}: {WEIGHTS} has no {head} weights (needed by "
                               f"{task.name})")
     trained = info.task
+    if trained == task.name or task.name in (info.record.get("tasks") or []):  # a multi-task run trained it
+        return
     if trained in TASKS and set(task_class(trained).head_modules) != set(task.head_modules):
         logger.warning("%s was trained for %s; its %s was not trained", info.directory, trained, heads)
 

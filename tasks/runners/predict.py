@@ -82,6 +82,9 @@ def build_task(info: CheckpointInfo, name: str, tokenizer: str) -> Task:
     """
     cls = task_class(name)
     settings = info.run_config if info.task == name else {}
+    if info.task == "multi":  # a multi-task run keeps each member's whole config
+        settings = next((member.get("resolved") or {} for member in info.run_config.get("tasks") or []
+                         if member.get("name") == name), {})
     config = from_dict(cls.config_class, settings, str(info.directory / "run_config.yaml"))
     config.data.tokenizer = tokenizer
     return cls(config)

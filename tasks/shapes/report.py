@@ -129,9 +129,11 @@ def pretraining_report(run_dir: str | Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- finetuning
 
 
-def _task_for(run_dir: Path, task_name: str, split_root: str | None):
-    checkpoint = last_checkpoint(run_dir)
+def _task_for(run_dir: Path, task_name: str, split_root: str | None, checkpoint: Path | None = None):
+    checkpoint = checkpoint or last_checkpoint(run_dir)
     overrides = [f"model.init={checkpoint}"]
+    if task_name == "vqa":  # the checkpoint's answers as they are (the split folders hold no training files)
+        overrides.append("data.extend_answers=false")
     if split_root is not None:
         root = load_config(run_dir / "config.yaml", task_class(task_name).config_class).data.root
         overrides.append(f"data.root={Path(root) / split_root}")
@@ -178,19 +180,22 @@ def _pointing_chance(task, split: str) -> float:
     return 100 * float(np.mean([1 / len(s.extra["candidates"]) for s in task.samples(split)]))
 
 
-def finetuning_rows(run_dir: str | Path, task_name: str) -> list[Row]:
-    """Evaluate the run's last checkpoint on the held-out and compositional splits."""
+def finetuning_rows(run_dir: str | Path, task_name: str, checkpoint: Path | None = None,
+                    held_out_only: bool = False) -> list[Row]:
+    """Evaluate the run's last checkpoint (or `checkpoint`, read with the run's task config) on the held-out and
+    compositional splits (`held_out_only`: the first)."""
     import torch
 
     if task_name not in EVAL_SPLITS:
         raise ConfigError(f"--task {task_name}: the report knows {', '.join(EVAL_SPLITS)}")
     run_dir = Path(run_dir)
     metric, metric_name = MAIN_METRIC[task_name]
-    train_task = _task_for(run_dir, task_name, None)
-    model = load_checkpoint_model(str(last_checkpoint(run_dir)), train_task).eval()
+    checkpoint = checkpoint or last_checkpoint(run_dir)
+    train_task = _task_for(run_dir, task_name, None, checkpoint)
+    model = load_checkpoint_model(str(checkpoint), train_task).eval()
     rows = []
-    for label, split, root in EVAL_SPLITS[task_name]:
-        task = _task_for(run_dir, task_name, root)
+    for label, split, root in EVAL_SPLITS[task_name][:1 if held_out_only else None]:
+        task = _task_for(run_dir, task_name, root, checkpoint)
         with torch.no_grad():
             metrics = task.evaluate(model, split)
         if task_name == "vqa":
@@ -221,4 +226,23 @@ def finetuning_report(run_dir: str | Path, task_name: str, compare: str | Path |
             lines.append(f"  {mine.name:<34} {mine.value:8.1f} % {theirs.value:8.1f} %   {mine.chance:5.1f} %")
         lines.append(f"  (text-only: the same steps from the MiniLM text stream alone: {compare})")
     lines.append(f"checkpoint {last_checkpoint(Path(run_dir))}")
+    return lines
+
+
+def multitask_report(multi_run: str | Path, singles: dict[str, tuple[Path, int]]) -> list[str]:
+    """Per member of a multi-task run: its held-out metric from the multi-task model beside the single-task model
+    trained for the same number of steps (`singles`: member -> (that run's directory, steps)), and chance."""
+    multi_run = Path(multi_run)
+    checkpoint = last_checkpoint(multi_run)
+    lines = [f"Multi-task fine-tuning on the shapes world from {multi_run}",
+             f"  {'held-out test':<34} {'multi':>8} {'single':>8}   chance  (steps each)"]
+    gains = []
+    for name, (single_run, steps) in singles.items():
+        multi = finetuning_rows(single_run, name, checkpoint, held_out_only=True)[0]
+        single = finetuning_rows(single_run, name, held_out_only=True)[0]
+        gains.append(multi.value - single.value)
+        lines.append(f"  {name + ': ' + multi.name.split(': ', 1)[1]:<34} {multi.value:6.1f} % {single.value:6.1f} %"
+                     f"   {multi.chance:5.1f} %  ({steps})")
+    lines.append(f"  mean multi - single: {np.mean(gains):+.1f} points")
+    lines.append(f"checkpoint {checkpoint}")
     return lines
