@@ -8,12 +8,12 @@ accumulation. Frozen layers (`fixed_t_layer`) train under two ranks through `Tra
 """
 
 import json
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from exact_ranks import fit_losses, rank_worker, step_loss_and_grads
+from local_ports import free_port
 from safetensors.torch import load_file
 from task_zoo import build_task, write_zoo
 
@@ -24,11 +24,6 @@ from tasks.registry import TASKS
 
 FROZEN = ["model.overrides.fixed_t_layer=1"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +43,7 @@ def ranks(zoo, tmp_path_factory):
     cases = {name: (name, overrides) for name, overrides in zoo.items()}
     cases.update({case: (name, [*zoo[name], "data.contrastive_weight=0.5"]) for case, name in CONTRASTIVE.items()})
     frozen = [*zoo["pretrain"], *FROZEN]
-    mp.start_processes(rank_worker, args=(2, _free_port(), cases, frozen, str(out)), nprocs=2, join=True,
+    mp.start_processes(rank_worker, args=(2, free_port(), cases, frozen, str(out)), nprocs=2, join=True,
                        start_method="spawn")
     return torch.load(out / "ranks.pt", weights_only=True), out / "fit"
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_trainer import free_port, logged
+from local_ports import free_port
+from test_trainer import logged
 from tiny_12in1_data import write_gqa, write_jsonl, write_nlvr2, write_snli_ve
 from tiny_task_data import write_store, write_vocab
 

@@ -4,7 +4,6 @@ Skipped when Chromium, its driver or Selenium is missing; `make test-browser` in
 """
 
 import shutil
-import socket
 import threading
 import time
 
@@ -22,6 +21,7 @@ if not (CHROMIUM and CHROMEDRIVER):
                 "chromium and chromium-driver)", allow_module_level=True)
 
 import uvicorn  # noqa: E402
+from local_ports import free_port  # noqa: E402
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -34,12 +34,6 @@ from features.detectors import DETECTORS  # noqa: E402
 from tasks.runners.serve import Demo, create_app, load_checkpoint  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def server(tmp_path, monkeypatch):
     """The demo on a tiny checkpoint, served by uvicorn in a thread on a free local port."""
@@ -47,7 +41,7 @@ def server(tmp_path, monkeypatch):
     checkpoint = _save_checkpoint(tmp_path / "ckpt", answers=ANSWERS)
     write_vocab(checkpoint)
     demo = Demo([load_checkpoint(checkpoint, "cpu", "tiny-test", allow_random=True)], "cpu")
-    port = _free_port()
+    port = free_port()
     uv = uvicorn.Server(uvicorn.Config(create_app(demo), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
