@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "boxes": "boxes",
     "index": "index",
     "search": "search",
+    "classify": "classify",
 }
 
 USER_ERRORS = (ViLBertError, FeaturesError)  # tasks.errors.TasksError is a ViLBertError
