@@ -135,7 +135,7 @@ def main() -> None:
     print(f"\n{args.images} images x {args.captions} captions, caption->image, every image ranked for every caption")
     print(f"  {'mode':<20} {'queries/s':>11} {'vs co-attention':>16} {'total (all captions)':>21}   how")
     for name, speed, total, how in rows:
-        print(f"  {name:<20} {speed:11.2f} {speed / rows[0][1]:15.0f}x {_duration(total):>21}   {how}")
+        print(f"  {name:<20} {speed:11.4g} {speed / rows[0][1]:15.0f}x {_duration(total):>21}   {how}")
 
 
 def _duration(seconds: float) -> str:
