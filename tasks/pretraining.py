@@ -456,7 +456,7 @@ class PretrainingTask(Task):
                                                       torch.zeros_like(ids))
             for start in range(0, len(image_ids), data.retrieval_chunk):
                 chunk = {k: v[start : start + data.retrieval_chunk] for k, v in visual.items()}
-                logits = model(text_prefix=prefix, **chunk).alignment_logits  # [chunk, 2]
+                logits = model.alignment_logits(text_prefix=prefix, **chunk)  # [chunk, 2]
                 scores[row, start : start + len(logits)] = logits.float().softmax(-1)[:, 0]
         positives = [position[dataset.captions[i].image_id] for i in queries]
         return {"retrieval_scores": scores.cpu().tolist(), "retrieval_positives": positives}

@@ -217,8 +217,7 @@ def pair_scores(model: nn.Module, task: str, text_prefix: TextPrefix, visual: Ma
     """Scores [N] of one caption prefix against N images: pair_logit, or zero-shot P(aligned)."""
     inputs = {key: visual[key] for key in ("region_features", "region_locations", "region_mask")}
     if architecture(model) == PRETRAINING:
-        out = model(**inputs, text_prefix=text_prefix)
-        return torch.softmax(out.alignment_logits.float(), dim=1)[:, 0]
+        return torch.softmax(model.alignment_logits(**inputs, text_prefix=text_prefix).float(), dim=1)[:, 0]
     ids = task_ids_for(model, task, inputs["region_features"].shape[0], inputs["region_features"].device)
     return model(**inputs, task_ids=ids, text_prefix=text_prefix, heads=["pair_logit"]).pair_logit.float()
 

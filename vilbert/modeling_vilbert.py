@@ -834,6 +834,22 @@ class ViLBertForPreTraining(ViLBertWithPretrainingHeads):
         super().__init__(config)
         self.post_init()
 
+    def alignment_logits(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        region_features: torch.Tensor | None = None,
+        region_locations: torch.Tensor | None = None,
+        region_mask: torch.Tensor | None = None,
+        text_prefix: TextPrefix | None = None,
+    ) -> torch.Tensor:
+        """The alignment head's logits [B, 2] (index 0: aligned) alone: what scoring pairs needs, without the MLM
+        logits over the whole vocabulary and the region logits that `forward` also computes."""
+        base = self.vilbert(input_ids, attention_mask, token_type_ids, region_features, region_locations, region_mask,
+                            text_prefix=text_prefix)
+        return self.alignment_head(self.fused_pooled(base))
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,

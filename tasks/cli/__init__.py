@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "index": "index",
     "search": "search",
     "vcr-submission": "vcr_submission",
+    "classify": "classify",
 }
 
 USER_ERRORS = (ViLBertError, FeaturesError)  # tasks.errors.TasksError is a ViLBertError

@@ -64,10 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from features.detectors import build_detector
     from features.images import read_image
     from tasks.cli.extract import parse_options
-    from tasks.data.feature_provenance import feature_mismatch
     from tasks.errors import ConfigError
     from tasks.runners import predict
     from tasks.runners.checkpoint import load_model, read_checkpoint
@@ -98,20 +96,12 @@ def run(args: argparse.Namespace) -> int:
     captions = predict.read_captions(args.captions) if mode == "captions" else ()
     image = read_image(args.image)
     boxes = predict.boxes_for_image(args.boxes, args.box_format, args.image) if args.boxes else None
-    name = predict.detector_name(info, args.detector)
-    mismatch = feature_mismatch(info.config.get("visual_features"), name, f"detector {name}")
-    if mismatch:
-        print(f"warning: {mismatch}", file=sys.stderr)
-    detector = build_detector(name, weights=args.weights, **parse_options(args.option))
-    predict.check_detector(detector, info.feature_size, args.random_detector)
-    with _quiet_weight_loading():
+    name, detector = predict.prepare_detector(info, args.detector, args.weights, parse_options(args.option),
+                                              args.random_detector, warn=to_stderr)
+    with quiet_weight_loading():
         model = load_model(info, device, task)
 
-    if boxes is None and predict.needs_given_boxes(detector):
-        boxes = predict.grid_boxes(image.original_hw)
-        print(f"note: {name} pools features on given boxes and --boxes was not given; using the whole image and "
-              f"a {predict.GRID}x{predict.GRID} grid", file=sys.stderr)
-    regions = predict.detect_regions(detector, image, boxes, device, image_id=Path(args.image).stem)
+    regions = predict.image_regions(detector, name, image, boxes, device, Path(args.image).stem, note=to_stderr)
     example = predict.build_example(image, regions, task.max_regions, device, text=args.question or args.expression,
                                     candidates=captions, options=options, task_token=args.task_token)
     with torch.no_grad():
@@ -138,8 +128,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 @contextlib.contextmanager
-def _quiet_weight_loading():
+def quiet_weight_loading():
     """No "Loading weights" progress bar for a checkpoint that loads in a blink (restored afterwards)."""
     from transformers.utils import logging as hf_logging
 

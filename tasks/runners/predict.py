@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,23 @@ def check_detector(detector: RegionDetector, feature_size: int, allow_random: bo
                           f"{hint or 'FILE'} (or --random-detector for a smoke run)")
 
 
+def prepare_detector(info: CheckpointInfo, requested: str | None = None, weights: str | None = None,
+                     options: Mapping[str, Any] | None = None, allow_random: bool = False,
+                     warn: Callable[[str], None] = logger.warning) -> tuple[str, RegionDetector]:
+    """(name, detector) for this checkpoint's images: `detector_name`, built and checked against the model's feature
+    size (and for real weights unless `allow_random`); `warn` gets a line when it is not the run's detector."""
+    from features.detectors import build_detector
+    from tasks.data.feature_provenance import feature_mismatch
+
+    name = detector_name(info, requested)
+    mismatch = feature_mismatch(info.config.get("visual_features"), name, f"detector {name}")
+    if mismatch:
+        warn(f"warning: {mismatch}")
+    detector = build_detector(name, weights=weights, **dict(options or {}))
+    check_detector(detector, info.feature_size, allow_random)
+    return name, detector
+
+
 # ------------------------------------------------------------------------------------------------------ regions
 
 
@@ -218,6 +235,18 @@ def detect_regions(
         features=result.features.detach().float().cpu().numpy(),
         boxes=result.boxes.detach().float().cpu().numpy(),
     )
+
+
+def image_regions(detector: RegionDetector, name: str, loaded: LoadedImage, boxes: np.ndarray | None,
+                  device: str | torch.device, image_id: str,
+                  note: Callable[[str], None] = logger.info) -> Regions:
+    """The image's regions as `vilbert predict` gets them: on the given boxes, else the detector's own, else (a
+    detector that only pools on given boxes) the whole image and a GRID x GRID grid, said through `note`."""
+    if boxes is None and needs_given_boxes(detector):
+        boxes = grid_boxes(loaded.original_hw)
+        note(f"note: {name} pools features on given boxes and --boxes was not given; using the whole image and "
+             f"a {GRID}x{GRID} grid")
+    return detect_regions(detector, loaded, boxes, device, image_id=image_id)
 
 
 # ------------------------------------------------------------------------------------------------------ example

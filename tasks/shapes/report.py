@@ -109,6 +109,8 @@ def pretraining_rows(run_dir: Path) -> list[Row]:
             raise DataError(f"{data.val_features}: no cls_prob; add the class targets first")
         classes.update(regions.cls_prob[: data.max_regions - 1].argmax(1).tolist())
     ranked = min(data.retrieval_images, len({c.image_id for c in captions}))
+    dual = [Row(f"dual-encoder retrieval R@{k} ({ranked} images)", metrics[f"retrieval_dual_r{k}"],
+                min(100.0, 100 * k / ranked)) for k in (1, 5, 10) if f"retrieval_dual_r{k}" in metrics]
     return [
         # the trainer's evaluation reports every metric in percent already
         Row("masked-token accuracy (MLM)", metrics["mlm_accuracy"], 100 * max(pieces.values()) / sum(pieces.values())),
@@ -116,14 +118,85 @@ def pretraining_rows(run_dir: Path) -> list[Row]:
         Row("alignment accuracy", metrics["alignment_accuracy"], 50.0),
         *(Row(f"zero-shot retrieval R@{k} ({ranked} images)", metrics[f"retrieval_r{k}"], min(100.0, 100 * k / ranked))
           for k in (1, 5, 10)),
+        *dual,
     ]
 
 
+# The pretraining report's retrieval splits: (label, the captions file beside data.val_captions).
+PRETRAIN_SPLITS = (("held-out test", "captions_test.jsonl"), ("compositional", "captions_compositional.jsonl"))
+PRETRAIN_RERANK_K = 8  # dual+rerank re-ranks the dual encoder's top 8 of the split's data.retrieval_images
+
+
+def pretraining_split_lines(run_dir: str | Path, rerank_k: int = PRETRAIN_RERANK_K) -> list[str]:
+    """The last checkpoint on the held-out test and compositional splits: caption->image R@1/5/10 and queries/s by
+    co-attention, the dual encoder and dual+rerank (`tasks.dual.search`), and zero-shot colour / shape
+    classification of every shape of those images (`tasks.dual.zero_shot`) by each scorer, beside chance.
+    A checkpoint without a dual encoder gets the co-attention rows and says so."""
+    import torch
+
+    from tasks.data.regions import visual_input
+    from tasks.dual.search import MODES, rank_both_ways
+    from tasks.dual.zero_shot import shapes_zero_shot
+    from tasks.engine.evaluation import eval_mode
+    from tasks.metrics import recall_at_k
+    from vilbert import ViLBertForPreTraining
+
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml", PretrainConfig)
+    data = config.data
+    checkpoint = last_checkpoint(run_dir)
+    model = ViLBertForPreTraining.from_pretrained(str(checkpoint)).eval()
+    tokenizer = load_tokenizer(data.tokenizer or config.model.text_init, lowercase=data.lowercase)
+    store = FeatureStore(data.val_features)
+    dual = model.vilbert.dual is not None
+    modes = MODES if dual else ("coattention",)
+    scorers = ("dual", "alignment") if dual else ("alignment",)
+    header = f"  {'split':<15} {'mode':<13} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'queries/s':>10}"
+    lines = [f"Caption->image retrieval and zero-shot classification on the held-out splits ({checkpoint.name}; "
+             f"dual+rerank: co-attention re-ranks the dual top {rerank_k})", header]
+    zero_shot = []
+    for label, file_name in PRETRAIN_SPLITS:
+        path = Path(data.val_captions).with_name(file_name)
+        if not path.is_file():
+            lines.append(f"  {label:<15} not measured: no {path}")
+            continue
+        captions = join_with_store(load_captions(path), store, str(path))
+        image_ids = list(dict.fromkeys(c.image_id for c in captions))[: data.retrieval_images]
+        position = {image_id: i for i, image_id in enumerate(image_ids)}
+        kept = [c for c in captions if c.image_id in position]
+        visuals = [visual_input(store.read(i), data.max_regions) for i in image_ids]
+        chance = {k: min(100.0, 100 * k / len(image_ids)) for k in (1, 5, 10)}
+        with torch.no_grad(), eval_mode(model):
+            for mode in modes:
+                ranked = rank_both_ways(model, tokenizer, [c.text for c in kept], visuals, data.max_text_length, mode,
+                                        rerank_k, batch_size=max(1, data.eval_batch_size))
+                recall = recall_at_k(ranked["text_to_image"], [position[c.image_id] for c in kept])
+                speed = len(kept) / max(ranked["seconds"]["text_to_image"], 1e-9)
+                lines.append(f"  {label:<15} {mode:<13} {recall['r1']:6.1f} {recall['r5']:6.1f} {recall['r10']:6.1f} "
+                             f"{speed:10.1f}")
+            lines.append(f"  {label:<15} {'chance':<13} {chance[1]:6.1f} {chance[5]:6.1f} {chance[10]:6.1f}   "
+                         f"({len(image_ids)} images, {len(kept)} captions)")
+            for scorer in scorers:
+                result = shapes_zero_shot(model, tokenizer, store, image_ids, data.max_text_length, scorer,
+                                          batch_size=max(1, data.eval_batch_size))
+                shapes = int(result["shapes"])
+                for what in ("colour", "shape"):
+                    zero_shot.append(Row(f"{label}: {what} ({scorer}, {shapes} shapes)", result[f"{what}_accuracy"],
+                                         result[f"{what}_chance"]))
+    if not dual:
+        lines.append("  dual, dual+rerank: not measured, the checkpoint has no dual encoder "
+                     "(pretrain with data.contrastive_weight > 0)")
+    lines.append("Zero-shot classification of each shape alone (chance: always the most frequent label)")
+    lines += [row.line(width=45) for row in zero_shot]
+    return lines
+
+
 def pretraining_report(run_dir: str | Path) -> list[str]:
+    """The held-out (val) metrics the trainer logged, then `pretraining_split_lines`, then the checkpoint."""
     run_dir = Path(run_dir)
     rows = pretraining_rows(run_dir)
     return (["Pretraining on the shapes world: held-out (val) metrics"] + [row.line() for row in rows]
-            + [f"checkpoint {last_checkpoint(run_dir)}"])
+            + pretraining_split_lines(run_dir) + [f"checkpoint {last_checkpoint(run_dir)}"])
 
 
 # ---------------------------------------------------------------------------------------------------- finetuning
