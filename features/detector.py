@@ -42,6 +42,8 @@ class RegionDetector(nn.Module):
     name: str = ""
     feature_dim: int = 0
     cls_prob_dim: int | None = None
+    size_divisible: int = 1  # a batch's padded height and width are multiples of this (FPN strides)
+    weights_hint: str | None = None  # where the real weights come from, for the "random weights" message
 
     def prepare(self, image: np.ndarray) -> PreparedImage:
         """Turn one RGB uint8 image [H, W, 3] into network input (runs in a DataLoader worker)."""

@@ -266,7 +266,7 @@ def _run_batches(todo, detector, boxes, run, batch_size, workers, device, precis
 
 def _run_batch(items: list[_Item], detector, given: bool, run: _Run, device: str, precision: str) -> None:
     prepared = [item.prepared for item in items]
-    pixels = pad_batch(prepared, getattr(detector, "size_divisible", 1))
+    pixels = pad_batch(prepared, detector.size_divisible)
     if torch.device(device).type == "cuda":
         pixels = pixels.pin_memory()
     pixels = pixels.to(device, non_blocking=True)

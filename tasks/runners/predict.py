@@ -123,7 +123,7 @@ def check_detector(detector: RegionDetector, feature_size: int, allow_random: bo
                           f"checkpoint expects {feature_size}-d (v_feature_size); pass the detector it was trained on")
     info = detector.extractor_info()
     if not allow_random and info.get("weights") in (None, "random") and not info.get("weights_sha256"):
-        hint = getattr(detector, "weights_hint", None)
+        hint = detector.weights_hint
         raise ConfigError(f"detector {detector.name} has random weights; pass --weights "
                           f"{hint or 'FILE'} (or --random-detector for a smoke run)")
 
@@ -225,7 +225,7 @@ def detect_regions(
                            clipped.clipped)
         given = [torch.from_numpy(clipped.boxes).to(device)]
     detector = detector.to(device).eval()
-    pixels = pad_batch([prepared], getattr(detector, "size_divisible", 1)).to(device)
+    pixels = pad_batch([prepared], detector.size_divisible).to(device)
     (result,) = detector(pixels, [prepared], given)
     if len(result.boxes) == 0:
         raise FeaturesError(f"{image_id}: the detector {detector.name} found no regions")
