@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.data.annotations import load_json
+from features.store import FeatureStore
+from tasks.data.annotations import load_json, open_feature_store
 from tasks.data.tokenization import Tokenizer, load_tokenizer
 from tasks.engine.config import ModelConfig
 from tasks.engine.distributed import unwrap
@@ -83,6 +84,20 @@ def tokenizer_directory(data: FinetuneDataConfig, model_config: ModelConfig) -> 
     if not directory:
         raise ConfigError("data.tokenizer: set a local BERT tokenizer directory (or model.text_init)")
     return directory
+
+
+def model_feature_size(model_config: ModelConfig) -> int:
+    """The region feature width the model of `model_config` takes: overrides, else model.init's config, else the
+    preset's."""
+    from vilbert import ViLBertConfig
+
+    if "v_feature_size" in model_config.overrides:
+        return int(model_config.overrides["v_feature_size"])
+    if model_config.init and (Path(model_config.init) / "config.json").is_file():
+        size = load_json(Path(model_config.init) / "config.json").get("v_feature_size")
+        if isinstance(size, int):
+            return size
+    return ViLBertConfig.from_preset(model_config.preset).v_feature_size
 
 
 def build_task_model(model_config: ModelConfig, **config_overrides: Any) -> nn.Module:
@@ -195,6 +210,19 @@ class FinetuneTask(Task):
                         f"has {tokenizer.vocab_size}: the checkpoint was trained with another vocabulary")
             self._tokenizer = tokenizer
         return self._tokenizer
+
+    def open_store(self, paths: list[str], key: str = "data.features") -> FeatureStore:
+        """The feature store over `paths`, refused in one line when its features are not as wide as the model's
+        region input (`v_feature_size`), instead of a shape error in the first forward."""
+        store = open_feature_store(paths, key)
+        expected = model_feature_size(self.config.model)
+        if store.feature_dim != expected:
+            source = f"model.init {self.config.model.init}" if self.config.model.init else \
+                f"model.preset {self.config.model.preset}"
+            raise ConfigError(f"{key}: {paths[0]} holds {store.feature_dim}-d region features but the model "
+                              f"({source}) takes {expected}-d (v_feature_size); use features of the detector it "
+                              "was trained on")
+        return store
 
     def build_model(self) -> nn.Module:
         return build_task_model(self.config.model)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from tasks.data.annotations import image_key_resolver, open_feature_store
+from tasks.data.annotations import image_key_resolver
 from tasks.engine.evaluation import eval_batches
 from tasks.engine.task import StepOutput, TaskDataset
 from tasks.errors import AnnotationError, DataError
@@ -188,7 +188,7 @@ class ImageTextTask(FinetuneTask):
 
     def store(self) -> FeatureStore:
         if self._store is None:
-            self._store = open_feature_store(self.data.features)
+            self._store = self.open_store(self.data.features)
         return self._store
 
     def annotation_file(self, split: str) -> Path:

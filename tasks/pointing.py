@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.data.annotations import load_json, open_feature_store, require
+from tasks.data.annotations import load_json, require
 from tasks.data.regions import box_iou, build_visual_input
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.errors import AnnotationError, ConfigError
@@ -59,7 +59,7 @@ class PointingTask(ImageTextTask):
 
     def gt_store(self):
         if self._gt_store is None and self.data.gt_features:
-            self._gt_store = open_feature_store(self.data.gt_features, "data.gt_features")
+            self._gt_store = self.open_store(self.data.gt_features, "data.gt_features")
         return self._gt_store
 
     def dataset(self, split: str) -> SampleDataset:

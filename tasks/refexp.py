@@ -39,7 +39,6 @@ from tasks.data.annotations import (
     keep_known_images,
     list_field,
     load_json,
-    open_feature_store,
     require,
     str_field,
 )
@@ -217,7 +216,7 @@ class RefExpTask(FinetuneTask):
             if not self.data.features:
                 raise ConfigError("data.features: name the detected-box feature store file(s)")
             paths = list(self.data.features) + (list(self.data.gt_features) if training else [])
-            self._stores[training] = open_feature_store(paths)
+            self._stores[training] = self.open_store(paths)
         return self._stores[training]
 
     def dataset(self, split: str) -> Dataset:

@@ -40,7 +40,6 @@ from tasks.data.annotations import (
     keep_known_images,
     list_field,
     load_json,
-    open_feature_store,
     require,
     str_field,
 )
@@ -258,7 +257,7 @@ class RetrievalTask(FinetuneTask):
 
     def store(self) -> FeatureStore:
         if self._store is None:
-            self._store = open_feature_store(self.data.features)
+            self._store = self.open_store(self.data.features)
         return self._store
 
     def dataset(self, split: str) -> Dataset:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.data.annotations import open_feature_store, require
+from tasks.data.annotations import require
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.errors import AnnotationError, ConfigError
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot, read_json_lines
@@ -144,7 +144,7 @@ class VCRTask(ImageTextTask):
 
     def store(self):
         if self._store is None:
-            self._store = open_feature_store(list(self.data.features) + list(self.data.gt_features))
+            self._store = self.open_store(list(self.data.features) + list(self.data.gt_features))
         return self._store
 
     def target(self, sample: Sample) -> torch.Tensor:

@@ -377,6 +377,8 @@ def test_bad_checkpoints_for_init_and_resume_are_one_line(trained, tmp_path):
         (["--init", trained["vqa"]], big_vocab, [trained["vqa"], "another vocabulary"]),
         (["--resume", tmp_path / "truncated-run"], None, [weights, "cannot read the weights"]),
         (["--resume", trained["retrieval"]], None, [trained["retrieval"], "another task"]),
+        (["--init", trained["vqa"]], [*trained["vqa_data"], "model.overrides.v_feature_size=13"],  # another width
+         [root / "f.h5", "region features but the model", "takes 13-d (v_feature_size)"]),
     ]
     for options, data, names in cases:
         assert_refused(_finetune_vqa(trained, tmp_path, *options, data=data), names=names,
