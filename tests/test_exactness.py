@@ -2,8 +2,8 @@
 
 Every loss is a sum over labelled items divided by the global count of those items, so the step's loss and
 gradients are the same (≤ 1e-5 relative, fp32) however the global batch is split. The two ranks are spawned once
-for the whole module and compute every registered task; each task's test compares them with one process and with
-accumulation. Frozen layers (`fixed_t_layer`) train under two ranks through `Trainer.fit` (its sampler shards, no
+for the whole module and compute every registered single task (task_zoo.ZOO_TASKS); each task's test compares them
+with one process and with accumulation. Frozen layers (`fixed_t_layer`) train under two ranks through `Trainer.fit` (its sampler shards, no
 "Expected to have finished reduction" error) and log the single-process losses and gradient norms.
 """
 
@@ -15,12 +15,11 @@ import torch.multiprocessing as mp
 from exact_ranks import fit_losses, rank_worker, step_loss_and_grads
 from local_ports import free_port
 from safetensors.torch import load_file
-from task_zoo import build_task, write_zoo
+from task_zoo import ZOO_TASKS, build_task, write_zoo
 
 from tasks.engine.checkpoints import list_checkpoints
 from tasks.engine.config import OptimConfig, TrainConfig
 from tasks.engine.trainer import Trainer
-from tasks.registry import TASKS
 
 FROZEN = ["model.overrides.fixed_t_layer=1"]
 
@@ -63,7 +62,7 @@ def _assert_same(reference, other, what):
         assert (other_grads[name] - grad).abs().max() <= 1e-5 * scale, f"{what}: gradient of {name}"
 
 
-@pytest.mark.parametrize("name", list(TASKS))
+@pytest.mark.parametrize("name", ZOO_TASKS)
 def test_one_process_two_ranks_and_accumulation_give_the_same_step(name, zoo, ranks, tmp_path):
     results, _ = ranks
     assert not isinstance(results[name], str), f"two ranks failed: {results[name]}"
@@ -119,7 +118,7 @@ def _fit(name, overrides, run_dir, crash_at_call=None, resume=None):
     return Trainer(task, config, OptimConfig(lr=1e-3, warmup=0.5)).fit(resume=resume)
 
 
-@pytest.mark.parametrize("name", list(TASKS))
+@pytest.mark.parametrize("name", ZOO_TASKS)
 def test_killed_and_resumed_training_ends_with_the_uninterrupted_weights(name, zoo, tmp_path):
     full = _fit(name, zoo[name], tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):  # in step 2's second micro-step: only step 1's checkpoint survives
