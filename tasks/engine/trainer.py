@@ -149,7 +149,12 @@ class Trainer:
         another run unless `overwrite`, and a second process on the same directory refuses.
         """
         with claim_run_directory(self.run_dir, resume is not None, overwrite, writer=self.dist.is_main):
-            return self._fit(resume)
+            try:
+                return self._fit(resume)
+            finally:  # before a failed run's files are removed: its writer thread must not write into them
+                if self._tensorboard is not None:
+                    self._tensorboard.close()
+                    self._tensorboard = None
 
     def _fit(self, resume: str | os.PathLike | None) -> TrainResult:
         started = time.perf_counter()
@@ -166,8 +171,6 @@ class Trainer:
             self._end_of_step(run)
         progress.close()
         self._check_finite(run)
-        if self._tensorboard is not None:
-            self._tensorboard.close()
         best = None if run.state.best_step is None else checkpoint_path(self.run_dir, run.state.best_step)
         return TrainResult(
             state=run.state, last_log=run.last_log, last_eval=run.last_eval, run_dir=self.run_dir,
