@@ -10,8 +10,9 @@ Flickr30k grounding 18).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,18 @@ def tokenizer_directory(data: FinetuneDataConfig, model_config: ModelConfig) -> 
     return directory
 
 
+@contextlib.contextmanager
+def _quiet_loading_report() -> Iterator[None]:
+    """Silence transformers' per-key loading report (a table of every missing or resized weight) for a while."""
+    report = logging.getLogger("transformers.modeling_utils")  # the logger transformers reports loading with
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        report.setLevel(level)
+
+
 def model_feature_size(model_config: ModelConfig) -> int:
     """The region feature width the model of `model_config` takes: overrides, else model.init's config, else the
     preset's."""
@@ -128,9 +141,10 @@ def build_task_model(model_config: ModelConfig, **config_overrides: Any) -> nn.M
             for key, value in {**model_config.overrides, **settings}.items():
                 setattr(config, key, value)
             config.update(labels)
-            model, info = ViLBertForVLTasks.from_pretrained(
-                str(directory), config=config, ignore_mismatched_sizes=True, output_loading_info=True
-            )
+            with _quiet_loading_report():  # its table of fresh heads is the line logged below
+                model, info = ViLBertForVLTasks.from_pretrained(
+                    str(directory), config=config, ignore_mismatched_sizes=True, output_loading_info=True
+                )
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:  # transformers' many ways to fail
             first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
             raise CheckpointError(f"model.init: cannot load {directory} ({first})") from error
