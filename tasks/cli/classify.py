@@ -19,8 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from features.detectors import DETECTORS
-from features.inputs import BOX_FORMATS
+from tasks.cli.predict import add_region_arguments
 from tasks.dual.zero_shot import DEFAULT_TEMPLATES, SCORERS
 
 
@@ -34,16 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scorer", choices=SCORERS, default="dual",
                         help="dual encoder (default) or the co-attention alignment / pair head")
     parser.add_argument("--top", type=int, help="labels to print (default: all)")
-    parser.add_argument("--detector", choices=sorted(DETECTORS),
-                        help="default: the detector of the checkpoint's training features")
-    parser.add_argument("--weights", help="detector weight file (default: the detector's packaged weights)")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a detector option, e.g. short_side=224 (repeatable)")
-    parser.add_argument("--random-detector", action="store_true",
-                        help="allow a detector without trained weights (smoke runs and tests)")
-    parser.add_argument("--boxes", help="given boxes: JSON list of boxes, or {image_id or \"boxes\": [...]}")
-    parser.add_argument("--box-format", choices=BOX_FORMATS, help="coordinates in --boxes (required with it)")
-    parser.add_argument("--tokenizer", help="local BERT tokenizer directory (default: the run's)")
+    add_region_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 

@@ -25,13 +25,9 @@ from tasks.finetuning import TASK_TOKEN_IDS
 from tasks.registry import TASKS
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + model.safetensors)")
-    parser.add_argument("--image", required=True, help="the image file")
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--question", help="VQA: print the top-k answers with scores")
-    what.add_argument("--expression", help="referring expression: print the chosen box and the top 3")
-    what.add_argument("--captions", metavar="FILE", help="retrieval: rank the captions in FILE (one per line)")
+def add_region_arguments(parser: argparse.ArgumentParser) -> None:
+    """How one image's regions are made (detector, weights, options, given boxes) and the tokenizer: the options
+    every command that runs the model on a new image shares."""
     parser.add_argument("--detector", choices=sorted(DETECTORS),
                         help="default: the detector of the checkpoint's training features")
     parser.add_argument("--weights", help="detector weight file (default: the detector's packaged weights)")
@@ -42,6 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--boxes", help="given boxes: JSON list of boxes, or {image_id or \"boxes\": [...]}")
     parser.add_argument("--box-format", choices=BOX_FORMATS, help="coordinates in --boxes (required with it)")
     parser.add_argument("--tokenizer", help="local BERT tokenizer directory (default: the run's)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + model.safetensors)")
+    parser.add_argument("--image", required=True, help="the image file")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--question", help="VQA: print the top-k answers with scores")
+    what.add_argument("--expression", help="referring expression: print the chosen box and the top 3")
+    what.add_argument("--captions", metavar="FILE", help="retrieval: rank the captions in FILE (one per line)")
+    add_region_arguments(parser)
     parser.add_argument("--answers", metavar="FILE", help="VQA answer list, one per line (default: config id2label)")
     parser.add_argument("--task", choices=sorted(TASKS),
                         help="the task that answers (default: the run's task when it answers this request, else "
