@@ -6,24 +6,10 @@ model must load every converted weight unchanged (no head starts fresh) and use 
 """
 
 import json
-import pickle
 
 import pytest
 import torch
-from tiny_12in1_data import (
-    VCR_WORDS,
-    write_flickr_entities,
-    write_foil,
-    write_genome_qa,
-    write_gqa,
-    write_guesswhat,
-    write_nlvr2,
-    write_snli_ve,
-    write_vcr,
-    write_visual7w,
-    write_vocab_with,
-)
-from tiny_task_data import write_store
+from task_zoo import write_zoo
 
 from tasks.cli import main
 from tasks.cli.evaluate import load_task
@@ -47,55 +33,17 @@ def converted(tmp_path_factory):
     return root / "converted", model
 
 
-def _answers(path, answers, size):
-    with open(path, "wb") as f:
-        pickle.dump(answers + [f"other{i}" for i in range(size - len(answers))], f, protocol=2)
-    return path
+# the split each task evaluates (its tiny data: tests/task_zoo.py)
+SPLITS = {"snli-ve": "dev", "nlvr2": "dev", "gqa": "testdev", "genome-qa": "val", "visual7w": "val",
+          "guesswhat-pointing": "valid", "guesswhat": "valid", "foil": "test", "flickr-grounding": "val",
+          "vcr-qa": "val", "vcr-qar": "val"}
 
 
-def _data(task, root):
-    """(data overrides, split) of the task's tiny data under `root`."""
-    data = root / "data"
-    if task == "snli-ve":
-        ids, split, extra = write_snli_ve(data), "dev", []
-    elif task == "nlvr2":
-        ids, split, extra = write_nlvr2(data), "dev", []
-    elif task == "gqa":
-        ids, split = write_gqa(data), "testdev"
-        extra = [f"data.answers_file={_answers(root / 'gqa.pkl', ['yes', 'no', 'red', 'left'], 11)}"]
-    elif task == "genome-qa":
-        ids, split = write_genome_qa(data), "val"
-        extra = [f"data.answers_file={_answers(root / 'vqa.pkl', ['2', 'red', 'yes'], 10)}", "data.val_images=1"]
-    elif task == "foil":
-        ids, split, extra = write_foil(data), "test", []
-    elif task == "guesswhat":
-        ids, split, extra = write_guesswhat(data)["image_ids"], "valid", []
-    elif task in ("vcr-qa", "vcr-qar"):
-        ids, split, extra = write_vcr(data), "val", ["data.gt_features=[]"]
-    elif task == "flickr-grounding":
-        info = write_flickr_entities(data)
-        write_store(root / "f.h5", info["image_ids"], boxes=info["boxes"])
-        return [f"data.root={data}", f"data.features=[{root / 'f.h5'}]", "data.gt_features=[]"], "val"
-    else:
-        info = write_visual7w(data) if task == "visual7w" else write_guesswhat(data)
-        write_store(root / "f.h5", info["image_ids"], boxes=info["gt_boxes"])
-        split = "val" if task == "visual7w" else "valid"
-        return [f"data.root={data}", f"data.features=[{root / 'f.h5'}]", "data.gt_features=[]"], split
-    write_store(root / "f.h5", ids)
-    return [f"data.root={data}", f"data.features=[{root / 'f.h5'}]", *extra], split
-
-
-TASKS = ["snli-ve", "nlvr2", "gqa", "genome-qa", "visual7w", "guesswhat-pointing", "guesswhat", "foil",
-         "flickr-grounding", "vcr-qa", "vcr-qar"]
-
-
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", list(SPLITS))
 def test_converted_12in1_checkpoint_evaluates(converted, tmp_path, task, monkeypatch):
     checkpoint, reference = converted
-    overrides, split = _data(task, tmp_path)
-    write_vocab_with(tmp_path / "tok", VCR_WORDS)
-    overrides += [f"data.tokenizer={tmp_path / 'tok'}", "data.max_regions=4", "data.max_text_length=20",
-                  "data.eval_batch_size=4"]
+    split = SPLITS[task]
+    overrides = [*write_zoo(tmp_path, [task])[task], "data.max_regions=4", "data.eval_batch_size=4"]
 
     task_object = load_task(task, None, [*overrides, f"model.init={checkpoint}"])
     model = task_object.build_model()
