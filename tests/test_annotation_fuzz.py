@@ -12,7 +12,7 @@ import pickle
 import shutil
 
 import pytest
-from tiny_task_data import write_karpathy, write_refcoco, write_store, write_vocab, write_vqa
+from tiny_task_data import write_three_tasks
 
 from tasks.cli import USER_ERRORS
 from tasks.engine.config import load_config
@@ -70,14 +70,7 @@ OVERRIDES = {"vqa": ["data.min_answer_count=1", "data.minval_size=4"], "retrieva
 
 @pytest.fixture(scope="module")
 def valid(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzz")
-    write_vocab(root / "tok")
-    info = write_vqa(root / "vqa")
-    write_store(root / "vqa.h5", [str(i) for i in info["image_ids"]])
-    write_store(root / "retrieval.h5", write_karpathy(root / "retrieval" / "dataset_flickr30k.json"))
-    refs = write_refcoco(root / "refcoco")
-    write_store(root / "refcoco.h5", refs["image_ids"], boxes=refs["boxes"])
-    return root
+    return write_three_tasks(tmp_path_factory.mktemp("fuzz"))
 
 
 def _read(path, kind):

@@ -486,16 +486,9 @@ ANNOTATION_CASES = {  # name: (task, file, how to break it, what the line says)
 @pytest.fixture(scope="module")
 def task_data(tmp_path_factory):
     """Valid tiny data of each fine-tuning task (copied before a test breaks it) and its finetune arguments."""
-    from tiny_task_data import write_karpathy, write_refcoco
+    from tiny_task_data import write_three_tasks
 
-    root = tmp_path_factory.mktemp("task-data")
-    write_vocab(root / "tok")
-    info = write_vqa(root / "vqa")
-    write_store(root / "vqa.h5", [str(i) for i in info["image_ids"]])
-    ids = write_karpathy(root / "retrieval" / "dataset_flickr30k.json")
-    write_store(root / "retrieval.h5", ids)
-    refs = write_refcoco(root / "refcoco")
-    write_store(root / "refcoco.h5", refs["image_ids"], boxes=refs["boxes"])
+    root = write_three_tasks(tmp_path_factory.mktemp("task-data"))
     extra = {"vqa": ["data.min_answer_count=1", "data.minval_size=4"],
              "retrieval": ["data.max_text_length=12", "data.val_split=test"], "refcoco": ["data.gt_features=[]"]}
 

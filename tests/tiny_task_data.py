@@ -133,3 +133,15 @@ def write_refcoco(root: Path, refs_name: str = "refs(unc).p", splits=("train", "
     write_json(root / "instances.json", {"images": images, "annotations": annotations,
                                          "categories": [{"id": 1, "name": "person"}]})
     return {"image_ids": [str(500 + i) for i in range(8)], "boxes": boxes, "annotations": annotations}
+
+
+def write_three_tasks(root: Path) -> Path:
+    """Tiny VQA, retrieval and RefCOCO data under `root`: `tok/`, `<task>/` annotation folders and `<task>.h5`
+    stores (retrieval's Karpathy JSON at `retrieval/dataset_flickr30k.json`)."""
+    write_vocab(root / "tok")
+    info = write_vqa(root / "vqa")
+    write_store(root / "vqa.h5", [str(i) for i in info["image_ids"]])
+    write_store(root / "retrieval.h5", write_karpathy(root / "retrieval" / "dataset_flickr30k.json"))
+    refs = write_refcoco(root / "refcoco")
+    write_store(root / "refcoco.h5", refs["image_ids"], boxes=refs["boxes"])
+    return root
