@@ -23,12 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from tasks.data.annotations import image_key_resolver
-from tasks.engine.evaluation import eval_batches
+from tasks.data.regions import collate_visual, visual_input, visual_rows
+from tasks.engine.evaluation import eval_batches, in_dataset_order
+from tasks.engine.padding import cut_to_longest
+from tasks.engine.sampler import length_order
 from tasks.engine.task import StepOutput, TaskDataset
 from tasks.errors import AnnotationError, DataError
 from tasks.finetuning import (
@@ -144,12 +148,26 @@ class SampleDataset(TaskDataset):
         self.samples = [sample for sample, _ in kept]
         self.keys = [keys for _, keys in kept]
         self.image_ids = [tuple(keys) for keys in self.keys]
+        self.region_counts = visual_rows(store, self.image_ids, task.data.max_regions)
+        self._text_lengths: np.ndarray | None = None
+
+    @property
+    def text_lengths(self) -> np.ndarray:
+        """`[N]` tokens of each item's longest text row (tokenised once, on first use: only length grouping and
+        sorted evaluation ask)."""
+        if self._text_lengths is None:
+            rows = [text for sample in self.samples for text in sample.texts]
+            tokens = encode_texts(self.task.tokenizer(), rows, self.task.data.max_text_length).attention_mask.sum(1)
+            ends = np.cumsum([len(sample.texts) for sample in self.samples])
+            self._text_lengths = np.array([tokens[end - len(s.texts):end].max() for s, end in
+                                           zip(self.samples, ends, strict=True)], dtype=np.int64)
+        return self._text_lengths
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
-        regions = [self.store.read(key) for key in self.keys[index]]
+        regions = [self.store.read(key, float32=False) for key in self.keys[index]]
         return {"index": index, **self.task.encode(self.samples[index], regions)}
 
 
@@ -206,8 +224,6 @@ class ImageTextTask(FinetuneTask):
 
     def visual(self, sample: Sample, regions: list[Regions]) -> list[VisualInput]:
         """The visual input of each row: IMG token + the image's first `max_regions - 1` boxes."""
-        from tasks.data.regions import visual_input
-
         return [visual_input(image, self.data.max_regions) for image in regions]
 
     def encode(self, sample: Sample, regions: list[Regions]) -> dict:
@@ -218,8 +234,6 @@ class ImageTextTask(FinetuneTask):
         raise NotImplementedError
 
     def collate(self, samples: list) -> dict:
-        from tasks.data.regions import collate_visual
-
         texts = [text for s in samples for text in s["texts"]]
         encoded = encode_texts(self.tokenizer(), texts, self.data.max_text_length)
         batch = {"input_ids": torch.from_numpy(encoded.input_ids),  # [B·rows, L]
@@ -228,7 +242,7 @@ class ImageTextTask(FinetuneTask):
                  "target": torch.stack([s["target"] for s in samples]),
                  "index": torch.tensor([s["index"] for s in samples])}
         batch.update(collate_visual([v for s in samples for v in s["visuals"]]))
-        return batch
+        return cut_to_longest(batch, self.padded_keys)
 
     # ------------------------------------------------------------------ model
 
@@ -262,12 +276,13 @@ class ImageTextTask(FinetuneTask):
     def predict(self, model: nn.Module, split: str, progress: Callable | None = None) -> list[dict]:
         """One prediction dict per item of the split whose images have features."""
         dataset = self.dataset(split)
+        order = length_order(dataset)
         predictions = []
-        for batch in eval_batches(model, dataset, self.collate, self.data.eval_batch_size, progress):
+        for batch in eval_batches(model, dataset, self.collate, self.data.eval_batch_size, progress, order):
             logits = self.logits(model, batch).cpu()
             for row, index in enumerate(batch["index"].tolist()):
                 predictions.append(self.decode(dataset.samples[index], logits[row]))
-        return predictions
+        return in_dataset_order(predictions, order)
 
     @torch.no_grad()
     def predict_sample(self, model: nn.Module, sample: Sample, regions: list[Regions]) -> dict:

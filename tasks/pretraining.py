@@ -12,7 +12,7 @@ Masking follows vilbert-multi-task's pretraining loader and runs in DataLoader w
   0 = aligned). The reference draws from all captions without a check; we redraw until the image differs so
   that label 1 is never an aligned pair. `data.negatives: image` swaps the image instead (the same kind of
   mismatched pair); each sample then keeps its own caption, which lets length-grouped batches
-  (`train.group_by_length`, `data.pad_to_longest`) stay short.
+  (`train.group_by_length`) stay short.
 Objectives (vilbert-multi-task `--objective`): 0 = all losses on all pairs; 1 = mismatched pairs carry no MLM or
 region labels; 2 = no negatives and the alignment loss weighted 0.
 `data.contrastive_weight` > 0 adds the dual encoder's symmetric InfoNCE (`tasks.dual.contrastive`) over the batch's
@@ -32,12 +32,14 @@ from PIL import Image
 from torch import nn
 
 from tasks.data.captions import Caption, join_with_store, load_captions
-from tasks.data.regions import build_visual_input, collate_visual, masked_image_mean
+from tasks.data.regions import build_visual_input, collate_visual, masked_image_mean, visual_rows
 from tasks.data.tokenization import Tokenizer, load_tokenizer
 from tasks.dual.contrastive import contrastive_loss
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.distributed import move_to_device
+from tasks.engine.padding import MODEL_PADDED_KEYS, REGIONS, TEXT
 from tasks.engine.run_record import PRETRAINING, store_extractors
+from tasks.engine.sampler import length_order
 from tasks.engine.task import PredictExample, StepOutput, Task, TaskDataset
 from tasks.errors import ConfigError, DataError
 from tasks.metrics import recall_at_k
@@ -64,7 +66,6 @@ class PretrainingDataConfig:
     objective: int = 1
     contrastive_weight: float = 0.0  # > 0: add weight × InfoNCE of the dual encoder (ours, not the reference's)
     negatives: str = "caption"  # mismatched pairs swap the caption (reference) or the image
-    pad_to_longest: bool = False  # pad each batch's text to its longest caption, not max_text_length
     strict: bool = False  # missing image ids are an error instead of a warning
     eval_batch_size: int = 64
     retrieval_images: int = 100  # images (with their captions) in the zero-shot retrieval evaluation
@@ -158,6 +159,7 @@ class PretrainingDataset(TaskDataset):
         self.text_lengths = (self.text != tokenizer.pad_id).sum(1)  # [N] tokens per caption, for length grouping
         image_ids = [c.image_id for c in captions]
         self.image_index = np.unique(image_ids, return_inverse=True)[1]  # [N] image number per caption
+        self.region_counts = visual_rows(store, [(i,) for i in image_ids], max_regions)  # [N] the own image's rows
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -186,7 +188,7 @@ class PretrainingDataset(TaskDataset):
         ids = self.text[caption_index].astype(np.int64)
         masked_ids, mlm_labels = mask_text(ids, self.tokenizer, rng)
 
-        regions = self.store.read(self.captions[image_index].image_id)
+        regions = self.store.read(self.captions[image_index].image_id, float32=False)
         if regions.cls_prob is None:
             raise DataError(f"image {regions.image_id!r}: the feature store has no cls_prob (masked-region targets)")
         keep = min(len(regions), self.max_regions - 1)
@@ -199,7 +201,7 @@ class PretrainingDataset(TaskDataset):
         )
         region_labels = np.full(keep + 1, IGNORE, dtype=np.int64)
         region_labels[1:][selected] = 1
-        region_targets = np.zeros((keep + 1, regions.cls_prob.shape[1]), dtype=np.float32)
+        region_targets = np.zeros((keep + 1, regions.cls_prob.shape[1]), dtype=regions.cls_prob.dtype)
         region_targets[1:] = regions.cls_prob[:keep]
 
         if self.objective == 1 and mismatched:
@@ -217,17 +219,21 @@ class PretrainingDataset(TaskDataset):
         }
 
 
-def collate_pretraining(samples: list[dict], max_regions: int,
-                        pad_to_longest: bool = False) -> dict[str, torch.Tensor | tuple[int, int]]:
-    """Stack text (cut to the batch's longest caption with `pad_to_longest`, else max_text_length), pad the visual
-    side to `max_regions` (fixed shapes), pad region labels with -100."""
-    width = max(int(s["attention_mask"].sum()) for s in samples) if pad_to_longest else None
+# the batch keys along the text and region axes: labels pad with -100 (ignored), targets with 0
+PRETRAINING_PADDED_KEYS = {**MODEL_PADDED_KEYS, "mlm_labels": (TEXT, IGNORE), "region_labels": (REGIONS, IGNORE),
+                           "region_targets": (REGIONS, 0)}
+
+
+def collate_pretraining(samples: list[dict]) -> dict[str, torch.Tensor | tuple[int, int]]:
+    """Stack text and pad the visual side, both to the batch's longest item; region labels pad with -100."""
+    width = max(int(s["attention_mask"].sum()) for s in samples)
     batch = {k: torch.from_numpy(np.stack([s[k][:width] for s in samples]))
              for k in ("input_ids", "attention_mask", "token_type_ids", "mlm_labels")}
-    batch.update(collate_visual([s["visual"] for s in samples], pad_to=max_regions))
+    batch.update(collate_visual([s["visual"] for s in samples]))
+    regions = batch["region_mask"].shape[1]
     classes = samples[0]["region_targets"].shape[1]
-    labels = np.full((len(samples), max_regions), IGNORE, dtype=np.int64)
-    targets = np.zeros((len(samples), max_regions, classes), dtype=np.float32)
+    labels = np.full((len(samples), regions), IGNORE, dtype=np.int64)
+    targets = np.zeros((len(samples), regions, classes), dtype=samples[0]["region_targets"].dtype)  # float16 as stored
     for i, s in enumerate(samples):
         labels[i, : len(s["region_labels"])] = s["region_labels"]
         targets[i, : len(s["region_targets"])] = s["region_targets"]
@@ -251,6 +257,7 @@ class PretrainingTask(Task):
     config_class = PretrainConfig
     predict_modes = ("captions",)  # zero-shot, by the alignment head
     pretraining_zero_shot = True
+    padded_keys = PRETRAINING_PADDED_KEYS
 
     def __init__(self, config: PretrainConfig):
         self.config = config
@@ -334,7 +341,7 @@ class PretrainingTask(Task):
                                   f"the model's v_target_size is {config.v_target_size}")
 
     def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        return collate_pretraining(samples, self.config.data.max_regions, self.config.data.pad_to_longest)
+        return collate_pretraining(samples)
 
     @property
     def alignment_weight(self) -> float:
@@ -416,8 +423,9 @@ class PretrainingTask(Task):
         correct = torch.zeros(3, dtype=torch.float64, device=device)  # MLM, region, alignment
         counts = np.zeros(3, dtype=np.int64)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        order = length_order(dataset)  # similar captions and images together: short batches (sums need no order)
         for start in range(0, len(dataset), size):
-            samples = [dataset.sample(i, 0) for i in range(start, min(start + size, len(dataset)))]
+            samples = [dataset.sample(int(i), 0) for i in order[start : start + size]]
             batch = move_to_device(self.collate(samples), device)
             out = model(**batch)
             mlm_targets = batch["mlm_labels"][batch["mlm_labels"] != IGNORE]
@@ -445,13 +453,12 @@ class PretrainingTask(Task):
         queries = [i for i, c in enumerate(dataset.captions) if c.image_id in position]
         visual = collate_visual(
             [build_visual_input(r.features, r.boxes, r.image_hw, data.max_regions)
-             for r in (dataset.store.read(i) for i in image_ids)],
-            pad_to=data.max_regions,
-        )
+             for r in (dataset.store.read(i) for i in image_ids)])
         visual = {k: v.to(device) for k, v in visual.items()}
         scores = torch.empty(len(queries), len(image_ids), device=device)
         for row, index in enumerate(queries):
-            ids = torch.from_numpy(dataset.text[index : index + 1].astype(np.int64)).to(device)  # [1, L]
+            length = int(dataset.text_lengths[index])  # the caption without padding: the prefix is exact either way
+            ids = torch.from_numpy(dataset.text[index : index + 1, :length].astype(np.int64)).to(device)  # [1, L]
             prefix = model.vilbert.encode_text_prefix(ids, (ids != self.tokenizer.pad_id).long(),
                                                       torch.zeros_like(ids))
             for start in range(0, len(image_ids), data.retrieval_chunk):
@@ -473,11 +480,10 @@ class PretrainingTask(Task):
         queries = [i for i, c in enumerate(dataset.captions) if c.image_id in position]
         visual = collate_visual(
             [build_visual_input(r.features, r.boxes, r.image_hw, data.max_regions)
-             for r in (dataset.store.read(i) for i in image_ids)],
-            pad_to=data.max_regions,
-        )
+             for r in (dataset.store.read(i) for i in image_ids)])
         images = model.encode_image(**{k: v.to(device) for k, v in visual.items()})  # [I, E]
-        ids = torch.from_numpy(dataset.text[queries].astype(np.int64)).to(device)  # [Q, L]
+        width = int(dataset.text_lengths[queries].max())
+        ids = torch.from_numpy(dataset.text[queries, :width].astype(np.int64)).to(device)  # [Q, L]
         texts = model.encode_text(ids, (ids != self.tokenizer.pad_id).long())  # [Q, E]
         return {"dual_scores": (texts @ images.T).cpu().tolist()}
 

@@ -42,9 +42,11 @@ from tasks.data.annotations import (
     require,
     str_field,
 )
-from tasks.data.regions import collate_visual, visual_input
+from tasks.data.regions import collate_visual, visual_input, visual_rows
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
-from tasks.engine.evaluation import eval_batches
+from tasks.engine.evaluation import eval_batches, in_dataset_order
+from tasks.engine.padding import MODEL_PADDED_KEYS, REGIONS, cut_to_longest
+from tasks.engine.sampler import length_order
 from tasks.engine.task import PredictExample, StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError
 from tasks.figures.drawing import draw_boxes
@@ -154,6 +156,8 @@ class RefExpDataset(TaskDataset):
         self.image_keys = [sid for _, sid in kept]
         self.image_ids = [(key,) for key in self.image_keys]
         self.text = tokenizer.encode([e.text for e in self.expressions], max_text_length)
+        self.text_lengths = self.text.attention_mask.sum(1)
+        self.region_counts = visual_rows(store, self.image_ids, max_regions)
         self.store, self.max_regions, self.training = store, max_regions, training
 
     def __len__(self) -> int:
@@ -161,7 +165,7 @@ class RefExpDataset(TaskDataset):
 
     def __getitem__(self, index: int) -> dict:
         expression = self.expressions[index]
-        regions = self.store.read(self.image_keys[index])
+        regions = self.store.read(self.image_keys[index], float32=False)
         visual = visual_input(regions, self.max_regions)
         boxes = region_boxes(regions.boxes[: visual.num_boxes], regions.image_hw)  # [R', 4]
         return {
@@ -199,6 +203,7 @@ class RefExpTask(FinetuneTask):
     config_class = RefExpConfig
     predict_modes = ("expression",)
     head_modules = ("region_score_head",)
+    padded_keys = {**MODEL_PADDED_KEYS, "target": (REGIONS, 0), "boxes": (REGIONS, 0)}  # one row per region
     data: RefExpDataConfig
 
     def __init__(self, config: RefExpConfig):
@@ -227,7 +232,7 @@ class RefExpTask(FinetuneTask):
                              f"{Path(self.data.root) / self.data.refs_file} ({split})", self.data.strict)
 
     def collate(self, samples: list) -> dict:
-        return collate_refexp(samples)
+        return cut_to_longest(collate_refexp(samples), self.padded_keys)
 
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
         ids = task_ids_for(model, self.name, batch["input_ids"].shape[0], batch["input_ids"].device)
@@ -240,8 +245,9 @@ class RefExpTask(FinetuneTask):
     def predict(self, model: nn.Module, split: str, progress: Callable | None = None) -> list[dict]:
         """[{"ref_id", "sent_id", "image_id", "box" (x1 y1 x2 y2), "score", "iou"}] per expression."""
         dataset = self.dataset(split)
+        order = length_order(dataset)
         predictions = []
-        for batch in eval_batches(model, dataset, self.collate, self.data.eval_batch_size, progress):
+        for batch in eval_batches(model, dataset, self.collate, self.data.eval_batch_size, progress, order):
             device = batch["input_ids"].device
             ids = task_ids_for(model, self.name, batch["input_ids"].shape[0], device)
             logits = model(**model_inputs(batch), task_ids=ids, heads=["region_logits"]).region_logits
@@ -253,7 +259,7 @@ class RefExpTask(FinetuneTask):
                 predictions.append({"ref_id": e.ref_id, "sent_id": e.sent_id, "image_id": e.image_id,
                                     "box": chosen[k].tolist(), "score": torch.sigmoid(logits[k, best[k]]).item(),
                                     "iou": ious[k].item()})
-        return predictions
+        return in_dataset_order(predictions, order)
 
     def score(self, predictions: list[dict], split: str) -> dict[str, float]:
         """Accuracy over every expression of the split: one without features (no prediction) counts as wrong."""

@@ -44,11 +44,12 @@ from tasks.data.annotations import (
     str_field,
 )
 from tasks.data.reference_files import read_hard_negatives
-from tasks.data.regions import collate_visual, visual_input
+from tasks.data.regions import collate_visual, visual_input, visual_rows
 from tasks.data.tokenization import Tokenizer
 from tasks.dual.contrastive import contrastive_loss, dual_overrides
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.evaluation import eval_mode, model_device
+from tasks.engine.padding import cut_to_longest
 from tasks.engine.run_record import PRETRAINING, architecture
 from tasks.engine.task import PredictExample, StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError
@@ -169,6 +170,9 @@ class RetrievalTrainDataset(TaskDataset):
         self.hard = [[position[str(n)] for n in (hard_pool or {}).get(im.image_id, []) if str(n) in position
                       and str(n) != im.image_id] for im in self.images]
         self.store, self.max_regions, self.seed = store, max_regions, seed
+        # the positive pair's lengths (the negatives are drawn per epoch): what length grouping sorts by
+        self.text_lengths = self.text.attention_mask[[self.caption_start[i] + c for i, c in self.pairs]].sum(1)
+        self.region_counts = visual_rows(store, self.image_ids, max_regions)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -195,7 +199,7 @@ class RetrievalTrainDataset(TaskDataset):
         visual = {}
         for im, _ in options:
             if im not in visual:
-                visual[im] = visual_input(self.store.read(self.image_keys[im]), self.max_regions)
+                visual[im] = visual_input(self.store.read(self.image_keys[im], float32=False), self.max_regions)
         return {
             "input_ids": torch.from_numpy(self.text.input_ids[[c for _, c in options]]),
             "attention_mask": torch.from_numpy(self.text.attention_mask[[c for _, c in options]]),
@@ -268,7 +272,7 @@ class RetrievalTask(FinetuneTask):
                                      seed=self.config.train.seed)
 
     def collate(self, samples: list) -> dict:
-        return collate_retrieval(samples)
+        return cut_to_longest(collate_retrieval(samples), self.padded_keys)
 
     def build_model(self) -> nn.Module:
         from tasks.finetuning import build_task_model
@@ -309,11 +313,12 @@ class RetrievalTask(FinetuneTask):
         rows = range(len(captions))
         with eval_mode(model):
             for c in progress(rows) if progress else rows:
-                ids = torch.from_numpy(text.input_ids[c: c + 1]).to(device)
+                length = int(text.attention_mask[c].sum())  # the caption without padding (exact under the mask)
+                ids = torch.from_numpy(text.input_ids[c: c + 1, :length]).to(device)
                 task_ids = None if architecture(model) == PRETRAINING else task_ids_for(model, self.token_task, 1, device)
                 prefix = model.vilbert.encode_text_prefix(
-                    ids, torch.from_numpy(text.attention_mask[c: c + 1]).to(device),
-                    torch.from_numpy(text.token_type_ids[c: c + 1]).to(device), task_ids=task_ids)
+                    ids, torch.from_numpy(text.attention_mask[c: c + 1, :length]).to(device),
+                    torch.from_numpy(text.token_type_ids[c: c + 1, :length]).to(device), task_ids=task_ids)
                 scores[c] = torch.cat([pair_scores(model, self.token_task, prefix, v).cpu() for v in chunks])
         return scores
 

@@ -42,9 +42,11 @@ from tasks.data.answer_labels import (
     extend_answers,
     require_answer_labels,
 )
-from tasks.data.regions import collate_visual, visual_input
+from tasks.data.regions import collate_visual, visual_input, visual_rows
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
-from tasks.engine.evaluation import eval_batches
+from tasks.engine.evaluation import eval_batches, in_dataset_order
+from tasks.engine.padding import cut_to_longest
+from tasks.engine.sampler import length_order
 from tasks.engine.task import PredictExample, StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError, DataError
 from tasks.figures.drawing import draw_boxes
@@ -231,6 +233,8 @@ class VQADataset(TaskDataset):
         self.image_keys = [sid for _, sid in kept]
         self.image_ids = [(key,) for key in self.image_keys]
         self.text = tokenizer.encode([q.question for q in self.questions], max_text_length)
+        self.text_lengths = self.text.attention_mask.sum(1)
+        self.region_counts = visual_rows(store, self.image_ids, max_regions)
         self.targets = [soft_target(q.answers, label_of) for q in self.questions]
         self.store, self.num_labels, self.max_regions = store, len(label_of), max_regions
 
@@ -246,7 +250,7 @@ class VQADataset(TaskDataset):
             "input_ids": torch.from_numpy(self.text.input_ids[index]),
             "attention_mask": torch.from_numpy(self.text.attention_mask[index]),
             "token_type_ids": torch.from_numpy(self.text.token_type_ids[index]),
-            "visual": visual_input(self.store.read(self.image_keys[index]), self.max_regions),
+            "visual": visual_input(self.store.read(self.image_keys[index], float32=False), self.max_regions),
             "target": target,
         }
 
@@ -319,7 +323,7 @@ class VQATask(FinetuneTask):
                           self.data.strict)
 
     def collate(self, samples: list) -> dict:
-        return collate_vqa(samples)
+        return cut_to_longest(collate_vqa(samples), self.padded_keys)
 
     # ------------------------------------------------------------------ model
 
@@ -347,14 +351,16 @@ class VQATask(FinetuneTask):
     def predict(self, model: nn.Module, split: str, progress: Callable | None = None) -> list[dict]:
         """[{"question_id", "answer", "score"}] for every question of the split whose image has features."""
         answers = self.vocabulary()
+        dataset = self.dataset(split)
+        order = length_order(dataset)
         predictions = []
-        for batch in eval_batches(model, self.dataset(split), self.collate, self.data.eval_batch_size, progress):
+        for batch in eval_batches(model, dataset, self.collate, self.data.eval_batch_size, progress, order):
             ids = task_ids_for(model, "vqa", batch["input_ids"].shape[0], batch["input_ids"].device)
             logits = model(**model_inputs(batch), task_ids=ids, heads=["answer_logits"]).answer_logits
             probs, labels = torch.sigmoid(logits.float()).max(dim=1)
             for qid, label, prob in zip(batch["question_id"].tolist(), labels.tolist(), probs.tolist(), strict=True):
                 predictions.append({"question_id": qid, "answer": answers[label], "score": prob})
-        return predictions
+        return in_dataset_order(predictions, order)
 
     def score(self, predictions: list[dict], split: str) -> dict[str, float]:
         """Official accuracy over every question of the split: one without features (no prediction) counts as

@@ -65,7 +65,7 @@ def fit_losses(overrides: list[str], output_dir: str, world: int) -> None:
     task = build_task("pretrain", overrides)
     config = TrainConfig(output_dir=output_dir, global_batch_size=GLOBAL_BATCH, grad_accumulation=2 // world,
                          max_steps=3, num_workers=0, log_every=1, save_every=2, eval_every=None,
-                         eval_at_end=False, device="cpu")
+                         eval_at_end=False, device="cpu", group_by_length=True)  # length-grouped batches
     Trainer(task, config, OptimConfig(lr=1e-3, warmup=0, max_grad_norm=1.0)).fit()
 
 

@@ -114,7 +114,8 @@ def _fit(name, overrides, run_dir, crash_at_call=None, resume=None):
 
         task.training_step = crashing
     config = TrainConfig(output_dir=str(run_dir), epochs=2, global_batch_size=2, grad_accumulation=2, max_steps=2,
-                         num_workers=0, log_every=1, save_every=1, eval_every=1000, eval_at_end=False, device="cpu")
+                         num_workers=0, log_every=1, save_every=1, eval_every=1000, eval_at_end=False, device="cpu",
+                         group_by_length=True)  # length-grouped batches resume exactly too
     return Trainer(task, config, OptimConfig(lr=1e-3, warmup=0.5)).fit(resume=resume)
 
 

@@ -109,6 +109,7 @@ class VisionEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)  # the reference uses the text dropout here
 
     def forward(self, features: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
+        features = features.to(self.feature_proj.weight.dtype)  # float16 as stored: cast here, on the device
         embedded = self.feature_proj(features) + self.location_proj(locations.to(features.dtype))  # [B, R, Hv]
         return self.dropout(self.layer_norm(embedded))
 

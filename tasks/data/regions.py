@@ -26,7 +26,7 @@ IMG_LOCATION = np.array([0.0, 0.0, 1.0, 1.0, 1.0], dtype=np.float32)
 class VisualInput:
     """One image's visual input, unpadded: `R' = 1 + min(K, max_regions - 1)` rows."""
 
-    features: np.ndarray  # [R', D] float32, IMG first
+    features: np.ndarray  # [R', D] float16 or float32 (as read), IMG first
     locations: np.ndarray  # [R', 5] float32
     num_boxes: int  # boxes kept after the IMG token (R' - 1)
 
@@ -47,15 +47,21 @@ def build_visual_input(
     max_regions: int,
     image_feature: np.ndarray | None = None,
 ) -> VisualInput:
-    """IMG token + the first `max_regions - 1` boxes. `image_feature` defaults to the mean of all `features`."""
+    """IMG token + the first `max_regions - 1` boxes. `image_feature` defaults to the mean of all `features`.
+
+    Features keep their dtype: float16 as stored (half the bytes through DataLoader workers; the model casts them
+    on the device), float32 otherwise. The IMG mean is computed in float32 and takes the features' dtype."""
     if max_regions < 1:
         raise ValueError(f"max_regions must be >= 1 (the IMG token), got {max_regions}")
-    features = np.asarray(features, dtype=np.float32)  # [K, D]
+    features = np.asarray(features)  # [K, D]
+    if features.dtype != np.float16:
+        features = features.astype(np.float32, copy=False)
     if image_feature is None:
-        image_feature = features.mean(axis=0) if len(features) else np.zeros(features.shape[1], np.float32)
+        image_feature = features.mean(axis=0, dtype=np.float32) if len(features) else \
+            np.zeros(features.shape[1], np.float32)
     keep = min(len(features), max_regions - 1)
     return VisualInput(
-        features=np.concatenate([image_feature[None].astype(np.float32), features[:keep]], axis=0),
+        features=np.concatenate([image_feature[None].astype(features.dtype), features[:keep]], axis=0),
         locations=np.concatenate([IMG_LOCATION[None], box_locations(boxes[:keep], image_hw)], axis=0),
         num_boxes=keep,
     )
@@ -103,7 +109,8 @@ def collate_visual(inputs: Sequence[VisualInput], pad_to: int | None = None) -> 
     if max(lengths) > length:
         raise ValueError(f"a visual input has {max(lengths)} rows, more than pad_to={length}")
     dim = inputs[0].features.shape[1]
-    features = np.zeros((len(inputs), length, dim), dtype=np.float32)
+    dtype = np.result_type(*(v.features.dtype for v in inputs))  # float16 stays float16
+    features = np.zeros((len(inputs), length, dim), dtype=dtype)
     locations = np.zeros((len(inputs), length, 5), dtype=np.float32)
     mask = np.zeros((len(inputs), length), dtype=np.int64)
     for i, v in enumerate(inputs):
@@ -116,3 +123,10 @@ def collate_visual(inputs: Sequence[VisualInput], pad_to: int | None = None) -> 
         "region_locations": torch.from_numpy(locations),
         "region_mask": torch.from_numpy(mask),
     }
+
+
+def visual_rows(store, items: Sequence[Sequence[str]], max_regions: int) -> np.ndarray:
+    """`[N]` visual rows (IMG token included) of each item, the most over the item's images: what a collate
+    pads to, for length grouping. `store` is a `features.store.FeatureStore`; `items` its keys per item."""
+    boxes = {key: store.num_boxes(key) for key in {key for keys in items for key in keys}}
+    return np.array([1 + min(max(boxes[key] for key in keys), max_regions - 1) for keys in items], dtype=np.int64)

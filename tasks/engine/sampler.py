@@ -18,15 +18,19 @@ class ResumableDistributedSampler(Sampler):
     size. The epoch travels with each index so datasets can seed their randomness per (epoch, index) inside
     DataLoader workers (see `EpochKeyedDataset`).
 
-    With `lengths` (one text length per sample), each window of `group_window` global batches of the permutation
-    is sorted by length before it is cut into batches, and the epoch's batches are then shuffled: batches hold
-    texts of similar length, so a collate that pads to the batch's longest text pads little.
+    With `lengths` (`[N]` or `[N, K]` per-sample lengths, most important first: region count, then text length;
+    `length_keys`), each window of `group_window` global batches of the permutation is sorted by them, longest
+    first, before it is cut into batches, and the epoch's batches are then shuffled: batches hold items of
+    similar region count and text length, so collates that pad to the batch's longest item pad little. The
+    order stays a function of (seed, epoch) alone: every rank and every resumed run cuts the same batches.
     """
 
     def __init__(self, size: int, global_batch_size: int, rank: int, world_size: int, seed: int, shuffle=True,
                  lengths: np.ndarray | None = None, group_window: int = 50):
         if lengths is not None and len(lengths) != size:
             raise ValueError(f"lengths has {len(lengths)} entries for a dataset of {size}")
+        if lengths is not None:
+            lengths = np.asarray(lengths).reshape(size, -1)
         self.size, self.global_batch_size = size, global_batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.lengths, self.group_window = lengths, group_window
@@ -47,9 +51,10 @@ class ResumableDistributedSampler(Sampler):
         if self.lengths is None:
             return used
         window = self.group_window * self.global_batch_size
-        # stable sort inside each window, longest first; then shuffle whole batches
+        # sort inside each window, longest first (first column, ties by the next, then by position); then shuffle
+        # whole batches
         grouped = np.concatenate([
-            chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            chunk[np.lexsort([-self.lengths[chunk, k] for k in reversed(range(self.lengths.shape[1]))])]
             for chunk in np.split(used, range(window, len(used), window))
         ])
         batches = grouped.reshape(self.steps_per_epoch, self.global_batch_size)
@@ -63,6 +68,23 @@ class ResumableDistributedSampler(Sampler):
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * (self.global_batch_size // self.world_size)
+
+
+def length_keys(dataset: TaskDataset) -> np.ndarray | None:
+    """`[N, K]` sort keys for length grouping: the dataset's region counts, then its text lengths (those it has);
+    None when it has neither."""
+    columns = [np.asarray(c) for c in (dataset.region_counts, dataset.text_lengths) if c is not None]
+    return np.stack(columns, axis=1) if columns else None
+
+
+def length_order(dataset: TaskDataset) -> np.ndarray:
+    """Evaluation order: longest items first (region count, then text length), ties in dataset order; the
+    dataset's order when it gives no lengths. Batches of similar items pad little; the caller restores the
+    original order of their predictions (`np.argsort(order)`)."""
+    keys = length_keys(dataset)
+    if keys is None:
+        return np.arange(len(dataset))
+    return np.lexsort([-keys[:, k] for k in reversed(range(keys.shape[1]))])
 
 
 class EpochKeyedDataset(Dataset):

@@ -9,7 +9,10 @@ How `tasks.engine.trainer.Trainer` calls a task:
 - `dataset("train")`, read by index in DataLoader workers through `TaskDataset.sample(index, epoch)`: per-sample
   randomness (masking, negatives) is seeded from (seed, epoch, index), so runs are reproducible and resumable
   and DataLoader workers draw independently. `text_lengths` (optional) lets the sampler group by length.
-- `collate(samples)` in the workers; the trainer moves the result to the device.
+- `collate(samples)` in the workers; the trainer moves the result to the device. A collate pads text and regions
+  to the batch's longest item (`tasks.engine.padding.cut_to_longest`), and `padded_keys` declares which batch keys
+  run along the text and region axes and what fills their padding, so the engine can pad batches to fixed or
+  bucketed lengths (compiled steps) without knowing the task.
 - `label_counts(batch)` on the host, before the forward: how many labelled items each loss term of the batch
   has. The trainer sums them over ranks and accumulation micro-steps, and `training_step` returns per-term *sums*,
   so the loss of one optimizer step is the same mean however the global batch is split.
@@ -48,6 +51,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from tasks.engine.padding import MODEL_PADDED_KEYS, PaddedKeys
+
 
 @dataclass
 class StepOutput:
@@ -65,6 +70,7 @@ class TaskDataset(Dataset):
     """
 
     text_lengths: np.ndarray | None = None  # one text length per sample, for `train.group_by_length`
+    region_counts: np.ndarray | None = None  # visual rows (IMG token included) per sample, for length grouping
     image_ids: list[tuple[str, ...]] | None = None  # the feature-store keys each item reads (multi-task cleaning)
 
     def sample(self, index: int, epoch: int) -> Any:
@@ -112,6 +118,7 @@ class Task:
     head_modules: tuple[str, ...] = ()  # model modules a checkpoint must hold for this task ("answer_head", ...)
     pretraining_zero_shot: bool = False  # a pretraining checkpoint serves this task as is (alignment head)
     config_class: type  # the run config dataclass (tasks/configs/<name>.yaml is one of these)
+    padded_keys: PaddedKeys = MODEL_PADDED_KEYS  # batch keys along the text / region axes, and their padding value
 
     def run_record(self) -> dict[str, Any]:
         """What `run.json` says about a run of this task (see tasks.engine.run_record). Default: the name only."""

@@ -55,7 +55,7 @@ from tasks.engine.distributed import autocast_dtype, move_to_device, setup_distr
 from tasks.engine.optimization import build_optimizer, build_scheduler, warmup_steps_for
 from tasks.engine.run_directory import claim_run_directory
 from tasks.engine.run_record import write_run_record
-from tasks.engine.sampler import EpochKeyedDataset, ResumableDistributedSampler
+from tasks.engine.sampler import EpochKeyedDataset, ResumableDistributedSampler, length_keys
 from tasks.engine.task import BatchSchedule, Task
 from tasks.errors import ConfigError, DataError, TrainingDiverged
 
@@ -190,9 +190,10 @@ class Trainer:
         dataset = self.task.dataset("train")
         lengths = None
         if train.group_by_length:
-            lengths = dataset.text_lengths
+            lengths = length_keys(dataset)
             if lengths is None:
-                raise ConfigError(f"train.group_by_length: the {self.task.name} training set has no text_lengths")
+                raise ConfigError(f"train.group_by_length: the {self.task.name} training set has neither "
+                                  "region_counts nor text_lengths")
         schedule = self.task.train_batches(dataset, self.micro_batch_size, train.grad_accumulation, self.dist.rank,
                                            self.dist.world_size, train.seed)
         sampler = schedule or ResumableDistributedSampler(

@@ -1,0 +1,76 @@
+"""Batches padded to their longest item, and back to fixed lengths.
+
+A collated batch has two padded axes: text (dimension 1 of `input_ids`, `attention_mask`, ...) and regions
+(dimension 1 of `region_features`, `region_mask`, ...). A task declares which of its batch keys run along which
+axis and what fills their padding (`Task.padded_keys`, a `PaddedKeys`). `cut_to_longest` drops the columns no
+item of the batch uses; `pad_to` pads back to given lengths (the reference's fixed shapes, or a few bucket sizes
+for compiled steps). Under masked attention (additive -10000 masks, padded logits masked, losses over labelled
+positions) the real positions' outputs do not depend on how much padding follows them, so both give the same
+per-item outputs and losses up to float rounding (tests/test_padding.py checks every registered task).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+TEXT, REGIONS = "text", "regions"
+
+# key -> (axis, padding value); the model inputs every task's batch holds
+PaddedKeys = Mapping[str, tuple[str, float]]
+MODEL_PADDED_KEYS: PaddedKeys = {
+    "input_ids": (TEXT, 0), "attention_mask": (TEXT, 0), "token_type_ids": (TEXT, 0),
+    "region_features": (REGIONS, 0), "region_locations": (REGIONS, 0), "region_mask": (REGIONS, 0),
+}
+MASKS = {TEXT: "attention_mask", REGIONS: "region_mask"}
+
+
+def longest(batch: Mapping[str, Any]) -> dict[str, int]:
+    """The longest real item of the batch along each axis: {"text": L, "regions": R} (at least 1)."""
+    return {axis: max(int(batch[key].sum(1).max()), 1) if batch[key].numel() else 1
+            for axis, key in MASKS.items() if key in batch}
+
+
+def cut_to_longest(batch: dict[str, Any], keys: PaddedKeys) -> dict[str, Any]:
+    """The batch with every padded axis cut to its longest real item (masks are 1s then 0s along the axis)."""
+    return pad_to(batch, keys, **longest(batch))
+
+
+def pad_to(batch: dict[str, Any], keys: PaddedKeys, text: int | None = None,
+           regions: int | None = None) -> dict[str, Any]:
+    """The batch with its text axis at `text` and its region axis at `regions` columns (cut or padded; None: as
+    is). Padding uses each key's declared value. Cutting below the longest real item is refused."""
+    lengths = {TEXT: text, REGIONS: regions}
+    real = longest(batch)
+    for axis, length in lengths.items():
+        if length is not None and axis in real and length < real[axis]:
+            raise ValueError(f"cannot cut the {axis} axis to {length}: an item has {real[axis]}")
+    out = dict(batch)
+    for key, (axis, value) in keys.items():
+        length = lengths[axis]
+        if key not in batch or length is None:
+            continue
+        tensor = batch[key]
+        have = tensor.shape[1]
+        if have > length:
+            out[key] = tensor[:, :length].contiguous()
+        elif have < length:
+            shape = (tensor.shape[0], length - have, *tensor.shape[2:])
+            out[key] = torch.cat([tensor, tensor.new_full(shape, value)], dim=1)
+    return out
+
+
+def round_up(length: int, sizes: Sequence[int]) -> int:
+    """The smallest of `sizes` (ascending) that holds `length`; `length` itself past the largest."""
+    return next((size for size in sizes if size >= length), length)
+
+
+def pad_to_buckets(batch: dict[str, Any], keys: PaddedKeys, text_sizes: Sequence[int],
+                   region_sizes: Sequence[int]) -> dict[str, Any]:
+    """The batch cut to its longest items, then padded up to the next bucket size on each axis (compiled steps
+    see a few shapes instead of one per batch)."""
+    real = longest(batch)
+    return pad_to(batch, keys, text=round_up(real[TEXT], text_sizes) if TEXT in real else None,
+                  regions=round_up(real[REGIONS], region_sizes) if REGIONS in real else None)
