@@ -571,10 +571,11 @@ class FeatureStore:
             for index in self._files if image_id in index.rows
         )
 
-    def read(self, image_id: str, float32: bool = True) -> Regions:
+    def read(self, image_id: str, float32: bool = True, optional: Sequence[str] | None = None) -> Regions:
         """All regions of one image; FeatureStoreError if no file holds the id. Features and class distributions
         come as float32, or with `float32=False` as stored (float16 by default: half the bytes to move; training
-        casts them on the device)."""
+        casts them on the device). `optional` names the optional datasets to read (default: every one the store
+        has; `()` reads features and boxes alone)."""
         parts, image_hw = [], None
         for i, index in enumerate(self._files):
             row = index.rows.get(image_id)
@@ -587,7 +588,8 @@ class FeatureStore:
                     "in an earlier file"
                 )
             image_hw = hw
-            parts.append(self._read_rows(i, int(index.offsets[row]), int(index.offsets[row + 1]), image_id, float32))
+            parts.append(self._read_rows(i, int(index.offsets[row]), int(index.offsets[row + 1]), image_id, float32,
+                                         optional))
         if image_hw is None:
             where = self.paths[0] if len(self.paths) == 1 else ", ".join(self.paths)
             raise FeatureStoreError(f"{where}: no image with id {image_id!r}")
@@ -597,11 +599,14 @@ class FeatureStore:
             fields = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
         return Regions(image_id=image_id, image_hw=image_hw, **fields)
 
-    def _read_rows(self, i: int, start: int, stop: int, image_id: str, float32: bool = True) -> dict:
+    def _read_rows(self, i: int, start: int, stop: int, image_id: str, float32: bool = True,
+                   optional: Sequence[str] | None = None) -> dict:
         datasets = self._open(i)
         convert = _float32 if float32 else np.asarray
+        wanted = None if optional is None else {"features", "boxes", *optional}
         try:
-            fields = {name: convert(dataset[start:stop]) for name, dataset in datasets.items()}
+            fields = {name: convert(dataset[start:stop]) for name, dataset in datasets.items()
+                      if wanted is None or name in wanted}
         except (OSError, KeyError, ValueError) as error:
             raise _fail(self._files[i].path, f"cannot read image {image_id!r} ({error})") from error
         return fields

@@ -167,7 +167,7 @@ class SampleDataset(TaskDataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
-        regions = [self.store.read(key, float32=False) for key in self.keys[index]]
+        regions = [self.store.read(key, float32=False, optional=()) for key in self.keys[index]]
         return {"index": index, **self.task.encode(self.samples[index], regions)}
 
 

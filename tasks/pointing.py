@@ -75,7 +75,7 @@ class PointingTask(ImageTextTask):
         features, boxes = detected.features[:keep], detected.boxes[:keep]
         first = 1  # candidates are matched among the detected rows unless a GT store is appended
         if self.gt_store() is not None:
-            gt = self.gt_store().read(detected.image_id, float32=False)
+            gt = self.gt_store().read(detected.image_id, float32=False, optional=())
             first = 1 + keep
             features = np.concatenate([features, gt.features[: self.data.max_gt_regions]])
             boxes = np.concatenate([boxes, gt.boxes[: self.data.max_gt_regions]])

@@ -32,7 +32,7 @@ from PIL import Image
 from torch import nn
 
 from tasks.data.captions import Caption, join_with_store, load_captions
-from tasks.data.regions import build_visual_input, collate_visual, masked_image_mean, visual_rows
+from tasks.data.regions import batch_zeros, build_visual_input, collate_visual, masked_image_mean, visual_rows
 from tasks.data.tokenization import Tokenizer, load_tokenizer
 from tasks.dual.contrastive import contrastive_loss
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
@@ -188,7 +188,7 @@ class PretrainingDataset(TaskDataset):
         ids = self.text[caption_index].astype(np.int64)
         masked_ids, mlm_labels = mask_text(ids, self.tokenizer, rng)
 
-        regions = self.store.read(self.captions[image_index].image_id, float32=False)
+        regions = self.store.read(self.captions[image_index].image_id, float32=False, optional=("cls_prob",))
         if regions.cls_prob is None:
             raise DataError(f"image {regions.image_id!r}: the feature store has no cls_prob (masked-region targets)")
         keep = min(len(regions), self.max_regions - 1)
@@ -233,12 +233,13 @@ def collate_pretraining(samples: list[dict]) -> dict[str, torch.Tensor | tuple[i
     regions = batch["region_mask"].shape[1]
     classes = samples[0]["region_targets"].shape[1]
     labels = np.full((len(samples), regions), IGNORE, dtype=np.int64)
-    targets = np.zeros((len(samples), regions, classes), dtype=samples[0]["region_targets"].dtype)  # float16 as stored
+    dtype = torch.from_numpy(samples[0]["region_targets"][:0]).dtype  # float16 as stored
+    batch["region_targets"] = batch_zeros((len(samples), regions, classes), dtype)
+    targets = batch["region_targets"].numpy()
     for i, s in enumerate(samples):
         labels[i, : len(s["region_labels"])] = s["region_labels"]
         targets[i, : len(s["region_targets"])] = s["region_targets"]
     batch["region_labels"] = torch.from_numpy(labels)
-    batch["region_targets"] = torch.from_numpy(targets)
     batch["alignment_labels"] = torch.tensor([int(s["alignment_labels"]) for s in samples], dtype=torch.int64)
     # counted here on the host so the model's forward needs no device sync to size its labelled gathers
     batch["labelled_counts"] = (int((batch["mlm_labels"] != IGNORE).sum()), int((labels == 1).sum()))

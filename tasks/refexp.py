@@ -165,7 +165,7 @@ class RefExpDataset(TaskDataset):
 
     def __getitem__(self, index: int) -> dict:
         expression = self.expressions[index]
-        regions = self.store.read(self.image_keys[index], float32=False)
+        regions = self.store.read(self.image_keys[index], float32=False, optional=())
         visual = visual_input(regions, self.max_regions)
         boxes = region_boxes(regions.boxes[: visual.num_boxes], regions.image_hw)  # [R', 4]
         return {

@@ -199,7 +199,7 @@ class RetrievalTrainDataset(TaskDataset):
         visual = {}
         for im, _ in options:
             if im not in visual:
-                visual[im] = visual_input(self.store.read(self.image_keys[im], float32=False), self.max_regions)
+                visual[im] = visual_input(self.store.read(self.image_keys[im], float32=False, optional=()), self.max_regions)
         return {
             "input_ids": torch.from_numpy(self.text.input_ids[[c for _, c in options]]),
             "attention_mask": torch.from_numpy(self.text.attention_mask[[c for _, c in options]]),

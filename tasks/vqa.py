@@ -250,7 +250,7 @@ class VQADataset(TaskDataset):
             "input_ids": torch.from_numpy(self.text.input_ids[index]),
             "attention_mask": torch.from_numpy(self.text.attention_mask[index]),
             "token_type_ids": torch.from_numpy(self.text.token_type_ids[index]),
-            "visual": visual_input(self.store.read(self.image_keys[index], float32=False), self.max_regions),
+            "visual": visual_input(self.store.read(self.image_keys[index], float32=False, optional=()), self.max_regions),
             "target": target,
         }
 
