@@ -13,7 +13,7 @@ from task_zoo import ZOO_TASKS, build_task, write_zoo
 from torch import nn
 
 from tasks.engine.evaluation import in_dataset_order
-from tasks.engine.padding import longest, pad_to, pad_to_buckets
+from tasks.engine.padding import longest, pad_to, pad_to_multiple
 from tasks.engine.sampler import ResumableDistributedSampler, length_order
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "region_features", "region_locations", "region_mask")
@@ -72,14 +72,14 @@ def test_batches_padded_to_their_longest_item_give_the_fixed_padding_results(nam
     assert flat.norm() > 0 and (other - flat).norm() <= 1e-5 * flat.norm(), f"{name}: gradients differ"
 
 
-def test_bucketed_padding_rounds_each_axis_up_and_pads_labels_with_their_ignore_value(zoo):
+def test_padding_to_a_multiple_rounds_each_axis_up_and_pads_labels_with_their_ignore_value(zoo):
     task = build_task("pretrain", zoo["pretrain"])
     dataset = task.dataset("train")
     batch = task.collate([dataset.sample(i, 0) for i in range(3)])
     real = longest(batch)
-    bucketed = pad_to_buckets(batch, task.padded_keys, text_sizes=[4, 64], region_sizes=[2, 16])
-    assert bucketed["input_ids"].shape[1] == bucketed["mlm_labels"].shape[1] == 64
-    assert bucketed["region_mask"].shape[1] == bucketed["region_targets"].shape[1] == 16
+    bucketed = pad_to_multiple(batch, task.padded_keys, 32)
+    assert bucketed["input_ids"].shape[1] == bucketed["mlm_labels"].shape[1] == 32 > real["text"]
+    assert bucketed["region_mask"].shape[1] == bucketed["region_targets"].shape[1] == 32 > real["regions"]
     assert (bucketed["mlm_labels"][:, real["text"]:] == -100).all()
     assert (bucketed["region_labels"][:, real["regions"]:] == -100).all()
     assert (bucketed["region_mask"][:, real["regions"]:] == 0).all()

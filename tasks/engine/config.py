@@ -96,7 +96,8 @@ class TrainConfig:
     global_batch_size: int = 32  # per optimizer step, over all ranks and accumulation steps
     grad_accumulation: int = 1
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (with GradScaler)
-    compile: bool = False
+    compile: bool = False  # torch.compile (inductor) around the model for training steps
+    pad_to_multiple: int = 1  # round batches' text and region lengths up to a multiple (8: few compiled shapes)
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 2
     seed: int = 0
@@ -112,7 +113,7 @@ class TrainConfig:
             raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
-        for key in ("epochs", "global_batch_size", "grad_accumulation", "log_every", "keep_last"):
+        for key in ("epochs", "global_batch_size", "grad_accumulation", "log_every", "keep_last", "pad_to_multiple"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         for key in ("max_steps", "eval_every", "save_every"):

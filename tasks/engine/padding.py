@@ -3,15 +3,15 @@
 A collated batch has two padded axes: text (dimension 1 of `input_ids`, `attention_mask`, ...) and regions
 (dimension 1 of `region_features`, `region_mask`, ...). A task declares which of its batch keys run along which
 axis and what fills their padding (`Task.padded_keys`, a `PaddedKeys`). `cut_to_longest` drops the columns no
-item of the batch uses; `pad_to` pads back to given lengths (the reference's fixed shapes, or a few bucket sizes
-for compiled steps). Under masked attention (additive -10000 masks, padded logits masked, losses over labelled
+item of the batch uses; `pad_to` pads back to given lengths (the reference's fixed shapes), `pad_to_multiple` up to a
+multiple (a few shapes for compiled steps). Under masked attention (additive -10000 masks, padded logits masked, losses over labelled
 positions) the real positions' outputs do not depend on how much padding follows them, so both give the same
 per-item outputs and losses up to float rounding (tests/test_padding.py checks every registered task).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -62,15 +62,18 @@ def pad_to(batch: dict[str, Any], keys: PaddedKeys, text: int | None = None,
     return out
 
 
-def round_up(length: int, sizes: Sequence[int]) -> int:
-    """The smallest of `sizes` (ascending) that holds `length`; `length` itself past the largest."""
-    return next((size for size in sizes if size >= length), length)
-
-
-def pad_to_buckets(batch: dict[str, Any], keys: PaddedKeys, text_sizes: Sequence[int],
-                   region_sizes: Sequence[int]) -> dict[str, Any]:
-    """The batch cut to its longest items, then padded up to the next bucket size on each axis (compiled steps
-    see a few shapes instead of one per batch)."""
+def pad_to_multiple(batch: dict[str, Any], keys: PaddedKeys, multiple: int) -> dict[str, Any]:
+    """The batch with each padded axis rounded up to a multiple of `multiple` (a compiled step then meets a few
+    shapes; GPUs prefer multiples of 8)."""
     real = longest(batch)
-    return pad_to(batch, keys, text=round_up(real[TEXT], text_sizes) if TEXT in real else None,
-                  regions=round_up(real[REGIONS], region_sizes) if REGIONS in real else None)
+    return pad_to(batch, keys, **{axis: -(-length // multiple) * multiple for axis, length in real.items()})
+
+
+class MultipleCollate:
+    """A task's collate followed by `pad_to_multiple` (picklable, for DataLoader workers)."""
+
+    def __init__(self, collate: Callable[[list], dict[str, Any]], keys: PaddedKeys, multiple: int):
+        self.collate, self.keys, self.multiple = collate, keys, multiple
+
+    def __call__(self, samples: list) -> dict[str, Any]:
+        return pad_to_multiple(self.collate(samples), self.keys, self.multiple)

@@ -53,6 +53,7 @@ from tasks.engine.checkpoints import (
 from tasks.engine.config import OptimConfig, TrainConfig, save_config
 from tasks.engine.distributed import autocast_dtype, move_to_device, setup_distributed, unwrap
 from tasks.engine.optimization import build_optimizer, build_scheduler, warmup_steps_for
+from tasks.engine.padding import MultipleCollate
 from tasks.engine.run_directory import claim_run_directory
 from tasks.engine.run_record import write_run_record
 from tasks.engine.sampler import EpochKeyedDataset, ResumableDistributedSampler, length_keys
@@ -248,7 +249,8 @@ class Trainer:
         return DataLoader(
             EpochKeyedDataset(dataset),
             **order,
-            collate_fn=self.task.collate,
+            collate_fn=self.task.collate if self.train.pad_to_multiple == 1 else
+            MultipleCollate(self.task.collate, self.task.padded_keys, self.train.pad_to_multiple),
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
