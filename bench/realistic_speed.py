@@ -51,7 +51,7 @@ from vilbert import ViLBertConfig, ViLBertForPreTraining, ViLBertForVLTasks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_parity import import_reference, reference_config  # noqa: E402
-from reference_speed import CPU_ATTENTION_FLOPS, converted_pair, synchronize  # noqa: E402
+from reference_speed import CPU_ATTENTION_FLOPS, converted_pair, synchronize, to_device  # noqa: E402
 
 WORKLOADS = {
     "pretrain": dict(text=36, regions=37, lengths="captions", boxes="fixed36"),
@@ -193,8 +193,9 @@ def per_sample_vqa(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     return nn.functional.binary_cross_entropy_with_logits(logits.float(), batch["target"], reduction="none").sum(1)
 
 
-def step(model: nn.Module, loss_fn, batch: dict, optimizer: torch.optim.Optimizer) -> None:
-    loss = loss_fn(model, batch)
+def step(model: nn.Module, loss_fn, batch: dict, optimizer: torch.optim.Optimizer, autocast) -> None:
+    with autocast:
+        loss = loss_fn(model, batch)
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -209,21 +210,23 @@ def gflop_per_sample(model: nn.Module, loss_fn, batches: list[dict]) -> float:
     return counter.get_total_flops() / 1e9 / sum(len(b["input_ids"]) for b in batches)
 
 
-def profile_by_part(model: nn.Module, loss_fn, batch: dict) -> dict[str, float]:
-    """Self CPU milliseconds of one forward + backward, grouped by operator kind."""
+def profile_by_part(model: nn.Module, loss_fn, batch: dict, device: torch.device) -> dict[str, float]:
+    """Self milliseconds (CPU, or the GPU's on CUDA) of one forward + backward, grouped by operator kind."""
     groups = {"matmul (linear, bmm)": ("addmm", "mm", "bmm", "matmul", "linear"),
               "attention (sdpa, softmax)": ("attention", "softmax"),
               "layer norm": ("layer_norm",), "elementwise (gelu, add, mul, dropout)": ("gelu", "add", "mul", "div",
                                                                                        "dropout", "relu", "sub"),
               "loss (cross entropy, bce, kl)": ("cross_entropy", "nll", "binary_cross", "kl_div", "log_softmax")}
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
         loss_fn(model, batch).backward()
     model.zero_grad(set_to_none=True)
     parts = dict.fromkeys([*groups, "other"], 0.0)
     for event in prof.key_averages():
         name = event.key.lower()
         part = next((p for p, keys in groups.items() if any(k in name for k in keys)), "other")
-        parts[part] += event.self_cpu_time_total / 1e3
+        parts[part] += (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3
     return parts
 
 
@@ -239,15 +242,21 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time ours under torch.compile (inductor)")
     parser.add_argument("--multiple", type=int, default=8, help="compiled side: lengths rounded up to this")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast")
     parser.add_argument("--captions"), parser.add_argument("--questions"), parser.add_argument("--features")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
+                else contextlib.nullcontext())
     ref = import_reference(args.reference_dir)
     config = ViLBertConfig.from_preset(args.preset, num_labels=ANSWERS, gqa_num_labels=1533,
                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                                        v_hidden_dropout_prob=0.0, v_attention_probs_dropout_prob=0.0)
-    print(f"preset {args.preset}, batch {args.batch}, {args.samples} samples per block, torch {torch.__version__}, "
+    print(f"device {device}, {args.precision}, preset {args.preset}, batch {args.batch}, {args.samples} samples per "
+          f"block, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()} (dropout off on both sides so that losses compare)", flush=True)
     results = {}
     for name in args.workloads.split(","):
@@ -259,21 +268,22 @@ def main() -> None:
         torch.manual_seed(0)
         with contextlib.redirect_stdout(sys.stderr):
             ref_model, ours = build(ref, name, config)
+        ref_model.to(device), ours.to(device)
         # the reference: shuffled batches at fixed padding; ours: the same samples, length-grouped, cut to longest
         fixed_order = np.random.default_rng(1).permutation(len(items))
         sampler = ResumableDistributedSampler(len(items), args.batch, 0, 1, seed=1, lengths=lengths,
                                               group_window=args.window)
         grouped_order = sampler.epoch_order()
         batches = {
-            "reference": [collate([items[i] for i in fixed_order[s:s + args.batch]], pretraining, False, 1)
-                          for s in range(0, len(items) - args.batch + 1, args.batch)],
-            "ours": [collate([items[i] for i in grouped_order[s:s + args.batch]], pretraining, True, 1)
-                     for s in range(0, len(grouped_order) - args.batch + 1, args.batch)],
+            "reference": [to_device(collate([items[i] for i in fixed_order[s:s + args.batch]], pretraining, False, 1),
+                                    device) for s in range(0, len(items) - args.batch + 1, args.batch)],
+            "ours": [to_device(collate([items[i] for i in grouped_order[s:s + args.batch]], pretraining, True, 1),
+                               device) for s in range(0, len(grouped_order) - args.batch + 1, args.batch)],
         }
         sides = {"reference": (ref_model, reference_loss), "ours": (ours, our_loss)}
         if args.compile:
-            batches["ours compiled"] = [collate([items[i] for i in grouped_order[s:s + args.batch]], pretraining,
-                                                True, args.multiple)
+            batches["ours compiled"] = [to_device(collate([items[i] for i in grouped_order[s:s + args.batch]],
+                                                          pretraining, True, args.multiple), device)
                                         for s in range(0, len(grouped_order) - args.batch + 1, args.batch)]
             sides["ours compiled"] = (torch.compile(ours), our_loss)
 
@@ -281,7 +291,8 @@ def main() -> None:
         check = [items[i] for i in fixed_order[: args.batch]]
         ref_model.eval(), ours.eval()
         with torch.no_grad():
-            fixed, cut = collate(check, pretraining, False, 1), collate(check, pretraining, True, 1)
+            fixed = to_device(collate(check, pretraining, False, 1), device)
+            cut = to_device(collate(check, pretraining, True, 1), device)
             if pretraining:  # per-term means summed, on both sides
                 got, expected = our_loss(ours, cut), reference_loss(ref_model, fixed)
                 difference = float((got - expected).abs() / expected.abs())
@@ -300,23 +311,25 @@ def main() -> None:
 
         flops = {side: gflop_per_sample(model, loss_fn, batches[side][:2])
                  for side, (model, loss_fn) in sides.items() if side != "ours compiled"}
-        optimizers = {side: torch.optim.AdamW(model.parameters(), lr=1e-5) for side, (model, _) in sides.items()}
+        optimizers = {side: torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+                      for side, (model, _) in sides.items()}
         torch._dynamo.utils.counters.clear()
         for side, (model, loss_fn) in sides.items():  # warm-up (and compile)
             for batch in batches[side][:2]:
-                step(model, loss_fn, batch, optimizers[side])
+                step(model, loss_fn, batch, optimizers[side], autocast)
         seconds = dict.fromkeys(sides, 0.0)
         for round_ in range(args.rounds):
             for side in list(sides) if round_ % 2 == 0 else list(sides)[::-1]:
                 model, loss_fn = sides[side]
-                synchronize(torch.device("cpu"))
+                synchronize(device)
                 start = time.perf_counter()
                 for batch in batches[side]:
-                    step(model, loss_fn, batch, optimizers[side])
+                    step(model, loss_fn, batch, optimizers[side], autocast)
+                synchronize(device)
                 seconds[side] += time.perf_counter() - start
         rates = {side: args.rounds * len(batches[side]) * args.batch / seconds[side] for side in sides}
         graphs = int(torch._dynamo.utils.counters["stats"]["unique_graphs"]) if args.compile else 0
-        profile = {side: profile_by_part(sides[side][0], sides[side][1], batches[side][0])
+        profile = {side: profile_by_part(sides[side][0], sides[side][1], batches[side][0], device)
                    for side in ("reference", "ours")}
         results[name] = {"samples_per_s": rates, "gflop_per_sample": flops, "graphs_compiled": graphs,
                          "loss_difference": difference, "profile_ms": profile}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import tempfile
 import time
 from pathlib import Path
@@ -124,7 +123,7 @@ def loader_rate(config, batch: int, length: int, regions: int, workers: int, bat
         dataset = PretrainingDataset(captions, FeatureStore(Path(tmp) / "f.h5"), load_tokenizer(tmp), length,
                                      regions, objective=1)
         loader = DataLoader(
-            EpochKeyedDataset(dataset), batch_size=batch, collate_fn=functools.partial(collate_pretraining, max_regions=regions),
+            EpochKeyedDataset(dataset), batch_size=batch, collate_fn=collate_pretraining,
             sampler=[(e, i) for e in range(batches) for i in range(images)][: batch * batches],
             num_workers=workers, persistent_workers=False, prefetch_factor=4 if workers else None,
         )
