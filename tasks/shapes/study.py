@@ -407,8 +407,10 @@ def pretrain(paths: StudyPaths, plan: StudyPlan, cell: Cell, text_init: str) -> 
         f"train.max_steps={plan.pretrain_steps}", f"train.seed={cell.seed}", "train.log_every=1000000",
         *plan.pretrain_overrides]
     config = load_config(CONFIGS / "pretrain_embedded.yaml", PretrainConfig, overrides)
+    cpu = time.process_time()
     result = Trainer(PretrainingTask(config), config.train, config.optim, run_config=config).fit(overwrite=True)
-    return {"metrics": result.last_eval, "seconds": result.seconds, "checkpoint": str(last_checkpoint(run_dir))}
+    return {"metrics": result.last_eval, "seconds": result.seconds, "cpu_seconds": time.process_time() - cpu,
+            "checkpoint": str(last_checkpoint(run_dir))}
 
 
 def finetune(paths: StudyPaths, plan: StudyPlan, cell: Cell, task_name: str, text_init: str,
@@ -426,11 +428,11 @@ def finetune(paths: StudyPaths, plan: StudyPlan, cell: Cell, task_name: str, tex
         overrides.append(f"data.split_files={json.dumps(write_retrieval_subsets(paths, plan.retrieval_eval_images))}")
     cls = task_class(task_name)
     task = cls(load_config(CONFIGS / f"{task_name}_embedded.yaml", cls.config_class, overrides))
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     Trainer(task, task.config.train, task.config.optim, run_config=task.config).fit(overwrite=True)
     rows = finetuning_rows(run_dir, task_name)
     shutil.rmtree(run_dir / "checkpoints")
-    return {"seconds": time.perf_counter() - started,
+    return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
             "splits": {row.name.split(":")[0]: {"value": row.value, "chance": row.chance} for row in rows}}
 
 
