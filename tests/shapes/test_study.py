@@ -5,7 +5,6 @@ import json
 import shutil
 
 import pytest
-from cli_check import assert_refused, run_cli
 from transformers import BertConfig, BertForPreTraining
 
 from tasks.errors import ConfigError
@@ -21,6 +20,7 @@ from tasks.shapes.study import (
     preset_plan,
     run_study,
 )
+from tests.fixtures.cli_check import assert_refused, run_cli
 
 TINY_MODEL = {"vocab_size": 30522, "v_feature_size": 96, "v_target_size": 19, "fixed_t_layer": 0}
 SMALL_RUNS = ["train.global_batch_size=4", "data.eval_batch_size=8"]

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_detector import TinyDetector
-from tiny_task_data import write_vocab, write_vqa
 from transformers import BertConfig, BertForPreTraining
 
 from features.detectors import DETECTORS
 from features.extract import extract
 from features.inputs import ImageInput
 from tasks.cli import main
+from tests.fixtures.tiny_detector import TinyDetector
+from tests.fixtures.tiny_task_data import write_vocab, write_vqa
 from vilbert import (
     VL_HEADS,
     ViLBertConfig,
@@ -212,10 +212,6 @@ def test_only_the_faithful_model_exports_to_reference_names():
 # ------------------------------------------------------------------------------------- end to end through the CLI
 
 
-def build_tiny_detector(weights=None, **options):
-    return TinyDetector()
-
-
 @pytest.fixture(scope="module")
 def vqa_data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("variants")
@@ -233,7 +229,7 @@ def vqa_data(tmp_path_factory):
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_each_variant_finetunes_evaluates_and_predicts(architecture, vqa_data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(DETECTORS, "tiny-test", "test_variants:build_tiny_detector")
+    monkeypatch.setitem(DETECTORS, "tiny-test", "tests.fixtures.tiny_detector:build_tiny")
     single = ", v_hidden_size: 32, v_num_attention_heads: 4" if architecture == "single-stream" else ""
     width = f"{{v_feature_size: 7, architecture: {architecture}{single}}}"
     data = [f"data.root={vqa_data / 'vqa'}", f"data.features=[{vqa_data / 'f.h5'}]", "data.min_answer_count=1",
