@@ -29,6 +29,9 @@ def test_nlvr2_pairs_rows_and_scores_consistency(tmp_path, caplog):
     assert read_nlvr2(tmp_path / "nlvr2" / "test1.json")[0].label is None
     task = _task(tmp_path)
     model = task.build_model()
+    for module in model.modules():  # BERT's 0.02 init gives both rows of every pair almost the same output: whether
+        if isinstance(module, torch.nn.Linear):  # 10 steps lower the loss then hangs on float rounding noise
+            module.reset_parameters()
     items = [task.dataset("train")[i] for i in range(4)]
     batch = task.collate(items)
     assert batch["input_ids"].shape[0] == 8 and batch["region_features"].shape[0] == 8  # 2 rows per sample

@@ -23,7 +23,8 @@ def test_vcr_tags_become_names_and_q_ar_needs_both(tmp_path):
     qa, qar = (cls(VCRConfig(model=ModelConfig(preset="tiny"), data=data)) for cls in (VCRTask, VCRRationaleTask))
     model = qa.build_model()
     batch = qa.collate([qa.dataset("train")[i] for i in range(3)])
-    assert batch["input_ids"].shape == (12, 24) and batch["token_type_ids"][0].max() == 1  # sentence pairs
+    longest = int(batch["attention_mask"].sum(1).max())  # the batch's longest pair, within max_text_length 24
+    assert batch["input_ids"].shape == (12, longest) and longest <= 24 and batch["token_type_ids"][0].max() == 1
     assert learns(qa, model, batch, steps=25, lr=1e-2)  # a 4-way softmax over one logit learns slowly
     answer_predictions, rationale_predictions = qa.predict(model, "val"), qar.predict(model, "val")
     metrics = qa.evaluate(model, "val")
