@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from tasks.dual.contrastive import contrastive_loss
+from tasks.ranking.contrastive import contrastive_loss
 
 
 def toy_problem():

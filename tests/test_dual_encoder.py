@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from contrastive_ranks import loss_and_grads, rank_worker, toy_problem
 from test_model import make_inputs
 
-from tasks.dual.contrastive import contrastive_loss
+from tasks.ranking.contrastive import contrastive_loss
 from vilbert import ViLBertConfig, ViLBertForPreTraining, ViLBertForVLTasks, ViLBertModel
 from vilbert.errors import ConfigError
 
