@@ -107,14 +107,15 @@ def layering_violations(paths: list[Path], root: Path = ROOT) -> list[str]:
 
 
 def test_every_library_import_points_down_the_layers():
-    assert layering_violations(python_files(*LIBRARY)) == []
+    found = layering_violations(python_files(*LIBRARY))
+    assert not found, "upward imports:\n" + "\n".join(found)
 
 
 def test_nothing_outside_the_command_line_imports_it():
     outside = [p for p in python_files("vilbert", "features", "tasks", "bench") if unit(module_name(p)) != "tasks.cli"]
     found = [f"{p.relative_to(ROOT)}:{line}: {module}" for p in outside for line, module, _, _ in imports(p)
              if module == "tasks.cli" or module.startswith("tasks.cli.")]
-    assert found == []
+    assert not found, "imports of the command line:\n" + "\n".join(found)
 
 
 def test_library_code_imports_the_project_at_the_top():
@@ -129,7 +130,7 @@ def test_library_code_imports_the_project_at_the_top():
                 continue
             if module.split(".")[0] in PROJECT or not module.startswith(LAZY_PACKAGES):
                 found.append(f"{path.relative_to(ROOT)}:{line}: {module}")
-    assert found == []
+    assert not found, "function-local imports (hoist them to the top of the file):\n" + "\n".join(found)
 
 
 @pytest.mark.parametrize("source, target", [
