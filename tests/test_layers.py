@@ -6,7 +6,8 @@ Layers, lowest first; a module may import only layers below its own, or its own 
     <  tasks.ranking  <  task modules (tasks/*.py)  <  tasks.runners  <  tasks.shapes  <  tasks.cli
 
 `vilbert` and `features` never import `tasks` nor each other. Task modules share a layer: one may use another's
-public names (a subclass of `RefExpTask`, the VQA answer key) but never a private one (`_name`). Nothing outside
+public names (a subclass of `RefExpTask`, the VQA answer key) but never a private one (`_name`); pretraining
+and the fine-tuning tasks share only the layers below them. Nothing outside
 `tasks.cli` imports it (`bench/` included). Library code imports the project's modules at the top of the file,
 where the import graph shows them; a function-local import is allowed only for the optional or slow third-party
 packages below.
@@ -38,6 +39,8 @@ LAYERS = {
     "tasks.shapes": 8,
     "tasks.cli": 9,
 }
+
+PRETRAINING = "tasks.pretraining"  # a task family of its own: it imports no other task module, and none imports it
 
 # Third-party packages a library function may import where it needs them: optional (not a requirement of the
 # project) or slow to import and needed by one rarely used path.
@@ -101,6 +104,8 @@ def layering_violations(paths: list[Path], root: Path = ROOT) -> list[str]:
                 private = [name for name in names if name.startswith("_")]
                 if private and module != source:
                     problems.append(f"{where} ({', '.join(private)}: another task module's internals)")
+                elif PRETRAINING in (source, module) and source != module:
+                    problems.append(f"{where} (pretraining and the fine-tuning tasks share only lower layers)")
             elif LAYERS[there] >= LAYERS[here]:
                 problems.append(f"{where} (layer {here} may not import {there})")
     return problems
@@ -144,6 +149,8 @@ def test_library_code_imports_the_project_at_the_top():
     ("tasks/ranking/fake.py", "tasks.shapes.world"),
     ("tasks/fake_task.py", "tasks.runners.checkpoint"),
     ("tasks/fake_task.py", "tasks.shapes.world"),
+    ("tasks/pretraining.py", "tasks.retrieval"),
+    ("tasks/retrieval.py", "tasks.pretraining"),
     ("tasks/runners/fake.py", "tasks.shapes.report"),
     ("tasks/shapes/fake.py", "tasks.cli.evaluate"),
 ])
