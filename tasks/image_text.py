@@ -30,7 +30,9 @@ from torch.utils.data import Dataset
 
 from tasks.data.annotations import image_key_resolver
 from tasks.data.regions import collate_visual, visual_input, visual_rows
-from tasks.engine.evaluation import eval_batches, in_dataset_order
+from tasks.data.tokenization import TextInput
+from tasks.engine.distributed import move_to_device
+from tasks.engine.evaluation import eval_batches, eval_mode, in_dataset_order, model_device
 from tasks.engine.padding import cut_to_longest
 from tasks.engine.sampler import length_order
 from tasks.engine.task import StepOutput, TaskDataset
@@ -76,8 +78,6 @@ def encode_texts(tokenizer: Tokenizer, texts: Sequence[Text], max_length: int) -
 
     A pair is truncated longest-first, as BERT's sentence-pair tasks do.
     """
-    from tasks.data.tokenization import TextInput
-
     if all(isinstance(text, str) for text in texts):
         return tokenizer.encode(list(texts), max_length)
     firsts = [text[0] if isinstance(text, tuple) else text for text in texts]
@@ -287,9 +287,6 @@ class ImageTextTask(FinetuneTask):
     @torch.no_grad()
     def predict_sample(self, model: nn.Module, sample: Sample, regions: list[Regions]) -> dict:
         """The prediction for one sample built by hand (e.g. `vilbert predict`), on given regions per row."""
-        from tasks.engine.distributed import move_to_device
-        from tasks.engine.evaluation import eval_mode, model_device
-
         batch = move_to_device(self.collate([{"index": 0, **self.encode(sample, regions)}]), model_device(model))
         with eval_mode(model):
             return self.decode(sample, self.logits(model, batch).cpu()[0])
