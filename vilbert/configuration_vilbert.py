@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from transformers import PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 
 from vilbert.errors import ConfigError
 
@@ -205,3 +205,7 @@ class ViLBertConfig(PreTrainedConfig):
         for name in ("vocab_size", "v_feature_size", "v_target_size", "gqa_num_labels", "num_labels"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be positive")
+
+
+# `AutoConfig.from_pretrained(dir)` of a ViLBERT directory, once this module is imported
+AutoConfig.register("vilbert", ViLBertConfig, exist_ok=True)

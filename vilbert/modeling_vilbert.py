@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModel, AutoModelForPreTraining, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
@@ -1024,3 +1024,8 @@ class ViLBertForVLTasks(ViLBertWithPretrainingHeads):
         if "region_class_logits" in wanted:
             out.region_class_logits = self.region_head(base.vision_hidden)  # [B, R, C]
         return out
+
+
+# `AutoModel.from_pretrained(dir)` of a ViLBERT directory, once this module is imported
+AutoModel.register(ViLBertConfig, ViLBertModel, exist_ok=True)
+AutoModelForPreTraining.register(ViLBertConfig, ViLBertForPreTraining, exist_ok=True)

@@ -24,14 +24,9 @@ from __future__ import annotations
 import argparse
 import os
 
-import yaml
-
 from features.detectors import DETECTORS, build_detector
 from features.errors import FeaturesError
-from features.extract import BATCH_PIXELS, PRECISIONS, boxes_file_info, extract
-from features.images import MAX_SIDE
-from features.inputs import BOX_FORMATS, list_images, load_boxes
-from features.store import merge_stores
+from tasks.cli.options import BATCH_PIXELS, BOX_FORMATS, MAX_SIDE, PRECISIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="image decoding processes (0: in the main process)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
-    parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="autocast dtype")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="autocast dtype")
     parser.add_argument("--float32", action="store_true", help="store float32 features (default float16)")
     parser.add_argument("--max-side", type=int, default=MAX_SIDE,
                         help="downscale larger images while decoding (boxes stay in original pixels)")
@@ -62,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_options(pairs: list[str]) -> dict:
+    import yaml
+
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -72,6 +69,10 @@ def parse_options(pairs: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from features.extract import boxes_file_info, extract
+    from features.inputs import list_images, load_boxes
+    from features.store import merge_stores
+
     if args.merge:
         if len(args.merge) < 2:
             raise FeaturesError("--merge needs OUT and at least one shard")
