@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "ViLBertModel": "modeling_vilbert",
     "ViLBertModelOutput": "modeling_vilbert",
     "ViLBertPreTrainingOutput": "modeling_vilbert",
+    "depth_overrides": "variants",
 }
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "ViLBertForVLTasksOutput",
     "ViLBertModel",
     "ViLBertModelOutput",
+    "depth_overrides",
 ]
 
 if TYPE_CHECKING:
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
         ViLBertModelOutput,
         ViLBertPreTrainingOutput,
     )
+    from vilbert.variants import depth_overrides
 
 
 def __getattr__(name: str):

@@ -397,6 +397,10 @@ class ViLBertEncoder(nn.Module):
         return vision
 
 
+# The encoder of each `config.architecture`; `vilbert.variants` adds the controlled variants (imported at the end).
+ENCODERS: dict[str, type[ViLBertEncoder]] = {"vilbert": ViLBertEncoder}
+
+
 class Pooler(nn.Module):
     """First position ([CLS] or IMG) -> Linear to the co-attention width -> ReLU."""
 
@@ -547,7 +551,7 @@ class ViLBertModel(ViLBertPreTrainedModel):
         super().__init__(config)
         self.embeddings = TextEmbeddings(config)
         self.vision_embeddings = VisionEmbeddings(config)
-        self.encoder = ViLBertEncoder(config)
+        self.encoder = ENCODERS[config.architecture](config)
         self.text_pooler = Pooler(config.hidden_size, config.bi_hidden_size)
         self.vision_pooler = Pooler(config.v_hidden_size, config.bi_hidden_size)
         self.dual = DualEncoderHead(config) if config.dual_embedding_size else None
@@ -1029,3 +1033,7 @@ class ViLBertForVLTasks(ViLBertWithPretrainingHeads):
 # `AutoModel.from_pretrained(dir)` of a ViLBERT directory, once this module is imported
 AutoModel.register(ViLBertConfig, ViLBertModel, exist_ok=True)
 AutoModelForPreTraining.register(ViLBertConfig, ViLBertForPreTraining, exist_ok=True)
+
+# The controlled variants add their encoders to ENCODERS. Imported last, once every name vilbert.variants takes from
+# here exists, so that any import of the model knows every architecture (the package itself loads lazily).
+from vilbert import variants  # noqa: E402, F401
