@@ -8,7 +8,7 @@ writes the hard-negative pool of the split's images (100 nearest by the model's 
 member's validation split), metrics keyed `<task>/<metric>` plus their mean `score`.
 A pretraining checkpoint evaluates retrieval zero-shot (alignment head). Retrieval `--mode coattention|dual|
 dual+rerank [--rerank-k K]` ranks by co-attention, by the dual encoder, or by the dual encoder's top K re-ranked
-by co-attention, and adds queries/s each way (tasks/dual_search.py).
+by co-attention, and adds queries/s each way (tasks/dual/search.py).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Examples:
   torchrun --nproc-per-node 4 -m tasks.cli extract --images photos/ --out feats.h5 --device cuda ...
   vilbert extract --merge feats.h5 feats.h5.rank0-of-2 feats.h5.rank1-of-2
 
-BUTD box selection (--option selection=NAME, reference/features.md section 1.3):
+BUTD box selection (--option selection=NAME; docs/features.md, selection rules):
   butd          Caffe generate_tsv / MILVLG: per-class NMS 0.3, max_conf >= 0.2, 10-100 boxes (default)
   fixed-K       the same with exactly K boxes (the Caffe 36-box features: fixed-36)
   vmb           vilbert-multi-task / MMF: per-class NMS 0.5, the top 100
