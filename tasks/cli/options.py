@@ -26,7 +26,7 @@ CHECKPOINT_SOURCES = ("vilbert-multi-task", "vilbert_beta")  # vilbert.convert.S
 TASK_TOKENS = ("flickr-grounding", "foil", "genome-qa", "gqa", "guesswhat", "guesswhat-pointing", "nlvr2",
                "refcoco", "refcoco+", "refcocog", "retrieval-coco", "retrieval-flickr30k", "snli-ve", "vcr-qa",
                "vcr-qar", "visual7w", "vqa")  # tasks.finetuning.TASK_TOKEN_IDS
-ZERO_SHOT_SCORERS = ("dual", "alignment")  # tasks.dual.zero_shot.SCORERS
+ZERO_SHOT_SCORERS = ("dual", "alignment")  # tasks.ranking.zero_shot.SCORERS
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")  # DEFAULT_TEMPLATES
 REPORT_TASKS = ("gqa", "nlvr2", "refcoco", "retrieval", "snli-ve", "visual7w", "vqa")  # shapes EVAL_SPLITS
 

@@ -5,8 +5,8 @@ from features.images import MAX_SIDE
 from features.inputs import BOX_FORMATS
 from features.published import EXPORTERS, ID_RULES, READERS
 from tasks.cli import build_parser, options
-from tasks.dual.zero_shot import DEFAULT_TEMPLATES, SCORERS
 from tasks.finetuning import TASK_TOKEN_IDS
+from tasks.ranking.zero_shot import DEFAULT_TEMPLATES, SCORERS
 from tasks.registry import TASKS
 from tasks.shapes.report import EVAL_SPLITS
 from vilbert.convert import SOURCES
