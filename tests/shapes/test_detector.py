@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_task_data import write_vocab
 
 from features.detector_training import TrainingSettings, train_detector
 from features.detectors import build_detector
@@ -22,6 +21,7 @@ from tasks.runners.predict import grid_boxes
 from tasks.shapes.detector import detection_samples, world_record
 from tasks.shapes.targets import add_class_targets
 from tasks.shapes.world import NUM_CLASSES, write_shapes_world
+from tests.fixtures.tiny_task_data import write_vocab
 
 TRAIN = ["--steps", "40", "--batch-size", "4", "--detect-short-side", "128", "--no-progress"]
 
