@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from vilbert.configuration_vilbert import ViLBertConfig
 from vilbert.errors import CheckpointError, ConfigError
@@ -224,6 +225,9 @@ def export_reference_state_dict(model: ViLBertPreTrainedModel, source: str = "vi
     if not isinstance(model, ViLBertForPreTraining | ViLBertForVLTasks):
         raise ConfigError(f"model: export needs ViLBertForPreTraining or ViLBertForVLTasks, not {type(model).__name__}")
     config: ViLBertConfig = model.config
+    if config.architecture != "vilbert":
+        raise ConfigError(f"architecture: {config.architecture!r} has no reference counterpart; only the faithful "
+                          "'vilbert' model exports")
     if source == "vilbert_beta" and isinstance(model, ViLBertForVLTasks) and config.answer_head_type != "beta":
         raise ConfigError("answer_head_type: exporting to vilbert_beta needs the 'beta' answer head")
     rules = _rules(source, reverse=True)
@@ -388,8 +392,6 @@ def _read_bert_dir(bert_dir: str) -> tuple[dict[str, Any], dict[str, torch.Tenso
     safetensors_path = os.path.join(bert_dir, "model.safetensors")
     bin_path = os.path.join(bert_dir, "pytorch_model.bin")
     if os.path.isfile(safetensors_path):
-        from safetensors.torch import load_file
-
         return bert_config, load_file(safetensors_path), safetensors_path
     if os.path.isfile(bin_path):
         return bert_config, read_reference_state_dict(bin_path), bin_path
@@ -439,9 +441,9 @@ def init_text_stream_from_bert(model: ViLBertPreTrainedModel, bert_dir: str | os
                     f"{weights_path}: {key} has shape {list(tensor.shape)} but {ours} expects {list(expected.shape)}"
                 )
         updates[ours] = tensor
-    missing_layers = [
-        i for i in range(config.num_hidden_layers) if f"{base}encoder.text_layers.{i}.attention.query.weight" not in updates
-    ]
+    layers = f"{base}encoder.text_layers."  # a variant may build fewer text layers than num_hidden_layers
+    num_layers = len({key[len(layers):].split(".")[0] for key in ours_state if key.startswith(layers)})
+    missing_layers = [i for i in range(num_layers) if f"{layers}{i}.attention.query.weight" not in updates]
     if missing_layers or f"{base}embeddings.word_embeddings.weight" not in updates:
         raise CheckpointError(f"{weights_path}: no BERT weights for the embeddings or text layers {missing_layers}")
     model.load_state_dict(updates, strict=False)

@@ -14,6 +14,7 @@ Word pieces are grouped into words ("##" continuations); a word's row is the mea
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,9 @@ import torch
 from torch import nn
 
 from features.atomic import write_text_atomic
+from tasks.data.regions import region_boxes
 from tasks.errors import ConfigError
+from tasks.figures.matplotlib_files import pyplot, save_png
 
 TASK_TOKEN = "[TASK]"  # the 12-in-1 task token the model inserts after [CLS]
 SPECIAL = ("[CLS]", "[SEP]", "[PAD]", TASK_TOKEN)
@@ -88,6 +91,9 @@ def coattention_view(outputs: Any, tokens: list[str], row_boxes: np.ndarray, hea
     text_to_vision, vision_to_text = outputs.text_to_vision_attentions, outputs.vision_to_text_attentions
     if not text_to_vision:
         raise ConfigError("the model has no co-attention layers; there is no word-region attention to show")
+    if len(vision_to_text) != len(text_to_vision):
+        raise ConfigError("the model's cross-attention is one-way (words over regions only); the figure needs both "
+                          "directions: use --attention-json for the maps it has")
     heads = text_to_vision[layer].shape[1]
     if head is not None and not 0 <= head < heads:
         raise ConfigError(f"--head {head}: the co-attention layers have {heads} heads (0..{heads - 1})")
@@ -111,8 +117,9 @@ def coattention_view(outputs: Any, tokens: list[str], row_boxes: np.ndarray, hea
 def rollout_view(outputs: Any, schedule: list[tuple[str, int]], tokens: list[str],
                  row_boxes: np.ndarray) -> CoAttentionView:
     """Head-averaged attention propagated through the layers in `schedule` order (see the module docstring)."""
-    if not outputs.text_to_vision_attentions:
-        raise ConfigError("the model has no co-attention layers; there is no word-region attention to show")
+    if not any(kind == "C" for kind, _ in schedule) or any(kind not in ("T", "V", "C") for kind, _ in schedule):
+        raise ConfigError("--rollout: needs the two-stream layers (text, vision, co-attention); this model's "
+                          f"layers are {''.join(sorted({kind for kind, _ in schedule}))}")
     length, regions = len(tokens), len(row_boxes)
 
     def mean(probs: torch.Tensor, rows: int, cols: int) -> torch.Tensor:  # [1, h, Lq, Lk] -> [rows, cols] float64
@@ -188,8 +195,6 @@ def draw_figure(pixels: np.ndarray, original_hw: tuple[int, int], view: CoAttent
     """
     from matplotlib.patches import Rectangle
 
-    from tasks.figures.matplotlib_files import pyplot
-
     plt = pyplot()
 
     if not words:
@@ -238,8 +243,6 @@ def draw_figure(pixels: np.ndarray, original_hw: tuple[int, int], view: CoAttent
 
 def save_figure(fig, out: str | os.PathLike, dpi: int = 110) -> Path:
     """Write the figure as a PNG atomically and close it."""
-    from tasks.figures.matplotlib_files import save_png
-
     return save_png(fig, out, dpi)
 
 
@@ -254,10 +257,6 @@ def explain_prediction(model: nn.Module, tokenizer, example, text: str, max_text
 
     Returns {"attention": figure path, "attention_json": JSON path} for what was written.
     """
-    import json
-
-    from tasks.refexp import region_boxes
-
     device = example.visual["region_features"].device
     encoded = tokenizer.encode([text], max_text_length).tensors(device)
     outputs = attention_maps(model, encoded, example.visual, task_ids)

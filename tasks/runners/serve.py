@@ -31,11 +31,13 @@ from starlette.exceptions import HTTPException
 from torch import nn
 
 from features.errors import FeaturesError
+from features.images import read_image
 from tasks.engine.task import Task
 from tasks.errors import ConfigError, DataError
 from tasks.registry import TASKS, task_class
 from tasks.runners import predict
 from tasks.runners.checkpoint import CheckpointInfo, check_serves, load_model, read_checkpoint
+from tasks.vqa import answer_list
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +91,6 @@ def load_checkpoint(directory: str | os.PathLike, device: str, detector: str | N
                     allow_random: bool = False) -> LoadedCheckpoint:
     """Load one checkpoint for serving (fails like `vilbert predict` on a bad directory, detector or tokenizer); its
     detector is `predict.prepare_detector`'s choice (the shapes-world detector for the embedded models, when trained)."""
-    from tasks.vqa import answer_list
-
     info = read_checkpoint(directory)
     tokenizer = predict.tokenizer_directory(info)
     tasks = {mode: predict.build_task(info, predict.choose_task(info, mode), tokenizer)
@@ -160,8 +160,6 @@ class Demo:
     def predict(self, task: str, text: str, upload: bytes | None, filename: str | None,
                 example: str | None) -> dict:
         """One request: validate, decode, run, draw. Returns the JSON result with the two PNGs as data URLs."""
-        from features.images import read_image
-
         checkpoint, mode = self.resolve_task(task)
         text = (text or "").strip()
         if not text:
