@@ -31,6 +31,7 @@ def trained(tmp_path_factory):
     """A tiny world (40 images), a detector trained 40 steps on its 28 training images, and 6 images of another
     seed plus a blank one as the new images."""
     tmp = tmp_path_factory.mktemp("shapes-detector")
+    torch.manual_seed(0)  # the heads' initialisation, whatever ran before
     write_shapes_world(tmp / "world", seed=0, num_images=40, progress=False)
     assert main(["train-detector", "--world", str(tmp / "world"), "--out", str(tmp / "detector"), *TRAIN]) == 0
     write_shapes_world(tmp / "other", seed=1, num_images=8, progress=False)
@@ -82,7 +83,9 @@ def test_extract_needs_no_boxes_and_lists_a_blank_image_among_the_failures(train
         regions = store.read(image_id)
         assert 1 <= len(regions.boxes) <= 10 and regions.cls_prob.shape == (len(regions.boxes), NUM_CLASSES)
         assert np.allclose(regions.cls_prob.sum(axis=1), 1.0, atol=1e-2)
-        assert (regions.objects_id == regions.cls_prob[:, 1:].argmax(axis=1) + 1).all()
+        chosen = regions.cls_prob[np.arange(len(regions.boxes)), regions.objects_id]  # float16 in the store
+        assert np.allclose(chosen, regions.objects_conf, atol=2e-3)
+        assert (chosen >= regions.cls_prob[:, 1:].max(axis=1) - 2e-3).all()
         assert (regions.objects_conf >= threshold - 1e-6).all()
         assert (regions.boxes[:, :2] >= 0).all() and (regions.boxes[:, 2:] <= 128).all()
     # the same features as the given-box MobileNetV2 pooler on those boxes: one pipeline, whatever found the boxes
