@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import torch
+
     from features.detector_training import TrainingSettings, score_detector, train_detector
     from features.locks import OutputLock
     from features.mobilenet_rcnn import MobileNetRCNN, RCNNConfig, build_trunk, save_detector
@@ -46,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     train = detection_samples(args.world, ("train",))[: args.train_images]
     held_out = detection_samples(args.world, ("test",))[: args.held_out_images]
     config = RCNNConfig(classes=world["classes"], world=world, detect_short_side=args.detect_short_side)
+    torch.manual_seed(args.seed)  # the heads' initialisation
     detector = MobileNetRCNN(config, build_trunk(args.mobilenet_weights, random_init=args.random_trunk))
     settings = TrainingSettings(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                                 seed=args.seed, warmup_steps=min(100, max(1, args.steps // 10)))
