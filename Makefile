@@ -41,7 +41,9 @@ lint: setup
 VILBERT := $(BIN)/python -m tasks.cli
 SHAPES := data/shapes
 WORLD := $(SHAPES)/world
-SHAPES_FEATURES := $(SHAPES)/features.h5
+GT_FEATURES := $(SHAPES)/features.h5
+DETECTED_FEATURES := $(SHAPES)/features_detected.h5
+SHAPES_FEATURES := $(GT_FEATURES)
 SHAPES_IMAGES ?= 2000
 PRETRAIN_RUN := runs/pretrain_embedded
 TASK ?= vqa
@@ -52,7 +54,7 @@ DETECTOR_STEPS ?= 1000
 # BOXES=detected: pretrain and fine-tune on the detector's boxes and class distributions instead of the ground
 # truth (their own feature store and run directories, beside the default ones).
 ifeq ($(BOXES),detected)
-SHAPES_FEATURES := $(SHAPES)/features_detected.h5
+SHAPES_FEATURES := $(DETECTED_FEATURES)
 PRETRAIN_RUN := runs/pretrain_embedded_detected
 FINETUNE_RUN := runs/$(TASK)_embedded_detected
 BOXES_OVERRIDES = data.train_features=$(SHAPES_FEATURES) data.val_features=$(SHAPES_FEATURES) \
@@ -69,7 +71,7 @@ $(WORLD)/scenes.json: | $(STAMP)
 	$(VILBERT) shapes-world --out $(WORLD) --seed 0 --images $(SHAPES_IMAGES)
 
 # Extraction resumes if interrupted; the store takes its final name only once the class targets are in.
-$(SHAPES_FEATURES): $(WORLD)/scenes.json
+$(GT_FEATURES): $(WORLD)/scenes.json
 	@$(WEIGHTS_CHECK)
 	$(VILBERT) extract --detector mobilenet-v2 --images $(WORLD)/images --boxes $(WORLD)/gt_boxes.json \
 		--box-format xyxy --out $(SHAPES)/features.partial.h5 --workers 0 --batch-size 64
@@ -85,7 +87,7 @@ detector: $(DETECTOR)/config.json
 		print(f\"$(DETECTOR): held-out mAP@0.5 {r['map50']:.4f} on {r['images']} test images\")"
 
 # The detected-box store: the detector's boxes, pooled features and class distributions (no boxes file).
-$(SHAPES)/features_detected.h5: $(DETECTOR)/config.json
+$(DETECTED_FEATURES): $(DETECTOR)/config.json
 	$(VILBERT) extract --detector shapes --weights $(DETECTOR) --images $(WORLD)/images \
 		--out $(SHAPES)/features_detected.partial.h5 --workers 0 --batch-size 64
 	mv $(SHAPES)/features_detected.partial.h5 $@
