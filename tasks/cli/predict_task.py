@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 from features.detectors import DETECTORS
-from features.inputs import BOX_FORMATS
+from tasks.cli.options import BOX_FORMATS
 
 POINTING = ("visual7w", "guesswhat-pointing")
 TASKS = ("gqa", "genome-qa", "nlvr2", "snli-ve", "visual7w", "guesswhat-pointing", "guesswhat", "vcr-qa", "vcr-qar",
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from features.images import read_image
-    from tasks.cli.predict import to_stderr
+    from tasks.cli.options import to_stderr
     from tasks.errors import ConfigError
     from tasks.image_text import Sample
     from tasks.runners import predict
