@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from tasks.data.annotations import load_json, require
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.errors import AnnotationError, ConfigError
-from tasks.finetuning import build_task_model, soft_bce_sum
+from tasks.finetuning import FinetuneConfig, build_task_model, soft_bce_sum
 from tasks.gqa import read_answer_list
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot
 from tasks.metrics import accuracy
@@ -65,12 +64,9 @@ class GenomeQADataConfig(ImageTextDataConfig):
 
 
 @dataclass
-class GenomeQAConfig:
+class GenomeQAConfig(FinetuneConfig):
     """A Visual Genome QA fine-tuning run (tasks/configs/genome-qa.yaml)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: GenomeQADataConfig = field(default_factory=GenomeQADataConfig)
 
 

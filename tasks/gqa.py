@@ -24,9 +24,8 @@ from torch import nn
 
 from features.safe_pickle import safe_load
 from tasks.data.annotations import load_json, require
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.errors import AnnotationError, ConfigError
-from tasks.finetuning import build_task_model, soft_bce_sum
+from tasks.finetuning import FinetuneConfig, build_task_model, soft_bce_sum
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot
 from tasks.metrics import gqa_accuracy
 
@@ -65,12 +64,9 @@ class GQADataConfig(ImageTextDataConfig):
 
 
 @dataclass
-class GQAConfig:
+class GQAConfig(FinetuneConfig):
     """A GQA fine-tuning run (tasks/configs/gqa.yaml)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: GQADataConfig = field(default_factory=GQADataConfig)
 
 
@@ -79,6 +75,7 @@ class GQATask(ImageTextTask):
 
     name = "gqa"
     head = "gqa_answer_logits"
+    metric_labels = {"accuracy": "accuracy (exact match)"}
     config_class = GQAConfig
     data: GQADataConfig
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,6 @@ from tasks.finetuning import (
     model_inputs,
     resolve_split,
     soft_bce_sum,
-    task_ids_for,
 )
 from tasks.metrics import accuracy
 
@@ -166,7 +166,6 @@ class ImageTextTask(FinetuneTask):
 
     main_metric = "accuracy"
     higher_is_better = True
-    head: str = ""
     exact_image_ids: bool = False  # image ids whose trailing number is no id (NLVR2's "...-img0")
     data: ImageTextDataConfig
 
@@ -231,7 +230,7 @@ class ImageTextTask(FinetuneTask):
 
     def forward(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> Any:
         rows = batch["input_ids"].shape[0]
-        ids = task_ids_for(model, self.name, rows, batch["input_ids"].device)
+        ids = self.task_ids(model, rows, batch["input_ids"].device)
         return model(**model_inputs(batch), task_ids=ids, heads=[self.head])
 
     def logits(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -282,6 +281,12 @@ class ImageTextTask(FinetuneTask):
 
     def id_of(self, prediction: Mapping) -> Any:
         return prediction["id"]
+
+    def chance(self, split: str, train: ImageTextTask | None = None) -> dict[str, float]:
+        """Accuracy of always giving the most frequent training label (a blind guess)."""
+        majority = Counter(s.label for s in (train or self).samples("train")).most_common(1)[0][0]
+        gold = self.gold(split)
+        return {"accuracy": 100 * sum(label == majority for label in gold.values()) / len(gold)}
 
     def score(self, predictions: list[dict], split: str) -> dict[str, float]:
         """Accuracy over every labelled item of the split; an unlabelled split reports only the count."""

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from tasks.data.annotations import require
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.errors import AnnotationError, ConfigError
+from tasks.finetuning import FinetuneConfig
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot, read_json_lines
 
 LABELS = ("contradiction", "neutral", "entailment")
@@ -45,12 +45,9 @@ class SNLIVEDataConfig(ImageTextDataConfig):
 
 
 @dataclass
-class SNLIVEConfig:
+class SNLIVEConfig(FinetuneConfig):
     """An SNLI-VE fine-tuning run (tasks/configs/snli-ve.yaml)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: SNLIVEDataConfig = field(default_factory=SNLIVEDataConfig)
 
 

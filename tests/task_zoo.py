@@ -26,10 +26,10 @@ from tiny_12in1_data import (
 from tiny_pretrain_data import write_pretraining_data
 from tiny_task_data import write_karpathy, write_refcoco, write_store, write_vqa
 
+from tasks import registry
 from tasks.engine.config import load_config
 from tasks.engine.task import Task
 from tasks.registry import TASKS, task_class
-from tasks.runners.evaluate import load_task
 
 # no dropout: ranks and micro-steps draw different dropout masks, so exactness holds only without it
 NO_DROPOUT = ["model.overrides.hidden_dropout_prob=0.0", "model.overrides.attention_probs_dropout_prob=0.0",
@@ -114,4 +114,4 @@ def build_task(name: str, overrides: list[str], dropout: bool = False) -> Task:
     if name == "pretrain":
         cls = task_class(name)
         return cls(load_config(None, cls.config_class, overrides))
-    return load_task(name, None, overrides)
+    return registry.build_task(name, None, overrides)

@@ -13,8 +13,8 @@ from tiny_12in1_data import (
 )
 from tiny_task_data import write_store, write_vocab
 
-from tasks.engine.config import ModelConfig
 from tasks.errors import AnnotationError
+from tasks.finetuning import ModelConfig
 from tasks.flickr_grounding import (
     FlickrGroundingConfig,
     FlickrGroundingDataConfig,

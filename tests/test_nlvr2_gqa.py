@@ -7,8 +7,8 @@ import torch
 from tiny_12in1_data import write_gqa, write_jsonl, write_nlvr2
 from tiny_task_data import write_store, write_vocab
 
-from tasks.engine.config import ModelConfig
 from tasks.errors import AnnotationError
+from tasks.finetuning import ModelConfig
 from tasks.gqa import GQAConfig, GQADataConfig, GQATask, read_gqa
 from tasks.metrics import gqa_accuracy, nlvr2_scores
 from tasks.nlvr2 import NLVR2Config, NLVR2DataConfig, NLVR2Task, image_pair, read_nlvr2

@@ -5,8 +5,8 @@ import torch
 from tiny_12in1_data import write_guesswhat, write_jsonl, write_visual7w
 from tiny_task_data import write_store, write_vocab
 
-from tasks.engine.config import ModelConfig
 from tasks.errors import AnnotationError
+from tasks.finetuning import ModelConfig
 from tasks.guesswhat import (
     ANSWERS,
     GuessWhatConfig,

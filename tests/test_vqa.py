@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny_task_data import write_json, write_store, write_vocab, write_vqa
 
-from tasks.engine.config import ModelConfig
 from tasks.errors import AnnotationError, ConfigError
+from tasks.finetuning import ModelConfig
 from tasks.metrics import vqa_accuracy
 from tasks.vqa import (
     VQAConfig,

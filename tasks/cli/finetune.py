@@ -13,7 +13,7 @@ import argparse
 
 from tasks.cli.evaluate import TASK_CHOICES
 from tasks.data.feature_provenance import warn_if_store_differs
-from tasks.runners.evaluate import load_task
+from tasks.registry import build_task
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,10 +38,10 @@ def run(args: argparse.Namespace) -> int:
         if args.task != "multi":
             raise ConfigError("--clean-train-sets: only a multi-task run (--task multi) has other tasks' splits")
         overrides.append("multitask.clean_train_sets=true")
-    task = load_task(args.task, args.config, overrides)
+    task = build_task(args.task, args.config, overrides)
     for member in [m.task for m in task.members] if isinstance(task, MultiTask) else [task]:
         warn_if_store_differs(task.config.model.init, member.config.data.features)
-    trainer = Trainer(task, task.config.train, task.config.optim, run_config=task.config)
+    trainer = Trainer(task)
     result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     for line in summary_lines(result, task):
         print(line)

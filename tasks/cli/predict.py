@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if mode == "question" and not args.answers and answer_list(info.config.get("id2label")) is None:
         raise ConfigError(f"--checkpoint {args.checkpoint}: config.json has no VQA answer list (id2label); "
                           "pass --answers FILE (or convert with --answers trainval_label2ans.pkl)")
-    task = predict.build_task(info, predict.choose_task(info, mode, args.task),
+    task = predict.checkpoint_task(info, predict.choose_task(info, mode, args.task),
                               predict.tokenizer_directory(info, args.tokenizer))
     options = {"top_k": args.top_k}
     if args.answers:

@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from tasks.shapes.report import EVAL_SPLITS, finetuning_report, finetuning_rows, pretraining_report
+from tasks.shapes.report import finetuning_report, finetuning_rows, pretraining_report
+from tasks.shapes.tasks import EVAL_SPLITS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

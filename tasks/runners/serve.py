@@ -93,7 +93,7 @@ def load_checkpoint(directory: str | os.PathLike, device: str, detector: str | N
     """Load one checkpoint for serving (fails like `vilbert predict` on a bad directory, detector or tokenizer)."""
     info = read_checkpoint(directory)
     tokenizer = predict.tokenizer_directory(info)
-    tasks = {mode: predict.build_task(info, predict.choose_task(info, mode), tokenizer)
+    tasks = {mode: predict.checkpoint_task(info, predict.choose_task(info, mode), tokenizer)
              for mode in checkpoint_modes(info)}
     if "question" in tasks and answer_list(info.config.get("id2label")) is None:
         del tasks["question"]
