@@ -25,11 +25,8 @@ from tasks.runners.checkpoint import load_checkpoint_model
 
 logger = logging.getLogger(__name__)
 
-TASK_CHOICES = tuple(name for name in TASKS if name != "pretrain")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, choices=TASK_CHOICES)
+    parser.add_argument("--task", required=True, choices=[name for name in TASKS if name != "pretrain"])
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + model.safetensors)")
     parser.add_argument("--split", required=True, help="vqa: train|val|trainval|minval|test|test-dev; "
                         "retrieval: train|val|test; refexp: val|testA|testB|test; others: their files' splits")

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 
-from tasks.cli.evaluate import TASK_CHOICES
 from tasks.data.feature_provenance import warn_if_store_differs
-from tasks.registry import build_task
+from tasks.registry import TASKS, build_task
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, choices=TASK_CHOICES)
+    parser.add_argument("--task", required=True, choices=[name for name in TASKS if name != "pretrain"])
     parser.add_argument("--config", help="YAML config (default: tasks/configs/<task>.yaml)")
     parser.add_argument("--init", help="checkpoint directory to start from (pretraining or task)")
     parser.add_argument("--resume", help="resume from a checkpoint or run directory")
@@ -39,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--clean-train-sets: only a multi-task run (--task multi) has other tasks' splits")
         overrides.append("multitask.clean_train_sets=true")
     task = build_task(args.task, args.config, overrides)
-    for member in [m.task for m in task.members] if isinstance(task, MultiTask) else [task]:
-        warn_if_store_differs(task.config.model.init, member.config.data.features)
+    for features in task.feature_files():
+        warn_if_store_differs(task.config.model.init, features)
     trainer = Trainer(task)
     result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     for line in summary_lines(result, task):
