@@ -28,7 +28,7 @@ from tasks.data.tokenization import Tokenizer, load_tokenizer
 from tasks.engine.config import OptimConfig, TrainConfig, type_name
 from tasks.engine.distributed import unwrap
 from tasks.engine.optimization import parameter_groups
-from tasks.engine.run_record import TASKS, store_extractors
+from tasks.engine.run_record import TASK_ARCHITECTURE, store_extractors
 from tasks.engine.task import PredictExample, Task
 from tasks.errors import ConfigError
 from vilbert import ViLBertConfig, ViLBertForVLTasks
@@ -129,8 +129,8 @@ def resolve_split(data: FinetuneDataConfig, split: str) -> str:
 
 def tokenizer_directory(data: FinetuneDataConfig, model_config: ModelConfig) -> str:
     """`data.tokenizer`, else `model.text_init`, else `model.init` when it holds vocab.txt; none is a ConfigError."""
-    directory = data.tokenizer or getattr(model_config, "text_init", None)
-    init = getattr(model_config, "init", None)
+    directory = data.tokenizer or model_config.text_init
+    init = model_config.init
     if not directory and init and (Path(init) / "vocab.txt").is_file():  # a converted dir with its tokenizer
         directory = init
     if not directory:
@@ -203,7 +203,7 @@ def build_task_model(model_config: ModelConfig, **config_overrides: Any) -> nn.M
     config = ViLBertConfig.from_preset(model_config.preset, **{**model_config.overrides, **settings})
     config.update(labels)
     model = ViLBertForVLTasks(config)
-    if getattr(model_config, "text_init", None):
+    if model_config.text_init:
         init_text_stream_from_bert(model, model_config.text_init)
     return model
 
@@ -283,7 +283,7 @@ class FinetuneTask(Task):
     def run_record(self) -> dict[str, Any]:
         """The task, its 12-in-1 token, the extractors of `data.features`, the task architecture."""
         return {"task": self.name, "task_token": self.task_token if self.task_token in TASK_TOKEN_IDS else None,
-                "feature_extractor": store_extractors(self.data.features), "architecture": TASKS}
+                "feature_extractor": store_extractors(self.data.features), "architecture": TASK_ARCHITECTURE}
 
     def example_token(self, example: PredictExample) -> str:
         """The 12-in-1 token for one prediction: the user's choice, else this task's."""

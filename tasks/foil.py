@@ -19,7 +19,7 @@ import torch
 
 from tasks.data.annotations import load_json, require
 from tasks.engine.task import StepOutput
-from tasks.errors import AnnotationError, ConfigError
+from tasks.errors import AnnotationError
 from tasks.finetuning import FinetuneConfig
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample
 
@@ -58,12 +58,9 @@ class FoilTask(ImageTextTask):
 
     name = "foil"
     head = "pair_logit"
+    split_files = SPLIT_FILES
+    title = "FOIL"
     config_class = FoilConfig
-
-    def annotation_file(self, split: str) -> Path:
-        if split not in SPLIT_FILES:
-            raise ConfigError(f"unknown FOIL split {split!r}; choose one of {', '.join(SPLIT_FILES)}")
-        return Path(self.data.root) / SPLIT_FILES[split]
 
     def read_samples(self, split: str) -> list[Sample]:
         return read_foil(self.annotation_file(split))

@@ -50,7 +50,7 @@ import numpy as np
 from torch import nn
 
 from tasks.engine.config import OptimConfig, TrainConfig, to_dict
-from tasks.engine.run_record import TASKS as TASK_ARCHITECTURE
+from tasks.engine.run_record import TASK_ARCHITECTURE
 from tasks.engine.task import StepOutput, Task, TaskDataset
 from tasks.errors import ConfigError, DataError
 from tasks.finetuning import FinetuneTask, ModelConfig, model_parameter_groups

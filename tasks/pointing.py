@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from tasks.data.annotations import load_json, require
-from tasks.data.regions import box_iou, build_visual_input
+from tasks.data.regions import build_visual_input, iou_matrix
 from tasks.errors import AnnotationError, ConfigError
 from tasks.finetuning import FinetuneConfig, soft_bce_sum
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, SampleDataset, known_samples
@@ -41,7 +41,7 @@ def candidate_rows(candidate_boxes: np.ndarray, row_boxes: np.ndarray, first_row
         return [-1] * len(candidate_boxes)
     both = np.concatenate([np.asarray(candidate_boxes, dtype=np.float64).reshape(-1, 4),
                            np.asarray(row_boxes, dtype=np.float64).reshape(-1, 4)])
-    iou = box_iou(both)[: len(candidate_boxes), len(candidate_boxes):]  # [n, K]
+    iou = iou_matrix(both)[: len(candidate_boxes), len(candidate_boxes):]  # [n, K]
     best = iou.argmax(axis=1)
     return [first_row + int(k) if iou[i, k] >= MATCH_IOU else -1 for i, k in enumerate(best)]
 

@@ -287,7 +287,7 @@ class VQATask(FinetuneTask):
         """The answer list: the initial checkpoint's (config id2label) when it has one, then (when fine-tuning) the
         data's answers it lacks; else built from train+val. A converted head without labels is refused."""
         if self.answers is None:
-            init = getattr(self.config.model, "init", None)
+            init = self.config.model.init
             require_answer_labels(init)
             self.init_answers = checkpoint_answers(init)
             if self.init_answers is None or self.data.extend_answers:

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if args.scorer == "dual" and not info.config.get("dual_embedding_size"):
         raise ConfigError(f"--checkpoint {args.checkpoint}: its model has no dual encoder (dual_embedding_size is 0); "
                           "use --scorer alignment, or train with data.contrastive_weight > 0")
-    tokenizer_dir = predict.tokenizer_directory(info, args.tokenizer)
+    tokenizer_dir = predict.checkpoint_tokenizer(info, args.tokenizer)
     task = predict.checkpoint_task(info, predict.choose_task(info, "captions"), tokenizer_dir)
     image = read_image(args.image)
     boxes = predict.boxes_for_image(args.boxes, args.box_format, args.image) if args.boxes else None

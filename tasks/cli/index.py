@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     model, info = load_dual_model(args.checkpoint, device)
     store = open_feature_store(args.features, "--features")
     try:
-        tokenizer = predict.tokenizer_directory(info)
+        tokenizer = predict.checkpoint_tokenizer(info)
     except ConfigError:
         tokenizer = None  # vilbert search then needs --tokenizer
     task = predict.checkpoint_task(info, predict.choose_task(info, "captions"), tokenizer or "")

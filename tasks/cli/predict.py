@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--checkpoint {args.checkpoint}: config.json has no VQA answer list (id2label); "
                           "pass --answers FILE (or convert with --answers trainval_label2ans.pkl)")
     task = predict.checkpoint_task(info, predict.choose_task(info, mode, args.task),
-                              predict.tokenizer_directory(info, args.tokenizer))
+                              predict.checkpoint_tokenizer(info, args.tokenizer))
     options = {"top_k": args.top_k}
     if args.answers:
         options["answers"] = predict.read_answers(args.answers)
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         predict.save_picture(task.draw(example, answer), args.out)
         result["out"] = args.out
     if args.attention or args.attention_json:
-        result.update(predict.attention_maps(model, task, example, answer, words=args.words, head=args.head,
+        result.update(predict.write_attention(model, task, example, answer, words=args.words, head=args.head,
                                              rollout=args.rollout, out=args.attention, json_out=args.attention_json))
 
     if args.json:

@@ -67,7 +67,7 @@ def choose_task(info: CheckpointInfo, mode: str, requested: str | None = None) -
     return DEFAULT_TASK[mode]
 
 
-def tokenizer_directory(info: CheckpointInfo, override: str | None = None) -> str:
+def checkpoint_tokenizer(info: CheckpointInfo, override: str | None = None) -> str:
     """--tokenizer, else the run's data.tokenizer or model.text_init, else the checkpoint dir if it has a vocab."""
     data, model = info.run_config.get("data") or {}, info.run_config.get("model") or {}
     for candidate in (override, data.get("tokenizer"), model.get("text_init")):
@@ -262,7 +262,7 @@ def build_example(loaded: LoadedImage, regions: Regions, max_regions: int, devic
                           visual=inputs, **request)
 
 
-def attention_maps(model: nn.Module, task: Task, example: PredictExample, result: Mapping[str, Any],
+def write_attention(model: nn.Module, task: Task, example: PredictExample, result: Mapping[str, Any],
                    **figure: Any) -> dict[str, str]:
     """The co-attention figure and/or JSON (tasks.figures.attention) of the text the task answered: the question
     or expression, else the best-ranked caption. `figure`: words, head, rollout, out, json_out."""

@@ -92,7 +92,7 @@ def load_checkpoint(directory: str | os.PathLike, device: str, detector: str | N
                     allow_random: bool = False) -> LoadedCheckpoint:
     """Load one checkpoint for serving (fails like `vilbert predict` on a bad directory, detector or tokenizer)."""
     info = read_checkpoint(directory)
-    tokenizer = predict.tokenizer_directory(info)
+    tokenizer = predict.checkpoint_tokenizer(info)
     tasks = {mode: predict.checkpoint_task(info, predict.choose_task(info, mode), tokenizer)
              for mode in checkpoint_modes(info)}
     if "question" in tasks and answer_list(info.config.get("id2label")) is None:
@@ -214,7 +214,7 @@ class Demo:
         drawn = predict.save_picture(task.draw(example, answer), tmp / "drawn.png")
         result["drawn"] = data_url(drawn)
         try:
-            predict.attention_maps(model, task, example, answer, out=tmp / "attention.png")
+            predict.write_attention(model, task, example, answer, out=tmp / "attention.png")
             result["attention"] = data_url(tmp / "attention.png")
         except ConfigError as error:  # e.g. a text of special tokens only: the answer stands without the figure
             notes.append(f"no attention figure: {error}")
