@@ -5,6 +5,8 @@ Layers, lowest first; a module may import only layers below its own, or its own 
     vilbert, features  <  tasks.errors, tasks.metrics  <  tasks.engine  <  tasks.data  <  tasks.figures
     <  tasks.ranking  <  task modules (tasks/*.py)  <  tasks.runners  <  tasks.shapes  <  tasks.cli
 
+The engine imports only the feature side and tasks.errors (no model, no task), the data plumbing only those and
+the engine.
 `vilbert` and `features` never import `tasks` nor each other. Task modules share a layer: one may use another's
 public names (a subclass of `RefExpTask`, the VQA answer key) but never a private one (`_name`); pretraining
 and the fine-tuning tasks share only the model's base module (`tasks.finetuning`) and the layers below. Nothing outside
@@ -40,6 +42,12 @@ LAYERS = {
     "tasks.cli": 9,
 }
 
+# Units that see less than everything below them: the engine sees only the contract (no model, no task), the data
+# plumbing only the engine and the feature side (the model's errors come through tasks.errors).
+ONLY = {
+    "tasks.engine": {"features", "tasks.errors"},
+    "tasks.data": {"features", "tasks.errors", "tasks.engine"},
+}
 PRETRAINING = "tasks.pretraining"  # a task family of its own: besides the model's base module (`tasks.finetuning`:
 # ModelConfig, the optimizer groups) it imports no other task module, and none imports it
 
@@ -109,6 +117,8 @@ def layering_violations(paths: list[Path], root: Path = ROOT) -> list[str]:
                     problems.append(f"{where} (pretraining and the fine-tuning tasks share only lower layers)")
             elif LAYERS[there] >= LAYERS[here]:
                 problems.append(f"{where} (layer {here} may not import {there})")
+            elif here in ONLY and there not in ONLY[here]:
+                problems.append(f"{where} ({here} imports only {', '.join(sorted(ONLY[here]))})")
     return problems
 
 
@@ -144,6 +154,8 @@ def test_library_code_imports_the_project_at_the_top():
     ("vilbert/fake.py", "features.store"),
     ("features/fake.py", "vilbert.errors"),
     ("tasks/engine/fake.py", "tasks.finetuning"),
+    ("tasks/engine/fake.py", "vilbert.configuration_vilbert"),
+    ("tasks/data/fake.py", "vilbert.modeling_vilbert"),
     ("tasks/data/fake.py", "tasks.figures.drawing"),
     ("tasks/figures/fake.py", "tasks.refexp"),
     ("tasks/ranking/fake.py", "tasks.retrieval"),
