@@ -120,7 +120,7 @@ class MultiTaskConfig:
         if len(set(labels)) != len(labels):
             raise ConfigError(f"tasks: member labels must differ (set `label` on repeated tasks), got {labels}")
         for member in self.tasks:
-            if member.name in ("multi", "pretrain"):
+            if not issubclass(task_class(member.name), FinetuneTask):  # pretraining, another multi-task run
                 raise ConfigError(f"tasks: {member.name!r} cannot be a member of a multi-task run")
             if member.loss_scale is not None and member.loss_scale <= 0:
                 raise ConfigError(f"tasks: {member.name} loss_scale must be positive, got {member.loss_scale}")
