@@ -47,7 +47,6 @@ from tasks.engine.trainer import Trainer
 from tasks.errors import ConfigError
 from tasks.figures.intervals import IntervalPanel, interval_figure
 from tasks.pretraining import PretrainConfig, PretrainingTask
-from tasks.registry import task_class
 from tasks.shapes.report import finetuning_rows, last_checkpoint
 from tasks.shapes.targets import add_class_targets
 from tasks.shapes.world import write_shapes_world
@@ -408,7 +407,7 @@ def pretrain(paths: StudyPaths, plan: StudyPlan, cell: Cell, text_init: str) -> 
         *plan.pretrain_overrides]
     config = load_config(CONFIGS / "pretrain_embedded.yaml", PretrainConfig, overrides)
     cpu = time.process_time()
-    result = Trainer(PretrainingTask(config), config.train, config.optim, run_config=config).fit(overwrite=True)
+    result = Trainer(PretrainingTask(config)).fit(overwrite=True)
     return {"metrics": result.last_eval, "seconds": result.seconds, "cpu_seconds": time.process_time() - cpu,
             "checkpoint": str(last_checkpoint(run_dir))}
 
