@@ -88,9 +88,8 @@ def checkpoint_task(info: CheckpointInfo, name: str, tokenizer: str) -> Task:
     if info.task == "multi":  # a multi-task run keeps each member's whole config
         settings = next((member.get("resolved") or {} for member in info.run_config.get("tasks") or []
                          if member.get("name") == name), {})
-    task = build_task(name, settings, source=str(info.directory / "run_config.yaml"))
-    task.config.data.tokenizer = tokenizer
-    return task
+    settings = {**settings, "data": {**(settings.get("data") or {}), "tokenizer": tokenizer}}
+    return build_task(name, settings, source=str(info.directory / "run_config.yaml"))
 
 
 # ------------------------------------------------------------------------------------------------------ detector
