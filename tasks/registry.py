@@ -9,11 +9,13 @@ import importlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks.engine.config import from_dict, load_config
-from tasks.engine.task import Task
 from tasks.errors import ConfigError
+
+if TYPE_CHECKING:  # the registry itself stays light: the command line reads it to parse --task
+    from tasks.engine.task import Task
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # tasks/configs/<name>.yaml: each task's default config
 

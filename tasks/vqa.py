@@ -39,6 +39,7 @@ from tasks.data.annotations import (
 from tasks.data.answer_labels import (
     carry_answer_rows,
     checkpoint_classifier,
+    config_answers,
     extend_answers,
     require_answer_labels,
 )
@@ -156,13 +157,7 @@ def checkpoint_answers(directory: str | None) -> list[str] | None:
     """The answer list saved in a VQA checkpoint's config.json (id2label), or None for other checkpoints."""
     if not directory or not (Path(directory) / "config.json").is_file():
         return None
-    return answer_list(load_json(Path(directory) / "config.json").get("id2label"))
-
-
-def answer_list(id2label: Mapping | None) -> list[str] | None:
-    """The answers of a model config's id2label in label order, or None when they are the default LABEL_i."""
-    answers = [id2label[k] for k in sorted(id2label or {}, key=int)]
-    return answers if answers and not all(a == f"LABEL_{i}" for i, a in enumerate(answers)) else None
+    return config_answers(load_json(Path(directory) / "config.json"))
 
 
 def soft_target(answers: list[str], label_of: Mapping[str, int]) -> dict[int, float]:
@@ -402,7 +397,7 @@ class VQATask(FinetuneTask):
 
         The answer list is `options["answers"]` when given, else the checkpoint's (config id2label).
         """
-        answers = example.options.get("answers") or answer_list(model.config.id2label)
+        answers = example.options.get("answers") or config_answers({"id2label": model.config.id2label})
         if answers is None:
             raise ConfigError("the checkpoint's config.json has no VQA answer list (id2label); pass --answers FILE")
         if len(answers) != model.config.num_labels:

@@ -18,15 +18,14 @@ import logging
 from pathlib import Path
 
 from features.atomic import write_json_atomic
-from tasks.data.feature_provenance import warn_if_store_differs
+from tasks.cli.options import task_choices
 from tasks.errors import ConfigError
-from tasks.registry import TASKS, build_task, task_class
-from tasks.runners.checkpoint import load_checkpoint_model
 
 logger = logging.getLogger(__name__)
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, choices=[name for name in TASKS if name != "pretrain"])
+    parser.add_argument("--task", required=True, choices=task_choices())
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + model.safetensors)")
     parser.add_argument("--split", required=True, help="vqa: train|val|trainval|minval|test|test-dev; "
                         "retrieval: train|val|test; refexp: val|testA|testB|test; others: their files' splits")
@@ -46,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
+
+    from tasks.data.feature_provenance import warn_if_store_differs
+    from tasks.registry import build_task, task_class
+    from tasks.runners.checkpoint import load_checkpoint_model
 
     cls = task_class(args.task)
     if args.strict and cls.strict_key is None:

@@ -16,9 +16,6 @@ import csv
 import io
 
 from features.atomic import write_text_atomic
-from tasks.registry import build_task
-from tasks.runners.checkpoint import load_checkpoint_model
-from tasks.vcr import LEADERBOARD_COLUMNS, leaderboard_rows
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
+
+    from tasks.registry import build_task
+    from tasks.runners.checkpoint import load_checkpoint_model
+    from tasks.vcr import LEADERBOARD_COLUMNS, leaderboard_rows
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
 

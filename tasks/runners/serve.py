@@ -33,12 +33,12 @@ from torch import nn
 from features.detectors import build_detector
 from features.errors import FeaturesError
 from features.images import read_image
+from tasks.data.answer_labels import config_answers
 from tasks.engine.task import Task
 from tasks.errors import ConfigError, DataError
 from tasks.registry import TASKS, task_class
 from tasks.runners import predict
 from tasks.runners.checkpoint import CheckpointInfo, check_serves, load_model, read_checkpoint
-from tasks.vqa import answer_list
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def load_checkpoint(directory: str | os.PathLike, device: str, detector: str | N
     tokenizer = predict.checkpoint_tokenizer(info)
     tasks = {mode: predict.checkpoint_task(info, predict.choose_task(info, mode), tokenizer)
              for mode in checkpoint_modes(info)}
-    if "question" in tasks and answer_list(info.config.get("id2label")) is None:
+    if "question" in tasks and config_answers(info.config) is None:
         del tasks["question"]
         logger.warning("%s: no VQA answer list (config.json id2label); not offering questions", directory)
     if not tasks:
