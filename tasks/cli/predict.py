@@ -8,7 +8,9 @@ Examples:
 The task is --task, else the task the run recorded (run.json) when it answers the request, else vqa for
 --question, refcoco for --expression, retrieval for --captions (a pretraining checkpoint ranks captions zero-shot).
 The image's regions are extracted with the detector the run recorded (its feature stores' extractor), or
---detector/--weights. mobilenet-v2 pools on given boxes: pass --boxes, else a whole-image + 3x3 grid is used.
+--detector/--weights. A model trained on shapes-world ground-truth boxes (mobilenet-v2 pools on given boxes) gets
+its boxes from the shapes-world detector (`make detector`) unless --boxes is given; only without one is a
+whole-image + 3x3 grid used, with a note.
 """
 
 from __future__ import annotations
@@ -53,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
 
     from features.detectors import detector_options
     from features.images import read_image
+    from tasks.data.answer_labels import config_answers
     from tasks.errors import ConfigError
     from tasks.runners import predict
     from tasks.runners.checkpoint import load_model, read_checkpoint
-    from tasks.vqa import answer_list
 
     if args.boxes and not args.box_format:
         raise ConfigError("--boxes needs --box-format xyxy or xywh (coordinates are never guessed)")
@@ -72,11 +74,11 @@ def run(args: argparse.Namespace) -> int:
 
     # everything cheap to check comes first: a bad path fails before any weights load
     info = read_checkpoint(args.checkpoint)
-    if mode == "question" and not args.answers and answer_list(info.config.get("id2label")) is None:
+    if mode == "question" and not args.answers and config_answers(info.config) is None:
         raise ConfigError(f"--checkpoint {args.checkpoint}: config.json has no VQA answer list (id2label); "
                           "pass --answers FILE (or convert with --answers trainval_label2ans.pkl)")
-    task = predict.build_task(info, predict.choose_task(info, mode, args.task),
-                              predict.tokenizer_directory(info, args.tokenizer))
+    task = predict.checkpoint_task(info, predict.choose_task(info, mode, args.task),
+                              predict.checkpoint_tokenizer(info, args.tokenizer))
     options = {"top_k": args.top_k}
     if args.answers:
         options["answers"] = predict.read_answers(args.answers)
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     image = read_image(args.image)
     boxes = predict.boxes_for_image(args.boxes, args.box_format, args.image) if args.boxes else None
     name, detector = predict.prepare_detector(info, args.detector, args.weights, detector_options(args.option),
-                                              args.random_detector, warn=to_stderr)
+                                              args.random_detector, warn=to_stderr, boxes_given=boxes is not None)
     with quiet_weight_loading():
         model = load_model(info, device, task)
 
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         predict.save_picture(task.draw(example, answer), args.out)
         result["out"] = args.out
     if args.attention or args.attention_json:
-        result.update(predict.attention_maps(model, task, example, answer, words=args.words, head=args.head,
+        result.update(predict.write_attention(model, task, example, answer, words=args.words, head=args.head,
                                              rollout=args.rollout, out=args.attention, json_out=args.attention_json))
 
     if args.json:

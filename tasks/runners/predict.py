@@ -23,23 +23,23 @@ from torch import nn
 
 from features.atomic import atomic_path
 from features.detector import RegionDetector, pad_batch
-from features.detectors import build_detector
+from features.detectors import box_detector_for, build_detector
 from features.errors import FeaturesError
 from features.images import LoadedImage
 from features.inputs import BOX_FORMATS, clip_boxes, load_boxes
+from features.mobilenet_rcnn import world_mismatch
 from features.store import Regions
 from tasks.data.annotations import load_json
 from tasks.data.feature_provenance import feature_mismatch
 from tasks.data.regions import collate_visual, visual_input
 from tasks.data.tokenization import load_tokenizer
-from tasks.engine.config import from_dict
 from tasks.engine.run_record import PRETRAINING, architecture
 from tasks.engine.task import PredictExample, Task
 from tasks.errors import ConfigError
 from tasks.figures.attention import explain_prediction
-from tasks.finetuning import FinetuneTask, task_ids_for
+from tasks.finetuning import FinetuneTask
 from tasks.metrics import xywh_to_xyxy
-from tasks.registry import TASKS, task_class
+from tasks.registry import TASKS, build_task, task_class
 from tasks.runners.checkpoint import CheckpointInfo
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def choose_task(info: CheckpointInfo, mode: str, requested: str | None = None) -
     return DEFAULT_TASK[mode]
 
 
-def tokenizer_directory(info: CheckpointInfo, override: str | None = None) -> str:
+def checkpoint_tokenizer(info: CheckpointInfo, override: str | None = None) -> str:
     """--tokenizer, else the run's data.tokenizer or model.text_init, else the checkpoint dir if it has a vocab."""
     data, model = info.run_config.get("data") or {}, info.run_config.get("model") or {}
     for candidate in (override, data.get("tokenizer"), model.get("text_init")):
@@ -80,19 +80,17 @@ def tokenizer_directory(info: CheckpointInfo, override: str | None = None) -> st
                       "pass --tokenizer DIR (a local BERT directory with vocab.txt)")
 
 
-def build_task(info: CheckpointInfo, name: str, tokenizer: str) -> Task:
+def checkpoint_task(info: CheckpointInfo, name: str, tokenizer: str) -> Task:
     """Task `name` with the run's config when this checkpoint's run trained it, else its defaults.
 
     Its data is never read: prediction needs only the text and region settings and the tokenizer.
     """
-    cls = task_class(name)
     settings = info.run_config if info.task == name else {}
     if info.task == "multi":  # a multi-task run keeps each member's whole config
         settings = next((member.get("resolved") or {} for member in info.run_config.get("tasks") or []
                          if member.get("name") == name), {})
-    config = from_dict(cls.config_class, settings, str(info.directory / "run_config.yaml"))
-    config.data.tokenizer = tokenizer
-    return cls(config)
+    settings = {**settings, "data": {**(settings.get("data") or {}), "tokenizer": tokenizer}}
+    return build_task(name, settings, source=str(info.directory / "run_config.yaml"))
 
 
 # ------------------------------------------------------------------------------------------------------ detector
@@ -135,16 +133,34 @@ def check_detector(detector: RegionDetector, feature_size: int, allow_random: bo
 
 def prepare_detector(info: CheckpointInfo, requested: str | None = None, weights: str | None = None,
                      options: Mapping[str, Any] | None = None, allow_random: bool = False,
-                     warn: Callable[[str], None] = logger.warning) -> tuple[str, RegionDetector]:
+                     warn: Callable[[str], None] = logger.warning,
+                     boxes_given: bool = False) -> tuple[str, RegionDetector]:
     """(name, detector) for this checkpoint's images: `detector_name`, built and checked against the model's feature
-    size (and for real weights unless `allow_random`); `warn` gets a line when it is not the run's detector."""
+    size (and for real weights unless `allow_random`); `warn` gets a line when it is not the run's detector.
+
+    When the run's features were pooled on given boxes, no --detector is asked for and `boxes_given` is False, the
+    detector that finds such boxes (`features.detectors.box_detector_for` on the run record's extractor: the
+    shapes-world detector for ground-truth-box shapes-world features) is chosen when one is trained; the web demo
+    and every predicting command call this one function."""
     name = detector_name(info, requested)
     mismatch = feature_mismatch(info.config.get("visual_features"), name, f"detector {name}")
     if mismatch:
         warn(f"warning: {mismatch}")
-    detector = build_detector(name, weights=weights, **dict(options or {}))
+    extractor = info.feature_extractor or {}
+    finder = None if requested or boxes_given else box_detector_for(extractor, weights, **dict(options or {}))
+    detector = finder or build_detector(name, weights=weights, **dict(options or {}))
     check_detector(detector, info.feature_size, allow_random)
-    return name, detector
+    check_world(detector, extractor)
+    return (finder.name if finder else name), detector
+
+
+def check_world(detector: RegionDetector, extractor: Mapping[str, Any]) -> None:
+    """A detector trained on a synthetic world must be of the world the model's features came from."""
+    trained_on = detector.extractor_info().get("world")
+    if trained_on is not None:
+        problem = world_mismatch(trained_on, extractor.get("world"), str(detector.extractor_info().get("weights")))
+        if problem:
+            raise ConfigError(problem)
 
 
 # ------------------------------------------------------------------------------------------------------ regions
@@ -244,8 +260,8 @@ def image_regions(detector: RegionDetector, name: str, loaded: LoadedImage, boxe
     detector that only pools on given boxes) the whole image and a GRID x GRID grid, said through `note`."""
     if boxes is None and needs_given_boxes(detector):
         boxes = grid_boxes(loaded.original_hw)
-        note(f"note: {name} pools features on given boxes and --boxes was not given; using the whole image and "
-             f"a {GRID}x{GRID} grid")
+        note(f"note: {name} pools features on given boxes, --boxes was not given and no detector for these features "
+             f"is trained (`make detector`); using the whole image and a {GRID}x{GRID} grid")
     return detect_regions(detector, loaded, boxes, device, image_id=image_id)
 
 
@@ -264,7 +280,7 @@ def build_example(loaded: LoadedImage, regions: Regions, max_regions: int, devic
                           visual=inputs, **request)
 
 
-def attention_maps(model: nn.Module, task: Task, example: PredictExample, result: Mapping[str, Any],
+def write_attention(model: nn.Module, task: Task, example: PredictExample, result: Mapping[str, Any],
                    **figure: Any) -> dict[str, str]:
     """The co-attention figure and/or JSON (tasks.figures.attention) of the text the task answered: the question
     or expression, else the best-ranked caption. `figure`: words, head, rollout, out, json_out."""
@@ -272,7 +288,7 @@ def attention_maps(model: nn.Module, task: Task, example: PredictExample, result
     device = example.visual["region_features"].device
     task_ids = None
     if isinstance(task, FinetuneTask) and architecture(model) != PRETRAINING:
-        task_ids = task_ids_for(model, task.example_token(example), 1, device)
+        task_ids = task.task_ids(model, 1, device, example.task_token)
     tokenizer = load_tokenizer(task.config.data.tokenizer)
     return explain_prediction(model, tokenizer, example, text, task.config.data.max_text_length, task_ids, **figure)
 
