@@ -15,7 +15,7 @@ import argparse
 import csv
 import io
 
-from features.atomic import write_text_atomic
+from features.atomic import check_output, write_text_atomic
 from tasks.runners.evaluate import load_checkpoint_model, load_task
 from tasks.vcr import LEADERBOARD_COLUMNS, leaderboard_rows
 
@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    inputs = (args.checkpoint, args.rationale_checkpoint, args.config)
+    check_output(args.out, inputs)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def progress(name: str):
@@ -52,6 +54,6 @@ def run(args: argparse.Namespace) -> int:
     writer = csv.DictWriter(text, fieldnames=LEADERBOARD_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_text_atomic(args.out, text.getvalue())
+    write_text_atomic(args.out, text.getvalue(), inputs)
     print(f"{args.out}: {len(rows)} items, Q→A and QA→R conditioned on each of 4 answers")
     return 0

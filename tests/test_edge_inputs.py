@@ -1,0 +1,125 @@
+"""Inputs checked at the edge (issue 24, silently wrong): what a store cannot hold faithfully is refused in one line
+or, for boxes outside the image, clipped with a warning, never stored wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from cli_check import assert_refused
+from published_sources import make_rows, write_butd_tsv, write_vilbert_lmdb
+from tiny_task_data import write_store
+
+from features.errors import FeatureStoreError
+from features.importing import import_features
+from features.store import FeatureStore, FeatureStoreWriter
+
+
+def _import(tmp_path, rows, fmt="vilbert-lmdb", **kw):
+    source = write_vilbert_lmdb(tmp_path / "src.lmdb", rows) if fmt == "vilbert-lmdb" else \
+        write_butd_tsv(tmp_path / "src.tsv", rows)
+    return source, import_features(source, fmt, tmp_path / "out.h5", progress=False, **kw)
+
+
+def test_features_beyond_float16_are_refused_not_stored_as_inf(tmp_path):
+    rows = make_rows(2)
+    rows[1]["features"][0, 0] = 1e5
+    with pytest.raises(FeatureStoreError, match=r"'2'.*exceed float16's range.*--float32"):
+        _import(tmp_path, rows)
+    _, summary = _import(tmp_path, rows, float32=True)  # float32 holds them
+    assert summary.images_written == 2
+    assert FeatureStore(tmp_path / "out.h5").read("2").features[0, 0] == 1e5
+
+
+@pytest.mark.parametrize("height", [300.7, True, float("inf"), 10**12, -5])
+def test_image_sizes_that_are_not_int32_integers_are_refused(tmp_path, height):
+    rows = make_rows(1)
+    rows[0]["h"] = height
+    with pytest.raises(FeatureStoreError, match=r"image_h is .*(not an integer|outside)"):
+        _import(tmp_path, rows)
+
+
+def test_a_whole_number_float_size_is_taken_as_the_integer(tmp_path):
+    rows = make_rows(1)
+    rows[0]["h"] = 300.0
+    _import(tmp_path, rows)
+    assert FeatureStore(tmp_path / "out.h5").read("1").image_hw == (300, 400)
+
+
+def test_label_ids_beyond_int32_are_refused_not_wrapped(tmp_path):
+    with pytest.raises(FeatureStoreError, match="objects_id.*does not fit int32"), \
+            FeatureStoreWriter(tmp_path / "s.h5", feature_dim=2) as writer:
+        writer.add("1", (10, 10), np.zeros((1, 2)), np.array([[0, 0, 5, 5]]), objects_id=np.array([10**12]))
+
+
+def test_non_numeric_feature_arrays_are_one_line(tmp_path):
+    rows = make_rows(1)
+    rows[0]["features"] = np.array([["a", "b"]] * 5, dtype=object)
+    with pytest.raises(FeatureStoreError, match="features holds object values, not numbers"):
+        _import(tmp_path, rows)
+
+
+def test_boxes_outside_the_image_or_inverted_are_clipped_with_a_warning(tmp_path, caplog):
+    rows = make_rows(1, k=2)
+    rows[0]["boxes"] = np.array([[-20, 10, 900, 50], [60, 60, 40, 40]], np.float32)  # outside; inverted
+    with caplog.at_level(logging.WARNING):
+        _import(tmp_path, rows)
+    assert "1 box(es) reached outside the 400x300 image and were clipped; 1 have no area" in caplog.text
+    boxes = FeatureStore(tmp_path / "out.h5").read("1").boxes
+    assert boxes[0].tolist() == [0, 10, 400, 50]
+
+
+def test_export_refuses_ids_its_format_cannot_hold(tmp_path):
+    store = write_store(tmp_path / "feats.h5", ["1", "keys"])
+    line = assert_refused(["features", "export", "--to", "vilbert-lmdb", str(store), "--out", str(tmp_path / "o")],
+                          names=["'keys'", "reserved"], watch=[tmp_path])
+    assert "nothing was written" in line
+    store = write_store(tmp_path / "tabs.h5", ["1", "a\tb"])
+    assert_refused(["features", "export", "--to", "butd-tsv", str(store), "--out", str(tmp_path / "o.tsv")],
+                   names=["'a\\tb'", "tab"], watch=[tmp_path])
+
+
+# ------------------------------------------------------------------------------------------------ vilbert boxes
+
+
+def _coco(tmp_path, images, annotations=(), name="instances.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps({"images": images, "annotations": list(annotations)}))
+    return path
+
+
+def _boxes(tmp_path, *extra):
+    return ["boxes", "--out", str(tmp_path / "boxes.json"), *extra]
+
+
+@pytest.mark.parametrize("images, annotations, problem", [
+    ([{"id": 1, "file_name": "a/x.jpg"}, {"id": 2, "file_name": "b/x.jpg"}], [], "same file stem 'x'"),
+    ([{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}], [], "repeats image id 1"),
+    ([{"id": 1.7, "file_name": "a.jpg"}], [], "1.7, not an integer"),
+    ([{"id": True, "file_name": "a.jpg"}], [], "True, not an integer"),
+    ([{"id": [1], "file_name": "a.jpg"}], [], "[1], not an integer"),
+    ([{"id": 1, "file_name": "a.jpg"}], [{"image_id": "one", "bbox": [0, 0, 1, 1]}], "'one', not an integer"),
+    ([{"id": 1, "file_name": "a.jpg"}], [{"image_id": None, "bbox": [0, 0, 1, 1]}], "None, not an integer"),
+])
+def test_boxes_refuses_ids_that_would_merge_or_truncate(tmp_path, images, annotations, problem):
+    coco = _coco(tmp_path, images, annotations)
+    assert problem in assert_refused(_boxes(tmp_path, "--coco", str(coco)), names=[str(coco)], watch=[tmp_path])
+
+
+@pytest.mark.parametrize("score", ["high", None, [0.5]])
+def test_boxes_refuses_non_numeric_detection_scores(tmp_path, score):
+    coco = _coco(tmp_path, [{"id": 1, "file_name": "a.jpg"}])
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps([{"image_id": 1, "box": [0, 0, 5, 5], "score": score}]))
+    line = assert_refused(_boxes(tmp_path, "--coco", str(coco), "--detections", str(dets)), names=[str(dets)],
+                          watch=[tmp_path])
+    assert "not a finite number" in line
+
+
+def test_boxes_refuses_a_nan_min_score(tmp_path):
+    coco = _coco(tmp_path, [{"id": 1, "file_name": "a.jpg"}])
+    assert_refused(_boxes(tmp_path, "--coco", str(coco), "--min-score", "nan"), names=["--min-score"],
+                   watch=[tmp_path])
