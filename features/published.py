@@ -27,6 +27,7 @@ import numpy as np
 from features.atomic import atomic_path
 from features.errors import FeatureStoreError, WeightsError
 from features.inputs import clip_boxes
+from features.npy import ArrayFileError, load_array
 from features.safe_pickle import safe_load
 from features.store import INT32_MAX
 
@@ -416,9 +417,9 @@ class MmfNpyReader(PublishedReader):
         check = _RowChecker(str(self.path), source_id)
         path: Path = raw
         try:
-            features = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as error:
-            raise check.fail(f"{path.name} is not a readable feature array ({error})") from None
+            features = load_array(path)
+        except ArrayFileError as error:
+            raise check.fail(f"{path.name} is not a readable feature array ({str(error).split(': ', 1)[-1]})") from None
         info = self._info(check, path.with_name(f"{path.stem}_info.npy"))
         hw = (check.integer(info, "image_height", "image_h"), check.integer(info, "image_width", "image_w"))
         num_boxes = check.integer(info, "num_boxes") if "num_boxes" in info else None

@@ -9,6 +9,7 @@ import signal
 import numpy as np
 import pytest
 import torch
+from cli_check import run_cli
 from tiny_task_data import write_karpathy, write_store, write_vocab
 
 from features.atomic import atomic_path
@@ -169,3 +170,11 @@ def test_search_command_finds_images_and_captions_and_reranks(data, capsys):
     assert scores == sorted(scores, reverse=True)
     assert cli.main(["search", "--index", str(data / "nowhere"), "--text", "x"]) == 2
     assert np.isfinite(scores).all()
+
+
+def test_index_build_with_faiss_prints_no_import_chatter(data):
+    code, _, stderr = run_cli(["index", "build", "--checkpoint", str(data / "ckpt"), "--features",
+                               str(data / "feats.h5"), "--out", str(data / "index"), "--batch-size", "3",
+                               "--device", "cpu", "--faiss"], subprocess=True)
+    assert code == 0, stderr
+    assert "ModuleNotFoundError" not in stderr and "faiss.loader" not in stderr and "not sharded" not in stderr

@@ -6,16 +6,24 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 
 import numpy as np
 import pytest
+import torch
 from cli_check import assert_refused
 from published_sources import make_rows, write_butd_tsv, write_vilbert_lmdb
 from tiny_task_data import write_store
 
-from features.errors import FeatureStoreError
+from features.errors import FeatureStoreError, WeightsError
 from features.importing import import_features
+from features.npy import ArrayFileError, load_array
+from features.safe_pickle import safe_load
 from features.store import FeatureStore, FeatureStoreWriter
+from tasks.data.answer_labels import read_answer_list
+from tasks.data.reference_files import read_image_ids
+from tasks.errors import AnnotationError, ConfigError
+from tasks.multitask import MemberConfig, MultiTaskConfig, MultiTaskSettings
 
 
 def _import(tmp_path, rows, fmt="vilbert-lmdb", **kw):
@@ -123,3 +131,75 @@ def test_boxes_refuses_a_nan_min_score(tmp_path):
     coco = _coco(tmp_path, [{"id": 1, "file_name": "a.jpg"}])
     assert_refused(_boxes(tmp_path, "--coco", str(coco), "--min-score", "nan"), names=["--min-score"],
                    watch=[tmp_path])
+
+
+# ------------------------------------------------------------------------------------------------ configs and lists
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_multitask_temperature_and_loss_scale_must_be_finite(value):
+    with pytest.raises(ConfigError, match="multitask.temperature must be a positive finite number"):
+        MultiTaskSettings(temperature=value).validate()
+    config = MultiTaskConfig(tasks=[MemberConfig(name="vqa", loss_scale=value)])
+    with pytest.raises(ConfigError, match="vqa loss_scale must be a positive finite number"):
+        config.validate()
+
+
+def test_an_answer_list_with_a_blank_line_inside_is_refused_not_shifted(tmp_path):
+    path = tmp_path / "answers.txt"
+    path.write_text("yes\nno\n\nred\n\n")
+    with pytest.raises(ConfigError, match="line 3 is blank"):
+        read_answer_list(path)
+    path.write_text("yes\nno\nred\n\n")
+    assert read_answer_list(path) == ["yes", "no", "red"]
+
+
+def test_non_utf8_text_lists_are_one_line(tmp_path):
+    answers, ids = tmp_path / "answers.txt", tmp_path / "ids.txt"
+    for path in (answers, ids):
+        path.write_bytes(b"yes\n\xff\xfeno\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        read_answer_list(answers)
+    with pytest.raises(AnnotationError, match="not UTF-8 text"):
+        read_image_ids(ids)
+
+
+# ------------------------------------------------------------------------------------------------ bounded reading
+
+
+def test_an_npy_header_claiming_more_than_the_file_holds_is_refused_before_allocating(tmp_path):
+    path = tmp_path / "big.npy"
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (10**9, 2048)})
+        f.write(b"\0" * 64)
+    with pytest.raises(ArrayFileError, match="declares a \\[1000000000, 2048\\] float32 array"):
+        load_array(path)
+    with pytest.raises(AnnotationError, match="declares"):
+        read_image_ids(path)
+    np.save(path, np.arange(6, dtype=np.int64).reshape(2, 3))
+    assert load_array(path).tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+GIB3 = b"\x8a\x05" + (3 << 30).to_bytes(5, "little")  # LONG1: the integer 3 GiB
+
+
+@pytest.mark.parametrize("payload", [
+    b"c__builtin__\nbytearray\n(" + GIB3 + b"tR.",  # bytearray(3 GiB)
+    b"cnumpy\nndarray\n((" + GIB3 + b"tcnumpy\ndtype\n(Vf8\ntRtR.",  # ndarray((3 Gi,), float64)
+    b"ctorch\nFloatStorage\n(" + GIB3 + b"tR.",  # a 12 GiB float storage
+], ids=["bytearray", "ndarray", "storage"])
+def test_a_tiny_pickle_cannot_allocate_gigabytes(tmp_path, payload):
+    path = tmp_path / "bomb.pkl"
+    path.write_bytes(payload)
+    with pytest.raises(WeightsError, match="bytes in a pickle of"):
+        safe_load(path)
+
+
+def test_bounded_pickles_still_load_real_data(tmp_path):
+    value = {"bbox": np.arange(400, dtype=np.float32).reshape(100, 4), "raw": bytearray(b"abc" * 100),
+             "t": torch.arange(10.0)}
+    path = tmp_path / "ok.pkl"
+    path.write_bytes(pickle.dumps(value, protocol=2))
+    loaded = safe_load(path)
+    assert np.array_equal(loaded["bbox"], value["bbox"]) and loaded["raw"] == value["raw"]
+    assert torch.equal(loaded["t"], value["t"])

@@ -8,6 +8,7 @@ Our parameter names differ from the reference's; `vilbert.convert` maps them (ta
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -518,8 +519,18 @@ class ViLBertPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
-        """As `PreTrainedModel.from_pretrained`; loading makes new parameters, so the frozen flags are set again."""
-        loaded = super().from_pretrained(*args, **kwargs)
+        """As `PreTrainedModel.from_pretrained`; loading makes new parameters, so the frozen flags are set again.
+
+        transformers checks every load against a tensor-parallel plan and, for a model without one (all of ours),
+        logs a several-KB "layers were not sharded" line listing every parameter: that check is quieted here.
+        """
+        tensor_parallel = logging.getLogger("transformers.distributed.tensor_parallel")
+        level = tensor_parallel.level
+        tensor_parallel.setLevel(logging.ERROR)
+        try:
+            loaded = super().from_pretrained(*args, **kwargs)
+        finally:
+            tensor_parallel.setLevel(level)
         (loaded[0] if isinstance(loaded, tuple) else loaded).apply_frozen_flags()
         return loaded
 

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
 from features.errors import FeaturesError
 from vilbert.errors import ViLBertError
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    _quiet_libraries(args.verbose)
     try:
         return int(args.run(args) or 0)
     except USER_ERRORS as error:
@@ -71,6 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vilbert {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """One line per problem and nothing when there is none: libraries' chatter that says nothing to a user goes.
+
+    torch warns about every protocol-4 pickle before its own (one-line) refusal; faiss logs at INFO the optional
+    AVX2/AVX512 builds it failed to import on its way to the one it loads.
+    """
+    warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+    if not verbose:
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def one_line(error: BaseException, verbose: bool = False) -> str:

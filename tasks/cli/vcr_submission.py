@@ -16,6 +16,8 @@ import csv
 import io
 
 from features.atomic import check_output, write_text_atomic
+from tasks.engine.run_record import read_run_record
+from tasks.errors import ConfigError
 from tasks.runners.evaluate import load_checkpoint_model, load_task
 from tasks.vcr import LEADERBOARD_COLUMNS, leaderboard_rows
 
@@ -35,16 +37,22 @@ def run(args: argparse.Namespace) -> int:
 
     inputs = (args.checkpoint, args.rationale_checkpoint, args.config)
     check_output(args.out, inputs)
+    rationale_checkpoint = args.rationale_checkpoint or args.checkpoint
+    for option, path, wanted, other in (("--checkpoint", args.checkpoint, "vcr-qa", "vcr-qar"),
+                                        ("--rationale-checkpoint", args.rationale_checkpoint, "vcr-qar", "vcr-qa")):
+        if path is not None and read_run_record(path).get("task") == other:  # run.json says which is which: swapped checkpoints
+            raise ConfigError(f"{option} {path}: trained for {other}, but {option} takes the {wanted} checkpoint "
+                              "(--checkpoint answers Q→A, --rationale-checkpoint QA→R)")
+    overrides = [*args.overrides, "data.strict=true"]  # a leaderboard row for every item, or a one-line refusal
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def progress(name: str):
         return lambda items: tqdm(items, desc=name, leave=False)
 
-    answer_task = load_task("vcr-qa", args.config, [*args.overrides, f"model.init={args.checkpoint}"])
+    answer_task = load_task("vcr-qa", args.config, [*overrides, f"model.init={args.checkpoint}"])
     model = load_checkpoint_model(args.checkpoint, answer_task).to(device).eval()
     answers = answer_task.predict(model, args.split, progress("Q→A"))
-    rationale_checkpoint = args.rationale_checkpoint or args.checkpoint
-    rationale_tasks = [load_task("vcr-qar", args.config, [*args.overrides, f"model.init={rationale_checkpoint}",
+    rationale_tasks = [load_task("vcr-qar", args.config, [*overrides, f"model.init={rationale_checkpoint}",
                                                           f"data.condition_on_answer={i}"]) for i in range(4)]
     model = load_checkpoint_model(rationale_checkpoint, rationale_tasks[0]).to(device).eval()
     conditioned = [task.predict(model, args.split, progress(f"QA→R given answer {i}"))

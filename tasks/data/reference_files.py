@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from features.errors import FeaturesError
+from features.npy import ArrayFileError, load_array
 from features.safe_pickle import safe_load
 from tasks.errors import AnnotationError
 
@@ -62,9 +63,9 @@ def read_image_ids(path: str | Path) -> set[str]:
     path = Path(path)
     if path.suffix == ".npy":
         try:
-            ids = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise AnnotationError(f"{path}: not a numpy array of ids ({error})") from None
+            ids = load_array(path)
+        except ArrayFileError as error:
+            raise AnnotationError(f"not a numpy array of ids: {error}") from None
         if ids.dtype.kind not in "iuU":
             raise AnnotationError(f"{path}: expected integer or string ids, got {ids.dtype}")
         return {str(i) for i in ids.reshape(-1).tolist()}
@@ -72,6 +73,8 @@ def read_image_ids(path: str | Path) -> set[str]:
         return {line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
     except OSError as error:
         raise AnnotationError(f"{path}: cannot read ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise AnnotationError(f"{path}: not UTF-8 text (byte {error.start}); expected one image id per line") from None
 
 
 def _xywh_to_xyxy(box, path: Path, where: str) -> list[float]:
