@@ -101,6 +101,17 @@ def read_karpathy(path: str | Path, split: str) -> list[RetrievalImage]:
         if entry["split"] in wanted:
             images.append(RetrievalImage(_image_id(entry, str(path), f"images[{i}]"),
                                          _captions(entry, str(path), f"images[{i}]")))
+    return _unique_images(images, path)
+
+
+def _unique_images(images: list[RetrievalImage], path: str | Path) -> list[RetrievalImage]:
+    """`images`, refusing an image listed twice: ranked twice, it would be its own hard negative and the recalls
+    would be computed over a gallery that is not the split's."""
+    seen = set()
+    for image in images:
+        if image.image_id in seen:
+            raise AnnotationError(f"{path}: image {image.image_id!r} is listed twice in the split")
+        seen.add(image.image_id)
     return images
 
 
@@ -122,7 +133,7 @@ def read_jsonlines(path: str | Path) -> list[RetrievalImage]:
             raise AnnotationError(f"{path}: line {i + 1} is not valid JSON ({error})") from error
         images.append(RetrievalImage(_image_id(entry, str(path), f"line {i + 1}"),
                                      _captions(entry, str(path), f"line {i + 1}")))
-    return images
+    return _unique_images(images, path)
 
 
 @dataclass

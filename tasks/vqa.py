@@ -94,12 +94,15 @@ def read_questions(path: str | Path) -> list[VQAQuestion]:
     """Questions of one `v2_OpenEnded_mscoco_*_questions.json` file."""
     data = load_json(path)
     require(data, ["questions"], str(path), "the file")
-    questions = []
+    questions, seen = [], set()
     for i, entry in enumerate(list_field(data, "questions", str(path), "the file")):
         where = f"questions[{i}]"
         require(entry, ["question_id", "image_id", "question"], str(path), where)
-        questions.append(VQAQuestion(int_field(entry, "question_id", str(path), where),
-                                     id_field(entry, "image_id", str(path), where),
+        question_id = int_field(entry, "question_id", str(path), where)
+        if question_id in seen:  # scored twice it would count twice (as `vilbert score` refuses too)
+            raise AnnotationError(f"{path}: {where} repeats question_id {question_id}")
+        seen.add(question_id)
+        questions.append(VQAQuestion(question_id, id_field(entry, "image_id", str(path), where),
                                      str_field(entry, "question", str(path), where)))
     return questions
 

@@ -24,6 +24,8 @@ from tasks.data.answer_labels import read_answer_list
 from tasks.data.reference_files import read_image_ids
 from tasks.errors import AnnotationError, ConfigError
 from tasks.multitask import MemberConfig, MultiTaskConfig, MultiTaskSettings
+from tasks.retrieval import read_karpathy
+from tasks.vqa import read_questions
 
 
 def _import(tmp_path, rows, fmt="vilbert-lmdb", **kw):
@@ -203,3 +205,30 @@ def test_bounded_pickles_still_load_real_data(tmp_path):
     loaded = safe_load(path)
     assert np.array_equal(loaded["bbox"], value["bbox"]) and loaded["raw"] == value["raw"]
     assert torch.equal(loaded["t"], value["t"])
+
+
+# ------------------------------------------------------------------------------------------------ evaluation splits
+
+
+def test_evaluation_refuses_a_split_that_repeats_a_question_or_an_image(tmp_path):
+    path = tmp_path / "questions.json"
+    question = {"question_id": 7, "image_id": 1, "question": "what color?"}
+    path.write_text(json.dumps({"questions": [question, {**question, "image_id": 2}]}))
+    with pytest.raises(AnnotationError, match=r"questions\[1\] repeats question_id 7"):
+        read_questions(path)
+    split = tmp_path / "dataset_flickr30k.json"
+    entry = {"filename": "1000.jpg", "split": "test", "sentences": [{"raw": "a dog"}]}
+    split.write_text(json.dumps({"images": [entry, {**entry, "sentences": [{"raw": "a cat"}]}]}))
+    with pytest.raises(AnnotationError, match="image '1000' is listed twice in the split"):
+        read_karpathy(split, "test")
+
+
+@pytest.mark.parametrize("argv", [
+    ["predict", "--checkpoint", "ckpt", "--image", "a.jpg", "--question", ""],
+    ["predict", "--checkpoint", "ckpt", "--image", "a.jpg", "--expression", "   "],
+    ["predict-task", "--task", "gqa", "--checkpoint", "ckpt", "--image", "a.jpg", "--text", " \t"],
+    ["search", "--index", "idx", "--text", ""],
+], ids=["question", "expression", "predict-task", "search"])
+def test_blank_text_is_refused_at_the_command_line(tmp_path, argv):
+    option = next(a for a in argv if a in ("--question", "--expression", "--text"))
+    assert "empty or blank text" in assert_refused(argv, names=[option], watch=[tmp_path])

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from features.detectors import DETECTORS
 from features.inputs import BOX_FORMATS
+from tasks.cli import text_argument
 from tasks.finetuning import TASK_TOKEN_IDS
 from tasks.registry import TASKS
 
@@ -44,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + model.safetensors)")
     parser.add_argument("--image", required=True, help="the image file")
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--question", help="VQA: print the top-k answers with scores")
-    what.add_argument("--expression", help="referring expression: print the chosen box and the top 3")
+    what.add_argument("--question", type=text_argument, help="VQA: print the top-k answers with scores")
+    what.add_argument("--expression", type=text_argument,
+                      help="referring expression: print the chosen box and the top 3")
     what.add_argument("--captions", metavar="FILE", help="retrieval: rank the captions in FILE (one per line)")
     add_region_arguments(parser)
     parser.add_argument("--answers", metavar="FILE", help="VQA answer list, one per line (default: config id2label)")

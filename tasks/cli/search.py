@@ -14,6 +14,8 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
+from tasks.cli import text_argument
+
 if TYPE_CHECKING:
     import torch
 
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", required=True, help="directory written by vilbert index build")
     query = parser.add_mutually_exclusive_group(required=True)
-    query.add_argument("--text", help="find the images that match this text")
+    query.add_argument("--text", type=text_argument, help="find the images that match this text")
     query.add_argument("--image-id", help="find the captions (--captions FILE) that match this indexed image")
     parser.add_argument("--captions", metavar="FILE", help="with --image-id: candidate captions, one per line")
     parser.add_argument("--top", type=int, default=10, help="results to print")
