@@ -30,7 +30,7 @@ test: setup
 test-browser: setup
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null \
 		|| { apt-get update && apt-get install -y chromium chromium-driver; }
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs tests/test_serve_browser.py
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs tests/runners/test_serve_browser.py
 
 lint: setup
 	$(BIN)/ruff check vilbert features tasks tests bench
