@@ -123,14 +123,17 @@ def _running(pid: int) -> bool:
 
 def disk_full_reason(error: BaseException, where: str | os.PathLike) -> str | None:
     """Why writing under `where` failed, when the device (or the file size limit) is full: ENOSPC, EDQUOT, EFBIG as
-    an OSError, in HDF5's text ("errno = 28"), or torch.save's "file write failed" with almost no space left."""
+    an OSError, in HDF5's text ("errno = 28"), or, with almost no space left, torch.save's "file write failed",
+    a `SafetensorError` or an LMDB error (LMDB reports a full tmpfs as an I/O error)."""
     code = error.errno if isinstance(error, OSError) else None
     if code is None and isinstance(error, (OSError, RuntimeError)):
         found = re.search(r"errno = (\d+)", str(error))  # HDF5 reports the system error inside its own text
         code = int(found.group(1)) if found else None
     if code in FULL_ERRNOS:
         return FULL_ERRNOS[code]
-    if isinstance(error, RuntimeError) and "write failed" in str(error):
+    vague = (isinstance(error, RuntimeError) and "write failed" in str(error)) or \
+        type(error).__name__ == "SafetensorError" or type(error).__module__.split(".")[0] == "lmdb"
+    if vague:
         folder = Path(where)
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
@@ -145,7 +148,7 @@ def disk_full_as_error(path: str | os.PathLike) -> Iterator[None]:
     """Turn a full disk while writing `path` into one `DiskFullError` line naming it; other errors pass."""
     try:
         yield
-    except (OSError, RuntimeError) as error:
+    except Exception as error:
         reason = None if isinstance(error, DiskFullError) else disk_full_reason(error, Path(path).parent)
         if reason:
             raise DiskFullError(f"{reason} while writing {path}") from error

@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import warnings
 
-from features.errors import FeaturesError
+from features.errors import DiskFullError, FeaturesError
 from vilbert.errors import ViLBertError
 
 # subcommand name -> module under tasks.cli
@@ -77,10 +78,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vilbert {args.command}: error: {one_line(error, args.verbose)}", file=sys.stderr)
         if args.verbose:
             logging.getLogger("vilbert").debug("details", exc_info=error)
+        if isinstance(error, DiskFullError) and argv is None:  # the program itself, not a caller in Python
+            _exit_now(2)
         return 2
     except KeyboardInterrupt:
         print(f"vilbert {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _exit_now(code: int) -> None:
+    """Exit without the libraries' teardown. After a write failed on a full disk, HDF5 may still hold ids of the
+    abandoned file (h5py could not free them while the write failed); at exit HDF5 flushes them into the full
+    device and crashes (a segfault after the one-line error). Everything of ours is already cleaned up here."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _quiet_libraries(verbose: bool) -> None:
