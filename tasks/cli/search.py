@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from tasks.data.annotations import open_feature_store
     from tasks.data.regions import visual_input
     from tasks.data.tokenization import load_tokenizer
-    from tasks.dual.index import load_index
+    from tasks.dual.index import check_store_identity, load_index
     from tasks.dual.search import CoattentionScorer, embed_texts, exact_top_k, load_dual_model
     from tasks.errors import ConfigError
     from tasks.runners import predict
@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_dual_model(settings["checkpoint"], device)
     store = open_feature_store(settings["features"], "features of the index")
+    if args.rerank:
+        check_store_identity(index, settings["features"])
     max_length, task = settings["max_text_length"], settings["task_token"]
     wanted = max(args.top, args.rerank or 0)
 

@@ -16,7 +16,7 @@ from tasks.dual.index import load_index
 from tasks.dual.search import rank_both_ways, rerank
 from tasks.engine.config import ModelConfig
 from tasks.retrieval import RetrievalConfig, RetrievalDataConfig, RetrievalTask
-from tests.fixtures.cli_check import run_cli
+from tests.fixtures.cli_check import assert_refused, run_cli
 from tests.fixtures.tiny_task_data import write_karpathy, write_store, write_vocab
 from vilbert import ViLBertConfig, ViLBertForVLTasks
 
@@ -178,3 +178,57 @@ def test_index_build_with_faiss_prints_no_import_chatter(data):
                                "--device", "cpu", "--faiss"], subprocess=True)
     assert code == 0, stderr
     assert "ModuleNotFoundError" not in stderr and "faiss.loader" not in stderr and "not sharded" not in stderr
+
+
+def test_resuming_a_build_after_the_store_changed_is_refused(data, capsys):
+    assert _build(data, data / "index") == 0
+    settings = json.loads((data / "index" / "settings.json").read_text())
+    shutil.rmtree(data / "index")
+    (data / "index" / "chunks").mkdir(parents=True)  # a build killed after its settings, then...
+    (data / "index" / "settings.json").write_text(json.dumps(settings))
+    write_store(data / "feats.h5", [str(1000 + i) for i in range(10)], seed=5)  # ...the store is rewritten
+    capsys.readouterr()
+    assert _build(data, data / "index") == 2
+    assert "feature_files" in capsys.readouterr().err
+
+
+def test_rerank_after_the_store_changed_is_refused(data, capsys):
+    assert _build(data, data / "index") == 0
+    write_store(data / "feats.h5", [str(1000 + i) for i in range(10)], seed=5)
+    capsys.readouterr()
+    assert cli.main(["search", "--index", str(data / "index"), "--text", "a dog", "--rerank", "3",
+                     "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "changed since the index was built" in err and "feats.h5" in err
+
+
+@pytest.mark.parametrize("regions", ["0", "1", "-3"])
+def test_max_regions_below_two_is_refused(data, regions, capsys):
+    assert _build(data, data / "index", "--max-regions", regions) == 2
+    assert "--max-regions" in capsys.readouterr().err
+    assert not (data / "index" / "settings.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated index.json", "no ids.json", "bad settings.json",
+                                    "object embeddings"])
+def test_search_on_a_damaged_index_is_one_line(data, damage):
+    assert _build(data, data / "index") == 0
+    index = data / "index"
+    if damage == "truncated index.json":
+        (index / "index.json").write_text('{"count": 1')
+    elif damage == "no ids.json":
+        (index / "ids.json").unlink()
+    elif damage == "bad settings.json":
+        (index / "settings.json").write_text("[]")
+    else:
+        np.save(index / "embeddings.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert_refused(["search", "--index", str(index), "--text", "a dog", "--device", "cpu"], names=[str(index)])
+
+
+def test_index_build_into_a_file_or_a_foreign_folder_is_refused(data):
+    (data / "notes.txt").write_text("mine")
+    assert_refused(["index", "build", "--checkpoint", str(data / "ckpt"), "--features", str(data / "feats.h5"),
+                    "--out", str(data / "notes.txt"), "--device", "cpu"], names=["notes.txt", "is a file"])
+    assert (data / "notes.txt").read_text() == "mine"
+    assert_refused(["index", "build", "--checkpoint", str(data / "ckpt"), "--features", str(data / "feats.h5"),
+                    "--out", str(data / "flickr"), "--device", "cpu"], names=["flickr", "holds no index build"])
