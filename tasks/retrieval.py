@@ -351,17 +351,22 @@ class RetrievalTask(FinetuneTask):
         image_to_text = recall_at_k(scores.T, image_captions)
         metrics = {f"{k}": v for k, v in text_to_image.items()}
         metrics.update({f"i2t_{k}": v for k, v in image_to_text.items()})
-        # images without features (and their captions) were not ranked: each counts as a miss at every k (the
-        # ranks describe the ranked queries only)
+        return self.over_the_split(metrics, split, len(images), len(captions))
+
+    def over_the_split(self, metrics: dict[str, float], split: str, ranked_images: int,
+                       ranked_captions: int) -> dict[str, float]:
+        """Recalls over every image and caption of `split`: images without features (and their captions) were not
+        ranked, so each counts as a miss at every k (the ranks describe the ranked queries only). Every way of
+        ranking (co-attention, `--mode dual`, re-ranked) is scored through here."""
         split_images = self.images(split)
-        total_images = max(len(split_images), len(images))
-        total_captions = max(sum(len(im.captions) for im in split_images), len(captions))
-        for key in (k for k in text_to_image if k[0] == "r" and k[1:].isdigit()):
-            metrics[key] *= len(captions) / total_captions
-            metrics[f"i2t_{key}"] *= len(images) / total_images
+        total_images = max(len(split_images), ranked_images)
+        total_captions = max(sum(len(im.captions) for im in split_images), ranked_captions)
+        for key in [k for k in metrics if k[0] == "r" and k[1:].isdigit()]:
+            metrics[key] *= ranked_captions / total_captions
+            metrics[f"i2t_{key}"] *= ranked_images / total_images
         metrics["r_mean"] = (metrics["r1"] + metrics["r5"] + metrics["r10"]) / 3
         metrics["num_images"], metrics["num_captions"] = float(total_images), float(total_captions)
-        metrics["num_without_features"] = float(total_images - len(images))
+        metrics["num_without_features"] = float(total_images - ranked_images)
         return metrics
 
     def hard_negative_pool(self, model: nn.Module, split: str, size: int = 100,

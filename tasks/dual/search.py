@@ -188,8 +188,7 @@ def evaluate_retrieval(task, model: nn.Module, split: str, mode: str, rerank_k: 
     seconds = ranked["seconds"]
     metrics = dict(text_to_image)
     metrics.update({f"i2t_{k}": v for k, v in image_to_text.items()})
-    metrics["r_mean"] = (text_to_image["r1"] + text_to_image["r5"] + text_to_image["r10"]) / 3
-    metrics["num_images"], metrics["num_captions"] = float(len(images)), float(len(captions))
+    metrics = task.over_the_split(metrics, split, len(images), len(captions))
     metrics["t2i_queries_per_s"] = len(captions) / max(seconds["text_to_image"], 1e-9)
     metrics["i2t_queries_per_s"] = len(images) / max(seconds["image_to_text"], 1e-9)
     metrics["gallery_seconds"] = seconds["gallery"]

@@ -232,3 +232,17 @@ def test_index_build_into_a_file_or_a_foreign_folder_is_refused(data):
     assert (data / "notes.txt").read_text() == "mine"
     assert_refused(["index", "build", "--checkpoint", str(data / "ckpt"), "--features", str(data / "feats.h5"),
                     "--out", str(data / "flickr"), "--device", "cpu"], names=["flickr", "holds no index build"])
+
+
+def test_every_mode_counts_images_without_features_in_the_denominator(data):
+    split = json.loads((data / "flickr" / "dataset_flickr30k.json").read_text())
+    test_ids = [im["filename"].split(".")[0] for im in split["images"] if im["split"] == "test"]
+    write_store(data / "feats.h5", [i for i in [str(1000 + n) for n in range(10)] if i != test_ids[0]])
+    for mode in ("coattention", "dual"):
+        out = data / f"eval-{mode}"
+        argv = ["evaluate", "--task", "retrieval", "--checkpoint", str(data / "ckpt"), "--split", "test",
+                "--config", str(_write_yaml(data)), "--out", str(out)]
+        assert cli.main(argv + (["--mode", mode] if mode != "coattention" else [])) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["num_images"] == 5 and metrics["num_without_features"] == 1, (mode, metrics)
+        assert metrics["r10"] <= 80.0 and metrics["i2t_r10"] <= 80.0  # the unranked image's captions are misses
