@@ -136,3 +136,33 @@ def test_extract_merge_takes_the_store_lock(tmp_path):
     assert not out.exists()
     assert run_cli(["extract", "--merge", str(out), str(a), str(b)])[0] == 0
     assert sorted(FeatureStore(out).ids) == ["1", "2"]
+
+
+def _holder_with_a_worker(lock_file, worker_pid_file):
+    """A run that takes the lock, forks a long-lived worker (as a DataLoader does), then is SIGKILLed."""
+    from features.locks import OutputLock
+
+    OutputLock(lock_file, "test output").acquire()
+    worker = os.fork()
+    if worker == 0:
+        signal.pause()  # the orphaned worker lives on
+        os._exit(0)
+    worker_pid_file.write_text(str(worker))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_an_orphaned_worker_does_not_keep_a_killed_runs_lock(tmp_path):
+    from features.locks import OutputLock
+
+    lock_file, pid_file = tmp_path / "out.h5.lock", tmp_path / "worker.pid"
+    holder = multiprocessing.get_context("fork").Process(target=_holder_with_a_worker, args=(lock_file, pid_file))
+    holder.start()
+    holder.join(timeout=60)
+    worker = int(pid_file.read_text())
+    try:
+        assert holder.exitcode == -signal.SIGKILL
+        os.kill(worker, 0)  # the worker is alive...
+        with OutputLock(lock_file, "rerun"):  # ...and the rerun takes the lock at once
+            pass
+    finally:
+        os.kill(worker, signal.SIGKILL)
