@@ -3,13 +3,13 @@
 Everything the project writes for a user to keep (feature stores, checkpoints, configs, predictions, exports,
 indexes) goes through `atomic_path`:
 
-- the content is written to a temporary sibling `.NAME.tmp-PID`, renamed onto the final path only when the block
+- the content is written to a temporary sibling `.NAME.tmp-PID@HOST`, renamed onto the final path only when the block
   ends without an error; on error the temporary is removed and whatever was at the path is untouched;
 - a path equal to one of the command's `inputs` (or a folder holding one) is refused before anything is written;
 - an existing folder is replaced only when this helper wrote it (it carries the `OWNED_MARKER` file); a folder
   the user made, or a folder where a file is to be written, is refused in one line naming it and the way out;
-- temporaries left by a killed process (`.NAME.tmp-PID` whose PID no longer runs) beside the output are removed by
-  the next write there, so a SIGKILL never leaves a whole model or LMDB copy behind for good.
+- temporaries left by a killed process (`.NAME.tmp-PID@HOST` of this host whose PID no longer runs) beside the
+  output are removed by the next write there, so a SIGKILL never leaves a whole model or LMDB copy behind for good.
 
 `check_output` runs the same refusals without writing, for commands that must refuse before any work.
 """
@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,9 @@ from features.errors import DiskFullError, OutputError
 FULL_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                errno.EFBIG: "file size limit exceeded"}
 _NEARLY_FULL_BYTES = 64 << 20  # a failed write with less free space than this is taken as a full disk
+_HOST = re.sub(r"[^\w.-]", "_", socket.gethostname()) or "host"
 OWNED_MARKER = ".vilbert-output"  # inside every folder atomic_path wrote: the folder may be replaced by a rerun
-_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")
+_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)(?:@(.+))?$")  # .NAME.tmp-PID@HOST
 
 
 def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), folder: bool = False,
@@ -79,7 +81,7 @@ def atomic_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | No
     path = check_output(path, inputs, folder, option)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     _remove(tmp)
     try:
         with disk_full_as_error(path):
@@ -97,13 +99,20 @@ def atomic_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | No
         raise
 
 
+def temporary_path(path: str | os.PathLike) -> Path:
+    """Where this process writes `path` before renaming it: `.NAME.tmp-PID@HOST` beside it (the host, so that a
+    process on another machine sharing the folder never takes it for a dead one's)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}@{_HOST}")
+
+
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Remove `.NAME.tmp-PID` entries of `folder` whose process is gone (killed mid-write); return them."""
+    """Remove this host's `.NAME.tmp-PID@HOST` entries of `folder` whose process is gone (killed mid-write)."""
     removed = []
     with contextlib.suppress(OSError):
         for entry in Path(folder).iterdir():
             found = _TEMPORARY.match(entry.name)
-            if found and not _running(int(found.group(1))):
+            if found and found.group(2) in (None, _HOST) and not _running(int(found.group(1))):
                 _remove(entry)
                 removed.append(entry)
     return removed

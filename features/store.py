@@ -35,7 +35,7 @@ import h5py
 import numpy as np
 import torch
 
-from features.atomic import check_output, disk_full_as_error, remove_stale_temporaries
+from features.atomic import check_output, disk_full_as_error, remove_stale_temporaries, temporary_path
 from features.errors import FeatureStoreError
 from features.locks import OutputLock
 
@@ -76,7 +76,7 @@ class Regions:
 class FeatureStoreWriter:
     """Write one store file, appending image by image; the file appears at `path` only when `close()` succeeds.
 
-    Data goes to `.<name>.tmp-<pid>` beside `path` first, in batches (`flush()` or automatically every `flush_rows` rows);
+    Data goes to `.<name>.tmp-<pid>@<host>` beside `path` first, in batches (`flush()` or automatically every `flush_rows` rows);
     `close()` renames it into place. An exception inside a `with` block discards the temporary file.
     Optional label datasets (objects_id, ...) are created by the first image that carries them, which must come
     before any image with boxes but without them.
@@ -108,7 +108,7 @@ class FeatureStoreWriter:
         check_output(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.path.parent)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._tmp = temporary_path(self.path)
         try:
             self._file = h5py.File(self._tmp, "w")
         except OSError as error:

@@ -12,7 +12,7 @@ import signal
 import numpy as np
 import pytest
 
-from features.atomic import OWNED_MARKER, atomic_path, check_output, write_json_atomic
+from features.atomic import OWNED_MARKER, atomic_path, check_output, temporary_path, write_json_atomic
 from features.errors import OutputError, OutputLockedError
 from features.importing import import_features
 from features.store import FeatureStore, store_lock
@@ -103,12 +103,14 @@ def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(tmp_path, 
     child.start()
     child.join(timeout=60)
     assert child.exitcode == -signal.SIGKILL
-    stale = target.with_name(f".{target.name}.tmp-{child.pid}")
+    stale = temporary_path(target).with_name(temporary_path(target).name.replace(str(os.getpid()), str(child.pid)))
     assert stale.exists() and not target.exists()
     live = target.with_name(f".other.tmp-{os.getppid()}")  # a live process's temporary is left alone
     live.write_text("in progress")
+    elsewhere = target.with_name(".remote.tmp-999999999@another-host")  # another machine's, on a shared folder
+    elsewhere.write_text("in progress")
     write_json_atomic(target.with_name("next.json"), [1])
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and live.exists() and elsewhere.exists()
 
 
 # ------------------------------------------------------------------------------------------------ store locks

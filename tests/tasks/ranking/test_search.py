@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from features.atomic import atomic_path
+from features.atomic import atomic_path, temporary_path
 from tasks import cli
 from tasks.dual.index import load_index
 from tasks.dual.search import rank_both_ways, rerank
@@ -85,7 +85,8 @@ def test_index_build_resumes_after_sigkill_without_duplicates(data):
     child.join(timeout=300)
     assert child.exitcode == -signal.SIGKILL
     assert sorted(p.name for p in (data / "index" / "chunks").iterdir()) == [
-        ".chunk-000002.npy.tmp-" + str(child.pid), "chunk-000000.npy", "chunk-000001.npy"]
+        temporary_path(data / "index" / "chunks" / "chunk-000002.npy").name.replace(str(os.getpid()), str(child.pid)),
+        "chunk-000000.npy", "chunk-000001.npy"]
     with pytest.raises(Exception, match="unfinished build"):
         load_index(data / "index")
     assert _build(data, data / "index") == 0  # resumes at chunk 2
