@@ -25,3 +25,17 @@ def test_a_protocol_4_pickle_is_refused_in_exactly_one_line(tmp_path):
     assert code == 2
     assert stderr.strip().splitlines() == [stderr.strip()], stderr  # no torch warning before the error
     assert str(path) in stderr and "not a readable weights-only state dict" in stderr
+
+
+def test_a_checkpoint_of_another_task_is_named_without_an_empty_head(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from tasks.runners.checkpoint import CheckpointInfo, check_serves
+
+    ViLBertForVLTasks(ViLBertConfig.from_preset("tiny")).save_pretrained(tmp_path)
+    info = CheckpointInfo(tmp_path, {"architectures": ["ViLBertForVLTasks"]}, record={"task": "vqa"})
+    task = SimpleNamespace(name="vcr-qa", head_modules=(), pretraining_zero_shot=False)
+    with caplog.at_level(logging.WARNING):
+        check_serves(info, task)
+    assert "was trained for vqa; its head for vcr-qa was not trained" in caplog.text
+    assert "its  was" not in caplog.text
