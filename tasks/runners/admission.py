@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+import uvicorn  # the serve extra: this module is imported only once `vilbert serve` found it
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -109,7 +111,5 @@ async def _reply(send: Send, status: int, text: str) -> None:
 
 def serve(app: ASGIApp, host: str, port: int, limits: AdmissionLimits) -> None:
     """Run `app` behind `Admission` with uvicorn until SIGINT or SIGTERM (stopping within `shutdown_seconds`)."""
-    import uvicorn
-
     uvicorn.run(Admission(app, limits), host=host, port=port, log_level="warning", timeout_keep_alive=5,
                 timeout_graceful_shutdown=limits.shutdown_seconds)
