@@ -43,14 +43,6 @@ COMMANDS: dict[str, str] = {
 USER_ERRORS = (ViLBertError, FeaturesError)  # tasks.errors.TasksError is a ViLBertError
 
 
-def text_argument(value: str) -> str:
-    """The argparse type of every free-text option (a question, an expression, a query): blank text is refused
-    at the edge, as the demo refuses it, instead of being encoded as nothing."""
-    if not value.strip():
-        raise argparse.ArgumentTypeError("empty or blank text; give the words to use")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vilbert", description="ViLBERT: features, pretraining, fine-tuning.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")

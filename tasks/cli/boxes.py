@@ -14,7 +14,6 @@ import argparse
 import math
 
 from features.atomic import check_output, write_json_atomic
-from tasks.data.reference_files import coco_boxes, coco_image_names, mattnet_boxes
 from tasks.errors import ConfigError
 
 
@@ -28,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tasks.data.reference_files import coco_boxes, coco_image_names, mattnet_boxes
+
     inputs = (args.coco, args.detections)
     check_output(args.out, inputs)
     if not math.isfinite(args.min_score):

@@ -16,14 +16,14 @@ import argparse
 import logging
 
 from features.atomic import atomic_path, check_output
-from tasks.runners.converted_checkpoint import copy_tokenizer, label_converted_model
-from vilbert.convert import SOURCES, config_from_reference_json, load_reference_checkpoint
+from tasks.cli.options import CHECKPOINT_SOURCES
 
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--from", dest="source", required=True, choices=SOURCES, help="repository the file comes from")
+    parser.add_argument("--from", dest="source", required=True, choices=CHECKPOINT_SOURCES,
+                        help="repository the file comes from")
     parser.add_argument("--input", required=True, help="reference checkpoint (.bin state dict)")
     parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--config", help="reference config JSON, or the name of a packaged one such as bert_base_4layer_4conect.json "
@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tasks.runners.converted_checkpoint import copy_tokenizer, label_converted_model
+    from vilbert.convert import config_from_reference_json, load_reference_checkpoint
+
     inputs = (args.input, args.config, args.answers, args.gqa_answers, args.tokenizer)
     check_output(args.out, inputs, folder=True)
     config = config_from_reference_json(args.config) if args.config else None

@@ -14,7 +14,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from tasks.cli import text_argument
+from tasks.cli.options import text_argument
 
 if TYPE_CHECKING:
     import torch

@@ -16,10 +16,7 @@ import csv
 import io
 
 from features.atomic import check_output, write_text_atomic
-from tasks.engine.run_record import read_run_record
 from tasks.errors import ConfigError
-from tasks.runners.evaluate import load_checkpoint_model, load_task
-from tasks.vcr import LEADERBOARD_COLUMNS, leaderboard_rows
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,12 +32,16 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from tasks.engine.run_record import read_run_record
+    from tasks.runners.evaluate import load_checkpoint_model, load_task
+    from tasks.vcr import LEADERBOARD_COLUMNS, leaderboard_rows
+
     inputs = (args.checkpoint, args.rationale_checkpoint, args.config)
     check_output(args.out, inputs)
     rationale_checkpoint = args.rationale_checkpoint or args.checkpoint
     for option, path, wanted, other in (("--checkpoint", args.checkpoint, "vcr-qa", "vcr-qar"),
                                         ("--rationale-checkpoint", args.rationale_checkpoint, "vcr-qar", "vcr-qa")):
-        if path is not None and read_run_record(path).get("task") == other:  # run.json says which is which: swapped checkpoints
+        if path is not None and read_run_record(path).get("task") == other:  # run.json says which is which
             raise ConfigError(f"{option} {path}: trained for {other}, but {option} takes the {wanted} checkpoint "
                               "(--checkpoint answers Q→A, --rationale-checkpoint QA→R)")
     overrides = [*args.overrides, "data.strict=true"]  # a leaderboard row for every item, or a one-line refusal
