@@ -23,6 +23,7 @@ from torch import nn
 from features.store import FeatureStore
 from tasks.data.annotations import load_json, open_feature_store
 from tasks.data.tokenization import Tokenizer, load_tokenizer
+from tasks.debiasing import check_mode
 from tasks.engine.config import ModelConfig
 from tasks.engine.distributed import unwrap
 from tasks.engine.run_record import TASKS, store_extractors
@@ -62,6 +63,8 @@ class FinetuneDataConfig:
     val_split: str = "val"
     eval_batch_size: int = 256
     strict: bool = False  # an item whose image has no features is an error (else skipped and scored as wrong)
+    debias: str = "none"  # none | rubi | lmh: the training loss of answer-classifier tasks (tasks/debiasing.py)
+    debias_entropy_weight: float = 0.36  # lmh: weight of the entropy penalty (Clark et al.'s VQA-CP value)
 
     def validate(self) -> None:
         if self.max_regions < 2:
@@ -183,11 +186,13 @@ class FinetuneTask(Task):
 
     config_class: type
     find_unused_parameters = True  # the task model carries every 12-in-1 head; a task's loss reaches one of them
+    debias_supported = False  # answers from a classifier with a per-question-type prior: `data.debias` applies
 
     def __init__(self, config: Any):
         self.config = config
         self.data = config.data
         self._tokenizer = None
+        check_mode(self.data.debias, self.name, self.debias_supported)
 
     @property
     def token_task(self) -> str:

@@ -11,6 +11,7 @@ from tasks.errors import ConfigError
 TASKS: dict[str, str] = {
     "pretrain": "tasks.pretraining:PretrainingTask",
     "vqa": "tasks.vqa:VQATask",
+    "vqa-cp": "tasks.vqa:VQACPTask",
     "retrieval": "tasks.retrieval:RetrievalTask",
     "refcoco": "tasks.refexp:RefCOCOTask",
     "refcoco+": "tasks.refexp:RefCOCOPlusTask",

@@ -24,7 +24,7 @@ from tiny_12in1_data import (
     write_vocab_with,
 )
 from tiny_pretrain_data import write_pretraining_data
-from tiny_task_data import write_karpathy, write_refcoco, write_store, write_vqa
+from tiny_task_data import write_karpathy, write_refcoco, write_store, write_vqa, write_vqa_cp
 
 from tasks.engine.config import load_config
 from tasks.engine.task import Task
@@ -63,6 +63,9 @@ def _task_data(name: str, root: Path) -> list[str]:
     if name == "vqa":
         write_store(store, [str(i) for i in write_vqa(data)["image_ids"]])
         return [*common, "data.min_answer_count=1", "data.minval_size=4"]
+    if name == "vqa-cp":
+        write_store(store, [str(i) for i in write_vqa_cp(data)["image_ids"]])
+        return [*common, "data.min_answer_count=1"]
     if name == "retrieval":
         write_store(store, write_karpathy(data / "dataset_flickr30k.json"))
         return [*common, "data.val_split=test"]

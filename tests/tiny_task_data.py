@@ -80,6 +80,41 @@ def write_vqa(root: Path, images_per_subset: int = 3) -> dict:
     return {"image_ids": sorted(set(image_ids))}
 
 
+# ------------------------------------------------------------------------------------------------- VQA-CP v2
+
+# (question, question type, answer type, train answer, test answer): per type, test's answer is train's rarest
+VQA_CP_QUESTIONS = [("what color is the cat", "what color is the", "other", "red", "blue"),
+                    ("how many dogs are there", "how many", "number", "2", "3"),
+                    ("is the man sitting", "is the", "yes/no", "yes", "no")]
+VQA_CP_IMAGES = {"train": [(1, "train2014"), (2, "train2014"), (101, "val2014")],
+                 "test": [(3, "train2014"), (102, "val2014")]}
+
+
+def write_vqa_cp(root: Path) -> dict:
+    """`vqacp_v2_{train,test}_{questions,annotations}.json` in the released layout: JSON lists, every entry with
+    `coco_split`. Each question type's train answer (10 humans agree) is the test answer of one human in ten."""
+    root.mkdir(parents=True, exist_ok=True)
+    qid = 5000
+    image_ids = []
+    for split, images in VQA_CP_IMAGES.items():
+        questions, annotations = [], []
+        for image_id, coco_split in images:
+            image_ids.append(image_id)
+            for text, question_type, answer_type, train_answer, test_answer in VQA_CP_QUESTIONS:
+                qid += 1
+                answers = [train_answer] * 10 if split == "train" else [test_answer] * 9 + [train_answer]
+                questions.append({"image_id": image_id, "question": text, "question_id": qid,
+                                  "coco_split": coco_split})
+                annotations.append({"question_type": question_type, "multiple_choice_answer": answers[0],
+                                    "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                                                for i, a in enumerate(answers)],
+                                    "image_id": image_id, "answer_type": answer_type, "question_id": qid,
+                                    "coco_split": coco_split})
+        write_json(root / f"vqacp_v2_{split}_questions.json", questions)
+        write_json(root / f"vqacp_v2_{split}_annotations.json", annotations)
+    return {"image_ids": sorted(set(image_ids))}
+
+
 # ------------------------------------------------------------------------------------------------ retrieval
 
 CAPTIONS = ["a man holding a red ball", "a white cat on the left", "two dogs sitting", "a big tree", "a black car",

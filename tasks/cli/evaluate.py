@@ -51,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from tasks.multitask import MultiTask
+    from tasks.registry import task_class
 
-    keep_head = ["data.extend_answers=false"] if args.task == "vqa" else []  # the checkpoint's answers as they are
+    keep_head = list(task_class(args.task).evaluation_overrides)  # e.g. VQA: the checkpoint's answers as they are
     if args.strict and args.task == "multi":
         raise ConfigError("--strict: set data.strict in each member's config of a multi-task run")
     strict = ["data.strict=true"] if args.strict else []

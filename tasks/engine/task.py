@@ -112,6 +112,7 @@ class Task:
     head_modules: tuple[str, ...] = ()  # model modules a checkpoint must hold for this task ("answer_head", ...)
     pretraining_zero_shot: bool = False  # a pretraining checkpoint serves this task as is (alignment head)
     config_class: type  # the run config dataclass (tasks/configs/<name>.yaml is one of these)
+    evaluation_overrides: tuple[str, ...] = ()  # config overrides `vilbert evaluate` and reports apply (key=value)
 
     def run_record(self) -> dict[str, Any]:
         """What `run.json` says about a run of this task (see tasks.engine.run_record). Default: the name only."""
@@ -168,6 +169,11 @@ class Task:
     def chance(self, split: str) -> dict[str, float]:
         """Metric values a model without the image would get (for reports); empty when not defined."""
         return {}
+
+    def report_lines(self, metrics: Mapping[str, float]) -> list[tuple[str, float, float | None]]:
+        """Finer measurements a report prints under the main metric, from `score`'s metrics: (label, value %,
+        the value of the model without the image or None). Default: none."""
+        return []
 
     # ---------------------------------------------------------------------------------------------- prediction
 

@@ -9,7 +9,9 @@ accuracy, alignment accuracy and zero-shot R@1, each beside the score of the bes
 
 Fine-tuning: the run's last checkpoint is evaluated by its task on the shapes world's held-out `test` split and on
 the `compositional` split (held-out colour-shape pairs), beside:
-- VQA: the best answer per question type from the training answers (a language-only prior);
+- VQA and VQA-CP: the task's `chance` (the best answer per question type from the training answers, a
+  language-only prior), with the task's `report_lines` below (accuracy per answer and question type beside the
+  prior's, and how often the model answers what the prior answers);
 - retrieval: R@1 of a random ranking, 1 / the number of images;
 - referring expressions: the expected accuracy of picking one of the image's regions at random;
 - NLVR2, SNLI-VE, GQA: always the most frequent training label (a blind guess);
@@ -32,7 +34,7 @@ from tasks.data.tokenization import load_tokenizer
 from tasks.engine.checkpoints import list_checkpoints
 from tasks.engine.config import load_config
 from tasks.errors import ConfigError, DataError
-from tasks.metrics import box_iou, vqa_score
+from tasks.metrics import box_iou
 from tasks.pretraining import PretrainConfig
 from tasks.refexp import region_boxes
 from tasks.registry import task_class
@@ -45,6 +47,7 @@ logger = logging.getLogger(__name__)
 # in folders of their own (tasks.shapes.world.VQA_FILES).
 EVAL_SPLITS = {
     "vqa": [("held-out test", "val", "test"), ("compositional", "val", "compositional")],
+    "vqa-cp": [("changing priors", "test", None)],
     "retrieval": [("held-out test", "test", None), ("compositional", "compositional", None)],
     "refcoco": [("held-out test", "test", None), ("compositional", "compositional", None)],
     "nlvr2": [("held-out test", "test1", None)],
@@ -52,7 +55,7 @@ EVAL_SPLITS = {
     "gqa": [("held-out test", "testdev", None)],
     "visual7w": [("held-out test", "test", None)],
 }
-MAIN_METRIC = {"vqa": ("accuracy", "VQA accuracy"), "retrieval": ("r1", "R@1 caption->image"),
+MAIN_METRIC = {"vqa": ("accuracy", "VQA accuracy"), "vqa-cp": ("accuracy", "VQA accuracy"), "retrieval": ("r1", "R@1 caption->image"),
                "refcoco": ("accuracy", "accuracy (IoU >= 0.5)"), "nlvr2": ("accuracy", "accuracy"),
                "snli-ve": ("accuracy", "accuracy"), "gqa": ("accuracy", "accuracy (exact match)"),
                "visual7w": ("accuracy", "accuracy (chosen box)")}
@@ -64,6 +67,7 @@ class Row:
     value: float  # percent
     chance: float  # percent
     metrics: dict = field(default_factory=dict)  # the whole evaluation the row came from (for the figures)
+    details: list = field(default_factory=list)  # the task's report_lines: (label, value %, chance % or None)
 
     def line(self, width: int = 37) -> str:
         return f"  {self.name:<{width}} {self.value:6.1f} %   (chance {self.chance:5.1f} %)"
@@ -203,28 +207,17 @@ def pretraining_report(run_dir: str | Path) -> list[str]:
 
 
 def _task_for(run_dir: Path, task_name: str, split_root: str | None, checkpoint: Path | None = None):
+    """The run's task on the checkpoint; with `split_root`, reading that folder under data.root (its training
+    split, for priors, still read from data.root: `data.prior_root`, where the task has it)."""
+    cls = task_class(task_name)
     checkpoint = checkpoint or last_checkpoint(run_dir)
-    overrides = [f"model.init={checkpoint}"]
-    if task_name == "vqa":  # the checkpoint's answers as they are (the split folders hold no training files)
-        overrides.append("data.extend_answers=false")
+    overrides = [f"model.init={checkpoint}", *cls.evaluation_overrides]
     if split_root is not None:
-        root = load_config(run_dir / "config.yaml", task_class(task_name).config_class).data.root
-        overrides.append(f"data.root={Path(root) / split_root}")
+        data = load_config(run_dir / "config.yaml", cls.config_class).data
+        overrides.append(f"data.root={Path(data.root) / split_root}")
+        if hasattr(data, "prior_root"):
+            overrides.append(f"data.prior_root={data.prior_root or data.root}")
     return load_task(task_name, str(run_dir / "config.yaml"), overrides)
-
-
-def _vqa_chance(task, split: str, train_task) -> float:
-    """Accuracy of answering each question with its question type's most frequent training answer."""
-    by_type: dict[str, Counter] = {}
-    for q in train_task.questions("train"):
-        by_type.setdefault(q.question_type, Counter())[q.consensus] += 1
-    overall = Counter(q.consensus for q in train_task.questions("train")).most_common(1)[0][0]
-    questions = task.questions(split)
-    guesses = {q.question_id: (by_type[q.question_type].most_common(1)[0][0] if q.question_type in by_type
-                               else overall) for q in questions}
-    annotations = [{"question_id": q.question_id, "answers": [{"answer": a} for a in q.answers],
-                    "answer_type": q.answer_type} for q in questions]
-    return vqa_score(guesses, annotations)["overall"]
 
 
 def _refexp_chance(task, split: str) -> float:
@@ -253,6 +246,17 @@ def _pointing_chance(task, split: str) -> float:
     return 100 * float(np.mean([1 / len(s.extra["candidates"]) for s in task.samples(split)]))
 
 
+def _chance(task_name: str, task, split: str, train_task, metrics: dict) -> float:
+    """The chance level of the tasks whose `chance` hook says nothing yet."""
+    if task_name == "retrieval":
+        return 100 / metrics["num_images"]
+    if task_name in ("nlvr2", "snli-ve", "gqa"):
+        return _prior_chance(task, split, train_task)
+    if task_name == "visual7w":
+        return _pointing_chance(task, split)
+    return _refexp_chance(task, split)
+
+
 def finetuning_rows(run_dir: str | Path, task_name: str, checkpoint: Path | None = None,
                     held_out_only: bool = False) -> list[Row]:
     """Evaluate the run's last checkpoint (or `checkpoint`, read with the run's task config) on the held-out and
@@ -271,17 +275,10 @@ def finetuning_rows(run_dir: str | Path, task_name: str, checkpoint: Path | None
         task = _task_for(run_dir, task_name, root, checkpoint)
         with torch.no_grad():
             metrics = task.evaluate(model, split)
-        if task_name == "vqa":
-            chance = _vqa_chance(task, split, train_task)
-        elif task_name == "retrieval":
-            chance = 100 / metrics["num_images"]
-        elif task_name in ("nlvr2", "snli-ve", "gqa"):
-            chance = _prior_chance(task, split, train_task)
-        elif task_name == "visual7w":
-            chance = _pointing_chance(task, split)
-        else:
-            chance = _refexp_chance(task, split)
-        rows.append(Row(f"{label}: {metric_name}", metrics[metric], chance, metrics))
+        chance = task.chance(split).get(metric)  # VQA: the question-type prior
+        if chance is None:
+            chance = _chance(task_name, task, split, train_task, metrics)
+        rows.append(Row(f"{label}: {metric_name}", metrics[metric], chance, metrics, task.report_lines(metrics)))
     return rows
 
 
@@ -291,12 +288,21 @@ def finetuning_report(run_dir: str | Path, task_name: str, compare: str | Path |
     lines = [f"Fine-tuning {task_name} on the shapes world from {run_dir}"]
     rows = finetuning_rows(run_dir, task_name) if rows is None else rows
     if compare is None:
-        lines += [row.line() for row in rows]
+        for row in rows:
+            lines.append(row.line())
+            lines += [f"    {label:<35} {value:6.1f} %" + (f"   (prior {prior:5.1f} %)" if prior is not None else "")
+                      for label, value, prior in row.details]
     else:
         other = finetuning_rows(compare, task_name) if other is None else other
         lines.append(f"  {'':<34} {'pretrained':>10} {'text-only':>10}   chance")
         for mine, theirs in zip(rows, other, strict=True):
             lines.append(f"  {mine.name:<34} {mine.value:8.1f} % {theirs.value:8.1f} %   {mine.chance:5.1f} %")
+            their_details = {label: value for label, value, _ in theirs.details}
+            for label, value, prior in mine.details:
+                theirs_value = their_details.get(label)
+                lines.append(f"    {label:<32} {value:8.1f} % "
+                             + (f"{theirs_value:8.1f} %" if theirs_value is not None else f"{'':>10}")
+                             + (f"   {prior:5.1f} %" if prior is not None else ""))
         lines.append(f"  (text-only: the same steps from the MiniLM text stream alone: {compare})")
     lines.append(f"checkpoint {last_checkpoint(Path(run_dir))}")
     return lines
