@@ -3,7 +3,8 @@
 Both are training-time changes of the loss; evaluation and prediction read the fused answer logits alone.
 
 - `rubi` (Cadene et al., NeurIPS 2019): a question-only branch (the model's `question_only_branch`, on the
-  *detached* pooled text vector, so it never trains the question encoder) gives logits q; the fused logits z are
+  text stream before its first co-attention layer, mean-pooled and *detached*, so it has not seen the image and
+  never trains the question encoder) gives logits q; the fused logits z are
   masked by sigmoid(q) and the task loss is taken on z * sigmoid(q), plus the task loss of the branch's own
   classifier c(q). Answers the question alone predicts well get a mask near 1 and a small gradient through the
   fused branch; the fused branch has to learn what the question does not give.

@@ -138,7 +138,7 @@ class ViLBertConfig(PreTrainedConfig):
     dual_temperature: float = 0.07  # initial temperature (logit scale 1/0.07), as CLIP
 
     # Debiasing branches (ours, not in the reference), used in training only; 0 / False = no parameters.
-    # RUBi (Cadene et al., 2019): a question-only branch on the pooled text vector, `question_only_labels` outputs.
+    # RUBi (Cadene et al., 2019): a question-only branch on the text before co-attention, `question_only_labels` outputs.
     # Learned-Mixin (Clark et al., 2019): a scalar gate on the fused pooled vector.
     question_only_labels: int = 0
     mixin_gate: bool = False

@@ -744,8 +744,9 @@ class AnswerClassifier(nn.Module):
 
 
 class QuestionOnlyBranch(nn.Module):
-    """RUBi's question-only branch: an MLP from the pooled text vector to answer logits (whose sigmoid masks the
-    fused logits in training), and a linear classifier on those logits (trained on the answers alone)."""
+    """RUBi's question-only branch: an MLP from the question's encoding (the text stream before co-attention,
+    mean-pooled) to answer logits, whose sigmoid masks the fused logits in training, and a linear classifier on
+    those logits (trained on the answers alone)."""
 
     def __init__(self, in_width: int, hidden_width: int, num_outputs: int):
         super().__init__()
@@ -963,7 +964,7 @@ class ViLBertForVLTasksOutput(ModelOutput):
     region_logits: torch.Tensor | None = None  # [B, R], padded regions -10000
     token_logits: torch.Tensor | None = None  # [B, L]
     region_class_logits: torch.Tensor | None = None  # [B, R, v_target_size]
-    question_only_logits: torch.Tensor | None = None  # [B, question_only_labels], from the detached pooled text
+    question_only_logits: torch.Tensor | None = None  # [B, question_only_labels], from the text before co-attention
     question_only_answer_logits: torch.Tensor | None = None  # [B, question_only_labels]
     mixin_gate_logit: torch.Tensor | None = None  # [B], before the softplus
     text_hidden: torch.Tensor | None = None
@@ -998,7 +999,7 @@ class ViLBertForVLTasks(ViLBertWithPretrainingHeads):
         self.region_score_head = nn.Linear(config.v_hidden_size, 1)
         self.token_score_head = nn.Linear(config.hidden_size, 1)
         if config.question_only_labels:
-            self.question_only_branch = QuestionOnlyBranch(config.bi_hidden_size, 2 * bi, config.question_only_labels)
+            self.question_only_branch = QuestionOnlyBranch(config.hidden_size, 2 * bi, config.question_only_labels)
         if config.mixin_gate:
             self.mixin_gate = nn.Linear(bi, 1)
         self.post_init()
@@ -1017,20 +1018,30 @@ class ViLBertForVLTasks(ViLBertWithPretrainingHeads):
         output_attentions: bool | None = None,
         dual: bool = False,
     ) -> ViLBertForVLTasksOutput:
-        wanted = set(VL_HEADS if heads is None else heads)
+        if heads is None:  # every head this model has (the debiasing branches only when configured)
+            absent = {"question_only_logits", "question_only_answer_logits"} if not self.config.question_only_labels else set()
+            heads = [h for h in VL_HEADS if h not in absent and (h != "mixin_gate_logit" or self.config.mixin_gate)]
+        wanted = set(heads)
         if unknown := wanted - set(VL_HEADS):
             raise ConfigError(f"heads: unknown head(s) {sorted(unknown)}; expected names from {VL_HEADS}")
+        question = None
+        if wanted & {"question_only_logits", "question_only_answer_logits"}:
+            if not self.config.question_only_labels:
+                raise ConfigError("heads: question_only_logits needs question_only_labels > 0 in the model config")
+            prefix = text_prefix or self.vilbert.encode_text_prefix(input_ids, attention_mask, token_type_ids, task_ids)
+            if not output_attentions:
+                text_prefix = prefix  # the same text layers, run once
+            # RUBi's question encoding: the text before any co-attention (it has not seen the image), mean over its
+            # tokens, detached: the question-only loss does not train the question encoder
+            mask = prefix.attention_mask.unsqueeze(-1).to(prefix.hidden.dtype)
+            question = ((prefix.hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).detach()
         base = self.vilbert(
             input_ids, attention_mask, token_type_ids, region_features, region_locations, region_mask, task_ids,
             text_prefix=text_prefix, output_attentions=output_attentions, dual=dual,
         )
         out = ViLBertForVLTasksOutput(**base)
-        if wanted & {"question_only_logits", "question_only_answer_logits"}:
-            if not self.config.question_only_labels:
-                raise ConfigError("heads: question_only_logits needs question_only_labels > 0 in the model config")
-            # RUBi: the question-only loss does not train the question encoder (the pooled text is detached)
-            out.question_only_logits, out.question_only_answer_logits = self.question_only_branch(
-                base.pooled_text.detach())
+        if question is not None:
+            out.question_only_logits, out.question_only_answer_logits = self.question_only_branch(question)
         if wanted & {"answer_logits", "gqa_answer_logits", "pair_logit", "binary_logits", "tri_logits",
                      "mixin_gate_logit"}:
             fused = self.fused_pooled(base)  # [B, Hb]
