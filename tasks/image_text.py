@@ -251,7 +251,8 @@ class ImageTextTask(FinetuneTask):
                  "token_type_ids": torch.from_numpy(encoded.token_type_ids),
                  "target": torch.stack([s["target"] for s in samples]),
                  "index": torch.tensor([s["index"] for s in samples]),
-                 "prior_row": torch.tensor([s["prior_row"] for s in samples])}
+                 # the answer prior's row (data.debias: lmh); items built by hand for prediction have none
+                 "prior_row": torch.tensor([s.get("prior_row", -1) for s in samples])}
         batch.update(collate_visual([v for s in samples for v in s["visuals"]]))
         return batch
 
@@ -308,7 +309,7 @@ class ImageTextTask(FinetuneTask):
         from tasks.engine.distributed import move_to_device
         from tasks.engine.evaluation import eval_mode, model_device
 
-        batch = move_to_device(self.collate([{"index": 0, "prior_row": -1, **self.encode(sample, regions)}]), model_device(model))
+        batch = move_to_device(self.collate([{"index": 0, **self.encode(sample, regions)}]), model_device(model))
         with eval_mode(model):
             return self.decode(sample, self.logits(model, batch).cpu()[0])
 
