@@ -8,6 +8,7 @@ from cli_check import assert_refused
 from task_zoo import build_task, write_zoo
 from tiny_task_data import VQA_CP_QUESTIONS, write_json
 
+from tasks.cli import main
 from tasks.engine.config import OptimConfig, TrainConfig
 from tasks.engine.trainer import Trainer
 from tasks.errors import AnnotationError, ConfigError
@@ -58,7 +59,7 @@ def test_scores_give_the_official_accuracy_per_type_and_the_question_only_prior(
     assert "answer type yes/no" in labels and "question type 'how many'" in labels
 
 
-def test_trains_and_evaluates_on_the_test_split(zoo, tmp_path):
+def test_trains_and_evaluates_on_the_test_split(zoo, tmp_path, capsys):
     task = build_task("vqa-cp", zoo)
     config = TrainConfig(output_dir=str(tmp_path / "run"), epochs=1, global_batch_size=3, max_steps=2,
                          num_workers=0, log_every=1, save_every=1000, eval_every=1000, device="cpu")
@@ -68,6 +69,13 @@ def test_trains_and_evaluates_on_the_test_split(zoo, tmp_path):
     evaluation = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in evaluation if r.get("kind") == "eval"][-1]
     assert 0.0 <= final["accuracy"] <= 100.0 and "prior_agreement" in final
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--task", "vqa-cp", "--checkpoint", str(result.last_checkpoint), "--split", "test",
+                 "--out", str(out), *zoo]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["prior_accuracy"] == pytest.approx(30.0) and metrics["accuracy"] == final["accuracy"]
+    printed = capsys.readouterr().out
+    assert "prior_agreement" in printed and "prior_question_type/what color is the" in printed
 
 
 @pytest.mark.parametrize("damage, where", [
