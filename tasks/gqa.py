@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from features.safe_pickle import safe_load
 from tasks import debiasing
 from tasks.data.annotations import load_json, require
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
@@ -52,8 +53,6 @@ def read_gqa(path: str | Path) -> list[Sample]:
 
 def read_answer_list(path: str | Path) -> list[str]:
     """The reference's label2ans pickle: a list of answer strings (index = label)."""
-    from features.safe_pickle import safe_load
-
     answers = safe_load(path)
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
         raise AnnotationError(f"{path}: expected a non-empty list of answer strings (label2ans)")

@@ -30,12 +30,15 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 from torch import nn
 
+from features.detectors import build_detector
 from features.errors import FeaturesError
+from features.images import read_image
 from tasks.engine.task import Task
 from tasks.errors import ConfigError, DataError
 from tasks.registry import TASKS, task_class
 from tasks.runners import predict
 from tasks.runners.checkpoint import CheckpointInfo, check_serves, load_model, read_checkpoint
+from tasks.vqa import answer_list
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +91,6 @@ def checkpoint_modes(info: CheckpointInfo) -> list[str]:
 def load_checkpoint(directory: str | os.PathLike, device: str, detector: str | None = None,
                     allow_random: bool = False) -> LoadedCheckpoint:
     """Load one checkpoint for serving (fails like `vilbert predict` on a bad directory, detector or tokenizer)."""
-    from features.detectors import build_detector
-    from tasks.vqa import answer_list
-
     info = read_checkpoint(directory)
     tokenizer = predict.tokenizer_directory(info)
     tasks = {mode: predict.build_task(info, predict.choose_task(info, mode), tokenizer)
@@ -162,8 +162,6 @@ class Demo:
     def predict(self, task: str, text: str, upload: bytes | None, filename: str | None,
                 example: str | None) -> dict:
         """One request: validate, decode, run, draw. Returns the JSON result with the two PNGs as data URLs."""
-        from features.images import read_image
-
         checkpoint, mode = self.resolve_task(task)
         text = (text or "").strip()
         if not text:
