@@ -943,9 +943,6 @@ class ViLBertForPreTraining(ViLBertWithPretrainingHeads):
 
 VL_HEADS = (
     "answer_logits",
-    "question_only_logits",
-    "question_only_answer_logits",
-    "mixin_gate_logit",
     "gqa_answer_logits",
     "pair_logit",
     "binary_logits",
@@ -954,6 +951,8 @@ VL_HEADS = (
     "token_logits",
     "region_class_logits",
 )
+# The debiasing branches' outputs: asked for by name only, by models whose config has the branch.
+DEBIAS_HEADS = ("question_only_logits", "question_only_answer_logits", "mixin_gate_logit")
 
 
 @dataclass
@@ -1022,12 +1021,10 @@ class ViLBertForVLTasks(ViLBertWithPretrainingHeads):
         output_attentions: bool | None = None,
         dual: bool = False,
     ) -> ViLBertForVLTasksOutput:
-        if heads is None:  # every head this model has (the debiasing branches only when configured)
-            absent = {"question_only_logits", "question_only_answer_logits"} if not self.config.question_only_labels else set()
-            heads = [h for h in VL_HEADS if h not in absent and (h != "mixin_gate_logit" or self.config.mixin_gate)]
-        wanted = set(heads)
-        if unknown := wanted - set(VL_HEADS):
-            raise ConfigError(f"heads: unknown head(s) {sorted(unknown)}; expected names from {VL_HEADS}")
+        wanted = set(VL_HEADS if heads is None else heads)
+        if unknown := wanted - set(VL_HEADS) - set(DEBIAS_HEADS):
+            raise ConfigError(f"heads: unknown head(s) {sorted(unknown)}; expected names from "
+                              f"{VL_HEADS + DEBIAS_HEADS}")
         question = None
         if wanted & {"question_only_logits", "question_only_answer_logits"}:
             if not self.config.question_only_labels:
