@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 from features.detectors import DETECTORS
-from features.inputs import BOX_FORMATS
+from tasks.cli.options import BOX_FORMATS
 
 POINTING = ("visual7w", "guesswhat-pointing")
 TASKS = ("gqa", "genome-qa", "nlvr2", "snli-ve", "visual7w", "guesswhat-pointing", "guesswhat", "vcr-qa", "vcr-qar",
