@@ -435,7 +435,7 @@ class VQATask(FinetuneTask):
         """The per-question-type answer prior of the training split (soft targets averaged per type), for lmh."""
         if self._answer_prior is None:
             label_of = {answer: i for i, answer in enumerate(self.vocabulary())}
-            questions = self.questions("train")
+            questions = self.training_questions()
             self._answer_prior = AnswerPrior([q.question_type for q in questions],
                                              [soft_target(q.answers, label_of) for q in questions], len(label_of))
         return self._answer_prior

@@ -31,11 +31,12 @@ def runs(tmp_path_factory):
     vocab = write_vocab_with(root / "tok", WORDS)
     data = [f"data.features=[{root / 'f.h5'}]", f"data.tokenizer={vocab}"]
     made = {}
-    for task, name, seed in (("vqa", "a", 0), ("vqa", "b", 1), ("vqa-cp", "a", 0)):
+    for task, name, seed, mode in (("vqa", "a", 0, "none"), ("vqa", "b", 1, "none"), ("vqa-cp", "a", 0, "none"),
+                                   ("vqa", "lmh", 0, "lmh")):
         out = root / f"{task}_{name}"
         assert main(["finetune", "--task", task, "--config", str(CONFIGS / f"{task}_embedded.yaml"),
                      *TINY, *data, f"data.root={world / task}", f"train.output_dir={out}",
-                     f"train.seed={seed}"]) == 0
+                     f"train.seed={seed}", f"data.debias={mode}"]) == 0
         made[task, name] = out
     return made
 
@@ -64,3 +65,9 @@ def test_the_changing_priors_run_reports_its_test_split_against_its_train_prior(
     assert row.name.startswith("changing priors")
     assert row.chance == pytest.approx(row.metrics["prior_accuracy"])
     assert 0 <= row.metrics["prior_agreement"] <= 100
+
+
+def test_a_debiased_run_reports_its_split_folders_with_the_prior_of_its_training_split(runs):
+    rows = finetuning_rows(runs["vqa", "lmh"], "vqa")  # the split folders hold no training files
+    plain = finetuning_rows(runs["vqa", "a"], "vqa")
+    assert [row.chance for row in rows] == [row.chance for row in plain]
