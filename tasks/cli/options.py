@@ -41,8 +41,10 @@ def add_region_arguments(parser: argparse.ArgumentParser) -> None:
     """How one image's regions are made (detector, weights, options, given boxes) and the tokenizer: the options
     every command that runs the model on a new image shares."""
     parser.add_argument("--detector", choices=sorted(DETECTORS),
-                        help="default: the detector of the checkpoint's training features")
-    parser.add_argument("--weights", help="detector weight file (default: the detector's packaged weights)")
+                        help="default: the detector of the checkpoint's training features; for features on "
+                             "shapes-world ground-truth boxes, the shapes detector when `make detector` has run")
+    parser.add_argument("--weights", help="detector weight file or directory (default: the detector's packaged "
+                        "weights; shapes: data/shapes/detector)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a detector option, e.g. short_side=224 or max_boxes=36 (repeatable)")
     parser.add_argument("--random-detector", action="store_true",

@@ -47,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from features.detectors import build_detector
     from features.images import read_image
+    from tasks.cli.options import to_stderr
     from tasks.errors import ConfigError
     from tasks.image_text import Sample
     from tasks.runners import predict
@@ -72,12 +72,9 @@ def run(args: argparse.Namespace) -> int:
     task = load_task(args.task, str(run_config) if run_config.is_file() else None, [f"model.init={info.directory}"])
     images = [read_image(path) for path in args.image]
     boxes = predict.boxes_for_image(args.boxes, args.box_format, args.image[0]) if args.boxes else None
-    name = predict.detector_name(info, args.detector)
-    detector = build_detector(name, weights=args.weights)
-    predict.check_detector(detector, info.feature_size, args.random_detector)
-    if boxes is None and predict.needs_given_boxes(detector):
-        boxes = predict.grid_boxes(images[0].original_hw)
-    regions = [predict.detect_regions(detector, image, boxes, device, image_id=Path(path).stem)
+    name, detector = predict.prepare_detector(info, args.detector, args.weights, allow_random=args.random_detector,
+                                              warn=to_stderr, boxes_given=boxes is not None)
+    regions = [predict.image_regions(detector, name, image, boxes, device, Path(path).stem, note=to_stderr)
                for image, path in zip(images, args.image, strict=True)]
     model = task.build_model().to(device)
 

@@ -30,7 +30,6 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 from torch import nn
 
-from features.detectors import build_detector
 from features.errors import FeaturesError
 from features.images import read_image
 from tasks.engine.task import Task
@@ -90,7 +89,8 @@ def checkpoint_modes(info: CheckpointInfo) -> list[str]:
 
 def load_checkpoint(directory: str | os.PathLike, device: str, detector: str | None = None,
                     allow_random: bool = False) -> LoadedCheckpoint:
-    """Load one checkpoint for serving (fails like `vilbert predict` on a bad directory, detector or tokenizer)."""
+    """Load one checkpoint for serving (fails like `vilbert predict` on a bad directory, detector or tokenizer); its
+    detector is `predict.prepare_detector`'s choice (the shapes-world detector for the embedded models, when trained)."""
     info = read_checkpoint(directory)
     tokenizer = predict.tokenizer_directory(info)
     tasks = {mode: predict.build_task(info, predict.choose_task(info, mode), tokenizer)
@@ -100,9 +100,7 @@ def load_checkpoint(directory: str | os.PathLike, device: str, detector: str | N
         logger.warning("%s: no VQA answer list (config.json id2label); not offering questions", directory)
     if not tasks:
         raise ConfigError(f"--checkpoint {directory}: nothing to serve (no answer list and no other task)")
-    name = predict.detector_name(info, detector)
-    region_detector = build_detector(name)
-    predict.check_detector(region_detector, info.feature_size, allow_random)
+    name, region_detector = predict.prepare_detector(info, detector, allow_random=allow_random)
     model = load_model(info, device, next(iter(tasks.values())))
     for task in tasks.values():
         check_serves(info, task)
@@ -195,12 +193,9 @@ class Demo:
              boxes: np.ndarray | None, shown: str, tmp: Path) -> dict:
         task, model = checkpoint.tasks[mode], checkpoint.model
         notes = []
-        if boxes is None and predict.needs_given_boxes(checkpoint.detector):
-            boxes = predict.grid_boxes(image.original_hw)
-            notes.append(f"{checkpoint.detector_name} pools features on given boxes; used the whole image and a "
-                         f"{predict.GRID}x{predict.GRID} grid")
         try:
-            regions = predict.detect_regions(checkpoint.detector, image, boxes, self.device, image_id="image")
+            regions = predict.image_regions(checkpoint.detector, checkpoint.detector_name, image, boxes, self.device,
+                                            "image", note=notes.append)
         except FeaturesError as error:
             raise RequestError(f"{shown}: {error}", 422) from error
         example = predict.build_example(image, regions, task.max_regions, self.device,
