@@ -53,23 +53,23 @@ from tasks.data.annotations import (
 from tasks.data.answer_labels import (
     carry_answer_rows,
     checkpoint_classifier,
+    config_answers,
     extend_answers,
     require_answer_labels,
 )
 from tasks.data.regions import collate_visual, visual_input
 from tasks.debiasing import AnswerPrior
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.evaluation import eval_batches
 from tasks.engine.task import PredictExample, StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError, DataError
 from tasks.figures.drawing import draw_boxes
 from tasks.finetuning import (
+    FinetuneConfig,
     FinetuneDataConfig,
     FinetuneTask,
     build_task_model,
     model_inputs,
     resolve_split,
-    task_ids_for,
 )
 from tasks.metrics import normalize_answer, soft_score, vqa_score
 
@@ -223,13 +223,7 @@ def checkpoint_answers(directory: str | None) -> list[str] | None:
     """The answer list saved in a VQA checkpoint's config.json (id2label), or None for other checkpoints."""
     if not directory or not (Path(directory) / "config.json").is_file():
         return None
-    return answer_list(load_json(Path(directory) / "config.json").get("id2label"))
-
-
-def answer_list(id2label: Mapping | None) -> list[str] | None:
-    """The answers of a model config's id2label in label order, or None when they are the default LABEL_i."""
-    answers = [id2label[k] for k in sorted(id2label or {}, key=int)]
-    return answers if answers and not all(a == f"LABEL_{i}" for i, a in enumerate(answers)) else None
+    return config_answers(load_json(Path(directory) / "config.json"))
 
 
 def soft_target(answers: list[str], label_of: Mapping[str, int]) -> dict[int, float]:
@@ -300,12 +294,9 @@ class VQACPDataConfig(VQADataConfig):
 
 
 @dataclass
-class VQAConfig:
+class VQAConfig(FinetuneConfig):
     """A VQA fine-tuning run (tasks/configs/vqa.yaml)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: VQADataConfig = field(default_factory=VQADataConfig)
 
 
@@ -366,8 +357,9 @@ class VQATask(FinetuneTask):
     higher_is_better = True
     config_class = VQAConfig
     predict_modes = ("question",)
-    head_modules = ("answer_head",)
-    evaluation_overrides = ("data.extend_answers=false",)  # the checkpoint's answers as they are
+    head = "answer_logits"
+    metric_labels = {"accuracy": "VQA accuracy"}
+    checkpoint_overrides = ("data.extend_answers=false",)  # the checkpoint's answers as they are
     debias_supported = True
     data: VQADataConfig
 
@@ -398,7 +390,7 @@ class VQATask(FinetuneTask):
         """The answer list: the initial checkpoint's (config id2label) when it has one, then (when fine-tuning) the
         data's answers it lacks; else built from train+val. A converted head without labels is refused."""
         if self.answers is None:
-            init = getattr(self.config.model, "init", None)
+            init = self.config.model.init
             require_answer_labels(init)
             self.init_answers = checkpoint_answers(init)
             if self.init_answers is None or self.data.extend_answers:
@@ -473,7 +465,7 @@ class VQATask(FinetuneTask):
         return model
 
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
-        ids = task_ids_for(model, "vqa", batch["input_ids"].shape[0], batch["input_ids"].device)
+        ids = self.task_ids(model, batch["input_ids"].shape[0], batch["input_ids"].device)
         mode = self.data.debias
         out = model(**model_inputs(batch), task_ids=ids, heads=debiasing.heads(mode, "answer_logits"))
         best = out.answer_logits.argmax(dim=1, keepdim=True)
@@ -491,7 +483,7 @@ class VQATask(FinetuneTask):
         answers = self.vocabulary()
         predictions = []
         for batch in eval_batches(model, self.dataset(split), self.collate, self.data.eval_batch_size, progress):
-            ids = task_ids_for(model, "vqa", batch["input_ids"].shape[0], batch["input_ids"].device)
+            ids = self.task_ids(model, batch["input_ids"].shape[0], batch["input_ids"].device)
             logits = model(**model_inputs(batch), task_ids=ids, heads=["answer_logits"]).answer_logits
             probs, labels = torch.sigmoid(logits.float()).max(dim=1)
             for qid, label, prob in zip(batch["question_id"].tolist(), labels.tolist(), probs.tolist(), strict=True):
@@ -530,15 +522,16 @@ class VQATask(FinetuneTask):
         metrics["prior_agreement"] = 100.0 * sum(agree) / len(agree) if agree else 0.0
         return metrics
 
-    def chance(self, split: str) -> dict[str, float]:
-        """The question-only prior's accuracy on the split (each question gets its type's most frequent training
-        answer); empty on unannotated splits."""
+    def chance(self, split: str, train: VQATask | None = None) -> dict[str, float]:
+        """The question-only prior's accuracy on the split: each question gets its type's most frequent answer in
+        the training split of `train` (default this task); empty on unannotated splits."""
         questions = self.questions(split)
         if not questions or not questions[0].answers:
             return {}
+        source = train or self
         annotations = [{"question_id": q.question_id, "answers": [{"answer": a} for a in q.answers]}
                        for q in questions]
-        return {"accuracy": vqa_score({q.question_id: self.prior_answer(q) for q in questions},
+        return {"accuracy": vqa_score({q.question_id: source.prior_answer(q) for q in questions},
                                       annotations)["overall"]}
 
     def report_lines(self, metrics: Mapping[str, float]) -> list[tuple[str, float, float | None]]:
@@ -554,12 +547,21 @@ class VQATask(FinetuneTask):
     # ------------------------------------------------------------------ one image
 
     @torch.no_grad()
+    def evaluation(self, model: nn.Module, split: str, progress: Callable | None = None, mode: str | None = None,
+                   rerank_k: int = 32) -> tuple[Any, dict[str, Any]]:
+        """VQA v2's test splits have no answers: their predictions file is the official submission."""
+        if split not in ("test", "test-dev") or self.data.format == "vqa-cp":
+            return super().evaluation(model, split, progress)
+        result = submission(self.predict(model, split, progress), self.questions(split),
+                            fallback=self.vocabulary()[0])
+        return result, {"num_questions": len(result)}
+
     def predict_one(self, model: nn.Module, example: PredictExample) -> dict[str, Any]:
         """{"question", "answers": the top-k [{"answer", "score"}] by sigmoid(answer_logits), best first}.
 
         The answer list is `options["answers"]` when given, else the checkpoint's (config id2label).
         """
-        answers = example.options.get("answers") or answer_list(model.config.id2label)
+        answers = example.options.get("answers") or config_answers({"id2label": model.config.id2label})
         if answers is None:
             raise ConfigError("the checkpoint's config.json has no VQA answer list (id2label); pass --answers FILE")
         if len(answers) != model.config.num_labels:
@@ -567,7 +569,7 @@ class VQATask(FinetuneTask):
                               f"{model.config.num_labels} outputs")
         device = example.visual["region_features"].device
         text = self.tokenizer().encode([example.text], self.data.max_text_length).tensors(device)
-        ids = task_ids_for(model, self.example_token(example), 1, device)
+        ids = self.task_ids(model, 1, device, example.task_token)
         logits = model(**text, **example.visual, task_ids=ids, heads=["answer_logits"]).answer_logits
         top_k = min(int(example.options.get("top_k", 5)), len(answers))
         scores, labels = torch.sigmoid(logits.float()[0]).topk(top_k)

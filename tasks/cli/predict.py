@@ -55,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
 
     from features.detectors import detector_options
     from features.images import read_image
+    from tasks.data.answer_labels import config_answers
     from tasks.errors import ConfigError
     from tasks.runners import predict
     from tasks.runners.checkpoint import load_model, read_checkpoint
-    from tasks.vqa import answer_list
 
     if args.boxes and not args.box_format:
         raise ConfigError("--boxes needs --box-format xyxy or xywh (coordinates are never guessed)")
@@ -74,11 +74,11 @@ def run(args: argparse.Namespace) -> int:
 
     # everything cheap to check comes first: a bad path fails before any weights load
     info = read_checkpoint(args.checkpoint)
-    if mode == "question" and not args.answers and answer_list(info.config.get("id2label")) is None:
+    if mode == "question" and not args.answers and config_answers(info.config) is None:
         raise ConfigError(f"--checkpoint {args.checkpoint}: config.json has no VQA answer list (id2label); "
                           "pass --answers FILE (or convert with --answers trainval_label2ans.pkl)")
-    task = predict.build_task(info, predict.choose_task(info, mode, args.task),
-                              predict.tokenizer_directory(info, args.tokenizer))
+    task = predict.checkpoint_task(info, predict.choose_task(info, mode, args.task),
+                              predict.checkpoint_tokenizer(info, args.tokenizer))
     options = {"top_k": args.top_k}
     if args.answers:
         options["answers"] = predict.read_answers(args.answers)
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         predict.save_picture(task.draw(example, answer), args.out)
         result["out"] = args.out
     if args.attention or args.attention_json:
-        result.update(predict.attention_maps(model, task, example, answer, words=args.words, head=args.head,
+        result.update(predict.write_attention(model, task, example, answer, words=args.words, head=args.head,
                                              rollout=args.rollout, out=args.attention, json_out=args.attention_json))
 
     if args.json:

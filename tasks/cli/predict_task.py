@@ -51,9 +51,9 @@ def run(args: argparse.Namespace) -> int:
     from tasks.cli.options import to_stderr
     from tasks.errors import ConfigError
     from tasks.image_text import Sample
+    from tasks.registry import build_task
     from tasks.runners import predict
     from tasks.runners.checkpoint import read_checkpoint
-    from tasks.runners.evaluate import load_task
 
     if args.boxes and not args.box_format:
         raise ConfigError("--boxes needs --box-format xyxy or xywh (coordinates are never guessed)")
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     info = read_checkpoint(args.checkpoint)
     run_config = info.directory / "run_config.yaml"
-    task = load_task(args.task, str(run_config) if run_config.is_file() else None, [f"model.init={info.directory}"])
+    task = build_task(args.task, str(run_config) if run_config.is_file() else None, [f"model.init={info.directory}"])
     images = [read_image(path) for path in args.image]
     boxes = predict.boxes_for_image(args.boxes, args.box_format, args.image[0]) if args.boxes else None
     name, detector = predict.prepare_detector(info, args.detector, args.weights, allow_random=args.random_detector,

@@ -33,14 +33,13 @@ from tasks.data.annotations import load_json
 from tasks.data.feature_provenance import feature_mismatch
 from tasks.data.regions import collate_visual, visual_input
 from tasks.data.tokenization import load_tokenizer
-from tasks.engine.config import from_dict
 from tasks.engine.run_record import PRETRAINING, architecture
 from tasks.engine.task import PredictExample, Task
 from tasks.errors import ConfigError
 from tasks.figures.attention import explain_prediction
-from tasks.finetuning import FinetuneTask, task_ids_for
+from tasks.finetuning import FinetuneTask
 from tasks.metrics import xywh_to_xyxy
-from tasks.registry import TASKS, task_class
+from tasks.registry import TASKS, build_task, task_class
 from tasks.runners.checkpoint import CheckpointInfo
 
 logger = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ def choose_task(info: CheckpointInfo, mode: str, requested: str | None = None) -
     return DEFAULT_TASK[mode]
 
 
-def tokenizer_directory(info: CheckpointInfo, override: str | None = None) -> str:
+def checkpoint_tokenizer(info: CheckpointInfo, override: str | None = None) -> str:
     """--tokenizer, else the run's data.tokenizer or model.text_init, else the checkpoint dir if it has a vocab."""
     data, model = info.run_config.get("data") or {}, info.run_config.get("model") or {}
     for candidate in (override, data.get("tokenizer"), model.get("text_init")):
@@ -81,19 +80,17 @@ def tokenizer_directory(info: CheckpointInfo, override: str | None = None) -> st
                       "pass --tokenizer DIR (a local BERT directory with vocab.txt)")
 
 
-def build_task(info: CheckpointInfo, name: str, tokenizer: str) -> Task:
+def checkpoint_task(info: CheckpointInfo, name: str, tokenizer: str) -> Task:
     """Task `name` with the run's config when this checkpoint's run trained it, else its defaults.
 
     Its data is never read: prediction needs only the text and region settings and the tokenizer.
     """
-    cls = task_class(name)
     settings = info.run_config if info.task == name else {}
     if info.task == "multi":  # a multi-task run keeps each member's whole config
         settings = next((member.get("resolved") or {} for member in info.run_config.get("tasks") or []
                          if member.get("name") == name), {})
-    config = from_dict(cls.config_class, settings, str(info.directory / "run_config.yaml"))
-    config.data.tokenizer = tokenizer
-    return cls(config)
+    settings = {**settings, "data": {**(settings.get("data") or {}), "tokenizer": tokenizer}}
+    return build_task(name, settings, source=str(info.directory / "run_config.yaml"))
 
 
 # ------------------------------------------------------------------------------------------------------ detector
@@ -283,7 +280,7 @@ def build_example(loaded: LoadedImage, regions: Regions, max_regions: int, devic
                           visual=inputs, **request)
 
 
-def attention_maps(model: nn.Module, task: Task, example: PredictExample, result: Mapping[str, Any],
+def write_attention(model: nn.Module, task: Task, example: PredictExample, result: Mapping[str, Any],
                    **figure: Any) -> dict[str, str]:
     """The co-attention figure and/or JSON (tasks.figures.attention) of the text the task answered: the question
     or expression, else the best-ranked caption. `figure`: words, head, rollout, out, json_out."""
@@ -291,7 +288,7 @@ def attention_maps(model: nn.Module, task: Task, example: PredictExample, result
     device = example.visual["region_features"].device
     task_ids = None
     if isinstance(task, FinetuneTask) and architecture(model) != PRETRAINING:
-        task_ids = task_ids_for(model, task.example_token(example), 1, device)
+        task_ids = task.task_ids(model, 1, device, example.task_token)
     tokenizer = load_tokenizer(task.config.data.tokenizer)
     return explain_prediction(model, tokenizer, example, text, task.config.data.max_text_length, task_ids, **figure)
 

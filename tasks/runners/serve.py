@@ -32,12 +32,12 @@ from torch import nn
 
 from features.errors import FeaturesError
 from features.images import read_image
+from tasks.data.answer_labels import config_answers
 from tasks.engine.task import Task
 from tasks.errors import ConfigError, DataError
 from tasks.registry import TASKS, task_class
 from tasks.runners import predict
 from tasks.runners.checkpoint import CheckpointInfo, check_serves, load_model, read_checkpoint
-from tasks.vqa import answer_list
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +92,10 @@ def load_checkpoint(directory: str | os.PathLike, device: str, detector: str | N
     """Load one checkpoint for serving (fails like `vilbert predict` on a bad directory, detector or tokenizer); its
     detector is `predict.prepare_detector`'s choice (the shapes-world detector for the embedded models, when trained)."""
     info = read_checkpoint(directory)
-    tokenizer = predict.tokenizer_directory(info)
-    tasks = {mode: predict.build_task(info, predict.choose_task(info, mode), tokenizer)
+    tokenizer = predict.checkpoint_tokenizer(info)
+    tasks = {mode: predict.checkpoint_task(info, predict.choose_task(info, mode), tokenizer)
              for mode in checkpoint_modes(info)}
-    if "question" in tasks and answer_list(info.config.get("id2label")) is None:
+    if "question" in tasks and config_answers(info.config) is None:
         del tasks["question"]
         logger.warning("%s: no VQA answer list (config.json id2label); not offering questions", directory)
     if not tasks:
@@ -209,7 +209,7 @@ class Demo:
         drawn = predict.save_picture(task.draw(example, answer), tmp / "drawn.png")
         result["drawn"] = data_url(drawn)
         try:
-            predict.attention_maps(model, task, example, answer, out=tmp / "attention.png")
+            predict.write_attention(model, task, example, answer, out=tmp / "attention.png")
             result["attention"] = data_url(tmp / "attention.png")
         except ConfigError as error:  # e.g. a text of special tokens only: the answer stands without the figure
             notes.append(f"no attention figure: {error}")

@@ -56,6 +56,20 @@ CP_MAJORITY = 0.9  # share of a (question type, answer) group's questions on its
 CP_SOURCES = {"train": ("", "train2014", "train2014"), "val": ("", "val2014", "val2014"),
               "test": ("test", "val2014", "val2014")}
 
+# The shapes world's evaluation splits per task: (label, split name, path under data.root or None).
+# The VQA reader knows only COCO's file names, so the generator writes test and compositional as `val2014`
+# in folders of their own (tasks.shapes.world.VQA_FILES).
+EVAL_SPLITS = {
+    "vqa": [("held-out test", "val", "test"), ("compositional", "val", "compositional")],
+    "vqa-cp": [("changing priors", "test", None)],
+    "retrieval": [("held-out test", "test", None), ("compositional", "compositional", None)],
+    "refcoco": [("held-out test", "test", None), ("compositional", "compositional", None)],
+    "nlvr2": [("held-out test", "test1", None)],
+    "snli-ve": [("held-out test", "test", None)],
+    "gqa": [("held-out test", "testdev", None)],
+    "visual7w": [("held-out test", "test", None)],
+}
+
 
 def load_scenes(world: str | Path) -> tuple[int, list[Scene]]:
     """(seed, scenes) of a generated world's `scenes.json`."""
