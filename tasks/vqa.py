@@ -600,7 +600,7 @@ class VQACPTask(VQATask):
     config_class = VQACPConfig
 
     @property
-    def token_task(self) -> str:
+    def task_token(self) -> str:
         return "vqa"
 
 
