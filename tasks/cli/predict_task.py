@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 from features.detectors import DETECTORS
-from tasks.cli.options import BOX_FORMATS
+from tasks.cli.options import BOX_FORMATS, text_argument
 
 POINTING = ("visual7w", "guesswhat-pointing")
 TASKS = ("gqa", "genome-qa", "nlvr2", "snli-ve", "visual7w", "guesswhat-pointing", "guesswhat", "vcr-qa", "vcr-qar",
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--checkpoint", required=True, help="a fine-tuned checkpoint directory of that task")
     parser.add_argument("--image", action="append", required=True, help="the image (NLVR2: left, then right)")
-    parser.add_argument("--text", required=True, help="question, statement, hypothesis, caption or dialogue")
+    parser.add_argument("--text", required=True, type=text_argument, help="question, statement, hypothesis, caption or dialogue")
     parser.add_argument("--option", action="append", default=[], help="VCR: one of the 4 answers or rationales")
     parser.add_argument("--boxes", help="given boxes (JSON list or {image_id: [...]}); pointing: the candidates")
     parser.add_argument("--box-format", choices=BOX_FORMATS, help="coordinates in --boxes (required with it)")

@@ -4,6 +4,8 @@ Examples:
   vilbert serve --checkpoint runs/vqa_embedded/checkpoints/step-00000450 --examples data/shapes/world
   vilbert serve --checkpoint CKPT_VQA --checkpoint CKPT_REFCOCO --port 8000
 Binds 127.0.0.1 unless --host says otherwise. Needs the serve extra: pip install 'vilbert[serve]'.
+Each prediction request is admitted within budgets (body bytes, image pixels, two at a time, a stalled upload
+times out; tasks/runners/admission.py); SIGTERM stops the server within seconds.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
         import python_multipart  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError as error:
         raise ConfigError(f"vilbert serve needs the serve extra ({error.name} is missing): "
                           "pip install 'vilbert[serve]'") from error
+    from tasks.runners.admission import AdmissionLimits, serve
     from tasks.runners.serve import Demo, create_app, load_checkpoint, load_examples
 
     if not 0 < args.port < 65536:
@@ -49,9 +52,11 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     examples = load_examples(args.examples) if args.examples else None
     checkpoints = [load_checkpoint(d, device, args.detector, args.random_detector) for d in args.checkpoint]
-    demo = Demo(checkpoints, device, examples, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    upload_bytes = int(args.max_upload_mb * 1024 * 1024)
+    limits = AdmissionLimits.for_uploads(upload_bytes)
+    demo = Demo(checkpoints, device, examples, max_upload_bytes=upload_bytes, max_pixels=limits.max_pixels)
     for task in demo.tasks():
         print(f"  {task['label']}")
     print(f"serving on http://{args.host}:{args.port}/ (Ctrl-C stops)")
-    uvicorn.run(create_app(demo), host=args.host, port=args.port, log_level="warning")
+    serve(create_app(demo), args.host, args.port, limits)
     return 0
