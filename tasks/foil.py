@@ -19,6 +19,7 @@ import torch
 
 from tasks.data.annotations import load_json, require
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.engine.task import ExampleInputs
 from tasks.errors import AnnotationError, ConfigError
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample
 
@@ -61,6 +62,7 @@ class FoilTask(ImageTextTask):
     name = "foil"
     head = "pair_logit"
     config_class = FoilConfig
+    example_inputs = ExampleInputs("caption", example_text="a red circle beside a blue square")
 
     def annotation_file(self, split: str) -> Path:
         if split not in SPLIT_FILES:
@@ -86,6 +88,13 @@ class FoilTask(ImageTextTask):
 
     def decode(self, sample: Sample, logits: torch.Tensor) -> dict:
         return {"id": sample.id, "foil": bool(logits[0] <= 0)}
+
+    def choice_labels(self, sample: Sample) -> list[str]:
+        return ["right caption", "foil (a wrong word)"]
+
+    def choice_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        right = torch.sigmoid(logits[0])
+        return torch.stack([right, 1 - right])
 
     def predicted_label(self, prediction: dict) -> bool:
         return prediction["foil"]

@@ -17,14 +17,18 @@ Predictions [{"qa_id", "answer"}].
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from tasks.data.annotations import load_json, require
+from tasks.data.answer_labels import answer_list
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.engine.task import ExampleInputs
 from tasks.errors import AnnotationError, ConfigError
 from tasks.finetuning import build_task_model, soft_bce_sum
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot
@@ -80,6 +84,7 @@ class GenomeQATask(ImageTextTask):
     name = "genome-qa"
     head = "answer_logits"
     config_class = GenomeQAConfig
+    example_inputs = ExampleInputs("question", example_text="what color is the circle")
     data: GenomeQADataConfig
 
     def __init__(self, config: GenomeQAConfig):
@@ -127,6 +132,14 @@ class GenomeQATask(ImageTextTask):
 
     def decode(self, sample: Sample, logits: torch.Tensor) -> dict:
         return {"qa_id": sample.id, "answer": self.answers()[int(logits.argmax())]}
+
+    def prediction_problem(self, model_config: Mapping[str, Any]) -> str | None:
+        if answer_list(model_config.get("id2label")) is not None or self.data.answers_file:
+            return None
+        return "config.json has no VQA answer list (id2label) and the run no data.answers_file"
+
+    def choice_labels(self, sample: Sample) -> list[str]:
+        return list(self.answers())
 
     def id_of(self, prediction: dict) -> int:
         return prediction["qa_id"]

@@ -16,14 +16,17 @@ Predictions [{"questionId", "prediction"}]: the official submission format.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from tasks.data.annotations import load_json, require
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.engine.task import ExampleInputs
 from tasks.errors import AnnotationError, ConfigError
 from tasks.finetuning import build_task_model, soft_bce_sum
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot
@@ -81,6 +84,7 @@ class GQATask(ImageTextTask):
     name = "gqa"
     head = "gqa_answer_logits"
     config_class = GQAConfig
+    example_inputs = ExampleInputs("question", example_text="what color is the circle")
     data: GQADataConfig
 
     def __init__(self, config: GQAConfig):
@@ -130,6 +134,14 @@ class GQATask(ImageTextTask):
 
     def decode(self, sample: Sample, logits: torch.Tensor) -> dict:
         return {"questionId": sample.id, "prediction": self.answers()[int(logits.argmax())]}
+
+    def prediction_problem(self, model_config: Mapping[str, Any]) -> str | None:
+        if model_config.get("gqa_answers") or self.data.answers_file:
+            return None
+        return "config.json has no GQA answer list (gqa_answers) and the run no data.answers_file"
+
+    def choice_labels(self, sample: Sample) -> list[str]:
+        return list(self.answers())
 
     def id_of(self, prediction: dict) -> str:
         return prediction["questionId"]

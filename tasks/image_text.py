@@ -28,9 +28,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from tasks.data.annotations import image_key_resolver
-from tasks.engine.evaluation import eval_batches
-from tasks.engine.task import StepOutput, TaskDataset
+from tasks.engine.distributed import move_to_device
+from tasks.engine.evaluation import eval_batches, eval_mode, model_device
+from tasks.engine.task import PredictExample, StepOutput, TaskDataset
 from tasks.errors import AnnotationError, DataError
+from tasks.figures.drawing import draw_pictures
 from tasks.finetuning import (
     FinetuneDataConfig,
     FinetuneTask,
@@ -269,15 +271,50 @@ class ImageTextTask(FinetuneTask):
                 predictions.append(self.decode(dataset.samples[index], logits[row]))
         return predictions
 
-    @torch.no_grad()
-    def predict_sample(self, model: nn.Module, sample: Sample, regions: list[Regions]) -> dict:
-        """The prediction for one sample built by hand (e.g. `vilbert predict`), on given regions per row."""
-        from tasks.engine.distributed import move_to_device
-        from tasks.engine.evaluation import eval_mode, model_device
+    # ------------------------------------------------------------------ one example
 
+    def example_sample(self, example: PredictExample) -> Sample:
+        """The benchmark sample one user example stands for; each row's image is an index into `example.images`.
+
+        Default: one row, the example's text with its image. NLVR2 reads the text with both images, VCR pairs
+        the question with each candidate answer, pointing tasks choose among the image's boxes.
+        """
+        return Sample("example", [example.text or ""], ["0"])
+
+    def choice_labels(self, sample: Sample) -> list[str]:
+        """The name of each of a sample's scores, in logit order (answers, classes, options, boxes)."""
+        raise NotImplementedError(f"task {self.name!r} does not name its choices")
+
+    def choice_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """[C] each choice's score from a sample's logits: the sigmoid of BCE-trained heads (VCR: a softmax)."""
+        return torch.sigmoid(logits)
+
+    @torch.no_grad()
+    def predict_one(self, model: nn.Module, example: PredictExample) -> dict[str, Any]:
+        """{"text", "answers": the top-k choices [{"answer", "score"}] best first, "prediction": what `predict`
+        writes for the same item} for one example, encoded exactly as an evaluation sample."""
+        sample = self.example_sample(example)
+        regions = [example.images[int(key)].regions for key in sample.images]
         batch = move_to_device(self.collate([{"index": 0, **self.encode(sample, regions)}]), model_device(model))
         with eval_mode(model):
-            return self.decode(sample, self.logits(model, batch).cpu()[0])
+            logits = self.logits(model, batch).float().cpu()[0]
+        labels = self.choice_labels(sample)
+        scores = self.choice_scores(logits)[: len(labels)]
+        order = torch.argsort(scores, descending=True, stable=True)[: int(example.options.get("top_k", 5))]
+        return {"text": example.text, "answers": [{"answer": labels[i], "score": scores[i].item()} for i in order],
+                "prediction": self.decode(sample, logits)}
+
+    def headline(self, result: Mapping[str, Any]) -> str:
+        best = result["answers"][0]
+        return f"{result['text']} -> {best['answer']} ({best['score']:.2f})"
+
+    def summary_lines(self, result: Mapping[str, Any]) -> list[str]:
+        return [f"{self.example_inputs.text if self.example_inputs else 'text'}: {result['text']}",
+                *(f"  {i + 1}. {a['answer']:<24} {a['score']:.3f}" for i, a in enumerate(result["answers"]))]
+
+    def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Any:
+        """The image(s) side by side with their regions, the headline below."""
+        return draw_pictures([(image.image, image.boxes) for image in example.images], None, self.headline(result))
 
     def gold(self, split: str) -> dict:
         """{item id: gold label} of the whole split (items with missing images included)."""

@@ -23,6 +23,7 @@ import torch
 
 from tasks.data.annotations import require
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.engine.task import ExampleInputs, PredictExample
 from tasks.errors import AnnotationError, ConfigError
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot, read_json_lines
 from tasks.metrics import nlvr2_scores
@@ -86,6 +87,8 @@ class NLVR2Task(ImageTextTask):
     head = "binary_logits"
     exact_image_ids = True
     config_class = NLVR2Config
+    example_inputs = ExampleInputs("statement", images=("left image", "right image"),
+                                   example_text="the left image has more circles than the right image")
 
     def annotation_file(self, split: str) -> Path:
         if split not in SPLIT_FILES:
@@ -100,6 +103,13 @@ class NLVR2Task(ImageTextTask):
 
     def decode(self, sample: Sample, logits: torch.Tensor) -> dict:
         return {"identifier": sample.id, "prediction": str(bool(logits.argmax() == 1))}
+
+    def example_sample(self, example: PredictExample) -> Sample:
+        """The statement with the left image, then with the right one."""
+        return Sample("example-0-0-0", [example.text or ""] * 2, ["0", "1"])
+
+    def choice_labels(self, sample: Sample) -> list[str]:
+        return ["False", "True"]  # binary_logits: column 1 is "the statement is true"
 
     def id_of(self, prediction: dict) -> str:
         return prediction["identifier"]

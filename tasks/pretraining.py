@@ -38,10 +38,10 @@ from tasks.dual.contrastive import contrastive_loss
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.distributed import move_to_device
 from tasks.engine.run_record import PRETRAINING, store_extractors
-from tasks.engine.task import PredictExample, StepOutput, Task, TaskDataset
+from tasks.engine.task import ExampleInputs, PredictExample, StepOutput, Task, TaskDataset
 from tasks.errors import ConfigError, DataError
 from tasks.metrics import recall_at_k
-from tasks.retrieval import caption_lines, draw_captions, rank_captions
+from tasks.retrieval import caption_headline, caption_lines, draw_captions, rank_captions
 
 logger = logging.getLogger(__name__)
 
@@ -250,6 +250,7 @@ class PretrainingTask(Task):
     higher_is_better = True
     config_class = PretrainConfig
     predict_modes = ("captions",)  # zero-shot, by the alignment head
+    example_inputs = ExampleInputs(None, "captions", example_text="a red circle")
     pretraining_zero_shot = True
 
     def __init__(self, config: PretrainConfig):
@@ -488,8 +489,14 @@ class PretrainingTask(Task):
         """The captions ranked zero-shot by P(aligned) from the alignment head (as retrieval would rank them)."""
         return rank_captions(model, self.tokenizer, example, self.config.data.max_text_length, "")
 
+    def headline(self, result: Mapping[str, Any]) -> str:
+        return caption_headline(result)
+
     def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
         return draw_captions(example, result)
 
     def summary_lines(self, result: Mapping[str, Any]) -> list[str]:
         return caption_lines(result)
+
+    def explained_text(self, example: PredictExample, result: Mapping[str, Any]) -> str:
+        return result["captions"][0]["caption"]  # the best-ranked caption

@@ -45,7 +45,7 @@ from tasks.data.annotations import (
 from tasks.data.regions import collate_visual, visual_input
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.evaluation import eval_batches
-from tasks.engine.task import PredictExample, StepOutput, TaskDataset
+from tasks.engine.task import ExampleInputs, PredictExample, StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError
 from tasks.figures.drawing import draw_boxes
 from tasks.finetuning import (
@@ -198,6 +198,7 @@ class RefExpTask(FinetuneTask):
     higher_is_better = True
     config_class = RefExpConfig
     predict_modes = ("expression",)
+    example_inputs = ExampleInputs("expression", example_text="the red circle")
     head_modules = ("region_score_head",)
     data: RefExpDataConfig
 
@@ -283,9 +284,11 @@ class RefExpTask(FinetuneTask):
                for p, r in zip(scores.tolist(), best.tolist(), strict=True)]
         return {"expression": example.text, "box": top[0]["box"], "score": top[0]["score"], "top": top}
 
+    def headline(self, result: Mapping[str, Any]) -> str:
+        return f"{result['expression']} ({result['score']:.2f})"
+
     def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
-        return draw_boxes(example.image, example.boxes, result["box"],
-                          f"{result['expression']} ({result['score']:.2f})")
+        return draw_boxes(example.image, example.boxes, result["box"], self.headline(result))
 
     def summary_lines(self, result: Mapping[str, Any]) -> list[str]:
         box = " ".join(f"{v:.1f}" for v in result["box"])

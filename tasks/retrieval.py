@@ -50,7 +50,7 @@ from tasks.dual.contrastive import contrastive_loss, dual_overrides
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.evaluation import eval_mode, model_device
 from tasks.engine.run_record import PRETRAINING, architecture
-from tasks.engine.task import PredictExample, StepOutput, TaskDataset
+from tasks.engine.task import ExampleInputs, PredictExample, StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError
 from tasks.figures.drawing import draw_boxes
 from tasks.finetuning import FinetuneDataConfig, FinetuneTask, resolve_split, task_ids_for
@@ -229,6 +229,7 @@ class RetrievalTask(FinetuneTask):
     higher_is_better = True
     config_class = RetrievalConfig
     predict_modes = ("captions",)
+    example_inputs = ExampleInputs(None, "captions", example_text="a red circle")
     head_modules = ("pair_head",)
     pretraining_zero_shot = True
     data: RetrievalDataConfig
@@ -370,11 +371,17 @@ class RetrievalTask(FinetuneTask):
         return rank_captions(model, self.tokenizer(), example, self.data.max_text_length,
                              self.example_token(example))
 
+    def headline(self, result: Mapping[str, Any]) -> str:
+        return caption_headline(result)
+
     def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
         return draw_captions(example, result)
 
     def summary_lines(self, result: Mapping[str, Any]) -> list[str]:
         return caption_lines(result)
+
+    def explained_text(self, example: PredictExample, result: Mapping[str, Any]) -> str:
+        return result["captions"][0]["caption"]  # the best-ranked caption
 
 
 @torch.no_grad()
@@ -403,10 +410,15 @@ def rank_captions(model: nn.Module, tokenizer: Tokenizer, example: PredictExampl
                           "probability": probabilities[i].item()} for i in order]}
 
 
+def caption_headline(result: Mapping[str, Any]) -> str:
+    """The best caption with its score."""
+    best = result["captions"][0]
+    return f"{best['caption']} ({best['score']:.2f})"
+
+
 def draw_captions(example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
     """The regions and the best caption with its score."""
-    best = result["captions"][0]
-    return draw_boxes(example.image, example.boxes, None, f"{best['caption']} ({best['score']:.2f})")
+    return draw_boxes(example.image, example.boxes, None, caption_headline(result))
 
 
 def caption_lines(result: Mapping[str, Any]) -> list[str]:

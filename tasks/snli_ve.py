@@ -16,6 +16,7 @@ import torch
 
 from tasks.data.annotations import require
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.engine.task import ExampleInputs
 from tasks.errors import AnnotationError, ConfigError
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot, read_json_lines
 
@@ -60,6 +61,7 @@ class SNLIVETask(ImageTextTask):
     name = "snli-ve"
     head = "tri_logits"
     config_class = SNLIVEConfig
+    example_inputs = ExampleInputs("hypothesis", example_text="there is a red circle")
 
     def annotation_file(self, split: str) -> Path:
         if split not in SPLIT_FILES:
@@ -75,6 +77,9 @@ class SNLIVETask(ImageTextTask):
     def decode(self, sample: Sample, logits: torch.Tensor) -> dict:
         return {"pairID": sample.id, "gold_label": LABELS[int(logits.argmax())],
                 "scores": [round(v, 5) for v in torch.sigmoid(logits).tolist()]}
+
+    def choice_labels(self, sample: Sample) -> list[str]:
+        return list(LABELS)
 
     def id_of(self, prediction: dict) -> str:
         return prediction["pairID"]

@@ -37,6 +37,7 @@ from tasks.data.annotations import (
     str_field,
 )
 from tasks.data.answer_labels import (
+    answer_list,
     carry_answer_rows,
     checkpoint_classifier,
     extend_answers,
@@ -45,7 +46,7 @@ from tasks.data.answer_labels import (
 from tasks.data.regions import collate_visual, visual_input
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.evaluation import eval_batches
-from tasks.engine.task import PredictExample, StepOutput, TaskDataset
+from tasks.engine.task import ExampleInputs, PredictExample, StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError, DataError
 from tasks.figures.drawing import draw_boxes
 from tasks.finetuning import (
@@ -160,12 +161,6 @@ def checkpoint_answers(directory: str | None) -> list[str] | None:
     return answer_list(load_json(Path(directory) / "config.json").get("id2label"))
 
 
-def answer_list(id2label: Mapping | None) -> list[str] | None:
-    """The answers of a model config's id2label in label order, or None when they are the default LABEL_i."""
-    answers = [id2label[k] for k in sorted(id2label or {}, key=int)]
-    return answers if answers and not all(a == f"LABEL_{i}" for i, a in enumerate(answers)) else None
-
-
 def soft_target(answers: list[str], label_of: Mapping[str, int]) -> dict[int, float]:
     """{label: soft score} of one question's human answers (answers outside the vocabulary are dropped)."""
     counts = Counter(vocabulary_key(a) for a in answers)
@@ -267,6 +262,7 @@ class VQATask(FinetuneTask):
     higher_is_better = True
     config_class = VQAConfig
     predict_modes = ("question",)
+    example_inputs = ExampleInputs("question", example_text="what color is the circle")
     head_modules = ("answer_head",)
     data: VQADataConfig
 
@@ -397,10 +393,17 @@ class VQATask(FinetuneTask):
                 "answers": [{"answer": answers[i], "score": p}
                             for p, i in zip(scores.tolist(), labels.tolist(), strict=True)]}
 
-    def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
+    def prediction_problem(self, model_config: Mapping[str, Any]) -> str | None:
+        if answer_list(model_config.get("id2label")) is None:
+            return "config.json has no VQA answer list (id2label)"
+        return None
+
+    def headline(self, result: Mapping[str, Any]) -> str:
         best = result["answers"][0]
-        return draw_boxes(example.image, example.boxes, None,
-                          f"Q: {result['question']}  A: {best['answer']} ({best['score']:.2f})")
+        return f"Q: {result['question']}  A: {best['answer']} ({best['score']:.2f})"
+
+    def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
+        return draw_boxes(example.image, example.boxes, None, self.headline(result))
 
     def summary_lines(self, result: Mapping[str, Any]) -> list[str]:
         return [f"Q: {result['question']}",

@@ -93,9 +93,11 @@ def test_gqa_missing_image_id_names_the_question(tmp_path):
         read_gqa(tmp_path / "q.json")
 
 
-def test_predict_one_on_given_regions(tmp_path):
-    """`predict_one` answers a hand-made sample on regions read elsewhere (as `vilbert predict` extracts them)."""
+def test_predict_one_reads_the_statement_with_both_images(tmp_path):
+    """`predict_one` answers one user example (the statement, two images' regions) as evaluation would score the
+    same sample, with the choices ranked by score."""
     from features.store import FeatureStore
+    from tasks.engine.task import ExampleImage, PredictExample
     from tasks.image_text import Sample
 
     ids = write_nlvr2(tmp_path / "nlvr2")
@@ -104,10 +106,16 @@ def test_predict_one_on_given_regions(tmp_path):
     task = NLVR2Task(NLVR2Config(model=ModelConfig(preset="tiny"), data=NLVR2DataConfig(**_data(tmp_path, "nlvr2"))))
     model = task.build_model().eval()
     store = FeatureStore(tmp_path / "f.h5")
-    sample = Sample("mine-0-0-0", ["two dogs sitting on the left"] * 2, ["a", "b"])
     regions = [store.read("dev-1-0-img0"), store.read("dev-1-0-img1")]
-    prediction = task.predict_sample(model, sample, regions)
-    batch = task.collate([{"index": 0, **task.encode(sample, regions)}])
+    text = "two dogs sitting on the left"
+    example = PredictExample([ExampleImage(None, r, r.boxes, {}) for r in regions], text=text)
+    result = task.predict_one(model, example)
+    sample = Sample("mine-0-0-0", [text] * 2, ["a", "b"])
     with torch.no_grad():
-        expected = task.logits(model, batch)[0].argmax().item() == 1
-    assert prediction == {"identifier": "mine-0-0-0", "prediction": str(expected)}
+        logits = task.logits(model, task.collate([{"index": 0, **task.encode(sample, regions)}]))[0]
+    expected = str(bool(logits.argmax().item() == 1))
+    assert result["prediction"]["prediction"] == expected and result["text"] == text
+    assert [a["answer"] for a in result["answers"]] == [expected, str(expected == "False")]
+    assert result["answers"][0]["score"] == pytest.approx(torch.sigmoid(logits.max()).item())
+    with pytest.raises(IndexError):  # one image for a two-image task never reaches the model unnoticed
+        task.predict_one(model, PredictExample(example.images[:1], text=text))

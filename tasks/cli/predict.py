@@ -25,13 +25,14 @@ from tasks.finetuning import TASK_TOKEN_IDS
 from tasks.registry import TASKS
 
 
-def add_region_arguments(parser: argparse.ArgumentParser) -> None:
+def add_region_arguments(parser: argparse.ArgumentParser, option_flag: str = "--option") -> None:
     """How one image's regions are made (detector, weights, options, given boxes) and the tokenizer: the options
-    every command that runs the model on a new image shares."""
+    every command that runs the model on a new image shares. The detector options land in `detector_options`;
+    `option_flag` names their flag where `--option` means something else (predict-task's candidate texts)."""
     parser.add_argument("--detector", choices=sorted(DETECTORS),
                         help="default: the detector of the checkpoint's training features")
     parser.add_argument("--weights", help="detector weight file (default: the detector's packaged weights)")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument(option_flag, action="append", default=[], metavar="KEY=VALUE", dest="detector_options",
                         help="a detector option, e.g. short_side=224 or max_boxes=36 (repeatable)")
     parser.add_argument("--random-detector", action="store_true",
                         help="allow a detector without trained weights (smoke runs and tests)")
@@ -75,7 +76,6 @@ def run(args: argparse.Namespace) -> int:
     from tasks.errors import ConfigError
     from tasks.runners import predict
     from tasks.runners.checkpoint import load_model, read_checkpoint
-    from tasks.vqa import answer_list
 
     if args.boxes and not args.box_format:
         raise ConfigError("--boxes needs --box-format xyxy or xywh (coordinates are never guessed)")
@@ -91,28 +91,27 @@ def run(args: argparse.Namespace) -> int:
 
     # everything cheap to check comes first: a bad path fails before any weights load
     info = read_checkpoint(args.checkpoint)
-    if mode == "question" and not args.answers and answer_list(info.config.get("id2label")) is None:
-        raise ConfigError(f"--checkpoint {args.checkpoint}: config.json has no VQA answer list (id2label); "
-                          "pass --answers FILE (or convert with --answers trainval_label2ans.pkl)")
     task = predict.build_task(info, predict.choose_task(info, mode, args.task),
                               predict.tokenizer_directory(info, args.tokenizer))
+    problem = None if args.answers else task.prediction_problem(info.config)
+    if problem:
+        hint = "; pass --answers FILE (or convert with --answers trainval_label2ans.pkl)" if mode == "question" else ""
+        raise ConfigError(f"--checkpoint {args.checkpoint}: {problem}{hint}")
     options = {"top_k": args.top_k}
     if args.answers:
         options["answers"] = predict.read_answers(args.answers)
     captions = predict.read_captions(args.captions) if mode == "captions" else ()
     image = read_image(args.image)
     boxes = predict.boxes_for_image(args.boxes, args.box_format, args.image) if args.boxes else None
-    name, detector = predict.prepare_detector(info, args.detector, args.weights, parse_options(args.option),
+    name, detector = predict.prepare_detector(info, args.detector, args.weights, parse_options(args.detector_options),
                                               args.random_detector, warn=to_stderr)
     with quiet_weight_loading():
         model = load_model(info, device, task)
 
-    regions = predict.image_regions(detector, name, image, boxes, device, Path(args.image).stem, note=to_stderr)
-    example = predict.build_example(image, regions, task.max_regions, device, text=args.question or args.expression,
-                                    candidates=captions, options=options, task_token=args.task_token)
-    with torch.no_grad():
-        answer = task.predict_one(model, example)
-    result = {"mode": mode, "task": task.name, "image": args.image, "image_hw": list(regions.image_hw),
+    example, answer = predict.predict_example(task, model, detector, name, [image], [boxes], [Path(args.image).stem],
+                                              device, note=to_stderr, text=args.question or args.expression,
+                                              candidates=captions, options=options, task_token=args.task_token)
+    result = {"mode": mode, "task": task.name, "image": args.image, "image_hw": list(image.original_hw),
               "detector": name, "boxes": [[round(float(v), 2) for v in box] for box in example.boxes], **answer}
     if args.out:
         predict.save_picture(task.draw(example, answer), args.out)

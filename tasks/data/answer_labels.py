@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -21,6 +22,12 @@ from tasks.engine.run_record import TASKS, architecture
 from tasks.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+
+def answer_list(id2label: Mapping | None) -> list[str] | None:
+    """The answers of a model config's id2label in label order, or None when they are the default LABEL_i."""
+    answers = [id2label[k] for k in sorted(id2label or {}, key=int)]
+    return answers if answers and not all(a == f"LABEL_{i}" for i, a in enumerate(answers)) else None
 
 
 def read_answer_list(path: str | Path) -> list[str]:

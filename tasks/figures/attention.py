@@ -246,11 +246,11 @@ def save_figure(fig, out: str | os.PathLike, dpi: int = 110) -> Path:
 # ---------------------------------------------------------------------------------------------------- prediction
 
 
-def explain_prediction(model: nn.Module, tokenizer, example, text: str, max_text_length: int,
+def explain_prediction(model: nn.Module, tokenizer, image, text: str, max_text_length: int,
                        task_ids: torch.Tensor | None, words: list[str] | None = None, head: int | None = None,
                        rollout: bool = False, out: str | os.PathLike | None = None,
                        json_out: str | os.PathLike | None = None) -> dict:
-    """Run `text` on one image (a `tasks.engine.task.PredictExample`) with maps; write the figure and/or the JSON.
+    """Run `text` on one image (a `tasks.engine.task.ExampleImage`) with maps; write the figure and/or the JSON.
 
     Returns {"attention": figure path, "attention_json": JSON path} for what was written.
     """
@@ -258,10 +258,10 @@ def explain_prediction(model: nn.Module, tokenizer, example, text: str, max_text
 
     from tasks.refexp import region_boxes
 
-    device = example.visual["region_features"].device
+    device = image.visual["region_features"].device
     encoded = tokenizer.encode([text], max_text_length).tensors(device)
-    outputs = attention_maps(model, encoded, example.visual, task_ids)
-    row_boxes = region_boxes(example.boxes, example.image.original_hw).numpy()  # IMG row = the whole image
+    outputs = attention_maps(model, encoded, image.visual, task_ids)
+    row_boxes = region_boxes(image.boxes, image.image.original_hw).numpy()  # IMG row = the whole image
     base = getattr(model, "vilbert", model)
     tokens = text_tokens(tokenizer, encoded["input_ids"], encoded["attention_mask"],
                          base.embeddings.task_embeddings is not None)
@@ -275,6 +275,6 @@ def explain_prediction(model: nn.Module, tokenizer, example, text: str, max_text
         write_text_atomic(json_out, json.dumps({"text": text, **maps_json(outputs, tokens, row_boxes)}))
         written["attention_json"] = str(json_out)
     if out:
-        figure = draw_figure(example.image.pixels, example.image.original_hw, view, chosen, title=text)
+        figure = draw_figure(image.image.pixels, image.image.original_hw, view, chosen, title=text)
         written["attention"] = str(save_figure(figure, out))
     return written

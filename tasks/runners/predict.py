@@ -1,19 +1,19 @@
-"""Predict on one new image: what every task shares; the task answers through `predict_one` and `draw`.
+"""Predict one example on new images: what every task shares; the task answers through `predict_one` and `draw`.
 
-`vilbert predict` reads the checkpoint (tasks.runners.checkpoint: config.json, run_config.yaml, run.json), picks
-the task (--task, else the one the run recorded when it answers the request, else the request's default task),
-builds it from the run's config, and checks that the checkpoint holds the task's head. The image's regions are
-extracted in-process with the detector the run record names (the `extractor` attributes of the run's feature
-stores), then built into the model's visual input exactly as the tasks build it (`tasks.data.regions.visual_input`:
-IMG token, then up to `max_regions - 1` boxes). The task tokenises the text as in training and scores; see each
-task's `predict_one` for its scores.
+The one single-example path of `vilbert predict`, `vilbert predict-task` and `vilbert serve`: read the checkpoint
+(tasks.runners.checkpoint: config.json, run_config.yaml, run.json), build the task from the run's config
+(`build_task`), check that the checkpoint holds its head and what its predictions need, and load the model once.
+Then per request (`predict_example`): check the request against the task's `example_inputs`, extract each image's
+regions in-process with the detector the run record names (the `extractor` attributes of the run's feature
+stores), build them into the model's visual input exactly as the tasks build it (`tasks.data.regions.visual_input`:
+IMG token, then up to `max_regions - 1` boxes), and let the task answer (`Task.predict_one`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from tasks.data.regions import collate_visual, visual_input
 from tasks.data.tokenization import load_tokenizer
 from tasks.engine.config import from_dict
 from tasks.engine.run_record import PRETRAINING, architecture
-from tasks.engine.task import PredictExample, Task
+from tasks.engine.task import ExampleImage, PredictExample, Task
 from tasks.errors import ConfigError
 from tasks.registry import TASKS, task_class
 from tasks.runners.checkpoint import CheckpointInfo
@@ -76,7 +76,8 @@ def tokenizer_directory(info: CheckpointInfo, override: str | None = None) -> st
 
 
 def build_task(info: CheckpointInfo, name: str, tokenizer: str) -> Task:
-    """Task `name` with the run's config when this checkpoint's run trained it, else its defaults.
+    """Task `name` with the run's config when this checkpoint's run trained it (a multi-task run's member config),
+    else its defaults; `data.tokenizer` is `tokenizer` and `model.init` the checkpoint (answer lists come from it).
 
     Its data is never read: prediction needs only the text and region settings and the tokenizer.
     """
@@ -87,6 +88,7 @@ def build_task(info: CheckpointInfo, name: str, tokenizer: str) -> Task:
                          if member.get("name") == name), {})
     config = from_dict(cls.config_class, settings, str(info.directory / "run_config.yaml"))
     config.data.tokenizer = tokenizer
+    config.model.init = str(info.directory)
     return cls(config)
 
 
@@ -252,32 +254,58 @@ def image_regions(detector: RegionDetector, name: str, loaded: LoadedImage, boxe
 # ------------------------------------------------------------------------------------------------------ example
 
 
-def build_example(loaded: LoadedImage, regions: Regions, max_regions: int, device: str | torch.device,
+def build_example(images: Sequence[tuple[LoadedImage, Regions]], max_regions: int, device: str | torch.device,
                   **request: Any) -> PredictExample:
-    """The task's view of one image: up to `max_regions` visual rows (IMG token first), as the tasks build them.
+    """The task's view of one example: per image, up to `max_regions` visual rows (IMG token first), as the tasks
+    build them. `request` fills the rest of the example (text, candidates, options, task_token)."""
+    built = []
+    for loaded, regions in images:
+        visual = visual_input(regions, max_regions)
+        inputs = {key: value.to(device) for key, value in collate_visual([visual]).items()}
+        built.append(ExampleImage(loaded, regions, np.asarray(regions.boxes[: visual.num_boxes], dtype=np.float32),
+                                  inputs))
+    return PredictExample(built, **request)
 
-    `request` fills the rest of the example (text, candidates, options, task_token).
-    """
-    visual = visual_input(regions, max_regions)
-    inputs = {key: value.to(device) for key, value in collate_visual([visual]).items()}
-    return PredictExample(image=loaded, boxes=np.asarray(regions.boxes[: visual.num_boxes], dtype=np.float32),
-                          visual=inputs, **request)
+
+def check_request(task: Task, text: str | None, candidates: Sequence[str], images: int) -> None:
+    """Refuse, in one line, a request that does not give what one example of `task` needs (its `example_inputs`)."""
+    if task.example_inputs is None:
+        raise ConfigError(f"task {task.name} has no single-example prediction")
+    problem = task.example_inputs.problem(task.name, text, candidates, images)
+    if problem:
+        raise ConfigError(problem)
+
+
+def predict_example(task: Task, model: nn.Module, detector: RegionDetector, detector_name: str,
+                    images: Sequence[LoadedImage], boxes: Sequence[np.ndarray | None], names: Sequence[str],
+                    device: str | torch.device, note: Callable[[str], None] = logger.info,
+                    **request: Any) -> tuple[PredictExample, dict]:
+    """(example, result) of one request: the request checked against the task, each image's regions (`boxes[i]`
+    given, else detected, else a grid, said through `note`; messages call the image `names[i]`), the example
+    built and answered by `predict_one`."""
+    check_request(task, request.get("text"), request.get("candidates", ()), len(images))
+    regions = [image_regions(detector, detector_name, image, given, device, name, note=note)
+               for image, given, name in zip(images, boxes, names, strict=True)]
+    example = build_example(list(zip(images, regions, strict=True)), task.max_regions, device, **request)
+    with torch.no_grad():
+        return example, task.predict_one(model, example)
 
 
 def attention_maps(model: nn.Module, task: Task, example: PredictExample, result: Mapping[str, Any],
-                   **figure: Any) -> dict[str, str]:
-    """The co-attention figure and/or JSON (tasks.figures.attention) of the text the task answered: the question
-    or expression, else the best-ranked caption. `figure`: words, head, rollout, out, json_out."""
+                   image: int = 0, **figure: Any) -> dict[str, str]:
+    """The co-attention figure and/or JSON (tasks.figures.attention) of the text the task explains
+    (`Task.explained_text`) with image `image` of the example. `figure`: words, head, rollout, out, json_out."""
     from tasks.figures.attention import explain_prediction
     from tasks.finetuning import FinetuneTask, task_ids_for
 
-    text = example.text if example.text is not None else result["captions"][0]["caption"]
+    text = task.explained_text(example, result)
     device = example.visual["region_features"].device
     task_ids = None
     if isinstance(task, FinetuneTask) and architecture(model) != PRETRAINING:
         task_ids = task_ids_for(model, task.example_token(example), 1, device)
     tokenizer = load_tokenizer(task.config.data.tokenizer)
-    return explain_prediction(model, tokenizer, example, text, task.config.data.max_text_length, task_ids, **figure)
+    return explain_prediction(model, tokenizer, example.images[image], text, task.config.data.max_text_length,
+                              task_ids, **figure)
 
 
 def check_output_files(**paths: str | os.PathLike | None) -> None:

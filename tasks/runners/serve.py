@@ -89,15 +89,16 @@ def load_checkpoint(directory: str | os.PathLike, device: str, detector: str | N
                     allow_random: bool = False) -> LoadedCheckpoint:
     """Load one checkpoint for serving (fails like `vilbert predict` on a bad directory, detector or tokenizer)."""
     from features.detectors import build_detector
-    from tasks.vqa import answer_list
 
     info = read_checkpoint(directory)
     tokenizer = predict.tokenizer_directory(info)
     tasks = {mode: predict.build_task(info, predict.choose_task(info, mode), tokenizer)
              for mode in checkpoint_modes(info)}
-    if "question" in tasks and answer_list(info.config.get("id2label")) is None:
-        del tasks["question"]
-        logger.warning("%s: no VQA answer list (config.json id2label); not offering questions", directory)
+    for mode, task in list(tasks.items()):
+        problem = task.prediction_problem(info.config)
+        if problem:
+            del tasks[mode]
+            logger.warning("%s: %s; not offering %s", directory, problem, task.name)
     if not tasks:
         raise ConfigError(f"--checkpoint {directory}: nothing to serve (no answer list and no other task)")
     name = predict.detector_name(info, detector)
@@ -202,17 +203,15 @@ class Demo:
             notes.append(f"{checkpoint.detector_name} pools features on given boxes; used the whole image and a "
                          f"{predict.GRID}x{predict.GRID} grid")
         try:
-            regions = predict.detect_regions(checkpoint.detector, image, boxes, self.device, image_id="image")
+            example, answer = predict.predict_example(
+                task, model, checkpoint.detector, checkpoint.detector_name, [image], [boxes], [shown], self.device,
+                text=None if mode == "captions" else text, candidates=captions or ())
         except FeaturesError as error:
             raise RequestError(f"{shown}: {error}", 422) from error
-        example = predict.build_example(image, regions, task.max_regions, self.device,
-                                        text=None if mode == "captions" else text, candidates=captions or ())
-        with torch.no_grad():
-            answer = task.predict_one(model, example)
         result: dict = {"mode": mode, "task": task.name, "image": shown, "checkpoint": checkpoint.name,
                         "notes": notes, "boxes": [[round(float(v), 2) for v in box] for box in example.boxes],
                         **answer}
-        result["summary"] = headline(answer)
+        result["summary"] = task.headline(answer)
         drawn = predict.save_picture(task.draw(example, answer), tmp / "drawn.png")
         result["drawn"] = data_url(drawn)
         try:
@@ -221,17 +220,6 @@ class Demo:
         except ConfigError as error:  # e.g. a text of special tokens only: the answer stands without the figure
             notes.append(f"no attention figure: {error}")
         return result
-
-
-def headline(answer: dict) -> str:
-    """One line for the page's title: the best answer, the chosen box's score, or the best caption."""
-    if "answers" in answer:
-        best = answer["answers"][0]
-        return f"Q: {answer['question']}  A: {best['answer']} ({best['score']:.2f})"
-    if "box" in answer:
-        return f"{answer['expression']} ({answer['score']:.2f})"
-    best = answer["captions"][0]
-    return f"{best['caption']} ({best['score']:.2f})"
 
 
 def safe_name(filename: str | None) -> str:
