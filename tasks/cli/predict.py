@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
     # everything cheap to check comes first: a bad path fails before any weights load
     info = read_checkpoint(args.checkpoint)
-    task = predict.build_task(info, predict.choose_task(info, mode, args.task),
-                              predict.tokenizer_directory(info, args.tokenizer))
+    task_name = predict.choose_task(info, mode, args.task)
+    task = predict.build_task(info, task_name, predict.tokenizer_directory(info, args.tokenizer, task_name))
     problem = None if args.answers else task.prediction_problem(info.config)
     if problem:
         hint = "; pass --answers FILE (or convert with --answers trainval_label2ans.pkl)" if mode == "question" else ""

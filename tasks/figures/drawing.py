@@ -63,9 +63,11 @@ def draw_pictures(pictures: Sequence[tuple[LoadedImage, np.ndarray]], chosen: Se
     natural = sum(p.width * f for p, f in zip(originals, fits, strict=True))
     scale = max(1.0, MIN_WIDTH / (natural + GAP * (len(originals) - 1)))
     gap = round(GAP * scale) if len(originals) > 1 else 0
-    sizes = [(max(1, round(p.width * f * scale)), max(1, round(height * scale))) for p, f in zip(originals, fits,
-                                                                                                 strict=True)]
-    width = sum(w for w, _ in sizes) + gap * (len(sizes) - 1)
+    widths = [max(1, round(p.width * f * scale)) for p, f in zip(originals, fits, strict=True)]
+    widths[-1] = max(1, round((natural + GAP * (len(originals) - 1)) * scale) - sum(widths[:-1])
+                     - gap * (len(widths) - 1))  # the rounding goes to the last picture: MIN_WIDTH exactly
+    sizes = [(w, max(1, round(height * scale))) for w in widths]
+    width = sum(widths) + gap * (len(sizes) - 1)
     thin = max(1, round(width / 400))
     font = ImageFont.load_default(size=max(14, round(width / CHARS_PER_LINE * 1.8)))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))

@@ -63,9 +63,20 @@ def choose_task(info: CheckpointInfo, mode: str, requested: str | None = None) -
     return DEFAULT_TASK[mode]
 
 
-def tokenizer_directory(info: CheckpointInfo, override: str | None = None) -> str:
-    """--tokenizer, else the run's data.tokenizer or model.text_init, else the checkpoint dir if it has a vocab."""
-    data, model = info.run_config.get("data") or {}, info.run_config.get("model") or {}
+def run_settings(info: CheckpointInfo, name: str) -> dict:
+    """The config the checkpoint's run gave task `name`: the run's own when it trained that task, a multi-task
+    run's member config (each member keeps its whole config), else {} (the task's defaults)."""
+    if info.task == "multi":
+        return next((member.get("resolved") or {} for member in info.run_config.get("tasks") or []
+                     if member.get("name") == name), {})
+    return info.run_config if info.task == name else {}
+
+
+def tokenizer_directory(info: CheckpointInfo, override: str | None = None, task: str | None = None) -> str:
+    """--tokenizer, else the run's data.tokenizer or model.text_init (with `task`, the run's settings for it: a
+    multi-task member's own), else the checkpoint dir if it has a vocab."""
+    settings = run_settings(info, task) if task else info.run_config
+    data, model = settings.get("data") or {}, settings.get("model") or {}
     for candidate in (override, data.get("tokenizer"), model.get("text_init")):
         if candidate:
             return str(candidate)
@@ -82,11 +93,7 @@ def build_task(info: CheckpointInfo, name: str, tokenizer: str) -> Task:
     Its data is never read: prediction needs only the text and region settings and the tokenizer.
     """
     cls = task_class(name)
-    settings = info.run_config if info.task == name else {}
-    if info.task == "multi":  # a multi-task run keeps each member's whole config
-        settings = next((member.get("resolved") or {} for member in info.run_config.get("tasks") or []
-                         if member.get("name") == name), {})
-    config = from_dict(cls.config_class, settings, str(info.directory / "run_config.yaml"))
+    config = from_dict(cls.config_class, run_settings(info, name), str(info.directory / "run_config.yaml"))
     config.data.tokenizer = tokenizer
     config.model.init = str(info.directory)
     return cls(config)
