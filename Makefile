@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup weights test test-browser lint bench pretrain finetune features demo
+.PHONY: setup weights test test-browser lint bench pretrain finetune features demo study
 
 setup: $(STAMP)
 
@@ -30,7 +30,7 @@ test: setup
 test-browser: setup
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null \
 		|| { apt-get update && apt-get install -y chromium chromium-driver; }
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs tests/test_serve_browser.py
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs tests/runners/test_serve_browser.py
 
 lint: setup
 	$(BIN)/ruff check vilbert features tasks tests bench
@@ -102,6 +102,14 @@ else
 	$(VILBERT) report --run $(FINETUNE_RUN) --task $(TASK) --plot $(FINETUNE_RUN)/curves.png
 endif
 endif
+
+# make study [STUDY=quick|full]: the paper's ablations on the shapes world (`vilbert study`, tasks/shapes/study.py):
+# architecture variants x pretraining-data fraction x seeds, each pretrained and fine-tuned on VQA, retrieval and
+# RefCOCO in a world of its own; a rerun skips what is done. Table runs/study_$(STUDY)/study.md, figure study.png.
+STUDY ?= quick
+study: setup
+	@$(WEIGHTS_CHECK)
+	$(VILBERT) study --preset $(STUDY) --out runs/study_$(STUDY) --text-init $(TEXT_INIT)
 
 # make demo: the web demo (http://127.0.0.1:7860/) on every fine-tuned embedded run there is, with the shapes
 # world's test images to pick from. Run `make finetune TASK=...` first.

@@ -3,8 +3,8 @@
     python bench/features_import.py                    # 300 images x 100 boxes x 2048-d float32, LMDB and TSV
     python bench/features_import.py --images 1000 --formats vilbert-lmdb
 
-For each format a source is generated with the test writers (tests/published_sources.py), then, in the same run and
-in alternating order, timed twice: the bare loop (the format's reader: read each row and decode its arrays, nothing
+For each format a source is generated with the test writers (tests/fixtures/published_sources.py), then, in the
+same run and in alternating order, timed twice: the bare loop (the format's reader: read each row and decode its arrays, nothing
 kept) and the full import into a float16 store (--float32: a float32 store, no cast). The ratio import / bare is what
 the store writes cost on top of decoding. The store's size is compared with what its float16 features alone need.
 
@@ -29,13 +29,11 @@ from pathlib import Path
 import lmdb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from published_sources import WRITERS, make_rows  # noqa: E402
 
 from features.importing import import_features  # noqa: E402
 from features.published import open_published  # noqa: E402
 from features.safe_pickle import safe_load  # noqa: E402
+from tests.fixtures.published_sources import WRITERS, make_rows  # noqa: E402
 
 
 def evict(source: Path) -> None:

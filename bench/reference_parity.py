@@ -2,9 +2,9 @@
 
     git -C <vilbert-multi-task git dir> archive HEAD vilbert/vilbert.py vilbert/utils.py | tar -x -C /tmp/ref
     PYTHONPATH=. python bench/reference_parity.py /tmp/ref
-    VILBERT_REFERENCE_DIR=/tmp/ref pytest tests/test_reference_parity.py   # the same comparison as a test
+    VILBERT_REFERENCE_DIR=/tmp/ref pytest tests/vilbert/test_reference_parity.py   # the same comparison as a test
 
-This module is the engine of tests/test_reference_parity.py (`parity_report`), and of bench/reference_speed.py's
+This module is the engine of tests/vilbert/test_reference_parity.py (`parity_report`), and of bench/reference_speed.py's
 reference import.
 
 REFERENCE_DIR must hold the reference's `vilbert/vilbert.py` and `vilbert/utils.py` (never committed here). They are

@@ -19,7 +19,8 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def tiny_multitask_checkpoint(tmp_path_factory):
-    """One tiny multi-task checkpoint of every kind of task the demo serves (tests/tiny_multitask.py), built once."""
-    from tiny_multitask import write_multitask_checkpoint
+    """One tiny multi-task checkpoint of every kind of task the demo serves (tests/fixtures/tiny_multitask.py),
+    built once."""
+    from tests.fixtures.tiny_multitask import write_multitask_checkpoint
 
     return write_multitask_checkpoint(tmp_path_factory.mktemp("multitask"))

@@ -14,6 +14,7 @@ from vilbert.modeling_vilbert import (
     ViLBertModelOutput,
     ViLBertPreTrainingOutput,
 )
+from vilbert.variants import depth_overrides  # importing vilbert.variants registers the variants' encoders
 
 AutoConfig.register("vilbert", ViLBertConfig, exist_ok=True)
 AutoModel.register(ViLBertConfig, ViLBertModel, exist_ok=True)
@@ -31,4 +32,5 @@ __all__ = [
     "ViLBertForVLTasksOutput",
     "ViLBertModel",
     "ViLBertModelOutput",
+    "depth_overrides",
 ]

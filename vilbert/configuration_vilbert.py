@@ -16,6 +16,8 @@ ANSWER_HEAD_TYPES = ("multi-task", "beta")
 # what the dual encoder does at a co-attention layer: "skip" it, or run its "self" half (each stream attending to
 # itself through the layer's own query/key/value of that stream, then its output LN and FFN)
 DUAL_COATTENTION = ("skip", "self")
+# The faithful model and the controlled variants of vilbert/variants.py (what each is: its module docstring).
+ARCHITECTURES = ("vilbert", "single-stream", "coattention-only", "sequential", "late-fusion")
 
 
 def layer_variant(num_coattention: int) -> dict[str, Any]:
@@ -84,6 +86,7 @@ class ViLBertConfig(PreTrainedConfig):
     Suffix-free fields describe the text stream (BERT), `v_*` the vision stream, `bi_*` the co-attention.
     `v_biattention_id[k]` / `t_biattention_id[k]` say before which vision / text layer co-attention layer k runs.
     `bi_intermediate_size` and `v_initializer_range` are kept from the reference config but unused (as there).
+    `architecture` picks the faithful model ("vilbert") or one of the controlled variants of `vilbert.variants`.
     """
 
     model_type: ClassVar[str] = "vilbert"
@@ -118,6 +121,7 @@ class ViLBertConfig(PreTrainedConfig):
     v_biattention_id: list[int] | None = None
     t_biattention_id: list[int] | None = None
     with_coattention: bool = True
+    architecture: str = "vilbert"
 
     fusion_method: str = "mul"
     fixed_t_layer: int = 0
@@ -176,6 +180,7 @@ class ViLBertConfig(PreTrainedConfig):
                 f"answer_head_type: unknown {self.answer_head_type!r}; expected one of {ANSWER_HEAD_TYPES}"
             )
         v_ids, t_ids = self.v_biattention_id, self.t_biattention_id
+        self._check_architecture()
         if len(v_ids) != len(t_ids):
             raise ConfigError(
                 f"v_biattention_id / t_biattention_id: lengths differ ({len(v_ids)} vs {len(t_ids)}); "
@@ -205,3 +210,14 @@ class ViLBertConfig(PreTrainedConfig):
         for name in ("vocab_size", "v_feature_size", "v_target_size", "gqa_num_labels", "num_labels"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be positive")
+
+    def _check_architecture(self) -> None:
+        """What each variant needs of the other fields (vilbert.variants)."""
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"architecture: unknown {self.architecture!r}; expected one of {ARCHITECTURES}")
+        if self.architecture == "single-stream" and self.v_hidden_size != self.hidden_size:
+            raise ConfigError(f"v_hidden_size: {self.v_hidden_size} must equal hidden_size = {self.hidden_size} for "
+                              "the single-stream architecture (the regions run through the text layers)")
+        if self.architecture in ("coattention-only", "sequential") and not self.t_biattention_id:
+            raise ConfigError(f"t_biattention_id: empty, but the {self.architecture} architecture needs at least one "
+                              "co-attention layer")

@@ -224,6 +224,9 @@ def export_reference_state_dict(model: ViLBertPreTrainedModel, source: str = "vi
     if not isinstance(model, ViLBertForPreTraining | ViLBertForVLTasks):
         raise ConfigError(f"model: export needs ViLBertForPreTraining or ViLBertForVLTasks, not {type(model).__name__}")
     config: ViLBertConfig = model.config
+    if config.architecture != "vilbert":
+        raise ConfigError(f"architecture: {config.architecture!r} has no reference counterpart; only the faithful "
+                          "'vilbert' model exports")
     if source == "vilbert_beta" and isinstance(model, ViLBertForVLTasks) and config.answer_head_type != "beta":
         raise ConfigError("answer_head_type: exporting to vilbert_beta needs the 'beta' answer head")
     rules = _rules(source, reverse=True)
@@ -439,9 +442,9 @@ def init_text_stream_from_bert(model: ViLBertPreTrainedModel, bert_dir: str | os
                     f"{weights_path}: {key} has shape {list(tensor.shape)} but {ours} expects {list(expected.shape)}"
                 )
         updates[ours] = tensor
-    missing_layers = [
-        i for i in range(config.num_hidden_layers) if f"{base}encoder.text_layers.{i}.attention.query.weight" not in updates
-    ]
+    layers = f"{base}encoder.text_layers."  # a variant may build fewer text layers than num_hidden_layers
+    num_layers = len({key[len(layers):].split(".")[0] for key in ours_state if key.startswith(layers)})
+    missing_layers = [i for i in range(num_layers) if f"{layers}{i}.attention.query.weight" not in updates]
     if missing_layers or f"{base}embeddings.word_embeddings.weight" not in updates:
         raise CheckpointError(f"{weights_path}: no BERT weights for the embeddings or text layers {missing_layers}")
     model.load_state_dict(updates, strict=False)

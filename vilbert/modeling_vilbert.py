@@ -397,6 +397,10 @@ class ViLBertEncoder(nn.Module):
         return vision
 
 
+# The encoder of each `config.architecture`; `vilbert.variants` adds the controlled variants (the package imports it).
+ENCODERS: dict[str, type[ViLBertEncoder]] = {"vilbert": ViLBertEncoder}
+
+
 class Pooler(nn.Module):
     """First position ([CLS] or IMG) -> Linear to the co-attention width -> ReLU."""
 
@@ -547,7 +551,7 @@ class ViLBertModel(ViLBertPreTrainedModel):
         super().__init__(config)
         self.embeddings = TextEmbeddings(config)
         self.vision_embeddings = VisionEmbeddings(config)
-        self.encoder = ViLBertEncoder(config)
+        self.encoder = ENCODERS[config.architecture](config)
         self.text_pooler = Pooler(config.hidden_size, config.bi_hidden_size)
         self.vision_pooler = Pooler(config.v_hidden_size, config.bi_hidden_size)
         self.dual = DualEncoderHead(config) if config.dual_embedding_size else None

@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "search": "search",
     "vcr-submission": "vcr_submission",
     "classify": "classify",
+    "study": "study",
 }
 
 USER_ERRORS = (ViLBertError, FeaturesError)  # tasks.errors.TasksError is a ViLBertError

@@ -88,6 +88,9 @@ def coattention_view(outputs: Any, tokens: list[str], row_boxes: np.ndarray, hea
     text_to_vision, vision_to_text = outputs.text_to_vision_attentions, outputs.vision_to_text_attentions
     if not text_to_vision:
         raise ConfigError("the model has no co-attention layers; there is no word-region attention to show")
+    if len(vision_to_text) != len(text_to_vision):
+        raise ConfigError("the model's cross-attention is one-way (words over regions only); the figure needs both "
+                          "directions: use --attention-json for the maps it has")
     heads = text_to_vision[layer].shape[1]
     if head is not None and not 0 <= head < heads:
         raise ConfigError(f"--head {head}: the co-attention layers have {heads} heads (0..{heads - 1})")
@@ -111,8 +114,9 @@ def coattention_view(outputs: Any, tokens: list[str], row_boxes: np.ndarray, hea
 def rollout_view(outputs: Any, schedule: list[tuple[str, int]], tokens: list[str],
                  row_boxes: np.ndarray) -> CoAttentionView:
     """Head-averaged attention propagated through the layers in `schedule` order (see the module docstring)."""
-    if not outputs.text_to_vision_attentions:
-        raise ConfigError("the model has no co-attention layers; there is no word-region attention to show")
+    if not any(kind == "C" for kind, _ in schedule) or any(kind not in ("T", "V", "C") for kind, _ in schedule):
+        raise ConfigError("--rollout: needs the two-stream layers (text, vision, co-attention); this model's "
+                          f"layers are {''.join(sorted({kind for kind, _ in schedule}))}")
     length, regions = len(tokens), len(row_boxes)
 
     def mean(probs: torch.Tensor, rows: int, cols: int) -> torch.Tensor:  # [1, h, Lq, Lk] -> [rows, cols] float64

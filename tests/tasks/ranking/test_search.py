@@ -1,0 +1,171 @@
+"""Dual-encoder search: the on-disk index (exact, resumable), co-attention re-ranking, the retrieval modes."""
+
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from features.atomic import atomic_path
+from tasks import cli
+from tasks.dual.index import load_index
+from tasks.dual.search import rank_both_ways, rerank
+from tasks.engine.config import ModelConfig
+from tasks.retrieval import RetrievalConfig, RetrievalDataConfig, RetrievalTask
+from tests.fixtures.tiny_task_data import write_karpathy, write_store, write_vocab
+from vilbert import ViLBertConfig, ViLBertForVLTasks
+
+
+@pytest.fixture
+def data(tmp_path):
+    ids = write_karpathy(tmp_path / "flickr" / "dataset_flickr30k.json", num_images=10, test_images=5)
+    write_store(tmp_path / "feats.h5", ids)
+    write_vocab(tmp_path / "tok")
+    torch.manual_seed(0)
+    model = ViLBertForVLTasks(ViLBertConfig.from_preset("tiny", dual_embedding_size=8,
+                                                            initializer_range=0.2))  # scores far apart
+    model.save_pretrained(tmp_path / "ckpt")
+    shutil.copy(tmp_path / "tok" / "vocab.txt", tmp_path / "ckpt" / "vocab.txt")  # the checkpoint's tokenizer
+    return tmp_path
+
+
+def _task(root):
+    data = {"root": str(root / "flickr"), "features": [str(root / "feats.h5")], "tokenizer": str(root / "tok"),
+            "max_regions": 5, "eval_batch_size": 3, "max_text_length": 12}
+    config = RetrievalConfig(model=ModelConfig(preset="tiny", init=str(root / "ckpt")),
+                             data=RetrievalDataConfig(**data))
+    return RetrievalTask(config)
+
+
+def _build(root, out, *extra):
+    return cli.main(["index", "build", "--checkpoint", str(root / "ckpt"), "--features", str(root / "feats.h5"),
+                     "--out", str(out), "--batch-size", "3", "--device", "cpu", *extra])
+
+
+def test_index_search_returns_exactly_the_brute_force_top_k(data):
+    assert _build(data, data / "index", "--faiss") == 0
+    index = load_index(data / "index")
+    assert len(index.ids) == 10 and index.embeddings.shape == (10, 8)
+    torch.testing.assert_close(index.embeddings.norm(dim=1), torch.ones(10))
+    queries = torch.nn.functional.normalize(torch.randn(7, 8, generator=torch.Generator().manual_seed(3)), dim=1)
+    brute = queries @ index.embeddings.T  # [7, 10]
+    for backend in ("torch", "faiss"):
+        scores, rows = index.search(queries, 4, backend)
+        assert torch.equal(rows, brute.topk(4, dim=1).indices)
+        torch.testing.assert_close(scores, brute.topk(4, dim=1).values, atol=1e-6, rtol=0)
+
+
+def _killed_build(root, out):
+    """Child process: build the index, SIGKILL itself half way through writing the third chunk."""
+    import tasks.dual.index as embedding_index
+
+    real, calls = embedding_index._write_chunk, []
+
+    def write_then_die(path, embeddings):
+        calls.append(path)
+        if len(calls) == 3:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                f.write(b"\x93NUMPY half")  # a torn write
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+        real(path, embeddings)
+
+    embedding_index._write_chunk = write_then_die
+    _build(root, out)
+
+
+def test_index_build_resumes_after_sigkill_without_duplicates(data):
+    child = multiprocessing.get_context("fork").Process(target=_killed_build, args=(data, data / "index"))
+    child.start()
+    child.join(timeout=300)
+    assert child.exitcode == -signal.SIGKILL
+    assert sorted(p.name for p in (data / "index" / "chunks").iterdir()) == [
+        ".chunk-000002.npy.tmp-" + str(child.pid), "chunk-000000.npy", "chunk-000001.npy"]
+    with pytest.raises(Exception, match="unfinished build"):
+        load_index(data / "index")
+    assert _build(data, data / "index") == 0  # resumes at chunk 2
+    assert _build(data, data / "clean") == 0
+    resumed, clean = load_index(data / "index"), load_index(data / "clean")
+    assert resumed.ids == clean.ids and len(set(resumed.ids)) == 10
+    assert torch.equal(resumed.embeddings, clean.embeddings)
+    assert sorted(p.name for p in (data / "index" / "chunks").iterdir()) == [f"chunk-{n:06d}.npy" for n in range(4)]
+
+
+def test_resuming_with_other_settings_is_refused(data, capsys):
+    (data / "index" / "chunks").mkdir(parents=True)
+    (data / "index" / "settings.json").write_text(json.dumps({"checkpoint": "elsewhere"}))
+    assert _build(data, data / "index") == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_rerank_of_all_candidates_is_the_coattention_ranking(data):
+    task = _task(data)
+    model = task.build_model().eval()
+    from tasks.data.regions import visual_input
+
+    images = task.images("test")
+    captions = [c for im in images for c in im.captions]
+    visuals = [visual_input(task.store().read(im.image_id), 5) for im in images]
+    tokenizer = task.tokenizer()
+    co = rank_both_ways(model, tokenizer, captions, visuals, 12, "coattention")
+    full = rank_both_ways(model, tokenizer, captions, visuals, 12, "dual+rerank", rerank_k=len(captions))
+    dual = rank_both_ways(model, tokenizer, captions, visuals, 12, "dual")
+    for direction in ("text_to_image", "image_to_text"):
+        # the co-attention scores read in the re-ranked order fall (to float noise: batched vs single forwards)
+        order = torch.argsort(full[direction], dim=1, descending=True, stable=True)
+        along = co[direction].gather(1, order)
+        assert (along[:, 1:] <= along[:, :-1] + 1e-5).all()
+        assert torch.equal(order[:, 0], co[direction].argmax(dim=1))
+    # K = 1: the dual encoder's best stays first whatever its co-attention score; the rest keep the dual order
+    one = rerank(dual["text_to_image"], 1, lambda q, c: torch.tensor([-50.0]))
+    assert torch.equal(one.argsort(dim=1, descending=True, stable=True),
+                       dual["text_to_image"].argsort(dim=1, descending=True, stable=True))
+
+
+def test_evaluate_command_reports_recall_and_speed_in_each_mode(data):
+    for mode in ("coattention", "dual", "dual+rerank"):
+        out = data / f"eval-{mode}"
+        assert cli.main(["evaluate", "--task", "retrieval", "--checkpoint", str(data / "ckpt"), "--split", "test",
+                         "--config", str(_write_yaml(data)), "--mode", mode, "--rerank-k", "2",
+                         "--out", str(out)]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["mode"] == mode and metrics["num_captions"] == 10
+        assert metrics["t2i_queries_per_s"] > 0 and metrics["i2t_queries_per_s"] > 0
+        assert {"r1", "r5", "r10", "i2t_r1", "i2t_r5", "i2t_r10"} <= set(metrics)
+
+
+def _write_yaml(root):
+    import yaml
+
+    path = root / "retrieval.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"preset": "tiny"},
+        "data": {"root": str(root / "flickr"), "features": [str(root / "feats.h5")], "tokenizer": str(root / "tok"),
+                 "max_regions": 5, "eval_batch_size": 3, "max_text_length": 12},
+    }))
+    return path
+
+
+def test_search_command_finds_images_and_captions_and_reranks(data, capsys):
+    assert _build(data, data / "index") == 0
+    capsys.readouterr()
+    assert cli.main(["search", "--index", str(data / "index"), "--text", "a red ball", "--top", "3",
+                     "--rerank", "5", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert len(results) == 3 and all("coattention_score" in r for r in results)
+    assert [r["coattention_score"] for r in results] == sorted((r["coattention_score"] for r in results),
+                                                               reverse=True)
+    captions = data / "captions.txt"
+    captions.write_text("a red ball\na white cat\ntwo dogs\n")
+    assert cli.main(["search", "--index", str(data / "index"), "--image-id", "1000", "--captions", str(captions),
+                     "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)["results"]
+    assert sorted(r["caption"] for r in found) == ["a red ball", "a white cat", "two dogs"]
+    scores = [r["dual_score"] for r in found]
+    assert scores == sorted(scores, reverse=True)
+    assert cli.main(["search", "--index", str(data / "nowhere"), "--text", "x"]) == 2
+    assert np.isfinite(scores).all()
