@@ -73,11 +73,12 @@ def run_settings(info: CheckpointInfo, name: str) -> dict:
 
 
 def tokenizer_directory(info: CheckpointInfo, override: str | None = None, task: str | None = None) -> str:
-    """--tokenizer, else the run's data.tokenizer or model.text_init (with `task`, the run's settings for it: a
-    multi-task member's own), else the checkpoint dir if it has a vocab."""
-    settings = run_settings(info, task) if task else info.run_config
-    data, model = settings.get("data") or {}, settings.get("model") or {}
-    for candidate in (override, data.get("tokenizer"), model.get("text_init")):
+    """--tokenizer, else the run's data.tokenizer or model.text_init (a multi-task member `task`'s own first), else
+    the checkpoint dir if it has a vocab."""
+    candidates = [override]
+    for settings in (run_settings(info, task) if task else {}, info.run_config):
+        candidates += [(settings.get("data") or {}).get("tokenizer"), (settings.get("model") or {}).get("text_init")]
+    for candidate in candidates:
         if candidate:
             return str(candidate)
     if (info.directory / "vocab.txt").is_file() or (info.directory / "tokenizer.json").is_file():
