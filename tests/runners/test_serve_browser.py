@@ -1,17 +1,11 @@
 """The demo page in a real browser: headless Chromium (Debian's, driven by Selenium) asks every kind of task of a
 tiny multi-task checkpoint, sees each answer, each refused request's one line, and a page that fits its window.
 
-Offline by construction: the system chromedriver is given by path, so Selenium Manager (which would look for
-drivers and send usage statistics) never runs (a test fails if it is called), and SE_AVOID_STATS is set anyway;
-Chromium's background services are off, its Google endpoints point at loopback, and every request that is not to
-the local server goes to a recording proxy, which must see none (without these switches it sees about a dozen:
-sign-in, component updates, network time). `make test-browser` also runs this file in a network namespace with only loopback, where it must pass.
-Skipped when Chromium, its driver or Selenium is missing; `make test-browser` installs them and runs this file.
+Offline by construction (tests/fixtures/browser.py): Selenium Manager never runs (a test fails if it is called) and
+every request Chromium makes that is not to this machine goes to a recording proxy, which must see none. `make
+test-browser` also runs this file in a network namespace with only loopback, where it must pass. Skipped when Chromium, its driver or Selenium is missing; `make test-browser` installs them and runs this file.
 """
 
-import os
-import shutil
-import socket
 import threading
 import time
 
@@ -22,15 +16,13 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[serve]'")
 pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip install -e '.[serve]'")
 pytest.importorskip("selenium", reason="selenium is not installed: pip install -e '.[dev]'")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
+from tests.fixtures.browser import CHROMEDRIVER, CHROMIUM, offline_chrome  # noqa: E402
+
 if not (CHROMIUM and CHROMEDRIVER):
     pytest.skip("no browser: needs chromium and chromedriver on PATH (make test-browser installs Debian's "
                 "chromium and chromium-driver)", allow_module_level=True)
 
 import uvicorn  # noqa: E402
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common import selenium_manager  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -40,45 +32,6 @@ from tasks.runners.serve import Demo, create_app, load_examples  # noqa: E402
 from tasks.runners.serving import load_all  # noqa: E402
 from tasks.shapes.world import write_shapes_world  # noqa: E402
 from tests.fixtures.local_ports import free_port  # noqa: E402
-
-# Chromium's own traffic off: background services, extensions, translate, network time; its Google endpoints
-# (sign-in, Google APIs, component updates), which these switches cannot turn off, point at a closed loopback port
-LOOPBACK_SINK = "http://127.0.0.1:9/"
-QUIET = ("--disable-background-networking", "--disable-component-update", "--disable-default-apps",
-         "--disable-extensions", "--disable-component-extensions-with-background-pages", "--disable-sync",
-         "--disable-domain-reliability", "--disable-client-side-phishing-detection",
-         "--disable-features=Translate,OptimizationHints,MediaRouter,AutofillServerCommunication,"
-         "NetworkTimeServiceQuerying",
-         "--metrics-recording-only", "--no-first-run", "--no-default-browser-check", "--no-pings",
-         f"--gaia-url={LOOPBACK_SINK}", f"--google-apis-url={LOOPBACK_SINK}", f"--lso-url={LOOPBACK_SINK}",
-         f"--component-updater=url-source={LOOPBACK_SINK}")
-
-
-class RecordingProxy:
-    """A local TCP listener that Chromium must send every non-loopback request to: it records and drops them."""
-
-    def __init__(self):
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.seen: list[bytes] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self):
-        while True:
-            try:
-                connection, _ = self.server.accept()
-            except OSError:
-                return
-            with connection:
-                connection.settimeout(1)
-                try:
-                    self.seen.append(connection.recv(200) or b"(connect)")
-                except OSError:
-                    self.seen.append(b"(connect)")
-
-    def close(self):
-        self.server.close()
 
 
 @pytest.fixture(scope="module")
@@ -105,21 +58,12 @@ def server(tiny_multitask_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    """Headless Chromium through the system chromedriver; Selenium Manager may not run, no request may leave."""
-    os.environ["SE_AVOID_STATS"] = "true"
-    proxy = RecordingProxy()
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1100,1000", f"--proxy-server=http://127.0.0.1:{proxy.port}", *QUIET):
-        options.add_argument(flag)
+    """Headless Chromium (tests/fixtures/browser.py); Selenium Manager may not run, no request may leave."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(selenium_manager.SeleniumManager, "binary_paths",
                       lambda *args: pytest.fail("Selenium Manager ran (it downloads drivers, sends statistics)"))
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-        yield driver
-        driver.quit()
-    proxy.close()
+        with offline_chrome() as (driver, proxy):
+            yield driver
     assert proxy.seen == [], f"Chromium tried to reach outside addresses: {proxy.seen}"
 
 
