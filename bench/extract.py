@@ -32,12 +32,14 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from features.detector import pad_batch  # noqa: E402
-from features.detectors import build_detector  # noqa: E402
+from features.detectors import (
+    build_detector,  # noqa: E402
+    detector_options,  # noqa: E402
+)
 from features.extract import PRECISIONS, extract  # noqa: E402
 from features.images import read_image  # noqa: E402
 from features.inputs import list_images  # noqa: E402
 from features.store import FeatureStore, FeatureStoreWriter  # noqa: E402
-from tasks.cli.extract import parse_options  # noqa: E402
 
 
 def bench_extract(args, folder: Path) -> dict:
@@ -54,7 +56,7 @@ def bench_extract(args, folder: Path) -> dict:
             pixels[y1:y2, x1:x2] = rng.integers(0, 256, 3)
         Image.fromarray(pixels).save(images / f"{i:05d}.png")
         boxes[f"{i:05d}"] = given.astype(np.float32)
-    options = parse_options(args.option)
+    options = detector_options(args.option)
     if args.random_weights:
         options["random_init"] = True
     detector = build_detector(args.detector, weights=args.weights, **options)

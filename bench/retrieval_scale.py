@@ -5,7 +5,7 @@
 
 A synthetic feature store (HDF5, --images images of 5 random 96-d boxes, the embedded preset's features) and
 --captions random shapes-world captions are ranked by a randomly initialised embedded-preset model with a dual
-encoder (timing needs no trained weights) through the same code as `vilbert evaluate --mode` (tasks.dual.search):
+encoder (timing needs no trained weights) through the same code as `vilbert evaluate --mode` (tasks.ranking.search):
 - dual: the gallery is embedded once (the index; its time is reported apart and in the total), then every caption
   is embedded and ranks all images by one matrix product: measured on all captions;
 - dual+rerank: the dual top K of each caption re-ranked by the co-attention pair score: measured on
@@ -28,14 +28,14 @@ import torch
 from features.store import FeatureStore, FeatureStoreWriter
 from tasks.data.regions import visual_input
 from tasks.data.tokenization import load_tokenizer
-from tasks.dual.search import CoattentionScorer, embed_images, embed_texts, exact_top_k
+from tasks.ranking.search import CoattentionScorer, embed_images, embed_texts, exact_top_k
 from tasks.shapes.world import COLOURS, KINDS, SIZES
 from vilbert import ViLBertConfig, ViLBertForVLTasks
 
 BOXES = 5  # the shapes world's most shapes per image; IMG + 5 = the embedded default's max_regions
 MAX_REGIONS = BOXES + 1
 MAX_TEXT_LENGTH = 32
-TASK = "retrieval-flickr30k"
+TASK_ID = None  # the random-weight model has no 12-in-1 task tokens
 
 
 def write_store(path: Path, images: int, feature_dim: int, seed: int = 0) -> FeatureStore:
@@ -98,16 +98,16 @@ def main() -> None:
         gallery = embed_images(model, visuals, args.batch_size)
         index_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        queries = embed_texts(model, tokenizer, texts, MAX_TEXT_LENGTH, args.batch_size, TASK)
+        queries = embed_texts(model, tokenizer, texts, MAX_TEXT_LENGTH, args.batch_size, TASK_ID)
         _, top = exact_top_k(queries, gallery, args.images)  # the full ranking of every image for every caption
         dual_seconds = time.perf_counter() - start
         assert top.shape == (args.captions, args.images)
 
         # dual + rerank: the dual top K of a subset of the captions, re-ranked by co-attention
         subset = list(range(min(args.rerank_captions, args.captions)))
-        scorer = CoattentionScorer(model, tokenizer, texts, visuals, MAX_TEXT_LENGTH, TASK, args.batch_size)
+        scorer = CoattentionScorer(model, tokenizer.encode(texts, MAX_TEXT_LENGTH), visuals, TASK_ID, args.batch_size)
         start = time.perf_counter()
-        query = embed_texts(model, tokenizer, [texts[c] for c in subset], MAX_TEXT_LENGTH, args.batch_size, TASK)
+        query = embed_texts(model, tokenizer, [texts[c] for c in subset], MAX_TEXT_LENGTH, args.batch_size, TASK_ID)
         _, candidates = exact_top_k(query, gallery, args.rerank_k)
         for row, caption in enumerate(subset):
             scorer.caption_to_images(caption, candidates[row].tolist())

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from features.butd import BUTDModel
 from features.checksum import sha256_file
@@ -65,8 +66,6 @@ def read_weight_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: no such weight file")
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
             obj = load_file(path)
         elif zipfile.is_zipfile(path):
             obj = _torch_load(path)

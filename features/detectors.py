@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+import yaml
+
 from features.detector import RegionDetector
 from features.errors import FeaturesError
 
@@ -21,3 +23,14 @@ def build_detector(name: str, weights: str | None = None, **options) -> RegionDe
         raise FeaturesError(f"unknown detector {name!r}; choose one of {', '.join(sorted(DETECTORS))}")
     module_name, builder = DETECTORS[name].split(":")
     return getattr(importlib.import_module(module_name), builder)(weights=weights, **options)
+
+
+def detector_options(pairs: list[str]) -> dict:
+    """`KEY=VALUE` detector options (`--option`) as builder keyword arguments, each value read as YAML."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise FeaturesError(f"--option expects KEY=VALUE, got {pair!r}")
+        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return options

@@ -28,6 +28,8 @@ from tasks.engine.distributed import unwrap
 from tasks.engine.run_record import TASKS, store_extractors
 from tasks.engine.task import PredictExample, Task
 from tasks.errors import ConfigError
+from vilbert import ViLBertConfig, ViLBertForVLTasks
+from vilbert.convert import init_text_stream_from_bert
 from vilbert.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -102,8 +104,6 @@ def _quiet_loading_report() -> Iterator[None]:
 def model_feature_size(model_config: ModelConfig) -> int:
     """The region feature width the model of `model_config` takes: overrides, else model.init's config, else the
     preset's."""
-    from vilbert import ViLBertConfig
-
     if "v_feature_size" in model_config.overrides:
         return int(model_config.overrides["v_feature_size"])
     if model_config.init and (Path(model_config.init) / "config.json").is_file():
@@ -120,8 +120,6 @@ def build_task_model(model_config: ModelConfig, **config_overrides: Any) -> nn.M
     shapes differ (a pretraining checkpoint, another vocabulary) keeps every matching weight and starts the
     mismatched heads fresh, with a log line naming them.
     """
-    from vilbert import ViLBertConfig, ViLBertForVLTasks
-
     labels = {key: config_overrides[key] for key in ("id2label", "label2id") if key in config_overrides}
     settings = {key: value for key, value in config_overrides.items() if key not in labels}
     if "id2label" in labels:
@@ -157,18 +155,24 @@ def build_task_model(model_config: ModelConfig, **config_overrides: Any) -> nn.M
     config.update(labels)
     model = ViLBertForVLTasks(config)
     if getattr(model_config, "text_init", None):
-        from vilbert.convert import init_text_stream_from_bert
-
         init_text_stream_from_bert(model, model_config.text_init)
     return model
 
 
-def task_ids_for(model: nn.Module, task: str, batch_size: int, device: torch.device) -> torch.Tensor | None:
-    """[B, 1] 12-in-1 task ids when the model has task tokens, else None."""
+def task_token_id(model: nn.Module, task: str | None) -> int | None:
+    """The 12-in-1 task id of `task` when the model has task tokens, else None."""
     config = getattr(unwrap(model), "config", None)  # DDP does not forward the model's attributes
     if config is None or not getattr(config, "task_specific_tokens", False):
         return None
-    return torch.full((batch_size, 1), TASK_TOKEN_IDS[task], dtype=torch.long, device=device)
+    return TASK_TOKEN_IDS[task]
+
+
+def task_ids_for(model: nn.Module, task: str, batch_size: int, device: torch.device) -> torch.Tensor | None:
+    """[B, 1] 12-in-1 task ids when the model has task tokens, else None."""
+    task_id = task_token_id(model, task)
+    if task_id is None:
+        return None
+    return torch.full((batch_size, 1), task_id, dtype=torch.long, device=device)
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "region_features", "region_locations", "region_mask")

@@ -19,7 +19,7 @@ import torch
 
 from tasks.data.annotations import load_json, require
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
-from tasks.engine.task import ExampleInputs
+from tasks.engine.task import ExampleInputs, StepOutput
 from tasks.errors import AnnotationError, ConfigError
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample
 
@@ -79,8 +79,6 @@ class FoilTask(ImageTextTask):
         return self.forward(model, batch).pair_logit.float()[:, None]  # [B, 1]
 
     def training_step(self, model, batch):
-        from tasks.engine.task import StepOutput
-
         logits = self.logits(model, batch)
         loss = self.loss(logits, batch)
         hit = ((logits > 0).float() == batch["target"]).float().mean()

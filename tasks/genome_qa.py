@@ -31,14 +31,14 @@ from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.task import ExampleInputs
 from tasks.errors import AnnotationError, ConfigError
 from tasks.finetuning import build_task_model, soft_bce_sum
+from tasks.gqa import read_answer_list
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot
 from tasks.metrics import accuracy
+from tasks.vqa import checkpoint_answers, vocabulary_key
 
 
 def read_genome_qa(path: str | Path, split: str, val_images: int) -> list[Sample]:
     """The questions of `split` ("train" or "val"); labels are normalised answers."""
-    from tasks.vqa import vocabulary_key
-
     if split not in ("train", "val"):
         raise ConfigError(f"unknown Visual Genome QA split {split!r}; choose train or val")
     data = load_json(path)
@@ -101,9 +101,6 @@ class GenomeQATask(ImageTextTask):
     def answers(self) -> list[str]:
         """The VQA answer list (see the module docstring for where it comes from)."""
         if self._answers is None:
-            from tasks.gqa import read_answer_list
-            from tasks.vqa import checkpoint_answers
-
             answers = checkpoint_answers(getattr(self.config.model, "init", None))
             if answers is None and self.data.answers_file:
                 answers = read_answer_list(self.data.answers_file)
@@ -145,8 +142,6 @@ class GenomeQATask(ImageTextTask):
         return prediction["qa_id"]
 
     def predicted_label(self, prediction: dict) -> str:
-        from tasks.vqa import vocabulary_key
-
         return vocabulary_key(prediction["answer"])
 
     def score(self, predictions: list[dict], split: str) -> dict[str, float]:

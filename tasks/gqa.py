@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from features.safe_pickle import safe_load
 from tasks.data.annotations import load_json, require
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.task import ExampleInputs
@@ -51,8 +52,6 @@ def read_gqa(path: str | Path) -> list[Sample]:
 
 def read_answer_list(path: str | Path) -> list[str]:
     """The reference's label2ans pickle: a list of answer strings (index = label)."""
-    from features.safe_pickle import safe_load
-
     answers = safe_load(path)
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
         raise AnnotationError(f"{path}: expected a non-empty list of answer strings (label2ans)")

@@ -28,6 +28,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from tasks.data.annotations import image_key_resolver
+from tasks.data.regions import collate_visual, visual_input
+from tasks.data.tokenization import TextInput
 from tasks.engine.distributed import move_to_device
 from tasks.engine.evaluation import eval_batches, eval_mode, model_device
 from tasks.engine.task import PredictExample, StepOutput, TaskDataset
@@ -74,8 +76,6 @@ def encode_texts(tokenizer: Tokenizer, texts: Sequence[Text], max_length: int) -
 
     A pair is truncated longest-first, as BERT's sentence-pair tasks do.
     """
-    from tasks.data.tokenization import TextInput
-
     if all(isinstance(text, str) for text in texts):
         return tokenizer.encode(list(texts), max_length)
     firsts = [text[0] if isinstance(text, tuple) else text for text in texts]
@@ -208,8 +208,6 @@ class ImageTextTask(FinetuneTask):
 
     def visual(self, sample: Sample, regions: list[Regions]) -> list[VisualInput]:
         """The visual input of each row: IMG token + the image's first `max_regions - 1` boxes."""
-        from tasks.data.regions import visual_input
-
         return [visual_input(image, self.data.max_regions) for image in regions]
 
     def encode(self, sample: Sample, regions: list[Regions]) -> dict:
@@ -220,8 +218,6 @@ class ImageTextTask(FinetuneTask):
         raise NotImplementedError
 
     def collate(self, samples: list) -> dict:
-        from tasks.data.regions import collate_visual
-
         texts = [text for s in samples for text in s["texts"]]
         encoded = encode_texts(self.tokenizer(), texts, self.data.max_text_length)
         batch = {"input_ids": torch.from_numpy(encoded.input_ids),  # [B·rows, L]

@@ -225,6 +225,24 @@ def recall_at_k(
     return result
 
 
+def mean_recall(metrics: Mapping[str, float]) -> float:
+    """`r_mean`: the mean of caption→image R@1, R@5 and R@10 (retrieval's main metric)."""
+    return (metrics["r1"] + metrics["r5"] + metrics["r10"]) / 3
+
+
+def recall_both_ways(text_to_image: torch.Tensor, image_to_text: torch.Tensor,
+                     caption_image: Sequence[int]) -> dict[str, float]:
+    """Caption→image recall (`recall_at_k` keys), image→caption recall (the same keys with `i2t_`) and `r_mean`.
+
+    `text_to_image` [C, I] and `image_to_text` [I, C] are scores; `caption_image` is each caption's image.
+    """
+    image_captions = [[c for c, i in enumerate(caption_image) if i == image] for image in range(image_to_text.shape[0])]
+    metrics = recall_at_k(text_to_image, caption_image)
+    metrics.update({f"i2t_{k}": v for k, v in recall_at_k(image_to_text, image_captions).items()})
+    metrics["r_mean"] = mean_recall(metrics)
+    return metrics
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Boxes and referring expressions
 # ---------------------------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ from tasks.engine.task import StepOutput, Task, TaskDataset
 from tasks.errors import ConfigError, DataError
 from tasks.finetuning import FinetuneTask
 from tasks.image_text import ImageTextTask
+from tasks.registry import task_class
 
 logger = logging.getLogger(__name__)
 
@@ -309,8 +310,6 @@ class Member:
 
 def load_member(spec: MemberConfig, model: ModelConfig, seed: int) -> FinetuneTask:
     """A member task from its resolved config (saved runs) or its YAML plus overrides; the model is the run's."""
-    from tasks.registry import task_class
-
     cls = task_class(spec.name)
     if not issubclass(cls, FinetuneTask):
         raise ConfigError(f"tasks: {spec.name} is not a fine-tuning task and cannot be a member")

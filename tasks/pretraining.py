@@ -15,7 +15,7 @@ Masking follows vilbert-multi-task's pretraining loader and runs in DataLoader w
   (`train.group_by_length`, `data.pad_to_longest`) stay short.
 Objectives (vilbert-multi-task `--objective`): 0 = all losses on all pairs; 1 = mismatched pairs carry no MLM or
 region labels; 2 = no negatives and the alignment loss weighted 0.
-`data.contrastive_weight` > 0 adds the dual encoder's symmetric InfoNCE (`tasks.dual.contrastive`) over the batch's
+`data.contrastive_weight` > 0 adds the dual encoder's symmetric InfoNCE (`tasks.ranking.contrastive`) over the batch's
 aligned pairs, the other aligned pairs of the global batch as negatives (inputs as masked for the other losses).
 """
 
@@ -31,17 +31,33 @@ import torch
 from PIL import Image
 from torch import nn
 
+from features.store import FeatureStore
 from tasks.data.captions import Caption, join_with_store, load_captions
-from tasks.data.regions import build_visual_input, collate_visual, masked_image_mean
-from tasks.data.tokenization import Tokenizer, load_tokenizer
-from tasks.dual.contrastive import contrastive_loss
+from tasks.data.regions import (
+    VisualInput,
+    build_visual_input,
+    collate_visual,
+    masked_image_mean,
+    visual_input,
+)
+from tasks.data.tokenization import TextInput, Tokenizer, load_tokenizer
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.distributed import move_to_device
+from tasks.engine.evaluation import model_device
 from tasks.engine.run_record import PRETRAINING, store_extractors
 from tasks.engine.task import ExampleInputs, PredictExample, StepOutput, Task, TaskDataset
 from tasks.errors import ConfigError, DataError
 from tasks.metrics import recall_at_k
-from tasks.retrieval import caption_headline, caption_lines, draw_captions, rank_captions
+from tasks.ranking.contrastive import contrastive_loss, dual_overrides
+from tasks.ranking.search import (
+    CoattentionScorer,
+    caption_headline,
+    caption_lines,
+    draw_captions,
+    rank_captions,
+)
+from vilbert import ViLBertConfig, ViLBertForPreTraining
+from vilbert.convert import init_text_stream_from_bert
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +146,6 @@ def mask_regions(num_regions: int, rng: np.random.Generator) -> tuple[np.ndarray
 
 
 def _open_store(paths):
-    from features.store import FeatureStore
-
     return FeatureStore(paths)
 
 
@@ -299,9 +313,6 @@ class PretrainingTask(Task):
         return self._datasets[split]
 
     def build_model(self) -> nn.Module:
-        from tasks.dual.contrastive import dual_overrides
-        from vilbert import ViLBertConfig, ViLBertForPreTraining
-
         model_config = self.config.model
         dual = dual_overrides(model_config, self.config.data.contrastive_weight)
         if model_config.init is not None:
@@ -310,8 +321,6 @@ class PretrainingTask(Task):
             model = ViLBertForPreTraining(
                 ViLBertConfig.from_preset(model_config.preset, **{**model_config.overrides, **dual}))
             if model_config.text_init is not None:
-                from vilbert.convert import init_text_stream_from_bert
-
                 init_text_stream_from_bert(model, model_config.text_init)
         self._check_model(model.config)
         return model
@@ -349,7 +358,7 @@ class PretrainingTask(Task):
         if self.config.data.contrastive_weight > 0:
             # InfoNCE is already the mean over the aligned pairs of the whole global batch (its embeddings are
             # gathered over ranks): one item per micro-batch, so every rank holds the same share of it, which the
-            # gather's world-size gradient scaling assumes (tasks.dual.contrastive)
+            # gather's world-size gradient scaling assumes (tasks.ranking.contrastive)
             counts["contrastive"] = 1
         return counts
 
@@ -412,7 +421,7 @@ class PretrainingTask(Task):
 
     @torch.no_grad()
     def _masked_counts(self, model: nn.Module, dataset: PretrainingDataset) -> dict[str, Any]:
-        device = next(model.parameters()).device
+        device = model_device(model)
         size = self.config.data.eval_batch_size
         correct = torch.zeros(3, dtype=torch.float64, device=device)  # MLM, region, alignment
         counts = np.zeros(3, dtype=np.int64)
@@ -433,61 +442,49 @@ class PretrainingTask(Task):
             loss_sum += mean.double() * len(samples)
         return {"correct": correct.tolist(), "counts": counts.tolist(), "loss_sum": loss_sum.item()}
 
-    @torch.no_grad()
-    def _zero_shot_scores(self, model: nn.Module, dataset: PretrainingDataset) -> dict[str, Any]:
-        """Each held-out caption ranks the held-out images by softmax(alignment_logits)[:, 0]; the text stream
-        runs once per caption (encode_text_prefix) and is expanded over chunks of images."""
+    def _held_out_ranking(self, dataset: PretrainingDataset) -> tuple[list[int], list[int], list[VisualInput]]:
+        """The zero-shot retrieval evaluation's queries (caption rows), each one's image position, and the first
+        `data.retrieval_images` images of the split; no queries when fewer than 2 images."""
         data = self.config.data
-        device = next(model.parameters()).device
         image_ids = list(dict.fromkeys(c.image_id for c in dataset.captions))[: data.retrieval_images]
         if len(image_ids) < 2:
-            return {}
+            return [], [], []
         position = {image_id: i for i, image_id in enumerate(image_ids)}
         queries = [i for i, c in enumerate(dataset.captions) if c.image_id in position]
-        visual = collate_visual(
-            [build_visual_input(r.features, r.boxes, r.image_hw, data.max_regions)
-             for r in (dataset.store.read(i) for i in image_ids)],
-            pad_to=data.max_regions,
-        )
-        visual = {k: v.to(device) for k, v in visual.items()}
-        scores = torch.empty(len(queries), len(image_ids), device=device)
-        for row, index in enumerate(queries):
-            ids = torch.from_numpy(dataset.text[index : index + 1].astype(np.int64)).to(device)  # [1, L]
-            prefix = model.vilbert.encode_text_prefix(ids, (ids != self.tokenizer.pad_id).long(),
-                                                      torch.zeros_like(ids))
-            for start in range(0, len(image_ids), data.retrieval_chunk):
-                chunk = {k: v[start : start + data.retrieval_chunk] for k, v in visual.items()}
-                logits = model.alignment_logits(text_prefix=prefix, **chunk)  # [chunk, 2]
-                scores[row, start : start + len(logits)] = logits.float().softmax(-1)[:, 0]
         positives = [position[dataset.captions[i].image_id] for i in queries]
-        return {"retrieval_scores": scores.cpu().tolist(), "retrieval_positives": positives}
+        return queries, positives, [visual_input(dataset.store.read(i), data.max_regions) for i in image_ids]
+
+    @torch.no_grad()
+    def _zero_shot_scores(self, model: nn.Module, dataset: PretrainingDataset) -> dict[str, Any]:
+        """Each held-out caption ranks the held-out images by softmax(alignment_logits)[:, 0] (the co-attention
+        scorer: the text stream runs once per caption, expanded over chunks of images)."""
+        queries, positives, visuals = self._held_out_ranking(dataset)
+        if not queries:
+            return {}
+        ids = dataset.text.astype(np.int64)
+        text = TextInput(ids, (ids != self.tokenizer.pad_id).astype(np.int64), np.zeros_like(ids))
+        data = self.config.data
+        scorer = CoattentionScorer(model, text, visuals, batch_size=data.retrieval_chunk, pad_to=data.max_regions)
+        return {"retrieval_scores": scorer.matrix(queries).tolist(), "retrieval_positives": positives}
 
     @torch.no_grad()
     def _dual_scores(self, model: nn.Module, dataset: PretrainingDataset) -> dict[str, Any]:
         """The same captions against the same images as `_zero_shot_scores`, scored by the dual encoder's cosine."""
-        data = self.config.data
-        device = next(model.parameters()).device
-        image_ids = list(dict.fromkeys(c.image_id for c in dataset.captions))[: data.retrieval_images]
-        if len(image_ids) < 2:
+        queries, _, visuals = self._held_out_ranking(dataset)
+        if not queries:
             return {}
-        position = {image_id: i for i, image_id in enumerate(image_ids)}
-        queries = [i for i, c in enumerate(dataset.captions) if c.image_id in position]
-        visual = collate_visual(
-            [build_visual_input(r.features, r.boxes, r.image_hw, data.max_regions)
-             for r in (dataset.store.read(i) for i in image_ids)],
-            pad_to=data.max_regions,
-        )
+        device = model_device(model)
+        visual = collate_visual(visuals, pad_to=self.config.data.max_regions)
         images = model.encode_image(**{k: v.to(device) for k, v in visual.items()})  # [I, E]
         ids = torch.from_numpy(dataset.text[queries].astype(np.int64)).to(device)  # [Q, L]
         texts = model.encode_text(ids, (ids != self.tokenizer.pad_id).long())  # [Q, E]
         return {"dual_scores": (texts @ images.T).cpu().tolist()}
 
-
     # ------------------------------------------------------------------------------------------------ one image
 
     def predict_one(self, model: nn.Module, example: PredictExample) -> dict[str, Any]:
         """The captions ranked zero-shot by P(aligned) from the alignment head (as retrieval would rank them)."""
-        return rank_captions(model, self.tokenizer, example, self.config.data.max_text_length, "")
+        return rank_captions(model, self.tokenizer, example, self.config.data.max_text_length)
 
     def headline(self, result: Mapping[str, Any]) -> str:
         return caption_headline(result)

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -42,7 +41,7 @@ from tasks.data.annotations import (
     require,
     str_field,
 )
-from tasks.data.regions import collate_visual, visual_input
+from tasks.data.regions import collate_visual, region_boxes, visual_input
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.evaluation import eval_batches
 from tasks.engine.task import ExampleInputs, PredictExample, StepOutput, TaskDataset
@@ -111,13 +110,6 @@ def read_refs(refs_path: str | Path, instances_path: str | Path, split: str) -> 
     if not expressions:
         raise ConfigError(f"{refs_path}: no expressions in split {split!r}; the file has {sorted(splits)}")
     return expressions
-
-
-def region_boxes(boxes: np.ndarray, image_hw: tuple[int, int]) -> torch.Tensor:
-    """Pixel boxes of the visual input's rows: the whole image for the IMG token, then the kept boxes."""
-    height, width = image_hw
-    whole = torch.tensor([[0.0, 0.0, float(width), float(height)]])
-    return torch.cat([whole, torch.as_tensor(np.asarray(boxes), dtype=torch.float32).reshape(-1, 4)])
 
 
 def iou_targets(boxes: torch.Tensor, referred: torch.Tensor, training: bool) -> torch.Tensor:

@@ -20,6 +20,7 @@ A pretraining checkpoint (`ViLBertForPreTraining`) scores zero-shot with softmax
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,17 +46,28 @@ from tasks.data.annotations import (
 )
 from tasks.data.reference_files import read_hard_negatives
 from tasks.data.regions import collate_visual, visual_input
-from tasks.data.tokenization import Tokenizer
-from tasks.dual.contrastive import contrastive_loss, dual_overrides
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
-from tasks.engine.evaluation import eval_mode, model_device
-from tasks.engine.run_record import PRETRAINING, architecture
+from tasks.engine.evaluation import eval_mode
 from tasks.engine.task import ExampleInputs, PredictExample, StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError
-from tasks.figures.drawing import draw_boxes
-from tasks.finetuning import FinetuneDataConfig, FinetuneTask, resolve_split, task_ids_for
-from tasks.metrics import recall_at_k
-from vilbert.modeling_vilbert import TextPrefix
+from tasks.finetuning import (
+    FinetuneDataConfig,
+    FinetuneTask,
+    build_task_model,
+    resolve_split,
+    task_ids_for,
+    task_token_id,
+)
+from tasks.metrics import mean_recall, recall_both_ways
+from tasks.ranking.contrastive import contrastive_loss, dual_overrides
+from tasks.ranking.search import (
+    CoattentionScorer,
+    caption_headline,
+    caption_lines,
+    draw_captions,
+    rank_both_ways,
+    rank_captions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +118,6 @@ def read_karpathy(path: str | Path, split: str) -> list[RetrievalImage]:
 
 def read_jsonlines(path: str | Path) -> list[RetrievalImage]:
     """Images of the reference's JSON-lines file (one JSON object per line)."""
-    import json
-
     images = []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -212,15 +222,6 @@ def collate_retrieval(samples: list[dict]) -> dict:
     return batch
 
 
-def pair_scores(model: nn.Module, task: str, text_prefix: TextPrefix, visual: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Scores [N] of one caption prefix against N images: pair_logit, or zero-shot P(aligned)."""
-    inputs = {key: visual[key] for key in ("region_features", "region_locations", "region_mask")}
-    if architecture(model) == PRETRAINING:
-        return torch.softmax(model.alignment_logits(**inputs, text_prefix=text_prefix).float(), dim=1)[:, 0]
-    ids = task_ids_for(model, task, inputs["region_features"].shape[0], inputs["region_features"].device)
-    return model(**inputs, task_ids=ids, text_prefix=text_prefix, heads=["pair_logit"]).pair_logit.float()
-
-
 class RetrievalTask(FinetuneTask):
     """Caption-based image retrieval; main metric: the mean of caption→image R@1, R@5, R@10."""
 
@@ -272,8 +273,6 @@ class RetrievalTask(FinetuneTask):
         return collate_retrieval(samples)
 
     def build_model(self) -> nn.Module:
-        from tasks.finetuning import build_task_model
-
         return build_task_model(self.config.model, **dual_overrides(self.config.model, self.data.contrastive_weight))
 
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
@@ -299,24 +298,14 @@ class RetrievalTask(FinetuneTask):
     def score_matrix(self, model: nn.Module, images: list[RetrievalImage], captions: list[str],
                      progress: Callable | None = None) -> torch.Tensor:
         """Scores [C, I] of every caption against every image (text prefix computed once per caption)."""
-        store, device = self.store(), model_device(model)
+        store = self.store()
         resolve = image_key_resolver(store.ids)
         visuals = [visual_input(store.read(resolve(im.image_id)), self.data.max_regions) for im in images]
         text = self.tokenizer().encode(captions, self.data.max_text_length)
-        chunk = max(1, self.data.eval_batch_size)
-        chunks = [{k: v.to(device) for k, v in collate_visual(visuals[s: s + chunk]).items()}
-                  for s in range(0, len(visuals), chunk)]
-        scores = torch.empty(len(captions), len(images))
-        rows = range(len(captions))
+        scorer = CoattentionScorer(model, text, visuals, task_token_id(model, self.token_task),
+                                   self.data.eval_batch_size)
         with eval_mode(model):
-            for c in progress(rows) if progress else rows:
-                ids = torch.from_numpy(text.input_ids[c: c + 1]).to(device)
-                task_ids = None if architecture(model) == PRETRAINING else task_ids_for(model, self.token_task, 1, device)
-                prefix = model.vilbert.encode_text_prefix(
-                    ids, torch.from_numpy(text.attention_mask[c: c + 1]).to(device),
-                    torch.from_numpy(text.token_type_ids[c: c + 1]).to(device), task_ids=task_ids)
-                scores[c] = torch.cat([pair_scores(model, self.token_task, prefix, v).cpu() for v in chunks])
-        return scores
+            return scorer.matrix(progress=progress)
 
     def predict(self, model: nn.Module, split: str, progress: Callable | None = None) -> dict[str, Any]:
         """{"image_ids", "captions", "caption_image" (each caption's image position), "scores" [C][I]}."""
@@ -336,20 +325,16 @@ class RetrievalTask(FinetuneTask):
         images, captions = predictions["image_ids"], predictions["captions"]
         caption_image = predictions["caption_image"]
         scores = torch.tensor(predictions["scores"]).view(len(captions), len(images))  # [C, I]
-        text_to_image = recall_at_k(scores, caption_image)
-        image_captions = [[c for c, i in enumerate(caption_image) if i == image] for image in range(len(images))]
-        image_to_text = recall_at_k(scores.T, image_captions)
-        metrics = {f"{k}": v for k, v in text_to_image.items()}
-        metrics.update({f"i2t_{k}": v for k, v in image_to_text.items()})
+        metrics = recall_both_ways(scores, scores.T, caption_image)
         # images without features (and their captions) were not ranked: each counts as a miss at every k (the
         # ranks describe the ranked queries only)
         split_images = self.images(split)
         total_images = max(len(split_images), len(images))
         total_captions = max(sum(len(im.captions) for im in split_images), len(captions))
-        for key in (k for k in text_to_image if k[0] == "r" and k[1:].isdigit()):
+        for key in [k for k in metrics if k[0] == "r" and k[1:].isdigit()]:
             metrics[key] *= len(captions) / total_captions
             metrics[f"i2t_{key}"] *= len(images) / total_images
-        metrics["r_mean"] = (metrics["r1"] + metrics["r5"] + metrics["r10"]) / 3
+        metrics["r_mean"] = mean_recall(metrics)
         metrics["num_images"], metrics["num_captions"] = float(total_images), float(total_captions)
         metrics["num_without_features"] = float(total_images - len(images))
         return metrics
@@ -369,7 +354,7 @@ class RetrievalTask(FinetuneTask):
 
     def predict_one(self, model: nn.Module, example: PredictExample) -> dict[str, Any]:
         return rank_captions(model, self.tokenizer(), example, self.data.max_text_length,
-                             self.example_token(example))
+                             task_token_id(model, self.example_token(example)))
 
     def headline(self, result: Mapping[str, Any]) -> str:
         return caption_headline(result)
@@ -384,45 +369,25 @@ class RetrievalTask(FinetuneTask):
         return result["captions"][0]["caption"]  # the best-ranked caption
 
 
-@torch.no_grad()
-def rank_captions(model: nn.Module, tokenizer: Tokenizer, example: PredictExample, max_text_length: int,
-                  token_task: str) -> dict[str, Any]:
-    """{"captions": every candidate [{"caption", "index", "score", "probability"}], best first}.
-
-    `score` is pair_logit (for a pretraining model P(aligned), zero-shot); `probability` is the softmax of the
-    scores over the given captions (for a pretraining model: the scores renormalised). The text stream runs once
-    per caption (`encode_text_prefix`), as retrieval evaluation computes it.
-    """
-    captions = list(example.candidates)
-    device = example.visual["region_features"].device
-    text = tokenizer.encode(captions, max_text_length).tensors(device)
-    zero_shot = architecture(model) == PRETRAINING
-    task_ids = None if zero_shot else task_ids_for(model, token_task, 1, device)
-    scores = []
-    for c in range(len(captions)):
-        prefix = model.vilbert.encode_text_prefix(text["input_ids"][c: c + 1], text["attention_mask"][c: c + 1],
-                                                  text["token_type_ids"][c: c + 1], task_ids=task_ids)
-        scores.append(pair_scores(model, token_task, prefix, example.visual)[0])
-    scores = torch.stack(scores).cpu()  # [C]
-    probabilities = scores / scores.sum() if zero_shot else torch.softmax(scores, dim=0)
-    order = torch.argsort(scores, descending=True, stable=True).tolist()
-    return {"captions": [{"caption": captions[i], "index": i, "score": scores[i].item(),
-                          "probability": probabilities[i].item()} for i in order]}
-
-
-def caption_headline(result: Mapping[str, Any]) -> str:
-    """The best caption with its score."""
-    best = result["captions"][0]
-    return f"{best['caption']} ({best['score']:.2f})"
-
-
-def draw_captions(example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
-    """The regions and the best caption with its score."""
-    return draw_boxes(example.image, example.boxes, None, caption_headline(result))
-
-
-def caption_lines(result: Mapping[str, Any]) -> list[str]:
-    """The ranking, one caption a line: score, share among the captions, text."""
-    return ["captions, best first (score, share among these captions):",
-            *(f"  {i + 1}. {c['score']:8.3f} {c['probability']:6.1%}  {c['caption']}"
-              for i, c in enumerate(result["captions"]))]
+def evaluate_retrieval(task: RetrievalTask, model: nn.Module, split: str, mode: str, rerank_k: int = 32,
+                       progress: Callable | None = None) -> tuple[dict[str, float], list, torch.Tensor]:
+    """A split in `mode` (`tasks.ranking.search.RANKING_MODES`): the metrics of `RetrievalTask.evaluate` (both
+    directions) plus queries per second each way; returns (metrics, images, caption→image scores [C, I])."""
+    store = task.store()
+    kept = keep_known_images(task.images(split), lambda im: im.image_id, image_key_resolver(store.ids),
+                             f"{task.data.root} ({split})", "images")
+    images = [im for im, _ in kept]
+    captions = [c for im in images for c in im.captions]
+    caption_image = [i for i, im in enumerate(images) for _ in im.captions]
+    visuals = [visual_input(store.read(key), task.data.max_regions) for _, key in kept]
+    with eval_mode(model):
+        ranked = rank_both_ways(model, task.tokenizer(), captions, visuals, task.data.max_text_length, mode,
+                                rerank_k, task_token_id(model, task.token_task), max(1, task.data.eval_batch_size),
+                                progress)
+    metrics = recall_both_ways(ranked["text_to_image"], ranked["image_to_text"], caption_image)
+    seconds = ranked["seconds"]
+    metrics["num_images"], metrics["num_captions"] = float(len(images)), float(len(captions))
+    metrics["t2i_queries_per_s"] = len(captions) / max(seconds["text_to_image"], 1e-9)
+    metrics["i2t_queries_per_s"] = len(images) / max(seconds["image_to_text"], 1e-9)
+    metrics["gallery_seconds"] = seconds["gallery"]
+    return metrics, images, ranked["text_to_image"]

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from vilbert.configuration_vilbert import ViLBertConfig
 from vilbert.errors import CheckpointError, ConfigError
@@ -391,8 +392,6 @@ def _read_bert_dir(bert_dir: str) -> tuple[dict[str, Any], dict[str, torch.Tenso
     safetensors_path = os.path.join(bert_dir, "model.safetensors")
     bin_path = os.path.join(bert_dir, "pytorch_model.bin")
     if os.path.isfile(safetensors_path):
-        from safetensors.torch import load_file
-
         return bert_config, load_file(safetensors_path), safetensors_path
     if os.path.isfile(bin_path):
         return bert_config, read_reference_state_dict(bin_path), bin_path

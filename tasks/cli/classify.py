@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from tasks.cli.predict import add_region_arguments
-from tasks.dual.zero_shot import DEFAULT_TEMPLATES, SCORERS
+from tasks.ranking.zero_shot import DEFAULT_TEMPLATES, SCORERS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,16 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from features.detectors import detector_options
     from features.images import read_image
-    from tasks.cli.extract import parse_options
     from tasks.cli.predict import quiet_weight_loading, to_stderr
     from tasks.data.regions import visual_input
     from tasks.data.tokenization import load_tokenizer
-    from tasks.dual.search import load_dual_model
-    from tasks.dual.zero_shot import check_labels, check_templates, zero_shot_scores
     from tasks.errors import ConfigError
+    from tasks.finetuning import task_token_id
+    from tasks.ranking.zero_shot import check_labels, check_templates, zero_shot_scores
     from tasks.runners import predict
-    from tasks.runners.checkpoint import load_model, read_checkpoint
+    from tasks.runners.checkpoint import load_dual_model, load_model, read_checkpoint
 
     # everything cheap to check comes first: bad input fails before any weights load
     labels = check_labels(args.labels.split(","))
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     task = predict.build_task(info, predict.choose_task(info, "captions"), tokenizer_dir)
     image = read_image(args.image)
     boxes = predict.boxes_for_image(args.boxes, args.box_format, args.image) if args.boxes else None
-    name, detector = predict.prepare_detector(info, args.detector, args.weights, parse_options(args.detector_options),
+    name, detector = predict.prepare_detector(info, args.detector, args.weights, detector_options(args.detector_options),
                                               args.random_detector, warn=to_stderr)
     with quiet_weight_loading():
         model = load_dual_model(args.checkpoint, device)[0] if args.scorer == "dual" else load_model(info, device, task)
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(tokenizer_dir, lowercase=bool((info.run_config.get("data") or {}).get("lowercase", True)))
     token_task = info.task_token or "retrieval-flickr30k"
     scores = zero_shot_scores(model, tokenizer, [visual], labels, templates, task.config.data.max_text_length,
-                              args.scorer, token_task)[0]  # [L]
+                              args.scorer, task_token_id(model, token_task))[0]  # [L]
     probabilities = torch.softmax(scores, 0) if args.scorer == "dual" else None
     order = torch.argsort(scores, descending=True, stable=True).tolist()[: args.top]
     ranked = [{"label": labels[i], "score": round(float(scores[i]), 6),

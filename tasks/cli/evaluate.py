@@ -8,7 +8,7 @@ writes the hard-negative pool of the split's images (100 nearest by the model's 
 member's validation split), metrics keyed `<task>/<metric>` plus their mean `score`.
 A pretraining checkpoint evaluates retrieval zero-shot (alignment head). Retrieval `--mode coattention|dual|
 dual+rerank [--rerank-k K]` ranks by co-attention, by the dual encoder, or by the dual encoder's top K re-ranked
-by co-attention, and adds queries/s each way (tasks/dual_search.py).
+by co-attention, and adds queries/s each way (tasks/ranking/search.py).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         write_json_atomic(out / "predictions.json", result)
         metrics = {"num_questions": len(result)}
     elif args.task == "retrieval" and args.mode:
-        from tasks.dual.search import evaluate_retrieval
+        from tasks.retrieval import evaluate_retrieval
 
         metrics, images, scores = evaluate_retrieval(task, model, args.split, args.mode, args.rerank_k, progress)
         metrics = {"mode": args.mode, **({"rerank_k": args.rerank_k} if args.mode == "dual+rerank" else {}), **metrics}

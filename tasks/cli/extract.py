@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 
-import yaml
-
-from features.detectors import DETECTORS, build_detector
+from features.detectors import DETECTORS, build_detector, detector_options
 from features.errors import FeaturesError
 from features.extract import BATCH_PIXELS, PRECISIONS, boxes_file_info, extract
 from features.images import MAX_SIDE
@@ -61,16 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", nargs="+", metavar=("OUT", "SHARD"), help="merge shard stores into OUT and exit")
 
 
-def parse_options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise FeaturesError(f"--option expects KEY=VALUE, got {pair!r}")
-        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return options
-
-
 def run(args: argparse.Namespace) -> int:
     if args.merge:
         if len(args.merge) < 2:
@@ -86,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         raise FeaturesError("--box-format is only meaningful with --boxes")
     images = list_images(args.images, args.ids)
     boxes = load_boxes(args.boxes, args.box_format) if args.boxes else None
-    options = parse_options(args.option)
+    options = detector_options(args.option)
     if args.backend != "native":
         options["backend"] = args.backend
     if args.config:

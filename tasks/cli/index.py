@@ -29,11 +29,11 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from tasks.data.annotations import open_feature_store
-    from tasks.dual.index import build_index
-    from tasks.dual.search import load_dual_model
     from tasks.errors import ConfigError
     from tasks.finetuning import FinetuneTask
+    from tasks.ranking.index import build_index
     from tasks.runners import predict
+    from tasks.runners.checkpoint import load_dual_model
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")

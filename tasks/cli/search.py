@@ -38,10 +38,12 @@ def run(args: argparse.Namespace) -> int:
     from tasks.data.annotations import open_feature_store
     from tasks.data.regions import visual_input
     from tasks.data.tokenization import load_tokenizer
-    from tasks.dual.index import load_index
-    from tasks.dual.search import CoattentionScorer, embed_texts, exact_top_k, load_dual_model
     from tasks.errors import ConfigError
+    from tasks.finetuning import task_token_id
+    from tasks.ranking.index import load_index
+    from tasks.ranking.search import CoattentionScorer, embed_texts, exact_top_k
     from tasks.runners import predict
+    from tasks.runners.checkpoint import load_dual_model
 
     if args.top < 1 or (args.rerank is not None and args.rerank < 1):
         raise ConfigError("--top and --rerank must be >= 1")
@@ -59,30 +61,29 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_dual_model(settings["checkpoint"], device)
     store = open_feature_store(settings["features"], "features of the index")
-    max_length, task = settings["max_text_length"], settings["task_token"]
+    max_length, task_id = settings["max_text_length"], task_token_id(model, settings["task_token"])
     wanted = max(args.top, args.rerank or 0)
 
     if args.text is not None:
-        query = embed_texts(model, tokenizer, [args.text], max_length, task=task).cpu()
+        query = embed_texts(model, tokenizer, [args.text], max_length, task_id=task_id).cpu()
         dual, rows = index.search(query, wanted, args.backend)
         names = [index.ids[r] for r in rows[0].tolist()]
         results = [{"image_id": n, "dual_score": s} for n, s in zip(names, dual[0].tolist(), strict=True)]
         if args.rerank:
             visuals = [visual_input(store.read(n), settings["max_regions"]) for n in names[: args.rerank]]
-            scorer = CoattentionScorer(model, tokenizer, [args.text], visuals, max_length, task)
+            scorer = CoattentionScorer(model, tokenizer.encode([args.text], max_length), visuals, task_id)
             co = scorer.caption_to_images(0, list(range(len(visuals))))
             results = _rerank(results, co)
     else:
         image = index.embeddings[index.ids.index(args.image_id)][None]  # [1, E]
-        texts = embed_texts(model, tokenizer, captions, max_length, task=task).cpu()
+        texts = embed_texts(model, tokenizer, captions, max_length, task_id=task_id).cpu()
         dual, rows = exact_top_k(image, texts, wanted)
         results = [{"caption": captions[r], "index": r, "dual_score": s}
                    for r, s in zip(rows[0].tolist(), dual[0].tolist(), strict=True)]
         if args.rerank:
             chosen = [r["index"] for r in results[: args.rerank]]
-            scorer = CoattentionScorer(model, tokenizer, captions, [visual_input(store.read(args.image_id),
-                                                                                  settings["max_regions"])],
-                                       max_length, task)
+            scorer = CoattentionScorer(model, tokenizer.encode(captions, max_length),
+                                       [visual_input(store.read(args.image_id), settings["max_regions"])], task_id)
             results = _rerank(results, scorer.image_to_captions(0, chosen))
     results = results[: args.top]
     if args.json:

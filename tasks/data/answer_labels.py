@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from features.errors import FeaturesError
@@ -108,8 +109,6 @@ def carry_answer_rows(head: nn.Linear, checkpoint_head: dict[str, torch.Tensor],
 
 def checkpoint_classifier(directory: str | Path, prefix: str = "answer_head.classifier.") -> dict[str, torch.Tensor]:
     """The answer classifier's weight and bias from a checkpoint directory's model.safetensors."""
-    from safetensors import safe_open
-
     path = Path(directory) / "model.safetensors"
     if not path.is_file():
         raise ConfigError(f"{directory}: no model.safetensors to carry the answer head from")

@@ -66,6 +66,13 @@ def visual_input(regions, max_regions: int) -> VisualInput:
     return build_visual_input(regions.features, regions.boxes, regions.image_hw, max_regions)
 
 
+def region_boxes(boxes: np.ndarray, image_hw: Sequence[int]) -> torch.Tensor:
+    """Pixel boxes of the visual input's rows [1 + K, 4]: the whole image for the IMG token, then the kept boxes."""
+    height, width = image_hw
+    whole = torch.tensor([[0.0, 0.0, float(width), float(height)]])
+    return torch.cat([whole, torch.as_tensor(np.asarray(boxes), dtype=torch.float32).reshape(-1, 4)])
+
+
 def box_iou(boxes: np.ndarray) -> np.ndarray:
     """Pairwise IoU of pixel boxes `[K, 4]` → `[K, K]`."""
     boxes = np.asarray(boxes, dtype=np.float64)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import BertTokenizerFast  # transformers 5: the tokenizers-backed BertTokenizer
 
 from tasks.errors import ConfigError
 
@@ -34,8 +35,6 @@ class Tokenizer:
     """A BERT WordPiece tokenizer from a local directory, with the special ids the masking code needs."""
 
     def __init__(self, directory: str | os.PathLike, lowercase: bool = True):
-        # transformers 5: BertTokenizerFast is the tokenizers-backed BertTokenizer
-        from transformers import BertTokenizerFast
 
         directory = Path(directory)
         if not (directory / "vocab.txt").is_file() and not (directory / "tokenizer.json").is_file():

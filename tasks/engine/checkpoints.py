@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from features.atomic import atomic_path
@@ -88,15 +89,11 @@ def save_model_weights(model: nn.Module, directory: Path) -> None:
     if hasattr(model, "save_pretrained"):
         model.save_pretrained(directory)
     else:
-        from safetensors.torch import save_model
-
         save_model(model, str(directory / "model.safetensors"))
 
 
 def load_model_weights(model: nn.Module, directory: Path) -> None:
     """Load `model.safetensors` into `model`; keys missing only because their weight is tied are fine."""
-    from safetensors.torch import load_file
-
     file = directory / "model.safetensors"
     if not file.is_file():
         raise ResumeError(f"{directory}: no model.safetensors")

@@ -14,6 +14,7 @@ Word pieces are grouped into words ("##" continuations); a word's row is the mea
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,9 @@ import torch
 from torch import nn
 
 from features.atomic import write_text_atomic
+from tasks.data.regions import region_boxes
 from tasks.errors import ConfigError
+from tasks.figures.matplotlib_files import pyplot, save_png
 
 TASK_TOKEN = "[TASK]"  # the 12-in-1 task token the model inserts after [CLS]
 SPECIAL = ("[CLS]", "[SEP]", "[PAD]", TASK_TOKEN)
@@ -192,8 +195,6 @@ def draw_figure(pixels: np.ndarray, original_hw: tuple[int, int], view: CoAttent
     """
     from matplotlib.patches import Rectangle
 
-    from tasks.figures.matplotlib_files import pyplot
-
     plt = pyplot()
 
     if not words:
@@ -242,8 +243,6 @@ def draw_figure(pixels: np.ndarray, original_hw: tuple[int, int], view: CoAttent
 
 def save_figure(fig, out: str | os.PathLike, dpi: int = 110) -> Path:
     """Write the figure as a PNG atomically and close it."""
-    from tasks.figures.matplotlib_files import save_png
-
     return save_png(fig, out, dpi)
 
 
@@ -258,10 +257,6 @@ def explain_prediction(model: nn.Module, tokenizer, image, text: str, max_text_l
 
     Returns {"attention": figure path, "attention_json": JSON path} for what was written.
     """
-    import json
-
-    from tasks.refexp import region_boxes
-
     device = image.visual["region_features"].device
     encoded = tokenizer.encode([text], max_text_length).tensors(device)
     outputs = attention_maps(model, encoded, image.visual, task_ids)

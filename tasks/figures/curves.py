@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.errors import DataError
+from tasks.figures.matplotlib_files import pyplot, save_png
 
 SKIPPED = ("step", "epoch", "kind")
 COUNTS = re.compile(r"num_\w+$")  # sizes of the evaluated split, not metrics
@@ -87,8 +88,6 @@ RECALL_LABELS = {"r": "caption -> image", "i2t_r": "image -> caption", "retrieva
 
 def plot_runs(runs: list[RunLog], out: str | os.PathLike, evaluations: dict[str, dict] | None = None) -> Path:
     """Write `curves_figure` as a PNG, atomically."""
-    from tasks.figures.matplotlib_files import save_png
-
     return save_png(curves_figure(runs, evaluations), out)
 
 
@@ -98,8 +97,6 @@ def curves_figure(runs: list[RunLog], evaluations: dict[str, dict] | None = None
     `evaluations` ({label: metrics}) feeds the bar and recall panels; without it they come from each run's last
     logged evaluation.
     """
-    from tasks.figures.matplotlib_files import pyplot
-
     plt = pyplot()
     if evaluations is None:
         evaluations = {run.name: run.eval[-1] for run in runs if run.eval}

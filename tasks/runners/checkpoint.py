@@ -13,7 +13,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
+from safetensors import safe_open
 from torch import nn
 
 from tasks.data.annotations import load_json
@@ -21,6 +23,7 @@ from tasks.engine.run_record import PRETRAINING, architecture, read_run_record
 from tasks.engine.task import Task
 from tasks.errors import ConfigError
 from tasks.registry import TASKS, task_class
+from vilbert import ViLBertConfig, ViLBertForPreTraining, ViLBertForVLTasks
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +60,6 @@ class CheckpointInfo:
     @property
     def feature_size(self) -> int:
         """The region feature size the model takes (v_feature_size)."""
-        from vilbert import ViLBertConfig
-
         return int(self.config.get("v_feature_size", ViLBertConfig().v_feature_size))
 
     @property
@@ -69,8 +70,6 @@ class CheckpointInfo:
 
     def weight_names(self) -> list[str]:
         """The parameter names in model.safetensors (read from its header; no tensor is loaded)."""
-        from safetensors import safe_open
-
         path = self.directory / WEIGHTS
         if not path.is_file():
             raise ConfigError(f"--checkpoint {self.directory}: no {WEIGHTS}")
@@ -128,8 +127,6 @@ def check_serves(info: CheckpointInfo, task: Task) -> None:
 
 def load_model(info: CheckpointInfo, device: str, task: Task) -> nn.Module:
     """The checkpoint's model (pretraining or task architecture) in eval mode on `device`, once it serves `task`."""
-    from vilbert import ViLBertForPreTraining, ViLBertForVLTasks
-
     check_serves(info, task)
     cls = ViLBertForPreTraining if info.is_pretraining else ViLBertForVLTasks
     try:
@@ -137,3 +134,13 @@ def load_model(info: CheckpointInfo, device: str, task: Task) -> nn.Module:
     except (OSError, ValueError, RuntimeError) as error:
         raise ConfigError(f"--checkpoint {info.directory}: cannot load the weights ({error})") from error
     return model.to(device).eval()
+
+
+def load_dual_model(checkpoint: str, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointInfo]:
+    """(model in eval mode, its `CheckpointInfo`) of a checkpoint whose model has a dual encoder."""
+    info = read_checkpoint(checkpoint)
+    if not info.config.get("dual_embedding_size"):
+        raise ConfigError(f"--checkpoint {checkpoint}: its model has no dual encoder (dual_embedding_size is 0); "
+                          "pretrain or fine-tune with data.contrastive_weight > 0")
+    cls = ViLBertForPreTraining if info.is_pretraining else ViLBertForVLTasks
+    return cls.from_pretrained(str(info.directory)).to(device).eval(), info

@@ -15,6 +15,7 @@ from tasks.engine.config import load_config
 from tasks.engine.task import Task
 from tasks.registry import task_class
 from tasks.runners.checkpoint import check_serves, read_checkpoint
+from vilbert import ViLBertForPreTraining
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,6 @@ def load_checkpoint_model(checkpoint: str, task: Task) -> nn.Module:
     info = read_checkpoint(checkpoint)
     check_serves(info, task)
     if info.is_pretraining:
-        from vilbert import ViLBertForPreTraining
-
         logger.info("pretraining checkpoint: zero-shot %s from the alignment head", task.name)
         return ViLBertForPreTraining.from_pretrained(checkpoint)
     return task.build_model()

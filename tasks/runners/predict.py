@@ -23,17 +23,22 @@ from torch import nn
 
 from features.atomic import atomic_path
 from features.detector import RegionDetector, pad_batch
+from features.detectors import build_detector
 from features.errors import FeaturesError
 from features.images import LoadedImage
 from features.inputs import BOX_FORMATS, clip_boxes, load_boxes
 from features.store import Regions
 from tasks.data.annotations import load_json
+from tasks.data.feature_provenance import feature_mismatch
 from tasks.data.regions import collate_visual, visual_input
 from tasks.data.tokenization import load_tokenizer
 from tasks.engine.config import from_dict
 from tasks.engine.run_record import PRETRAINING, architecture
 from tasks.engine.task import ExampleImage, PredictExample, Task
 from tasks.errors import ConfigError
+from tasks.figures.attention import explain_prediction
+from tasks.finetuning import FinetuneTask, task_ids_for
+from tasks.metrics import xywh_to_xyxy
 from tasks.registry import TASKS, task_class
 from tasks.runners.checkpoint import CheckpointInfo
 
@@ -143,9 +148,6 @@ def prepare_detector(info: CheckpointInfo, requested: str | None = None, weights
                      warn: Callable[[str], None] = logger.warning) -> tuple[str, RegionDetector]:
     """(name, detector) for this checkpoint's images: `detector_name`, built and checked against the model's feature
     size (and for real weights unless `allow_random`); `warn` gets a line when it is not the run's detector."""
-    from features.detectors import build_detector
-    from tasks.data.feature_provenance import feature_mismatch
-
     name = detector_name(info, requested)
     mismatch = feature_mismatch(info.config.get("visual_features"), name, f"detector {name}")
     if mismatch:
@@ -194,8 +196,6 @@ def boxes_for_image(path: str | os.PathLike, box_format: str, image_path: str | 
 
 def _boxes_array(entries: list, box_format: str, path: Path) -> np.ndarray:
     """A plain JSON list of boxes in `box_format` -> float32 [K, 4] x1 y1 x2 y2 (validated like load_boxes)."""
-    from tasks.metrics import xywh_to_xyxy
-
     if box_format not in BOX_FORMATS:
         raise FeaturesError(f"box format must be one of {', '.join(BOX_FORMATS)}, got {box_format!r}")
     valid = all(isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -303,9 +303,6 @@ def attention_maps(model: nn.Module, task: Task, example: PredictExample, result
                    image: int = 0, **figure: Any) -> dict[str, str]:
     """The co-attention figure and/or JSON (tasks.figures.attention) of the text the task explains
     (`Task.explained_text`) with image `image` of the example. `figure`: words, head, rollout, out, json_out."""
-    from tasks.figures.attention import explain_prediction
-    from tasks.finetuning import FinetuneTask, task_ids_for
-
     text = task.explained_text(example, result)
     device = example.visual["region_features"].device
     task_ids = None

@@ -32,6 +32,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
 from features.errors import FeaturesError
+from features.images import read_image
 from tasks.errors import DataError
 from tasks.runners.serving import ServedTask, answer
 
@@ -106,8 +107,6 @@ class Demo:
 
     def predict(self, task: str, text: str, candidates: str, slots: list[ImageSlot]) -> dict:
         """One request: validate, decode, run, draw. Returns the JSON result with the PNGs as data URLs."""
-        from features.images import read_image
-
         if task not in self.served:
             raise RequestError(f"unknown task {task!r}; choose one of {', '.join(self.served)}", 404)
         served = self.served[task]

@@ -25,18 +25,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from features.store import FeatureStore
 from tasks.data.captions import join_with_store, load_captions
+from tasks.data.regions import region_boxes, visual_input
 from tasks.data.tokenization import load_tokenizer
 from tasks.engine.checkpoints import list_checkpoints
 from tasks.engine.config import load_config
+from tasks.engine.evaluation import eval_mode
 from tasks.errors import ConfigError, DataError
-from tasks.metrics import box_iou, vqa_score
+from tasks.metrics import box_iou, recall_at_k, vqa_score
 from tasks.pretraining import PretrainConfig
-from tasks.refexp import region_boxes
+from tasks.ranking.search import RANKING_MODES, rank_both_ways
 from tasks.registry import task_class
 from tasks.runners.evaluate import load_checkpoint_model, load_task
+from tasks.shapes.zero_shot import shapes_zero_shot
+from vilbert import ViLBertForPreTraining
 
 logger = logging.getLogger(__name__)
 
@@ -129,18 +134,9 @@ PRETRAIN_RERANK_K = 8  # dual+rerank re-ranks the dual encoder's top 8 of the sp
 
 def pretraining_split_lines(run_dir: str | Path, rerank_k: int = PRETRAIN_RERANK_K) -> list[str]:
     """The last checkpoint on the held-out test and compositional splits: caption->image R@1/5/10 and queries/s by
-    co-attention, the dual encoder and dual+rerank (`tasks.dual.search`), and zero-shot colour / shape
-    classification of every shape of those images (`tasks.dual.zero_shot`) by each scorer, beside chance.
+    co-attention, the dual encoder and dual+rerank (`tasks.ranking.search`), and zero-shot colour / shape
+    classification of every shape of those images (`tasks.shapes.zero_shot`) by each scorer, beside chance.
     A checkpoint without a dual encoder gets the co-attention rows and says so."""
-    import torch
-
-    from tasks.data.regions import visual_input
-    from tasks.dual.search import MODES, rank_both_ways
-    from tasks.dual.zero_shot import shapes_zero_shot
-    from tasks.engine.evaluation import eval_mode
-    from tasks.metrics import recall_at_k
-    from vilbert import ViLBertForPreTraining
-
     run_dir = Path(run_dir)
     config = load_config(run_dir / "config.yaml", PretrainConfig)
     data = config.data
@@ -149,7 +145,7 @@ def pretraining_split_lines(run_dir: str | Path, rerank_k: int = PRETRAIN_RERANK
     tokenizer = load_tokenizer(data.tokenizer or config.model.text_init, lowercase=data.lowercase)
     store = FeatureStore(data.val_features)
     dual = model.vilbert.dual is not None
-    modes = MODES if dual else ("coattention",)
+    modes = RANKING_MODES if dual else ("coattention",)
     scorers = ("dual", "alignment") if dual else ("alignment",)
     header = f"  {'split':<15} {'mode':<13} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'queries/s':>10}"
     lines = [f"Caption->image retrieval and zero-shot classification on the held-out splits ({checkpoint.name}; "
@@ -229,8 +225,6 @@ def _vqa_chance(task, split: str, train_task) -> float:
 
 def _refexp_chance(task, split: str) -> float:
     """Expected accuracy of a uniformly random region (IMG token included, as the model may pick it)."""
-    import torch
-
     store = task.store(False)
     hits = []
     for e in task.expressions(split):
@@ -257,8 +251,6 @@ def finetuning_rows(run_dir: str | Path, task_name: str, checkpoint: Path | None
                     held_out_only: bool = False) -> list[Row]:
     """Evaluate the run's last checkpoint (or `checkpoint`, read with the run's task config) on the held-out and
     compositional splits (`held_out_only`: the first)."""
-    import torch
-
     if task_name not in EVAL_SPLITS:
         raise ConfigError(f"--task {task_name}: the report knows {', '.join(EVAL_SPLITS)}")
     run_dir = Path(run_dir)

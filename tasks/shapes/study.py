@@ -367,14 +367,14 @@ def write_retrieval_subsets(paths: StudyPaths, images: int | None) -> dict[str, 
              "compositional": "all_data_final_compositional_set0.jsonline"}
     if images is None:
         return files
-    chosen = {"train": str(folder / files["train"])}
+    chosen = {"train": str((folder / files["train"]).resolve())}  # absolute: the task reads names under data.root
     for split in ("val", "test", "compositional"):
         lines = [line for line in (folder / files[split]).read_text().splitlines() if line.strip()][:images]
         path = paths.out / "retrieval_eval" / files[split]
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             Path(tmp).write_text("\n".join(lines) + "\n")
-        chosen[split] = str(path)
+        chosen[split] = str(path.resolve())
     return chosen
 
 

@@ -220,14 +220,13 @@ def test_an_internal_failure_is_a_500_without_details(client, monkeypatch):
 def test_uploads_live_only_in_a_temporary_directory_and_runs_hold_the_lock(client, monkeypatch, tmp_path):
     import tempfile
 
-    import features.images
     import tasks.runners.serve
 
     http, demo = client
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     seen = []
-    decode = features.images.read_image
-    monkeypatch.setattr(features.images, "read_image", lambda path, **kw: seen.append(path) or decode(path, **kw))
+    decode = tasks.runners.serve.read_image
+    monkeypatch.setattr(tasks.runners.serve, "read_image", lambda path, **kw: seen.append(path) or decode(path, **kw))
     run = tasks.runners.serve.answer
     held = []
     monkeypatch.setattr(tasks.runners.serve, "answer", lambda *args: held.append(demo.lock.locked()) or run(*args))

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tasks.dual.contrastive import contrastive_loss
+from tasks.ranking.contrastive import contrastive_loss
 from tests.fixtures.contrastive_ranks import loss_and_grads, rank_worker, toy_problem
 from tests.fixtures.local_ports import free_port
 

@@ -12,9 +12,9 @@ import torch
 
 from features.atomic import atomic_path
 from tasks import cli
-from tasks.dual.index import load_index
-from tasks.dual.search import rank_both_ways, rerank
 from tasks.engine.config import ModelConfig
+from tasks.ranking.index import load_index
+from tasks.ranking.search import rank_both_ways, rerank
 from tasks.retrieval import RetrievalConfig, RetrievalDataConfig, RetrievalTask
 from tests.fixtures.tiny_task_data import write_karpathy, write_store, write_vocab
 from vilbert import ViLBertConfig, ViLBertForVLTasks
@@ -61,7 +61,7 @@ def test_index_search_returns_exactly_the_brute_force_top_k(data):
 
 def _killed_build(root, out):
     """Child process: build the index, SIGKILL itself half way through writing the third chunk."""
-    import tasks.dual.index as embedding_index
+    import tasks.ranking.index as embedding_index
 
     real, calls = embedding_index._write_chunk, []
 

@@ -16,11 +16,12 @@ from features.store import FeatureStore, FeatureStoreWriter
 from tasks.cli import main
 from tasks.data.regions import visual_input
 from tasks.data.tokenization import load_tokenizer
-from tasks.dual.search import embed_images, embed_texts
-from tasks.dual.zero_shot import label_embeddings, prompts, shapes_zero_shot, zero_shot_scores
 from tasks.engine.run_record import write_run_record
+from tasks.ranking.search import embed_images, embed_texts
+from tasks.ranking.zero_shot import label_embeddings, prompts, zero_shot_scores
 from tasks.runners.predict import detect_regions
 from tasks.shapes.world import COLOURS, KINDS, class_id
+from tasks.shapes.zero_shot import shape_regions, shapes_zero_shot
 from tests.fixtures.tiny_detector import TinyDetector
 from tests.fixtures.tiny_task_data import write_vocab
 from vilbert import ViLBertConfig, ViLBertForPreTraining
@@ -194,8 +195,6 @@ def test_shapes_zero_shot_scores_every_shape_against_the_world_labels(tmp_path):
     # images: each shape alone -> e[colour] + e[6 + kind]; the blue triangle rigged as a green square (wrong twice)
     truth = [n.split() for names in SHAPES.values() for n in names]
     rigged_as = [("green", "square") if (c, k) == ("blue", "triangle") else (c, k) for c, k in truth]
-    from tasks.dual.zero_shot import shape_regions
-
     visuals, seen_colours, seen_kinds = shape_regions(store, list(SHAPES))
     assert list(zip(seen_colours, seen_kinds, strict=True)) == [tuple(t) for t in truth]
     assert all(v.features.shape == (2, 7) and v.num_boxes == 1 for v in visuals)  # IMG token + the shape

@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from features.atomic import atomic_path, write_json_atomic
+from tasks.data.regions import visual_input
 from tasks.errors import ConfigError, DataError
+from tasks.ranking.search import embed_images, exact_top_k
 
 SETTINGS_FILE = "settings.json"
 INDEX_FILE = "index.json"
@@ -53,9 +55,6 @@ def build_index(
 ) -> Path:
     """Embed every image of `store` (a features.store.FeatureStore) into the index directory `out`, resuming a
     build that stopped. `settings` (JSON-able) are recorded and must equal those of the build being resumed."""
-    from tasks.data.regions import visual_input
-    from tasks.dual.search import embed_images
-
     out = Path(out)
     if (out / INDEX_FILE).is_file():
         raise ConfigError(f"{out}: already holds a complete index; choose another --out or remove it")
@@ -120,8 +119,6 @@ class EmbeddingIndex:
 
     def search(self, queries: torch.Tensor, k: int, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
         """The k best images of each query [Q, E] by cosine: (scores [Q, k], row indices [Q, k]), best first."""
-        from tasks.dual.search import exact_top_k
-
         queries = queries.detach().float().cpu()
         if backend == "torch":
             return exact_top_k(queries, self.embeddings, k)

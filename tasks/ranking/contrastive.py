@@ -9,6 +9,9 @@ the logit scale, used whole on every rank, keeps its unscaled gradient).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -65,9 +68,6 @@ DEFAULT_DUAL_EMBEDDING_SIZE = 256  # the shared embedding width a contrastive ru
 def dual_overrides(model_config, contrastive_weight: float) -> dict[str, int]:
     """ViLBertConfig overrides a run with the contrastive term needs: a dual encoder when neither the model's
     overrides nor its `init` checkpoint give one (`model_config` is a tasks.engine.config.ModelConfig)."""
-    import json
-    from pathlib import Path
-
     if contrastive_weight <= 0 or model_config.overrides.get("dual_embedding_size"):
         return {}
     if model_config.init:
