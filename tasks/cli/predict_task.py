@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from features.detectors import detector_options
     from features.images import read_image
-    from tasks.cli.extract import parse_options
     from tasks.errors import ConfigError
     from tasks.runners import predict
     from tasks.runners.checkpoint import load_model, read_checkpoint
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     images = [read_image(path) for path in args.image]
     boxes = [predict.boxes_for_image(args.boxes, args.box_format, path) if args.boxes else None
              for path in args.image]
-    name, detector = predict.prepare_detector(info, args.detector, args.weights, parse_options(args.detector_options),
+    name, detector = predict.prepare_detector(info, args.detector, args.weights, detector_options(args.detector_options),
                                               args.random_detector, warn=to_stderr)
     with quiet_weight_loading():
         model = load_model(info, device, task)
