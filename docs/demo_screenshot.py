@@ -43,7 +43,7 @@ def ground_truth(world: Path, image_id: str, question: str) -> list[str] | None:
     return answers or None
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", action="append", required=True)
     parser.add_argument("--examples", required=True, help="the shapes world directory")
@@ -53,9 +53,12 @@ def main() -> int:
     parser.add_argument("--candidates", default=None, help="candidate texts, one per line")
     parser.add_argument("--out", default="docs/images/demo.png")
     parser.add_argument("--width", type=int, default=1100)
-    args = parser.parse_args()
+    parser.add_argument("--detector", help="default: the detector of each checkpoint's training features")
+    parser.add_argument("--random-detector", action="store_true", help="allow a detector without trained weights")
+    args = parser.parse_args(argv)
 
-    demo = Demo(load_all(args.checkpoint, "cpu"), "cpu", load_examples(args.examples))
+    served = load_all(args.checkpoint, "cpu", args.detector, args.random_detector)
+    demo = Demo(served, "cpu", load_examples(args.examples))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(demo), host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()

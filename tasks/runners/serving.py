@@ -63,15 +63,11 @@ def offered_task_names(info: CheckpointInfo) -> list[str]:
     recorded = info.record.get("tasks") or ([info.task] if info.task else [])
     if recorded:
         return [name for name in dict.fromkeys(recorded) if name in TASKS]
-    weights = set() if info.is_pretraining else {name.split(".")[0] for name in info.weight_names()}
-    names = []
-    for name in TASKS:
-        cls = task_class(name)
-        if cls.example_inputs is None:
-            continue
-        if cls.pretraining_zero_shot if info.is_pretraining else cls.head_modules and weights >= set(cls.head_modules):
-            names.append(name)
-    return names
+    if info.is_pretraining:
+        return [name for name in TASKS if task_class(name).example_inputs and task_class(name).pretraining_zero_shot]
+    held = {name.split(".")[0] for name in info.weight_names()}
+    return [name for name in TASKS if task_class(name).example_inputs and task_class(name).head_modules
+            and held >= set(task_class(name).head_modules)]
 
 
 def checkpoint_label(directory: str | os.PathLike) -> str:
