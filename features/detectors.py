@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 import yaml
 
-from features.detector import RegionDetector
 from features.errors import FeaturesError
+
+if TYPE_CHECKING:  # the registry itself stays light: the command line reads it to parse --detector
+    from features.detector import RegionDetector
 
 # name -> "module:builder"; builders take (weights: str | None = None, **options) and return a RegionDetector.
 DETECTORS: dict[str, str] = {

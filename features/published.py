@@ -3,7 +3,7 @@
 Each format has one reader class in `READERS`. A reader streams `(source_id, raw)` pairs cheaply (one LMDB value,
 one TSV line, one npy pair) and `decode(source_id, raw)` turns one pair into a `PublishedRegions`, checking shapes
 and values; every problem is a `FeatureStoreError` naming the source, the id and the problem. Pickles are opened
-only through `features.safe_pickle`. Layouts: ../shared/reference/published-features.md.
+only through `features.safe_pickle`. The layouts: docs/features.md (importing published features).
 
 `EXPORTERS` write a store back as a vilbert-multi-task LMDB or a BUTD TSV, so the original code can read it.
 """

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from tasks.engine.task import Task
 from tasks.errors import ConfigError
+
+if TYPE_CHECKING:  # the registry itself stays light: the command line reads it to parse --task
+    from tasks.engine.task import Task
 
 # name -> "module:TaskClass"
 TASKS: dict[str, str] = {

@@ -1,24 +1,30 @@
-"""ViLBERT: the two-stream co-attention model, its configuration and checkpoint conversion."""
+"""ViLBERT: the two-stream co-attention model, its configuration and checkpoint conversion.
 
-from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+The package loads lazily (PEP 562): `import vilbert` and `import vilbert.errors` import neither torch nor
+transformers, so the command line starts fast; the first name asked for imports its module. The modules register
+the model with transformers' Auto classes where they define it.
+"""
 
-from vilbert.configuration_vilbert import PRESETS, ViLBertConfig
-from vilbert.modeling_vilbert import (
-    VL_HEADS,
-    AttentionMaps,
-    TextPrefix,
-    ViLBertForPreTraining,
-    ViLBertForVLTasks,
-    ViLBertForVLTasksOutput,
-    ViLBertModel,
-    ViLBertModelOutput,
-    ViLBertPreTrainingOutput,
-)
-from vilbert.variants import depth_overrides  # importing vilbert.variants registers the variants' encoders
+from __future__ import annotations
 
-AutoConfig.register("vilbert", ViLBertConfig, exist_ok=True)
-AutoModel.register(ViLBertConfig, ViLBertModel, exist_ok=True)
-AutoModelForPreTraining.register(ViLBertConfig, ViLBertForPreTraining, exist_ok=True)
+import importlib
+from typing import TYPE_CHECKING
+
+# public name -> the module under vilbert that defines it
+_EXPORTS: dict[str, str] = {
+    "PRESETS": "configuration_vilbert",
+    "ViLBertConfig": "configuration_vilbert",
+    "VL_HEADS": "modeling_vilbert",
+    "AttentionMaps": "modeling_vilbert",
+    "TextPrefix": "modeling_vilbert",
+    "ViLBertForPreTraining": "modeling_vilbert",
+    "ViLBertForVLTasks": "modeling_vilbert",
+    "ViLBertForVLTasksOutput": "modeling_vilbert",
+    "ViLBertModel": "modeling_vilbert",
+    "ViLBertModelOutput": "modeling_vilbert",
+    "ViLBertPreTrainingOutput": "modeling_vilbert",
+    "depth_overrides": "variants",
+}
 
 __all__ = [
     "AttentionMaps",
@@ -34,3 +40,30 @@ __all__ = [
     "ViLBertModelOutput",
     "depth_overrides",
 ]
+
+if TYPE_CHECKING:
+    from vilbert.configuration_vilbert import PRESETS, ViLBertConfig
+    from vilbert.modeling_vilbert import (
+        VL_HEADS,
+        AttentionMaps,
+        TextPrefix,
+        ViLBertForPreTraining,
+        ViLBertForVLTasks,
+        ViLBertForVLTasksOutput,
+        ViLBertModel,
+        ViLBertModelOutput,
+        ViLBertPreTrainingOutput,
+    )
+    from vilbert.variants import depth_overrides
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vilbert' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"vilbert.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from transformers import PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 
 from vilbert.errors import ConfigError
 
@@ -221,3 +221,7 @@ class ViLBertConfig(PreTrainedConfig):
         if self.architecture in ("coattention-only", "sequential") and not self.t_biattention_id:
             raise ConfigError(f"t_biattention_id: empty, but the {self.architecture} architecture needs at least one "
                               "co-attention layer")
+
+
+# `AutoConfig.from_pretrained(dir)` of a ViLBERT directory, once this module is imported
+AutoConfig.register("vilbert", ViLBertConfig, exist_ok=True)

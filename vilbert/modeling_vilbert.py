@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModel, AutoModelForPreTraining, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
@@ -397,7 +397,7 @@ class ViLBertEncoder(nn.Module):
         return vision
 
 
-# The encoder of each `config.architecture`; `vilbert.variants` adds the controlled variants (the package imports it).
+# The encoder of each `config.architecture`; `vilbert.variants` adds the controlled variants (imported at the end).
 ENCODERS: dict[str, type[ViLBertEncoder]] = {"vilbert": ViLBertEncoder}
 
 
@@ -1028,3 +1028,12 @@ class ViLBertForVLTasks(ViLBertWithPretrainingHeads):
         if "region_class_logits" in wanted:
             out.region_class_logits = self.region_head(base.vision_hidden)  # [B, R, C]
         return out
+
+
+# `AutoModel.from_pretrained(dir)` of a ViLBERT directory, once this module is imported
+AutoModel.register(ViLBertConfig, ViLBertModel, exist_ok=True)
+AutoModelForPreTraining.register(ViLBertConfig, ViLBertForPreTraining, exist_ok=True)
+
+# The controlled variants add their encoders to ENCODERS. Imported last, once every name vilbert.variants takes from
+# here exists, so that any import of the model knows every architecture (the package itself loads lazily).
+from vilbert import variants  # noqa: E402, F401

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 
 from features.atomic import write_json_atomic
-from tasks.data.reference_files import coco_boxes, coco_image_names, mattnet_boxes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tasks.data.reference_files import coco_boxes, coco_image_names, mattnet_boxes
+
     if args.detections:
         boxes = mattnet_boxes(args.detections, coco_image_names(args.coco, args.ids_from), args.min_score)
     else:

@@ -19,8 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tasks.cli.predict import add_region_arguments
-from tasks.ranking.zero_shot import DEFAULT_TEMPLATES, SCORERS
+from tasks.cli.options import ZERO_SHOT_SCORERS, ZERO_SHOT_TEMPLATES, add_region_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", required=True, help="comma-separated labels, e.g. cat,dog,car")
     parser.add_argument("--template", action="append", metavar="TEXT",
                         help="a prompt with {} for the label (repeatable: the scores are ensembled over them; "
-                             f"default: {' | '.join(DEFAULT_TEMPLATES)})")
-    parser.add_argument("--scorer", choices=SCORERS, default="dual",
+                             f"default: {' | '.join(ZERO_SHOT_TEMPLATES)})")
+    parser.add_argument("--scorer", choices=ZERO_SHOT_SCORERS, default="dual",
                         help="dual encoder (default) or the co-attention alignment / pair head")
     parser.add_argument("--top", type=int, help="labels to print (default: all)")
     add_region_arguments(parser)
@@ -43,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     from features.detectors import detector_options
     from features.images import read_image
-    from tasks.cli.predict import quiet_weight_loading, to_stderr
+    from tasks.cli.options import quiet_weight_loading, to_stderr
     from tasks.data.regions import visual_input
     from tasks.data.tokenization import load_tokenizer
     from tasks.errors import ConfigError
@@ -54,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     # everything cheap to check comes first: bad input fails before any weights load
     labels = check_labels(args.labels.split(","))
-    templates = check_templates(args.template or list(DEFAULT_TEMPLATES))
+    templates = check_templates(args.template or list(ZERO_SHOT_TEMPLATES))
     if args.top is not None and args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
     if args.boxes and not args.box_format:

@@ -17,15 +17,15 @@ import logging
 import os
 
 from features.atomic import atomic_path
+from tasks.cli.options import CHECKPOINT_SOURCES
 from tasks.errors import ConfigError
-from tasks.runners.converted_checkpoint import copy_tokenizer, label_converted_model
-from vilbert.convert import SOURCES, config_from_reference_json, load_reference_checkpoint
 
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--from", dest="source", required=True, choices=SOURCES, help="repository the file comes from")
+    parser.add_argument("--from", dest="source", required=True, choices=CHECKPOINT_SOURCES,
+                        help="repository the file comes from")
     parser.add_argument("--input", required=True, help="reference checkpoint (.bin state dict)")
     parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--config", help="reference config JSON, or the name of a packaged one such as bert_base_4layer_4conect.json "
@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tasks.runners.converted_checkpoint import copy_tokenizer, label_converted_model
+    from vilbert.convert import config_from_reference_json, load_reference_checkpoint
+
     if os.path.isdir(args.out) and os.listdir(args.out):
         raise ConfigError(f"--out {args.out}: the output directory exists and is not empty")
     config = config_from_reference_json(args.config) if args.config else None

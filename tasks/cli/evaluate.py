@@ -18,18 +18,13 @@ import logging
 from pathlib import Path
 
 from features.atomic import write_json_atomic
-from tasks.data.feature_provenance import warn_if_store_differs
+from tasks.cli.options import task_choices
 from tasks.errors import ConfigError
-from tasks.registry import TASKS
-from tasks.runners.evaluate import evaluate_split, load_checkpoint_model, load_task
 
 logger = logging.getLogger(__name__)
 
-TASK_CHOICES = tuple(name for name in TASKS if name != "pretrain")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, choices=TASK_CHOICES)
+    parser.add_argument("--task", required=True, choices=task_choices())
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + model.safetensors)")
     parser.add_argument("--split", required=True, help="vqa: train|val|trainval|minval|test|test-dev; "
                         "retrieval: train|val|test; refexp: val|testA|testB|test; others: their files' splits")
@@ -50,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from tasks.data.feature_provenance import warn_if_store_differs
     from tasks.multitask import MultiTask
+    from tasks.runners.evaluate import evaluate_split, load_checkpoint_model, load_task
 
     keep_head = ["data.extend_answers=false"] if args.task == "vqa" else []  # the checkpoint's answers as they are
     if args.strict and args.task == "multi":

@@ -9,7 +9,7 @@ Examples:
   torchrun --nproc-per-node 4 -m tasks.cli extract --images photos/ --out feats.h5 --device cuda ...
   vilbert extract --merge feats.h5 feats.h5.rank0-of-2 feats.h5.rank1-of-2
 
-BUTD box selection (--option selection=NAME, reference/features.md section 1.3):
+BUTD box selection (--option selection=NAME; docs/features.md, selection rules):
   butd          Caffe generate_tsv / MILVLG: per-class NMS 0.3, max_conf >= 0.2, 10-100 boxes (default)
   fixed-K       the same with exactly K boxes (the Caffe 36-box features: fixed-36)
   vmb           vilbert-multi-task / MMF: per-class NMS 0.5, the top 100
@@ -26,10 +26,7 @@ import os
 
 from features.detectors import DETECTORS, build_detector, detector_options
 from features.errors import FeaturesError
-from features.extract import BATCH_PIXELS, PRECISIONS, boxes_file_info, extract
-from features.images import MAX_SIDE
-from features.inputs import BOX_FORMATS, list_images, load_boxes
-from features.store import merge_stores
+from tasks.cli.options import BATCH_PIXELS, BOX_FORMATS, MAX_SIDE, PRECISIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="image decoding processes (0: in the main process)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
-    parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="autocast dtype")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="autocast dtype")
     parser.add_argument("--float32", action="store_true", help="store float32 features (default float16)")
     parser.add_argument("--max-side", type=int, default=MAX_SIDE,
                         help="downscale larger images while decoding (boxes stay in original pixels)")
@@ -60,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from features.extract import boxes_file_info, extract
+    from features.inputs import list_images, load_boxes
+    from features.store import merge_stores
+
     if args.merge:
         if len(args.merge) < 2:
             raise FeaturesError("--merge needs OUT and at least one shard")

@@ -13,10 +13,7 @@ import argparse
 import json
 import os
 
-from features.importing import import_features
-from features.published import EXPORTERS, ID_RULES, READERS
-from features.store import FeatureStore
-from tasks.data.reference_files import read_image_ids
+from tasks.cli.options import FEATURE_EXPORTERS, FEATURE_ID_RULES, FEATURE_READERS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,9 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     imp = sub.add_parser("import", help="import a published feature file (LMDB, TSV, MMF npy) into a store")
     imp.add_argument("source", help="the LMDB folder, TSV file or npy folder")
-    imp.add_argument("--from", dest="format", required=True, choices=sorted(READERS), help="the source's format")
+    imp.add_argument("--from", dest="format", required=True, choices=FEATURE_READERS, help="the source's format")
     imp.add_argument("--out", required=True, help="the store to write (.h5); rerun to resume after an interruption")
-    imp.add_argument("--ids-from", choices=ID_RULES, default="image",
+    imp.add_argument("--ids-from", choices=FEATURE_ID_RULES, default="image",
                      help="store ids: the source id as written (image), its file stem (stem) or its trailing "
                           "integer (int: COCO_train2014_000000000009 -> 9)")
     imp.add_argument("--limit", type=int, help="import only the first N rows")
@@ -42,11 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     exp = sub.add_parser("export", help="write a store as a vilbert-multi-task LMDB or a BUTD TSV")
     exp.add_argument("files", nargs="+", help="store file(s)")
-    exp.add_argument("--to", required=True, choices=sorted(EXPORTERS), help="the format to write")
+    exp.add_argument("--to", required=True, choices=FEATURE_EXPORTERS, help="the format to write")
     exp.add_argument("--out", required=True, help="the LMDB folder or TSV file to write")
 
 
 def run(args: argparse.Namespace) -> int:
+    from features.importing import import_features
+    from features.published import EXPORTERS
+    from features.store import FeatureStore
+    from tasks.data.reference_files import read_image_ids
+
     if args.action == "import":
         exclude = read_image_ids(args.exclude_ids) if args.exclude_ids else None
         summary = import_features(args.source, args.format, args.out, ids_from=args.ids_from, limit=args.limit,

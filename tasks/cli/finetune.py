@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 
-from tasks.cli.evaluate import TASK_CHOICES
-from tasks.data.feature_provenance import warn_if_store_differs
-from tasks.runners.evaluate import load_task
+from tasks.cli.options import task_choices
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, choices=TASK_CHOICES)
+    parser.add_argument("--task", required=True, choices=task_choices())
     parser.add_argument("--config", help="YAML config (default: tasks/configs/<task>.yaml)")
     parser.add_argument("--init", help="checkpoint directory to start from (pretraining or task)")
     parser.add_argument("--resume", help="resume from a checkpoint or run directory")
@@ -29,9 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tasks.data.feature_provenance import warn_if_store_differs
     from tasks.engine.trainer import Trainer, summary_lines
     from tasks.errors import ConfigError
     from tasks.multitask import MultiTask
+    from tasks.runners.evaluate import load_task
 
     overrides = list(args.overrides) + ([f"model.init={args.init}"] if args.init else [])
     if args.clean_train_sets:

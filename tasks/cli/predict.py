@@ -14,31 +14,11 @@ The image's regions are extracted with the detector the run recorded (its featur
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import sys
 from pathlib import Path
 
-from features.detectors import DETECTORS
-from features.inputs import BOX_FORMATS
-from tasks.finetuning import TASK_TOKEN_IDS
+from tasks.cli.options import TASK_TOKENS, add_region_arguments, quiet_weight_loading, to_stderr
 from tasks.registry import TASKS
-
-
-def add_region_arguments(parser: argparse.ArgumentParser, option_flag: str = "--option") -> None:
-    """How one image's regions are made (detector, weights, options, given boxes) and the tokenizer: the options
-    every command that runs the model on a new image shares. The detector options land in `detector_options`;
-    `option_flag` names their flag where `--option` means something else (predict-task's candidate texts)."""
-    parser.add_argument("--detector", choices=sorted(DETECTORS),
-                        help="default: the detector of the checkpoint's training features")
-    parser.add_argument("--weights", help="detector weight file (default: the detector's packaged weights)")
-    parser.add_argument(option_flag, action="append", default=[], metavar="KEY=VALUE", dest="detector_options",
-                        help="a detector option, e.g. short_side=224 or max_boxes=36 (repeatable)")
-    parser.add_argument("--random-detector", action="store_true",
-                        help="allow a detector without trained weights (smoke runs and tests)")
-    parser.add_argument("--boxes", help="given boxes: JSON list of boxes, or {image_id or \"boxes\": [...]}")
-    parser.add_argument("--box-format", choices=BOX_FORMATS, help="coordinates in --boxes (required with it)")
-    parser.add_argument("--tokenizer", help="local BERT tokenizer directory (default: the run's)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=sorted(TASKS),
                         help="the task that answers (default: the run's task when it answers this request, else "
                              "vqa / refcoco / retrieval)")
-    parser.add_argument("--task-token", choices=sorted(TASK_TOKEN_IDS),
+    parser.add_argument("--task-token", choices=TASK_TOKENS,
                         help="12-in-1 task token for models with task tokens (default: the task's)")
     parser.add_argument("--top-k", type=int, default=5, help="answers to show for --question")
     parser.add_argument("--out", metavar="FILE.png", help="draw the boxes and the result on the image")
@@ -131,21 +111,3 @@ def run(args: argparse.Namespace) -> int:
             if result.get(key):
                 print(f"{label} -> {result[key]}")
     return 0
-
-
-def to_stderr(line: str) -> None:
-    print(line, file=sys.stderr)
-
-
-@contextlib.contextmanager
-def quiet_weight_loading():
-    """No "Loading weights" progress bar for a checkpoint that loads in a blink (restored afterwards)."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()

@@ -21,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tasks.cli.predict import add_region_arguments, quiet_weight_loading, to_stderr
+from tasks.cli.options import add_region_arguments, quiet_weight_loading, to_stderr
 from tasks.registry import TASKS
 
 

@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-from tasks.engine.config import load_config
-from tasks.engine.trainer import Trainer, summary_lines
-from tasks.pretraining import PretrainConfig, PretrainingTask
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="run config YAML (tasks/configs/pretrain_*.yaml)")
@@ -25,6 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tasks.engine.config import load_config
+    from tasks.engine.trainer import Trainer, summary_lines
+    from tasks.pretraining import PretrainConfig, PretrainingTask
+
     config = load_config(args.config, PretrainConfig, args.overrides)
     if args.strict:
         config.data.strict = True

@@ -13,12 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from tasks.shapes.report import EVAL_SPLITS, finetuning_report, finetuning_rows, pretraining_report
+from tasks.cli.options import REPORT_TASKS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", dest="run_dir", required=True, help="run directory (train.output_dir)")
-    parser.add_argument("--task", choices=sorted(EVAL_SPLITS), help="a fine-tuning run's task (omit for pretraining)")
+    parser.add_argument("--task", choices=REPORT_TASKS, help="a fine-tuning run's task (omit for pretraining)")
     parser.add_argument("--compare", metavar="RUN", help="a second run: beside in a fine-tuning report, overlaid in the plot")
     parser.add_argument("--plot", metavar="FILE.png", help="write the training curves figure")
     parser.add_argument("--plot-only", action="store_true", help="only the figure: no report, no evaluation")
@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tasks.errors import ConfigError
     from tasks.figures.curves import plot_runs, read_run
+    from tasks.shapes.report import finetuning_report, finetuning_rows, pretraining_report
 
     if args.plot_only and not args.plot:
         raise ConfigError("--plot-only needs --plot FILE.png")

@@ -12,7 +12,6 @@ import argparse
 from collections import Counter
 from typing import Any
 
-from tasks.data.annotations import load_json, require
 from tasks.errors import AnnotationError
 
 
@@ -30,6 +29,8 @@ def _short(value: Any, limit: int = 40) -> str:
 
 def _entries(path: str, key: str | None, fields: list[str]) -> list[dict]:
     """The list of objects in `path` (under `key`), each with `fields` and an integer question_id."""
+    from tasks.data.annotations import load_json, require
+
     data = load_json(path)
     if key is not None:
         require(data, [key], path, "the file")

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise ConfigError(f"vilbert serve needs the serve extra ({error.name} is missing): "
                           "pip install 'vilbert[serve]'") from error
-    from tasks.cli.predict import quiet_weight_loading
+    from tasks.cli.options import quiet_weight_loading
     from tasks.runners.serve import Demo, create_app, load_examples
     from tasks.runners.serving import load_all
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 
 from tasks.errors import ConfigError
-from tasks.shapes.targets import add_class_targets
-from tasks.shapes.world import write_shapes_world
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tasks.shapes.targets import add_class_targets
+    from tasks.shapes.world import write_shapes_world
+
     if args.add_tasks:
         from tasks.shapes.tasks import write_task_files
 

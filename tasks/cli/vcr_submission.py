@@ -16,8 +16,6 @@ import csv
 import io
 
 from features.atomic import write_text_atomic
-from tasks.runners.evaluate import load_checkpoint_model, load_task
-from tasks.vcr import LEADERBOARD_COLUMNS, leaderboard_rows
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
+
+    from tasks.runners.evaluate import load_checkpoint_model, load_task
+    from tasks.vcr import LEADERBOARD_COLUMNS, leaderboard_rows
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
 

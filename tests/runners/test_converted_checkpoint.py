@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tasks.cli import main
-from tasks.cli.evaluate import load_task
 from tasks.finetuning import TASK_TOKEN_IDS
+from tasks.runners.evaluate import load_task
 from tests.fixtures.task_zoo import write_zoo
 from vilbert import ViLBertConfig, ViLBertForVLTasks
 from vilbert.convert import export_reference_state_dict

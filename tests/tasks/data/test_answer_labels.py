@@ -9,10 +9,10 @@ import torch
 
 from features.store import FeatureStoreWriter
 from tasks.cli import main
-from tasks.cli.evaluate import load_task
 from tasks.data.answer_labels import carry_answer_rows, extend_answers, read_answer_list
 from tasks.data.feature_provenance import feature_mismatch, warn_if_store_differs
 from tasks.errors import ConfigError
+from tasks.runners.evaluate import load_task
 from tasks.vqa import build_vocabulary, read_split
 from tests.fixtures.tiny_task_data import write_store, write_vocab, write_vqa
 from vilbert import ViLBertConfig, ViLBertForVLTasks
