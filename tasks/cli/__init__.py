@@ -19,6 +19,7 @@ from vilbert.errors import ViLBertError
 COMMANDS: dict[str, str] = {
     "shapes-world": "shapes_world",
     "extract": "extract",
+    "train-detector": "train_detector",
     "features": "features",
     "pretrain": "pretrain",
     "finetune": "finetune",

@@ -42,8 +42,10 @@ def add_region_arguments(parser: argparse.ArgumentParser, option_flag: str = "--
     every command that runs the model on a new image shares. The detector options land in `detector_options`;
     `option_flag` names their flag where `--option` means something else (predict-task's candidate texts)."""
     parser.add_argument("--detector", choices=sorted(DETECTORS),
-                        help="default: the detector of the checkpoint's training features")
-    parser.add_argument("--weights", help="detector weight file (default: the detector's packaged weights)")
+                        help="default: the detector of the checkpoint's training features; for features on "
+                             "shapes-world ground-truth boxes, the shapes detector when `make detector` has run")
+    parser.add_argument("--weights", help="detector weight file or directory (default: the detector's packaged "
+                        "weights; shapes: data/shapes/detector)")
     parser.add_argument(option_flag, action="append", default=[], metavar="KEY=VALUE", dest="detector_options",
                         help="a detector option, e.g. short_side=224 or max_boxes=36 (repeatable)")
     parser.add_argument("--random-detector", action="store_true",

@@ -8,7 +8,9 @@ Examples:
 The task is --task, else the task the run recorded (run.json) when it answers the request, else vqa for
 --question, refcoco for --expression, retrieval for --captions (a pretraining checkpoint ranks captions zero-shot).
 The image's regions are extracted with the detector the run recorded (its feature stores' extractor), or
---detector/--weights. mobilenet-v2 pools on given boxes: pass --boxes, else a whole-image + 3x3 grid is used.
+--detector/--weights. A model trained on shapes-world ground-truth boxes (mobilenet-v2 pools on given boxes) gets
+its boxes from the shapes-world detector (`make detector`) unless --boxes is given; only without one is a
+whole-image + 3x3 grid used, with a note.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     image = read_image(args.image)
     boxes = predict.boxes_for_image(args.boxes, args.box_format, args.image) if args.boxes else None
     name, detector = predict.prepare_detector(info, args.detector, args.weights, detector_options(args.detector_options),
-                                              args.random_detector, warn=to_stderr)
+                                              args.random_detector, warn=to_stderr, boxes_given=boxes is not None)
     with quiet_weight_loading():
         model = load_model(info, device, task)
 

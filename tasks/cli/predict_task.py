@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     boxes = [predict.boxes_for_image(args.boxes, args.box_format, path) if args.boxes else None
              for path in args.image]
     name, detector = predict.prepare_detector(info, args.detector, args.weights, detector_options(args.detector_options),
-                                              args.random_detector, warn=to_stderr)
+                                              args.random_detector, warn=to_stderr,
+                                              boxes_given=args.boxes is not None)
     with quiet_weight_loading():
         model = load_model(info, device, task)
 

@@ -23,10 +23,11 @@ from torch import nn
 
 from features.atomic import atomic_path
 from features.detector import RegionDetector, pad_batch
-from features.detectors import build_detector
+from features.detectors import box_detector_for, build_detector
 from features.errors import FeaturesError
 from features.images import LoadedImage
 from features.inputs import BOX_FORMATS, clip_boxes, load_boxes
+from features.mobilenet_rcnn import world_mismatch
 from features.store import Regions
 from tasks.data.annotations import load_json
 from tasks.data.feature_provenance import feature_mismatch
@@ -145,16 +146,34 @@ def check_detector(detector: RegionDetector, feature_size: int, allow_random: bo
 
 def prepare_detector(info: CheckpointInfo, requested: str | None = None, weights: str | None = None,
                      options: Mapping[str, Any] | None = None, allow_random: bool = False,
-                     warn: Callable[[str], None] = logger.warning) -> tuple[str, RegionDetector]:
+                     warn: Callable[[str], None] = logger.warning,
+                     boxes_given: bool = False) -> tuple[str, RegionDetector]:
     """(name, detector) for this checkpoint's images: `detector_name`, built and checked against the model's feature
-    size (and for real weights unless `allow_random`); `warn` gets a line when it is not the run's detector."""
+    size (and for real weights unless `allow_random`); `warn` gets a line when it is not the run's detector.
+
+    When the run's features were pooled on given boxes, no --detector is asked for and `boxes_given` is False, the
+    detector that finds such boxes (`features.detectors.box_detector_for` on the run record's extractor: the
+    shapes-world detector for ground-truth-box shapes-world features) is chosen when one is trained; the web demo
+    and every predicting command call this one function."""
     name = detector_name(info, requested)
     mismatch = feature_mismatch(info.config.get("visual_features"), name, f"detector {name}")
     if mismatch:
         warn(f"warning: {mismatch}")
-    detector = build_detector(name, weights=weights, **dict(options or {}))
+    extractor = info.feature_extractor or {}
+    finder = None if requested or boxes_given else box_detector_for(extractor, weights, **dict(options or {}))
+    detector = finder or build_detector(name, weights=weights, **dict(options or {}))
     check_detector(detector, info.feature_size, allow_random)
-    return name, detector
+    check_world(detector, extractor)
+    return (finder.name if finder else name), detector
+
+
+def check_world(detector: RegionDetector, extractor: Mapping[str, Any]) -> None:
+    """A detector trained on a synthetic world must be of the world the model's features came from."""
+    trained_on = detector.extractor_info().get("world")
+    if trained_on is not None:
+        problem = world_mismatch(trained_on, extractor.get("world"), str(detector.extractor_info().get("weights")))
+        if problem:
+            raise ConfigError(problem)
 
 
 # ------------------------------------------------------------------------------------------------------ regions
@@ -254,8 +273,8 @@ def image_regions(detector: RegionDetector, name: str, loaded: LoadedImage, boxe
     detector that only pools on given boxes) the whole image and a GRID x GRID grid, said through `note`."""
     if boxes is None and needs_given_boxes(detector):
         boxes = grid_boxes(loaded.original_hw)
-        note(f"note: {name} pools features on given boxes and --boxes was not given; using the whole image and "
-             f"a {GRID}x{GRID} grid")
+        note(f"note: {name} pools features on given boxes, --boxes was not given and no detector for these features "
+             f"is trained (`make detector`); using the whole image and a {GRID}x{GRID} grid")
     return detect_regions(detector, loaded, boxes, device, image_id=image_id)
 
 

@@ -4,7 +4,8 @@ ViLBERT's masked-region loss regresses the detector's class distribution `cls_pr
 The shapes world has no detector: its boxes are the ground truth, so the stand-in distribution is one-hot over the
 19 classes (background 0, then colour x kind 1..18, `tasks.shapes.world.CLASS_NAMES`). `add_class_targets`
 rewrites a finished store through the store's own writer with `cls_prob` [M, 19] and `objects_id` [M] added,
-after checking that every stored box is the generator's box for that image in the same order.
+after checking that every stored box is the generator's box for that image in the same order, and records the world
+(name, version, seed, classes) in the store's extractor: prediction on new images picks the detector of that world.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from features.store import FeatureStore, FeatureStoreWriter
 from tasks.errors import DataError
+from tasks.shapes.detector import world_record
 from tasks.shapes.world import NUM_CLASSES
 
 logger = logging.getLogger(__name__)
@@ -43,11 +45,13 @@ def add_class_targets(store_path: str | Path, world: str | Path) -> int:
     store_path, world = Path(store_path), Path(world)
     classes = _load_json(world / "gt_classes.json")
     boxes = _load_json(world / "gt_boxes.json")
+    extractor_world = world_record(world)  # the detector that finds these boxes on new images must match it
     store = FeatureStore(store_path)
     written = 0
     try:
         with FeatureStoreWriter(store_path, feature_dim=store.feature_dim, cls_prob_dim=NUM_CLASSES,
-                                extractor={**store.extractor, "cls_prob": "shapes-world ground-truth classes (one-hot)"},
+                                extractor={**store.extractor, "cls_prob": "shapes-world ground-truth classes (one-hot)",
+                                           "world": extractor_world},
                                 float32=store.attrs[0]["features_dtype"] == "float32") as writer:
             for image_id in store.ids:
                 if image_id not in classes:

@@ -45,6 +45,8 @@ SIZES = ("small", "large")
 RADIUS = {"small": (0.07, 0.10), "large": (0.13, 0.16)}
 COMPOSITIONAL_PAIRS = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
 SPLITS = ("train", "val", "test", "compositional")
+# Changes whenever the same seed would draw other scenes or classes; a detector trained on the world records it.
+WORLD_VERSION = 1
 
 # Class 0 is background; 1..18 are colour x kind, the stand-in for a detector's object classes.
 CLASS_NAMES = ["background"] + [f"{colour} {kind}" for colour in COLOURS for kind in KINDS]
@@ -412,7 +414,7 @@ def write_shapes_world(out: str | Path, seed: int = 0, num_images: int = 2000, s
     _write_refer(out / "refshapes", scenes, texts)
     # scenes.json comes last: its presence says the whole dataset is written (the Makefile's target)
     _write_json(out / "scenes.json", {
-        "seed": seed, "size": size, "classes": CLASS_NAMES,
+        "version": WORLD_VERSION, "seed": seed, "size": size, "classes": CLASS_NAMES,
         "compositional_pairs": [list(p) for p in COMPOSITIONAL_PAIRS],
         "images": [{"image_id": s.image_id, "file_name": s.file_name, "split": s.split,
                     "shapes": [asdict(shape) for shape in s.shapes]} for s in scenes],
