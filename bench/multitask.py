@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.engine.config import OptimConfig, TrainConfig
 from tasks.engine.trainer import Trainer
+from tasks.finetuning import ModelConfig
 from tasks.multitask import MemberConfig, MultiTask, MultiTaskConfig
-from tasks.runners.evaluate import load_task
+from tasks.registry import build_task
 
 SHAPES_CONFIGS = Path(__file__).resolve().parent.parent / "tasks" / "shapes" / "configs"
 
@@ -82,7 +83,7 @@ def main() -> None:
     for name in args.tasks:
         single_overrides = [*overrides, f"train.output_dir={out / name}", f"train.max_steps={args.iterations}",
                             "train.eval_at_end=false", "train.log_every=10000", "train.save_every=10000"]
-        task = load_task(name, str(SHAPES_CONFIGS / f"{name}_embedded.yaml"), single_overrides)
+        task = build_task(name, str(SHAPES_CONFIGS / f"{name}_embedded.yaml"), single_overrides)
         task.config.model = model
         stamps = []
         timed(task, stamps)

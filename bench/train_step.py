@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from tasks.engine.config import OptimConfig
 from tasks.engine.optimization import build_optimizer
+from tasks.finetuning import model_parameter_groups
 
 SHAPES = {"pretrain": dict(batch=64, text=36, regions=37), "vqa": dict(batch=128, text=23, regions=101)}
 
@@ -77,7 +78,7 @@ def vqa_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 def time_steps(model, batch, loss_fn, dtype, steps: int, warmup: int, device) -> float:
     """Samples per second of full optimizer steps."""
-    optimizer = build_optimizer(model, OptimConfig(), fused=device.type == "cuda")
+    optimizer = build_optimizer(model_parameter_groups(model, OptimConfig()), OptimConfig(), fused=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     model.train()
 

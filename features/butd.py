@@ -193,7 +193,7 @@ def decode_boxes(deltas: torch.Tensor, boxes: torch.Tensor, weights: tuple[float
                         pred_ctr_x + 0.5 * pred_w, pred_ctr_y + 0.5 * pred_h], dim=-1)
 
 
-def clip_boxes(boxes: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
+def clamp_boxes(boxes: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
     """Clip boxes [..., 4] to [0, w] x [0, h]; `hw` broadcasts against boxes[..., 0] ([N, 1] or scalar pairs)."""
     x = boxes[..., 0::2].clamp(min=0).minimum(hw[..., 1:2])
     y = boxes[..., 1::2].clamp(min=0).minimum(hw[..., 0:1])
@@ -209,7 +209,7 @@ def argmax_class_boxes(rois: torch.Tensor, deltas: torch.Tensor, probs: torch.Te
     """
     cls = probs[:, 1:].argmax(dim=1) + 1  # [P], background excluded
     chosen = deltas.view(len(rois), deltas.shape[1] // 4, 4)[torch.arange(len(rois), device=rois.device), cls]
-    return clip_boxes(decode_boxes(chosen, rois, weights), image_hw)
+    return clamp_boxes(decode_boxes(chosen, rois, weights), image_hw)
 
 
 class RPNHead(nn.Module):
@@ -258,7 +258,7 @@ class RegionProposalNetwork(nn.Module):
         k = min(cfg.rpn_pre_nms_topk, logits.shape[1])
         top_logits, top_idx = logits.topk(k, dim=1)  # [N, k], sorted
         boxes = decode_boxes(deltas.gather(1, top_idx[..., None].expand(-1, -1, 4)), anchors[top_idx], (1, 1, 1, 1))
-        boxes = clip_boxes(boxes, image_hw[:, None, :].to(boxes))  # [N, k, 4]
+        boxes = clamp_boxes(boxes, image_hw[:, None, :].to(boxes))  # [N, k, 4]
         wh = boxes[..., 2:] - boxes[..., :2]
         valid = (wh > cfg.rpn_min_size).all(-1) & torch.isfinite(boxes).all(-1) & torch.isfinite(top_logits)
 
@@ -463,7 +463,7 @@ class BUTDDetector(RegionDetector):
         for i, keep in enumerate(keeps):
             kept = (regressed if self.box_mode == "regressed" else out["rois"])[i][keep] / images[i].scale
             h, w = images[i].image_hw  # resizing rounds the image size: clip to the original image once more
-            stored.append(clip_boxes(kept, kept.new_tensor([h, w])))
+            stored.append(clamp_boxes(kept, kept.new_tensor([h, w])))
         if self.selection.pool_on == "selected":
             return self.regions_on_boxes(pixels, images, stored, feature_maps=out["feature_maps"])
         return [_regions(heads, i, keep, box) for i, (keep, box) in enumerate(zip(keeps, stored, strict=True))]

@@ -64,7 +64,3 @@ def build_butd_r101_c4(weights: str | None = None, *, config: BUTDConfig | None 
             detector.model.load_state_dict(state, strict=True)
     return detector.eval()
 
-
-def build_butd_detectron2(weights: str | None = None, **options) -> BUTDDetector:
-    """Registry-style builder for the detectron2 backend (same options as `build_butd_r101_c4`)."""
-    return build_butd_r101_c4(weights, backend="detectron2", **options)

@@ -11,7 +11,9 @@ Flickr30k grounding 18).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +25,16 @@ from torch import nn
 from features.store import FeatureStore
 from tasks.data.annotations import load_json, open_feature_store
 from tasks.data.tokenization import Tokenizer, load_tokenizer
-from tasks.engine.config import ModelConfig
+from tasks.engine.config import OptimConfig, TrainConfig, type_name
 from tasks.engine.distributed import unwrap
-from tasks.engine.run_record import TASKS, store_extractors
+from tasks.engine.optimization import parameter_groups
+from tasks.engine.run_record import TASK_ARCHITECTURE, store_extractors
 from tasks.engine.task import PredictExample, Task
 from tasks.errors import ConfigError
 from vilbert import ViLBertConfig, ViLBertForVLTasks
 from vilbert.convert import init_text_stream_from_bert
 from vilbert.errors import CheckpointError
+from vilbert.modeling_vilbert import HEAD_MODULES
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +44,40 @@ TASK_TOKEN_IDS = {
     "refcoco": 9, "refcoco+": 10, "refcocog": 11, "nlvr2": 12, "snli-ve": 13, "guesswhat": 14, "gqa": 15, "foil": 16,
     "guesswhat-pointing": 17, "flickr-grounding": 18,
 }  # fmt: skip
+
+
+@dataclass
+class ModelConfig:
+    """Which model to build and what to initialise it from."""
+
+    preset: str = "base"  # a `ViLBertConfig.from_preset` name
+    overrides: dict[str, Any] = field(default_factory=dict)  # ViLBertConfig fields to change
+    text_init: str | None = None  # local Hugging Face BERT directory for the text stream
+    init: str | None = None  # a checkpoint directory (save_pretrained) to start from
+
+    def validate(self) -> None:
+        defaults = ViLBertConfig().to_dict()
+        for key, value in self.overrides.items():
+            if key not in defaults:
+                close = difflib.get_close_matches(key, defaults, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"model.overrides: {key!r} is not a ViLBertConfig field{hint}")
+            default = defaults[key]
+            if default is None or value is None:
+                continue
+            kind = float if isinstance(default, float) else type(default)
+            fits = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+            if kind is float:
+                fits = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not fits:
+                raise ConfigError(f"model.overrides.{key} must be {type_name(kind)} like its default "
+                                  f"{default!r}, got {value!r}")
+            if isinstance(default, dict):
+                unknown = sorted(set(value) - set(default)) if default else []
+                if unknown:
+                    raise ConfigError(f"model.overrides.{key}: unknown key {unknown[0]!r}; expected one of "
+                                      f"{', '.join(sorted(default))}")
+
 
 
 def soft_bce_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -73,6 +111,17 @@ class FinetuneDataConfig:
                 raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
 
 
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning run: the model, the trainer's and optimizer's settings, the task's data. Each task's config
+    subclasses it with its own `data` (tasks/configs/<name>.yaml is one)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+
+
 def resolve_split(data: FinetuneDataConfig, split: str) -> str:
     """The trainer asks for the roles "train" and "val": they mean `data.train_split` / `data.val_split`."""
     return {"train": data.train_split, "val": data.val_split}.get(split, split)
@@ -80,8 +129,8 @@ def resolve_split(data: FinetuneDataConfig, split: str) -> str:
 
 def tokenizer_directory(data: FinetuneDataConfig, model_config: ModelConfig) -> str:
     """`data.tokenizer`, else `model.text_init`, else `model.init` when it holds vocab.txt; none is a ConfigError."""
-    directory = data.tokenizer or getattr(model_config, "text_init", None)
-    init = getattr(model_config, "init", None)
+    directory = data.tokenizer or model_config.text_init
+    init = model_config.init
     if not directory and init and (Path(init) / "vocab.txt").is_file():  # a converted dir with its tokenizer
         directory = init
     if not directory:
@@ -154,17 +203,21 @@ def build_task_model(model_config: ModelConfig, **config_overrides: Any) -> nn.M
     config = ViLBertConfig.from_preset(model_config.preset, **{**model_config.overrides, **settings})
     config.update(labels)
     model = ViLBertForVLTasks(config)
-    if getattr(model_config, "text_init", None):
+    if model_config.text_init:
         init_text_stream_from_bert(model, model_config.text_init)
     return model
 
 
-def task_token_id(model: nn.Module, task: str | None) -> int | None:
-    """The 12-in-1 task id of `task` when the model has task tokens, else None."""
+def task_token_id(model: nn.Module, token: str | None) -> int | None:
+    """The 12-in-1 task id of `token` when the model has task tokens, else None; a ConfigError for a token the
+    12-in-1 model has not."""
     config = getattr(unwrap(model), "config", None)  # DDP does not forward the model's attributes
     if config is None or not getattr(config, "task_specific_tokens", False):
         return None
-    return TASK_TOKEN_IDS[task]
+    if token not in TASK_TOKEN_IDS:
+        raise ConfigError(f"task token {token!r}: the model has 12-in-1 task tokens and this is none of them "
+                          f"({', '.join(TASK_TOKEN_IDS)}); use a model without task tokens")
+    return TASK_TOKEN_IDS[token]
 
 
 def task_ids_for(model: nn.Module, task: str, batch_size: int, device: torch.device) -> torch.Tensor | None:
@@ -175,6 +228,12 @@ def task_ids_for(model: nn.Module, task: str, batch_size: int, device: torch.dev
     return torch.full((batch_size, 1), task_id, dtype=torch.long, device=device)
 
 
+def model_parameter_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
+    """ViLBERT's optimizer groups: its pooled-output heads (the reference's "vil_" heads) at `optim.head_lr` and
+    its BERT-initialised text stream at `optim.text_lr` (the reference's intended 0.1x BERT lr) when set."""
+    return parameter_groups(model, optim, heads=model.pooled_heads, text=model.text_stream_parameters())
+
+
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "region_features", "region_locations", "region_mask")
 
 
@@ -183,10 +242,23 @@ def model_inputs(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 
 class FinetuneTask(Task):
-    """What the fine-tuning tasks share: their config, the tokenizer (loaded once), the task model, the run record."""
+    """What the fine-tuning tasks share: their config, the tokenizer (loaded once), the task model, the run record.
+
+    A subclass names the model output it reads (`head`, one of `vilbert.modeling_vilbert.VL_HEADS`); the module a
+    checkpoint must hold for it (`head_modules`) follows from that.
+    """
 
     config_class: type
+    head: str = ""  # the ViLBertForVLTasks output this task reads ("answer_logits", "pair_logit", ...)
     find_unused_parameters = True  # the task model carries every 12-in-1 head; a task's loss reaches one of them
+    strict_key = "data.strict"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.head:
+            if cls.head not in HEAD_MODULES:
+                raise TypeError(f"{cls.__name__}.head: {cls.head!r} is not a head output ({', '.join(HEAD_MODULES)})")
+            cls.head_modules = (HEAD_MODULES[cls.head],)
 
     def __init__(self, config: Any):
         self.config = config
@@ -194,9 +266,15 @@ class FinetuneTask(Task):
         self._tokenizer = None
 
     @property
-    def token_task(self) -> str:
+    def task_token(self) -> str:
         """The 12-in-1 task whose token this task gives models with task tokens (a key of TASK_TOKEN_IDS)."""
         return self.name
+
+    def task_ids(self, model: nn.Module, rows: int, device: torch.device, token: str | None = None
+                 ) -> torch.Tensor | None:
+        """[rows, 1] ids of this task's token (or `token`, a prediction's choice) for a model with task tokens,
+        else None."""
+        return task_ids_for(model, token or self.task_token, rows, device)
 
     @property
     def max_regions(self) -> int:
@@ -204,12 +282,12 @@ class FinetuneTask(Task):
 
     def run_record(self) -> dict[str, Any]:
         """The task, its 12-in-1 token, the extractors of `data.features`, the task architecture."""
-        return {"task": self.name, "task_token": self.token_task if self.token_task in TASK_TOKEN_IDS else None,
-                "feature_extractor": store_extractors(self.data.features), "architecture": TASKS}
+        return {"task": self.name, "task_token": self.task_token if self.task_token in TASK_TOKEN_IDS else None,
+                "feature_extractor": store_extractors(self.data.features), "architecture": TASK_ARCHITECTURE}
 
     def example_token(self, example: PredictExample) -> str:
         """The 12-in-1 token for one prediction: the user's choice, else this task's."""
-        return example.task_token or self.token_task
+        return example.task_token or self.task_token
 
     def tokenizer(self) -> Tokenizer:
         """The BERT tokenizer of `data.tokenizer` (default `model.text_init`), loaded on first use.
@@ -228,6 +306,12 @@ class FinetuneTask(Task):
                         f"has {tokenizer.vocab_size}: the checkpoint was trained with another vocabulary")
             self._tokenizer = tokenizer
         return self._tokenizer
+
+    def parameter_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict]:
+        return model_parameter_groups(model, optim)
+
+    def feature_files(self) -> list[list[str]]:
+        return [list(self.data.features)]
 
     def open_store(self, paths: list[str], key: str = "data.features") -> FeatureStore:
         """The feature store over `paths`, refused in one line when its features are not as wide as the model's

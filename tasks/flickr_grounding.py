@@ -24,9 +24,8 @@ from pathlib import Path
 from torch import nn
 from torch.utils.data import Dataset
 
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.errors import AnnotationError, ConfigError
-from tasks.finetuning import FinetuneDataConfig, resolve_split
+from tasks.finetuning import FinetuneConfig, FinetuneDataConfig, resolve_split
 from tasks.metrics import grounding_accuracy
 from tasks.refexp import Expression, RefExpDataset, RefExpTask
 
@@ -110,12 +109,9 @@ class FlickrGroundingDataConfig(FinetuneDataConfig):
 
 
 @dataclass
-class FlickrGroundingConfig:
+class FlickrGroundingConfig(FinetuneConfig):
     """A Flickr30k Entities grounding run (tasks/configs/flickr-grounding.yaml)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: FlickrGroundingDataConfig = field(default_factory=FlickrGroundingDataConfig)
 
 

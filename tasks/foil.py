@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from tasks.data.annotations import load_json, require
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.task import ExampleInputs, StepOutput
-from tasks.errors import AnnotationError, ConfigError
+from tasks.errors import AnnotationError
+from tasks.finetuning import FinetuneConfig
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample
 
 SPLIT_FILES = {"train": "foilv1.0_train_2017.json", "test": "foilv1.0_test_2017.json"}
@@ -47,12 +47,9 @@ class FoilDataConfig(ImageTextDataConfig):
 
 
 @dataclass
-class FoilConfig:
+class FoilConfig(FinetuneConfig):
     """A FOIL-COCO fine-tuning run (tasks/configs/foil.yaml)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: FoilDataConfig = field(default_factory=FoilDataConfig)
 
 
@@ -61,13 +58,10 @@ class FoilTask(ImageTextTask):
 
     name = "foil"
     head = "pair_logit"
+    split_files = SPLIT_FILES
+    title = "FOIL"
     config_class = FoilConfig
     example_inputs = ExampleInputs("caption", example_text="a red circle beside a blue square")
-
-    def annotation_file(self, split: str) -> Path:
-        if split not in SPLIT_FILES:
-            raise ConfigError(f"unknown FOIL split {split!r}; choose one of {', '.join(SPLIT_FILES)}")
-        return Path(self.data.root) / SPLIT_FILES[split]
 
     def read_samples(self, split: str) -> list[Sample]:
         return read_foil(self.annotation_file(split))

@@ -16,7 +16,6 @@ Predictions [{"qa_id", "answer"}].
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +25,11 @@ import torch
 from torch import nn
 
 from tasks.data.annotations import load_json, require
-from tasks.data.answer_labels import answer_list
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.data.answer_labels import config_answers, read_answer_list
 from tasks.engine.task import ExampleInputs
 from tasks.errors import AnnotationError, ConfigError
-from tasks.finetuning import build_task_model, soft_bce_sum
-from tasks.gqa import read_answer_list
-from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot
+from tasks.finetuning import FinetuneConfig, build_task_model
+from tasks.image_text import AnswerTask, ImageTextDataConfig, Sample, frequent_answers
 from tasks.metrics import accuracy
 from tasks.vqa import checkpoint_answers, vocabulary_key
 
@@ -69,16 +66,13 @@ class GenomeQADataConfig(ImageTextDataConfig):
 
 
 @dataclass
-class GenomeQAConfig:
+class GenomeQAConfig(FinetuneConfig):
     """A Visual Genome QA fine-tuning run (tasks/configs/genome-qa.yaml)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: GenomeQADataConfig = field(default_factory=GenomeQADataConfig)
 
 
-class GenomeQATask(ImageTextTask):
+class GenomeQATask(AnswerTask):
     """Visual Genome QA on the VQA head (`answer_logits`)."""
 
     name = "genome-qa"
@@ -87,51 +81,31 @@ class GenomeQATask(ImageTextTask):
     example_inputs = ExampleInputs("question", example_text="what color is the circle")
     data: GenomeQADataConfig
 
-    def __init__(self, config: GenomeQAConfig):
-        super().__init__(config)
-        self._answers: list[str] | None = None
-        self._label_of: dict[str, int] = {}
-
     def annotation_file(self, split: str) -> Path:
         return Path(self.data.root) / self.data.annotations
 
     def read_samples(self, split: str) -> list[Sample]:
         return read_genome_qa(self.annotation_file(split), split, self.data.val_images)
 
-    def answers(self) -> list[str]:
+    def load_answers(self) -> list[str]:
         """The VQA answer list (see the module docstring for where it comes from)."""
-        if self._answers is None:
-            answers = checkpoint_answers(getattr(self.config.model, "init", None))
-            if answers is None and self.data.answers_file:
-                answers = read_answer_list(self.data.answers_file)
-            if answers is None:
-                counts = Counter(s.label for s in self.samples("train"))
-                answers = sorted((a for a, c in counts.items() if c >= self.data.min_answer_count and a),
-                                 key=lambda a: (-counts[a], a))
-                if not answers:
-                    raise ConfigError(f"data.min_answer_count={self.data.min_answer_count}: no answer occurs that "
-                                      "often in the train split")
-            self._answers = answers
-            self._label_of = {answer: i for i, answer in enumerate(answers)}
-        return self._answers
+        answers = checkpoint_answers(self.config.model.init)
+        if answers is None and self.data.answers_file:
+            answers = read_answer_list(self.data.answers_file)
+        if answers is None:
+            answers = frequent_answers((s.label for s in self.samples("train") if s.label), self.data.min_answer_count)
+        return answers
 
     def build_model(self) -> nn.Module:
         answers = self.answers()
         return build_task_model(self.config.model, id2label=dict(enumerate(answers)),
                                 label2id={a: i for i, a in enumerate(answers)})
 
-    def target(self, sample: Sample) -> torch.Tensor:
-        self.answers()
-        return one_hot(self._label_of.get(sample.label), len(self._answers))
-
-    def loss(self, logits: torch.Tensor, batch) -> torch.Tensor:
-        return soft_bce_sum(logits, batch["target"])
-
     def decode(self, sample: Sample, logits: torch.Tensor) -> dict:
         return {"qa_id": sample.id, "answer": self.answers()[int(logits.argmax())]}
 
     def prediction_problem(self, model_config: Mapping[str, Any]) -> str | None:
-        if answer_list(model_config.get("id2label")) is not None or self.data.answers_file:
+        if config_answers(model_config) is not None or self.data.answers_file:
             return None
         return "config.json has no VQA answer list (id2label) and the run no data.answers_file"
 

@@ -15,7 +15,6 @@ Predictions [{"questionId", "prediction"}]: the official submission format.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from features.safe_pickle import safe_load
 from tasks.data.annotations import load_json, require
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.data.answer_labels import read_answer_list
 from tasks.engine.task import ExampleInputs
-from tasks.errors import AnnotationError, ConfigError
-from tasks.finetuning import build_task_model, soft_bce_sum
-from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot
+from tasks.errors import AnnotationError
+from tasks.finetuning import FinetuneConfig, build_task_model
+from tasks.image_text import AnswerTask, ImageTextDataConfig, Sample, frequent_answers
 from tasks.metrics import gqa_accuracy
 
 SPLIT_FILES = {"train": "train_balanced_questions.json", "val": "val_balanced_questions.json",
@@ -50,14 +48,6 @@ def read_gqa(path: str | Path) -> list[Sample]:
     return sorted(samples, key=lambda s: s.id)
 
 
-def read_answer_list(path: str | Path) -> list[str]:
-    """The reference's label2ans pickle: a list of answer strings (index = label)."""
-    answers = safe_load(path)
-    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-        raise AnnotationError(f"{path}: expected a non-empty list of answer strings (label2ans)")
-    return answers
-
-
 @dataclass
 class GQADataConfig(ImageTextDataConfig):
     max_text_length: int = 26
@@ -68,68 +58,42 @@ class GQADataConfig(ImageTextDataConfig):
 
 
 @dataclass
-class GQAConfig:
+class GQAConfig(FinetuneConfig):
     """A GQA fine-tuning run (tasks/configs/gqa.yaml)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: GQADataConfig = field(default_factory=GQADataConfig)
 
 
-class GQATask(ImageTextTask):
+class GQATask(AnswerTask):
     """GQA on `gqa_answer_logits`; exact-match accuracy."""
 
     name = "gqa"
     head = "gqa_answer_logits"
+    split_files = SPLIT_FILES
+    title = "GQA"
+    metric_labels = {"accuracy": "accuracy (exact match)"}
     config_class = GQAConfig
     example_inputs = ExampleInputs("question", example_text="what color is the circle")
     data: GQADataConfig
 
-    def __init__(self, config: GQAConfig):
-        super().__init__(config)
-        self._answers: list[str] | None = None
-        self._label_of: dict[str, int] = {}
-
-    def annotation_file(self, split: str) -> Path:
-        if split not in SPLIT_FILES:
-            raise ConfigError(f"unknown GQA split {split!r}; choose one of {', '.join(SPLIT_FILES)}")
-        return Path(self.data.root) / SPLIT_FILES[split]
-
     def read_samples(self, split: str) -> list[Sample]:
         return read_gqa(self.annotation_file(split))
 
-    def answers(self) -> list[str]:
+    def load_answers(self) -> list[str]:
         """The answer list (see the module docstring for where it comes from)."""
-        if self._answers is None:
-            if self.data.answers_file:
-                self._answers = read_answer_list(self.data.answers_file)
-            else:
-                init = getattr(self.config.model, "init", None)
-                config_file = Path(init) / "config.json" if init else None
-                saved = load_json(config_file).get("gqa_answers") if config_file and config_file.is_file() else None
-                if saved:
-                    self._answers = list(saved)
-                else:
-                    counts = Counter(s.label for s in self.samples("train") if s.label is not None)
-                    self._answers = sorted((a for a, c in counts.items() if c >= self.data.min_answer_count),
-                                           key=lambda a: (-counts[a], a))
-                    if not self._answers:
-                        raise ConfigError(f"data.min_answer_count={self.data.min_answer_count}: no answer occurs "
-                                          "that often in the train split")
-            self._label_of = {answer: i for i, answer in enumerate(self._answers)}
-        return self._answers
+        if self.data.answers_file:
+            return read_answer_list(self.data.answers_file)
+        init = self.config.model.init
+        config_file = Path(init) / "config.json" if init else None
+        saved = load_json(config_file).get("gqa_answers") if config_file and config_file.is_file() else None
+        if saved:
+            return list(saved)
+        return frequent_answers((s.label for s in self.samples("train") if s.label is not None),
+                                self.data.min_answer_count)
 
     def build_model(self) -> nn.Module:
         answers = self.answers()
         return build_task_model(self.config.model, gqa_num_labels=len(answers), gqa_answers=answers)
-
-    def target(self, sample: Sample) -> torch.Tensor:
-        self.answers()
-        return one_hot(self._label_of.get(sample.label), len(self._answers))
-
-    def loss(self, logits: torch.Tensor, batch) -> torch.Tensor:
-        return soft_bce_sum(logits, batch["target"])
 
     def decode(self, sample: Sample, logits: torch.Tensor) -> dict:
         return {"questionId": sample.id, "prediction": self.answers()[int(logits.argmax())]}

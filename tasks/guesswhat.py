@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from tasks.data.annotations import require
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.task import ExampleInputs
 from tasks.errors import AnnotationError, ConfigError
+from tasks.finetuning import FinetuneConfig
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot, read_json_lines
 from tasks.metrics import xywh_to_xyxy
 from tasks.pointing import PointingDataConfig, PointingTask
@@ -95,12 +95,9 @@ class GuessWhatDataConfig(ImageTextDataConfig):
 
 
 @dataclass
-class GuessWhatConfig:
+class GuessWhatConfig(FinetuneConfig):
     """A GuessWhat oracle fine-tuning run (tasks/configs/guesswhat.yaml)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: GuessWhatDataConfig = field(default_factory=GuessWhatDataConfig)
 
 
@@ -143,12 +140,9 @@ class GuessWhatPointingDataConfig(PointingDataConfig):
 
 
 @dataclass
-class GuessWhatPointingConfig:
+class GuessWhatPointingConfig(FinetuneConfig):
     """A GuessWhat pointing fine-tuning run (tasks/configs/guesswhat-pointing.yaml)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: GuessWhatPointingDataConfig = field(default_factory=GuessWhatPointingDataConfig)
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,7 @@ from tasks.data.tokenization import TextInput
 from tasks.engine.distributed import move_to_device
 from tasks.engine.evaluation import eval_batches, eval_mode, model_device
 from tasks.engine.task import PredictExample, StepOutput, TaskDataset
-from tasks.errors import AnnotationError, DataError
+from tasks.errors import AnnotationError, ConfigError, DataError
 from tasks.figures.drawing import draw_pictures
 from tasks.finetuning import (
     FinetuneDataConfig,
@@ -41,7 +42,6 @@ from tasks.finetuning import (
     model_inputs,
     resolve_split,
     soft_bce_sum,
-    task_ids_for,
 )
 from tasks.metrics import accuracy
 
@@ -158,8 +158,8 @@ class SampleDataset(TaskDataset):
 class ImageTextTask(FinetuneTask):
     """A task whose samples are (text, image) rows scored by one head; subclasses read files and pick heads.
 
-    Subclasses set `name` (also the 12-in-1 task token) and `head`, and define `annotation_file(split)`,
-    `read_samples(split)`,
+    Subclasses set `name` (also the 12-in-1 task token), `head` and `split_files` (or define `annotation_file(split)`),
+    and define `read_samples(split)`,
     `target(sample)` (the loss target of one sample), `decode(sample, logits)` (one prediction dict) and
     `gold(split)` / `predicted_label(prediction)` (what `score` compares); `logits` and `loss` have defaults for
     a classifier head read per sample.
@@ -167,7 +167,8 @@ class ImageTextTask(FinetuneTask):
 
     main_metric = "accuracy"
     higher_is_better = True
-    head: str = ""
+    split_files: Mapping[str, str] = {}  # split -> its annotation file under data.root (the default reader's)
+    title: str = ""  # how messages name the benchmark (default: `name`)
     exact_image_ids: bool = False  # image ids whose trailing number is no id (NLVR2's "...-img0")
     data: ImageTextDataConfig
 
@@ -194,8 +195,11 @@ class ImageTextTask(FinetuneTask):
         return self._store
 
     def annotation_file(self, split: str) -> Path:
-        """The annotation file of a (resolved) split."""
-        raise NotImplementedError
+        """The annotation file of a (resolved) split: `split_files[split]` under `data.root`."""
+        if split not in self.split_files:
+            raise ConfigError(f"unknown {self.title or self.name} split {split!r}; "
+                              f"choose one of {', '.join(self.split_files)}")
+        return Path(self.data.root) / self.split_files[split]
 
     def source(self, split: str) -> str:
         """How log lines and errors name the split: its annotation file."""
@@ -232,7 +236,7 @@ class ImageTextTask(FinetuneTask):
 
     def forward(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> Any:
         rows = batch["input_ids"].shape[0]
-        ids = task_ids_for(model, self.name, rows, batch["input_ids"].device)
+        ids = self.task_ids(model, rows, batch["input_ids"].device)
         return model(**model_inputs(batch), task_ids=ids, heads=[self.head])
 
     def logits(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -322,6 +326,12 @@ class ImageTextTask(FinetuneTask):
     def id_of(self, prediction: Mapping) -> Any:
         return prediction["id"]
 
+    def chance(self, split: str, train: ImageTextTask | None = None) -> dict[str, float]:
+        """Accuracy of always giving the most frequent training label (a blind guess)."""
+        majority = Counter(s.label for s in (train or self).samples("train")).most_common(1)[0][0]
+        gold = self.gold(split)
+        return {"accuracy": 100 * sum(label == majority for label in gold.values()) / len(gold)}
+
     def score(self, predictions: list[dict], split: str) -> dict[str, float]:
         """Accuracy over every labelled item of the split; an unlabelled split reports only the count."""
         gold = self.gold(split)
@@ -330,6 +340,40 @@ class ImageTextTask(FinetuneTask):
         predicted = {self.id_of(p): self.predicted_label(p) for p in predictions}
         return {"accuracy": accuracy(predicted, gold), "num_items": float(len(gold)),
                 "num_predictions": float(len(predictions))}
+
+
+class AnswerTask(ImageTextTask):
+    """An image-text task answering from a fixed answer list (GQA, Visual Genome QA): a one-hot target over the
+    list, BCE on the head's scores. Subclasses say where the list comes from (`load_answers`)."""
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self._answers: list[str] | None = None
+        self._label_of: dict[str, int] = {}
+
+    def load_answers(self) -> list[str]:
+        raise NotImplementedError
+
+    def answers(self) -> list[str]:
+        """The answer list (label order), read once."""
+        if self._answers is None:
+            self._answers = self.load_answers()
+            self._label_of = {answer: i for i, answer in enumerate(self._answers)}
+        return self._answers
+
+    def target(self, sample: Sample) -> torch.Tensor:
+        answers = self.answers()
+        return one_hot(self._label_of.get(sample.label), len(answers))
+
+
+def frequent_answers(labels: Iterable[str], min_count: int) -> list[str]:
+    """The answers given at least `min_count` times, most frequent first (ties alphabetically); none is a
+    ConfigError naming data.min_answer_count."""
+    counts = Counter(labels)
+    answers = sorted((a for a, c in counts.items() if c >= min_count), key=lambda a: (-counts[a], a))
+    if not answers:
+        raise ConfigError(f"data.min_answer_count={min_count}: no answer occurs that often in the train split")
+    return answers
 
 
 def one_hot(label: int | None, size: int) -> torch.Tensor:

@@ -44,29 +44,23 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import nn
 
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig, from_dict, load_config, to_dict
-from tasks.engine.run_record import TASKS as TASK_ARCHITECTURE
+from tasks.engine.config import OptimConfig, TrainConfig, to_dict
+from tasks.engine.run_record import TASK_ARCHITECTURE
 from tasks.engine.task import StepOutput, Task, TaskDataset
 from tasks.errors import ConfigError, DataError
-from tasks.finetuning import FinetuneTask
-from tasks.image_text import ImageTextTask
-from tasks.registry import task_class
+from tasks.finetuning import FinetuneTask, ModelConfig, model_parameter_groups
+from tasks.registry import build_task, task_class
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SAMPLING = ("round-robin", "proportional", "temperature")
 
-# The model module behind each head output an image-text task reads, and the model config fields that shape it.
-HEAD_MODULES = {"answer_logits": "answer_head", "gqa_answer_logits": "gqa_answer_head",
-                "binary_logits": "binary_head", "pair_logit": "pair_head", "tri_logits": "tri_head",
-                "region_logits": "region_score_head"}
+# The model config fields that shape a head module.
 HEAD_CONFIG = {"answer_head": ("num_labels", "id2label", "label2id"),
                "gqa_answer_head": ("gqa_num_labels", "gqa_answers")}
 
@@ -126,7 +120,7 @@ class MultiTaskConfig:
         if len(set(labels)) != len(labels):
             raise ConfigError(f"tasks: member labels must differ (set `label` on repeated tasks), got {labels}")
         for member in self.tasks:
-            if member.name in ("multi", "pretrain"):
+            if not issubclass(task_class(member.name), FinetuneTask):  # pretraining, another multi-task run
                 raise ConfigError(f"tasks: {member.name!r} cannot be a member of a multi-task run")
             if member.loss_scale is not None and member.loss_scale <= 0:
                 raise ConfigError(f"tasks: {member.name} loss_scale must be positive, got {member.loss_scale}")
@@ -310,25 +304,22 @@ class Member:
 
 def load_member(spec: MemberConfig, model: ModelConfig, seed: int) -> FinetuneTask:
     """A member task from its resolved config (saved runs) or its YAML plus overrides; the model is the run's."""
-    cls = task_class(spec.name)
-    if not issubclass(cls, FinetuneTask):
+    if not issubclass(task_class(spec.name), FinetuneTask):
         raise ConfigError(f"tasks: {spec.name} is not a fine-tuning task and cannot be a member")
     if spec.resolved:
-        config = from_dict(cls.config_class, spec.resolved, f"tasks[{spec.name}].resolved")
+        task = build_task(spec.name, spec.resolved, source=f"tasks[{spec.name}].resolved")
     else:
-        config = load_config(spec.config or CONFIG_DIR / f"{spec.name}.yaml", cls.config_class, spec.overrides)
-    config.model = model
-    config.train.seed = seed
-    spec.resolved = to_dict(config)
-    return cls(config)
+        task = build_task(spec.name, spec.config, spec.overrides)
+    task.config.model = model
+    task.config.train.seed = seed
+    spec.resolved = to_dict(task.config)
+    return task
 
 
 def member_heads(task: FinetuneTask) -> tuple[str, ...]:
     """The model modules a member trains as its own head."""
     if task.head_modules:
         return task.head_modules
-    if isinstance(task, ImageTextTask) and task.head in HEAD_MODULES:
-        return (HEAD_MODULES[task.head],)
     raise ConfigError(f"tasks: {task.name} does not say which head module it trains")
 
 
@@ -340,6 +331,7 @@ class MultiTask(Task):
     higher_is_better = True
     find_unused_parameters = True  # each step trains one member's head
     config_class = MultiTaskConfig
+    config_from_checkpoint = True  # a multi-task run evaluates every member its saved config lists
 
     def __init__(self, config: MultiTaskConfig):
         self.config = config
@@ -528,6 +520,12 @@ class MultiTask(Task):
             if member.controller.in_stop != was:
                 logger.info("stop-and-go: %s %s", member.name, "stops" if member.controller.in_stop else "resumes")
 
-    def chance(self, split: str) -> dict[str, float]:
+    def parameter_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict]:
+        return model_parameter_groups(model, optim)
+
+    def chance(self, split: str, train: Task | None = None) -> dict[str, float]:
         return {f"{m.name}/{k}": v for m in self.members for k, v in m.task.chance(split).items()}
+
+    def feature_files(self) -> list[list[str]]:
+        return [files for member in self.members for files in member.task.feature_files()]
 

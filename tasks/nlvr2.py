@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from tasks.data.annotations import require
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.task import ExampleInputs, PredictExample
-from tasks.errors import AnnotationError, ConfigError
+from tasks.errors import AnnotationError
+from tasks.finetuning import FinetuneConfig
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot, read_json_lines
 from tasks.metrics import nlvr2_scores
 
@@ -71,12 +71,9 @@ class NLVR2DataConfig(ImageTextDataConfig):
 
 
 @dataclass
-class NLVR2Config:
+class NLVR2Config(FinetuneConfig):
     """An NLVR2 fine-tuning run (tasks/configs/nlvr2.yaml)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: NLVR2DataConfig = field(default_factory=NLVR2DataConfig)
 
 
@@ -85,15 +82,12 @@ class NLVR2Task(ImageTextTask):
 
     name = "nlvr2"
     head = "binary_logits"
+    split_files = SPLIT_FILES
+    title = "NLVR2"
     exact_image_ids = True
     config_class = NLVR2Config
     example_inputs = ExampleInputs("statement", images=("left image", "right image"),
                                    example_text="the left image has more circles than the right image")
-
-    def annotation_file(self, split: str) -> Path:
-        if split not in SPLIT_FILES:
-            raise ConfigError(f"unknown NLVR2 split {split!r}; choose one of {', '.join(SPLIT_FILES)}")
-        return Path(self.data.root) / SPLIT_FILES[split]
 
     def read_samples(self, split: str) -> list[Sample]:
         return read_nlvr2(self.annotation_file(split), self.data.images_from_urls)

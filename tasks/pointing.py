@@ -23,12 +23,11 @@ import numpy as np
 import torch
 
 from tasks.data.annotations import load_json, require
-from tasks.data.regions import box_iou, build_visual_input
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.data.regions import build_visual_input, iou_matrix
 from tasks.engine.task import ExampleInputs, PredictExample
 from tasks.errors import AnnotationError, ConfigError
 from tasks.figures.drawing import draw_boxes
-from tasks.finetuning import soft_bce_sum
+from tasks.finetuning import FinetuneConfig, soft_bce_sum
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, SampleDataset, known_samples
 from tasks.metrics import xywh_to_xyxy
 
@@ -47,7 +46,7 @@ def candidate_rows(candidate_boxes: np.ndarray, row_boxes: np.ndarray, first_row
         return [-1] * len(candidate_boxes)
     both = np.concatenate([np.asarray(candidate_boxes, dtype=np.float64).reshape(-1, 4),
                            np.asarray(row_boxes, dtype=np.float64).reshape(-1, 4)])
-    iou = box_iou(both)[: len(candidate_boxes), len(candidate_boxes):]  # [n, K]
+    iou = iou_matrix(both)[: len(candidate_boxes), len(candidate_boxes):]  # [n, K]
     best = iou.argmax(axis=1)
     return [first_row + int(k) if iou[i, k] >= MATCH_IOU else -1 for i, k in enumerate(best)]
 
@@ -56,6 +55,7 @@ class PointingTask(ImageTextTask):
     """Choose a candidate box; samples carry `extra["candidates"]` (ids) and `extra["boxes"]` (x1 y1 x2 y2)."""
 
     head = "region_logits"
+    metric_labels = {"accuracy": "accuracy (chosen box)"}
     data: PointingDataConfig
 
     def __init__(self, config):
@@ -128,6 +128,10 @@ class PointingTask(ImageTextTask):
     def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Any:
         return draw_boxes(example.image, example.boxes, result["box"], self.headline(result))
 
+    def chance(self, split: str, train: ImageTextTask | None = None) -> dict[str, float]:
+        """Expected accuracy of a uniformly random candidate box."""
+        return {"accuracy": 100 * float(np.mean([1 / len(s.extra["candidates"]) for s in self.samples(split)]))}
+
     def chosen(self, sample: Sample, logits: torch.Tensor) -> tuple:
         """(candidate id, its box) of the best-scoring candidate."""
         best = int(logits[: len(sample.extra["candidates"])].argmax())
@@ -182,12 +186,9 @@ class Visual7WDataConfig(PointingDataConfig):
 
 
 @dataclass
-class Visual7WConfig:
+class Visual7WConfig(FinetuneConfig):
     """A Visual7W pointing fine-tuning run (tasks/configs/visual7w.yaml)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: Visual7WDataConfig = field(default_factory=Visual7WDataConfig)
 
 

@@ -41,12 +41,13 @@ from tasks.data.regions import (
     visual_input,
 )
 from tasks.data.tokenization import TextInput, Tokenizer, load_tokenizer
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.engine.config import OptimConfig, TrainConfig
 from tasks.engine.distributed import move_to_device
 from tasks.engine.evaluation import model_device
 from tasks.engine.run_record import PRETRAINING, store_extractors
 from tasks.engine.task import ExampleInputs, PredictExample, StepOutput, Task, TaskDataset
 from tasks.errors import ConfigError, DataError
+from tasks.finetuning import ModelConfig, model_parameter_groups
 from tasks.metrics import recall_at_k
 from tasks.ranking.contrastive import contrastive_loss, dual_overrides
 from tasks.ranking.search import (
@@ -342,6 +343,9 @@ class PretrainingTask(Task):
             if store.optional["cls_prob"] != config.v_target_size:
                 raise ConfigError(f"data.{split}_features: cls_prob has {store.optional['cls_prob']} classes but "
                                   f"the model's v_target_size is {config.v_target_size}")
+
+    def parameter_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict]:
+        return model_parameter_groups(model, optim)
 
     def collate(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         return collate_pretraining(samples, self.config.data.max_regions, self.config.data.pad_to_longest)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -42,18 +43,17 @@ from tasks.data.annotations import (
     str_field,
 )
 from tasks.data.regions import collate_visual, region_boxes, visual_input
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.evaluation import eval_batches
 from tasks.engine.task import ExampleInputs, PredictExample, StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError
 from tasks.figures.drawing import draw_boxes
 from tasks.finetuning import (
+    FinetuneConfig,
     FinetuneDataConfig,
     FinetuneTask,
     model_inputs,
     resolve_split,
     soft_bce_sum,
-    task_ids_for,
 )
 from tasks.metrics import box_iou, refexp_accuracy, xywh_to_xyxy
 
@@ -127,12 +127,9 @@ class RefExpDataConfig(FinetuneDataConfig):
 
 
 @dataclass
-class RefExpConfig:
+class RefExpConfig(FinetuneConfig):
     """A referring-expression fine-tuning run (tasks/configs/refcoco*.yaml)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: RefExpDataConfig = field(default_factory=RefExpDataConfig)
 
 
@@ -191,7 +188,8 @@ class RefExpTask(FinetuneTask):
     config_class = RefExpConfig
     predict_modes = ("expression",)
     example_inputs = ExampleInputs("expression", example_text="the red circle")
-    head_modules = ("region_score_head",)
+    head = "region_logits"
+    metric_labels = {"accuracy": "accuracy (IoU >= 0.5)"}
     data: RefExpDataConfig
 
     def __init__(self, config: RefExpConfig):
@@ -223,7 +221,7 @@ class RefExpTask(FinetuneTask):
         return collate_refexp(samples)
 
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
-        ids = task_ids_for(model, self.name, batch["input_ids"].shape[0], batch["input_ids"].device)
+        ids = self.task_ids(model, batch["input_ids"].shape[0], batch["input_ids"].device)
         logits = model(**model_inputs(batch), task_ids=ids, heads=["region_logits"]).region_logits  # [B, R]
         hit = batch["target"].gather(1, logits.argmax(dim=1, keepdim=True)) > 0  # the reference's train metric
         return StepOutput({"loss": soft_bce_sum(logits, batch["target"])},
@@ -236,7 +234,7 @@ class RefExpTask(FinetuneTask):
         predictions = []
         for batch in eval_batches(model, dataset, self.collate, self.data.eval_batch_size, progress):
             device = batch["input_ids"].device
-            ids = task_ids_for(model, self.name, batch["input_ids"].shape[0], device)
+            ids = self.task_ids(model, batch["input_ids"].shape[0], device)
             logits = model(**model_inputs(batch), task_ids=ids, heads=["region_logits"]).region_logits
             best = logits.argmax(dim=1)  # [B]
             chosen = batch["boxes"][torch.arange(len(best), device=device), best]  # [B, 4]
@@ -261,6 +259,17 @@ class RefExpTask(FinetuneTask):
     # ------------------------------------------------------------------ one image
 
     @torch.no_grad()
+    def chance(self, split: str, train: RefExpTask | None = None) -> dict[str, float]:
+        """Expected accuracy of a uniformly random region (IMG token included, as the model may pick it)."""
+        store = self.store(False)
+        hits = []
+        for e in self.expressions(split):
+            regions = store.read(str(e.image_id))
+            boxes = region_boxes(regions.boxes[: self.data.max_regions - 1], regions.image_hw)
+            iou = box_iou(boxes, torch.tensor([e.box]))[:, 0]
+            hits.append(float((iou >= 0.5).float().mean()))
+        return {"accuracy": 100 * float(np.mean(hits))}
+
     def predict_one(self, model: nn.Module, example: PredictExample) -> dict[str, Any]:
         """{"expression", "box", "score", "top": the 3 best rows [{"box" (x1 y1 x2 y2 pixels), "score", "row"}]}.
 
@@ -268,7 +277,7 @@ class RefExpTask(FinetuneTask):
         """
         device = example.visual["region_features"].device
         text = self.tokenizer().encode([example.text], self.data.max_text_length).tensors(device)
-        ids = task_ids_for(model, self.example_token(example), 1, device)
+        ids = self.task_ids(model, 1, device, example.task_token)
         logits = model(**text, **example.visual, task_ids=ids, heads=["region_logits"]).region_logits.float()[0]
         rows = region_boxes(example.boxes, example.image.original_hw)  # [R, 4]
         scores, best = torch.sigmoid(logits[: len(rows)]).topk(min(3, len(rows)))

@@ -46,16 +46,15 @@ from tasks.data.annotations import (
 )
 from tasks.data.reference_files import read_hard_negatives
 from tasks.data.regions import collate_visual, visual_input
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.evaluation import eval_mode
 from tasks.engine.task import ExampleInputs, PredictExample, StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError
 from tasks.finetuning import (
+    FinetuneConfig,
     FinetuneDataConfig,
     FinetuneTask,
     build_task_model,
     resolve_split,
-    task_ids_for,
     task_token_id,
 )
 from tasks.metrics import mean_recall, recall_both_ways
@@ -147,12 +146,9 @@ class RetrievalDataConfig(FinetuneDataConfig):
 
 
 @dataclass
-class RetrievalConfig:
+class RetrievalConfig(FinetuneConfig):
     """An image-text retrieval fine-tuning run (tasks/configs/retrieval.yaml)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: RetrievalDataConfig = field(default_factory=RetrievalDataConfig)
 
 
@@ -231,7 +227,9 @@ class RetrievalTask(FinetuneTask):
     config_class = RetrievalConfig
     predict_modes = ("captions",)
     example_inputs = ExampleInputs(None, "captions", example_text="a red circle")
-    head_modules = ("pair_head",)
+    head = "pair_logit"
+    report_metric = "r1"
+    metric_labels = {"r1": "R@1 caption->image"}
     pretraining_zero_shot = True
     data: RetrievalDataConfig
 
@@ -240,7 +238,7 @@ class RetrievalTask(FinetuneTask):
         self._store = None
 
     @property
-    def token_task(self) -> str:
+    def task_token(self) -> str:
         if self.data.dataset not in ("flickr30k", "coco"):
             raise ConfigError(f"data.dataset must be flickr30k or coco, got {self.data.dataset!r}")
         return f"retrieval-{self.data.dataset}"
@@ -279,7 +277,7 @@ class RetrievalTask(FinetuneTask):
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "token_type_ids", "region_features",
                                               "region_locations", "region_mask")}
         rows = inputs["input_ids"].shape[0]
-        ids = task_ids_for(model, self.token_task, rows, inputs["input_ids"].device)
+        ids = self.task_ids(model, rows, inputs["input_ids"].device)
         contrastive = self.data.contrastive_weight > 0
         out = model(**inputs, task_ids=ids, heads=["pair_logit"], dual=contrastive)
         logits = out.pair_logit.view(rows // 4, 4)  # [B, 4]
@@ -302,7 +300,7 @@ class RetrievalTask(FinetuneTask):
         resolve = image_key_resolver(store.ids)
         visuals = [visual_input(store.read(resolve(im.image_id)), self.data.max_regions) for im in images]
         text = self.tokenizer().encode(captions, self.data.max_text_length)
-        scorer = CoattentionScorer(model, text, visuals, task_token_id(model, self.token_task),
+        scorer = CoattentionScorer(model, text, visuals, task_token_id(model, self.task_token),
                                    self.data.eval_batch_size)
         with eval_mode(model):
             return scorer.matrix(progress=progress)
@@ -338,6 +336,21 @@ class RetrievalTask(FinetuneTask):
         metrics["num_images"], metrics["num_captions"] = float(total_images), float(total_captions)
         metrics["num_without_features"] = float(total_images - len(images))
         return metrics
+
+    def chance(self, split: str, train: RetrievalTask | None = None) -> dict[str, float]:
+        """R@1 of a random ranking: 1 / the number of images."""
+        return {"r1": 100 / len(self.images(split))}
+
+    def evaluation(self, model: nn.Module, split: str, progress: Callable | None = None, mode: str | None = None,
+                   rerank_k: int = 32) -> tuple[Any, dict[str, Any]]:
+        """With a ranking `mode` (`tasks.ranking.search.RANKING_MODES`): both directions ranked that way, with
+        queries/s; without one, `predict` then `score`."""
+        if mode is None:
+            return super().evaluation(model, split, progress)
+        metrics, images, scores = evaluate_retrieval(self, model, split, mode, rerank_k, progress)
+        metrics = {"mode": mode, **({"rerank_k": rerank_k} if mode == "dual+rerank" else {}), **metrics}
+        return {"image_ids": [im.image_id for im in images], "captions": [c for im in images for c in im.captions],
+                "scores": scores.tolist()}, metrics
 
     def hard_negative_pool(self, model: nn.Module, split: str, size: int = 100,
                            progress: Callable | None = None) -> dict[str, list[str]]:
@@ -382,7 +395,7 @@ def evaluate_retrieval(task: RetrievalTask, model: nn.Module, split: str, mode: 
     visuals = [visual_input(store.read(key), task.data.max_regions) for _, key in kept]
     with eval_mode(model):
         ranked = rank_both_ways(model, task.tokenizer(), captions, visuals, task.data.max_text_length, mode,
-                                rerank_k, task_token_id(model, task.token_task), max(1, task.data.eval_batch_size),
+                                rerank_k, task_token_id(model, task.task_token), max(1, task.data.eval_batch_size),
                                 progress)
     metrics = recall_both_ways(ranked["text_to_image"], ranked["image_to_text"], caption_image)
     seconds = ranked["seconds"]

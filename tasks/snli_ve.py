@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from tasks.data.annotations import require
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.task import ExampleInputs
-from tasks.errors import AnnotationError, ConfigError
+from tasks.errors import AnnotationError
+from tasks.finetuning import FinetuneConfig
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot, read_json_lines
 
 LABELS = ("contradiction", "neutral", "entailment")
@@ -46,12 +46,9 @@ class SNLIVEDataConfig(ImageTextDataConfig):
 
 
 @dataclass
-class SNLIVEConfig:
+class SNLIVEConfig(FinetuneConfig):
     """An SNLI-VE fine-tuning run (tasks/configs/snli-ve.yaml)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: SNLIVEDataConfig = field(default_factory=SNLIVEDataConfig)
 
 
@@ -60,13 +57,10 @@ class SNLIVETask(ImageTextTask):
 
     name = "snli-ve"
     head = "tri_logits"
+    split_files = SPLIT_FILES
+    title = "SNLI-VE"
     config_class = SNLIVEConfig
     example_inputs = ExampleInputs("hypothesis", example_text="there is a red circle")
-
-    def annotation_file(self, split: str) -> Path:
-        if split not in SPLIT_FILES:
-            raise ConfigError(f"unknown SNLI-VE split {split!r}; choose one of {', '.join(SPLIT_FILES)}")
-        return Path(self.data.root) / SPLIT_FILES[split]
 
     def read_samples(self, split: str) -> list[Sample]:
         return read_snli_ve(self.annotation_file(split))

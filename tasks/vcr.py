@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 
 from tasks.data.annotations import require
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.task import ExampleInputs, PredictExample
 from tasks.errors import AnnotationError, ConfigError
+from tasks.finetuning import FinetuneConfig
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot, read_json_lines
 from tasks.metrics import vcr_scores
 
@@ -115,12 +115,9 @@ class VCRDataConfig(ImageTextDataConfig):
 
 
 @dataclass
-class VCRConfig:
+class VCRConfig(FinetuneConfig):
     """A VCR fine-tuning run (tasks/configs/vcr-qa.yaml, vcr-qar.yaml)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: VCRDataConfig = field(default_factory=VCRDataConfig)
 
 

@@ -37,26 +37,25 @@ from tasks.data.annotations import (
     str_field,
 )
 from tasks.data.answer_labels import (
-    answer_list,
     carry_answer_rows,
     checkpoint_classifier,
+    config_answers,
     extend_answers,
     require_answer_labels,
 )
 from tasks.data.regions import collate_visual, visual_input
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.evaluation import eval_batches
 from tasks.engine.task import ExampleInputs, PredictExample, StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError, DataError
 from tasks.figures.drawing import draw_boxes
 from tasks.finetuning import (
+    FinetuneConfig,
     FinetuneDataConfig,
     FinetuneTask,
     build_task_model,
     model_inputs,
     resolve_split,
     soft_bce_sum,
-    task_ids_for,
 )
 from tasks.metrics import normalize_answer, soft_score, vqa_score
 
@@ -158,7 +157,7 @@ def checkpoint_answers(directory: str | None) -> list[str] | None:
     """The answer list saved in a VQA checkpoint's config.json (id2label), or None for other checkpoints."""
     if not directory or not (Path(directory) / "config.json").is_file():
         return None
-    return answer_list(load_json(Path(directory) / "config.json").get("id2label"))
+    return config_answers(load_json(Path(directory) / "config.json"))
 
 
 def soft_target(answers: list[str], label_of: Mapping[str, int]) -> dict[int, float]:
@@ -207,12 +206,9 @@ class VQADataConfig(FinetuneDataConfig):
 
 
 @dataclass
-class VQAConfig:
+class VQAConfig(FinetuneConfig):
     """A VQA fine-tuning run (tasks/configs/vqa.yaml)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     data: VQADataConfig = field(default_factory=VQADataConfig)
 
 
@@ -263,7 +259,9 @@ class VQATask(FinetuneTask):
     config_class = VQAConfig
     predict_modes = ("question",)
     example_inputs = ExampleInputs("question", example_text="what color is the circle")
-    head_modules = ("answer_head",)
+    head = "answer_logits"
+    metric_labels = {"accuracy": "VQA accuracy"}
+    checkpoint_overrides = ("data.extend_answers=false",)  # the checkpoint's answers as they are
     data: VQADataConfig
 
     def __init__(self, config: VQAConfig):
@@ -285,7 +283,7 @@ class VQATask(FinetuneTask):
         """The answer list: the initial checkpoint's (config id2label) when it has one, then (when fine-tuning) the
         data's answers it lacks; else built from train+val. A converted head without labels is refused."""
         if self.answers is None:
-            init = getattr(self.config.model, "init", None)
+            init = self.config.model.init
             require_answer_labels(init)
             self.init_answers = checkpoint_answers(init)
             if self.init_answers is None or self.data.extend_answers:
@@ -330,7 +328,7 @@ class VQATask(FinetuneTask):
         return model
 
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
-        ids = task_ids_for(model, "vqa", batch["input_ids"].shape[0], batch["input_ids"].device)
+        ids = self.task_ids(model, batch["input_ids"].shape[0], batch["input_ids"].device)
         out = model(**model_inputs(batch), task_ids=ids, heads=["answer_logits"])
         best = out.answer_logits.argmax(dim=1, keepdim=True)
         score = batch["target"].gather(1, best).mean()  # the reference's in-training soft accuracy
@@ -345,7 +343,7 @@ class VQATask(FinetuneTask):
         answers = self.vocabulary()
         predictions = []
         for batch in eval_batches(model, self.dataset(split), self.collate, self.data.eval_batch_size, progress):
-            ids = task_ids_for(model, "vqa", batch["input_ids"].shape[0], batch["input_ids"].device)
+            ids = self.task_ids(model, batch["input_ids"].shape[0], batch["input_ids"].device)
             logits = model(**model_inputs(batch), task_ids=ids, heads=["answer_logits"]).answer_logits
             probs, labels = torch.sigmoid(logits.float()).max(dim=1)
             for qid, label, prob in zip(batch["question_id"].tolist(), labels.tolist(), probs.tolist(), strict=True):
@@ -372,12 +370,35 @@ class VQATask(FinetuneTask):
     # ------------------------------------------------------------------ one image
 
     @torch.no_grad()
+    def chance(self, split: str, train: VQATask | None = None) -> dict[str, float]:
+        """Accuracy of answering each question with its question type's most frequent training answer."""
+        train_questions = (train or self).questions("train")
+        by_type: dict[str, Counter] = {}
+        for q in train_questions:
+            by_type.setdefault(q.question_type, Counter())[q.consensus] += 1
+        overall = Counter(q.consensus for q in train_questions).most_common(1)[0][0]
+        questions = self.questions(split)
+        guesses = {q.question_id: (by_type[q.question_type].most_common(1)[0][0] if q.question_type in by_type
+                                   else overall) for q in questions}
+        annotations = [{"question_id": q.question_id, "answers": [{"answer": a} for a in q.answers],
+                        "answer_type": q.answer_type} for q in questions]
+        return {"accuracy": vqa_score(guesses, annotations)["overall"]}
+
+    def evaluation(self, model: nn.Module, split: str, progress: Callable | None = None, mode: str | None = None,
+                   rerank_k: int = 32) -> tuple[Any, dict[str, Any]]:
+        """The test splits have no answers: their predictions file is the official submission."""
+        if split not in ("test", "test-dev"):
+            return super().evaluation(model, split, progress)
+        result = submission(self.predict(model, split, progress), self.questions(split),
+                            fallback=self.vocabulary()[0])
+        return result, {"num_questions": len(result)}
+
     def predict_one(self, model: nn.Module, example: PredictExample) -> dict[str, Any]:
         """{"question", "answers": the top-k [{"answer", "score"}] by sigmoid(answer_logits), best first}.
 
         The answer list is `options["answers"]` when given, else the checkpoint's (config id2label).
         """
-        answers = example.options.get("answers") or answer_list(model.config.id2label)
+        answers = example.options.get("answers") or config_answers({"id2label": model.config.id2label})
         if answers is None:
             raise ConfigError("the checkpoint's config.json has no VQA answer list (id2label); pass --answers FILE")
         if len(answers) != model.config.num_labels:
@@ -385,7 +406,7 @@ class VQATask(FinetuneTask):
                               f"{model.config.num_labels} outputs")
         device = example.visual["region_features"].device
         text = self.tokenizer().encode([example.text], self.data.max_text_length).tensors(device)
-        ids = task_ids_for(model, self.example_token(example), 1, device)
+        ids = self.task_ids(model, 1, device, example.task_token)
         logits = model(**text, **example.visual, task_ids=ids, heads=["answer_logits"]).answer_logits
         top_k = min(int(example.options.get("top_k", 5)), len(answers))
         scores, labels = torch.sigmoid(logits.float()[0]).topk(top_k)
@@ -394,7 +415,7 @@ class VQATask(FinetuneTask):
                             for p, i in zip(scores.tolist(), labels.tolist(), strict=True)]}
 
     def prediction_problem(self, model_config: Mapping[str, Any]) -> str | None:
-        if answer_list(model_config.get("id2label")) is None:
+        if config_answers(model_config) is None:
             return "config.json has no VQA answer list (id2label)"
         return None
 

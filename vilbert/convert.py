@@ -117,7 +117,6 @@ _UNUSED_REFERENCE = re.compile(r"^bert\.encoder\.c_layer\.(\d+)\.biOutput\.q_den
 _TIED_DECODER = "mlm_head.decoder.weight"
 # our parameters with no reference counterpart (the dual encoder): never exported, initialised fresh on import
 OURS_ONLY_PREFIXES = ("vilbert.dual.",)
-_WORD_EMBEDDINGS = "vilbert.embeddings.word_embeddings.weight"
 # keys of the reference config JSONs that the reference code never reads or that we do not model
 _IGNORED_JSON_KEYS = {"pooling_method", "bi_attention_type", "visualization", "objective", "num_negative", "fast_mode"}
 _UNSUPPORTED_JSON_FLAGS = {"in_batch_pairs": False, "dynamic_attention": False, "visual_target": 0, "model": "bert"}

@@ -480,6 +480,8 @@ class ViLBertPreTrainedModel(PreTrainedModel):
     base_model_prefix = "vilbert"
     _supports_sdpa = True
     trains_word_embeddings = False  # a head reads them (the tied MLM decoder): they train despite frozen text layers
+    # the heads on the fused pooled vector (the reference's "vil_" heads; fine-tuning may give them their own lr)
+    pooled_heads: tuple[str, ...] = ()
 
     def text_stream_parameters(self) -> list[nn.Parameter]:
         """The parameters a BERT checkpoint initialises: text embeddings (not the task-token table) and text layers.
@@ -936,6 +938,17 @@ VL_HEADS = (
     "token_logits",
     "region_class_logits",
 )
+# The module behind each head output: what a checkpoint must hold for a task that reads that output.
+HEAD_MODULES = {
+    "answer_logits": "answer_head",
+    "gqa_answer_logits": "gqa_answer_head",
+    "pair_logit": "pair_head",
+    "binary_logits": "binary_head",
+    "tri_logits": "tri_head",
+    "region_logits": "region_score_head",
+    "token_logits": "token_score_head",
+    "region_class_logits": "region_head",
+}
 
 
 @dataclass
@@ -966,7 +979,6 @@ class ViLBertForVLTasksOutput(ModelOutput):
 class ViLBertForVLTasks(ViLBertWithPretrainingHeads):
     """Every head of the reference VILBertForVLTasks, plus its pretraining heads (they convert and load too)."""
 
-    # the heads on the fused pooled vector (the reference's "vil_" heads; fine-tuning may give them their own lr)
     pooled_heads = ("answer_head", "gqa_answer_head", "binary_head", "pair_head", "tri_head")
 
     def __init__(self, config: ViLBertConfig):

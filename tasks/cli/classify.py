@@ -63,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
     if args.scorer == "dual" and not info.config.get("dual_embedding_size"):
         raise ConfigError(f"--checkpoint {args.checkpoint}: its model has no dual encoder (dual_embedding_size is 0); "
                           "use --scorer alignment, or train with data.contrastive_weight > 0")
-    tokenizer_dir = predict.tokenizer_directory(info, args.tokenizer)
-    task = predict.build_task(info, predict.choose_task(info, "captions"), tokenizer_dir)
+    tokenizer_dir = predict.checkpoint_tokenizer(info, args.tokenizer)
+    task = predict.checkpoint_task(info, predict.choose_task(info, "captions"), tokenizer_dir)
     image = read_image(args.image)
     boxes = predict.boxes_for_image(args.boxes, args.box_format, args.image) if args.boxes else None
     name, detector = predict.prepare_detector(info, args.detector, args.weights, detector_options(args.detector_options),
@@ -75,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
     regions = predict.image_regions(detector, name, image, boxes, device, Path(args.image).stem, note=to_stderr)
     visual = visual_input(regions, task.max_regions)
     tokenizer = load_tokenizer(tokenizer_dir, lowercase=bool((info.run_config.get("data") or {}).get("lowercase", True)))
-    token_task = info.task_token or "retrieval-flickr30k"
+    token = info.task_token or "retrieval-flickr30k"
     scores = zero_shot_scores(model, tokenizer, [visual], labels, templates, task.config.data.max_text_length,
-                              args.scorer, task_token_id(model, token_task))[0]  # [L]
+                              args.scorer, task_token_id(model, token))[0]  # [L]
     probabilities = torch.softmax(scores, 0) if args.scorer == "dual" else None
     order = torch.argsort(scores, descending=True, stable=True).tolist()[: args.top]
     ranked = [{"label": labels[i], "score": round(float(scores[i]), 6),

@@ -23,6 +23,7 @@ from tasks.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, choices=task_choices())
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + model.safetensors)")
@@ -46,19 +47,20 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from tasks.data.feature_provenance import warn_if_store_differs
-    from tasks.multitask import MultiTask
-    from tasks.runners.evaluate import evaluate_split, load_checkpoint_model, load_task
+    from tasks.registry import build_task, task_class
+    from tasks.runners.checkpoint import load_checkpoint_model
 
-    keep_head = ["data.extend_answers=false"] if args.task == "vqa" else []  # the checkpoint's answers as they are
-    if args.strict and args.task == "multi":
-        raise ConfigError("--strict: set data.strict in each member's config of a multi-task run")
-    strict = ["data.strict=true"] if args.strict else []
+    cls = task_class(args.task)
+    if args.strict and cls.strict_key is None:
+        raise ConfigError(f"--strict: set data.strict in each member's config of a {args.task} run")
+    strict = [f"{cls.strict_key}=true"] if args.strict else []
     config = args.config
-    if args.task == "multi" and config is None:  # a multi-task run evaluates every member its config lists
+    if cls.config_from_checkpoint and config is None:
         config = Path(args.checkpoint) / "run_config.yaml"
-    task = load_task(args.task, config, [*args.overrides, f"model.init={args.checkpoint}", *keep_head, *strict])
-    for member in [m.task for m in task.members] if isinstance(task, MultiTask) else [task]:
-        warn_if_store_differs(args.checkpoint, member.config.data.features)
+    task = build_task(args.task, config, [*args.overrides, f"model.init={args.checkpoint}",
+                                          *cls.checkpoint_overrides, *strict])
+    for features in task.feature_files():
+        warn_if_store_differs(args.checkpoint, features)
     model = load_checkpoint_model(args.checkpoint, task)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     out = Path(args.out or Path(args.checkpoint) / f"eval-{args.split}")
@@ -69,24 +71,8 @@ def run(args: argparse.Namespace) -> int:
         write_json_atomic(args.hard_negatives, pool)
         print(f"hard negatives of {len(pool)} images -> {args.hard_negatives}")
         return 0
-    if args.task == "vqa" and args.split in ("test", "test-dev"):
-        from tasks.vqa import submission
-
-        predictions = task.predict(model, args.split, progress)
-        result = submission(predictions, task.questions(args.split), fallback=task.vocabulary()[0])
-        write_json_atomic(out / "predictions.json", result)
-        metrics = {"num_questions": len(result)}
-    elif args.task == "retrieval" and args.mode:
-        from tasks.retrieval import evaluate_retrieval
-
-        metrics, images, scores = evaluate_retrieval(task, model, args.split, args.mode, args.rerank_k, progress)
-        metrics = {"mode": args.mode, **({"rerank_k": args.rerank_k} if args.mode == "dual+rerank" else {}), **metrics}
-        write_json_atomic(out / "predictions.json", {"image_ids": [im.image_id for im in images],
-                                                     "captions": [c for im in images for c in im.captions],
-                                                     "scores": scores.tolist()})
-    else:
-        predictions, metrics = evaluate_split(task, model, args.split, progress)
-        write_json_atomic(out / "predictions.json", predictions)
+    predictions, metrics = task.evaluation(model, args.split, progress, args.mode, args.rerank_k)
+    write_json_atomic(out / "predictions.json", predictions)
     write_json_atomic(out / "metrics.json", {"task": args.task, "split": args.split,
                                              "checkpoint": str(args.checkpoint), **metrics})
     for key, value in metrics.items():

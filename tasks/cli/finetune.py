@@ -31,17 +31,17 @@ def run(args: argparse.Namespace) -> int:
     from tasks.engine.trainer import Trainer, summary_lines
     from tasks.errors import ConfigError
     from tasks.multitask import MultiTask
-    from tasks.runners.evaluate import load_task
+    from tasks.registry import build_task
 
     overrides = list(args.overrides) + ([f"model.init={args.init}"] if args.init else [])
     if args.clean_train_sets:
         if args.task != "multi":
             raise ConfigError("--clean-train-sets: only a multi-task run (--task multi) has other tasks' splits")
         overrides.append("multitask.clean_train_sets=true")
-    task = load_task(args.task, args.config, overrides)
-    for member in [m.task for m in task.members] if isinstance(task, MultiTask) else [task]:
-        warn_if_store_differs(task.config.model.init, member.config.data.features)
-    trainer = Trainer(task, task.config.train, task.config.optim, run_config=task.config)
+    task = build_task(args.task, args.config, overrides)
+    for features in task.feature_files():
+        warn_if_store_differs(task.config.model.init, features)
+    trainer = Trainer(task)
     result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     for line in summary_lines(result, task):
         print(line)

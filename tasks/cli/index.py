@@ -41,15 +41,15 @@ def run(args: argparse.Namespace) -> int:
     model, info = load_dual_model(args.checkpoint, device)
     store = open_feature_store(args.features, "--features")
     try:
-        tokenizer = predict.tokenizer_directory(info)
+        tokenizer = predict.checkpoint_tokenizer(info)
     except ConfigError:
         tokenizer = None  # vilbert search then needs --tokenizer
-    task = predict.build_task(info, predict.choose_task(info, "captions"), tokenizer or "")
+    task = predict.checkpoint_task(info, predict.choose_task(info, "captions"), tokenizer or "")
     max_text_length, max_regions = task.config.data.max_text_length, task.max_regions
     settings = {"checkpoint": str(Path(args.checkpoint).resolve()),
                 "features": [str(Path(p).resolve()) for p in args.features],
                 "tokenizer": tokenizer, "max_text_length": max_text_length,
-                "task_token": info.task_token or (task.token_task if isinstance(task, FinetuneTask)
+                "task_token": info.task_token or (task.task_token if isinstance(task, FinetuneTask)
                                                     else "retrieval-flickr30k")}  # a pretraining run
     out = build_index(model, store, args.out, settings, args.max_regions or max_regions, args.batch_size,
                       args.faiss, progress=lambda items: tqdm(items, desc="index", unit="chunk"))

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         train.eval_at_end, train.eval_every, train.save_every = False, 10**9, steps
         singles[spec.name] = (Path(train.output_dir), steps)
         if not list_checkpoints(train.output_dir):
-            Trainer(task, train, task.config.optim, run_config=task.config).fit()
+            Trainer(task).fit()
     for line in multitask_report(run_dir, singles):
         print(line)
     return 0

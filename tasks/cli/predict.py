@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     # everything cheap to check comes first: a bad path fails before any weights load
     info = read_checkpoint(args.checkpoint)
     task_name = predict.choose_task(info, mode, args.task)
-    task = predict.build_task(info, task_name, predict.tokenizer_directory(info, args.tokenizer, task_name))
+    task = predict.checkpoint_task(info, task_name, predict.checkpoint_tokenizer(info, args.tokenizer, task_name))
     problem = None if args.answers else task.prediction_problem(info.config)
     if problem:
         hint = "; pass --answers FILE (or convert with --answers trainval_label2ans.pkl)" if mode == "question" else ""
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         predict.save_picture(task.draw(example, answer), args.out)
         result["out"] = args.out
     if args.attention or args.attention_json:
-        result.update(predict.attention_maps(model, task, example, answer, words=args.words, head=args.head,
+        result.update(predict.write_attention(model, task, example, answer, words=args.words, head=args.head,
                                              rollout=args.rollout, out=args.attention, json_out=args.attention_json))
 
     if args.json:

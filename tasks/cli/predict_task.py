@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     # everything cheap to check comes first: a request that does not fit fails before any weights load
     info = read_checkpoint(args.checkpoint)
-    task = predict.build_task(info, args.task, predict.tokenizer_directory(info, args.tokenizer, args.task))
+    task = predict.checkpoint_task(info, args.task, predict.checkpoint_tokenizer(info, args.tokenizer, args.task))
     predict.check_request(task, args.text, args.option, len(args.image))
     problem = task.prediction_problem(info.config)
     if problem:

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     if args.strict:
         config.data.strict = True
     task = PretrainingTask(config)
-    trainer = Trainer(task, config.train, config.optim, run_config=config)
+    trainer = Trainer(task)
     resume = config.train.output_dir if args.resume == "latest" else args.resume
     result = trainer.fit(resume=resume, overwrite=args.overwrite)
     if trainer.dist.is_main:

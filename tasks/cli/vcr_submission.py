@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from tasks.runners.evaluate import load_checkpoint_model, load_task
+    from tasks.registry import build_task
+    from tasks.runners.checkpoint import load_checkpoint_model
     from tasks.vcr import LEADERBOARD_COLUMNS, leaderboard_rows
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,11 +40,11 @@ def run(args: argparse.Namespace) -> int:
     def progress(name: str):
         return lambda items: tqdm(items, desc=name, leave=False)
 
-    answer_task = load_task("vcr-qa", args.config, [*args.overrides, f"model.init={args.checkpoint}"])
+    answer_task = build_task("vcr-qa", args.config, [*args.overrides, f"model.init={args.checkpoint}"])
     model = load_checkpoint_model(args.checkpoint, answer_task).to(device).eval()
     answers = answer_task.predict(model, args.split, progress("Q→A"))
     rationale_checkpoint = args.rationale_checkpoint or args.checkpoint
-    rationale_tasks = [load_task("vcr-qar", args.config, [*args.overrides, f"model.init={rationale_checkpoint}",
+    rationale_tasks = [build_task("vcr-qar", args.config, [*args.overrides, f"model.init={rationale_checkpoint}",
                                                           f"data.condition_on_answer={i}"]) for i in range(4)]
     model = load_checkpoint_model(rationale_checkpoint, rationale_tasks[0]).to(device).eval()
     conditioned = [task.predict(model, args.split, progress(f"QA→R given answer {i}"))

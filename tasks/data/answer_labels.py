@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -19,16 +18,10 @@ from torch import nn
 
 from features.errors import FeaturesError
 from features.safe_pickle import safe_load
-from tasks.engine.run_record import TASKS, architecture
+from tasks.engine.run_record import TASK_ARCHITECTURE, architecture
 from tasks.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-
-def answer_list(id2label: Mapping | None) -> list[str] | None:
-    """The answers of a model config's id2label in label order, or None when they are the default LABEL_i."""
-    answers = [id2label[k] for k in sorted(id2label or {}, key=int)]
-    return answers if answers and not all(a == f"LABEL_{i}" for i, a in enumerate(answers)) else None
 
 
 def read_answer_list(path: str | Path) -> list[str]:
@@ -76,7 +69,7 @@ def require_answer_labels(directory: str | Path | None) -> None:
         return
     config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
     architectures = config.get("architectures") or []
-    has_head = bool(architectures) and architecture(architectures) == TASKS
+    has_head = bool(architectures) and architecture(architectures) == TASK_ARCHITECTURE
     if config.get("converted_from") and has_head and config_answers(config) is None:
         raise ConfigError(f"{directory}: the converted answer head has no answer labels; convert again with "
                           "--answers trainval_label2ans.pkl (the reference's label -> answer list)")

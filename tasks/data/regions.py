@@ -73,7 +73,7 @@ def region_boxes(boxes: np.ndarray, image_hw: Sequence[int]) -> torch.Tensor:
     return torch.cat([whole, torch.as_tensor(np.asarray(boxes), dtype=torch.float32).reshape(-1, 4)])
 
 
-def box_iou(boxes: np.ndarray) -> np.ndarray:
+def iou_matrix(boxes: np.ndarray) -> np.ndarray:
     """Pairwise IoU of pixel boxes `[K, 4]` → `[K, K]`."""
     boxes = np.asarray(boxes, dtype=np.float64)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
@@ -95,7 +95,7 @@ def masked_image_mean(
     """
     selected = np.asarray(selected, dtype=bool)
     if selected.any():
-        overlapping = (box_iou(boxes)[:, selected] > iou_threshold).any(axis=1)  # [K]
+        overlapping = (iou_matrix(boxes)[:, selected] > iou_threshold).any(axis=1)  # [K]
         count = max(int((~overlapping).sum()), 1)
     else:
         count = max(len(masked_features), 1)

@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -84,9 +84,16 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return found[-1]
 
 
+@runtime_checkable
+class SavesPretrained(Protocol):
+    """A model that writes itself as a loadable directory (Hugging Face's config.json + model.safetensors)."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None: ...
+
+
 def save_model_weights(model: nn.Module, directory: Path) -> None:
-    """`save_pretrained` for Hugging Face models (config.json + model.safetensors), safetensors otherwise."""
-    if hasattr(model, "save_pretrained"):
+    """`save_pretrained` for models that declare it (`SavesPretrained`), the bare safetensors weights otherwise."""
+    if isinstance(model, SavesPretrained):
         model.save_pretrained(directory)
     else:
         save_model(model, str(directory / "model.safetensors"))

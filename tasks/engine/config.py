@@ -1,7 +1,7 @@
 """Run configurations: YAML files → dataclasses, `key=value` overrides, validation once at load.
 
 A run config is a tree of dataclasses (each task module defines its top-level one, e.g. `PretrainConfig`, built
-from the shared `ModelConfig`, `TrainConfig` and `OptimConfig` below). Values are converted to the field's type
+from the shared `TrainConfig` and `OptimConfig` below and the model's `tasks.finetuning.ModelConfig`). Values are converted to the field's type
 (`int`, `float`, `bool`, `str`, lists/tuples of those, `X | None`, nested dataclasses, `dict`); unknown keys and
 values of the wrong type are a `ConfigError` naming the key and the file. Dataclasses may define `validate()`,
 called once after loading, to check values against each other.
@@ -10,7 +10,6 @@ called once after loading, to check values against each other.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import types
@@ -22,42 +21,8 @@ import yaml
 
 from features.atomic import write_text_atomic
 from tasks.errors import ConfigError
-from vilbert import ViLBertConfig
 
 T = TypeVar("T")
-
-
-@dataclasses.dataclass
-class ModelConfig:
-    """Which model to build and what to initialise it from."""
-
-    preset: str = "base"  # a `ViLBertConfig.from_preset` name
-    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # ViLBertConfig fields to change
-    text_init: str | None = None  # local Hugging Face BERT directory for the text stream
-    init: str | None = None  # a checkpoint directory (save_pretrained) to start from
-
-    def validate(self) -> None:
-        defaults = ViLBertConfig().to_dict()
-        for key, value in self.overrides.items():
-            if key not in defaults:
-                close = difflib.get_close_matches(key, defaults, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"model.overrides: {key!r} is not a ViLBertConfig field{hint}")
-            default = defaults[key]
-            if default is None or value is None:
-                continue
-            kind = float if isinstance(default, float) else type(default)
-            fits = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-            if kind is float:
-                fits = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not fits:
-                raise ConfigError(f"model.overrides.{key} must be {_type_name(kind)} like its default "
-                                  f"{default!r}, got {value!r}")
-            if isinstance(default, dict):
-                unknown = sorted(set(value) - set(default)) if default else []
-                if unknown:
-                    raise ConfigError(f"model.overrides.{key}: unknown key {unknown[0]!r}; expected one of "
-                                      f"{', '.join(sorted(default))}")
 
 
 @dataclasses.dataclass
@@ -244,7 +209,7 @@ def _convert(value: Any, hint: Any, source: str, key: str) -> Any:
                 return _convert(value, option, source, key)
             except ConfigError as error:
                 errors.append(error)
-        raise errors[0] if len(options) == 1 else fail(" or ".join(_type_name(a) for a in args))
+        raise errors[0] if len(options) == 1 else fail(" or ".join(type_name(a) for a in args))
     if hint is Any:
         return value
     if dataclasses.is_dataclass(hint):
@@ -296,5 +261,5 @@ def _convert(value: Any, hint: Any, source: str, key: str) -> Any:
     raise ConfigError(f"{source}: {key} has an unsupported type {hint!r}")
 
 
-def _type_name(hint: Any) -> str:
+def type_name(hint: Any) -> str:
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))

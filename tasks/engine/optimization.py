@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
 from tasks.engine.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW with weight decay on every weight except biases and LayerNorm parameters.
+def parameter_groups(model: nn.Module, config: OptimConfig, heads: Iterable[str] = (),
+                     text: Iterable[nn.Parameter] = ()) -> list[dict]:
+    """AdamW parameter groups: weight decay on every weight except biases and LayerNorm parameters.
 
-    Parameters are grouped by (lr, decay). With `config.head_lr` set, the model's pooled-output heads (the top-level
-    modules named in its `pooled_heads`, the reference's "vil_" heads) train at that lr; with
-    `config.text_lr` set, the BERT-initialised text stream (`model.text_stream_parameters()`) trains at that one
-    (the reference's intended 0.1x BERT lr). Groups come out in a fixed order: base, heads, text.
+    Parameters are grouped by (lr, decay). With `config.head_lr` set, the top-level modules named in `heads` train
+    at that lr; with `config.text_lr` set, the `text` parameters (a BERT-initialised text stream) train at that
+    one. Groups come out in a fixed order: base, heads, text. Which modules are heads and which parameters are
+    text is the task's to say (`Task.parameter_groups`).
     """
     no_decay = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
-    heads = set(getattr(model, "pooled_heads", ())) if config.head_lr is not None else set()
-    text = {id(p) for p in model.text_stream_parameters()} if config.text_lr is not None else set()
+    heads = set(heads) if config.head_lr is not None else set()
+    text = {id(p) for p in text} if config.text_lr is not None else set()
     lrs = {"base": config.lr, "head": config.head_lr, "text": config.text_lr}
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {(k, d): [] for k in lrs for d in (True, False)}
     for name, param in model.named_parameters():
@@ -26,11 +29,15 @@ def build_optimizer(model: nn.Module, config: OptimConfig, fused: bool = False) 
             continue
         kind = "head" if name.split(".", 1)[0] in heads else "text" if id(param) in text else "base"
         buckets[(kind, not (name.endswith("bias") or id(param) in no_decay))].append(param)
-    groups = [
+    return [
         {"params": params, "weight_decay": config.weight_decay if decays else 0.0, "lr": lrs[kind]}
         for (kind, decays), params in buckets.items()
         if kind == "base" or params
     ]
+
+
+def build_optimizer(groups: list[dict], config: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over `groups` (`parameter_groups`) with the config's betas and eps."""
     return torch.optim.AdamW(
         groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, **({"fused": True} if fused else {})
     )

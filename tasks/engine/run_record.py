@@ -27,7 +27,7 @@ from features.store import FeatureStore
 from tasks.errors import ConfigError
 
 RUN_RECORD = "run.json"
-PRETRAINING, TASKS = "pretraining", "tasks"  # the two architectures: ViLBertForPreTraining, ViLBertForVLTasks
+PRETRAINING, TASK_ARCHITECTURE = "pretraining", "tasks"  # the two architectures: ViLBertForPreTraining, ViLBertForVLTasks
 
 
 def architecture(model: nn.Module | Sequence[str]) -> str:
@@ -36,7 +36,7 @@ def architecture(model: nn.Module | Sequence[str]) -> str:
     Only `ViLBertForPreTraining` is a pretraining model; every other class (the task model) is "tasks".
     """
     names = [type(model).__name__] if isinstance(model, nn.Module) else list(model)
-    return PRETRAINING if "ViLBertForPreTraining" in names else TASKS
+    return PRETRAINING if "ViLBertForPreTraining" in names else TASK_ARCHITECTURE
 
 
 def store_extractors(paths: Iterable[str | os.PathLike]) -> list[dict]:

@@ -52,6 +52,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from tasks.engine.config import OptimConfig
+from tasks.engine.optimization import parameter_groups
+from tasks.errors import ConfigError
+
 
 @dataclass
 class StepOutput:
@@ -175,6 +179,12 @@ class Task:
     head_modules: tuple[str, ...] = ()  # model modules a checkpoint must hold for this task ("answer_head", ...)
     pretraining_zero_shot: bool = False  # a pretraining checkpoint serves this task as is (alignment head)
     config_class: type  # the run config dataclass (tasks/configs/<name>.yaml is one of these)
+    config: Any  # an instance of config_class; its `train` and `optim` sections drive the trainer
+    report_metric: str = ""  # the metric a report shows beside its chance level (default: main_metric)
+    metric_labels: Mapping[str, str] = {}  # how reports name metrics ("accuracy" -> "VQA accuracy")
+    checkpoint_overrides: tuple[str, ...] = ()  # config overrides that read a checkpoint's head as it is
+    strict_key: str | None = None  # the config key making items without features an error (`--strict`)
+    config_from_checkpoint: bool = False  # `vilbert evaluate` reads the checkpoint's run config by default
 
     def run_record(self) -> dict[str, Any]:
         """What `run.json` says about a run of this task (see tasks.engine.run_record). Default: the name only."""
@@ -197,6 +207,12 @@ class Task:
 
     def training_step(self, model: nn.Module, batch: Mapping[str, Any]) -> StepOutput:
         raise NotImplementedError
+
+    def parameter_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict]:
+        """The optimizer's parameter groups (`tasks.engine.optimization.parameter_groups`). Default: decay on
+        every weight but biases and LayerNorm, one lr; a task whose model has heads or a text stream with their
+        own lr (`optim.head_lr`, `optim.text_lr`) names them."""
+        return parameter_groups(model, optim)
 
     def train_batches(self, dataset: TaskDataset, micro_batch_size: int, grad_accumulation: int, rank: int,
                       world_size: int, seed: int) -> BatchSchedule | None:
@@ -228,9 +244,27 @@ class Task:
         """Predict once, then score."""
         return self.score(self.predict(model, split, progress), split)
 
-    def chance(self, split: str) -> dict[str, float]:
-        """Metric values a model without the image would get (for reports); empty when not defined."""
+    def chance(self, split: str, train: Task | None = None) -> dict[str, float]:
+        """Metric values of the best blind guess on `split` (for reports), its priors drawn from the training
+        split of `train` (default this task; a report reads test splits through a task built on their folder).
+        Empty when not defined."""
         return {}
+
+    def evaluation(self, model: nn.Module, split: str, progress: Callable | None = None, mode: str | None = None,
+                   rerank_k: int = 32) -> tuple[Any, dict[str, Any]]:
+        """What `vilbert evaluate` writes: (the predictions file's content, the metrics). Default: `predict` once,
+        then `score`. `mode` / `rerank_k` are the command line's ranking options (tasks that rank use them)."""
+        predictions = self.predict(model, split, progress)
+        return predictions, self.score(predictions, split)
+
+    def hard_negative_pool(self, model: nn.Module, split: str, size: int = 100,
+                           progress: Callable | None = None) -> dict[str, list[str]]:
+        """{item: its `size` nearest other items by the model's scores} (`vilbert evaluate --hard-negatives`)."""
+        raise ConfigError(f"--hard-negatives: task {self.name!r} has no hard-negative pool")
+
+    def feature_files(self) -> list[list[str]]:
+        """The feature store files each part of the task reads (checked against the checkpoint's extractor)."""
+        return []
 
     # ---------------------------------------------------------------------------------------------- prediction
 

@@ -121,9 +121,14 @@ class Run:
 
 
 class Trainer:
-    """Trains a task's model. `run_config` (the whole merged config) is saved beside every checkpoint."""
+    """Trains a task's model with the task's run config: its `train` and `optim` sections (or the ones given), and
+    the whole config (`run_config`, default the task's) saved beside every checkpoint."""
 
-    def __init__(self, task: Task, train: TrainConfig, optim: OptimConfig, run_config: Any = None):
+    def __init__(self, task: Task, train: TrainConfig | None = None, optim: OptimConfig | None = None,
+                 run_config: Any = None):
+        if train is None:  # the task's own run config: `Trainer(task)`
+            train, optim = task.config.train, optim or task.config.optim
+            run_config = task.config if run_config is None else run_config
         self.task, self.train, self.optim = task, train, optim
         self.run_config = run_config
         self.run_dir = Path(train.output_dir)
@@ -212,7 +217,7 @@ class Trainer:
         if train.max_steps is not None:
             total_steps = min(total_steps, train.max_steps)
 
-        optimizer = build_optimizer(model, self.optim, fused=self.device.type == "cuda")
+        optimizer = build_optimizer(self.task.parameter_groups(model, self.optim), self.optim, fused=self.device.type == "cuda")
         scheduler = build_scheduler(optimizer, warmup_steps_for(self.optim, total_steps), total_steps)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         state = TrainerState()

@@ -136,6 +136,19 @@ def load_model(info: CheckpointInfo, device: str, task: Task) -> nn.Module:
     return model.to(device).eval()
 
 
+def load_checkpoint_model(checkpoint: str, task: Task) -> nn.Module:
+    """A task model from `checkpoint` for evaluation, refused in one line when the checkpoint lacks the task's head.
+
+    A pretraining checkpoint loads as is for tasks that score zero-shot (retrieval, by its alignment head).
+    """
+    info = read_checkpoint(checkpoint)
+    check_serves(info, task)
+    if info.is_pretraining:
+        logger.info("pretraining checkpoint: zero-shot %s from the alignment head", task.name)
+        return ViLBertForPreTraining.from_pretrained(checkpoint)
+    return task.build_model()
+
+
 def load_dual_model(checkpoint: str, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointInfo]:
     """(model in eval mode, its `CheckpointInfo`) of a checkpoint whose model has a dual encoder."""
     info = read_checkpoint(checkpoint)

@@ -33,14 +33,13 @@ from tasks.data.annotations import load_json
 from tasks.data.feature_provenance import feature_mismatch
 from tasks.data.regions import collate_visual, visual_input
 from tasks.data.tokenization import load_tokenizer
-from tasks.engine.config import from_dict
 from tasks.engine.run_record import PRETRAINING, architecture
 from tasks.engine.task import ExampleImage, PredictExample, Task
 from tasks.errors import ConfigError
 from tasks.figures.attention import explain_prediction
-from tasks.finetuning import FinetuneTask, task_ids_for
+from tasks.finetuning import FinetuneTask
 from tasks.metrics import xywh_to_xyxy
-from tasks.registry import TASKS, task_class
+from tasks.registry import TASKS, build_task, task_class
 from tasks.runners.checkpoint import CheckpointInfo
 
 logger = logging.getLogger(__name__)
@@ -78,7 +77,7 @@ def run_settings(info: CheckpointInfo, name: str) -> dict:
     return info.run_config if info.task == name else {}
 
 
-def tokenizer_directory(info: CheckpointInfo, override: str | None = None, task: str | None = None) -> str:
+def checkpoint_tokenizer(info: CheckpointInfo, override: str | None = None, task: str | None = None) -> str:
     """--tokenizer, else the run's data.tokenizer or model.text_init (a multi-task member `task`'s own first), else
     the checkpoint dir if it has a vocab."""
     candidates = [override]
@@ -93,17 +92,16 @@ def tokenizer_directory(info: CheckpointInfo, override: str | None = None, task:
                       "pass --tokenizer DIR (a local BERT directory with vocab.txt)")
 
 
-def build_task(info: CheckpointInfo, name: str, tokenizer: str) -> Task:
+def checkpoint_task(info: CheckpointInfo, name: str, tokenizer: str) -> Task:
     """Task `name` with the run's config when this checkpoint's run trained it (a multi-task run's member config),
     else its defaults; `data.tokenizer` is `tokenizer` and `model.init` the checkpoint (answer lists come from it).
 
     Its data is never read: prediction needs only the text and region settings and the tokenizer.
     """
-    cls = task_class(name)
-    config = from_dict(cls.config_class, run_settings(info, name), str(info.directory / "run_config.yaml"))
-    config.data.tokenizer = tokenizer
-    config.model.init = str(info.directory)
-    return cls(config)
+    settings = run_settings(info, name)
+    settings = {**settings, "data": {**(settings.get("data") or {}), "tokenizer": tokenizer},
+                "model": {**(settings.get("model") or {}), "init": str(info.directory)}}
+    return build_task(name, settings, source=str(info.directory / "run_config.yaml"))
 
 
 # ------------------------------------------------------------------------------------------------------ detector
@@ -318,15 +316,15 @@ def predict_example(task: Task, model: nn.Module, detector: RegionDetector, dete
         return example, task.predict_one(model, example)
 
 
-def attention_maps(model: nn.Module, task: Task, example: PredictExample, result: Mapping[str, Any],
-                   image: int = 0, **figure: Any) -> dict[str, str]:
+def write_attention(model: nn.Module, task: Task, example: PredictExample, result: Mapping[str, Any],
+                    image: int = 0, **figure: Any) -> dict[str, str]:
     """The co-attention figure and/or JSON (tasks.figures.attention) of the text the task explains
     (`Task.explained_text`) with image `image` of the example. `figure`: words, head, rollout, out, json_out."""
     text = task.explained_text(example, result)
     device = example.visual["region_features"].device
     task_ids = None
     if isinstance(task, FinetuneTask) and architecture(model) != PRETRAINING:
-        task_ids = task_ids_for(model, task.example_token(example), 1, device)
+        task_ids = task.task_ids(model, 1, device, example.task_token)
     tokenizer = load_tokenizer(task.config.data.tokenizer)
     return explain_prediction(model, tokenizer, example.images[image], text, task.config.data.max_text_length,
                               task_ids, **figure)

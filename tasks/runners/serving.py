@@ -84,7 +84,7 @@ def load_served(directory: str | os.PathLike, device: str, detector: str | None 
     names = offered_task_names(info)
     tasks, refused = [], []
     for name in names:
-        task = predict.build_task(info, name, predict.tokenizer_directory(info, task=name))
+        task = predict.checkpoint_task(info, name, predict.checkpoint_tokenizer(info, task=name))
         problem = ("no single-example prediction" if task.example_inputs is None
                    else task.prediction_problem(info.config))
         if problem:
@@ -129,7 +129,7 @@ def answer(served: ServedTask, images: list[LoadedImage], boxes: list[np.ndarray
     for index in range(len(example.images)):
         out = figures / f"attention-{index}.png"
         try:
-            predict.attention_maps(served.model, served.task, example, result, image=index, out=out)
+            predict.write_attention(served.model, served.task, example, result, image=index, out=out)
         except ConfigError as error:  # e.g. a text of special tokens only: the answer stands without the figure
             notes.append(f"no attention figure: {error}")
             break

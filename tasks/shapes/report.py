@@ -29,39 +29,23 @@ import torch
 
 from features.store import FeatureStore
 from tasks.data.captions import join_with_store, load_captions
-from tasks.data.regions import region_boxes, visual_input
+from tasks.data.regions import visual_input
 from tasks.data.tokenization import load_tokenizer
 from tasks.engine.checkpoints import list_checkpoints
 from tasks.engine.config import load_config
 from tasks.engine.evaluation import eval_mode
+from tasks.engine.task import Task
 from tasks.errors import ConfigError, DataError
-from tasks.metrics import box_iou, recall_at_k, vqa_score
+from tasks.metrics import recall_at_k
 from tasks.pretraining import PretrainConfig
 from tasks.ranking.search import RANKING_MODES, rank_both_ways
-from tasks.registry import task_class
-from tasks.runners.evaluate import load_checkpoint_model, load_task
+from tasks.registry import build_task, task_class
+from tasks.runners.checkpoint import load_checkpoint_model
+from tasks.shapes.tasks import EVAL_SPLITS
 from tasks.shapes.zero_shot import shapes_zero_shot
 from vilbert import ViLBertForPreTraining
 
 logger = logging.getLogger(__name__)
-
-# The shapes world's evaluation splits per task: (label, split name, path under data.root or None).
-# The VQA reader knows only COCO's file names, so the generator writes test and compositional as `val2014`
-# in folders of their own (tasks.shapes.world.VQA_FILES).
-EVAL_SPLITS = {
-    "vqa": [("held-out test", "val", "test"), ("compositional", "val", "compositional")],
-    "retrieval": [("held-out test", "test", None), ("compositional", "compositional", None)],
-    "refcoco": [("held-out test", "test", None), ("compositional", "compositional", None)],
-    "nlvr2": [("held-out test", "test1", None)],
-    "snli-ve": [("held-out test", "test", None)],
-    "gqa": [("held-out test", "testdev", None)],
-    "visual7w": [("held-out test", "test", None)],
-}
-MAIN_METRIC = {"vqa": ("accuracy", "VQA accuracy"), "retrieval": ("r1", "R@1 caption->image"),
-               "refcoco": ("accuracy", "accuracy (IoU >= 0.5)"), "nlvr2": ("accuracy", "accuracy"),
-               "snli-ve": ("accuracy", "accuracy"), "gqa": ("accuracy", "accuracy (exact match)"),
-               "visual7w": ("accuracy", "accuracy (chosen box)")}
-
 
 @dataclass
 class Row:
@@ -198,82 +182,41 @@ def pretraining_report(run_dir: str | Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- finetuning
 
 
-def _task_for(run_dir: Path, task_name: str, split_root: str | None, checkpoint: Path | None = None):
+def _task_for(run_dir: Path, task_name: str, split_root: str | None, checkpoint: Path | None = None) -> Task:
+    """The run's task reading `checkpoint` (its head as it is), on the split folder `split_root` when given."""
     checkpoint = checkpoint or last_checkpoint(run_dir)
-    overrides = [f"model.init={checkpoint}"]
-    if task_name == "vqa":  # the checkpoint's answers as they are (the split folders hold no training files)
-        overrides.append("data.extend_answers=false")
+    cls = task_class(task_name)
+    overrides = [f"model.init={checkpoint}", *cls.checkpoint_overrides]
     if split_root is not None:
-        root = load_config(run_dir / "config.yaml", task_class(task_name).config_class).data.root
+        root = load_config(run_dir / "config.yaml", cls.config_class).data.root
         overrides.append(f"data.root={Path(root) / split_root}")
-    return load_task(task_name, str(run_dir / "config.yaml"), overrides)
-
-
-def _vqa_chance(task, split: str, train_task) -> float:
-    """Accuracy of answering each question with its question type's most frequent training answer."""
-    by_type: dict[str, Counter] = {}
-    for q in train_task.questions("train"):
-        by_type.setdefault(q.question_type, Counter())[q.consensus] += 1
-    overall = Counter(q.consensus for q in train_task.questions("train")).most_common(1)[0][0]
-    questions = task.questions(split)
-    guesses = {q.question_id: (by_type[q.question_type].most_common(1)[0][0] if q.question_type in by_type
-                               else overall) for q in questions}
-    annotations = [{"question_id": q.question_id, "answers": [{"answer": a} for a in q.answers],
-                    "answer_type": q.answer_type} for q in questions]
-    return vqa_score(guesses, annotations)["overall"]
-
-
-def _refexp_chance(task, split: str) -> float:
-    """Expected accuracy of a uniformly random region (IMG token included, as the model may pick it)."""
-    store = task.store(False)
-    hits = []
-    for e in task.expressions(split):
-        regions = store.read(str(e.image_id))
-        boxes = region_boxes(regions.boxes[: task.data.max_regions - 1], regions.image_hw)
-        iou = box_iou(boxes, torch.tensor([e.box]))[:, 0]
-        hits.append(float((iou >= 0.5).float().mean()))
-    return 100 * float(np.mean(hits))
-
-
-def _prior_chance(task, split: str, train_task) -> float:
-    """Accuracy of always giving the most frequent training label (NLVR2, SNLI-VE, GQA: a blind guess)."""
-    majority = Counter(s.label for s in train_task.samples("train")).most_common(1)[0][0]
-    gold = task.gold(split)
-    return 100 * sum(label == majority for label in gold.values()) / len(gold)
-
-
-def _pointing_chance(task, split: str) -> float:
-    """Expected accuracy of a uniformly random candidate box."""
-    return 100 * float(np.mean([1 / len(s.extra["candidates"]) for s in task.samples(split)]))
+    return build_task(task_name, str(run_dir / "config.yaml"), overrides)
 
 
 def finetuning_rows(run_dir: str | Path, task_name: str, checkpoint: Path | None = None,
-                    held_out_only: bool = False) -> list[Row]:
+                    held_out_only: bool = False, splits: list[tuple[str, str, str | None]] | None = None) -> list[Row]:
     """Evaluate the run's last checkpoint (or `checkpoint`, read with the run's task config) on the held-out and
-    compositional splits (`held_out_only`: the first)."""
-    if task_name not in EVAL_SPLITS:
+    compositional splits (`held_out_only`: the first): the task's report metric beside its chance level.
+
+    `splits`: (label, split, folder under data.root or None), default the shapes world's for the task."""
+    splits = splits or EVAL_SPLITS.get(task_name)
+    if not splits:
         raise ConfigError(f"--task {task_name}: the report knows {', '.join(EVAL_SPLITS)}")
     run_dir = Path(run_dir)
-    metric, metric_name = MAIN_METRIC[task_name]
     checkpoint = checkpoint or last_checkpoint(run_dir)
     train_task = _task_for(run_dir, task_name, None, checkpoint)
+    metric = train_task.report_metric or train_task.main_metric
+    metric_name = train_task.metric_labels.get(metric, metric)
     model = load_checkpoint_model(str(checkpoint), train_task).eval()
     rows = []
-    for label, split, root in EVAL_SPLITS[task_name][:1 if held_out_only else None]:
+    for label, split, root in splits[:1 if held_out_only else None]:
         task = _task_for(run_dir, task_name, root, checkpoint)
         with torch.no_grad():
             metrics = task.evaluate(model, split)
-        if task_name == "vqa":
-            chance = _vqa_chance(task, split, train_task)
-        elif task_name == "retrieval":
-            chance = 100 / metrics["num_images"]
-        elif task_name in ("nlvr2", "snli-ve", "gqa"):
-            chance = _prior_chance(task, split, train_task)
-        elif task_name == "visual7w":
-            chance = _pointing_chance(task, split)
-        else:
-            chance = _refexp_chance(task, split)
-        rows.append(Row(f"{label}: {metric_name}", metrics[metric], chance, metrics))
+        chance = task.chance(split, train_task)
+        if metric not in chance:
+            raise ConfigError(f"--task {task_name}: the task has no chance level for {metric}")
+        rows.append(Row(f"{label}: {metric_name}", metrics[metric], chance[metric], metrics))
     return rows
 
 

@@ -47,7 +47,7 @@ from tasks.engine.trainer import Trainer
 from tasks.errors import ConfigError
 from tasks.figures.intervals import IntervalPanel, interval_figure
 from tasks.pretraining import PretrainConfig, PretrainingTask
-from tasks.registry import task_class
+from tasks.registry import build_task
 from tasks.shapes.report import finetuning_rows, last_checkpoint
 from tasks.shapes.targets import add_class_targets
 from tasks.shapes.world import write_shapes_world
@@ -408,7 +408,7 @@ def pretrain(paths: StudyPaths, plan: StudyPlan, cell: Cell, text_init: str) -> 
         *plan.pretrain_overrides]
     config = load_config(CONFIGS / "pretrain_embedded.yaml", PretrainConfig, overrides)
     cpu = time.process_time()
-    result = Trainer(PretrainingTask(config), config.train, config.optim, run_config=config).fit(overwrite=True)
+    result = Trainer(PretrainingTask(config)).fit(overwrite=True)
     return {"metrics": result.last_eval, "seconds": result.seconds, "cpu_seconds": time.process_time() - cpu,
             "checkpoint": str(last_checkpoint(run_dir))}
 
@@ -426,10 +426,9 @@ def finetune(paths: StudyPaths, plan: StudyPlan, cell: Cell, task_name: str, tex
         *([f"model.init={init}"] if init else []), *plan.finetune_overrides]
     if task_name == "retrieval":
         overrides.append(f"data.split_files={json.dumps(write_retrieval_subsets(paths, plan.retrieval_eval_images))}")
-    cls = task_class(task_name)
-    task = cls(load_config(CONFIGS / f"{task_name}_embedded.yaml", cls.config_class, overrides))
+    task = build_task(task_name, CONFIGS / f"{task_name}_embedded.yaml", overrides)
     started, cpu = time.perf_counter(), time.process_time()
-    Trainer(task, task.config.train, task.config.optim, run_config=task.config).fit(overwrite=True)
+    Trainer(task).fit(overwrite=True)
     rows = finetuning_rows(run_dir, task_name)
     shutil.rmtree(run_dir / "checkpoints")
     return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,

@@ -48,6 +48,19 @@ SPLIT_NAMES = {  # shapes-world split -> each dataset's split name
 VISUAL7W_SPLITS = {"train": "train", "val": "val", "test": "test"}
 TASK_STREAM = {"nlvr2": 12, "snli_ve": 13, "gqa": 15, "visual7w": 4}  # per-task random streams
 
+# The shapes world's evaluation splits per task: (label, split name, path under data.root or None).
+# The VQA reader knows only COCO's file names, so the generator writes test and compositional as `val2014`
+# in folders of their own (tasks.shapes.world.VQA_FILES).
+EVAL_SPLITS = {
+    "vqa": [("held-out test", "val", "test"), ("compositional", "val", "compositional")],
+    "retrieval": [("held-out test", "test", None), ("compositional", "compositional", None)],
+    "refcoco": [("held-out test", "test", None), ("compositional", "compositional", None)],
+    "nlvr2": [("held-out test", "test1", None)],
+    "snli-ve": [("held-out test", "test", None)],
+    "gqa": [("held-out test", "testdev", None)],
+    "visual7w": [("held-out test", "test", None)],
+}
+
 
 def load_scenes(world: str | Path) -> tuple[int, list[Scene]]:
     """(seed, scenes) of a generated world's `scenes.json`."""

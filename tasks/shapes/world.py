@@ -54,8 +54,6 @@ NUM_CLASSES = len(CLASS_NAMES)  # 19
 
 MIN_GAP = 2.0  # pixels between any two boxes
 NOISE_STD = 8.0
-QUESTIONS_PER_IMAGE = 6
-CAPTIONS_PER_IMAGE = 5
 DISSENT_PROBABILITY = 0.1  # share of VQA questions where 1-3 of the 10 annotators answer differently
 PICKLE_PROTOCOL = 4
 

@@ -8,7 +8,7 @@ from tasks.cli import build_parser, options
 from tasks.finetuning import TASK_TOKEN_IDS
 from tasks.ranking.zero_shot import DEFAULT_TEMPLATES, SCORERS
 from tasks.registry import TASKS
-from tasks.shapes.report import EVAL_SPLITS
+from tasks.shapes.tasks import EVAL_SPLITS
 from vilbert.convert import SOURCES
 
 

@@ -12,7 +12,7 @@ import torch
 
 from tasks.cli import main
 from tasks.finetuning import TASK_TOKEN_IDS
-from tasks.runners.evaluate import load_task
+from tasks.registry import build_task
 from tests.fixtures.task_zoo import write_zoo
 from vilbert import ViLBertConfig, ViLBertForVLTasks
 from vilbert.convert import export_reference_state_dict
@@ -45,7 +45,7 @@ def test_converted_12in1_checkpoint_evaluates(converted, tmp_path, task, monkeyp
     split = SPLITS[task]
     overrides = [*write_zoo(tmp_path, [task])[task], "data.max_regions=4", "data.eval_batch_size=4"]
 
-    task_object = load_task(task, None, [*overrides, f"model.init={checkpoint}"])
+    task_object = build_task(task, None, [*overrides, f"model.init={checkpoint}"])
     model = task_object.build_model()
     for name, tensor in reference.state_dict().items():  # every converted weight loads unchanged
         assert torch.equal(model.state_dict()[name], tensor), name

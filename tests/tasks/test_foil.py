@@ -2,8 +2,8 @@
 
 import pytest
 
-from tasks.engine.config import ModelConfig
 from tasks.errors import AnnotationError
+from tasks.finetuning import ModelConfig
 from tasks.foil import FoilConfig, FoilDataConfig, FoilTask, read_foil
 from tasks.metrics import accuracy
 from tests.fixtures.task_steps import data_options, learns

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tasks.engine.config import ModelConfig
+from tasks.finetuning import ModelConfig
 from tasks.genome_qa import GenomeQAConfig, GenomeQADataConfig, GenomeQATask
 from tasks.metrics import accuracy
 from tests.fixtures.task_steps import data_options, learns

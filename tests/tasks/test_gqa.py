@@ -4,8 +4,8 @@ import pickle
 
 import pytest
 
-from tasks.engine.config import ModelConfig
 from tasks.errors import AnnotationError
+from tasks.finetuning import ModelConfig
 from tasks.gqa import GQAConfig, GQADataConfig, GQATask, read_gqa
 from tasks.metrics import gqa_accuracy
 from tests.fixtures.task_steps import data_options, learns

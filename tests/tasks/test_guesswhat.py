@@ -2,8 +2,8 @@
 
 import pytest
 
-from tasks.engine.config import ModelConfig
 from tasks.errors import AnnotationError
+from tasks.finetuning import ModelConfig
 from tasks.guesswhat import (
     ANSWERS,
     GuessWhatConfig,

@@ -9,8 +9,9 @@ import torch
 import torch.multiprocessing as mp
 
 from tasks.engine.checkpoints import list_checkpoints
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.engine.config import OptimConfig, TrainConfig
 from tasks.engine.trainer import Trainer
+from tasks.finetuning import ModelConfig
 from tasks.multitask import (
     MemberConfig,
     MultiTask,
@@ -194,9 +195,9 @@ def test_a_tiny_multi_task_run_learns_evaluates_per_task_and_seeds_single_task_r
     from safetensors.torch import load_file
 
     from tasks.cli import main
+    from tasks.registry import build_task
     from tasks.runners.checkpoint import read_checkpoint
-    from tasks.runners.evaluate import load_task
-    from tasks.runners.predict import build_task
+    from tasks.runners.predict import checkpoint_task
 
     common = {"features": [str(tiny / "f.h5")], "tokenizer": str(tiny / "tok"), "max_regions": 4,
               "max_text_length": 12, "eval_batch_size": 8, "train_split": "train", "val_split": "train"}
@@ -223,8 +224,8 @@ def test_a_tiny_multi_task_run_learns_evaluates_per_task_and_seeds_single_task_r
     assert record["tasks"] == ["snli-ve", "gqa"] and record["task_tokens"] == {"snli-ve": "snli-ve", "gqa": "gqa"}
     # predict builds a member with its own settings; a single-task run from the multi-task checkpoint keeps
     # the task's head and its 12-in-1 token (13 for SNLI-VE)
-    assert build_task(read_checkpoint(checkpoint), "snli-ve", str(tiny / "tok")).config.data.val_split == "train"
-    single = load_task("snli-ve", str(tmp_path / "snli-ve.yaml"), [f"model.init={checkpoint}"]).build_model()
+    assert checkpoint_task(read_checkpoint(checkpoint), "snli-ve", str(tiny / "tok")).config.data.val_split == "train"
+    single = build_task("snli-ve", str(tmp_path / "snli-ve.yaml"), [f"model.init={checkpoint}"]).build_model()
     saved = load_file(str(checkpoint / "model.safetensors"))
     assert torch.equal(single.tri_head.weight, saved["tri_head.weight"])
     token = single.vilbert.embeddings.task_embeddings.weight

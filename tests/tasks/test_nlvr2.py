@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from features.store import FeatureStore
-from tasks.engine.config import ModelConfig
 from tasks.engine.task import ExampleImage, PredictExample
 from tasks.errors import AnnotationError
+from tasks.finetuning import ModelConfig
 from tasks.image_text import Sample
 from tasks.metrics import nlvr2_scores
 from tasks.nlvr2 import NLVR2Config, NLVR2DataConfig, NLVR2Task, image_pair, read_nlvr2

@@ -2,8 +2,8 @@
 
 import pytest
 
-from tasks.engine.config import ModelConfig
 from tasks.errors import AnnotationError
+from tasks.finetuning import ModelConfig
 from tasks.metrics import accuracy
 from tasks.pointing import Visual7WConfig, Visual7WDataConfig, Visual7WTask, candidate_rows, read_visual7w
 from tests.fixtures.task_steps import data_options, learns

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from features.errors import FeaturesError
-from tasks.engine.config import ModelConfig
 from tasks.errors import AnnotationError, ConfigError
+from tasks.finetuning import ModelConfig
 from tasks.refexp import RefCOCOgTask, RefCOCOPlusTask, RefExpConfig, RefExpDataConfig, iou_targets, read_refs
 from tests.fixtures.tiny_task_data import write_json, write_refcoco, write_store, write_vocab
 

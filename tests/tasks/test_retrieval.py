@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from tasks.engine.config import ModelConfig
 from tasks.errors import AnnotationError
+from tasks.finetuning import ModelConfig
 from tasks.retrieval import RetrievalConfig, RetrievalDataConfig, RetrievalTask, read_jsonlines, read_karpathy
 from tests.fixtures.tiny_task_data import write_karpathy, write_store, write_vocab
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tasks.engine.config import ModelConfig
 from tasks.errors import AnnotationError, DataError
+from tasks.finetuning import ModelConfig
 from tasks.metrics import accuracy
 from tasks.snli_ve import LABELS, SNLIVEConfig, SNLIVEDataConfig, SNLIVETask, read_snli_ve
 from tests.fixtures.tiny_12in1_data import write_jsonl, write_snli_ve

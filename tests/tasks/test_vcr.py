@@ -2,8 +2,8 @@
 
 import pytest
 
-from tasks.engine.config import ModelConfig
 from tasks.errors import AnnotationError
+from tasks.finetuning import ModelConfig
 from tasks.metrics import accuracy
 from tasks.vcr import VCRConfig, VCRDataConfig, VCRRationaleTask, VCRTask, joint_scores, read_vcr
 from tests.fixtures.task_steps import data_options, learns

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from tasks.engine.config import ModelConfig
 from tasks.errors import AnnotationError, ConfigError
+from tasks.finetuning import ModelConfig
 from tasks.metrics import vqa_accuracy
 from tasks.vqa import (
     VQAConfig,

@@ -12,7 +12,7 @@ from tasks.cli import main
 from tasks.data.answer_labels import carry_answer_rows, extend_answers, read_answer_list
 from tasks.data.feature_provenance import feature_mismatch, warn_if_store_differs
 from tasks.errors import ConfigError
-from tasks.runners.evaluate import load_task
+from tasks.registry import build_task
 from tasks.vqa import build_vocabulary, read_split
 from tests.fixtures.tiny_task_data import write_store, write_vocab, write_vqa
 from vilbert import ViLBertConfig, ViLBertForVLTasks
@@ -80,7 +80,7 @@ def test_permuted_labels_survive_convert_evaluate_and_finetune(tmp_path, vqa, ca
     assert predictions and {p["answer"] for p in predictions} == {labels[0]}
 
     # finetune --init: the checkpoint's order first, the data's new answer appended, rows carried by label
-    task = load_task("vqa", None, [*TINY, *vqa["data"], f"model.init={converted}"])
+    task = build_task("vqa", None, [*TINY, *vqa["data"], f"model.init={converted}"])
     model = task.build_model()
     assert task.vocabulary() == labels + [vqa["data_answers"][0]]
     head = model.answer_head.classifier

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.data.regions import box_iou, collate_visual, masked_image_mean, visual_input
+from tasks.data.regions import collate_visual, iou_matrix, masked_image_mean, visual_input
 
 
 def make_regions(k, dim=4, hw=(100, 200)):
@@ -60,6 +60,6 @@ def test_masked_image_mean_divides_by_regions_clear_of_masking():
 
 def test_box_iou_of_identical_boxes_is_one():
     boxes = np.array([[0, 0, 2, 2], [1, 1, 3, 3]], np.float32)
-    iou = box_iou(boxes)
+    iou = iou_matrix(boxes)
     np.testing.assert_allclose(np.diag(iou), 1)
     assert iou[0, 1] == pytest.approx(1 / 7)

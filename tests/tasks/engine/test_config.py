@@ -5,8 +5,9 @@ import dataclasses
 import pytest
 import yaml
 
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig, load_config, save_config
+from tasks.engine.config import OptimConfig, TrainConfig, load_config, save_config
 from tasks.errors import ConfigError
+from tasks.finetuning import ModelConfig
 
 
 @dataclasses.dataclass

@@ -14,11 +14,12 @@ from torch import nn
 
 from tasks.engine.checkpoints import STATE_FILE, list_checkpoints
 from tasks.engine.config import OptimConfig, TrainConfig
-from tasks.engine.optimization import build_optimizer, build_scheduler
+from tasks.engine.optimization import build_optimizer, build_scheduler, parameter_groups
 from tasks.engine.sampler import ResumableDistributedSampler
 from tasks.engine.task import StepOutput, Task, TaskDataset
 from tasks.engine.trainer import Trainer, TrainingDiverged
 from tasks.errors import ConfigError
+from tasks.finetuning import model_parameter_groups
 from tests.fixtures.run_logs import records
 
 
@@ -147,7 +148,7 @@ def test_checkpoints_hold_weights_state_and_config_and_keep_last_k_and_best(tmp_
 
 def test_no_weight_decay_on_biases_and_layernorm():
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2, bias=False))
-    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.01))
+    optimizer = build_optimizer(parameter_groups(model, OptimConfig(weight_decay=0.01)), OptimConfig())
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
     assert {id(p) for p in decayed["params"]} == {id(model[0].weight), id(model[2].weight)}
@@ -159,7 +160,8 @@ def test_head_lr_gives_the_pooled_heads_their_own_groups_keeping_the_decay_split
     from vilbert import ViLBertConfig, ViLBertForVLTasks
 
     model = ViLBertForVLTasks(ViLBertConfig.from_preset("tiny"))
-    optimizer = build_optimizer(model, OptimConfig(lr=2e-5, head_lr=1e-4, weight_decay=0.01))
+    config = OptimConfig(lr=2e-5, head_lr=1e-4, weight_decay=0.01)
+    optimizer = build_optimizer(model_parameter_groups(model, config), config)
     names = {id(p): n for n, p in model.named_parameters()}
     by_group = [(g["lr"], g["weight_decay"], {names[id(p)] for p in g["params"]}) for g in optimizer.param_groups]
     assert [(lr, wd) for lr, wd, _ in by_group] == [(2e-5, 0.01), (2e-5, 0.0), (1e-4, 0.01), (1e-4, 0.0)]
@@ -170,7 +172,7 @@ def test_head_lr_gives_the_pooled_heads_their_own_groups_keeping_the_decay_split
     assert "region_score_head.weight" in by_group[0][2]  # the reference's vision_logit keeps the base lr
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(names)
 
-    plain = build_optimizer(model, OptimConfig(lr=2e-5, head_lr=None))
+    plain = build_optimizer(model_parameter_groups(model, OptimConfig(lr=2e-5, head_lr=None)), OptimConfig(lr=2e-5))
     assert [g["lr"] for g in plain.param_groups] == [2e-5, 2e-5]
     scheduler = build_scheduler(optimizer, warmup=2, total=4)
     assert scheduler.get_last_lr() == pytest.approx([1e-5, 1e-5, 5e-5, 5e-5])  # the schedule scales every group
@@ -180,7 +182,8 @@ def test_text_lr_gives_the_bert_initialised_text_stream_its_own_groups():
     from vilbert import ViLBertConfig, ViLBertForPreTraining
 
     model = ViLBertForPreTraining(ViLBertConfig.from_preset("tiny", task_specific_tokens=True))
-    optimizer = build_optimizer(model, OptimConfig(lr=1e-3, text_lr=1e-4, weight_decay=0.01))
+    config = OptimConfig(lr=1e-3, text_lr=1e-4, weight_decay=0.01)
+    optimizer = build_optimizer(model_parameter_groups(model, config), config)
     names = {id(p): n for n, p in model.named_parameters()}
     text = {names[id(p)] for g in optimizer.param_groups if g["lr"] == 1e-4 for p in g["params"]}
     assert [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] == [

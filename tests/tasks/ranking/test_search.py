@@ -12,7 +12,7 @@ import torch
 
 from features.atomic import atomic_path
 from tasks import cli
-from tasks.engine.config import ModelConfig
+from tasks.finetuning import ModelConfig
 from tasks.ranking.index import load_index
 from tasks.ranking.search import rank_both_ways, rerank
 from tasks.retrieval import RetrievalConfig, RetrievalDataConfig, RetrievalTask

@@ -1,5 +1,4 @@
-"""Zero-shot classification: `vilbert classify` by the dual encoder and by co-attention, and the shapes-world
-colour / shape accuracy. The tiny models are rigged: their last linear layers are solved (least squares on the
+"""Zero-shot classification: `vilbert classify` by the dual encoder and by co-attention. The tiny models are rigged: their last linear layers are solved (least squares on the
 features the real inputs produce) so that the right label must win, through every step the command takes."""
 
 import json
@@ -12,7 +11,6 @@ from PIL import Image
 
 from features.detectors import DETECTORS
 from features.images import read_image
-from features.store import FeatureStore, FeatureStoreWriter
 from tasks.cli import main
 from tasks.data.regions import visual_input
 from tasks.data.tokenization import load_tokenizer
@@ -20,8 +18,7 @@ from tasks.engine.run_record import write_run_record
 from tasks.ranking.search import embed_images, embed_texts
 from tasks.ranking.zero_shot import label_embeddings, prompts, zero_shot_scores
 from tasks.runners.predict import detect_regions
-from tasks.shapes.world import COLOURS, KINDS, class_id
-from tasks.shapes.zero_shot import shape_regions, shapes_zero_shot
+from tests.fixtures.rigged import inputs_of, solve_linear
 from tests.fixtures.tiny_detector import TinyDetector
 from tests.fixtures.tiny_task_data import write_vocab
 from vilbert import ViLBertConfig, ViLBertForPreTraining
@@ -35,23 +32,6 @@ MAX_REGIONS = 36  # the retrieval task's default: what classify uses for a check
 @pytest.fixture(autouse=True)
 def _tiny_detector_registered(monkeypatch):
     monkeypatch.setitem(DETECTORS, "tiny-test", "tests.fixtures.tiny_detector:build_tiny")
-
-
-def _inputs_of(module: torch.nn.Module, run) -> torch.Tensor:
-    """The inputs [N, W] that `module` sees while `run()` runs (eval mode, so dropout is the identity)."""
-    seen = []
-    handle = module.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
-    try:
-        run()
-    finally:
-        handle.remove()
-    return torch.cat(seen)
-
-
-def _solve(weight: torch.nn.Parameter, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-    """Set a bias-free linear layer so that inputs [N, W] map exactly onto targets [N, E] (N <= W)."""
-    with torch.no_grad():
-        weight.copy_((torch.linalg.pinv(inputs.double()) @ targets.double()).T.float())
 
 
 def _image(path, rgb, hw=(40, 50)):
@@ -72,12 +52,12 @@ def rigged(tmp_path_factory):
     texts = prompts(LABELS, TEMPLATES)  # label-major: LABELS[i // 2]
     dual = model.vilbert.dual
     eye = torch.eye(8)
-    text_in = _inputs_of(dual.text_projection, lambda: embed_texts(model, tokenizer, texts, MAX_LENGTH))
-    _solve(dual.text_projection.weight, text_in, eye[[i // len(TEMPLATES) for i in range(len(texts))]])
-    image_in = _inputs_of(dual.vision_projection, lambda: embed_images(model, visuals))
-    _solve(dual.vision_projection.weight, image_in, eye[[LABELS.index(c) for c in images]])
+    text_in = inputs_of(dual.text_projection, lambda: embed_texts(model, tokenizer, texts, MAX_LENGTH))
+    solve_linear(dual.text_projection.weight, text_in, eye[[i // len(TEMPLATES) for i in range(len(texts))]])
+    image_in = inputs_of(dual.vision_projection, lambda: embed_images(model, visuals))
+    solve_linear(dual.vision_projection.weight, image_in, eye[[LABELS.index(c) for c in images]])
     # alignment head: logit 0 (aligned) - logit 1 = +4 for the image's colour, -4 for the others
-    fused = _inputs_of(model.alignment_head, lambda: zero_shot_scores(model, tokenizer, visuals, LABELS, TEMPLATES,
+    fused = inputs_of(model.alignment_head, lambda: zero_shot_scores(model, tokenizer, visuals, LABELS, TEMPLATES,
                                                                       MAX_LENGTH, "alignment"))
     match = torch.tensor([4.0 if LABELS[p // len(TEMPLATES)] == colour else -4.0
                           for colour in images for p in range(len(texts))])
@@ -158,59 +138,3 @@ def test_bad_input_is_one_error_line_and_exit_2(rigged, tmp_path, capsys, args, 
 
 
 # ------------------------------------------------------------------------------------------------- shapes world
-
-SHAPES = {"a": ["red circle", "red square", "blue triangle"], "b": ["cyan circle", "purple square"]}
-
-
-def _shapes_store(path, classes=True):
-    """Two images whose boxes carry the given shapes-world classes; random 7-d features."""
-    rng = np.random.default_rng(0)
-    with FeatureStoreWriter(path, feature_dim=7) as writer:
-        for image_id, names in SHAPES.items():
-            k = len(names)
-            boxes = np.asarray([[10 * j, 5, 10 * j + 8, 20] for j in range(k)], np.float32)
-            ids = np.asarray([class_id(*n.split()) for n in names], np.int32) if classes else None
-            writer.add(image_id, (64, 64), rng.normal(size=(k, 7)).astype(np.float32), boxes, objects_id=ids)
-    return FeatureStore(path)
-
-
-def test_shapes_zero_shot_scores_every_shape_against_the_world_labels(tmp_path):
-    words = sorted({*COLOURS, *KINDS, "a", "one", "shape"})
-    (tmp_path / "tok").mkdir()
-    (tmp_path / "tok" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
-    tokenizer = load_tokenizer(tmp_path / "tok")
-    store = _shapes_store(tmp_path / "shapes.h5")
-    torch.manual_seed(1)
-    model = ViLBertForPreTraining(ViLBertConfig.from_preset("tiny", v_feature_size=7, vocab_size=40,
-                                                            dual_embedding_size=16)).eval()
-    templates = {"colour": ["a {} shape.", "one {} shape."], "shape": ["a {}.", "one {}."]}
-    colours, kinds = list(COLOURS), list(KINDS)
-    # text: colour prompts -> e[colour], shape prompts -> e[6 + kind]
-    texts = prompts(colours, templates["colour"]) + prompts(kinds, templates["shape"])
-    targets = [i // 2 for i in range(12)] + [6 + i // 2 for i in range(6)]
-    eye = torch.eye(16)
-    dual = model.vilbert.dual
-    _solve(dual.text_projection.weight, _inputs_of(dual.text_projection,
-                                                   lambda: embed_texts(model, tokenizer, texts, MAX_LENGTH)), eye[targets])
-    # images: each shape alone -> e[colour] + e[6 + kind]; the blue triangle rigged as a green square (wrong twice)
-    truth = [n.split() for names in SHAPES.values() for n in names]
-    rigged_as = [("green", "square") if (c, k) == ("blue", "triangle") else (c, k) for c, k in truth]
-    visuals, seen_colours, seen_kinds = shape_regions(store, list(SHAPES))
-    assert list(zip(seen_colours, seen_kinds, strict=True)) == [tuple(t) for t in truth]
-    assert all(v.features.shape == (2, 7) and v.num_boxes == 1 for v in visuals)  # IMG token + the shape
-    image_in = _inputs_of(dual.vision_projection, lambda: embed_images(model, visuals))
-    _solve(dual.vision_projection.weight, image_in,
-           torch.stack([eye[colours.index(c)] + eye[6 + kinds.index(k)] for c, k in rigged_as]))
-
-    result = shapes_zero_shot(model, tokenizer, store, list(SHAPES), MAX_LENGTH, "dual", templates)
-    assert result == pytest.approx({"shapes": 5.0, "colour_accuracy": 80.0, "shape_accuracy": 80.0,
-                                    "colour_chance": 40.0, "shape_chance": 40.0})  # 2 red of 5; 2 circles of 5
-
-
-def test_shapes_zero_shot_needs_the_world_class_ids(tmp_path):
-    from tasks.errors import DataError
-
-    store = _shapes_store(tmp_path / "plain.h5", classes=False)
-    model = ViLBertForPreTraining(ViLBertConfig.from_preset("tiny", v_feature_size=7, dual_embedding_size=8)).eval()
-    with pytest.raises(DataError, match="has no class ids .objects_id.; add the shapes world's ground truth"):
-        shapes_zero_shot(model, load_tokenizer(write_vocab(tmp_path / "tok")), store, ["a"], MAX_LENGTH)
