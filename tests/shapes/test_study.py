@@ -145,4 +145,4 @@ def test_a_directory_holding_another_study_or_other_files_is_refused_and_kept(tm
 def test_estimate_prints_the_grid_and_its_time(capsys):
     code, out, _ = run_cli(["study", "--preset", "quick", "--estimate"])
     assert code == 0
-    assert "12 cells (2 seeds): estimated" in out and "single-stream" in out and "GFLOPs/sample" in out
+    assert "10 cells (2 seeds): estimated" in out and "single-stream" in out and "GFLOPs/sample" in out
