@@ -105,34 +105,51 @@ $(PRETRAIN_REPORT): $(SHAPES_FEATURES) tasks/shapes/configs/pretrain_embedded.ya
 pretrain: $(PRETRAIN_REPORT)
 	@cat $(PRETRAIN_REPORT)
 
-# The NLVR2, SNLI-VE, GQA and Visual7W files of the world (tasks/shapes/tasks.py), beside its other files.
-WORLD_TASKS := $(WORLD)/visual7w/dataset_v7w_pointing.json
+# The NLVR2, SNLI-VE, GQA, Visual7W and VQA-CP (changing priors) files of the world (tasks/shapes/tasks.py),
+# beside its other files; the VQA-CP files come last.
+WORLD_TASKS := $(WORLD)/vqa-cp/vqacp_v2_test_annotations.json
 $(WORLD_TASKS): $(WORLD)/scenes.json
 	$(VILBERT) shapes-world --out $(WORLD) --add-tasks
 
-# make finetune TASK=vqa|retrieval|refcoco|nlvr2|snli-ve|gqa|visual7w: from the pretraining checkpoint; VQA and
-# the four 12-in-1 tasks also from the text stream alone, reported side by side. TASK=multi: all seven together
+# make finetune TASK=vqa|retrieval|refcoco|nlvr2|snli-ve|gqa|visual7w [DEBIAS=none|rubi|lmh]: from the pretraining
+# checkpoint; VQA and the four 12-in-1 tasks also from the text stream alone, reported side by side. TASK=vqa also
+# trains and reports VQA-CP, the world's changing-priors split. DEBIAS (VQA, VQA-CP, GQA) picks the debiasing loss
+# (data.debias) and suffixes the run directories. TASK=multi: all seven together
 # (tasks/shapes/configs/multi_embedded.yaml), then each alone for the steps it had, then the table.
-TEXT_ONLY_TASKS := vqa nlvr2 snli-ve gqa visual7w
+TEXT_ONLY_TASKS := vqa vqa-cp nlvr2 snli-ve gqa visual7w
+DEBIAS ?= none
+RUN_SUFFIX := $(if $(filter-out none,$(DEBIAS)),_$(DEBIAS),)
+DEBIAS_ARG := $(if $(filter-out none,$(DEBIAS)),data.debias=$(DEBIAS),)
+# BOXES=detected: the detector's feature store and run directories suffixed _detected (see above)
+RUN_SUFFIX := $(if $(filter detected,$(BOXES)),_detected,)$(RUN_SUFFIX)
+DEBIAS_ARG += $(if $(filter detected,$(BOXES)),data.features=[$(SHAPES_FEATURES)],)
+# one task from both starts (or the pretrained one), then its report: $(call finetune_one,TASK)
+define finetune_one
+	rm -rf runs/$(1)_embedded$(RUN_SUFFIX) runs/$(1)_embedded$(RUN_SUFFIX)_textonly
+	$(VILBERT) finetune --task $(1) --config tasks/shapes/configs/$(1)_embedded.yaml \
+		--init $$(tail -n 1 $(PRETRAIN_REPORT) | cut -d' ' -f2) model.text_init=$(TEXT_INIT) \
+		train.output_dir=runs/$(1)_embedded$(RUN_SUFFIX) $(DEBIAS_ARG)
+	$(if $(filter $(1),$(TEXT_ONLY_TASKS)),$(VILBERT) finetune --task $(1) --config tasks/shapes/configs/$(1)_embedded.yaml \
+		model.text_init=$(TEXT_INIT) train.output_dir=runs/$(1)_embedded$(RUN_SUFFIX)_textonly $(DEBIAS_ARG),@true)
+	$(VILBERT) report --run runs/$(1)_embedded$(RUN_SUFFIX) --task $(1) --plot runs/$(1)_embedded$(RUN_SUFFIX)/curves.png \
+		$(if $(filter $(1),$(TEXT_ONLY_TASKS)),--compare runs/$(1)_embedded$(RUN_SUFFIX)_textonly,)
+endef
+
 finetune: $(PRETRAIN_REPORT) $(WORLD_TASKS)
 	@case "$(TASK)" in vqa|retrieval|refcoco|nlvr2|snli-ve|gqa|visual7w|multi) ;; \
 		*) echo "TASK must be vqa, retrieval, refcoco, nlvr2, snli-ve, gqa, visual7w or multi, got '$(TASK)'"; exit 2;; esac
+	@case "$(DEBIAS)" in none|rubi|lmh) ;; \
+		*) echo "DEBIAS must be none, rubi or lmh, got '$(DEBIAS)'"; exit 2;; esac
 	@$(WEIGHTS_CHECK)
-	rm -rf $(FINETUNE_RUN)
 ifeq ($(TASK),multi)
+	rm -rf $(FINETUNE_RUN)
 	$(VILBERT) finetune --task multi --config tasks/shapes/configs/multi_embedded.yaml \
 		--init $$(tail -n 1 $(PRETRAIN_REPORT) | cut -d' ' -f2) model.text_init=$(TEXT_INIT)
 	$(VILBERT) multitask-baselines --run $(FINETUNE_RUN)
 else
-	$(VILBERT) finetune --task $(TASK) --config tasks/shapes/configs/$(TASK)_embedded.yaml \
-		--init $$(tail -n 1 $(PRETRAIN_REPORT) | cut -d' ' -f2) model.text_init=$(TEXT_INIT) $(FINETUNE_OVERRIDES)
-ifneq ($(filter $(TASK),$(TEXT_ONLY_TASKS)),)
-	rm -rf $(FINETUNE_RUN)_textonly
-	$(VILBERT) finetune --task $(TASK) --config tasks/shapes/configs/$(TASK)_embedded.yaml model.text_init=$(TEXT_INIT) \
-		$(FINETUNE_OVERRIDES) train.output_dir=$(FINETUNE_RUN)_textonly
-	$(VILBERT) report --run $(FINETUNE_RUN) --task $(TASK) --compare $(FINETUNE_RUN)_textonly
-else
-	$(VILBERT) report --run $(FINETUNE_RUN) --task $(TASK) --plot $(FINETUNE_RUN)/curves.png
+	$(call finetune_one,$(TASK))
+ifeq ($(TASK),vqa)
+	$(call finetune_one,vqa-cp)
 endif
 endif
 

@@ -23,3 +23,7 @@ class OutputLockedError(FeaturesError):
 
 class DiskFullError(FeaturesError):
     """No space left on the device while writing an output; what was sealed before stays intact."""
+
+
+class OutputError(FeaturesError):
+    """An output path that would replace an input, or a folder or file this project did not write."""

@@ -27,11 +27,12 @@ from tqdm import tqdm
 from features.checksum import sha256_file
 from features.detector import DetectedRegions, PreparedImage, RegionDetector, pad_batch
 from features.errors import FeaturesError, ImageError
-from features.images import MAX_SIDE, read_image
+from features.images import DECODE_MARGIN, MAX_SIDE, read_image
 from features.inputs import ImageInput, clip_boxes
 from features.store import FeatureStore, ResumableStoreWriter, merge_stores
 
 logger = logging.getLogger(__name__)
+PART_SECONDS = 10.0  # a part is sealed at least this often: a kill redoes at most this much work
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BATCH_PIXELS = 16_000_000  # padded input pixels per detector batch; a larger image runs alone
@@ -153,7 +154,7 @@ def extract(
     rank: int = 0,
     world_size: int = 1,
     part_images: int = 2048,
-    part_seconds: float = 60.0,
+    part_seconds: float = PART_SECONDS,
     progress: bool = True,
 ) -> ExtractionSummary:
     """Extract region features for `images` into the store `out`; returns what was done.
@@ -170,7 +171,9 @@ def extract(
         raise FeaturesError(f"rank {rank} is outside world size {world_size}")
     out = Path(out)
     started = time.monotonic()
-    extractor = {**detector.extractor_info(), "precision": precision, "max_side": max_side}
+    extractor = {**detector.extractor_info(), "precision": precision, "max_side": max_side,
+                 "decoding": {"max_side": max_side, "margin_over_input_scale": DECODE_MARGIN,
+                              "jpeg_draft": True}}  # how huge images were reduced before the detector saw them
     if boxes_info:
         extractor["given_boxes"] = boxes_info
     target = out if world_size == 1 else shard_path(out, rank, world_size)

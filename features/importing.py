@@ -25,9 +25,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from features.atomic import check_output
 from features.errors import FeatureStoreError
+from features.locks import OutputLock
 from features.published import FORMAT_DETECTORS, PublishedReader, PublishedRegions, open_published, store_id
-from features.store import ResumableStoreWriter
+from features.store import ResumableStoreWriter, store_lock
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +76,19 @@ def import_features(
     """
     if workers < 1:
         raise FeatureStoreError(f"{source}: workers must be at least 1, got {workers}")
-    out = Path(out)
+    out = check_output(out, [source])
     started = time.monotonic()
     reader = open_published(source, format)
     extractor = {"name": "imported", "format": format, "detector": FORMAT_DETECTORS[format],
                  "source": Path(source).name, "ids_from": ids_from}
     summary = ImportSummary(out=str(out), format=format, source=str(source))
     errors_path = Path(f"{out}.errors.jsonl")
+    lock = store_lock(out)
+    try:  # the lock first: a second import on `out`, refused, must not touch the first one's error log
+        lock.acquire()
+    except BaseException:
+        reader.close()
+        raise
     errors_path.unlink(missing_ok=True)  # the log describes this run only
 
     def bad(source_id: str, image_id: str | None, error: FeatureStoreError) -> None:
@@ -134,7 +142,7 @@ def import_features(
                     empty.append((image_id, regions))
                     continue
                 # the first image with regions fixes the widths and the optional fields
-                store = _open_writer(out, regions, extractor, float32, part_images, part_seconds)
+                store = _open_writer(out, regions, extractor, float32, part_images, part_seconds, lock)
                 if store.resumed:
                     logger.info("%s: resuming, %d images already written", out, store.resumed)
                 writer = _WriterThread(store, set(regions.optional()), min(CHECKPOINT_EVERY, part_images))
@@ -161,6 +169,7 @@ def import_features(
             writer.store.abort()  # sealed parts stay for the rerun; `out` is not touched
         raise
     finally:
+        lock.release()
         bar.close()
         reader.close()
     summary.seconds = time.monotonic() - started
@@ -223,10 +232,10 @@ def _put(writer: _WriterThread, image_id: str, regions: PublishedRegions) -> int
 
 
 def _open_writer(out: Path, regions: PublishedRegions, extractor: dict, float32: bool, part_images: int,
-                 part_seconds: float) -> ResumableStoreWriter:
+                 part_seconds: float, lock: OutputLock) -> ResumableStoreWriter:
     cls_prob_dim = regions.cls_prob.shape[1] if regions.cls_prob is not None else None
     return ResumableStoreWriter(out, regions.features.shape[1], cls_prob_dim, extractor, float32,
-                                part_images, part_seconds)
+                                part_images, part_seconds, lock=lock)
 
 
 class _WriterThread:

@@ -4,6 +4,10 @@
 the lock when its holder dies, so a lock file left by a killed process is stale by construction: the next process
 takes it over (and logs that it did). A second live process gets `OutputLockedError`, one line naming the output
 and the holder. The lock file is removed on release.
+
+A forked child (a DataLoader worker, a decoding pool) closes its copies of the held locks at once: a flock lives
+as long as any process holds the descriptor, and orphaned workers of a killed run would otherwise keep the output
+locked for their whole life.
 """
 
 from __future__ import annotations
@@ -13,11 +17,28 @@ import fcntl
 import logging
 import os
 import socket
+import weakref
 from pathlib import Path
 
 from features.errors import OutputLockedError
 
 logger = logging.getLogger(__name__)
+_HELD: weakref.WeakSet[OutputLock] = weakref.WeakSet()  # locks held by this process
+_HELD_FDS: set[int] = set()  # their descriptors (also of locks dropped without release())
+
+
+def _forget_in_child() -> None:
+    """In a forked child: close the inherited lock descriptors; the parent keeps its locks."""
+    for fd in _HELD_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_FDS.clear()
+    for lock in list(_HELD):
+        lock._fd = None
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class OutputLock:
@@ -63,6 +84,8 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         self._fd = fd
+        _HELD.add(self)
+        _HELD_FDS.add(fd)
         return self
 
     def release(self) -> None:
@@ -71,7 +94,9 @@ class OutputLock:
         with contextlib.suppress(FileNotFoundError):
             self.lock_file.unlink()  # while still holding the lock, so nobody locks a file about to vanish
         os.close(self._fd)
+        _HELD_FDS.discard(self._fd)
         self._fd = None
+        _HELD.discard(self)
 
     def __enter__(self) -> OutputLock:
         return self.acquire()

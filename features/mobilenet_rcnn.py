@@ -258,7 +258,7 @@ def build_trunk(weights: str | os.PathLike | None = None, random_init: bool = Fa
 def save_detector(detector: MobileNetRCNN, directory: str | os.PathLike, results: dict | None = None) -> Path:
     """Write a detector directory atomically: `config.json` and `model.safetensors`."""
     directory = Path(directory)
-    with atomic_path(directory) as tmp:
+    with atomic_path(directory, folder=True) as tmp:
         tmp.mkdir()
         save_file(detector.heads_state_dict(), str(tmp / WEIGHTS_FILE))
         document = {"format": "vilbert-mobilenet-rcnn", "format_version": FORMAT_VERSION,

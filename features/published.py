@@ -14,6 +14,7 @@ import base64
 import binascii
 import contextlib
 import io
+import logging
 import os
 import pickle
 from collections.abc import Iterator
@@ -25,7 +26,12 @@ import numpy as np
 
 from features.atomic import atomic_path
 from features.errors import FeatureStoreError, WeightsError
+from features.inputs import clip_boxes
+from features.npy import ArrayFileError, load_array
 from features.safe_pickle import safe_load
+from features.store import INT32_MAX
+
+logger = logging.getLogger(__name__)
 
 BUTD_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
 LXMERT_FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf",
@@ -92,12 +98,23 @@ class _RowChecker:
         return FeatureStoreError(f"{self.source}: image {self.source_id!r}: {problem}")
 
     def integer(self, row: dict, *names: str) -> int:
+        """A count or size field as a non-negative integer that fits int32; floats with a fraction, booleans,
+        infinities and huge values are errors rather than truncated or wrapped."""
         for name in names:
             if name in row:
+                value = row[name]
+                if isinstance(value, bytes):
+                    value = value.decode("ascii", errors="replace")
                 try:
-                    return int(row[name])
-                except (TypeError, ValueError):
+                    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (float, np.floating))
+                                                               and not float(value).is_integer()):
+                        raise ValueError
+                    number = int(value)
+                except (TypeError, ValueError, OverflowError):
                     raise self.fail(f"{name} is {row[name]!r}, not an integer") from None
+                if not 0 <= number <= INT32_MAX:
+                    raise self.fail(f"{name} is {number}, outside 0..{INT32_MAX}")
+                return number
         raise self.fail(f"missing field {names[0]}")
 
     def array(self, row: dict, name: str, dtype, width: int | None, rows: int | None) -> np.ndarray:
@@ -118,6 +135,8 @@ class _RowChecker:
         if array.ndim != ndim or (rows is not None and array.shape[0] != rows) or (width and array.shape[1] != width):
             want = f"[{'K' if rows is None else rows}" + ("]" if width == 0 else f", {width or 'D'}]")
             raise self.fail(f"{name} has shape {list(array.shape)}, expected {want}")
+        if array.dtype.kind not in "biuf":
+            raise self.fail(f"{name} holds {array.dtype} values, not numbers")
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise self.fail(f"{name} holds NaN or infinite values")
         return np.ascontiguousarray(array, dtype=dtype)
@@ -148,7 +167,12 @@ class _RowChecker:
             raise self.fail(f"image size {image_hw[1]}x{image_hw[0]} is not positive")
         boxes = self.array(row, box_key, np.float32, 4, num_boxes)
         features = self.array(row, feature_key, np.float32, None, len(boxes))
-        return PublishedRegions(self.source_id, image_hw, features, boxes)
+        clipped = clip_boxes(boxes, image_hw)  # as extraction does with given boxes
+        if clipped.clipped or clipped.degenerate:
+            logger.warning("%s: image %r: %d box(es) reached outside the %dx%d image and were clipped; %d have no "
+                           "area", self.source, self.source_id, clipped.clipped, image_hw[1], image_hw[0],
+                           clipped.degenerate)
+        return PublishedRegions(self.source_id, image_hw, features, clipped.boxes)
 
     def labels(self, regions: PublishedRegions, row: dict) -> None:
         """Class and attribute ids and confidences, `cls_prob`, where the row has them (each [K] / [K, C]).
@@ -393,9 +417,9 @@ class MmfNpyReader(PublishedReader):
         check = _RowChecker(str(self.path), source_id)
         path: Path = raw
         try:
-            features = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as error:
-            raise check.fail(f"{path.name} is not a readable feature array ({error})") from None
+            features = load_array(path)
+        except ArrayFileError as error:
+            raise check.fail(f"{path.name} is not a readable feature array ({str(error).split(': ', 1)[-1]})") from None
         info = self._info(check, path.with_name(f"{path.stem}_info.npy"))
         hw = (check.integer(info, "image_height", "image_h"), check.integer(info, "image_width", "image_w"))
         num_boxes = check.integer(info, "num_boxes") if "num_boxes" in info else None
@@ -432,13 +456,27 @@ def _b64(array: np.ndarray, dtype) -> str:
     return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode("ascii")
 
 
+def _check_export_ids(ids: list[str], out: Path, format: str) -> None:
+    """Refuse ids the format cannot hold faithfully: `keys` (the LMDB's key list) and, in a TSV, tabs, line breaks
+    or non-ASCII text (its reader would split or reject the line)."""
+    for image_id in ids:
+        if format == "vilbert-lmdb" and image_id == "keys":
+            problem = "is the LMDB's reserved key holding the key list"
+        elif format == "butd-tsv" and (not image_id.isascii() or any(c in image_id for c in "\t\r\n")):
+            problem = "holds a tab, a line break or non-ASCII text, which a TSV row cannot"
+        else:
+            continue
+        raise FeatureStoreError(f"--out {out}: image id {image_id!r} {problem}; nothing was written")
+
+
 def export_vilbert_lmdb(store, out: str | os.PathLike, ids: list[str] | None = None) -> Path:
     """Write `store` as a vilbert-multi-task feature LMDB (folder with data.mdb); the folder appears when complete."""
     out = Path(out)
     ids = list(store.ids if ids is None else ids)
+    _check_export_ids(ids, out, "vilbert-lmdb")
     row_bytes = 4 * (store.feature_dim + 4) + 256
     map_size = max(1 << 24, 2 * sum(store.num_boxes(i) * row_bytes + 4096 for i in ids) + (1 << 20))
-    with atomic_path(out) as tmp, contextlib.closing(lmdb.open(str(tmp), map_size=map_size, subdir=True,
+    with atomic_path(out, store.paths, folder=True) as tmp, contextlib.closing(lmdb.open(str(tmp), map_size=map_size, subdir=True,
                                                               lock=False)) as env:
         keys = []
         with env.begin(write=True) as txn:
@@ -460,8 +498,10 @@ def export_vilbert_lmdb(store, out: str | os.PathLike, ids: list[str] | None = N
 def export_butd_tsv(store, out: str | os.PathLike, ids: list[str] | None = None) -> Path:
     """Write `store` as a bottom-up-attention TSV (image_id, image_w, image_h, num_boxes, boxes, features)."""
     out = Path(out)
-    with atomic_path(out) as tmp, open(tmp, "w", encoding="ascii", newline="") as f:
-        for image_id in store.ids if ids is None else ids:
+    ids = list(store.ids if ids is None else ids)
+    _check_export_ids(ids, out, "butd-tsv")
+    with atomic_path(out, store.paths) as tmp, open(tmp, "w", encoding="ascii", newline="") as f:
+        for image_id in ids:
             regions = store.read(image_id)
             h, w = regions.image_hw
             fields = (image_id, w, h, len(regions.boxes), _b64(regions.boxes, np.float32),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -34,7 +35,7 @@ import h5py
 import numpy as np
 import torch
 
-from features.atomic import disk_full_as_error
+from features.atomic import check_output, disk_full_as_error, remove_stale_temporaries, temporary_path
 from features.errors import FeatureStoreError
 from features.locks import OutputLock
 
@@ -45,6 +46,7 @@ VERSION = 1
 REQUIRED = ("image_id", "image_hw", "offsets", "features", "boxes")
 LABELS = ("objects_id", "objects_conf", "attrs_id", "attrs_conf")
 OPTIONAL = ("cls_prob", *LABELS)
+INT32_MAX = 2**31 - 1
 _LABEL_DTYPES = {"objects_id": np.int32, "objects_conf": np.float32, "attrs_id": np.int32, "attrs_conf": np.float32}
 _STRING = h5py.string_dtype("utf-8")
 _CHUNK_BYTES = 1 << 20  # about 1 MiB of feature rows per chunk
@@ -74,7 +76,7 @@ class Regions:
 class FeatureStoreWriter:
     """Write one store file, appending image by image; the file appears at `path` only when `close()` succeeds.
 
-    Data goes to `<path>.tmp-<pid>` first, in batches (`flush()` or automatically every `flush_rows` rows);
+    Data goes to `.<name>.tmp-<pid>@<host>` beside `path` first, in batches (`flush()` or automatically every `flush_rows` rows);
     `close()` renames it into place. An exception inside a `with` block discards the temporary file.
     Optional label datasets (objects_id, ...) are created by the first image that carries them, which must come
     before any image with boxes but without them.
@@ -103,8 +105,10 @@ class FeatureStoreWriter:
         self._buffer: list[dict] = []
         self._buffered_rows = 0
         self._labels: tuple[str, ...] | None = None
+        check_output(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        remove_stale_temporaries(self.path.parent)
+        self._tmp = temporary_path(self.path)
         try:
             self._file = h5py.File(self._tmp, "w")
         except OSError as error:
@@ -168,8 +172,10 @@ class FeatureStoreWriter:
                 f"{self.path}: image {image_id!r}: expected features [K, {self.feature_dim}] and boxes [K, 4], "
                 f"got {tuple(features.shape)} and {tuple(boxes.shape)}"
             )
-        record = {"image_id": image_id, "image_hw": (int(image_hw[0]), int(image_hw[1])),
-                  "features": _cast(features, self.feature_dtype), "boxes": boxes}
+        where = f"{self.path}: image {image_id!r}"
+        record = {"image_id": image_id, "image_hw": _image_size(image_hw, where),
+                  "features": _checked_cast(features, self.feature_dtype, f"{where}: features"),
+                  "boxes": _checked_cast(boxes, np.float32, f"{where}: boxes")}
         if self.cls_prob_dim:
             if cls_prob is None:
                 if k:
@@ -181,7 +187,7 @@ class FeatureStoreWriter:
                     f"{self.path}: image {image_id!r}: expected cls_prob [{k}, {self.cls_prob_dim}], "
                     f"got {tuple(cls_prob.shape)}"
                 )
-            record["cls_prob"] = _cast(cls_prob, np.float16)
+            record["cls_prob"] = _checked_cast(cls_prob, np.float16, f"{where}: cls_prob")
         elif cls_prob is not None:
             raise FeatureStoreError(f"{self.path}: image {image_id!r} has cls_prob but the writer has no cls_prob_dim")
         given = {"objects_id": objects_id, "objects_conf": objects_conf, "attrs_id": attrs_id, "attrs_conf": attrs_conf}
@@ -201,7 +207,7 @@ class FeatureStoreWriter:
             value = _numpy(value).reshape(-1)
             if value.shape != (k,):
                 raise FeatureStoreError(f"{self.path}: image {image_id!r}: expected {name} [{k}], got {value.shape}")
-            record[name] = value
+            record[name] = _checked_cast(value, _LABEL_DTYPES[name], f"{where}: {name}")
         extra = set(present) - set(self._labels or ())
         if extra:
             raise FeatureStoreError(f"{self.path}: image {image_id!r} brings {', '.join(sorted(extra))} "
@@ -329,6 +335,41 @@ def _cast(values: np.ndarray, dtype) -> np.ndarray:
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(np.ascontiguousarray(values)).half().numpy()
     return np.asarray(values, dtype=dtype)
+
+
+def _checked_cast(values: np.ndarray, dtype, where: str) -> np.ndarray:
+    """`_cast`, refusing what the stored dtype cannot hold: non-numbers, NaN/inf, values beyond its range (a
+    float16 store turns |x| > 65504 into inf; an int32 label wraps) and fractional label ids."""
+    if values.dtype.kind not in "biuf":
+        raise FeatureStoreError(f"{where} are {values.dtype} values, not numbers")
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        raise FeatureStoreError(f"{where} hold NaN or infinite values")
+    if np.dtype(dtype).kind in "iu":
+        info = np.iinfo(dtype)
+        if values.size and (values.min() < info.min or values.max() > info.max):
+            raise FeatureStoreError(f"{where}: {values.min()}..{values.max()} does not fit {np.dtype(dtype).name}")
+        if values.dtype.kind == "f" and not np.array_equal(values, np.round(values)):
+            raise FeatureStoreError(f"{where} hold non-integer values")
+        return values.astype(dtype)
+    cast = _cast(values, dtype)
+    if cast.dtype.kind == "f" and not np.isfinite(cast).all():
+        limit = np.finfo(cast.dtype).max
+        raise FeatureStoreError(f"{where}: values up to {np.abs(values).max():.4g} exceed {cast.dtype}'s range "
+                                f"(|x| <= {limit:.6g}); store float32 features (--float32)")
+    return cast
+
+
+def _image_size(image_hw, where: str) -> tuple[int, int]:
+    """(height, width) as positive integers that fit int32; a float, bool or out-of-range size is an error."""
+    sizes = []
+    for name, value in zip(("height", "width"), image_hw, strict=True):
+        integral = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+        if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+            integral, value = True, int(value)
+        if not integral or not 0 < int(value) <= INT32_MAX:
+            raise FeatureStoreError(f"{where}: image {name} {value!r} is not a positive integer up to {INT32_MAX}")
+        sizes.append(int(value))
+    return sizes[0], sizes[1]
 
 
 def _append(dataset: h5py.Dataset, start: int, stop: int, values: np.ndarray) -> None:
@@ -645,14 +686,28 @@ def _copy_rows(src: h5py.Dataset, dst: h5py.Dataset, start: int, block_rows: int
         dst[start + a : start + b] = src[a:b]
 
 
-def merge_stores(paths: Iterable[str | os.PathLike], out_path: str | os.PathLike, float32: bool | None = None) -> Path:
+def store_lock(path: str | os.PathLike) -> OutputLock:
+    """The lock every writer of store `path` holds (`<path>.lock`), not yet taken."""
+    path = Path(path)
+    return OutputLock(path.with_name(path.name + ".lock"), f"feature store {path}")
+
+
+def merge_stores(paths: Iterable[str | os.PathLike], out_path: str | os.PathLike, float32: bool | None = None,
+                 lock: OutputLock | None = None) -> Path:
     """Concatenate stores with disjoint ids (shards, resumed parts) into one file, written atomically.
 
-    The inputs must agree on feature width, extractor and optional datasets; a repeated id is an error.
+    The inputs must agree on feature width, extractor and optional datasets; a repeated id is an error. `out_path`
+    may be one of them (appending to a store). The store's lock is taken for the merge unless the caller holds it
+    (`lock`).
     """
     paths = [str(p) for p in paths]
     if not paths:
         raise FeatureStoreError(f"{out_path}: nothing to merge")
+    with contextlib.nullcontext() if lock is not None else store_lock(out_path):
+        return _merge(paths, out_path, float32)
+
+
+def _merge(paths: list[str], out_path: str | os.PathLike, float32: bool | None) -> Path:
     indexes = [_index_file(p) for p in paths]
     first = indexes[0]
     # files without boxes say nothing about optional datasets; the others must agree on them
@@ -725,13 +780,15 @@ class ResumableStoreWriter:
         float32: bool = False,
         part_images: int = 2048,
         part_seconds: float = 60.0,
+        lock: OutputLock | None = None,
     ):
+        """`lock`: the store's lock (`store_lock`) when the caller took it already; it is released like our own."""
         self.path = Path(path)
         self.parts_dir = self.path.with_name(self.path.name + ".partial")
         self.options = {"feature_dim": int(feature_dim), "cls_prob_dim": cls_prob_dim,
                         "extractor": json.loads(json.dumps(extractor or {})), "float32": float32}
         self.part_images, self.part_seconds = part_images, part_seconds
-        self.lock = OutputLock(self.path.with_name(self.path.name + ".lock"), f"feature store {self.path}").acquire()
+        self.lock = (lock or store_lock(self.path)).acquire()
         try:
             self._open_existing()
         except BaseException:
@@ -742,7 +799,7 @@ class ResumableStoreWriter:
 
     def _open_existing(self) -> None:
         """Read what earlier runs left: a complete store at `path` and sealed parts; drop half-written files."""
-        for stale in [*self.parts_dir.glob("*.tmp-*"), *self.path.parent.glob(self.path.name + ".tmp-*")]:
+        for stale in [*self.parts_dir.glob(".*.tmp-*"), *self.path.parent.glob(f".{self.path.name}.tmp-*")]:
             stale.unlink(missing_ok=True)  # a writer or merge killed half-way
         self.base = [self.path] if self.path.exists() else []
         self.done_ids: set[str] = set()
@@ -806,7 +863,7 @@ class ResumableStoreWriter:
         if len(sources) == 1 and sources != self.base:
             os.replace(sources[0], self.path)
         elif len(sources) > 1:
-            merge_stores(sources, self.path, float32=self.options["float32"])
+            merge_stores(sources, self.path, float32=self.options["float32"], lock=self.lock)
         elif not sources:
             FeatureStoreWriter(self.path, **self.options).close()
         shutil.rmtree(self.parts_dir, ignore_errors=True)

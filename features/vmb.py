@@ -575,7 +575,10 @@ class VMBDetector(RegionDetector):
         features = out["fc6"].float().split(counts)
         original = [r / im.scale for r, im in zip(out["rois"], images, strict=True)]
         keeps = select_proposals(original, list(probs), self.selection)
-        return [_regions(features[i][keep], original[i][keep], probs[i][keep]) for i, keep in enumerate(keeps)]
+        # proposals are clipped to the padded size (a multiple of size_divisible), which reaches past the image:
+        # the stored boxes are clipped to the image itself, after selection (which stays the reference's)
+        return [_regions(features[i][keep], _inside(original[i][keep], images[i].image_hw), probs[i][keep])
+                for i, keep in enumerate(keeps)]
 
     def regions_on_boxes(self, pixels: torch.Tensor, images: list[PreparedImage],
                          boxes: list[torch.Tensor]) -> list[DetectedRegions]:
@@ -605,6 +608,13 @@ class VMBDetector(RegionDetector):
             "num_classes": c.num_classes + 1,
             "config": c.to_dict(),
         }
+
+
+def _inside(boxes: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+    """x1 y1 x2 y2 boxes [K, 4] clamped to the [0, W] x [0, H] image."""
+    h, w = image_hw
+    limits = boxes.new_tensor([w, h, w, h])
+    return torch.minimum(boxes.clamp(min=0), limits)
 
 
 def _regions(features: torch.Tensor, boxes: torch.Tensor, prob: torch.Tensor) -> DetectedRegions:

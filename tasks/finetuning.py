@@ -25,6 +25,7 @@ from torch import nn
 from features.store import FeatureStore
 from tasks.data.annotations import load_json, open_feature_store
 from tasks.data.tokenization import Tokenizer, load_tokenizer
+from tasks.debiasing import check_mode
 from tasks.engine.config import OptimConfig, TrainConfig, type_name
 from tasks.engine.distributed import unwrap
 from tasks.engine.optimization import parameter_groups
@@ -102,6 +103,8 @@ class FinetuneDataConfig:
     val_split: str = "val"
     eval_batch_size: int = 256
     strict: bool = False  # an item whose image has no features is an error (else skipped and scored as wrong)
+    debias: str = "none"  # none | rubi | lmh: the training loss of answer-classifier tasks (tasks/debiasing.py)
+    debias_entropy_weight: float = 0.36  # lmh: weight of the entropy penalty (Clark et al.'s VQA-CP value)
 
     def validate(self) -> None:
         if self.max_regions < 2:
@@ -251,6 +254,7 @@ class FinetuneTask(Task):
     config_class: type
     head: str = ""  # the ViLBertForVLTasks output this task reads ("answer_logits", "pair_logit", ...)
     find_unused_parameters = True  # the task model carries every 12-in-1 head; a task's loss reaches one of them
+    debias_supported = False  # answers from a classifier with a per-question-type prior: `data.debias` applies
     strict_key = "data.strict"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -264,6 +268,7 @@ class FinetuneTask(Task):
         self.config = config
         self.data = config.data
         self._tokenizer = None
+        check_mode(self.data.debias, self.name, self.debias_supported)
 
     @property
     def task_token(self) -> str:

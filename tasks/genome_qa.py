@@ -10,7 +10,7 @@ Answers: the VQA answer list (12-in-1 task 2 answers through the VQA head): the 
 Answers are normalised as VQA's (`tasks.vqa.vocabulary_key`). Loss: BCE × number of answers on the one-hot answer
 (`answer_logits`, as the original's vilbert/task_utils.py). Metric: with one human answer per question the
 ten-way VQA formula is undefined, so the score is the exact match of the normalised answers
-(`tasks.metrics.accuracy`).
+(`tasks.metrics.accuracy`). Question type (the answer prior of `data.debias`): the question's first word.
 Predictions [{"qa_id", "answer"}].
 """
 
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tasks import debiasing
 from tasks.data.annotations import load_json, require
 from tasks.data.answer_labels import config_answers, read_answer_list
 from tasks.engine.task import ExampleInputs
@@ -49,9 +50,17 @@ def read_genome_qa(path: str | Path, split: str, val_images: int) -> list[Sample
     for image in chosen:
         for j, qa in enumerate(image["qas"]):
             require(qa, ["qa_id", "question", "answer"], str(path), f"image {image['id']} qas[{j}]")
-            samples.append(Sample(int(qa["qa_id"]), [str(qa["question"])], [str(image["id"])],
-                                  vocabulary_key(str(qa["answer"]))))
+            question = str(qa["question"])
+            samples.append(Sample(int(qa["qa_id"]), [question], [str(image["id"])],
+                                  vocabulary_key(str(qa["answer"])), {"question_type": question_type(question)}))
     return samples
+
+
+def question_type(question: str) -> str:
+    """Visual Genome QA's question type: its first word, lower case (the 7W: what, where, when, who, why, how,
+    which)."""
+    words = question.strip().lower().split()
+    return words[0].strip("?,.") if words else ""
 
 
 @dataclass
@@ -79,6 +88,7 @@ class GenomeQATask(AnswerTask):
     head = "answer_logits"
     config_class = GenomeQAConfig
     example_inputs = ExampleInputs("question", example_text="what color is the circle")
+    debias_supported = True
     data: GenomeQADataConfig
 
     def annotation_file(self, split: str) -> Path:
@@ -99,7 +109,8 @@ class GenomeQATask(AnswerTask):
     def build_model(self) -> nn.Module:
         answers = self.answers()
         return build_task_model(self.config.model, id2label=dict(enumerate(answers)),
-                                label2id={a: i for i, a in enumerate(answers)})
+                                label2id={a: i for i, a in enumerate(answers)},
+                                **debiasing.model_settings(self.data.debias, len(answers)))
 
     def decode(self, sample: Sample, logits: torch.Tensor) -> dict:
         return {"qa_id": sample.id, "answer": self.answers()[int(logits.argmax())]}

@@ -9,6 +9,7 @@ every answer given by at least `data.min_answer_count` train questions, most fre
 
 Model (12-in-1 task 15): `gqa_answer_logits`, BCE × number of answers on the one-hot answer (the original's
 vilbert/task_utils.py: BCEWithLogitsLoss mean × number of labels).
+Question types (for the answer prior of `data.debias`): each question's `types.detailed` (else `structural`).
 Metric: exact match (`tasks.metrics.gqa_accuracy`); a question whose answer is outside the list cannot be right.
 Predictions [{"questionId", "prediction"}]: the official submission format.
 """
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tasks import debiasing
 from tasks.data.annotations import load_json, require
 from tasks.data.answer_labels import read_answer_list
 from tasks.engine.task import ExampleInputs
@@ -44,7 +46,9 @@ def read_gqa(path: str | Path) -> list[Sample]:
     samples = []
     for qid, entry in data.items():
         require(entry, ["imageId", "question"], str(path), f"question {qid}")
-        samples.append(Sample(str(qid), [str(entry["question"])], [str(entry["imageId"])], entry.get("answer")))
+        types = entry.get("types") if isinstance(entry.get("types"), dict) else {}
+        samples.append(Sample(str(qid), [str(entry["question"])], [str(entry["imageId"])], entry.get("answer"),
+                              {"question_type": str(types.get("detailed") or types.get("structural") or "")}))
     return sorted(samples, key=lambda s: s.id)
 
 
@@ -74,6 +78,7 @@ class GQATask(AnswerTask):
     metric_labels = {"accuracy": "accuracy (exact match)"}
     config_class = GQAConfig
     example_inputs = ExampleInputs("question", example_text="what color is the circle")
+    debias_supported = True
     data: GQADataConfig
 
     def read_samples(self, split: str) -> list[Sample]:
@@ -93,7 +98,8 @@ class GQATask(AnswerTask):
 
     def build_model(self) -> nn.Module:
         answers = self.answers()
-        return build_task_model(self.config.model, gqa_num_labels=len(answers), gqa_answers=answers)
+        return build_task_model(self.config.model, gqa_num_labels=len(answers), gqa_answers=answers,
+                                **debiasing.model_settings(self.data.debias, len(answers)))
 
     def decode(self, sample: Sample, logits: torch.Tensor) -> dict:
         return {"questionId": sample.id, "prediction": self.answers()[int(logits.argmax())]}

@@ -28,9 +28,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from tasks import debiasing
 from tasks.data.annotations import image_key_resolver
 from tasks.data.regions import collate_visual, visual_input
 from tasks.data.tokenization import TextInput
+from tasks.debiasing import AnswerPrior
 from tasks.engine.distributed import move_to_device
 from tasks.engine.evaluation import eval_batches, eval_mode, model_device
 from tasks.engine.task import PredictExample, StepOutput, TaskDataset
@@ -152,7 +154,8 @@ class SampleDataset(TaskDataset):
 
     def __getitem__(self, index: int) -> dict:
         regions = [self.store.read(key) for key in self.keys[index]]
-        return {"index": index, **self.task.encode(self.samples[index], regions)}
+        sample = self.samples[index]
+        return {"index": index, "prior_row": self.task.prior_row(sample), **self.task.encode(sample, regions)}
 
 
 class ImageTextTask(FinetuneTask):
@@ -176,6 +179,7 @@ class ImageTextTask(FinetuneTask):
         super().__init__(config)
         self._store: FeatureStore | None = None
         self._samples: dict[str, list[Sample]] = {}
+        self._answer_prior: AnswerPrior | None = None
 
     # ------------------------------------------------------------------ data
 
@@ -218,6 +222,26 @@ class ImageTextTask(FinetuneTask):
         """One item: the rows' texts and visual inputs, the label and the loss target."""
         return {"texts": sample.texts, "visuals": self.visual(sample, regions), "target": self.target(sample)}
 
+    # ------------------------------------------------------------------ answer prior (data.debias)
+
+    def question_type(self, sample: Sample) -> str:
+        """The sample's question type for the answer prior: `extra["question_type"]`, else "" (one prior)."""
+        return str(sample.extra.get("question_type", ""))
+
+    def answer_prior(self) -> AnswerPrior:
+        """The training split's per-question-type answer prior (targets averaged per type), for `lmh`."""
+        if self._answer_prior is None:
+            samples = self.samples("train")
+            targets = [self.target(s) for s in samples]
+            rows = [{int(i): float(t[i]) for i in t.nonzero().flatten()} for t in targets]
+            self._answer_prior = AnswerPrior([self.question_type(s) for s in samples], rows,
+                                             int(targets[0].numel()) if targets else 0)
+        return self._answer_prior
+
+    def prior_row(self, sample: Sample) -> int:
+        """The sample's row of the answer prior under `data.debias: lmh`, else -1."""
+        return self.answer_prior().row(self.question_type(sample)) if self.data.debias == "lmh" else -1
+
     def target(self, sample: Sample) -> torch.Tensor:
         raise NotImplementedError
 
@@ -228,16 +252,18 @@ class ImageTextTask(FinetuneTask):
                  "attention_mask": torch.from_numpy(encoded.attention_mask),
                  "token_type_ids": torch.from_numpy(encoded.token_type_ids),
                  "target": torch.stack([s["target"] for s in samples]),
-                 "index": torch.tensor([s["index"] for s in samples])}
+                 "index": torch.tensor([s["index"] for s in samples]),
+                 # the answer prior's row (data.debias: lmh); items built by hand for prediction have none
+                 "prior_row": torch.tensor([s.get("prior_row", -1) for s in samples])}
         batch.update(collate_visual([v for s in samples for v in s["visuals"]]))
         return batch
 
     # ------------------------------------------------------------------ model
 
-    def forward(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> Any:
+    def forward(self, model: nn.Module, batch: Mapping[str, torch.Tensor], heads: list[str] | None = None) -> Any:
         rows = batch["input_ids"].shape[0]
         ids = self.task_ids(model, rows, batch["input_ids"].device)
-        return model(**model_inputs(batch), task_ids=ids, heads=[self.head])
+        return model(**model_inputs(batch), task_ids=ids, heads=heads or [self.head])
 
     def logits(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """[B, C] scores of each sample's choices (classes, options or candidate boxes)."""
@@ -249,8 +275,16 @@ class ImageTextTask(FinetuneTask):
         return soft_bce_sum(logits, batch["target"])
 
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
-        logits = self.logits(model, batch)
-        loss = self.loss(logits, batch)
+        mode = self.data.debias
+        if mode == "none":
+            logits = self.logits(model, batch)
+            loss = self.loss(logits, batch)
+        else:  # an answer classifier (debias_supported): the mode's loss on its branches
+            out = self.forward(model, batch, debiasing.heads(mode, self.head))
+            logits = getattr(out, self.head).float()
+            prior = self.answer_prior() if mode == "lmh" else None
+            loss = debiasing.debias_loss(mode, out, self.head, batch["target"], batch["prior_row"], prior,
+                                         self.data.debias_entropy_weight)
         hit = batch["target"].gather(1, logits.argmax(dim=1, keepdim=True))  # the reference's soft accuracy
         return StepOutput({"loss": loss}, metrics={"accuracy": hit.mean().detach()})
 

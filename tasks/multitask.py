@@ -96,8 +96,8 @@ class MultiTaskSettings:
     def validate(self) -> None:
         if self.sampling not in SAMPLING:
             raise ConfigError(f"multitask.sampling must be one of {', '.join(SAMPLING)}, got {self.sampling!r}")
-        if self.temperature <= 0:
-            raise ConfigError(f"multitask.temperature must be positive, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"multitask.temperature must be a positive finite number, got {self.temperature}")
         if self.train_iter_gap < 1:
             raise ConfigError(f"multitask.train_iter_gap must be >= 1, got {self.train_iter_gap}")
 
@@ -122,8 +122,9 @@ class MultiTaskConfig:
         for member in self.tasks:
             if not issubclass(task_class(member.name), FinetuneTask):  # pretraining, another multi-task run
                 raise ConfigError(f"tasks: {member.name!r} cannot be a member of a multi-task run")
-            if member.loss_scale is not None and member.loss_scale <= 0:
-                raise ConfigError(f"tasks: {member.name} loss_scale must be positive, got {member.loss_scale}")
+            if member.loss_scale is not None and not (math.isfinite(member.loss_scale) and member.loss_scale > 0):
+                raise ConfigError(f"tasks: {member.name} loss_scale must be a positive finite number, got "
+                                  f"{member.loss_scale}")
 
 
 # ---------------------------------------------------------------------------------------------- stop-and-go

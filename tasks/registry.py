@@ -23,6 +23,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # tasks/configs/<name>
 TASKS: dict[str, str] = {
     "pretrain": "tasks.pretraining:PretrainingTask",
     "vqa": "tasks.vqa:VQATask",
+    "vqa-cp": "tasks.vqa:VQACPTask",
     "retrieval": "tasks.retrieval:RetrievalTask",
     "refcoco": "tasks.refexp:RefCOCOTask",
     "refcoco+": "tasks.refexp:RefCOCOPlusTask",

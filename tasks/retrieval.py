@@ -112,6 +112,17 @@ def read_karpathy(path: str | Path, split: str) -> list[RetrievalImage]:
         if entry["split"] in wanted:
             images.append(RetrievalImage(_image_id(entry, str(path), f"images[{i}]"),
                                          _captions(entry, str(path), f"images[{i}]")))
+    return _unique_images(images, path)
+
+
+def _unique_images(images: list[RetrievalImage], path: str | Path) -> list[RetrievalImage]:
+    """`images`, refusing an image listed twice: ranked twice, it would be its own hard negative and the recalls
+    would be computed over a gallery that is not the split's."""
+    seen = set()
+    for image in images:
+        if image.image_id in seen:
+            raise AnnotationError(f"{path}: image {image.image_id!r} is listed twice in the split")
+        seen.add(image.image_id)
     return images
 
 
@@ -131,7 +142,7 @@ def read_jsonlines(path: str | Path) -> list[RetrievalImage]:
             raise AnnotationError(f"{path}: line {i + 1} is not valid JSON ({error})") from error
         images.append(RetrievalImage(_image_id(entry, str(path), f"line {i + 1}"),
                                      _captions(entry, str(path), f"line {i + 1}")))
-    return images
+    return _unique_images(images, path)
 
 
 @dataclass
@@ -324,17 +335,22 @@ class RetrievalTask(FinetuneTask):
         caption_image = predictions["caption_image"]
         scores = torch.tensor(predictions["scores"]).view(len(captions), len(images))  # [C, I]
         metrics = recall_both_ways(scores, scores.T, caption_image)
-        # images without features (and their captions) were not ranked: each counts as a miss at every k (the
-        # ranks describe the ranked queries only)
+        return self.over_the_split(metrics, split, len(images), len(captions))
+
+    def over_the_split(self, metrics: dict[str, float], split: str, ranked_images: int,
+                       ranked_captions: int) -> dict[str, float]:
+        """Recalls over every image and caption of `split`: images without features (and their captions) were not
+        ranked, so each counts as a miss at every k (the ranks describe the ranked queries only). Every way of
+        ranking (co-attention, `--mode dual`, re-ranked) is scored through here."""
         split_images = self.images(split)
-        total_images = max(len(split_images), len(images))
-        total_captions = max(sum(len(im.captions) for im in split_images), len(captions))
+        total_images = max(len(split_images), ranked_images)
+        total_captions = max(sum(len(im.captions) for im in split_images), ranked_captions)
         for key in [k for k in metrics if k[0] == "r" and k[1:].isdigit()]:
-            metrics[key] *= len(captions) / total_captions
-            metrics[f"i2t_{key}"] *= len(images) / total_images
+            metrics[key] *= ranked_captions / total_captions
+            metrics[f"i2t_{key}"] *= ranked_images / total_images
         metrics["r_mean"] = mean_recall(metrics)
         metrics["num_images"], metrics["num_captions"] = float(total_images), float(total_captions)
-        metrics["num_without_features"] = float(total_images - len(images))
+        metrics["num_without_features"] = float(total_images - ranked_images)
         return metrics
 
     def chance(self, split: str, train: RetrievalTask | None = None) -> dict[str, float]:
@@ -398,8 +414,8 @@ def evaluate_retrieval(task: RetrievalTask, model: nn.Module, split: str, mode: 
                                 rerank_k, task_token_id(model, task.task_token), max(1, task.data.eval_batch_size),
                                 progress)
     metrics = recall_both_ways(ranked["text_to_image"], ranked["image_to_text"], caption_image)
+    metrics = task.over_the_split(metrics, split, len(images), len(captions))  # unranked images count as misses
     seconds = ranked["seconds"]
-    metrics["num_images"], metrics["num_captions"] = float(len(images)), float(len(captions))
     metrics["t2i_queries_per_s"] = len(captions) / max(seconds["text_to_image"], 1e-9)
     metrics["i2t_queries_per_s"] = len(images) / max(seconds["image_to_text"], 1e-9)
     metrics["gallery_seconds"] = seconds["gallery"]

@@ -33,7 +33,7 @@ import torch
 
 from tasks.data.annotations import require
 from tasks.engine.task import ExampleInputs, PredictExample
-from tasks.errors import AnnotationError, ConfigError
+from tasks.errors import AnnotationError, ConfigError, DataError
 from tasks.finetuning import FinetuneConfig
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot, read_json_lines
 from tasks.metrics import vcr_scores
@@ -208,14 +208,17 @@ def leaderboard_rows(answer_predictions: list[dict], conditioned: list[list[dict
     same items.
     """
     if len(conditioned) != 4:
-        raise ValueError(f"expected QA→R predictions conditioned on each of 4 answers, got {len(conditioned)}")
+        raise DataError(f"expected QA→R predictions conditioned on each of 4 answers, got {len(conditioned)}")
     by_answer = [{p["annot_id"]: p["probabilities"] for p in predictions} for predictions in conditioned]
-    rows = []
+    rows, seen = [], set()
     for prediction in answer_predictions:
         annot_id = prediction["annot_id"]
+        if annot_id in seen:
+            raise DataError(f"item {annot_id!r} appears twice in the split; the leaderboard takes one row per item")
+        seen.add(annot_id)
         missing = [i for i, table in enumerate(by_answer) if annot_id not in table]
         if missing:
-            raise ValueError(f"item {annot_id!r} has no QA→R prediction conditioned on answer {missing[0]}")
+            raise DataError(f"item {annot_id!r} has no QA→R prediction conditioned on answer {missing[0]}")
         row = {"annot_id": annot_id, **{f"answer_{j}": p for j, p in enumerate(prediction["probabilities"])}}
         for i, table in enumerate(by_answer):
             row.update({f"rationale_conditioned_on_a{i}_{j}": p for j, p in enumerate(table[annot_id])})

@@ -8,7 +8,20 @@ Splits: train, val, trainval (train + val minus minval), minval (the last `minva
 question_id; 3,000 in the reference), test, test-dev. The answer vocabulary is every normalised answer that is
 the consensus answer (`multiple_choice_answer`) of at least `min_answer_count` train+val questions: 9 gives the
 standard 3,129. A question's target gives each vocabulary answer the soft score of its human count (0, 0.3, 0.6,
-0.9, 1). Loss: BCE-with-logits (mean) × number of answers, on `answer_logits`.
+0.9, 1). Loss: BCE-with-logits (mean) × number of answers, on `answer_logits`, or a debiasing loss
+(`data.debias: rubi | lmh`, tasks/debiasing.py) against the per-question-type answer prior.
+
+VQA-CP v2 (Agrawal et al., CVPR 2018; `--task vqa-cp`, or `data.format: vqa-cp`) regroups VQA v2's questions so
+that each question type's answer distribution differs between train and test. Files (in `data.root`):
+    vqacp_v2_{train,test}_questions.json    a JSON list of {"question_id", "image_id", "question", "coco_split"}
+    vqacp_v2_{train,test}_annotations.json  a JSON list of VQA v2 annotations, each with "coco_split"
+`coco_split` (train2014 or val2014) names the COCO image folder; features join by image id as VQA's do (COCO ids
+are unique over both folders). Splits: train and test; the vocabulary is built from train alone.
+
+Bias measurements (`score`, on annotated splits): accuracy per answer type and per question type, the
+question-only prior's accuracy (each question answered with its type's most frequent training answer, the
+training questions read from `data.prior_root` or else `data.root`) per answer and question type, and how often
+the model's answer equals that prior (`prior_agreement`).
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from features.store import FeatureStore
+from tasks import debiasing
 from tasks.data.annotations import (
     id_field,
     image_key_resolver,
@@ -44,6 +58,7 @@ from tasks.data.answer_labels import (
     require_answer_labels,
 )
 from tasks.data.regions import collate_visual, visual_input
+from tasks.debiasing import AnswerPrior
 from tasks.engine.evaluation import eval_batches
 from tasks.engine.task import ExampleInputs, PredictExample, StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError, DataError
@@ -55,7 +70,6 @@ from tasks.finetuning import (
     build_task_model,
     model_inputs,
     resolve_split,
-    soft_bce_sum,
 )
 from tasks.metrics import normalize_answer, soft_score, vqa_score
 
@@ -72,6 +86,10 @@ ANNOTATION_FILES = {
     "val2014": "v2_mscoco_val2014_annotations.json",
 }
 SPLITS = ("train", "val", "trainval", "minval", "test", "test-dev")
+FORMATS = ("vqa", "vqa-cp")
+CP_SPLITS = ("train", "test")
+CP_FILES = "vqacp_v2_{split}_{kind}.json"
+COCO_SPLITS = ("train2014", "val2014")
 
 
 @dataclass
@@ -83,6 +101,7 @@ class VQAQuestion:
     answer_type: str = ""
     question_type: str = ""
     consensus: str = ""  # multiple_choice_answer
+    coco_split: str = ""  # VQA-CP: the COCO image folder (train2014, val2014)
 
 
 def vocabulary_key(answer: str) -> str:
@@ -94,12 +113,15 @@ def read_questions(path: str | Path) -> list[VQAQuestion]:
     """Questions of one `v2_OpenEnded_mscoco_*_questions.json` file."""
     data = load_json(path)
     require(data, ["questions"], str(path), "the file")
-    questions = []
+    questions, seen = [], set()
     for i, entry in enumerate(list_field(data, "questions", str(path), "the file")):
         where = f"questions[{i}]"
         require(entry, ["question_id", "image_id", "question"], str(path), where)
-        questions.append(VQAQuestion(int_field(entry, "question_id", str(path), where),
-                                     id_field(entry, "image_id", str(path), where),
+        question_id = int_field(entry, "question_id", str(path), where)
+        if question_id in seen:  # scored twice it would count twice (as `vilbert score` refuses too)
+            raise AnnotationError(f"{path}: {where} repeats question_id {question_id}")
+        seen.add(question_id)
+        questions.append(VQAQuestion(question_id, id_field(entry, "image_id", str(path), where),
                                      str_field(entry, "question", str(path), where)))
     return questions
 
@@ -112,10 +134,15 @@ def attach_annotations(questions: list[VQAQuestion], path: str | Path) -> list[V
     """
     data = load_json(path)
     require(data, ["annotations"], str(path), "the file")
+    return attach_entries(questions, list_field(data, "annotations", str(path), "the file"), path)
+
+
+def attach_entries(questions: list[VQAQuestion], entries: list, path: str | Path) -> list[VQAQuestion]:
+    """`attach_annotations` on the annotation entries of `path` (a VQA v2 "annotations" list or a VQA-CP file)."""
     by_id = {q.question_id: q for q in questions}
     annotated = set()
     empty = 0
-    for i, entry in enumerate(list_field(data, "annotations", str(path), "the file")):
+    for i, entry in enumerate(entries):
         require(entry, ["question_id", "answers"], str(path), f"annotations[{i}]")
         question = by_id.get(int_field(entry, "question_id", str(path), f"annotations[{i}]"))
         if question is None:
@@ -143,6 +170,48 @@ def attach_annotations(questions: list[VQAQuestion], path: str | Path) -> list[V
     return kept
 
 
+def _cp_list(path: Path) -> list:
+    data = load_json(path)
+    if not isinstance(data, list):
+        raise AnnotationError(f"{path}: expected a JSON list (the VQA-CP v2 layout), got a {type(data).__name__}")
+    return data
+
+
+def _coco_split(entry: dict, path: Path, where: str) -> str:
+    split = str_field(entry, "coco_split", str(path), where)
+    if split not in COCO_SPLITS:
+        raise AnnotationError(f"{path}: {where}: coco_split must be one of {', '.join(COCO_SPLITS)}, got {split!r}")
+    return split
+
+
+def read_cp_split(root: str | Path, split: str) -> list[VQAQuestion]:
+    """The annotated questions of a VQA-CP v2 split (`vqacp_v2_<split>_{questions,annotations}.json`), sorted by
+    question_id. A file of the wrong shape (not a list, an entry without a key, an unknown coco_split) is an
+    AnnotationError naming the file and the entry."""
+    if split not in CP_SPLITS:
+        raise ConfigError(f"unknown VQA-CP split {split!r}; choose one of {', '.join(CP_SPLITS)}")
+    root = Path(root)
+    path = root / CP_FILES.format(split=split, kind="questions")
+    questions = []
+    for i, entry in enumerate(_cp_list(path)):
+        where = f"entry {i}"
+        require(entry, ["question_id", "image_id", "question", "coco_split"], str(path), where)
+        question = VQAQuestion(int_field(entry, "question_id", str(path), where), id_field(entry, "image_id",
+                               str(path), where), str_field(entry, "question", str(path), where))
+        question.coco_split = _coco_split(entry, path, where)
+        questions.append(question)
+    path = root / CP_FILES.format(split=split, kind="annotations")
+    entries = _cp_list(path)
+    for i, entry in enumerate(entries):
+        require(entry, ["question_id", "answers", "question_type", "answer_type", "coco_split"], str(path),
+                f"entry {i}")
+        _coco_split(entry, path, f"entry {i}")
+    kept = sorted(attach_entries(questions, entries, path), key=lambda q: q.question_id)
+    if split == "train" and not kept:
+        raise DataError(f"{path}: the train split has no annotated questions")
+    return kept
+
+
 def build_vocabulary(questions: list[VQAQuestion], min_count: int) -> list[str]:
     """Answers that are the consensus answer of at least `min_count` questions, most frequent first."""
     counts = Counter(vocabulary_key(q.consensus) for q in questions if q.consensus)
@@ -166,8 +235,11 @@ def soft_target(answers: list[str], label_of: Mapping[str, int]) -> dict[int, fl
     return {label_of[a]: soft_score(c) for a, c in counts.items() if a in label_of}
 
 
-def read_split(root: str | Path, split: str, minval_size: int = 3000) -> list[VQAQuestion]:
-    """The questions of a split (annotated for train/val/trainval/minval), sorted by question_id."""
+def read_split(root: str | Path, split: str, minval_size: int = 3000, layout: str = "vqa") -> list[VQAQuestion]:
+    """The questions of a split (annotated for train/val/trainval/minval), sorted by question_id; `layout`
+    "vqa-cp" reads VQA-CP v2's train / test files instead."""
+    if layout == "vqa-cp":
+        return read_cp_split(root, split)
     root = Path(root)
     if split not in SPLITS:
         raise ConfigError(f"unknown VQA split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -203,6 +275,25 @@ class VQADataConfig(FinetuneDataConfig):
     min_answer_count: int = 9
     minval_size: int = 3000
     extend_answers: bool = True  # fine-tuning from a labelled head: append the data's new answers (evaluate: off)
+    format: str = "vqa"  # vqa (VQA v2 files) | vqa-cp (VQA-CP v2 files)
+    prior_root: str | None = None  # the folder whose train split gives the question-type prior (default: root)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.format not in FORMATS:
+            raise ConfigError(f"data.format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        splits = CP_SPLITS if self.format == "vqa-cp" else SPLITS
+        for key in ("train_split", "val_split"):
+            if getattr(self, key) not in splits:
+                raise ConfigError(f"data.{key}: {getattr(self, key)!r} is not a {self.format} split; choose one of "
+                                  f"{', '.join(splits)}")
+
+
+@dataclass
+class VQACPDataConfig(VQADataConfig):
+    format: str = "vqa-cp"
+    train_split: str = "train"
+    val_split: str = "test"
 
 
 @dataclass
@@ -212,10 +303,18 @@ class VQAConfig(FinetuneConfig):
     data: VQADataConfig = field(default_factory=VQADataConfig)
 
 
+@dataclass
+class VQACPConfig(VQAConfig):
+    """A VQA-CP v2 fine-tuning run (tasks/configs/vqa-cp.yaml)."""
+
+    data: VQADataConfig = field(default_factory=VQACPDataConfig)
+
+
 class VQADataset(TaskDataset):
     """One item per question: tokenised question, the image's regions, soft-score target."""
 
-    def __init__(self, questions, store, tokenizer, label_of, max_text_length, max_regions, source, strict=False):
+    def __init__(self, questions, store, tokenizer, label_of, max_text_length, max_regions, source, strict=False,
+                 prior_row: Callable[[str], int] | None = None):
         resolve = image_key_resolver(store.ids)
         kept = keep_known_images(questions, lambda q: q.image_id, resolve, source, "questions", strict)
         self.questions = [q for q, _ in kept]
@@ -223,6 +322,7 @@ class VQADataset(TaskDataset):
         self.image_ids = [(key,) for key in self.image_keys]
         self.text = tokenizer.encode([q.question for q in self.questions], max_text_length)
         self.targets = [soft_target(q.answers, label_of) for q in self.questions]
+        self.prior_rows = [prior_row(q.question_type) if prior_row else -1 for q in self.questions]
         self.store, self.num_labels, self.max_regions = store, len(label_of), max_regions
 
     def __len__(self) -> int:
@@ -239,6 +339,7 @@ class VQADataset(TaskDataset):
             "token_type_ids": torch.from_numpy(self.text.token_type_ids[index]),
             "visual": visual_input(self.store.read(self.image_keys[index]), self.max_regions),
             "target": target,
+            "prior_row": self.prior_rows[index],  # the question type's row of the answer prior (lmh), else -1
         }
 
 
@@ -246,6 +347,7 @@ def collate_vqa(samples: list[dict]) -> dict:
     batch = {key: torch.stack([s[key] for s in samples]) for key in
              ("input_ids", "attention_mask", "token_type_ids", "target")}
     batch["question_id"] = torch.tensor([s["question_id"] for s in samples])
+    batch["prior_row"] = torch.tensor([s["prior_row"] for s in samples])
     batch.update(collate_visual([s["visual"] for s in samples]))
     return batch
 
@@ -262,6 +364,7 @@ class VQATask(FinetuneTask):
     head = "answer_logits"
     metric_labels = {"accuracy": "VQA accuracy"}
     checkpoint_overrides = ("data.extend_answers=false",)  # the checkpoint's answers as they are
+    debias_supported = True
     data: VQADataConfig
 
     def __init__(self, config: VQAConfig):
@@ -270,14 +373,22 @@ class VQATask(FinetuneTask):
         self._questions: dict[str, list[VQAQuestion]] = {}
         self.answers: list[str] | None = None
         self.init_answers: list[str] | None = None  # the initial checkpoint's labelled answers
+        self._answer_prior: AnswerPrior | None = None
+        self._prior_answers: dict[str, str] | None = None
 
     # ------------------------------------------------------------------ data
 
     def questions(self, split: str) -> list[VQAQuestion]:
         split = resolve_split(self.data, split)
         if split not in self._questions:
-            self._questions[split] = read_split(self.data.root, split, self.data.minval_size)
+            self._questions[split] = read_split(self.data.root, split, self.data.minval_size, self.data.format)
         return self._questions[split]
+
+    def training_questions(self) -> list[VQAQuestion]:
+        """The training split's questions, from `data.prior_root` when set (a split folder without train files)."""
+        if not self.data.prior_root:
+            return self.questions("train")
+        return read_split(self.data.prior_root, self.data.train_split, self.data.minval_size, self.data.format)
 
     def vocabulary(self) -> list[str]:
         """The answer list: the initial checkpoint's (config id2label) when it has one, then (when fine-tuning) the
@@ -287,8 +398,11 @@ class VQATask(FinetuneTask):
             require_answer_labels(init)
             self.init_answers = checkpoint_answers(init)
             if self.init_answers is None or self.data.extend_answers:
-                built = build_vocabulary(read_split(self.data.root, "train") + read_split(self.data.root, "val"),
-                                         self.data.min_answer_count)
+                if self.data.format == "vqa-cp":  # VQA-CP's test answers are what the model must not see
+                    source = read_split(self.data.root, "train", layout="vqa-cp")
+                else:
+                    source = read_split(self.data.root, "train") + read_split(self.data.root, "val")
+                built = build_vocabulary(source, self.data.min_answer_count)
                 logger.info("answer vocabulary: %d answers given by >= %d questions",
                             len(built), self.data.min_answer_count)
             if self.init_answers is None:
@@ -308,9 +422,35 @@ class VQATask(FinetuneTask):
 
     def dataset(self, split: str) -> Dataset:
         label_of = {answer: i for i, answer in enumerate(self.vocabulary())}
+        prior_row = self.answer_prior().row if self.data.debias == "lmh" else None
         return VQADataset(self.questions(split), self.store(), self.tokenizer(), label_of,
                           self.data.max_text_length, self.data.max_regions, f"{self.data.root} ({split})",
-                          self.data.strict)
+                          self.data.strict, prior_row)
+
+    def answer_prior(self) -> AnswerPrior:
+        """The per-question-type answer prior of the training split (soft targets averaged per type), for lmh."""
+        if self._answer_prior is None:
+            label_of = {answer: i for i, answer in enumerate(self.vocabulary())}
+            questions = self.training_questions()
+            self._answer_prior = AnswerPrior([q.question_type for q in questions],
+                                             [soft_target(q.answers, label_of) for q in questions], len(label_of))
+        return self._answer_prior
+
+    def prior_answers(self) -> dict[str, str]:
+        """{question type: its most frequent consensus answer among the training questions} ("" = any type)."""
+        if self._prior_answers is None:
+            questions = self.training_questions()
+            by_type: dict[str, Counter] = {}
+            for q in questions:
+                by_type.setdefault(q.question_type, Counter())[vocabulary_key(q.consensus)] += 1
+            overall = Counter(vocabulary_key(q.consensus) for q in questions)
+            self._prior_answers = {t: _most_frequent(c) for t, c in by_type.items()}
+            self._prior_answers.setdefault("", _most_frequent(overall))
+        return self._prior_answers
+
+    def prior_answer(self, question: VQAQuestion) -> str:
+        prior = self.prior_answers()
+        return prior.get(question.question_type, prior[""])
 
     def collate(self, samples: list) -> dict:
         return collate_vqa(samples)
@@ -321,7 +461,8 @@ class VQATask(FinetuneTask):
         """The task model; its config's id2label carries the answer list, so checkpoints know their labels."""
         answers = self.vocabulary()
         model = build_task_model(self.config.model, id2label=dict(enumerate(answers)),
-                                 label2id={a: i for i, a in enumerate(answers)})
+                                 label2id={a: i for i, a in enumerate(answers)},
+                                 **debiasing.model_settings(self.data.debias, len(answers)))
         if self.init_answers is not None and answers != self.init_answers:  # rows follow their answers
             old = checkpoint_classifier(self.config.model.init)
             carry_answer_rows(model.answer_head.classifier, old, self.init_answers, answers)
@@ -329,11 +470,14 @@ class VQATask(FinetuneTask):
 
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
         ids = self.task_ids(model, batch["input_ids"].shape[0], batch["input_ids"].device)
-        out = model(**model_inputs(batch), task_ids=ids, heads=["answer_logits"])
+        mode = self.data.debias
+        out = model(**model_inputs(batch), task_ids=ids, heads=debiasing.heads(mode, "answer_logits"))
         best = out.answer_logits.argmax(dim=1, keepdim=True)
         score = batch["target"].gather(1, best).mean()  # the reference's in-training soft accuracy
-        return StepOutput({"loss": soft_bce_sum(out.answer_logits, batch["target"])},
-                          metrics={"soft_accuracy": score.detach()})
+        prior = self.answer_prior() if mode == "lmh" else None
+        loss = debiasing.debias_loss(mode, out, "answer_logits", batch["target"], batch["prior_row"], prior,
+                                     self.data.debias_entropy_weight)
+        return StepOutput({"loss": loss}, metrics={"soft_accuracy": score.detach()})
 
     # ------------------------------------------------------------------ evaluation
 
@@ -365,29 +509,52 @@ class VQATask(FinetuneTask):
                    "num_without_features": float(len(unanswered))}
         metrics.update({f"accuracy/{name}": value for name, value in result["per_answer_type"].items()})
         metrics.update({f"question_type/{name}": value for name, value in result["per_question_type"].items()})
+        metrics.update(self.bias_metrics(questions, answered, annotations))
         return metrics
+
+    def bias_metrics(self, questions: list[VQAQuestion], answered: Mapping[int, str],
+                     annotations: list[dict]) -> dict[str, float]:
+        """The question-only prior's accuracy (overall, per answer and question type) and the share of answered
+        questions whose answer is the prior's (`prior_agreement`, %)."""
+        guesses = {q.question_id: self.prior_answer(q) for q in questions}
+        prior = vqa_score(guesses, annotations)
+        metrics = {"prior_accuracy": prior["overall"]}
+        metrics.update({f"prior_accuracy/{name}": value for name, value in prior["per_answer_type"].items()})
+        metrics.update({f"prior_question_type/{name}": value for name, value in prior["per_question_type"].items()})
+        agree = [vocabulary_key(answered[q.question_id]) == guesses[q.question_id]
+                 for q in questions if q.question_id in answered]
+        metrics["prior_agreement"] = 100.0 * sum(agree) / len(agree) if agree else 0.0
+        return metrics
+
+    def chance(self, split: str, train: VQATask | None = None) -> dict[str, float]:
+        """The question-only prior's accuracy on the split: each question gets its type's most frequent answer in
+        the training split of `train` (default this task); empty on unannotated splits."""
+        questions = self.questions(split)
+        if not questions or not questions[0].answers:
+            return {}
+        source = train or self
+        annotations = [{"question_id": q.question_id, "answers": [{"answer": a} for a in q.answers]}
+                       for q in questions]
+        return {"accuracy": vqa_score({q.question_id: source.prior_answer(q) for q in questions},
+                                      annotations)["overall"]}
+
+    def report_lines(self, metrics: Mapping[str, float]) -> list[tuple[str, float, float | None]]:
+        """Per answer and question type: (label, accuracy %, the prior's %), then the prior agreement."""
+        rows = [(f"answer type {key.split('/', 1)[1]}", value, metrics.get(f"prior_{key}"))
+                for key, value in sorted(metrics.items()) if key.startswith("accuracy/")]
+        rows += [(f"question type '{key.split('/', 1)[1]}'", value, metrics.get(f"prior_{key}"))
+                 for key, value in sorted(metrics.items()) if key.startswith("question_type/")]
+        if "prior_agreement" in metrics:
+            rows.append(("answer = the question-type prior's", metrics["prior_agreement"], None))
+        return rows
 
     # ------------------------------------------------------------------ one image
 
     @torch.no_grad()
-    def chance(self, split: str, train: VQATask | None = None) -> dict[str, float]:
-        """Accuracy of answering each question with its question type's most frequent training answer."""
-        train_questions = (train or self).questions("train")
-        by_type: dict[str, Counter] = {}
-        for q in train_questions:
-            by_type.setdefault(q.question_type, Counter())[q.consensus] += 1
-        overall = Counter(q.consensus for q in train_questions).most_common(1)[0][0]
-        questions = self.questions(split)
-        guesses = {q.question_id: (by_type[q.question_type].most_common(1)[0][0] if q.question_type in by_type
-                                   else overall) for q in questions}
-        annotations = [{"question_id": q.question_id, "answers": [{"answer": a} for a in q.answers],
-                        "answer_type": q.answer_type} for q in questions]
-        return {"accuracy": vqa_score(guesses, annotations)["overall"]}
-
     def evaluation(self, model: nn.Module, split: str, progress: Callable | None = None, mode: str | None = None,
                    rerank_k: int = 32) -> tuple[Any, dict[str, Any]]:
-        """The test splits have no answers: their predictions file is the official submission."""
-        if split not in ("test", "test-dev"):
+        """VQA v2's test splits have no answers: their predictions file is the official submission."""
+        if split not in ("test", "test-dev") or self.data.format == "vqa-cp":
             return super().evaluation(model, split, progress)
         result = submission(self.predict(model, split, progress), self.questions(split),
                             fallback=self.vocabulary()[0])
@@ -429,6 +596,23 @@ class VQATask(FinetuneTask):
     def summary_lines(self, result: Mapping[str, Any]) -> list[str]:
         return [f"Q: {result['question']}",
                 *(f"  {i + 1}. {a['answer']:<24} {a['score']:.3f}" for i, a in enumerate(result["answers"]))]
+
+
+def _most_frequent(counts: Counter) -> str:
+    """The most frequent key; ties go to the alphabetically first (deterministic)."""
+    return min(counts, key=lambda key: (-counts[key], key)) if counts else ""
+
+
+class VQACPTask(VQATask):
+    """VQA-CP v2: VQA's model, vocabulary rule, metric and 12-in-1 token on the VQA-CP file layout (the
+    config's `data.format: vqa-cp`; main metric: the official accuracy on the test split)."""
+
+    name = "vqa-cp"
+    config_class = VQACPConfig
+
+    @property
+    def task_token(self) -> str:
+        return "vqa"
 
 
 def submission(predictions: list[dict], questions: list[VQAQuestion], fallback: str) -> list[dict]:

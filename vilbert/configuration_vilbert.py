@@ -141,6 +141,12 @@ class ViLBertConfig(PreTrainedConfig):
     dual_coattention: str = "skip"
     dual_temperature: float = 0.07  # initial temperature (logit scale 1/0.07), as CLIP
 
+    # Debiasing branches (ours, not in the reference), used in training only; 0 / False = no parameters.
+    # RUBi (Cadene et al., 2019): a question-only branch on the text before co-attention, `question_only_labels` outputs.
+    # Learned-Mixin (Clark et al., 2019): a scalar gate on the fused pooled vector.
+    question_only_labels: int = 0
+    mixin_gate: bool = False
+
     def __post_init__(self, **kwargs: Any) -> None:
         if self.v_biattention_id is None:
             self.v_biattention_id = [0, 1, 2, 3, 4, 5]
@@ -205,6 +211,8 @@ class ViLBertConfig(PreTrainedConfig):
             raise ConfigError(f"dual_coattention: unknown {self.dual_coattention!r}; expected one of {DUAL_COATTENTION}")
         if not 0 < self.dual_temperature <= 1:
             raise ConfigError(f"dual_temperature: {self.dual_temperature} must lie in (0, 1]")
+        if self.question_only_labels < 0:
+            raise ConfigError(f"question_only_labels: {self.question_only_labels} must be >= 0 (0 = no branch)")
         if self.task_specific_tokens and self.num_task_tokens <= 0:
             raise ConfigError(f"num_task_tokens: {self.num_task_tokens} must be positive with task_specific_tokens")
         for name in ("vocab_size", "v_feature_size", "v_target_size", "gqa_num_labels", "num_labels"):

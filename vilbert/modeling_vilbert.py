@@ -8,6 +8,7 @@ Our parameter names differ from the reference's; `vilbert.convert` maps them (ta
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -524,8 +525,18 @@ class ViLBertPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
-        """As `PreTrainedModel.from_pretrained`; loading makes new parameters, so the frozen flags are set again."""
-        loaded = super().from_pretrained(*args, **kwargs)
+        """As `PreTrainedModel.from_pretrained`; loading makes new parameters, so the frozen flags are set again.
+
+        transformers checks every load against a tensor-parallel plan and, for a model without one (all of ours),
+        logs a several-KB "layers were not sharded" line listing every parameter: that check is quieted here.
+        """
+        tensor_parallel = logging.getLogger("transformers.distributed.tensor_parallel")
+        level = tensor_parallel.level
+        tensor_parallel.setLevel(logging.ERROR)
+        try:
+            loaded = super().from_pretrained(*args, **kwargs)
+        finally:
+            tensor_parallel.setLevel(level)
         (loaded[0] if isinstance(loaded, tuple) else loaded).apply_frozen_flags()
         return loaded
 
@@ -749,6 +760,21 @@ class AnswerClassifier(nn.Module):
         return self.classifier(self.dropout(F.relu(self.dense(x))))
 
 
+class QuestionOnlyBranch(nn.Module):
+    """RUBi's question-only branch: an MLP from the question's encoding (the text stream before co-attention,
+    mean-pooled) to answer logits, whose sigmoid masks the fused logits in training, and a linear classifier on
+    those logits (trained on the answers alone)."""
+
+    def __init__(self, in_width: int, hidden_width: int, num_outputs: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_width, hidden_width), nn.ReLU(), nn.Linear(hidden_width, num_outputs))
+        self.classifier = nn.Linear(num_outputs, num_outputs)
+
+    def forward(self, pooled_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask_logits = self.mlp(pooled_text)
+        return mask_logits, self.classifier(mask_logits)
+
+
 def _select(hidden: torch.Tensor, selected: torch.Tensor, count: int) -> torch.Tensor:
     """Rows of hidden [B, N, D] where selected [B, N] is true, in nonzero order -> [count, D] (no host sync)."""
     index = torch.nonzero_static(selected.flatten(), size=count).squeeze(1)
@@ -938,6 +964,8 @@ VL_HEADS = (
     "token_logits",
     "region_class_logits",
 )
+# The debiasing branches' outputs: asked for by name only, by models whose config has the branch.
+DEBIAS_HEADS = ("question_only_logits", "question_only_answer_logits", "mixin_gate_logit")
 # The module behind each head output: what a checkpoint must hold for a task that reads that output.
 HEAD_MODULES = {
     "answer_logits": "answer_head",
@@ -963,6 +991,9 @@ class ViLBertForVLTasksOutput(ModelOutput):
     region_logits: torch.Tensor | None = None  # [B, R], padded regions -10000
     token_logits: torch.Tensor | None = None  # [B, L]
     region_class_logits: torch.Tensor | None = None  # [B, R, v_target_size]
+    question_only_logits: torch.Tensor | None = None  # [B, question_only_labels], from the text before co-attention
+    question_only_answer_logits: torch.Tensor | None = None  # [B, question_only_labels]
+    mixin_gate_logit: torch.Tensor | None = None  # [B], before the softplus
     text_hidden: torch.Tensor | None = None
     vision_hidden: torch.Tensor | None = None
     pooled_text: torch.Tensor | None = None
@@ -993,6 +1024,10 @@ class ViLBertForVLTasks(ViLBertWithPretrainingHeads):
         self.tri_head = nn.Linear(bi, 3)
         self.region_score_head = nn.Linear(config.v_hidden_size, 1)
         self.token_score_head = nn.Linear(config.hidden_size, 1)
+        if config.question_only_labels:
+            self.question_only_branch = QuestionOnlyBranch(config.hidden_size, 2 * bi, config.question_only_labels)
+        if config.mixin_gate:
+            self.mixin_gate = nn.Linear(bi, 1)
         self.post_init()
 
     def forward(
@@ -1010,14 +1045,29 @@ class ViLBertForVLTasks(ViLBertWithPretrainingHeads):
         dual: bool = False,
     ) -> ViLBertForVLTasksOutput:
         wanted = set(VL_HEADS if heads is None else heads)
-        if unknown := wanted - set(VL_HEADS):
-            raise ConfigError(f"heads: unknown head(s) {sorted(unknown)}; expected names from {VL_HEADS}")
+        if unknown := wanted - set(VL_HEADS) - set(DEBIAS_HEADS):
+            raise ConfigError(f"heads: unknown head(s) {sorted(unknown)}; expected names from "
+                              f"{VL_HEADS + DEBIAS_HEADS}")
+        question = None
+        if wanted & {"question_only_logits", "question_only_answer_logits"}:
+            if not self.config.question_only_labels:
+                raise ConfigError("heads: question_only_logits needs question_only_labels > 0 in the model config")
+            prefix = text_prefix or self.vilbert.encode_text_prefix(input_ids, attention_mask, token_type_ids, task_ids)
+            if not output_attentions:
+                text_prefix = prefix  # the same text layers, run once
+            # RUBi's question encoding: the text before any co-attention (it has not seen the image), mean over its
+            # tokens, detached: the question-only loss does not train the question encoder
+            mask = prefix.attention_mask.unsqueeze(-1).to(prefix.hidden.dtype)
+            question = ((prefix.hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).detach()
         base = self.vilbert(
             input_ids, attention_mask, token_type_ids, region_features, region_locations, region_mask, task_ids,
             text_prefix=text_prefix, output_attentions=output_attentions, dual=dual,
         )
         out = ViLBertForVLTasksOutput(**base)
-        if wanted & {"answer_logits", "gqa_answer_logits", "pair_logit", "binary_logits", "tri_logits"}:
+        if question is not None:
+            out.question_only_logits, out.question_only_answer_logits = self.question_only_branch(question)
+        if wanted & {"answer_logits", "gqa_answer_logits", "pair_logit", "binary_logits", "tri_logits",
+                     "mixin_gate_logit"}:
             fused = self.fused_pooled(base)  # [B, Hb]
             if "answer_logits" in wanted:
                 out.answer_logits = self.answer_head(fused)
@@ -1029,6 +1079,10 @@ class ViLBertForVLTasks(ViLBertWithPretrainingHeads):
                 out.binary_logits = self.binary_head(fused.reshape(fused.shape[0] // 2, 2 * fused.shape[1]))
             if "tri_logits" in wanted:
                 out.tri_logits = self.tri_head(fused)
+            if "mixin_gate_logit" in wanted:
+                if not self.config.mixin_gate:
+                    raise ConfigError("heads: mixin_gate_logit needs mixin_gate: true in the model config")
+                out.mixin_gate_logit = self.mixin_gate(fused).squeeze(-1)
         if "region_logits" in wanted:
             vision = base.vision_hidden
             if region_mask is None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+import warnings
 
-from features.errors import FeaturesError
+from features.errors import DiskFullError, FeaturesError
 from vilbert.errors import ViLBertError
 
 # subcommand name -> module under tasks.cli
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    _quiet_libraries(args.verbose)
     try:
         return int(args.run(args) or 0)
     except USER_ERRORS as error:
@@ -69,10 +72,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vilbert {args.command}: error: {one_line(error, args.verbose)}", file=sys.stderr)
         if args.verbose:
             logging.getLogger("vilbert").debug("details", exc_info=error)
+        if isinstance(error, DiskFullError) and argv is None:  # the program itself, not a caller in Python
+            _exit_now(2)
         return 2
     except KeyboardInterrupt:
         print(f"vilbert {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _exit_now(code: int) -> None:
+    """Exit without the libraries' teardown. After a write failed on a full disk, HDF5 may still hold ids of the
+    abandoned file (h5py could not free them while the write failed); at exit HDF5 flushes them into the full
+    device and crashes (a segfault after the one-line error). Everything of ours is already cleaned up here."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """One line per problem and nothing when there is none: libraries' chatter that says nothing to a user goes.
+
+    torch warns about every protocol-4 pickle before its own (one-line) refusal; faiss logs at INFO the optional
+    AVX2/AVX512 builds it failed to import on its way to the one it loads.
+    """
+    warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+    if not verbose:
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def one_line(error: BaseException, verbose: bool = False) -> str:

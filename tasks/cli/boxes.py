@@ -11,8 +11,10 @@ files' stems, the ids `vilbert extract` gives images from a folder (--ids-from i
 from __future__ import annotations
 
 import argparse
+import math
 
-from features.atomic import write_json_atomic
+from features.atomic import check_output, write_json_atomic
+from tasks.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,11 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tasks.data.reference_files import coco_boxes, coco_image_names, mattnet_boxes
 
+    inputs = (args.coco, args.detections)
+    check_output(args.out, inputs)
+    if not math.isfinite(args.min_score):
+        raise ConfigError(f"--min-score {args.min_score}: not a finite number")
     if args.detections:
         boxes = mattnet_boxes(args.detections, coco_image_names(args.coco, args.ids_from), args.min_score)
     else:
         boxes = coco_boxes(args.coco, args.ids_from)
-    write_json_atomic(args.out, boxes)
+    write_json_atomic(args.out, boxes, inputs)
     count = sum(len(b) for b in boxes.values())
     print(f"{args.out}: {count} boxes on {len(boxes)} images (x1 y1 x2 y2; extract with --box-format xyxy)")
     return 0

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
-from features.atomic import atomic_path
+from features.atomic import atomic_path, check_output
 from tasks.cli.options import CHECKPOINT_SOURCES
-from tasks.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +38,13 @@ def run(args: argparse.Namespace) -> int:
     from tasks.runners.converted_checkpoint import copy_tokenizer, label_converted_model
     from vilbert.convert import config_from_reference_json, load_reference_checkpoint
 
-    if os.path.isdir(args.out) and os.listdir(args.out):
-        raise ConfigError(f"--out {args.out}: the output directory exists and is not empty")
+    inputs = (args.input, args.config, args.answers, args.gqa_answers, args.tokenizer)
+    check_output(args.out, inputs, folder=True)
     config = config_from_reference_json(args.config) if args.config else None
     model = load_reference_checkpoint(args.input, args.source, config=config, num_labels=args.num_labels)
     missing = label_converted_model(model, args.source, args.input, args.answers, args.gqa_answers)
 
-    with atomic_path(args.out) as staging:  # replaces the empty directory checked above
+    with atomic_path(args.out, inputs, folder=True) as staging:
         model.save_pretrained(staging)
         copied = copy_tokenizer(args.tokenizer, staging)
     parameters = sum(p.numel() for p in model.parameters())

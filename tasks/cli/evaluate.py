@@ -17,7 +17,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from features.atomic import write_json_atomic
+from features.atomic import check_output, write_json_atomic
 from tasks.cli.options import task_choices
 from tasks.errors import ConfigError
 
@@ -64,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
     model = load_checkpoint_model(args.checkpoint, task)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     out = Path(args.out or Path(args.checkpoint) / f"eval-{args.split}")
+    for path in (out / "predictions.json", out / "metrics.json", args.hard_negatives):
+        if path is not None:
+            check_output(path, (args.checkpoint, config), option="--hard-negatives" if path == args.hard_negatives
+                         else "--out")
     progress = lambda items: tqdm(items, desc=f"{args.task} {args.split}", leave=False)  # noqa: E731
 
     if args.hard_negatives:

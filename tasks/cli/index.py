@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
                 "tokenizer": tokenizer, "max_text_length": max_text_length,
                 "task_token": info.task_token or (task.task_token if isinstance(task, FinetuneTask)
                                                     else "retrieval-flickr30k")}  # a pretraining run
-    out = build_index(model, store, args.out, settings, args.max_regions or max_regions, args.batch_size,
+    regions = max_regions if args.max_regions is None else args.max_regions  # 0 is refused, not the default
+    out = build_index(model, store, args.out, settings, regions, args.batch_size,
                       args.faiss, progress=lambda items: tqdm(items, desc="index", unit="chunk"))
     print(f"{len(store.ids)} images -> {out}")
     return 0

@@ -28,7 +28,15 @@ TASK_TOKENS = ("flickr-grounding", "foil", "genome-qa", "gqa", "guesswhat", "gue
                "vcr-qar", "visual7w", "vqa")  # tasks.finetuning.TASK_TOKEN_IDS
 ZERO_SHOT_SCORERS = ("dual", "alignment")  # tasks.ranking.zero_shot.SCORERS
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")  # DEFAULT_TEMPLATES
-REPORT_TASKS = ("gqa", "nlvr2", "refcoco", "retrieval", "snli-ve", "visual7w", "vqa")  # shapes EVAL_SPLITS
+REPORT_TASKS = ("gqa", "nlvr2", "refcoco", "retrieval", "snli-ve", "visual7w", "vqa", "vqa-cp")  # shapes EVAL_SPLITS
+
+
+def text_argument(value: str) -> str:
+    """The argparse type of every free-text option (a question, an expression, a query): blank text is refused
+    at the edge, as the demo refuses it, instead of being encoded as nothing."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty or blank text; give the words to use")
+    return value
 
 
 def task_choices() -> list[str]:

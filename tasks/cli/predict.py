@@ -19,7 +19,13 @@ import argparse
 import json
 from pathlib import Path
 
-from tasks.cli.options import TASK_TOKENS, add_region_arguments, quiet_weight_loading, to_stderr
+from tasks.cli.options import (
+    TASK_TOKENS,
+    add_region_arguments,
+    quiet_weight_loading,
+    text_argument,
+    to_stderr,
+)
 from tasks.registry import TASKS
 
 
@@ -27,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + model.safetensors)")
     parser.add_argument("--image", required=True, help="the image file")
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--question", help="VQA: print the top-k answers with scores")
-    what.add_argument("--expression", help="referring expression: print the chosen box and the top 3")
+    what.add_argument("--question", type=text_argument, help="VQA: print the top-k answers with scores")
+    what.add_argument("--expression", type=text_argument,
+                      help="referring expression: print the chosen box and the top 3")
     what.add_argument("--captions", metavar="FILE", help="retrieval: rank the captions in FILE (one per line)")
     add_region_arguments(parser)
     parser.add_argument("--answers", metavar="FILE", help="VQA answer list, one per line (default: config id2label)")

@@ -14,6 +14,8 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
+from tasks.cli.options import text_argument
+
 if TYPE_CHECKING:
     import torch
 
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", required=True, help="directory written by vilbert index build")
     query = parser.add_mutually_exclusive_group(required=True)
-    query.add_argument("--text", help="find the images that match this text")
+    query.add_argument("--text", type=text_argument, help="find the images that match this text")
     query.add_argument("--image-id", help="find the captions (--captions FILE) that match this indexed image")
     parser.add_argument("--captions", metavar="FILE", help="with --image-id: candidate captions, one per line")
     parser.add_argument("--top", type=int, default=10, help="results to print")
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from tasks.data.tokenization import load_tokenizer
     from tasks.errors import ConfigError
     from tasks.finetuning import task_token_id
-    from tasks.ranking.index import load_index
+    from tasks.ranking.index import check_store_identity, load_index
     from tasks.ranking.search import CoattentionScorer, embed_texts, exact_top_k
     from tasks.runners import predict
     from tasks.runners.checkpoint import load_dual_model
@@ -61,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_dual_model(settings["checkpoint"], device)
     store = open_feature_store(settings["features"], "features of the index")
+    if args.rerank:
+        check_store_identity(index, settings["features"])
     max_length, task_id = settings["max_text_length"], task_token_id(model, settings["task_token"])
     wanted = max(args.top, args.rerank or 0)
 

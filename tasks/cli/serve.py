@@ -6,6 +6,8 @@ Examples:
 Every task each checkpoint answers is offered (a multi-task checkpoint: all its members); several checkpoints add
 up, but two offering the same task are refused. Binds 127.0.0.1 unless --host says otherwise. Needs the serve
 extra: pip install 'vilbert[serve]'.
+Each prediction request is admitted within budgets (body bytes, image pixels, two at a time, a stalled upload
+times out; tasks/runners/admission.py); SIGTERM stops the server within seconds.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
         import python_multipart  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError as error:
         raise ConfigError(f"vilbert serve needs the serve extra ({error.name} is missing): "
                           "pip install 'vilbert[serve]'") from error
     from tasks.cli.options import quiet_weight_loading
+    from tasks.runners.admission import AdmissionLimits, serve
     from tasks.runners.serve import Demo, create_app, load_examples
     from tasks.runners.serving import load_all
 
@@ -54,9 +57,11 @@ def run(args: argparse.Namespace) -> int:
     examples = load_examples(args.examples) if args.examples else None
     with quiet_weight_loading():
         served = load_all(args.checkpoint, device, args.detector, args.random_detector)
-    demo = Demo(served, device, examples, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    upload_bytes = int(args.max_upload_mb * 1024 * 1024)
+    limits = AdmissionLimits.for_uploads(upload_bytes)
+    demo = Demo(served, device, examples, max_upload_bytes=upload_bytes, max_pixels=limits.max_pixels)
     for task in served:
         print(f"  {task.name:<20} {task.checkpoint}")
     print(f"serving on http://{args.host}:{args.port}/ (Ctrl-C stops)")
-    uvicorn.run(create_app(demo), host=args.host, port=args.port, log_level="warning")
+    serve(create_app(demo), args.host, args.port, limits)
     return 0

@@ -15,7 +15,8 @@ import argparse
 import csv
 import io
 
-from features.atomic import write_text_atomic
+from features.atomic import check_output, write_text_atomic
+from tasks.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,20 +32,29 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from tasks.engine.run_record import read_run_record
     from tasks.registry import build_task
     from tasks.runners.checkpoint import load_checkpoint_model
     from tasks.vcr import LEADERBOARD_COLUMNS, leaderboard_rows
 
+    inputs = (args.checkpoint, args.rationale_checkpoint, args.config)
+    check_output(args.out, inputs)
+    rationale_checkpoint = args.rationale_checkpoint or args.checkpoint
+    for option, path, wanted, other in (("--checkpoint", args.checkpoint, "vcr-qa", "vcr-qar"),
+                                        ("--rationale-checkpoint", args.rationale_checkpoint, "vcr-qar", "vcr-qa")):
+        if path is not None and read_run_record(path).get("task") == other:  # run.json says which is which
+            raise ConfigError(f"{option} {path}: trained for {other}, but {option} takes the {wanted} checkpoint "
+                              "(--checkpoint answers Q→A, --rationale-checkpoint QA→R)")
+    overrides = [*args.overrides, "data.strict=true"]  # a leaderboard row for every item, or a one-line refusal
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def progress(name: str):
         return lambda items: tqdm(items, desc=name, leave=False)
 
-    answer_task = build_task("vcr-qa", args.config, [*args.overrides, f"model.init={args.checkpoint}"])
+    answer_task = build_task("vcr-qa", args.config, [*overrides, f"model.init={args.checkpoint}"])
     model = load_checkpoint_model(args.checkpoint, answer_task).to(device).eval()
     answers = answer_task.predict(model, args.split, progress("Q→A"))
-    rationale_checkpoint = args.rationale_checkpoint or args.checkpoint
-    rationale_tasks = [build_task("vcr-qar", args.config, [*args.overrides, f"model.init={rationale_checkpoint}",
+    rationale_tasks = [build_task("vcr-qar", args.config, [*overrides, f"model.init={rationale_checkpoint}",
                                                           f"data.condition_on_answer={i}"]) for i in range(4)]
     model = load_checkpoint_model(rationale_checkpoint, rationale_tasks[0]).to(device).eval()
     conditioned = [task.predict(model, args.split, progress(f"QA→R given answer {i}"))
@@ -54,6 +64,6 @@ def run(args: argparse.Namespace) -> int:
     writer = csv.DictWriter(text, fieldnames=LEADERBOARD_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_text_atomic(args.out, text.getvalue())
+    write_text_atomic(args.out, text.getvalue(), inputs)
     print(f"{args.out}: {len(rows)} items, Q→A and QA→R conditioned on each of 4 answers")
     return 0

@@ -40,7 +40,7 @@ def read_answer_list(path: str | Path) -> list[str]:
         except (ValueError, UnicodeDecodeError) as error:
             raise ConfigError(f"{path}: not valid JSON ({error})") from None
     else:
-        data = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        data = _answer_lines(path)
     if isinstance(data, dict):  # ans2label: answer -> index
         if sorted(data.values()) != list(range(len(data))):
             raise ConfigError(f"{path}: an answer -> label dict must map to 0..{len(data) - 1} exactly once each")
@@ -54,6 +54,20 @@ def read_answer_list(path: str | Path) -> list[str]:
         repeated = sorted({a for a in answers if answers.count(a) > 1})[:3]
         raise ConfigError(f"{path}: answers repeated: {', '.join(map(repr, repeated))}")
     return answers
+
+
+def _answer_lines(path: Path) -> list[str]:
+    """One answer per line, the line number being the label: a blank line inside the list is an error (skipping
+    it would shift every later label by one); blank lines at the end are ignored."""
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}); expected one answer per line") from None
+    while lines and not lines[-1]:
+        lines.pop()
+    if "" in lines:
+        raise ConfigError(f"{path}: line {lines.index('') + 1} is blank; each line is one answer, in label order")
+    return lines
 
 
 def config_answers(config: dict) -> list[str] | None:

@@ -14,11 +14,13 @@ Boxes come out as {image id: [[x1, y1, x2, y2], ...]}, the given-boxes file of `
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
 from features.errors import FeaturesError
+from features.npy import ArrayFileError, load_array
 from features.safe_pickle import safe_load
 from tasks.errors import AnnotationError
 
@@ -61,9 +63,9 @@ def read_image_ids(path: str | Path) -> set[str]:
     path = Path(path)
     if path.suffix == ".npy":
         try:
-            ids = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise AnnotationError(f"{path}: not a numpy array of ids ({error})") from None
+            ids = load_array(path)
+        except ArrayFileError as error:
+            raise AnnotationError(f"not a numpy array of ids: {error}") from None
         if ids.dtype.kind not in "iuU":
             raise AnnotationError(f"{path}: expected integer or string ids, got {ids.dtype}")
         return {str(i) for i in ids.reshape(-1).tolist()}
@@ -71,6 +73,8 @@ def read_image_ids(path: str | Path) -> set[str]:
         return {line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
     except OSError as error:
         raise AnnotationError(f"{path}: cannot read ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise AnnotationError(f"{path}: not UTF-8 text (byte {error.start}); expected one image id per line") from None
 
 
 def _xywh_to_xyxy(box, path: Path, where: str) -> list[float]:
@@ -88,12 +92,30 @@ def coco_image_names(path: str | Path, ids_from: str = "stem") -> dict[int, str]
     data = _json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise AnnotationError(f"{path}: expected a COCO instances file with an images list")
-    names = {}
+    names: dict[int, str] = {}
+    owners: dict[str, int] = {}
     for i, image in enumerate(data["images"]):
         if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
             raise AnnotationError(f"{path}: images[{i}] needs id and file_name")
-        names[int(image["id"])] = Path(image["file_name"]).stem if ids_from == "stem" else str(int(image["id"]))
+        number = _coco_id(image["id"], path, f"images[{i}].id")
+        if number in names:
+            raise AnnotationError(f"{path}: images[{i}] repeats image id {number}")
+        name = Path(str(image["file_name"])).stem if ids_from == "stem" else str(number)
+        if name in owners:
+            raise AnnotationError(f"{path}: images[{i}] (id {number}) and image id {owners[name]} have the same file "
+                                  f"stem {name!r}, so their boxes would merge; use --ids-from int")
+        names[number], owners[name] = name, number
     return names
+
+
+def _coco_id(value, path: Path, where: str) -> int:
+    """A COCO image id: an integer (a whole-number float or digit string too), never a bool or a fraction."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+        raise AnnotationError(f"{path}: {where} is {value!r}, not an integer image id")
+    return int(value)
 
 
 def coco_boxes(path: str | Path, ids_from: str = "stem") -> dict[str, list[list[float]]]:
@@ -107,9 +129,10 @@ def coco_boxes(path: str | Path, ids_from: str = "stem") -> dict[str, list[list[
     for i, ann in enumerate(annotations):
         if not isinstance(ann, dict) or "image_id" not in ann or "bbox" not in ann:
             raise AnnotationError(f"{path}: annotations[{i}] needs image_id and bbox")
-        if int(ann["image_id"]) not in names:
+        number = _coco_id(ann["image_id"], path, f"annotations[{i}].image_id")
+        if number not in names:
             raise AnnotationError(f"{path}: annotations[{i}] refers to image {ann['image_id']}, not in images")
-        name = names[int(ann["image_id"])]
+        name = names[number]
         boxes.setdefault(name, []).append(_xywh_to_xyxy(ann["bbox"], path, f"annotations[{i}]"))
     return boxes
 
@@ -127,10 +150,13 @@ def mattnet_boxes(path: str | Path, names: dict[int, str], min_score: float = 0.
     for i, det in enumerate(data):
         if not isinstance(det, dict) or "image_id" not in det or "box" not in det:
             raise AnnotationError(f"{path}: detection {i} needs image_id and box")
-        if int(det["image_id"]) not in names:
+        number = _coco_id(det["image_id"], path, f"detection {i} image_id")
+        if number not in names:
             raise AnnotationError(f"{path}: detection {i} is on image {det['image_id']}, not in the instances file")
-        score = float(det.get("score", 1.0))
+        score = det.get("score", 1.0)
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise AnnotationError(f"{path}: detection {i} score is {score!r}, not a finite number")
         if score >= min_score:
             box = _xywh_to_xyxy(det["box"], path, f"detection {i}")
-            scored.setdefault(names[int(det["image_id"])], []).append((score, box))
+            scored.setdefault(names[number], []).append((float(score), box))
     return {name: [box for _, box in sorted(items, key=lambda item: -item[0])] for name, items in scored.items()}

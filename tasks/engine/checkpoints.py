@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -12,16 +13,22 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file, save_model
 from torch import nn
 
 from features.atomic import atomic_path
-from tasks.engine.config import save_config
-from tasks.engine.run_record import write_run_record
+from tasks.engine.config import save_config, to_dict
+from tasks.engine.run_record import RUN_RECORD, write_run_record
 from tasks.errors import ResumeError
 
 STATE_FILE = "trainer_state.pt"
 CHECKPOINT_PREFIX = "step-"
+CONFIG_FILE = "run_config.yaml"
+# what a resumed run may change: how long and where it runs, how often it logs, evaluates and saves
+RESUMABLE_KEYS = frozenset(f"train.{key}" for key in (
+    "output_dir", "epochs", "max_steps", "compile", "device", "num_workers", "log_every", "eval_every",
+    "save_every", "keep_last", "eval_at_end"))
 
 
 
@@ -151,11 +158,11 @@ def write_checkpoint(run_dir: Path, state: TrainerState, model: nn.Module, train
     alone says what it is.
     """
     final = checkpoint_path(run_dir, state.step)
-    with atomic_path(final) as tmp:
+    with atomic_path(final, folder=True) as tmp:
         tmp.mkdir()
         save_model_weights(model, tmp)
         if run_config is not None:
-            save_config(run_config, tmp / "run_config.yaml")
+            save_config(run_config, tmp / CONFIG_FILE)
         if run_record is not None:
             write_run_record(tmp, run_record)
         torch.save({"state": vars(state).copy(), **trainer_state}, tmp / STATE_FILE)
@@ -171,6 +178,45 @@ def prune_checkpoints(run_dir: Path, keep_last: int, best_step: int | None) -> N
     for path in found:
         if path not in keep:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def check_resumed_config(path: Path, run_config: Any, run_record: Mapping[str, Any] | None = None) -> None:
+    """Refuse (`ResumeError`) to resume checkpoint `path` of another task (its `run.json`), or under a config that
+    differs from the one it was trained with in anything but `RESUMABLE_KEYS`, naming every key that differs and
+    both values."""
+    if run_record is not None and (path / RUN_RECORD).is_file():
+        try:
+            saved_task = json.loads((path / RUN_RECORD).read_text(encoding="utf-8")).get("task")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as error:
+            raise ResumeError(f"{path / RUN_RECORD}: cannot read the checkpoint's run record ({error})") from error
+        if saved_task != run_record.get("task"):
+            raise ResumeError(f"--resume {path}: a checkpoint of another task ({saved_task}); this run trains "
+                              f"{run_record.get('task')}")
+    saved_file = path / CONFIG_FILE
+    if run_config is None or not saved_file.is_file():
+        return
+    try:
+        saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ResumeError(f"{saved_file}: cannot read the checkpoint's config ({error})") from error
+    if not isinstance(saved, dict):
+        raise ResumeError(f"{saved_file}: not a run config (a mapping of sections)")
+    old, new = _flat(saved), _flat(to_dict(run_config))
+    differs = [key for key in sorted(set(old) | set(new)) if key not in RESUMABLE_KEYS and old.get(key) != new.get(key)]
+    if differs:
+        shown = "; ".join(f"{key} {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}" for key in differs[:4])
+        more = f" and {len(differs) - 4} more" if len(differs) > 4 else ""
+        raise ResumeError(f"--resume {path}: this run's config differs from the checkpoint's ({shown}{more}); "
+                          f"resume with the checkpoint's config ({saved_file}) or start a new run")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {f"{prefix}{key}": value})
+    return flat
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:

@@ -266,6 +266,11 @@ class Task:
         """The feature store files each part of the task reads (checked against the checkpoint's extractor)."""
         return []
 
+    def report_lines(self, metrics: Mapping[str, float]) -> list[tuple[str, float, float | None]]:
+        """Finer measurements a report prints under the main metric, from `score`'s metrics: (label, value %,
+        the value of the model without the image or None). Default: none."""
+        return []
+
     # ---------------------------------------------------------------------------------------------- prediction
 
     @property

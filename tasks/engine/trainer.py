@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from features.atomic import write_text_atomic
 from tasks.engine.checkpoints import (
     TrainerState,
+    check_resumed_config,
     checkpoint_path,
     list_checkpoints,
     load_model_weights,
@@ -208,11 +209,9 @@ class Trainer:
                 f"training set has {len(dataset)} samples, fewer than one global batch ({train.global_batch_size})"
             )
         self.run_record = self.task.run_record()
-        if self.dist.is_main:  # the run directory appears once the model and the data are ready
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if self.run_config is not None:
-                save_config(self.run_config, self.run_dir / "config.yaml")
-            write_run_record(self.run_dir, self.run_record)
+        resume_from = None if resume is None else resolve_checkpoint(resume)
+        if resume_from is not None:
+            check_resumed_config(resume_from, self.run_config, self.run_record)
         total_steps = train.epochs * sampler.steps_per_epoch
         if train.max_steps is not None:
             total_steps = min(total_steps, train.max_steps)
@@ -221,9 +220,15 @@ class Trainer:
         scheduler = build_scheduler(optimizer, warmup_steps_for(self.optim, total_steps), total_steps)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         state = TrainerState()
-        if resume is not None:
-            state = self._load_checkpoint(resolve_checkpoint(resume), model, optimizer, scheduler, scaler)
-            self._truncate_metrics_log(state.step)
+        if resume_from is not None:
+            state = self._load_checkpoint(resume_from, model, optimizer, scheduler, scaler)
+        if self.dist.is_main:  # the run's files appear once the model, the data and a resumed state are ready
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resume_from is not None:
+                self._truncate_metrics_log(state.step)
+            if self.run_config is not None:
+                save_config(self.run_config, self.run_dir / "config.yaml")
+            write_run_record(self.run_dir, self.run_record)
 
         wrapped = model
         if self.dist.enabled:

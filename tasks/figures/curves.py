@@ -20,6 +20,8 @@ from tasks.figures.matplotlib_files import pyplot, save_png
 SKIPPED = ("step", "epoch", "kind")
 COUNTS = re.compile(r"num_\w+$")  # sizes of the evaluated split, not metrics
 QUESTION_TYPE = "question_type/"
+PRIOR_QUESTION_TYPE = "prior_question_type/"
+PER_TYPE = (QUESTION_TYPE, PRIOR_QUESTION_TYPE, "prior_accuracy/")  # drawn as bars (or not at all), not curves
 RECALL = re.compile(r"^(?P<family>(?:\w+_)?r)(?P<k>\d+)$")  # r1 r5 r10, i2t_r1 ..., retrieval_r1 ...
 
 
@@ -36,7 +38,7 @@ class RunLog:
         found: dict[str, tuple[list[int], list[float]]] = {}
         for record in self.train if kind == "train" else self.eval:
             for key, value in record.items():
-                if key in SKIPPED or COUNTS.search(key) or key.startswith(QUESTION_TYPE):
+                if key in SKIPPED or COUNTS.search(key) or key.startswith(PER_TYPE):
                     continue
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     steps, values = found.setdefault(key, ([], []))
@@ -68,9 +70,10 @@ def read_run(run_dir: str | os.PathLike, name: str | None = None) -> RunLog:
     return log
 
 
-def question_type_accuracy(metrics: dict) -> dict[str, float]:
-    """{question type: accuracy %} from an evaluation's `question_type/...` entries."""
-    return {k[len(QUESTION_TYPE):]: float(v) for k, v in metrics.items() if k.startswith(QUESTION_TYPE)}
+def question_type_accuracy(metrics: dict, prefix: str = QUESTION_TYPE) -> dict[str, float]:
+    """{question type: accuracy %} from an evaluation's `question_type/...` entries (`prefix`
+    "prior_question_type/": the question-only prior's)."""
+    return {k[len(prefix):]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
 
 
 def recall_curves(metrics: dict) -> dict[str, tuple[list[int], list[float]]]:
@@ -136,6 +139,10 @@ def curves_figure(runs: list[RunLog], evaluations: dict[str, dict] | None = None
         for i, (label, accuracies) in enumerate(bars.items()):
             ax.barh([j + i * width for j in range(len(types))], [accuracies.get(t, 0.0) for t in types],
                     height=width, label=label)
+            prior = question_type_accuracy(evaluations[label], PRIOR_QUESTION_TYPE)
+            if prior:  # the question-only prior's accuracy on the same questions, a black tick on each bar
+                ax.scatter([prior.get(t, float("nan")) for t in types], [j + i * width for j in range(len(types))],
+                           marker="|", s=80, color="black", label="question-type prior" if i == 0 else None)
         ax.set_yticks([j + 0.4 - width / 2 for j in range(len(types))], types, fontsize=7)
         ax.set_xlabel("VQA accuracy %", fontsize=8)
         ax.set_title("accuracy by question type", fontsize=9)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from features.atomic import atomic_path, write_json_atomic
+from features.npy import ArrayFileError, load_array
 from tasks.data.regions import visual_input
 from tasks.errors import ConfigError, DataError
 from tasks.ranking.search import embed_images, exact_top_k
@@ -37,6 +38,32 @@ def _write_chunk(path: Path, embeddings: np.ndarray) -> None:
     """One chunk, whole or not at all (temporary file, then rename)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, embeddings)
+
+
+def store_identity(paths: list[str]) -> list[dict[str, Any]]:
+    """What identifies each feature file the index reads: its path, size and modification time. A store rewritten
+    at the same path (another extraction, a re-import) gets another identity, so a resumed build or a re-ranking
+    search refuses to mix its rows with the old ones."""
+    identity = []
+    for path in paths:
+        info = os.stat(path)
+        identity.append({"path": str(Path(path).resolve()), "size": info.st_size, "mtime_ns": info.st_mtime_ns})
+    return identity
+
+
+def check_store_identity(index: EmbeddingIndex, paths: list[str]) -> None:
+    """Refuse (ConfigError) feature files that are not the ones `index` was built from."""
+    recorded = index.settings.get("feature_files")
+    if recorded is None:
+        return  # an index built before identities were recorded
+    try:
+        current = store_identity(paths)
+    except OSError as error:
+        raise ConfigError(f"--index {index.directory}: cannot read its feature file ({error})") from None
+    if current != recorded:
+        changed = [c["path"] for c, r in zip(current, recorded, strict=False) if c != r] or paths
+        raise ConfigError(f"--index {index.directory}: the feature file {changed[0]} changed since the index was "
+                          "built; rebuild the index (vilbert index build) before re-ranking with it")
 
 
 def _chunk_path(directory: Path, number: int) -> Path:
@@ -56,9 +83,17 @@ def build_index(
     """Embed every image of `store` (a features.store.FeatureStore) into the index directory `out`, resuming a
     build that stopped. `settings` (JSON-able) are recorded and must equal those of the build being resumed."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; the index is a folder, choose a new path")
     if (out / INDEX_FILE).is_file():
         raise ConfigError(f"{out}: already holds a complete index; choose another --out or remove it")
-    settings = {**settings, "chunk_size": chunk_size, "max_regions": max_regions}
+    if out.is_dir() and any(out.iterdir()) and not (out / SETTINGS_FILE).is_file():
+        raise ConfigError(f"--out {out}: is a folder that holds no index build; choose a new or empty folder")
+    if max_regions < 2:
+        raise ConfigError(f"--max-regions {max_regions}: must be at least 2 (the IMG token and one box); with "
+                          "fewer every image would get the same embedding")
+    settings = {**settings, "chunk_size": chunk_size, "max_regions": max_regions,
+                "feature_files": store_identity(store.paths)}
     (out / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
     if (out / SETTINGS_FILE).is_file():
         started = json.loads((out / SETTINGS_FILE).read_text())
@@ -82,7 +117,7 @@ def build_index(
         visuals = [visual_input(store.read(image_id), max_regions) for image_id in rows]
         _write_chunk(path, embed_images(model, visuals, chunk_size).cpu().numpy().astype(np.float32))
 
-    embeddings = np.concatenate([np.load(_chunk_path(out, n)) for n in numbers])  # [N, E]
+    embeddings = np.concatenate([load_array(_chunk_path(out, n)) for n in numbers])  # [N, E]
     if len(embeddings) != len(ids):
         raise DataError(f"{out / CHUNK_DIR}: chunks hold {len(embeddings)} rows for {len(ids)} images")
     _write_chunk(out / "embeddings.npy", embeddings)
@@ -139,10 +174,36 @@ def load_index(directory: str | os.PathLike) -> EmbeddingIndex:
         what = "an unfinished build (rerun vilbert index build to complete it)" if (directory / SETTINGS_FILE).is_file() \
             else "not an index directory"
         raise ConfigError(f"--index {directory}: {what}")
-    meta = json.loads((directory / INDEX_FILE).read_text())
-    ids = json.loads((directory / "ids.json").read_text())
-    embeddings = torch.from_numpy(np.load(directory / "embeddings.npy"))
-    if embeddings.shape != (meta["count"], meta["width"]) or len(ids) != meta["count"]:
+    meta = _read_json(directory / INDEX_FILE, dict)
+    ids = _read_json(directory / "ids.json", list)
+    settings = _read_json(directory / SETTINGS_FILE, dict)
+    try:
+        array = load_array(directory / "embeddings.npy")
+    except ArrayFileError as error:
+        raise DataError(f"--index {directory}: {error}") from None
+    if array.dtype.kind != "f" or array.ndim != 2:
+        raise DataError(f"--index {directory}: embeddings.npy holds {array.dtype} {list(array.shape)}, expected a "
+                        "float [N, E] matrix")
+    embeddings = torch.from_numpy(array.astype(np.float32, copy=False))
+    count, width = meta.get("count"), meta.get("width")
+    if embeddings.shape != (count, width) or len(ids) != count or not all(isinstance(i, str) for i in ids):
         raise DataError(f"{directory}: embeddings {list(embeddings.shape)} and {len(ids)} ids do not match "
-                        f"index.json ({meta['count']} × {meta['width']})")
-    return EmbeddingIndex(directory, ids, embeddings, json.loads((directory / SETTINGS_FILE).read_text()))
+                        f"index.json ({count} × {width})")
+    for key in ("checkpoint", "features", "max_text_length", "max_regions", "task_token"):
+        if key not in settings:
+            raise DataError(f"--index {directory}: {SETTINGS_FILE} has no {key!r}; rebuild the index")
+    return EmbeddingIndex(directory, ids, embeddings, settings)
+
+
+def _read_json(path: Path, kind: type) -> Any:
+    """A JSON file of the index as `kind`; a missing, truncated or foreign one is one DataError naming it."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"--index {path.parent}: {path.name} is missing; rebuild the index") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise DataError(f"--index {path.parent}: {path.name} is not readable JSON ({error})") from None
+    if not isinstance(value, kind):
+        raise DataError(f"--index {path.parent}: {path.name} holds a {type(value).__name__}, expected a "
+                        f"{kind.__name__}")
+    return value

@@ -122,7 +122,8 @@ def check_serves(info: CheckpointInfo, task: Task) -> None:
     if trained == task.name or task.name in (info.record.get("tasks") or []):  # a multi-task run trained it
         return
     if trained in TASKS and set(task_class(trained).head_modules) != set(task.head_modules):
-        logger.warning("%s was trained for %s; its %s was not trained", info.directory, trained, heads)
+        logger.warning("%s was trained for %s; its %s was not trained", info.directory, trained,
+                       heads or f"head for {task.name}")
 
 
 def load_model(info: CheckpointInfo, device: str, task: Task) -> nn.Module:

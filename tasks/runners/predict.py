@@ -247,9 +247,10 @@ def detect_regions(
     given = None
     if boxes is not None:
         clipped = clip_boxes(np.asarray(boxes, dtype=np.float32), loaded.original_hw)
-        if clipped.clipped:
-            logger.warning("%s: %d given box(es) reached outside the image and were clipped", image_id,
-                           clipped.clipped)
+        if clipped.clipped or clipped.degenerate:  # the same words as extraction's
+            logger.warning("%s: %d given box(es) reached outside the %dx%d image and were clipped; %d have no area",
+                           image_id, clipped.clipped, loaded.original_hw[1], loaded.original_hw[0],
+                           clipped.degenerate)
         given = [torch.from_numpy(clipped.boxes).to(device)]
     detector = detector.to(device).eval()
     pixels = pad_batch([prepared], detector.size_divisible).to(device)

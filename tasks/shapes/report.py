@@ -9,7 +9,9 @@ accuracy, alignment accuracy and zero-shot R@1, each beside the score of the bes
 
 Fine-tuning: the run's last checkpoint is evaluated by its task on the shapes world's held-out `test` split and on
 the `compositional` split (held-out colour-shape pairs), beside:
-- VQA: the best answer per question type from the training answers (a language-only prior);
+- VQA and VQA-CP: the task's `chance` (the best answer per question type from the training answers, a
+  language-only prior), with the task's `report_lines` below (accuracy per answer and question type beside the
+  prior's, and how often the model answers what the prior answers);
 - retrieval: R@1 of a random ranking, 1 / the number of images;
 - referring expressions: the expected accuracy of picking one of the image's regions at random;
 - NLVR2, SNLI-VE, GQA: always the most frequent training label (a blind guess);
@@ -53,6 +55,7 @@ class Row:
     value: float  # percent
     chance: float  # percent
     metrics: dict = field(default_factory=dict)  # the whole evaluation the row came from (for the figures)
+    details: list = field(default_factory=list)  # the task's report_lines: (label, value %, chance % or None)
 
     def line(self, width: int = 37) -> str:
         return f"  {self.name:<{width}} {self.value:6.1f} %   (chance {self.chance:5.1f} %)"
@@ -188,8 +191,10 @@ def _task_for(run_dir: Path, task_name: str, split_root: str | None, checkpoint:
     cls = task_class(task_name)
     overrides = [f"model.init={checkpoint}", *cls.checkpoint_overrides]
     if split_root is not None:
-        root = load_config(run_dir / "config.yaml", cls.config_class).data.root
-        overrides.append(f"data.root={Path(root) / split_root}")
+        data = load_config(run_dir / "config.yaml", cls.config_class).data
+        overrides.append(f"data.root={Path(data.root) / split_root}")
+        if hasattr(data, "prior_root"):  # the split folders hold no training files: priors read data.root's
+            overrides.append(f"data.prior_root={data.prior_root or data.root}")
     return build_task(task_name, str(run_dir / "config.yaml"), overrides)
 
 
@@ -216,7 +221,8 @@ def finetuning_rows(run_dir: str | Path, task_name: str, checkpoint: Path | None
         chance = task.chance(split, train_task)
         if metric not in chance:
             raise ConfigError(f"--task {task_name}: the task has no chance level for {metric}")
-        rows.append(Row(f"{label}: {metric_name}", metrics[metric], chance[metric], metrics))
+        rows.append(Row(f"{label}: {metric_name}", metrics[metric], chance[metric], metrics,
+                        task.report_lines(metrics)))
     return rows
 
 
@@ -226,12 +232,21 @@ def finetuning_report(run_dir: str | Path, task_name: str, compare: str | Path |
     lines = [f"Fine-tuning {task_name} on the shapes world from {run_dir}"]
     rows = finetuning_rows(run_dir, task_name) if rows is None else rows
     if compare is None:
-        lines += [row.line() for row in rows]
+        for row in rows:
+            lines.append(row.line())
+            lines += [f"    {label:<35} {value:6.1f} %" + (f"   (prior {prior:5.1f} %)" if prior is not None else "")
+                      for label, value, prior in row.details]
     else:
         other = finetuning_rows(compare, task_name) if other is None else other
         lines.append(f"  {'':<34} {'pretrained':>10} {'text-only':>10}   chance")
         for mine, theirs in zip(rows, other, strict=True):
             lines.append(f"  {mine.name:<34} {mine.value:8.1f} % {theirs.value:8.1f} %   {mine.chance:5.1f} %")
+            their_details = {label: value for label, value, _ in theirs.details}
+            for label, value, prior in mine.details:
+                theirs_value = their_details.get(label)
+                lines.append(f"    {label:<32} {value:8.1f} % "
+                             + (f"{theirs_value:8.1f} %" if theirs_value is not None else f"{'':>10}")
+                             + (f"   {prior:5.1f} %" if prior is not None else ""))
         lines.append(f"  (text-only: the same steps from the MiniLM text stream alone: {compare})")
     lines.append(f"checkpoint {last_checkpoint(Path(run_dir))}")
     return lines

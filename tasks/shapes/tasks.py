@@ -14,6 +14,10 @@ existing files (which it leaves untouched):
   query, attribute comparisons, or-logic), one answer each.
 - `visual7w/dataset_v7w_pointing.json`: "which is the <unique description>?" over the scene's shapes (box ids
   image_id * 10 + shape index; the candidates are all of the scene's 2-5 shapes, so chance varies per question).
+- `vqa-cp/vqacp_v2_{train,test}_{questions,annotations}.json`: the changing-priors split, the world's VQA v2
+  questions (train, val and test images) regrouped the way VQA-CP v2 regroups VQA v2 (`regroup_changing_priors`):
+  per question type, the answers alternate between a train side and a test side, and each (type, answer) group
+  sends `CP_MAJORITY` of its questions to its side, so the type's most frequent train answer is rare in test.
 
 Splits: train -> train, val -> dev/val, test -> test/testdev/test1 (the compositional images are not used).
 Everything is a pure function of the scenes and the world's seed.
@@ -46,13 +50,18 @@ SPLIT_NAMES = {  # shapes-world split -> each dataset's split name
     "gqa": {"train": "train", "val": "val", "test": "testdev"},
 }
 VISUAL7W_SPLITS = {"train": "train", "val": "val", "test": "test"}
-TASK_STREAM = {"nlvr2": 12, "snli_ve": 13, "gqa": 15, "visual7w": 4}  # per-task random streams
+TASK_STREAM = {"nlvr2": 12, "snli_ve": 13, "gqa": 15, "visual7w": 4, "vqa_cp": 101}  # per-task random streams
+CP_MAJORITY = 0.9  # share of a (question type, answer) group's questions on its side (train or test)
+# The world's VQA files per split (tasks.shapes.world.VQA_FILES) and the COCO folder VQA-CP names for them.
+CP_SOURCES = {"train": ("", "train2014", "train2014"), "val": ("", "val2014", "val2014"),
+              "test": ("test", "val2014", "val2014")}
 
 # The shapes world's evaluation splits per task: (label, split name, path under data.root or None).
 # The VQA reader knows only COCO's file names, so the generator writes test and compositional as `val2014`
 # in folders of their own (tasks.shapes.world.VQA_FILES).
 EVAL_SPLITS = {
     "vqa": [("held-out test", "val", "test"), ("compositional", "val", "compositional")],
+    "vqa-cp": [("changing priors", "test", None)],
     "retrieval": [("held-out test", "test", None), ("compositional", "compositional", None)],
     "refcoco": [("held-out test", "test", None), ("compositional", "compositional", None)],
     "nlvr2": [("held-out test", "test1", None)],
@@ -241,14 +250,59 @@ def _write_visual7w(folder: Path, scenes: list[Scene], seed: int) -> None:
     _write_json(folder / "dataset_v7w_pointing.json", {"images": images, "boxes": boxes})
 
 
+# --------------------------------------------------------------------------------------- VQA-CP (changing priors)
+
+
+def regroup_changing_priors(annotations: list[dict], seed: int) -> dict[int, str]:
+    """{question_id: "train" | "test"}: per question type, its answers (most frequent first, ties by name) take
+    the train side and the test side in turn, and each (type, answer) group sends CP_MAJORITY of its questions
+    (drawn by a seeded generator) to its side and the rest to the other, as VQA-CP moves whole groups so that the
+    answer distribution per question type differs between train and test."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for entry in annotations:
+        groups.setdefault((entry["question_type"], entry["multiple_choice_answer"]), []).append(entry["question_id"])
+    sizes = Counter({key: len(ids) for key, ids in groups.items()})
+    side: dict[int, str] = {}
+    for type_index, question_type in enumerate(sorted({t for t, _ in groups})):
+        answers = sorted((a for t, a in groups if t == question_type), key=lambda a: (-sizes[question_type, a], a))
+        for position, answer in enumerate(answers):
+            home, away = ("train", "test") if position % 2 == 0 else ("test", "train")
+            ids = sorted(groups[question_type, answer])
+            rng = np.random.default_rng([seed, TASK_STREAM["vqa_cp"], type_index, position])
+            at_home = rng.random(len(ids)) < CP_MAJORITY
+            side.update({qid: home if stays else away for qid, stays in zip(ids, at_home, strict=True)})
+    return side
+
+
+def _write_vqa_cp(world: Path, seed: int) -> int:
+    """The changing-priors split from the world's VQA v2 files (see `regroup_changing_priors`); returns the number
+    of questions written."""
+    questions, annotations = [], []
+    for folder, subtype, coco_split in CP_SOURCES.values():
+        path = world / "vqa" / folder
+        for q in json.loads((path / f"v2_OpenEnded_mscoco_{subtype}_questions.json").read_text())["questions"]:
+            questions.append({**q, "coco_split": coco_split})
+        for a in json.loads((path / f"v2_mscoco_{subtype}_annotations.json").read_text())["annotations"]:
+            annotations.append({**a, "coco_split": coco_split})
+    side = regroup_changing_priors(annotations, seed)
+    for split in ("train", "test"):
+        _write_json(world / "vqa-cp" / f"vqacp_v2_{split}_questions.json",
+                    [q for q in questions if side[q["question_id"]] == split])
+        _write_json(world / "vqa-cp" / f"vqacp_v2_{split}_annotations.json",
+                    [a for a in annotations if side[a["question_id"]] == split])
+    return len(questions)
+
+
 def write_task_files(world: str | Path) -> dict[str, int]:
-    """Write the four tasks' files under `world`; returns the number of items per task (all splits)."""
+    """Write the tasks' files under `world`; returns the number of items per task (all splits). The VQA-CP
+    files come last (the Makefile's target)."""
     world = Path(world)
     seed, scenes = load_scenes(world)
     _write_nlvr2(world / "nlvr2", scenes, seed)
     _write_snli_ve(world / "snli_ve", scenes, seed)
     _write_gqa(world / "gqa", scenes, seed)
     _write_visual7w(world / "visual7w", scenes, seed)
+    cp_questions = _write_vqa_cp(world, seed)
     counts = Counter()
     for name in SPLIT_NAMES["nlvr2"].values():
         counts["nlvr2"] += len((world / "nlvr2" / f"{name}.json").read_text().splitlines())
@@ -258,4 +312,5 @@ def write_task_files(world: str | Path) -> dict[str, int]:
         counts["gqa"] += len(json.loads((world / "gqa" / f"{name}_balanced_questions.json").read_text()))
     v7w = json.loads((world / "visual7w" / "dataset_v7w_pointing.json").read_text())
     counts["visual7w"] = sum(len(image["qa_pairs"]) for image in v7w["images"])
+    counts["vqa-cp"] = cp_questions
     return dict(counts)

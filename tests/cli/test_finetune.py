@@ -6,8 +6,9 @@ import json
 import pytest
 
 from tasks.cli import main
-from tasks.errors import AnnotationError
-from tasks.vcr import read_vcr
+from tasks.errors import AnnotationError, DataError
+from tasks.vcr import leaderboard_rows, read_vcr
+from tests.fixtures.cli_check import assert_refused
 from tests.fixtures.tiny_12in1_data import VCR_WORDS, write_nlvr2, write_vcr, write_visual7w, write_vocab_with
 from tests.fixtures.tiny_task_data import write_karpathy, write_refcoco, write_store, write_vocab, write_vqa
 
@@ -164,6 +165,23 @@ def test_vcr_leaderboard_csv(tmp_path, capsys):
         "What is Casey doing with dog ? Nothing .", "What is Casey doing with dog ? Casey and Riley are talking ."]
     with pytest.raises(AnnotationError, match="test.jsonl: line 1 has no answer_label; QA→R needs the correct"):
         read_vcr(tmp_path / "vcr" / "test.jsonl", "rationale")
+
+    # a Q→A checkpoint given as the QA→R one (run.json says which is which) is refused, nothing written
+    out.unlink()
+    line = assert_refused(["vcr-submission", "--checkpoint", checkpoint, "--rationale-checkpoint", checkpoint,
+                           "--out", str(out), *COMMON, *data], names=["--rationale-checkpoint", "vcr-qa"],
+                          watch=[tmp_path])
+    assert "trained for vcr-qa" in line
+    # a test item without features cannot be left out of the leaderboard: refused, naming the image
+    partial = write_store(tmp_path / "partial.h5", [i for i in write_vcr(tmp_path / "vcr") if i != "test_1"])
+    assert_refused(["vcr-submission", "--checkpoint", checkpoint, "--out", str(out), *COMMON, *data,
+                    f"data.features=[{partial}]"], names=["test_1", "not in the feature store"], watch=[tmp_path])
+
+
+def test_vcr_leaderboard_refuses_a_repeated_item():
+    once = {"annot_id": "test-0", "probabilities": [0.25] * 4}
+    with pytest.raises(DataError, match="'test-0' appears twice"):
+        leaderboard_rows([once, once], [[once]] * 4)
 
 
 def test_vcr_condition_on_answer_must_name_a_choice(tmp_path, capsys):

@@ -239,3 +239,14 @@ def test_rerun_on_a_grown_folder_adds_only_the_new_images(tmp_path):
     after = _features_by_id(out)
     assert sorted(after) == ["im00", "im01", "im02", "im03", "im04"]
     np.testing.assert_array_equal(after["im01"].features, before["im01"].features)
+
+
+def test_the_store_records_how_huge_images_were_reduced_and_parts_seal_every_ten_seconds(tmp_path):
+    import inspect
+
+    _make_images(tmp_path / "img", 1)
+    extract(list_images(tmp_path / "img"), tmp_path / "f.h5", TinyDetector(), workers=0, progress=False,
+            max_side=2048)
+    decoding = FeatureStore(tmp_path / "f.h5").extractor["decoding"]
+    assert decoding == {"max_side": 2048, "margin_over_input_scale": 2.0, "jpeg_draft": True}
+    assert inspect.signature(extract).parameters["part_seconds"].default <= 10  # a kill redoes at most 10 s

@@ -130,3 +130,13 @@ def test_pipeline_with_packaged_weights_writes_96_d_float16(tmp_path, detector):
     prepared = detector.prepare(pixels)
     [direct] = detector(pad_batch([prepared]), [prepared], [torch.from_numpy(boxes)])
     np.testing.assert_allclose(store.read("a").features, direct.features.numpy(), atol=2e-2, rtol=1e-2)
+
+
+def test_boxes_stay_inside_an_image_whose_size_is_not_a_multiple_of_anything(tmp_path, detector):
+    folder = tmp_path / "img"
+    folder.mkdir()
+    Image.fromarray(np.full((75, 101, 3), 128, np.uint8)).save(folder / "odd.png")
+    boxes = {"odd": np.array([[-10, -10, 200, 200], [20, 10, 60, 50]], np.float32)}
+    extract(list_images(folder), tmp_path / "f.h5", detector, boxes=boxes, workers=0, progress=False)
+    stored = FeatureStore(tmp_path / "f.h5").read("odd").boxes
+    assert stored.tolist() == [[0, 0, 101, 75], [20, 10, 60, 50]]

@@ -15,7 +15,7 @@ from torch import nn
 from features.detector import pad_batch
 from features.detectors import build_detector
 from features.errors import WeightsError
-from features.selection import VMB_RULE, SelectionRule
+from features.selection import VMB_RULE, SelectionRule, fixed_k_rule
 from features.store import FeatureStore
 from features.vmb import (
     DELTA_CLAMP,
@@ -262,12 +262,11 @@ def test_extraction_is_deterministic_and_the_store_round_trips(image_dir, tiny_w
         np.testing.assert_allclose(regions.cls_prob.sum(axis=1), 1.0, atol=2e-3)  # stored float16
         np.testing.assert_array_equal(regions.objects_id, regions.cls_prob[:, 1:].argmax(axis=1) + 1)
         assert (regions.features >= 0).all()  # fc6 after its ReLU
-        # proposals in original pixels: inside the image's padded size (a multiple of 32) over the scale
+        # proposals in original pixels: inside the image itself, although the RPN clips to its padded size (a
+        # multiple of 32, which none of these sizes is)
         h, w = regions.image_hw
-        scale = 160 / min(h, w)
         assert (regions.boxes >= 0).all()
-        assert (regions.boxes[:, 2] <= (-(-round(w * scale) // 32) * 32 - 1) / scale + 1e-3).all()
-        assert (regions.boxes[:, 3] <= (-(-round(h * scale) // 32) * 32 - 1) / scale + 1e-3).all()
+        assert (regions.boxes[:, 2] <= w).all() and (regions.boxes[:, 3] <= h).all()
     assert info["detector"] == "vmb-x152-fpn" and info["feature"] == "fc6 after ReLU"
     assert info["weights"]["file"] == "tiny_vmb.pth" and len(info["weights"]["sha256"]) == 64
     assert info["selection"]["name"] == "vmb" and info["selection"]["nms_threshold"] == 0.5
@@ -280,7 +279,7 @@ def test_given_boxes_skip_the_rpn_and_match_the_detected_features(image_dir, tin
     given = {}
     for image_id, regions in detected.items():
         h, w = regions.image_hw
-        inside = (regions.boxes[:, 2] <= w) & (regions.boxes[:, 3] <= h)  # unclipped by the pipeline
+        inside = (regions.boxes[:, 2] < w) & (regions.boxes[:, 3] < h)  # not clipped to the image
         given[image_id] = np.flatnonzero(inside)[:8]
     boxes_file = tmp_path / "boxes.json"
     boxes_file.write_text(json.dumps({i: detected[i].boxes[rows].tolist() for i, rows in given.items()}))
@@ -384,3 +383,23 @@ def test_the_full_size_model_loads_the_810_key_file_strictly(tmp_path):
     (regions,) = det(pad_batch([prepared], det.size_divisible), [prepared])
     assert regions.features.shape[1] == 2048 and regions.cls_prob.shape[1] == 1601
     assert 0 < len(regions.boxes) <= 100
+
+
+class _PaddedProposals(nn.Module):
+    """Stands in for the network: proposals spanning each image's padded size, as the RPN's clip allows."""
+
+    def forward(self, pixels, clip_hw, rois=None):
+        rois = [torch.tensor([[0.0, 0.0, w - 1.0, h - 1.0], [w / 2, h / 2, w - 1.0, h - 1.0]]) for h, w in clip_hw]
+        logits = torch.tensor([[0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0]]).repeat(2 * len(clip_hw), 1)
+        return {"rois": rois, "cls_logits": logits, "fc6": torch.ones(2 * len(clip_hw), 32)}
+
+
+def test_stored_boxes_stay_inside_images_whose_size_is_not_a_multiple_of_the_padding():
+    detector = VMBDetector(VMBConfig.tiny(), selection=fixed_k_rule(2))
+    detector.model = _PaddedProposals()
+    images = [detector.prepare(np.zeros((h, w, 3), np.uint8)) for h, w in ((300, 320), (90, 130), (140, 81))]
+    for regions, image in zip(detector(pad_batch(images), images), images, strict=True):
+        h, w = image.image_hw
+        boxes = regions.boxes
+        assert (boxes >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all(), (image.image_hw, boxes)
+        assert boxes[:, 2].max() == w or boxes[:, 3].max() == h  # the padding reached past the image: clipped

@@ -155,6 +155,15 @@ def test_detect_regions_matches_the_extraction_pipeline(checkpoints):
     np.testing.assert_allclose(regions.features, stored.features, rtol=1e-6)
 
 
+def test_given_boxes_outside_or_without_area_are_clipped_with_extractions_warning(tmp_path, caplog):
+    image = read_image(write_image(tmp_path / "a.png", (48, 64), seed=1))
+    boxes = np.array([[-5, 0, 80, 20], [10, 10, 10, 30]], np.float32)  # past the right edge; no width
+    with caplog.at_level("WARNING"):
+        regions = detect_regions(TinyDetector(), image, boxes)
+    assert "1 given box(es) reached outside the 64x48 image and were clipped; 1 have no area" in caplog.text
+    assert regions.boxes[0].tolist() == [0, 0, 64, 20]
+
+
 def test_mobilenet_without_boxes_falls_back_to_a_grid_with_a_notice(tmp_path, capsys, caplog):
     save_checkpoint(tmp_path / "ckpt", answers=["yes", "no", "two"], v_feature_size=96)
     image = write_image(tmp_path / "a.png", (48, 64), seed=1)

@@ -1,4 +1,4 @@
-"""The shapes world's NLVR2 / SNLI-VE / GQA / Visual7W files: readable by the task readers, true to the scenes,
+"""The shapes world's NLVR2 / SNLI-VE / GQA / Visual7W / VQA-CP files: readable by the task readers, true to the scenes,
 deterministic, and written beside the world's other files without changing them."""
 
 import hashlib
@@ -14,6 +14,7 @@ from tasks.pointing import read_visual7w
 from tasks.shapes.tasks import write_task_files
 from tasks.shapes.world import write_shapes_world
 from tasks.snli_ve import LABELS, read_snli_ve
+from tasks.vqa import read_cp_split, read_split
 
 
 def digest(folder: Path) -> str:
@@ -29,7 +30,7 @@ def world(tmp_path_factory) -> Path:
     write_shapes_world(out, seed=3, num_images=60, size=128, progress=False)
     before = digest(out)
     counts = write_task_files(out)
-    new = {"nlvr2", "snli_ve", "gqa", "visual7w"}
+    new = {"nlvr2", "snli_ve", "gqa", "visual7w", "vqa-cp"}
     assert {p.name for p in out.iterdir()} >= new and all(counts.values())
     original = out.parent / "original"  # the world's own files are unchanged: the same digest without the new
     original.mkdir()
@@ -46,7 +47,7 @@ def test_files_are_deterministic(world, tmp_path):
     again = tmp_path / "again"
     write_shapes_world(again, seed=3, num_images=60, size=128, progress=False)
     write_task_files(again)
-    for name in ("nlvr2", "snli_ve", "gqa", "visual7w"):
+    for name in ("nlvr2", "snli_ve", "gqa", "visual7w", "vqa-cp"):
         assert digest(world / name) == digest(again / name)
 
 
@@ -89,3 +90,18 @@ def test_visual7w_candidates_are_the_scene_shapes(world):
         assert len(sample.extra["candidates"]) == len(shapes)
         target = shapes[sample.label % 10]
         assert sample.extra["boxes"][sample.extra["candidates"].index(sample.label)] == pytest.approx(target["box"])
+
+
+def test_the_changing_priors_split_regroups_the_vqa_questions_so_each_type_s_top_answer_changes(world):
+    train, test = (read_cp_split(world / "vqa-cp", split) for split in ("train", "test"))
+    vqa = [q for root, split in ((world / "vqa", "train"), (world / "vqa", "val"), (world / "vqa" / "test", "val"))
+           for q in read_split(root, split)]
+    assert sorted(q.question_id for q in train + test) == sorted(q.question_id for q in vqa)  # a regrouping
+    assert {q.coco_split for q in train} == {"train2014", "val2014"}
+    changed = 0
+    for question_type in {q.question_type for q in vqa}:
+        top_train = Counter(q.consensus for q in train if q.question_type == question_type).most_common(1)[0]
+        in_test = Counter(q.consensus for q in test if q.question_type == question_type)
+        share_test = in_test[top_train[0]] / max(1, sum(in_test.values()))
+        changed += share_test < 0.5 * top_train[1] / sum(1 for q in train if q.question_type == question_type)
+    assert changed == len({q.question_type for q in vqa})  # the train favourite is at most half as common in test

@@ -206,7 +206,7 @@ def test_convert_command_fails_in_one_line_and_writes_nothing(tmp_path, capsys):
     (out / "keep.txt").write_text("mine")
     assert cli.main(argv) == 2  # never writes into a directory that holds files
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--out" in err[0] and "not empty" in err[0]
+    assert len(err) == 1 and "--out" in err[0] and "did not write" in err[0]
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 

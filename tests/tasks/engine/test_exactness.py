@@ -33,6 +33,14 @@ def zoo(tmp_path_factory):
 # the dual encoder's InfoNCE gathers its negatives over ranks: exact across ranks, not across accumulation steps
 # (a micro-step's negatives are its own batch)
 CONTRASTIVE = {f"{name} + contrastive": name for name in ("pretrain", "retrieval")}
+# the debiasing losses (tasks/debiasing.py) on the answer-classifier tasks: (task, data.debias)
+DEBIAS = {"vqa + rubi": ("vqa", "rubi"), "vqa-cp + lmh": ("vqa-cp", "lmh"), "gqa + lmh": ("gqa", "lmh"),
+          "genome-qa + rubi": ("genome-qa", "rubi")}
+
+
+def _debias(zoo, case):
+    name, mode = DEBIAS[case]
+    return name, [*zoo[name], f"data.debias={mode}"]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +49,7 @@ def ranks(zoo, tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
     cases = {name: (name, overrides) for name, overrides in zoo.items()}
     cases.update({case: (name, [*zoo[name], "data.contrastive_weight=0.5"]) for case, name in CONTRASTIVE.items()})
+    cases.update({case: _debias(zoo, case) for case in DEBIAS})
     frozen = [*zoo["pretrain"], *FROZEN]
     mp.start_processes(rank_worker, args=(2, free_port(), cases, frozen, str(out)), nprocs=2, join=True,
                        start_method="spawn")
@@ -81,6 +90,16 @@ def test_two_ranks_give_the_single_process_step_with_the_contrastive_loss(case, 
     _assert_same(single, results[case], f"{case}, 2 ranks")
 
 
+@pytest.mark.parametrize("case", list(DEBIAS))
+def test_two_ranks_and_accumulation_give_the_single_process_step_with_a_debiasing_loss(case, zoo, ranks, tmp_path):
+    results, _ = ranks
+    assert not isinstance(results[case], str), f"two ranks failed: {results[case]}"
+    name, overrides = _debias(zoo, case)
+    single = step_loss_and_grads(name, overrides, 1, 0, 1, str(tmp_path))
+    _assert_same(single, results[case], f"{case}, 2 ranks")
+    _assert_same(single, step_loss_and_grads(name, overrides, 2, 0, 1, str(tmp_path)), f"{case}, 2 accumulation steps")
+
+
 def test_frozen_layers_train_under_two_ranks_with_the_single_process_losses(zoo, ranks, tmp_path):
     _, fit_dir = ranks
     fit_losses([*zoo["pretrain"], *FROZEN], str(tmp_path / "single"), 1)
@@ -118,12 +137,13 @@ def _fit(name, overrides, run_dir, crash_at_call=None, resume=None):
     return Trainer(task, config, OptimConfig(lr=1e-3, warmup=0.5)).fit(resume=resume)
 
 
-@pytest.mark.parametrize("name", ZOO_TASKS)
+@pytest.mark.parametrize("name", [*ZOO_TASKS, "vqa + rubi", "gqa + lmh"])
 def test_killed_and_resumed_training_ends_with_the_uninterrupted_weights(name, zoo, tmp_path):
-    full = _fit(name, zoo[name], tmp_path / "full")
+    name, overrides = _debias(zoo, name) if name in DEBIAS else (name, zoo[name])
+    full = _fit(name, overrides, tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):  # in step 2's second micro-step: only step 1's checkpoint survives
-        _fit(name, zoo[name], tmp_path / "killed", crash_at_call=4)
-    resumed = _fit(name, zoo[name], tmp_path / "killed", resume=tmp_path / "killed")
+        _fit(name, overrides, tmp_path / "killed", crash_at_call=4)
+    resumed = _fit(name, overrides, tmp_path / "killed", resume=tmp_path / "killed")
     assert full.last_checkpoint.name == resumed.last_checkpoint.name == "step-00000002"
     expected = load_file(full.last_checkpoint / "model.safetensors")
     got = load_file(resumed.last_checkpoint / "model.safetensors")

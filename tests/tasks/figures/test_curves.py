@@ -17,7 +17,8 @@ def _write_run(directory, scale=1.0):
                 "lr": 1e-4 * s / 30, "samples_per_s": 50.0 + s, "grad_norm": 1.0} for s in (10, 20, 30)]
     records.append({"kind": "eval", "step": 30, "epoch": 0, "accuracy": 60.0 * scale, "num_questions": 300.0,
                     "accuracy/yes/no": 80.0, "question_type/what color": 90.0 * scale,
-                    "question_type/how many": 40.0, "r1": 30.0, "r5": 70.0, "r10": 90.0, "i2t_r1": 35.0,
+                    "question_type/how many": 40.0, "prior_question_type/what color": 50.0,
+                    "prior_question_type/how many": 20.0, "prior_accuracy/yes/no": 50.0, "r1": 30.0, "r5": 70.0, "r10": 90.0, "i2t_r1": 35.0,
                     "i2t_r5": 75.0, "i2t_r10": 95.0})
     (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return directory
@@ -36,6 +37,8 @@ def test_every_logged_metric_gets_a_panel_with_its_values(tmp_path):
     np.testing.assert_allclose(panels["eval: accuracy"].lines[0].get_ydata(), [60.0])
     bars = sorted(patch.get_width() for patch in panels["accuracy by question type"].patches)
     assert bars == [40.0, 90.0]
+    (ticks,) = panels["accuracy by question type"].collections  # the question-type prior, one tick per bar
+    assert sorted(ticks.get_offsets()[:, 0].tolist()) == [20.0, 50.0]
     recall = {line.get_label(): list(line.get_ydata()) for line in panels["retrieval recall@K"].lines}
     assert recall == {"a: caption -> image": [30.0, 70.0, 90.0], "a: image -> caption": [35.0, 75.0, 95.0]}
 

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from features.atomic import atomic_path
+from features.atomic import atomic_path, temporary_path
 from tasks import cli
 from tasks.finetuning import ModelConfig
 from tasks.ranking.index import load_index
 from tasks.ranking.search import rank_both_ways, rerank
 from tasks.retrieval import RetrievalConfig, RetrievalDataConfig, RetrievalTask
+from tests.fixtures.cli_check import assert_refused, run_cli
 from tests.fixtures.tiny_task_data import write_karpathy, write_store, write_vocab
 from vilbert import ViLBertConfig, ViLBertForVLTasks
 
@@ -84,7 +85,8 @@ def test_index_build_resumes_after_sigkill_without_duplicates(data):
     child.join(timeout=300)
     assert child.exitcode == -signal.SIGKILL
     assert sorted(p.name for p in (data / "index" / "chunks").iterdir()) == [
-        ".chunk-000002.npy.tmp-" + str(child.pid), "chunk-000000.npy", "chunk-000001.npy"]
+        temporary_path(data / "index" / "chunks" / "chunk-000002.npy").name.replace(str(os.getpid()), str(child.pid)),
+        "chunk-000000.npy", "chunk-000001.npy"]
     with pytest.raises(Exception, match="unfinished build"):
         load_index(data / "index")
     assert _build(data, data / "index") == 0  # resumes at chunk 2
@@ -169,3 +171,79 @@ def test_search_command_finds_images_and_captions_and_reranks(data, capsys):
     assert scores == sorted(scores, reverse=True)
     assert cli.main(["search", "--index", str(data / "nowhere"), "--text", "x"]) == 2
     assert np.isfinite(scores).all()
+
+
+def test_index_build_with_faiss_prints_no_import_chatter(data):
+    code, _, stderr = run_cli(["index", "build", "--checkpoint", str(data / "ckpt"), "--features",
+                               str(data / "feats.h5"), "--out", str(data / "index"), "--batch-size", "3",
+                               "--device", "cpu", "--faiss"], subprocess=True)
+    assert code == 0, stderr
+    assert "ModuleNotFoundError" not in stderr and "faiss.loader" not in stderr and "not sharded" not in stderr
+
+
+def test_resuming_a_build_after_the_store_changed_is_refused(data, capsys):
+    assert _build(data, data / "index") == 0
+    settings = json.loads((data / "index" / "settings.json").read_text())
+    shutil.rmtree(data / "index")
+    (data / "index" / "chunks").mkdir(parents=True)  # a build killed after its settings, then...
+    (data / "index" / "settings.json").write_text(json.dumps(settings))
+    write_store(data / "feats.h5", [str(1000 + i) for i in range(10)], seed=5)  # ...the store is rewritten
+    capsys.readouterr()
+    assert _build(data, data / "index") == 2
+    assert "feature_files" in capsys.readouterr().err
+
+
+def test_rerank_after_the_store_changed_is_refused(data, capsys):
+    assert _build(data, data / "index") == 0
+    write_store(data / "feats.h5", [str(1000 + i) for i in range(10)], seed=5)
+    capsys.readouterr()
+    assert cli.main(["search", "--index", str(data / "index"), "--text", "a dog", "--rerank", "3",
+                     "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "changed since the index was built" in err and "feats.h5" in err
+
+
+@pytest.mark.parametrize("regions", ["0", "1", "-3"])
+def test_max_regions_below_two_is_refused(data, regions, capsys):
+    assert _build(data, data / "index", "--max-regions", regions) == 2
+    assert "--max-regions" in capsys.readouterr().err
+    assert not (data / "index" / "settings.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated index.json", "no ids.json", "bad settings.json",
+                                    "object embeddings"])
+def test_search_on_a_damaged_index_is_one_line(data, damage):
+    assert _build(data, data / "index") == 0
+    index = data / "index"
+    if damage == "truncated index.json":
+        (index / "index.json").write_text('{"count": 1')
+    elif damage == "no ids.json":
+        (index / "ids.json").unlink()
+    elif damage == "bad settings.json":
+        (index / "settings.json").write_text("[]")
+    else:
+        np.save(index / "embeddings.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert_refused(["search", "--index", str(index), "--text", "a dog", "--device", "cpu"], names=[str(index)])
+
+
+def test_index_build_into_a_file_or_a_foreign_folder_is_refused(data):
+    (data / "notes.txt").write_text("mine")
+    assert_refused(["index", "build", "--checkpoint", str(data / "ckpt"), "--features", str(data / "feats.h5"),
+                    "--out", str(data / "notes.txt"), "--device", "cpu"], names=["notes.txt", "is a file"])
+    assert (data / "notes.txt").read_text() == "mine"
+    assert_refused(["index", "build", "--checkpoint", str(data / "ckpt"), "--features", str(data / "feats.h5"),
+                    "--out", str(data / "flickr"), "--device", "cpu"], names=["flickr", "holds no index build"])
+
+
+def test_every_mode_counts_images_without_features_in_the_denominator(data):
+    split = json.loads((data / "flickr" / "dataset_flickr30k.json").read_text())
+    test_ids = [im["filename"].split(".")[0] for im in split["images"] if im["split"] == "test"]
+    write_store(data / "feats.h5", [i for i in [str(1000 + n) for n in range(10)] if i != test_ids[0]])
+    for mode in ("coattention", "dual"):
+        out = data / f"eval-{mode}"
+        argv = ["evaluate", "--task", "retrieval", "--checkpoint", str(data / "ckpt"), "--split", "test",
+                "--config", str(_write_yaml(data)), "--out", str(out)]
+        assert cli.main(argv + (["--mode", mode] if mode != "coattention" else [])) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["num_images"] == 5 and metrics["num_without_features"] == 1, (mode, metrics)
+        assert metrics["r10"] <= 80.0 and metrics["i2t_r10"] <= 80.0  # the unranked image's captions are misses
