@@ -21,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tasks.cli.options import add_region_arguments, quiet_weight_loading, to_stderr
+from tasks.cli.options import add_region_arguments, quiet_weight_loading, text_argument, to_stderr
 from tasks.registry import TASKS
 
 
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="the task that answers")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint directory holding that task's head")
     parser.add_argument("--image", action="append", required=True, help="an image (NLVR2: left, then right)")
-    parser.add_argument("--text", default="", help="question, expression, statement, hypothesis or dialogue")
+    parser.add_argument("--text", type=text_argument, help="question, expression, statement, hypothesis or dialogue")
     parser.add_argument("--option", action="append", default=[],
                         help="a candidate text: a caption to rank, or one of VCR's 4 answers (repeatable)")
     add_region_arguments(parser, option_flag="--detector-option")
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     example, answer = predict.predict_example(
         task, model, detector, name, images, boxes, [Path(path).stem for path in args.image], device,
-        note=to_stderr, text=args.text, candidates=args.option, options={"top_k": args.top_k})
+        note=to_stderr, text=args.text or "", candidates=args.option, options={"top_k": args.top_k})
     result = {"task": task.name, "images": args.image, "detector": name,
               "boxes": [[[round(float(v), 2) for v in box] for box in image.boxes] for image in example.images],
               **answer}

@@ -70,7 +70,7 @@ def test_snli_ve_and_visual7w_one_example(tmp_path, capsys):
     scores = [a["score"] for a in result["answers"]]
     assert scores == sorted(scores, reverse=True)
     assert sorted(scores) == pytest.approx(sorted(result["prediction"]["scores"]), abs=1e-5)
-    for argv, message in [(["--text", " "], "snli-ve needs a hypothesis; the text is empty"),
+    for argv, message in [([], "snli-ve needs a hypothesis; the text is empty"),
                           (["--text", "a cat", "--option", "a"], "snli-ve takes no candidate texts; got 1")]:
         assert main(["predict-task", "--task", "snli-ve", "--checkpoint", str(checkpoint), "--image", str(image),
                      *argv, "--random-detector"]) == 2
