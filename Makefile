@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup weights test test-browser lint bench pretrain finetune features demo study detector
+.PHONY: setup weights test test-browser lint bench pretrain finetune features demo demo-screenshot study detector
 
 setup: $(STAMP)
 
@@ -26,11 +26,14 @@ weights:
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
-# The demo page in headless Chromium: Debian's chromium and its driver (apt-get, as root), then the browser test.
+# The demo page in headless Chromium: Debian's chromium and its driver (apt-get, as root), then the browser test,
+# in a network namespace with only loopback where `unshare -n` works (as root): it must pass with no network.
+BROWSER_TEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs tests/runners/test_serve_browser.py
 test-browser: setup
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null \
 		|| { apt-get update && apt-get install -y chromium chromium-driver; }
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -rs tests/runners/test_serve_browser.py
+	if unshare -n true 2>/dev/null; then unshare -n sh -c 'ip link set lo up && $(BROWSER_TEST)'; \
+	else $(BROWSER_TEST); fi
 
 lint: setup
 	$(BIN)/ruff check vilbert features tasks tests bench
@@ -158,13 +161,23 @@ study: setup
 	@$(WEIGHTS_CHECK)
 	$(VILBERT) study --preset $(STUDY) --out runs/study_$(STUDY) --text-init $(TEXT_INIT)
 
-# make demo: the web demo (http://127.0.0.1:7860/) on every fine-tuned embedded run there is, with the shapes
-# world's test images to pick from. Run `make finetune TASK=...` first.
-DEMO_CHECKPOINTS = $$(for run in runs/vqa_embedded runs/refcoco_embedded runs/retrieval_embedded; do \
-	ls -d $$run/checkpoints/step-* 2>/dev/null | tail -n 1; done)
+# make demo: the web demo (http://127.0.0.1:7860/) with the shapes world's test images to pick from: the multi-task
+# model of `make finetune TASK=multi` when there is one (every task from one checkpoint), else every fine-tuned
+# single-task embedded run there is. Run `make finetune TASK=...` first.
+DEMO_TASKS := vqa refcoco retrieval nlvr2 snli-ve gqa visual7w
+MULTI_CHECKPOINT = $$(ls -d runs/multi_embedded/checkpoints/step-* 2>/dev/null | tail -n 1)
+DEMO_CHECKPOINTS = $$(ls -d runs/multi_embedded/checkpoints/step-* 2>/dev/null | tail -n 1 | grep . || \
+	for run in $(foreach task,$(DEMO_TASKS),runs/$(task)_embedded); do ls -d $$run/checkpoints/step-* 2>/dev/null | tail -n 1; done)
 demo: setup
-	@test -n "$(DEMO_CHECKPOINTS)" || { echo "no fine-tuned embedded run: run \`make finetune TASK=vqa\` first"; exit 2; }
+	@test -n "$(DEMO_CHECKPOINTS)" || { echo "no fine-tuned embedded run: run \`make finetune TASK=multi\` first"; exit 2; }
 	$(VILBERT) serve $$(for c in $(DEMO_CHECKPOINTS); do echo --checkpoint $$c; done) --examples $(WORLD)
+
+# make demo-screenshot: docs/images/demo.png from the multi-task model (`make finetune TASK=multi` first), in
+# headless Chromium (`make test-browser` installs it): a test-split colour question about shapes-world image 1618.
+demo-screenshot: setup
+	@test -n "$(MULTI_CHECKPOINT)" || { echo "no multi-task run: run \`make finetune TASK=multi\` first"; exit 2; }
+	$(BIN)/python -m docs.demo_screenshot --checkpoint $(MULTI_CHECKPOINT) --examples $(WORLD) --task vqa \
+		--example 1618 --text "what color is the triangle?" --out docs/images/demo.png
 
 # make features IMAGES=dir OUT=feats.h5 [BOXES=boxes.json]: MobileNetV2 features on given boxes, or without
 # BOXES on the boxes the shapes-world detector finds (`make detector` first).

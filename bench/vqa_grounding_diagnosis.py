@@ -28,7 +28,8 @@ import torch
 
 from tasks.data.regions import collate_visual, visual_input
 from tasks.finetuning import model_inputs
-from tasks.runners.evaluate import load_checkpoint_model, load_task
+from tasks.registry import build_task
+from tasks.runners.checkpoint import load_checkpoint_model
 from tasks.shapes.report import last_checkpoint
 from tasks.shapes.world import COLOURS, KINDS
 
@@ -119,7 +120,7 @@ def main() -> None:
     run = Path(args.run)
     checkpoint = Path(args.checkpoint) if args.checkpoint else last_checkpoint(run)
     config = str(run / "config.yaml")
-    task = load_task("vqa", config, [f"model.init={checkpoint}", "data.extend_answers=false"])
+    task = build_task("vqa", config, [f"model.init={checkpoint}", "data.extend_answers=false"])
     model = load_checkpoint_model(str(checkpoint), task).eval()
     store = task.store()
     world = Path(task.data.root).parent
@@ -139,7 +140,7 @@ def main() -> None:
               f"{'probe in':>9} {'probe out':>10}")
     print(header)
     for label, root in (("held-out test", "test"), ("compositional", "compositional")):
-        split_task = load_task("vqa", config, [f"model.init={checkpoint}", "data.extend_answers=false",
+        split_task = build_task("vqa", config, [f"model.init={checkpoint}", "data.extend_answers=false",
                                                f"data.root={Path(task.data.root) / root}"])
         rows = run_questions(model, split_task, split_task.questions("val"), store, scenes, max_regions)
         for kind in ("colour", "shape"):

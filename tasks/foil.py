@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from tasks.data.annotations import load_json, require
-from tasks.engine.task import StepOutput
+from tasks.engine.task import ExampleInputs, StepOutput
 from tasks.errors import AnnotationError
 from tasks.finetuning import FinetuneConfig
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample
@@ -61,6 +61,7 @@ class FoilTask(ImageTextTask):
     split_files = SPLIT_FILES
     title = "FOIL"
     config_class = FoilConfig
+    example_inputs = ExampleInputs("caption", example_text="a red circle beside a blue square")
 
     def read_samples(self, split: str) -> list[Sample]:
         return read_foil(self.annotation_file(split))
@@ -79,6 +80,13 @@ class FoilTask(ImageTextTask):
 
     def decode(self, sample: Sample, logits: torch.Tensor) -> dict:
         return {"id": sample.id, "foil": bool(logits[0] <= 0)}
+
+    def choice_labels(self, sample: Sample) -> list[str]:
+        return ["right caption", "foil (a wrong word)"]
+
+    def choice_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        right = torch.sigmoid(logits[0])
+        return torch.stack([right, 1 - right])
 
     def predicted_label(self, prediction: dict) -> bool:
         return prediction["foil"]

@@ -16,15 +16,18 @@ Predictions [{"qa_id", "answer"}].
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from tasks import debiasing
 from tasks.data.annotations import load_json, require
-from tasks.data.answer_labels import read_answer_list
+from tasks.data.answer_labels import config_answers, read_answer_list
+from tasks.engine.task import ExampleInputs
 from tasks.errors import AnnotationError, ConfigError
 from tasks.finetuning import FinetuneConfig, build_task_model
 from tasks.image_text import AnswerTask, ImageTextDataConfig, Sample, frequent_answers
@@ -84,6 +87,7 @@ class GenomeQATask(AnswerTask):
     name = "genome-qa"
     head = "answer_logits"
     config_class = GenomeQAConfig
+    example_inputs = ExampleInputs("question", example_text="what color is the circle")
     debias_supported = True
     data: GenomeQADataConfig
 
@@ -110,6 +114,14 @@ class GenomeQATask(AnswerTask):
 
     def decode(self, sample: Sample, logits: torch.Tensor) -> dict:
         return {"qa_id": sample.id, "answer": self.answers()[int(logits.argmax())]}
+
+    def prediction_problem(self, model_config: Mapping[str, Any]) -> str | None:
+        if config_answers(model_config) is not None or self.data.answers_file:
+            return None
+        return "config.json has no VQA answer list (id2label) and the run no data.answers_file"
+
+    def choice_labels(self, sample: Sample) -> list[str]:
+        return list(self.answers())
 
     def id_of(self, prediction: dict) -> int:
         return prediction["qa_id"]

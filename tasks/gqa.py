@@ -16,8 +16,10 @@ Predictions [{"questionId", "prediction"}]: the official submission format.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +27,7 @@ from torch import nn
 from tasks import debiasing
 from tasks.data.annotations import load_json, require
 from tasks.data.answer_labels import read_answer_list
+from tasks.engine.task import ExampleInputs
 from tasks.errors import AnnotationError
 from tasks.finetuning import FinetuneConfig, build_task_model
 from tasks.image_text import AnswerTask, ImageTextDataConfig, Sample, frequent_answers
@@ -74,6 +77,7 @@ class GQATask(AnswerTask):
     title = "GQA"
     metric_labels = {"accuracy": "accuracy (exact match)"}
     config_class = GQAConfig
+    example_inputs = ExampleInputs("question", example_text="what color is the circle")
     debias_supported = True
     data: GQADataConfig
 
@@ -99,6 +103,14 @@ class GQATask(AnswerTask):
 
     def decode(self, sample: Sample, logits: torch.Tensor) -> dict:
         return {"questionId": sample.id, "prediction": self.answers()[int(logits.argmax())]}
+
+    def prediction_problem(self, model_config: Mapping[str, Any]) -> str | None:
+        if model_config.get("gqa_answers") or self.data.answers_file:
+            return None
+        return "config.json has no GQA answer list (gqa_answers) and the run no data.answers_file"
+
+    def choice_labels(self, sample: Sample) -> list[str]:
+        return list(self.answers())
 
     def id_of(self, prediction: dict) -> str:
         return prediction["questionId"]

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from tasks.data.annotations import require
+from tasks.engine.task import ExampleInputs
 from tasks.errors import AnnotationError, ConfigError
 from tasks.finetuning import FinetuneConfig
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot, read_json_lines
@@ -106,6 +107,7 @@ class GuessWhatTask(ImageTextTask):
     name = "guesswhat"
     head = "tri_logits"
     config_class = GuessWhatConfig
+    example_inputs = ExampleInputs("question about the hidden object", example_text="is it red")
 
     def annotation_file(self, split: str) -> Path:
         return split_file(self.data.root, split)
@@ -118,6 +120,9 @@ class GuessWhatTask(ImageTextTask):
 
     def decode(self, sample: Sample, logits: torch.Tensor) -> dict:
         return {"qa_id": sample.id, "answer": ANSWERS[int(logits.argmax())]}
+
+    def choice_labels(self, sample: Sample) -> list[str]:
+        return list(ANSWERS)
 
     def id_of(self, prediction: dict):
         return prediction["qa_id"]
@@ -146,6 +151,7 @@ class GuessWhatPointingTask(PointingTask):
 
     name = "guesswhat-pointing"
     config_class = GuessWhatPointingConfig
+    example_inputs = ExampleInputs("dialogue", example_text="is it a circle yes is it red no")
 
     def annotation_file(self, split: str) -> Path:
         return split_file(self.data.root, split)

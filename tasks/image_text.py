@@ -38,8 +38,9 @@ from tasks.engine.distributed import move_to_device
 from tasks.engine.evaluation import eval_batches, eval_mode, in_dataset_order, model_device
 from tasks.engine.padding import cut_to_longest
 from tasks.engine.sampler import length_order
-from tasks.engine.task import StepOutput, TaskDataset
+from tasks.engine.task import PredictExample, StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError, DataError
+from tasks.figures.drawing import draw_pictures
 from tasks.finetuning import (
     FinetuneDataConfig,
     FinetuneTask,
@@ -322,12 +323,50 @@ class ImageTextTask(FinetuneTask):
                 predictions.append(self.decode(dataset.samples[index], logits[row]))
         return in_dataset_order(predictions, order)
 
+    # ------------------------------------------------------------------ one example
+
+    def example_sample(self, example: PredictExample) -> Sample:
+        """The benchmark sample one user example stands for; each row's image is an index into `example.images`.
+
+        Default: one row, the example's text with its image. NLVR2 reads the text with both images, VCR pairs
+        the question with each candidate answer, pointing tasks choose among the image's boxes.
+        """
+        return Sample("example", [example.text or ""], ["0"])
+
+    def choice_labels(self, sample: Sample) -> list[str]:
+        """The name of each of a sample's scores, in logit order (answers, classes, options, boxes)."""
+        raise NotImplementedError(f"task {self.name!r} does not name its choices")
+
+    def choice_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """[C] each choice's score from a sample's logits: the sigmoid of BCE-trained heads (VCR: a softmax)."""
+        return torch.sigmoid(logits)
+
     @torch.no_grad()
-    def predict_sample(self, model: nn.Module, sample: Sample, regions: list[Regions]) -> dict:
-        """The prediction for one sample built by hand (e.g. `vilbert predict`), on given regions per row."""
+    def predict_one(self, model: nn.Module, example: PredictExample) -> dict[str, Any]:
+        """{"text", "answers": the top-k choices [{"answer", "score"}] best first, "prediction": what `predict`
+        writes for the same item} for one example, encoded exactly as an evaluation sample."""
+        sample = self.example_sample(example)
+        regions = [example.images[int(key)].regions for key in sample.images]
         batch = move_to_device(self.collate([{"index": 0, **self.encode(sample, regions)}]), model_device(model))
         with eval_mode(model):
-            return self.decode(sample, self.logits(model, batch).cpu()[0])
+            logits = self.logits(model, batch).float().cpu()[0]
+        labels = self.choice_labels(sample)
+        scores = self.choice_scores(logits)[: len(labels)]
+        order = torch.argsort(scores, descending=True, stable=True)[: int(example.options.get("top_k", 5))]
+        return {"text": example.text, "answers": [{"answer": labels[i], "score": scores[i].item()} for i in order],
+                "prediction": self.decode(sample, logits)}
+
+    def headline(self, result: Mapping[str, Any]) -> str:
+        best = result["answers"][0]
+        return f"{result['text']} -> {best['answer']} ({best['score']:.2f})"
+
+    def summary_lines(self, result: Mapping[str, Any]) -> list[str]:
+        return [f"{self.example_inputs.text if self.example_inputs else 'text'}: {result['text']}",
+                *(f"  {i + 1}. {a['answer']:<24} {a['score']:.3f}" for i, a in enumerate(result["answers"]))]
+
+    def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Any:
+        """The image(s) side by side with their regions, the headline below."""
+        return draw_pictures([(image.image, image.boxes) for image in example.images], None, self.headline(result))
 
     def gold(self, split: str) -> dict:
         """{item id: gold label} of the whole split (items with missing images included)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from tasks.data.annotations import require
+from tasks.engine.task import ExampleInputs, PredictExample
 from tasks.errors import AnnotationError
 from tasks.finetuning import FinetuneConfig
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot, read_json_lines
@@ -85,6 +86,8 @@ class NLVR2Task(ImageTextTask):
     title = "NLVR2"
     exact_image_ids = True
     config_class = NLVR2Config
+    example_inputs = ExampleInputs("statement", images=("left image", "right image"),
+                                   example_text="the left image has more circles than the right image")
 
     def read_samples(self, split: str) -> list[Sample]:
         return read_nlvr2(self.annotation_file(split), self.data.images_from_urls)
@@ -94,6 +97,13 @@ class NLVR2Task(ImageTextTask):
 
     def decode(self, sample: Sample, logits: torch.Tensor) -> dict:
         return {"identifier": sample.id, "prediction": str(bool(logits.argmax() == 1))}
+
+    def example_sample(self, example: PredictExample) -> Sample:
+        """The statement with the left image, then with the right one."""
+        return Sample("example-0-0-0", [example.text or ""] * 2, ["0", "1"])
+
+    def choice_labels(self, sample: Sample) -> list[str]:
+        return ["False", "True"]  # binary_logits: column 1 is "the statement is true"
 
     def id_of(self, prediction: dict) -> str:
         return prediction["identifier"]

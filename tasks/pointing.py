@@ -5,7 +5,8 @@ Regions (the original's V-logit-mc task type): the IMG token and up to `max_regi
 appended after them as the reference appends its GT store after index 101. Each candidate box of the annotation
 is the appended GT row whose box overlaps it most (IoU ≥ 0.5; a candidate that matches none is masked out and
 can never be chosen). Without a GT store (`gt_features: []`) the candidates are matched among the detected
-rows instead (the shapes world's store holds the ground-truth boxes).
+rows instead (the shapes world's store holds the ground-truth boxes). One example of a user's (`predict_one`)
+chooses among the regions the model sees: the given boxes, else the detector's.
 
 Model: `region_logits` gathered at the candidates' rows [B, n]; BCE × n on the one-hot target candidate.
 Metric: accuracy of the chosen candidate.
@@ -13,15 +14,19 @@ Metric: accuracy of the chosen candidate.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from tasks.data.annotations import load_json, require
 from tasks.data.regions import build_visual_input, iou_matrix
+from tasks.engine.task import ExampleInputs, PredictExample
 from tasks.errors import AnnotationError, ConfigError
+from tasks.figures.drawing import draw_boxes
 from tasks.finetuning import FinetuneConfig, soft_bce_sum
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, SampleDataset, known_samples
 from tasks.metrics import xywh_to_xyxy
@@ -74,7 +79,7 @@ class PointingTask(ImageTextTask):
         keep = min(len(detected.features), self.data.max_regions - 1)
         features, boxes = detected.features[:keep], detected.boxes[:keep]
         first = 1  # candidates are matched among the detected rows unless a GT store is appended
-        if self.gt_store() is not None:
+        if self.gt_store() is not None and not sample.extra.get("among_regions"):
             gt = self.gt_store().read(detected.image_id, float32=False, optional=())
             first = 1 + keep
             features = np.concatenate([features, gt.features[: self.data.max_gt_regions]])
@@ -104,6 +109,24 @@ class PointingTask(ImageTextTask):
 
     def loss(self, logits: torch.Tensor, batch) -> torch.Tensor:
         return soft_bce_sum(logits, batch["target"])
+
+    def example_sample(self, example: PredictExample) -> Sample:
+        """The text; the candidates are the boxes the model sees (numbered from 1 as drawn)."""
+        boxes = [[float(v) for v in box] for box in example.boxes]
+        return Sample("example", [example.text or ""], ["0"], None,
+                      {"candidates": list(range(1, len(boxes) + 1)), "boxes": boxes, "among_regions": True})
+
+    def choice_labels(self, sample: Sample) -> list[str]:
+        return [f"box {c}: " + " ".join(f"{v:.0f}" for v in box)
+                for c, box in zip(sample.extra["candidates"], sample.extra["boxes"], strict=True)]
+
+    def predict_one(self, model, example: PredictExample) -> dict[str, Any]:
+        """The choices as every image-text task gives them, and the chosen box (x1 y1 x2 y2, original pixels)."""
+        result = super().predict_one(model, example)
+        return {**result, "box": result["prediction"]["box"]}
+
+    def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Any:
+        return draw_boxes(example.image, example.boxes, result["box"], self.headline(result))
 
     def chance(self, split: str, train: ImageTextTask | None = None) -> dict[str, float]:
         """Expected accuracy of a uniformly random candidate box."""
@@ -174,6 +197,7 @@ class Visual7WTask(PointingTask):
 
     name = "visual7w"
     config_class = Visual7WConfig
+    example_inputs = ExampleInputs("which-question", example_text="which is the red circle?")
     data: Visual7WDataConfig
 
     def annotation_file(self, split: str) -> Path:

@@ -49,12 +49,18 @@ from tasks.engine.evaluation import model_device
 from tasks.engine.padding import MODEL_PADDED_KEYS, REGIONS, TEXT
 from tasks.engine.run_record import PRETRAINING, store_extractors
 from tasks.engine.sampler import length_order
-from tasks.engine.task import PredictExample, StepOutput, Task, TaskDataset
+from tasks.engine.task import ExampleInputs, PredictExample, StepOutput, Task, TaskDataset
 from tasks.errors import ConfigError, DataError
 from tasks.finetuning import ModelConfig, model_parameter_groups
 from tasks.metrics import recall_at_k
 from tasks.ranking.contrastive import contrastive_loss, dual_overrides
-from tasks.ranking.search import CoattentionScorer, caption_lines, draw_captions, rank_captions
+from tasks.ranking.search import (
+    CoattentionScorer,
+    caption_headline,
+    caption_lines,
+    draw_captions,
+    rank_captions,
+)
 from vilbert import ViLBertConfig, ViLBertForPreTraining
 from vilbert.convert import init_text_stream_from_bert
 
@@ -268,6 +274,7 @@ class PretrainingTask(Task):
     higher_is_better = True
     config_class = PretrainConfig
     predict_modes = ("captions",)  # zero-shot, by the alignment head
+    example_inputs = ExampleInputs(None, "captions", example_text="a red circle")
     pretraining_zero_shot = True
     padded_keys = PRETRAINING_PADDED_KEYS
 
@@ -495,8 +502,14 @@ class PretrainingTask(Task):
         """The captions ranked zero-shot by P(aligned) from the alignment head (as retrieval would rank them)."""
         return rank_captions(model, self.tokenizer, example, self.config.data.max_text_length)
 
+    def headline(self, result: Mapping[str, Any]) -> str:
+        return caption_headline(result)
+
     def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
         return draw_captions(example, result)
 
     def summary_lines(self, result: Mapping[str, Any]) -> list[str]:
         return caption_lines(result)
+
+    def explained_text(self, example: PredictExample, result: Mapping[str, Any]) -> str:
+        return result["captions"][0]["caption"]  # the best-ranked caption

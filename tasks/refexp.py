@@ -46,7 +46,7 @@ from tasks.data.regions import collate_visual, region_boxes, visual_input, visua
 from tasks.engine.evaluation import eval_batches, in_dataset_order
 from tasks.engine.padding import MODEL_PADDED_KEYS, REGIONS, cut_to_longest
 from tasks.engine.sampler import length_order
-from tasks.engine.task import PredictExample, StepOutput, TaskDataset
+from tasks.engine.task import ExampleInputs, PredictExample, StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError
 from tasks.figures.drawing import draw_boxes
 from tasks.finetuning import (
@@ -191,6 +191,7 @@ class RefExpTask(FinetuneTask):
     higher_is_better = True
     config_class = RefExpConfig
     predict_modes = ("expression",)
+    example_inputs = ExampleInputs("expression", example_text="the red circle")
     head = "region_logits"
     metric_labels = {"accuracy": "accuracy (IoU >= 0.5)"}
     padded_keys = {**MODEL_PADDED_KEYS, "target": (REGIONS, 0), "boxes": (REGIONS, 0)}  # one row per region
@@ -290,9 +291,11 @@ class RefExpTask(FinetuneTask):
                for p, r in zip(scores.tolist(), best.tolist(), strict=True)]
         return {"expression": example.text, "box": top[0]["box"], "score": top[0]["score"], "top": top}
 
+    def headline(self, result: Mapping[str, Any]) -> str:
+        return f"{result['expression']} ({result['score']:.2f})"
+
     def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
-        return draw_boxes(example.image, example.boxes, result["box"],
-                          f"{result['expression']} ({result['score']:.2f})")
+        return draw_boxes(example.image, example.boxes, result["box"], self.headline(result))
 
     def summary_lines(self, result: Mapping[str, Any]) -> list[str]:
         box = " ".join(f"{v:.1f}" for v in result["box"])

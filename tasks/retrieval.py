@@ -48,7 +48,7 @@ from tasks.data.reference_files import read_hard_negatives
 from tasks.data.regions import collate_visual, visual_input, visual_rows
 from tasks.engine.evaluation import eval_mode
 from tasks.engine.padding import cut_to_longest
-from tasks.engine.task import PredictExample, StepOutput, TaskDataset
+from tasks.engine.task import ExampleInputs, PredictExample, StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError
 from tasks.finetuning import (
     FinetuneConfig,
@@ -62,6 +62,7 @@ from tasks.metrics import mean_recall, recall_both_ways
 from tasks.ranking.contrastive import contrastive_loss, dual_overrides
 from tasks.ranking.search import (
     CoattentionScorer,
+    caption_headline,
     caption_lines,
     draw_captions,
     rank_both_ways,
@@ -240,6 +241,7 @@ class RetrievalTask(FinetuneTask):
     higher_is_better = True
     config_class = RetrievalConfig
     predict_modes = ("captions",)
+    example_inputs = ExampleInputs(None, "captions", example_text="a red circle")
     head = "pair_logit"
     report_metric = "r1"
     metric_labels = {"r1": "R@1 caption->image"}
@@ -387,11 +389,17 @@ class RetrievalTask(FinetuneTask):
         return rank_captions(model, self.tokenizer(), example, self.data.max_text_length,
                              task_token_id(model, self.example_token(example)))
 
+    def headline(self, result: Mapping[str, Any]) -> str:
+        return caption_headline(result)
+
     def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
         return draw_captions(example, result)
 
     def summary_lines(self, result: Mapping[str, Any]) -> list[str]:
         return caption_lines(result)
+
+    def explained_text(self, example: PredictExample, result: Mapping[str, Any]) -> str:
+        return result["captions"][0]["caption"]  # the best-ranked caption
 
 
 def evaluate_retrieval(task: RetrievalTask, model: nn.Module, split: str, mode: str, rerank_k: int = 32,

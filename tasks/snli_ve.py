@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from tasks.data.annotations import require
+from tasks.engine.task import ExampleInputs
 from tasks.errors import AnnotationError
 from tasks.finetuning import FinetuneConfig
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot, read_json_lines
@@ -59,6 +60,7 @@ class SNLIVETask(ImageTextTask):
     split_files = SPLIT_FILES
     title = "SNLI-VE"
     config_class = SNLIVEConfig
+    example_inputs = ExampleInputs("hypothesis", example_text="there is a red circle")
 
     def read_samples(self, split: str) -> list[Sample]:
         return read_snli_ve(self.annotation_file(split))
@@ -69,6 +71,9 @@ class SNLIVETask(ImageTextTask):
     def decode(self, sample: Sample, logits: torch.Tensor) -> dict:
         return {"pairID": sample.id, "gold_label": LABELS[int(logits.argmax())],
                 "scores": [round(v, 5) for v in torch.sigmoid(logits).tolist()]}
+
+    def choice_labels(self, sample: Sample) -> list[str]:
+        return list(LABELS)
 
     def id_of(self, prediction: dict) -> str:
         return prediction["pairID"]

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from tasks.data.annotations import require
+from tasks.engine.task import ExampleInputs, PredictExample
 from tasks.errors import AnnotationError, ConfigError, DataError
 from tasks.finetuning import FinetuneConfig
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot, read_json_lines
@@ -125,6 +126,7 @@ class VCRTask(ImageTextTask):
 
     name = "vcr-qa"
     head = "pair_logit"
+    example_inputs = ExampleInputs("question", "answers", 4, example_text="why is the circle red?")
     mode = "answer"
     metric = "q_a"
     config_class = VCRConfig
@@ -143,6 +145,16 @@ class VCRTask(ImageTextTask):
         if self._store is None:
             self._store = self.open_store(list(self.data.features) + list(self.data.gt_features))
         return self._store
+
+    def example_sample(self, example: PredictExample) -> Sample:
+        """The question paired with each of the 4 candidates, all on the one image."""
+        return Sample("example", [(example.text or "", option) for option in example.candidates], ["0"] * 4)
+
+    def choice_labels(self, sample: Sample) -> list[str]:
+        return [option for _, option in sample.texts]
+
+    def choice_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=0)  # trained as a 4-way choice (cross-entropy)
 
     def target(self, sample: Sample) -> torch.Tensor:
         return one_hot(sample.label, 4)
@@ -173,6 +185,7 @@ class VCRTask(ImageTextTask):
 class VCRRationaleTask(VCRTask):
     name = "vcr-qar"
     mode = "rationale"
+    example_inputs = ExampleInputs("question and its answer", "rationales", 4)
     metric = "qa_r"
 
 

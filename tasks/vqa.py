@@ -62,7 +62,7 @@ from tasks.debiasing import AnswerPrior
 from tasks.engine.evaluation import eval_batches, in_dataset_order
 from tasks.engine.padding import cut_to_longest
 from tasks.engine.sampler import length_order
-from tasks.engine.task import PredictExample, StepOutput, TaskDataset
+from tasks.engine.task import ExampleInputs, PredictExample, StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError, DataError
 from tasks.figures.drawing import draw_boxes
 from tasks.finetuning import (
@@ -364,6 +364,7 @@ class VQATask(FinetuneTask):
     higher_is_better = True
     config_class = VQAConfig
     predict_modes = ("question",)
+    example_inputs = ExampleInputs("question", example_text="what color is the circle")
     head = "answer_logits"
     metric_labels = {"accuracy": "VQA accuracy"}
     checkpoint_overrides = ("data.extend_answers=false",)  # the checkpoint's answers as they are
@@ -586,10 +587,17 @@ class VQATask(FinetuneTask):
                 "answers": [{"answer": answers[i], "score": p}
                             for p, i in zip(scores.tolist(), labels.tolist(), strict=True)]}
 
-    def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
+    def prediction_problem(self, model_config: Mapping[str, Any]) -> str | None:
+        if config_answers(model_config) is None:
+            return "config.json has no VQA answer list (id2label)"
+        return None
+
+    def headline(self, result: Mapping[str, Any]) -> str:
         best = result["answers"][0]
-        return draw_boxes(example.image, example.boxes, None,
-                          f"Q: {result['question']}  A: {best['answer']} ({best['score']:.2f})")
+        return f"Q: {result['question']}  A: {best['answer']} ({best['score']:.2f})"
+
+    def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
+        return draw_boxes(example.image, example.boxes, None, self.headline(result))
 
     def summary_lines(self, result: Mapping[str, Any]) -> list[str]:
         return [f"Q: {result['question']}",

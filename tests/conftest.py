@@ -15,3 +15,12 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_multitask_checkpoint(tmp_path_factory):
+    """One tiny multi-task checkpoint of every kind of task the demo serves (tests/fixtures/tiny_multitask.py),
+    built once."""
+    from tests.fixtures.tiny_multitask import write_multitask_checkpoint
+
+    return write_multitask_checkpoint(tmp_path_factory.mktemp("multitask"))

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     task = predict.checkpoint_task(info, predict.choose_task(info, "captions"), tokenizer_dir)
     image = read_image(args.image)
     boxes = predict.boxes_for_image(args.boxes, args.box_format, args.image) if args.boxes else None
-    name, detector = predict.prepare_detector(info, args.detector, args.weights, detector_options(args.option),
+    name, detector = predict.prepare_detector(info, args.detector, args.weights, detector_options(args.detector_options),
                                               args.random_detector, warn=to_stderr, boxes_given=boxes is not None)
     with quiet_weight_loading():
         model = load_dual_model(args.checkpoint, device)[0] if args.scorer == "dual" else load_model(info, device, task)

@@ -45,15 +45,16 @@ def task_choices() -> list[str]:
     return [name for name in TASKS if name != "pretrain"]
 
 
-def add_region_arguments(parser: argparse.ArgumentParser) -> None:
+def add_region_arguments(parser: argparse.ArgumentParser, option_flag: str = "--option") -> None:
     """How one image's regions are made (detector, weights, options, given boxes) and the tokenizer: the options
-    every command that runs the model on a new image shares."""
+    every command that runs the model on a new image shares. The detector options land in `detector_options`;
+    `option_flag` names their flag where `--option` means something else (predict-task's candidate texts)."""
     parser.add_argument("--detector", choices=sorted(DETECTORS),
                         help="default: the detector of the checkpoint's training features; for features on "
                              "shapes-world ground-truth boxes, the shapes detector when `make detector` has run")
     parser.add_argument("--weights", help="detector weight file or directory (default: the detector's packaged "
                         "weights; shapes: data/shapes/detector)")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument(option_flag, action="append", default=[], metavar="KEY=VALUE", dest="detector_options",
                         help="a detector option, e.g. short_side=224 or max_boxes=36 (repeatable)")
     parser.add_argument("--random-detector", action="store_true",
                         help="allow a detector without trained weights (smoke runs and tests)")

@@ -62,7 +62,6 @@ def run(args: argparse.Namespace) -> int:
 
     from features.detectors import detector_options
     from features.images import read_image
-    from tasks.data.answer_labels import config_answers
     from tasks.errors import ConfigError
     from tasks.runners import predict
     from tasks.runners.checkpoint import load_model, read_checkpoint
@@ -81,28 +80,27 @@ def run(args: argparse.Namespace) -> int:
 
     # everything cheap to check comes first: a bad path fails before any weights load
     info = read_checkpoint(args.checkpoint)
-    if mode == "question" and not args.answers and config_answers(info.config) is None:
-        raise ConfigError(f"--checkpoint {args.checkpoint}: config.json has no VQA answer list (id2label); "
-                          "pass --answers FILE (or convert with --answers trainval_label2ans.pkl)")
-    task = predict.checkpoint_task(info, predict.choose_task(info, mode, args.task),
-                              predict.checkpoint_tokenizer(info, args.tokenizer))
+    task_name = predict.choose_task(info, mode, args.task)
+    task = predict.checkpoint_task(info, task_name, predict.checkpoint_tokenizer(info, args.tokenizer, task_name))
+    problem = None if args.answers else task.prediction_problem(info.config)
+    if problem:
+        hint = "; pass --answers FILE (or convert with --answers trainval_label2ans.pkl)" if mode == "question" else ""
+        raise ConfigError(f"--checkpoint {args.checkpoint}: {problem}{hint}")
     options = {"top_k": args.top_k}
     if args.answers:
         options["answers"] = predict.read_answers(args.answers)
     captions = predict.read_captions(args.captions) if mode == "captions" else ()
     image = read_image(args.image)
     boxes = predict.boxes_for_image(args.boxes, args.box_format, args.image) if args.boxes else None
-    name, detector = predict.prepare_detector(info, args.detector, args.weights, detector_options(args.option),
+    name, detector = predict.prepare_detector(info, args.detector, args.weights, detector_options(args.detector_options),
                                               args.random_detector, warn=to_stderr, boxes_given=boxes is not None)
     with quiet_weight_loading():
         model = load_model(info, device, task)
 
-    regions = predict.image_regions(detector, name, image, boxes, device, Path(args.image).stem, note=to_stderr)
-    example = predict.build_example(image, regions, task.max_regions, device, text=args.question or args.expression,
-                                    candidates=captions, options=options, task_token=args.task_token)
-    with torch.no_grad():
-        answer = task.predict_one(model, example)
-    result = {"mode": mode, "task": task.name, "image": args.image, "image_hw": list(regions.image_hw),
+    example, answer = predict.predict_example(task, model, detector, name, [image], [boxes], [Path(args.image).stem],
+                                              device, note=to_stderr, text=args.question or args.expression,
+                                              candidates=captions, options=options, task_token=args.task_token)
+    result = {"mode": mode, "task": task.name, "image": args.image, "image_hw": list(image.original_hw),
               "detector": name, "boxes": [[round(float(v), 2) for v in box] for box in example.boxes], **answer}
     if args.out:
         predict.save_picture(task.draw(example, answer), args.out)

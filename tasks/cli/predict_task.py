@@ -1,4 +1,4 @@
-"""Predict one example of a 12-in-1 task (NLVR2, SNLI-VE, GQA, Visual7W, GuessWhat, VCR, FOIL...) on new images.
+"""Predict one example of any registered task (NLVR2, SNLI-VE, GQA, Visual7W, GuessWhat, VCR, FOIL, VQA...) on new images.
 
 Examples:
   vilbert predict-task --task nlvr2 --checkpoint CKPT --image left.png --image right.png \\
@@ -8,10 +8,11 @@ Examples:
       --boxes candidates.json --box-format xyxy --out chosen.png
   vilbert predict-task --task vcr-qa --checkpoint CKPT --image x.jpg --text "why is she smiling?" \\
       --option "she won" --option "she is sad" --option "it rains" --option "nothing"
-The task's settings (text length, regions, tokenizer, answer list) come from the checkpoint's run_config.yaml;
-regions are extracted as `vilbert predict` extracts them. Pointing tasks choose among the --boxes (their
-candidates, also the boxes features are pooled on); Flickr30k grounding is `vilbert predict --expression ...
---task-token flickr-grounding`.
+What one example needs (a text, options, one or two images) is the task's (`Task.example_inputs`); a request
+that does not fit is one line naming what is missing. The task's settings (text length, regions, tokenizer, answer
+list) come from the checkpoint's run_config.yaml (a multi-task checkpoint: the member's); regions are extracted as
+`vilbert predict` extracts them. Pointing tasks choose among the regions the model sees: the --boxes, else the
+detector's.
 """
 
 from __future__ import annotations
@@ -20,26 +21,20 @@ import argparse
 import json
 from pathlib import Path
 
-from features.detectors import DETECTORS
-from tasks.cli.options import BOX_FORMATS, text_argument
-
-POINTING = ("visual7w", "guesswhat-pointing")
-TASKS = ("gqa", "genome-qa", "nlvr2", "snli-ve", "visual7w", "guesswhat-pointing", "guesswhat", "vcr-qa", "vcr-qar",
-         "foil")
+from tasks.cli.options import add_region_arguments, quiet_weight_loading, text_argument, to_stderr
+from tasks.registry import TASKS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, choices=TASKS)
-    parser.add_argument("--checkpoint", required=True, help="a fine-tuned checkpoint directory of that task")
-    parser.add_argument("--image", action="append", required=True, help="the image (NLVR2: left, then right)")
-    parser.add_argument("--text", required=True, type=text_argument, help="question, statement, hypothesis, caption or dialogue")
-    parser.add_argument("--option", action="append", default=[], help="VCR: one of the 4 answers or rationales")
-    parser.add_argument("--boxes", help="given boxes (JSON list or {image_id: [...]}); pointing: the candidates")
-    parser.add_argument("--box-format", choices=BOX_FORMATS, help="coordinates in --boxes (required with it)")
-    parser.add_argument("--detector", choices=sorted(DETECTORS), help="default: the checkpoint's training detector")
-    parser.add_argument("--weights", help="detector weight file (default: the detector's packaged weights)")
-    parser.add_argument("--random-detector", action="store_true", help="allow a detector without trained weights")
-    parser.add_argument("--out", metavar="FILE.png", help="draw the image(s), the chosen box and the result")
+    parser.add_argument("--task", required=True, choices=sorted(TASKS), help="the task that answers")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint directory holding that task's head")
+    parser.add_argument("--image", action="append", required=True, help="an image (NLVR2: left, then right)")
+    parser.add_argument("--text", type=text_argument, help="question, expression, statement, hypothesis or dialogue")
+    parser.add_argument("--option", action="append", default=[],
+                        help="a candidate text: a caption to rank, or one of VCR's 4 answers (repeatable)")
+    add_region_arguments(parser, option_flag="--detector-option")
+    parser.add_argument("--top-k", type=int, default=5, help="answers to show")
+    parser.add_argument("--out", metavar="FILE.png", help="draw the image(s), the regions and the answer")
     parser.add_argument("--json", action="store_true", help="print the prediction as JSON")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
@@ -47,79 +42,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from features.detectors import detector_options
     from features.images import read_image
-    from tasks.cli.options import to_stderr
     from tasks.errors import ConfigError
-    from tasks.image_text import Sample
-    from tasks.registry import build_task
     from tasks.runners import predict
-    from tasks.runners.checkpoint import read_checkpoint
+    from tasks.runners.checkpoint import load_model, read_checkpoint
 
     if args.boxes and not args.box_format:
         raise ConfigError("--boxes needs --box-format xyxy or xywh (coordinates are never guessed)")
-    if len(args.image) != (2 if args.task == "nlvr2" else 1):
-        raise ConfigError(f"--image: {args.task} takes {2 if args.task == 'nlvr2' else 1} image(s), "
-                          f"got {len(args.image)}")
-    if args.task.startswith("vcr") and len(args.option) != 4:
-        raise ConfigError(f"--option: VCR chooses among 4 options, got {len(args.option)}")
-    if args.task in POINTING and not args.boxes:
-        raise ConfigError(f"--boxes: {args.task} chooses among candidate boxes; give them")
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
     predict.check_output_files(out=args.out)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
+    # everything cheap to check comes first: a request that does not fit fails before any weights load
     info = read_checkpoint(args.checkpoint)
-    run_config = info.directory / "run_config.yaml"
-    task = build_task(args.task, str(run_config) if run_config.is_file() else None, [f"model.init={info.directory}"])
+    task = predict.checkpoint_task(info, args.task, predict.checkpoint_tokenizer(info, args.tokenizer, args.task))
+    predict.check_request(task, args.text, args.option, len(args.image))
+    problem = task.prediction_problem(info.config)
+    if problem:
+        raise ConfigError(f"--checkpoint {args.checkpoint}: {problem}")
     images = [read_image(path) for path in args.image]
-    boxes = predict.boxes_for_image(args.boxes, args.box_format, args.image[0]) if args.boxes else None
-    name, detector = predict.prepare_detector(info, args.detector, args.weights, allow_random=args.random_detector,
-                                              warn=to_stderr, boxes_given=boxes is not None)
-    regions = [predict.image_regions(detector, name, image, boxes, device, Path(path).stem, note=to_stderr)
-               for image, path in zip(images, args.image, strict=True)]
-    model = task.build_model().to(device)
+    boxes = [predict.boxes_for_image(args.boxes, args.box_format, path) if args.boxes else None
+             for path in args.image]
+    name, detector = predict.prepare_detector(info, args.detector, args.weights, detector_options(args.detector_options),
+                                              args.random_detector, warn=to_stderr,
+                                              boxes_given=args.boxes is not None)
+    with quiet_weight_loading():
+        model = load_model(info, device, task)
 
-    keys = [Path(path).stem for path in args.image]
-    if args.task == "nlvr2":
-        sample = Sample("predict-0-0-0", [args.text] * 2, keys)
-    elif args.task.startswith("vcr"):
-        sample = Sample("predict-0", [(args.text, option) for option in args.option], keys * 4)
-    elif args.task in POINTING:
-        candidates = [[float(v) for v in box] for box in boxes]
-        sample = Sample(0, [args.text], keys, None, {"candidates": list(range(len(candidates))),
-                                                     "boxes": candidates})
-    else:
-        sample = Sample("predict", [args.text], keys)
-    result = {"task": args.task, "images": args.image, "text": args.text,
-              "prediction": task.predict_sample(model, sample, regions)}
+    example, answer = predict.predict_example(
+        task, model, detector, name, images, boxes, [Path(path).stem for path in args.image], device,
+        note=to_stderr, text=args.text or "", candidates=args.option, options={"top_k": args.top_k})
+    result = {"task": task.name, "images": args.image, "detector": name,
+              "boxes": [[[round(float(v), 2) for v in box] for box in image.boxes] for image in example.images],
+              **answer}
     if args.out:
-        chosen = result["prediction"].get("box")
-        caption = f"{args.text} -> " + ", ".join(f"{k}: {v}" for k, v in result["prediction"].items()
-                                                 if k not in ("box", "scores", "probabilities"))
-        draw_images(images, [r.boxes for r in regions], chosen, caption, args.out)
+        predict.save_picture(task.draw(example, answer), args.out)
         result["out"] = args.out
-    print(json.dumps(result, indent=1) if args.json else f"{args.task}: {json.dumps(result['prediction'])}")
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"{', '.join(args.image)}: {sum(len(image.boxes) for image in example.images)} regions from {name}, "
+              f"task {task.name}")
+        for line in task.summary_lines(answer):
+            print(line)
+        if args.out:
+            print(f"drawn -> {args.out}")
     return 0
-
-
-def draw_images(images: list, boxes: list, chosen: list[float] | None, caption: str, out: str) -> Path:
-    """One image as `vilbert predict` draws it, or two side by side (NLVR2), the caption on top."""
-    import numpy as np
-    from PIL import Image
-
-    from features.images import LoadedImage
-    from tasks.figures.drawing import draw_boxes
-    from tasks.runners.predict import save_picture
-
-    if len(images) == 1:
-        return save_picture(draw_boxes(images[0], boxes[0], chosen, caption), out)
-    pictures = [Image.fromarray(image.pixels).resize(image.original_hw[::-1]) for image in images]
-    height = max(p.height for p in pictures)
-    joined = Image.new("RGB", (sum(p.width for p in pictures), height))
-    shifted, x = [], 0
-    for picture, image_boxes in zip(pictures, boxes, strict=True):
-        joined.paste(picture, (x, 0))
-        shifted.append(np.asarray(image_boxes, dtype=np.float32).reshape(-1, 4) + np.array([x, 0, x, 0]))
-        x += picture.width
-    pixels = np.asarray(joined)
-    loaded = LoadedImage(pixels=pixels, original_hw=tuple(pixels.shape[:2]))
-    return save_picture(draw_boxes(loaded, np.concatenate(shifted), None, caption), out)

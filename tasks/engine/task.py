@@ -26,18 +26,22 @@ What a run records (`tasks.engine.run_record`): the trainer writes `run_record()
 and in every checkpoint: the task's name, its 12-in-1 task token, the `extractor` attributes of its feature stores
 and the architecture it trains. Prediction and evaluation read it instead of guessing from config keys.
 
-How `vilbert predict` calls a task. The task is the one the user names (`--task`), else the checkpoint's recorded
-task when it serves the request's mode (`predict_modes`), else the mode's default; it is built from the run's
-config (`run_config.yaml`) when that run trained it, else from its config class's defaults, with `data.tokenizer`
-set to the tokenizer prediction found. The runner then
+How a single example is predicted (`vilbert predict`, `vilbert predict-task`, `vilbert serve`: one path,
+tasks.runners.predict). `example_inputs` says what one example of the task needs from its user (a text, candidate
+texts, one or two images); the command line and the demo page ask for exactly that, and a request that does not
+fit is refused in one line (`ExampleInputs.problem`). The task is built from the checkpoint's run config (a member's
+config for a multi-task run), with `data.tokenizer` set and `model.init` the checkpoint, so that answer lists come
+from it. The runner then
 - refuses the checkpoint unless its weights hold every module of `head_modules` (a pretraining checkpoint is
-  accepted only by tasks with `pretraining_zero_shot`), and loads the model in eval mode;
-- detects the image's regions with the run's detector and builds `max_regions` visual rows (IMG token first);
-- calls `predict_one(model, example)` under `torch.no_grad()`, prints `summary_lines(result)` (or the JSON), and
-  saves `draw(example, result)` as a PNG when asked.
-`vilbert evaluate` applies the same head check before it predicts. The modes are the request flags of `vilbert
-predict` (`question`: `text`; `expression`: `text`; `captions`: `candidates`); a task with a new kind of request
-adds its flag there (tasks/cli/predict.py) and a default task for it (tasks.runners.predict.DEFAULT_TASK).
+  accepted only by tasks with `pretraining_zero_shot`) and `prediction_problem(config.json)` is None, and loads
+  the model in eval mode;
+- detects each image's regions with the run's detector (or pools on given boxes) and builds `max_regions` visual
+  rows per image (IMG token first): the `PredictExample`;
+- calls `predict_one(model, example)` under `torch.no_grad()`: a JSON-serialisable result whose `headline(result)`
+  is one line and `summary_lines(result)` the terminal's text; `draw(example, result)` is the picture and
+  `explained_text(example, result)` the text whose co-attention is drawn.
+`vilbert predict` keeps its request flags (`predict_modes`: `question` and `expression` fill `text`, `captions`
+fills `candidates`); `vilbert evaluate` applies the same head check before it predicts.
 """
 
 from __future__ import annotations
@@ -97,17 +101,75 @@ class BatchSchedule(Protocol):
     def __len__(self) -> int: ...
 
 
+@dataclass(frozen=True)
+class ExampleInputs:
+    """What one example of a task needs from its user; `vilbert predict-task` and the demo page ask for this.
+
+    `text` names the free text ("question", "expression", ...; None: the task reads none), `candidates` the texts
+    it chooses among or ranks ("captions", "answers"; None: none) and `num_candidates` how many (None: one or
+    more); `images` names each image it reads, in order.
+    """
+
+    text: str | None
+    candidates: str | None = None
+    num_candidates: int | None = None
+    images: tuple[str, ...] = ("image",)
+    example_text: str = ""  # a sample text (the page's placeholder)
+
+    def problem(self, task: str, text: str | None, candidates: Sequence[str], images: int) -> str | None:
+        """What a request lacks or has too much of, as one line naming it; None when it fits."""
+        if images != len(self.images):
+            names = ", ".join(self.images)
+            return f"{task} reads {len(self.images)} image(s) ({names}), got {images}"
+        if self.text is not None and not (text or "").strip():
+            return f"{task} needs a {self.text}; the text is empty"
+        if self.text is None and (text or "").strip():
+            return f"{task} reads no free text, only {self.candidates}"
+        if self.candidates is None:
+            if candidates:
+                return f"{task} takes no candidate texts; got {len(candidates)}"
+            return None
+        if not candidates:
+            return f"{task} needs {self.candidates} to choose from; none given"
+        if self.num_candidates is not None and len(candidates) != self.num_candidates:
+            return f"{task} chooses among exactly {self.num_candidates} {self.candidates}, got {len(candidates)}"
+        return None
+
+
 @dataclass
-class PredictExample:
-    """What `vilbert predict` hands a task: the image's regions as model input, and the user's request."""
+class ExampleImage:
+    """One image of an example: the picture, the boxes the model sees and its visual input built from them."""
 
     image: Any  # features.images.LoadedImage: the picture, for drawing
-    boxes: np.ndarray  # [K, 4] the regions' boxes in original pixels (the IMG token excluded)
+    regions: Any  # features.store.Regions: every region found (boxes in original pixels), for tasks that re-pick
+    boxes: np.ndarray  # [K, 4] the boxes the model sees, in original pixels (the IMG token excluded)
     visual: Mapping[str, torch.Tensor]  # region_features [1, R, D], region_locations [1, R, 5], region_mask [1, R]
-    text: str | None = None  # a question, an expression, a hypothesis
-    candidates: Sequence[str] = ()  # captions to rank, when the task ranks texts
+
+
+@dataclass
+class PredictExample:
+    """One example as the runner hands it to a task: its images' regions as model input, and the user's request.
+
+    `image`, `boxes` and `visual` are the first image's (every task but NLVR2 reads one image).
+    """
+
+    images: Sequence[ExampleImage]
+    text: str | None = None  # a question, an expression, a hypothesis, a statement
+    candidates: Sequence[str] = ()  # the texts the task ranks or chooses among (captions, answers)
     options: Mapping[str, Any] = field(default_factory=dict)  # task-specific settings (e.g. top_k, answers)
     task_token: str | None = None  # the 12-in-1 token for models with task tokens; None: the task's own
+
+    @property
+    def image(self) -> Any:
+        return self.images[0].image
+
+    @property
+    def boxes(self) -> np.ndarray:
+        return self.images[0].boxes
+
+    @property
+    def visual(self) -> Mapping[str, torch.Tensor]:
+        return self.images[0].visual
 
 
 class Task:
@@ -118,6 +180,7 @@ class Task:
     higher_is_better: bool = False  # for main_metric; accuracy-like metrics set True
     find_unused_parameters: bool = False  # DDP: some trainable parameters get no gradient in training_step
     predict_modes: tuple[str, ...] = ()  # the `vilbert predict` request kinds this task serves ("question", ...)
+    example_inputs: ExampleInputs | None = None  # what one example needs; None: no single-example prediction
     head_modules: tuple[str, ...] = ()  # model modules a checkpoint must hold for this task ("answer_head", ...)
     pretraining_zero_shot: bool = False  # a pretraining checkpoint serves this task as is (alignment head)
     config_class: type  # the run config dataclass (tasks/configs/<name>.yaml is one of these)
@@ -221,17 +284,30 @@ class Task:
         """Visual rows (IMG token included) the task's model sees per image; `vilbert predict` builds as many."""
         raise NotImplementedError(f"task {self.name!r} does not say how many regions it reads")
 
+    def prediction_problem(self, model_config: Mapping[str, Any]) -> str | None:
+        """What a checkpoint's config.json lacks for this task's predictions (e.g. an answer list), as one line;
+        None when nothing is missing. Default: nothing is needed beyond the heads."""
+        return None
+
     def predict_one(self, model: nn.Module, example: PredictExample) -> dict[str, Any]:
-        """The answer for one image and request, JSON-serialisable (what `vilbert predict --json` prints)."""
+        """The answer for one example, JSON-serialisable (what `vilbert predict --json` prints)."""
+        raise NotImplementedError(f"task {self.name!r} has no single-example prediction")
+
+    def headline(self, result: Mapping[str, Any]) -> str:
+        """`predict_one`'s result in one line (the page's title, the drawing's caption)."""
         raise NotImplementedError(f"task {self.name!r} has no single-example prediction")
 
     def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Any:
-        """A PIL image showing `result` on the example's picture (original size)."""
+        """A PIL image showing `result` on the example's picture(s) (tasks.figures.drawing)."""
         raise NotImplementedError(f"task {self.name!r} has no drawing")
 
     def summary_lines(self, result: Mapping[str, Any]) -> list[str]:
         """`predict_one`'s result as text for the terminal. Default: one `key: value` line per entry."""
         return [f"{key}: {value}" for key, value in result.items()]
+
+    def explained_text(self, example: PredictExample, result: Mapping[str, Any]) -> str:
+        """The text whose co-attention with the image(s) is drawn: the example's text by default."""
+        return example.text or ""
 
 
 def batch_size(batch: Mapping[str, Any]) -> int:

@@ -189,7 +189,8 @@ def box_heat(image_hw: tuple[int, int], boxes: np.ndarray, weights: np.ndarray) 
 
 def draw_figure(pixels: np.ndarray, original_hw: tuple[int, int], view: CoAttentionView, words: list[Word],
                 title: str = "", columns: int = 4):
-    """The matplotlib figure: the image with numbered boxes, one heat panel per word, the region -> word matrix.
+    """The matplotlib figure: the image with numbered boxes and one heat panel per word, then the region -> word
+    matrix below them, each with its colour bar.
 
     `pixels` [h, w, 3] may be a downscaled decode of an `original_hw` image; boxes are in original pixels.
     """
@@ -206,10 +207,14 @@ def draw_figure(pixels: np.ndarray, original_hw: tuple[int, int], view: CoAttent
     heats = [box_heat(pixels.shape[:2], scaled, view.word_heat(w)[1:]) for w in words]
     top = max(float(h.max()) for h in heats) or 1.0
 
-    panels = len(words) + 2
+    # the regions and one heat panel per word in a grid, the region -> word matrix in a row of its own; constrained
+    # layout gives each colour bar its own room, so nothing overlaps whatever the number of words and tokens
+    panels = len(words) + 1
     cols = min(columns, panels)
     rows = -(-panels // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    fig = plt.figure(figsize=(3.2 * cols + 0.8, 3.2 * rows + 3.6), layout="constrained")
+    grid, below = fig.subfigures(2, 1, height_ratios=[3.2 * rows, 3.6])
+    axes = grid.subplots(rows, cols, squeeze=False)
     extent = (0, width, height, 0)
     for ax in axes.flat:
         ax.axis("off")
@@ -222,21 +227,18 @@ def draw_figure(pixels: np.ndarray, original_hw: tuple[int, int], view: CoAttent
                 bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "lw": 0})
     ax.set_title("regions", fontsize=9)
 
-    image = None
     for ax, word, heat in zip(axes.flat[1:], words, heats, strict=False):
         ax.imshow(pixels, extent=extent, alpha=0.45)
         image = ax.imshow(heat, extent=extent, cmap="inferno", vmin=0.0, vmax=top, alpha=0.6)
         ax.set_title(f"{word.text!r}  (IMG {view.word_heat(word)[0]:.2f})", fontsize=9)
+    grid.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="word -> region")
 
-    ax = axes.flat[len(words) + 1]
-    ax.axis("on")
+    ax = below.subplots()
     matrix = ax.imshow(view.region_to_word, cmap="viridis", vmin=0.0, aspect="auto")
     ax.set_xticks(range(len(view.tokens)), view.tokens, rotation=90, fontsize=7)
     ax.set_yticks(range(len(view.row_boxes)), ["IMG", *map(str, range(1, len(view.row_boxes)))], fontsize=7)
     ax.set_title("region -> word", fontsize=9)
-    fig.colorbar(matrix, ax=ax, fraction=0.046, pad=0.04)
-    if image is not None:
-        fig.colorbar(image, ax=list(axes.flat[1: len(words) + 1]), fraction=0.02, pad=0.02, label="word -> region")
+    below.colorbar(matrix, ax=ax, label="region -> word")
     fig.suptitle(f"{title}\n{view.source}" if title else view.source, fontsize=10)
     return fig
 
@@ -249,18 +251,18 @@ def save_figure(fig, out: str | os.PathLike, dpi: int = 110) -> Path:
 # ---------------------------------------------------------------------------------------------------- prediction
 
 
-def explain_prediction(model: nn.Module, tokenizer, example, text: str, max_text_length: int,
+def explain_prediction(model: nn.Module, tokenizer, image, text: str, max_text_length: int,
                        task_ids: torch.Tensor | None, words: list[str] | None = None, head: int | None = None,
                        rollout: bool = False, out: str | os.PathLike | None = None,
                        json_out: str | os.PathLike | None = None) -> dict:
-    """Run `text` on one image (a `tasks.engine.task.PredictExample`) with maps; write the figure and/or the JSON.
+    """Run `text` on one image (a `tasks.engine.task.ExampleImage`) with maps; write the figure and/or the JSON.
 
     Returns {"attention": figure path, "attention_json": JSON path} for what was written.
     """
-    device = example.visual["region_features"].device
+    device = image.visual["region_features"].device
     encoded = tokenizer.encode([text], max_text_length).tensors(device)
-    outputs = attention_maps(model, encoded, example.visual, task_ids)
-    row_boxes = region_boxes(example.boxes, example.image.original_hw).numpy()  # IMG row = the whole image
+    outputs = attention_maps(model, encoded, image.visual, task_ids)
+    row_boxes = region_boxes(image.boxes, image.image.original_hw).numpy()  # IMG row = the whole image
     base = getattr(model, "vilbert", model)
     tokens = text_tokens(tokenizer, encoded["input_ids"], encoded["attention_mask"],
                          base.embeddings.task_embeddings is not None)
@@ -274,6 +276,6 @@ def explain_prediction(model: nn.Module, tokenizer, example, text: str, max_text
         write_text_atomic(json_out, json.dumps({"text": text, **maps_json(outputs, tokens, row_boxes)}))
         written["attention_json"] = str(json_out)
     if out:
-        figure = draw_figure(example.image.pixels, example.image.original_hw, view, chosen, title=text)
+        figure = draw_figure(image.image.pixels, image.image.original_hw, view, chosen, title=text)
         written["attention"] = str(save_figure(figure, out))
     return written

@@ -241,10 +241,15 @@ def rank_captions(model: nn.Module, tokenizer: Tokenizer, example: PredictExampl
                           "probability": probabilities[i].item()} for i in order]}
 
 
+def caption_headline(result: Mapping[str, Any]) -> str:
+    """The best caption with its score."""
+    best = result["captions"][0]
+    return f"{best['caption']} ({best['score']:.2f})"
+
+
 def draw_captions(example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
     """The regions and the best caption with its score."""
-    best = result["captions"][0]
-    return draw_boxes(example.image, example.boxes, None, f"{best['caption']} ({best['score']:.2f})")
+    return draw_boxes(example.image, example.boxes, None, caption_headline(result))
 
 
 def caption_lines(result: Mapping[str, Any]) -> list[str]:

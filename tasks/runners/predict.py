@@ -1,19 +1,19 @@
-"""Predict on one new image: what every task shares; the task answers through `predict_one` and `draw`.
+"""Predict one example on new images: what every task shares; the task answers through `predict_one` and `draw`.
 
-`vilbert predict` reads the checkpoint (tasks.runners.checkpoint: config.json, run_config.yaml, run.json), picks
-the task (--task, else the one the run recorded when it answers the request, else the request's default task),
-builds it from the run's config, and checks that the checkpoint holds the task's head. The image's regions are
-extracted in-process with the detector the run record names (the `extractor` attributes of the run's feature
-stores), then built into the model's visual input exactly as the tasks build it (`tasks.data.regions.visual_input`:
-IMG token, then up to `max_regions - 1` boxes). The task tokenises the text as in training and scores; see each
-task's `predict_one` for its scores.
+The one single-example path of `vilbert predict`, `vilbert predict-task` and `vilbert serve`: read the checkpoint
+(tasks.runners.checkpoint: config.json, run_config.yaml, run.json), build the task from the run's config
+(`build_task`), check that the checkpoint holds its head and what its predictions need, and load the model once.
+Then per request (`predict_example`): check the request against the task's `example_inputs`, extract each image's
+regions in-process with the detector the run record names (the `extractor` attributes of the run's feature
+stores), build them into the model's visual input exactly as the tasks build it (`tasks.data.regions.visual_input`:
+IMG token, then up to `max_regions - 1` boxes), and let the task answer (`Task.predict_one`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from tasks.data.feature_provenance import feature_mismatch
 from tasks.data.regions import collate_visual, visual_input
 from tasks.data.tokenization import load_tokenizer
 from tasks.engine.run_record import PRETRAINING, architecture
-from tasks.engine.task import PredictExample, Task
+from tasks.engine.task import ExampleImage, PredictExample, Task
 from tasks.errors import ConfigError
 from tasks.figures.attention import explain_prediction
 from tasks.finetuning import FinetuneTask
@@ -68,10 +68,22 @@ def choose_task(info: CheckpointInfo, mode: str, requested: str | None = None) -
     return DEFAULT_TASK[mode]
 
 
-def checkpoint_tokenizer(info: CheckpointInfo, override: str | None = None) -> str:
-    """--tokenizer, else the run's data.tokenizer or model.text_init, else the checkpoint dir if it has a vocab."""
-    data, model = info.run_config.get("data") or {}, info.run_config.get("model") or {}
-    for candidate in (override, data.get("tokenizer"), model.get("text_init")):
+def run_settings(info: CheckpointInfo, name: str) -> dict:
+    """The config the checkpoint's run gave task `name`: the run's own when it trained that task, a multi-task
+    run's member config (each member keeps its whole config), else {} (the task's defaults)."""
+    if info.task == "multi":
+        return next((member.get("resolved") or {} for member in info.run_config.get("tasks") or []
+                     if member.get("name") == name), {})
+    return info.run_config if info.task == name else {}
+
+
+def checkpoint_tokenizer(info: CheckpointInfo, override: str | None = None, task: str | None = None) -> str:
+    """--tokenizer, else the run's data.tokenizer or model.text_init (a multi-task member `task`'s own first), else
+    the checkpoint dir if it has a vocab."""
+    candidates = [override]
+    for settings in (run_settings(info, task) if task else {}, info.run_config):
+        candidates += [(settings.get("data") or {}).get("tokenizer"), (settings.get("model") or {}).get("text_init")]
+    for candidate in candidates:
         if candidate:
             return str(candidate)
     if (info.directory / "vocab.txt").is_file() or (info.directory / "tokenizer.json").is_file():
@@ -81,15 +93,14 @@ def checkpoint_tokenizer(info: CheckpointInfo, override: str | None = None) -> s
 
 
 def checkpoint_task(info: CheckpointInfo, name: str, tokenizer: str) -> Task:
-    """Task `name` with the run's config when this checkpoint's run trained it, else its defaults.
+    """Task `name` with the run's config when this checkpoint's run trained it (a multi-task run's member config),
+    else its defaults; `data.tokenizer` is `tokenizer` and `model.init` the checkpoint (answer lists come from it).
 
     Its data is never read: prediction needs only the text and region settings and the tokenizer.
     """
-    settings = info.run_config if info.task == name else {}
-    if info.task == "multi":  # a multi-task run keeps each member's whole config
-        settings = next((member.get("resolved") or {} for member in info.run_config.get("tasks") or []
-                         if member.get("name") == name), {})
-    settings = {**settings, "data": {**(settings.get("data") or {}), "tokenizer": tokenizer}}
+    settings = run_settings(info, name)
+    settings = {**settings, "data": {**(settings.get("data") or {}), "tokenizer": tokenizer},
+                "model": {**(settings.get("model") or {}), "init": str(info.directory)}}
     return build_task(name, settings, source=str(info.directory / "run_config.yaml"))
 
 
@@ -269,29 +280,55 @@ def image_regions(detector: RegionDetector, name: str, loaded: LoadedImage, boxe
 # ------------------------------------------------------------------------------------------------------ example
 
 
-def build_example(loaded: LoadedImage, regions: Regions, max_regions: int, device: str | torch.device,
+def build_example(images: Sequence[tuple[LoadedImage, Regions]], max_regions: int, device: str | torch.device,
                   **request: Any) -> PredictExample:
-    """The task's view of one image: up to `max_regions` visual rows (IMG token first), as the tasks build them.
+    """The task's view of one example: per image, up to `max_regions` visual rows (IMG token first), as the tasks
+    build them. `request` fills the rest of the example (text, candidates, options, task_token)."""
+    built = []
+    for loaded, regions in images:
+        visual = visual_input(regions, max_regions)
+        inputs = {key: value.to(device) for key, value in collate_visual([visual]).items()}
+        built.append(ExampleImage(loaded, regions, np.asarray(regions.boxes[: visual.num_boxes], dtype=np.float32),
+                                  inputs))
+    return PredictExample(built, **request)
 
-    `request` fills the rest of the example (text, candidates, options, task_token).
-    """
-    visual = visual_input(regions, max_regions)
-    inputs = {key: value.to(device) for key, value in collate_visual([visual]).items()}
-    return PredictExample(image=loaded, boxes=np.asarray(regions.boxes[: visual.num_boxes], dtype=np.float32),
-                          visual=inputs, **request)
+
+def check_request(task: Task, text: str | None, candidates: Sequence[str], images: int) -> None:
+    """Refuse, in one line, a request that does not give what one example of `task` needs (its `example_inputs`)."""
+    if task.example_inputs is None:
+        raise ConfigError(f"task {task.name} has no single-example prediction")
+    problem = task.example_inputs.problem(task.name, text, candidates, images)
+    if problem:
+        raise ConfigError(problem)
+
+
+def predict_example(task: Task, model: nn.Module, detector: RegionDetector, detector_name: str,
+                    images: Sequence[LoadedImage], boxes: Sequence[np.ndarray | None], names: Sequence[str],
+                    device: str | torch.device, note: Callable[[str], None] = logger.info,
+                    **request: Any) -> tuple[PredictExample, dict]:
+    """(example, result) of one request: the request checked against the task, each image's regions (`boxes[i]`
+    given, else detected, else a grid, said through `note`; messages call the image `names[i]`), the example
+    built and answered by `predict_one`."""
+    check_request(task, request.get("text"), request.get("candidates", ()), len(images))
+    regions = [image_regions(detector, detector_name, image, given, device, name, note=note)
+               for image, given, name in zip(images, boxes, names, strict=True)]
+    example = build_example(list(zip(images, regions, strict=True)), task.max_regions, device, **request)
+    with torch.no_grad():
+        return example, task.predict_one(model, example)
 
 
 def write_attention(model: nn.Module, task: Task, example: PredictExample, result: Mapping[str, Any],
-                   **figure: Any) -> dict[str, str]:
-    """The co-attention figure and/or JSON (tasks.figures.attention) of the text the task answered: the question
-    or expression, else the best-ranked caption. `figure`: words, head, rollout, out, json_out."""
-    text = example.text if example.text is not None else result["captions"][0]["caption"]
+                    image: int = 0, **figure: Any) -> dict[str, str]:
+    """The co-attention figure and/or JSON (tasks.figures.attention) of the text the task explains
+    (`Task.explained_text`) with image `image` of the example. `figure`: words, head, rollout, out, json_out."""
+    text = task.explained_text(example, result)
     device = example.visual["region_features"].device
     task_ids = None
     if isinstance(task, FinetuneTask) and architecture(model) != PRETRAINING:
         task_ids = task.task_ids(model, 1, device, example.task_token)
     tokenizer = load_tokenizer(task.config.data.tokenizer)
-    return explain_prediction(model, tokenizer, example, text, task.config.data.max_text_length, task_ids, **figure)
+    return explain_prediction(model, tokenizer, example.images[image], text, task.config.data.max_text_length,
+                              task_ids, **figure)
 
 
 def check_output_files(**paths: str | os.PathLike | None) -> None:

@@ -1,11 +1,13 @@
-"""The web demo behind `vilbert serve`: upload an image (or pick a shapes-world one), choose a task, see the answer.
+"""The web demo behind `vilbert serve`: choose a task, give its images (upload or shapes-world examples) and text,
+see the answer, the regions and the co-attention.
 
-A Starlette/FastAPI app around the same steps as `vilbert predict`: regions from the checkpoint's detector, the
-model's answer, the boxes drawn on the image and the co-attention figure (`tasks.figures.attention`).
+The tasks and their answers are tasks.runners.serving's (every task of every checkpoint, through the task contract
+and the one predict path); this module is the HTTP side and request admission:
 - Models load once, at start; requests run one at a time under a lock (the models are not re-entrant on CPU).
 - Uploads are written only inside a per-request temporary directory and decoded with the limits of
   `features.images.read_image`; too large a body, a file that is not an image, an image with too many pixels, an
-  empty text or an unknown task get a 4xx and a one-line message, never a stack trace.
+  unknown task, or a request that does not give what the task needs (a text, its candidates, its images) get a 4xx
+  and a one-line message, never a stack trace.
 Needs the `serve` extra: `pip install 'vilbert[serve]'` (fastapi, uvicorn, python-multipart).
 """
 
@@ -28,21 +30,14 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
-from torch import nn
 
 from features.errors import FeaturesError
 from features.images import read_image
-from tasks.data.answer_labels import config_answers
-from tasks.engine.task import Task
-from tasks.errors import ConfigError, DataError
-from tasks.registry import TASKS, task_class
-from tasks.runners import predict
-from tasks.runners.checkpoint import CheckpointInfo, check_serves, load_model, read_checkpoint
+from tasks.errors import DataError
+from tasks.runners.serving import ServedTask, answer
 
 logger = logging.getLogger(__name__)
 
-MODE_LABELS = {"question": "VQA: answer a question", "expression": "referring expression: find the box",
-               "captions": "retrieval: rank captions (one per line)"}
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 40_000_000  # far below Pillow's bomb limit: a demo has no use for larger images
 MAX_TEXT_CHARS = 2000
@@ -58,55 +53,7 @@ class RequestError(Exception):
         self.status = status
 
 
-# ------------------------------------------------------------------------------------------------------ models
-
-
-@dataclass
-class LoadedCheckpoint:
-    """One checkpoint with everything a request needs: model, detector, and the task answering each mode."""
-
-    name: str
-    info: CheckpointInfo
-    model: nn.Module
-    detector: object
-    detector_name: str
-    tasks: dict[str, Task]  # mode -> the task that answers it
-
-    @property
-    def modes(self) -> list[str]:
-        return list(self.tasks)
-
-
-def checkpoint_modes(info: CheckpointInfo) -> list[str]:
-    """The modes a checkpoint serves: pretraining -> captions (zero-shot); a recorded task -> its own modes; a
-    checkpoint that does not say (e.g. a converted 12-in-1 model) -> every mode."""
-    if info.is_pretraining:
-        return ["captions"]
-    if info.task in TASKS:
-        return [mode for mode in predict.MODES if mode in task_class(info.task).predict_modes]
-    return list(predict.MODES)
-
-
-def load_checkpoint(directory: str | os.PathLike, device: str, detector: str | None = None,
-                    allow_random: bool = False) -> LoadedCheckpoint:
-    """Load one checkpoint for serving (fails like `vilbert predict` on a bad directory, detector or tokenizer); its
-    detector is `predict.prepare_detector`'s choice (the shapes-world detector for the embedded models, when trained)."""
-    info = read_checkpoint(directory)
-    tokenizer = predict.checkpoint_tokenizer(info)
-    tasks = {mode: predict.checkpoint_task(info, predict.choose_task(info, mode), tokenizer)
-             for mode in checkpoint_modes(info)}
-    if "question" in tasks and config_answers(info.config) is None:
-        del tasks["question"]
-        logger.warning("%s: no VQA answer list (config.json id2label); not offering questions", directory)
-    if not tasks:
-        raise ConfigError(f"--checkpoint {directory}: nothing to serve (no answer list and no other task)")
-    name, region_detector = predict.prepare_detector(info, detector, allow_random=allow_random)
-    model = load_model(info, device, next(iter(tasks.values())))
-    for task in tasks.values():
-        check_serves(info, task)
-    label = Path(directory).resolve()
-    return LoadedCheckpoint(f"{label.parent.parent.name}/{label.name}" if label.parent.name == "checkpoints"
-                            else label.name, info, model, region_detector, name, tasks)
+# ---------------------------------------------------------------------------------------------------- examples
 
 
 @dataclass
@@ -133,12 +80,21 @@ def load_examples(world: str | os.PathLike, count: int = EXAMPLES) -> ShapesExam
 # ----------------------------------------------------------------------------------------------------- serving
 
 
-class Demo:
-    """The loaded checkpoints and the one lock their requests share."""
+@dataclass
+class ImageSlot:
+    """One image of a request as it arrived: an upload (bytes and file name) or a shapes-world example id."""
 
-    def __init__(self, checkpoints: list[LoadedCheckpoint], device: str, examples: ShapesExamples | None = None,
+    upload: bytes | None = None
+    filename: str | None = None
+    example: str | None = None
+
+
+class Demo:
+    """The served tasks, the examples, the request limits and the one lock their model calls share."""
+
+    def __init__(self, tasks: list[ServedTask], device: str, examples: ShapesExamples | None = None,
                  max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS):
-        self.checkpoints = checkpoints
+        self.served = {task.name: task for task in tasks}
         self.device = device
         self.examples = examples or ShapesExamples()
         self.max_upload_bytes = max_upload_bytes
@@ -146,85 +102,60 @@ class Demo:
         self.lock = threading.Lock()
 
     def tasks(self) -> list[dict]:
-        """[{"id": "K:mode", "label"}] for every checkpoint K and mode it serves."""
-        return [{"id": f"{k}:{mode}", "label": f"{c.name}: {MODE_LABELS[mode]}", "mode": mode}
-                for k, c in enumerate(self.checkpoints) for mode in c.modes]
+        """What the page lists: each task, the checkpoint answering it and the inputs it needs."""
+        return [task.describe() for task in self.served.values()]
 
-    def resolve_task(self, task: str) -> tuple[LoadedCheckpoint, str]:
-        known = {t["id"]: t for t in self.tasks()}
-        if task not in known:
-            raise RequestError(f"unknown task {task!r}; choose one of {', '.join(known)}", 404)
-        index, mode = task.split(":")
-        return self.checkpoints[int(index)], mode
-
-    def predict(self, task: str, text: str, upload: bytes | None, filename: str | None,
-                example: str | None) -> dict:
-        """One request: validate, decode, run, draw. Returns the JSON result with the two PNGs as data URLs."""
-        checkpoint, mode = self.resolve_task(task)
+    def predict(self, task: str, text: str, candidates: str, slots: list[ImageSlot]) -> dict:
+        """One request: validate, decode, run, draw. Returns the JSON result with the PNGs as data URLs."""
+        if task not in self.served:
+            raise RequestError(f"unknown task {task!r}; choose one of {', '.join(self.served)}", 404)
+        served = self.served[task]
+        inputs = served.task.example_inputs
         text = (text or "").strip()
-        if not text:
-            raise RequestError("the text is empty: type a question, an expression or captions")
-        if len(text) > MAX_TEXT_CHARS:
-            raise RequestError(f"the text is {len(text)} characters; at most {MAX_TEXT_CHARS}")
-        captions = [line.strip() for line in text.splitlines() if line.strip()] if mode == "captions" else None
-        if (upload is None) == (example is None):
-            raise RequestError("send an image file or choose an example, not both or neither")
-        boxes = None
+        if len(text) + len(candidates or "") > MAX_TEXT_CHARS:
+            raise RequestError(f"the text is {len(text) + len(candidates or '')} characters; at most "
+                               f"{MAX_TEXT_CHARS}")
+        options = [line.strip() for line in (candidates or "").splitlines() if line.strip()]
+        given = [slot for slot in slots if slot.upload is not None or slot.example is not None]
+        for number, slot in enumerate(slots, start=1):
+            if slot.upload is not None and slot.example is not None:
+                raise RequestError(f"image {number}: send a file or choose an example, not both")
+        problem = inputs.problem(task, text or None, options, len(given))
+        if problem:
+            raise RequestError(problem)
         with tempfile.TemporaryDirectory(prefix="vilbert-serve-") as tmp:
-            if example is not None:
-                if example not in self.examples.images:
-                    raise RequestError(f"unknown example {example!r}", 404)
-                path, shown = self.examples.images[example], f"example {example}"
-                boxes = np.asarray(self.examples.boxes[example], dtype=np.float32)
-            else:
-                if len(upload) > self.max_upload_bytes:
-                    raise RequestError(f"the upload is larger than the limit of {self.max_upload_bytes} bytes", 413)
-                shown = safe_name(filename)
-                path = Path(tmp) / f"upload{Path(shown).suffix.lower()[:8]}"
-                path.write_bytes(upload)
-            try:
-                image = read_image(path, max_pixels=self.max_pixels)
-            except FeaturesError as error:
-                raise RequestError(str(error).replace(str(path), shown), 400) from error
+            images, boxes, shown = [], [], []
+            for number, slot in enumerate(given, start=1):
+                path, name, given_boxes = self._admit(slot, Path(tmp), number)
+                try:
+                    images.append(read_image(path, max_pixels=self.max_pixels))
+                except FeaturesError as error:
+                    raise RequestError(str(error).replace(str(path), name), 400) from error
+                boxes.append(given_boxes)
+                shown.append(name)
             with self.lock:
-                return self._run(checkpoint, mode, image, text, captions, boxes, shown, Path(tmp))
+                try:
+                    result, pictures = answer(served, images, boxes, shown, text or None, options, self.device,
+                                              Path(tmp))
+                except FeaturesError as error:
+                    raise RequestError(f"{', '.join(shown)}: {error}", 422) from error
+            return {**result, "images": shown, "drawn": data_url(pictures[0]),
+                    "attention": [data_url(path) for path in pictures[1:]]}
 
-    def _run(self, checkpoint: LoadedCheckpoint, mode: str, image, text: str, captions: list[str] | None,
-             boxes: np.ndarray | None, shown: str, tmp: Path) -> dict:
-        task, model = checkpoint.tasks[mode], checkpoint.model
-        notes = []
-        try:
-            regions = predict.image_regions(checkpoint.detector, checkpoint.detector_name, image, boxes, self.device,
-                                            "image", note=notes.append)
-        except FeaturesError as error:
-            raise RequestError(f"{shown}: {error}", 422) from error
-        example = predict.build_example(image, regions, task.max_regions, self.device,
-                                        text=None if mode == "captions" else text, candidates=captions or ())
-        with torch.no_grad():
-            answer = task.predict_one(model, example)
-        result: dict = {"mode": mode, "task": task.name, "image": shown, "checkpoint": checkpoint.name,
-                        "notes": notes, "boxes": [[round(float(v), 2) for v in box] for box in example.boxes],
-                        **answer}
-        result["summary"] = headline(answer)
-        drawn = predict.save_picture(task.draw(example, answer), tmp / "drawn.png")
-        result["drawn"] = data_url(drawn)
-        try:
-            predict.write_attention(model, task, example, answer, out=tmp / "attention.png")
-            result["attention"] = data_url(tmp / "attention.png")
-        except ConfigError as error:  # e.g. a text of special tokens only: the answer stands without the figure
-            notes.append(f"no attention figure: {error}")
-        return result
-
-
-def headline(answer: dict) -> str:
-    """One line for the page's title: the best answer, the chosen box's score, or the best caption."""
-    if "answers" in answer:
-        best = answer["answers"][0]
-        return f"Q: {answer['question']}  A: {best['answer']} ({best['score']:.2f})"
-    if "box" in answer:
-        return f"{answer['expression']} ({answer['score']:.2f})"
-    best = answer["captions"][0]
-    return f"{best['caption']} ({best['score']:.2f})"
+    def _admit(self, slot: ImageSlot, tmp: Path, number: int) -> tuple[Path, str, np.ndarray | None]:
+        """(file to decode, how messages name it, its given boxes) of one image: an example's file and ground-truth
+        boxes, or the upload written inside the request's temporary directory."""
+        if slot.example is not None:
+            if slot.example not in self.examples.images:
+                raise RequestError(f"unknown example {slot.example!r}", 404)
+            return (self.examples.images[slot.example], f"example {slot.example}",
+                    np.asarray(self.examples.boxes[slot.example], dtype=np.float32))
+        if len(slot.upload) > self.max_upload_bytes:
+            raise RequestError(f"the upload is larger than the limit of {self.max_upload_bytes} bytes", 413)
+        shown = safe_name(slot.filename)
+        path = tmp / f"upload-{number}{Path(shown).suffix.lower()[:8]}"
+        path.write_bytes(slot.upload)
+        return path, shown, None
 
 
 def safe_name(filename: str | None) -> str:
@@ -285,16 +216,23 @@ def create_app(demo: Demo) -> FastAPI:
 
     @app.post("/api/predict")
     def run_prediction(task: Annotated[str, Form()], text: Annotated[str, Form()] = "",
+                       candidates: Annotated[str, Form()] = "",
                        image: Annotated[UploadFile | None, File()] = None,
-                       example: Annotated[str | None, Form()] = None):
+                       example: Annotated[str | None, Form()] = None,
+                       image2: Annotated[UploadFile | None, File()] = None,
+                       example2: Annotated[str | None, Form()] = None):
         # a sync endpoint: FastAPI runs it in a worker thread, and Demo.predict serialises the model calls
-        upload = None
-        if image is not None and image.filename:  # a form with no file chosen sends an empty, unnamed part
-            upload = image.file.read(demo.max_upload_bytes + 1)
+        slots = [read_slot(image, example, demo.max_upload_bytes), read_slot(image2, example2, demo.max_upload_bytes)]
         with torch.inference_mode():
-            return demo.predict(task, text, upload, image.filename if upload is not None else None, example or None)
+            return demo.predict(task, text, candidates, slots)
 
     return app
+
+
+def read_slot(image: UploadFile | None, example: str | None, limit: int) -> ImageSlot:
+    """One image's form fields; a form with no file chosen sends an empty, unnamed part (no upload)."""
+    upload = image.file.read(limit + 1) if image is not None and image.filename else None
+    return ImageSlot(upload, image.filename if upload is not None else None, example or None)
 
 
 def int_or_text(key: str) -> tuple[int, str]:

@@ -23,7 +23,8 @@ httpx = pytest.importorskip("httpx")
 
 from features.detectors import DETECTORS  # noqa: E402
 from tasks.runners.admission import Admission, AdmissionLimits  # noqa: E402
-from tasks.runners.serve import Demo, create_app, load_checkpoint  # noqa: E402
+from tasks.runners.serve import Demo, create_app  # noqa: E402
+from tasks.runners.serving import load_served  # noqa: E402
 from tests.fixtures.local_ports import free_port  # noqa: E402
 from tests.fixtures.tiny_checkpoints import ANSWERS, save_checkpoint  # noqa: E402
 from tests.fixtures.tiny_task_data import write_vocab  # noqa: E402
@@ -180,7 +181,9 @@ def test_concurrent_hostile_uploads_keep_the_servers_peak_memory_bounded(tmp_pat
     checkpoint = save_checkpoint(tmp_path / "ckpt", answers=ANSWERS)
     write_vocab(checkpoint)
     limits = AdmissionLimits.for_uploads(1_000_000)
-    demo = Demo([load_checkpoint(checkpoint, "cpu", "tiny-test", allow_random=True)], "cpu",
+    served = load_served(checkpoint, "cpu", "tiny-test", allow_random=True)
+    task = served[0].name
+    demo = Demo(served, "cpu",
                 max_upload_bytes=1_000_000, max_pixels=limits.max_pixels)
     png = _hostile_png()
     assert len(png) < 1_000_000
@@ -191,7 +194,7 @@ def test_concurrent_hostile_uploads_keep_the_servers_peak_memory_bounded(tmp_pat
         def upload(n):
             if n % 4 == 3:  # a chunked stream without Content-Length
                 return httpx.post(running.url + "/api/predict", content=_chunks(100_000_000), timeout=120)
-            return httpx.post(running.url + "/api/predict", data={"task": "0:question", "text": "what is it"},
+            return httpx.post(running.url + "/api/predict", data={"task": task, "text": "what is it"},
                               files={"image": ("bomb.png", png, "image/png")}, timeout=120)
 
         with ThreadPoolExecutor(8) as pool:
@@ -199,7 +202,7 @@ def test_concurrent_hostile_uploads_keep_the_servers_peak_memory_bounded(tmp_pat
         small = np.zeros((40, 50, 3), np.uint8)
         buffer = io.BytesIO()
         Image.fromarray(small).save(buffer, format="PNG")
-        fine = httpx.post(running.url + "/api/predict", data={"task": "0:question", "text": "what is it"},
+        fine = httpx.post(running.url + "/api/predict", data={"task": task, "text": "what is it"},
                           files={"image": ("ok.png", buffer.getvalue(), "image/png")}, timeout=120)
         peak = _peak_rss_bytes()
     statuses = sorted(r.status_code for r in responses)

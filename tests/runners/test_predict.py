@@ -123,7 +123,10 @@ def test_expression_chooses_one_of_the_candidate_boxes_and_draws_it(checkpoints,
     assert len(result["top"]) == 3 and all(t["box"] in candidates for t in result["top"])
     assert [t["score"] for t in result["top"]] == sorted((t["score"] for t in result["top"]), reverse=True)
     with Image.open(out_png) as drawn:
-        assert drawn.format == "PNG" and drawn.size == (IMAGE_HW[1], IMAGE_HW[0])
+        assert drawn.format == "PNG" and drawn.size[0] == 640  # 120 px wide, drawn at a readable 640 px
+        scale = 640 / IMAGE_HW[1]
+        x1, y1, x2, y2 = (round(v * scale) for v in result["box"])
+        assert drawn.convert("RGB").getpixel((x1 + 1, (y1 + y2) // 2)) == (255, 40, 40)  # the chosen box, red
     assert not [p for p in out_png.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 

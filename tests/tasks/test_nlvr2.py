@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from features.store import FeatureStore
+from tasks.engine.task import ExampleImage, PredictExample
 from tasks.errors import AnnotationError
 from tasks.finetuning import ModelConfig
 from tasks.image_text import Sample
@@ -57,18 +58,25 @@ def test_nlvr2_bad_label_names_file_and_line(tmp_path):
         read_nlvr2(path)
 
 
-def test_predict_one_on_given_regions(tmp_path):
-    """`predict_one` answers a hand-made sample on regions read elsewhere (as `vilbert predict` extracts them)."""
+def test_predict_one_reads_the_statement_with_both_images(tmp_path):
+    """`predict_one` answers one user example (the statement, two images' regions) as evaluation would score the
+    same sample, with the choices ranked by score."""
     ids = write_nlvr2(tmp_path / "nlvr2")
     write_store(tmp_path / "f.h5", ids)
     write_vocab(tmp_path / "tok")
     task = _task(tmp_path)
     model = task.build_model().eval()
     store = FeatureStore(tmp_path / "f.h5")
-    sample = Sample("mine-0-0-0", ["two dogs sitting on the left"] * 2, ["a", "b"])
     regions = [store.read("dev-1-0-img0"), store.read("dev-1-0-img1")]
-    prediction = task.predict_sample(model, sample, regions)
-    batch = task.collate([{"index": 0, **task.encode(sample, regions)}])
+    text = "two dogs sitting on the left"
+    example = PredictExample([ExampleImage(None, r, r.boxes, {}) for r in regions], text=text)
+    result = task.predict_one(model, example)
+    sample = Sample("mine-0-0-0", [text] * 2, ["a", "b"])
     with torch.no_grad():
-        expected = task.logits(model, batch)[0].argmax().item() == 1
-    assert prediction == {"identifier": "mine-0-0-0", "prediction": str(expected)}
+        logits = task.logits(model, task.collate([{"index": 0, **task.encode(sample, regions)}]))[0]
+    expected = str(bool(logits.argmax().item() == 1))
+    assert result["prediction"]["prediction"] == expected and result["text"] == text
+    assert [a["answer"] for a in result["answers"]] == [expected, str(expected == "False")]
+    assert result["answers"][0]["score"] == pytest.approx(torch.sigmoid(logits.max()).item())
+    with pytest.raises(IndexError):  # one image for a two-image task never reaches the model unnoticed
+        task.predict_one(model, PredictExample(example.images[:1], text=text))

@@ -102,7 +102,8 @@ def test_unlabelled_converted_head_is_refused(tmp_path, vqa, capsys):
         ["evaluate", "--task", "vqa", "--checkpoint", str(converted), "--split", "minval", *vqa["data"]],
         ["finetune", "--task", "vqa", "--init", str(converted), *TINY, f"train.output_dir={tmp_path / 'run'}",
          *vqa["data"]],
-        ["predict", "--checkpoint", str(converted), "--image", str(tmp_path / "none.png"), "--question", "what?"],
+        ["predict", "--checkpoint", str(converted), "--image", str(tmp_path / "none.png"), "--question", "what?",
+         "--tokenizer", str(tmp_path / "tok")],
     ]
     for argv in commands:
         assert main(argv) == 2, argv[0]

@@ -7,16 +7,20 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
+from features.detectors import DETECTORS
 from tasks.cli import main
 from tasks.engine.checkpoints import list_checkpoints
+from tasks.engine.task import ExampleInputs
 from tasks.errors import ConfigError
 from tasks.finetuning import FinetuneConfig, FinetuneTask, task_ids_for
 from tasks.image_text import ImageTextDataConfig, ImageTextTask, Sample, one_hot, read_json_lines
-from tasks.registry import TASKS, build_task, task_class
+from tasks.registry import TASKS, task_class
 from tasks.runners.checkpoint import check_serves, read_checkpoint
 from tasks.shapes.report import finetuning_rows
 from tests.fixtures.tiny_task_data import write_store, write_vocab
@@ -36,6 +40,7 @@ class ColourTask(ImageTextTask):
     name = "colour"
     head = "tri_logits"
     config_class = ColourConfig
+    example_inputs = ExampleInputs("caption", example_text="a red shape")
 
     def annotation_file(self, split: str) -> Path:
         return Path(self.data.root) / f"colour_{split}.jsonl"
@@ -49,6 +54,9 @@ class ColourTask(ImageTextTask):
 
     def decode(self, sample: Sample, logits: torch.Tensor) -> dict:
         return {"id": sample.id, "label": int(logits.argmax())}
+
+    def choice_labels(self, sample: Sample) -> list[str]:
+        return list(COLOURS)
 
 
 @pytest.fixture
@@ -71,7 +79,7 @@ def colour_task(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_a_task_registered_at_run_time_trains_evaluates_predicts_and_reports(colour_task, capsys):
+def test_a_task_registered_at_run_time_trains_evaluates_predicts_and_reports(colour_task, capsys, monkeypatch):
     root = colour_task
     assert main(["finetune", "--task", "colour", "--config", str(root / "colour.yaml")]) == 0
     checkpoint = list_checkpoints(root / "run")[-1]
@@ -84,11 +92,16 @@ def test_a_task_registered_at_run_time_trains_evaluates_predicts_and_reports(col
     assert metrics["task"] == "colour" and metrics["num_items"] == 8 and 0 <= metrics["accuracy"] <= 100
     assert len(json.loads((out / "predictions.json").read_text())) == 8
 
-    task = build_task("colour", root / "colour.yaml", [f"model.init={checkpoint}"])
-    model = task.build_model().eval()
-    store = task.store()
-    sample = Sample("mine", ["a green shape"], ["img5"], None)
-    assert set(task.predict_sample(model, sample, [store.read("img5")])) == {"id", "label"}
+    # one example on a new image through `vilbert predict-task`, which takes its --task choices from the registry
+    monkeypatch.setitem(DETECTORS, "tiny-test-16", "tests.fixtures.tiny_multitask:build_wide_tiny_detector")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(root / "new.png")
+    capsys.readouterr()
+    assert main(["predict-task", "--task", "colour", "--checkpoint", str(checkpoint), "--image", str(root / "new.png"),
+                 "--text", "a green shape", "--detector", "tiny-test-16", "--random-detector", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert sorted(a["answer"] for a in result["answers"]) == sorted(COLOURS)
+    assert set(result["prediction"]) == {"id", "label"}
+    assert COLOURS[result["prediction"]["label"]] == result["answers"][0]["answer"]
 
     # the report: the test split's accuracy beside the blind guess (always the most frequent training colour,
     # blue: 4 of the test split's 8 items)

@@ -86,10 +86,29 @@ def test_figure_paints_the_returned_maps_and_is_a_non_empty_image(maps, tmp_path
     (matrix,) = [ax for ax in fig.axes if ax.get_title() == "region -> word"]
     np.testing.assert_allclose(matrix.images[0].get_array(), view.region_to_word)
     out = save_figure(fig, tmp_path / "maps.png", dpi=50)
-    with Image.open(out) as image:
-        assert image.format == "PNG" and image.size == (640, 160)  # 4 panels of 3.2 in, one row, at 50 dpi
+    with Image.open(out) as image:  # 3 panels of 3.2 in and a colour bar in one row, the matrix below, at 50 dpi
+        assert image.format == "PNG" and image.size == (520, 340)
         assert np.asarray(image.convert("L")).std() > 10  # drawn, not blank
     assert [p.name for p in tmp_path.iterdir()] == ["maps.png"]
+
+
+@pytest.mark.parametrize("words", [1, 3, 9])
+def test_nothing_in_the_figure_overlaps(maps, words):
+    """Panels, titles, tick labels and both colour bars each keep their own room, whatever the number of words."""
+    _, outputs, boxes = maps
+    view = coattention_view(outputs, TOKENS, boxes)
+    chosen = (view.words() * 9)[:words]
+    fig = draw_figure(np.full((30, 40, 3), 200, dtype=np.uint8), (60, 80), view, chosen, title="red square")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    shown = [ax for ax in fig.axes if ax.axison or ax.images]
+    assert len([ax for ax in shown if ax.get_label() == "<colorbar>"]) == 2
+    extents = [ax.get_tightbbox(renderer) for ax in shown]
+    overlaps = [(a.get_title() or a.get_label(), b.get_title() or b.get_label())
+                for i, (a, box_a) in enumerate(zip(shown, extents, strict=True))
+                for b, box_b in zip(shown[i + 1:], extents[i + 1:], strict=True) if box_a.overlaps(box_b)]
+    assert overlaps == []
+    fig.clf()
 
 
 def test_rollout_rows_are_distributions_and_follow_the_schedule(maps):
