@@ -340,7 +340,8 @@ class MultiTask(Task):
         tasks = [load_member(spec, config.model, config.train.seed) for spec in config.tasks]
         base_lr = min(task.config.optim.lr for task in tasks)
         self.members = [
-            Member(spec.label or spec.name, task, spec.loss_scale if spec.loss_scale is not None else task.config.optim.lr / base_lr,
+            Member(spec.label or spec.name, task,
+                spec.loss_scale if spec.loss_scale is not None else task.config.optim.lr / base_lr,
                    MultiTaskStopOnPlateau(settings.patience, settings.threshold, settings.continue_threshold,
                                           settings.cooldown))
             for spec, task in zip(config.tasks, tasks, strict=True)

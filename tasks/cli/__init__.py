@@ -1,7 +1,8 @@
 """The `vilbert` command: one subcommand per module in `tasks.cli`.
 
 Each command module defines `add_arguments(parser)` and `run(args) -> int`, plus a module docstring whose first
-line is the subcommand's help. Errors of the project's own types print one line and exit with status 2 (with --verbose, the whole message and
+line is the subcommand's help. Errors of the project's own types print one line and exit with status 2 (with
+--verbose, the whole message and
 its traceback are logged as well).
 """
 

@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="repository the file comes from")
     parser.add_argument("--input", required=True, help="reference checkpoint (.bin state dict)")
     parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    parser.add_argument("--config", help="reference config JSON, or the name of a packaged one such as bert_base_4layer_4conect.json "
+    parser.add_argument("--config",
+        help="reference config JSON, or the name of a packaged one such as bert_base_4layer_4conect.json "
         "(default: the base 6-layer model)")
     parser.add_argument("--num-labels", type=int, help="answer-head size where it differs from the checkpoint's")
     parser.add_argument("--answers", help="answer labels of the VQA head in label order (label2ans .pkl, JSON, text)")

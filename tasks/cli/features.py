@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
                                   exclude=exclude, workers=args.workers)
         print(f"{summary.out}: {summary.images_written} images imported from {args.format} "
               f"({summary.images_per_second:.1f} img/s), {summary.images_resumed} already there, "
-              f"{summary.images_excluded} excluded, {summary.images_bad} bad" + (f" (see {summary.errors_file})" if summary.errors_file else ""))
+              f"{summary.images_excluded} excluded, {summary.images_bad} bad"
+                  + (f" (see {summary.errors_file})" if summary.errors_file else ""))
         return 0
     if args.action == "export":
         store = FeatureStore(args.files)

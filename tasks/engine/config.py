@@ -1,7 +1,8 @@
 """Run configurations: YAML files → dataclasses, `key=value` overrides, validation once at load.
 
 A run config is a tree of dataclasses (each task module defines its top-level one, e.g. `PretrainConfig`, built
-from the shared `TrainConfig` and `OptimConfig` below and the model's `tasks.finetuning.ModelConfig`). Values are converted to the field's type
+from the shared `TrainConfig` and `OptimConfig` below and the model's `tasks.finetuning.ModelConfig`). Values are
+converted to the field's type
 (`int`, `float`, `bool`, `str`, lists/tuples of those, `X | None`, nested dataclasses, `dict`); unknown keys and
 values of the wrong type are a `ConfigError` naming the key and the file. Dataclasses may define `validate()`,
 called once after loading, to check values against each other.

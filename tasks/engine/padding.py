@@ -4,7 +4,8 @@ A collated batch has two padded axes: text (dimension 1 of `input_ids`, `attenti
 (dimension 1 of `region_features`, `region_mask`, ...). A task declares which of its batch keys run along which
 axis and what fills their padding (`Task.padded_keys`, a `PaddedKeys`). `cut_to_longest` drops the columns no
 item of the batch uses; `pad_to` pads back to given lengths (the reference's fixed shapes), `pad_to_multiple` up to a
-multiple (a few shapes for compiled steps). Under masked attention (additive -10000 masks, padded logits masked, losses over labelled
+multiple (a few shapes for compiled steps). Under masked attention (additive -10000 masks, padded logits masked,
+losses over labelled
 positions) the real positions' outputs do not depend on how much padding follows them, so both give the same
 per-item outputs and losses up to float rounding (tests/test_padding.py checks every registered task).
 """

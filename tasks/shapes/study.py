@@ -165,7 +165,8 @@ class StudyPlan:
         """What makes two studies the same (recorded in study.json; the budget is not part of it)."""
         return {"preset": self.preset, "rows": [[v.name, f] for v, f in self.rows], "seeds": self.seeds,
                 "images": self.images, "pretrain_steps": self.pretrain_steps, "finetune_steps": self.finetune_steps,
-                "retrieval_eval_images": self.retrieval_eval_images, "model_preset": self.model_preset, "model_overrides": self.model_overrides,
+                "retrieval_eval_images": self.retrieval_eval_images, "model_preset": self.model_preset,
+                    "model_overrides": self.model_overrides,
                 "pretrain_overrides": self.pretrain_overrides, "finetune_overrides": self.finetune_overrides}
 
 

@@ -449,7 +449,8 @@ def _write_retrieval(folder: Path, scenes: list[Scene], scene_captions: dict[int
         name = "all_data_final_train.jsonline" if split == "train" else f"all_data_final_{split}_set0.jsonline"
         if split != "train":
             chosen = chosen[:RETRIEVAL_EVAL_IMAGES]
-        lines = [json.dumps({"id": s.image_id, "img_path": s.file_name, "sentences": [_raw(c) for c in scene_captions[s.image_id]]})
+        lines = [json.dumps({"id": s.image_id, "img_path": s.file_name,
+            "sentences": [_raw(c) for c in scene_captions[s.image_id]]})
                  for s in chosen]
         _write_bytes(folder / name, ("\n".join(lines) + "\n").encode())
     images, sentid = [], 0

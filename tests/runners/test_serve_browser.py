@@ -3,7 +3,8 @@ tiny multi-task checkpoint, sees each answer, each refused request's one line, a
 
 Offline by construction (tests/fixtures/browser.py): Selenium Manager never runs (a test fails if it is called) and
 every request Chromium makes that is not to this machine goes to a recording proxy, which must see none. `make
-test-browser` also runs this file in a network namespace with only loopback, where it must pass. Skipped when Chromium, its driver or Selenium is missing; `make test-browser` installs them and runs this file.
+test-browser` also runs this file in a network namespace with only loopback, where it must pass. Skipped when
+Chromium, its driver or Selenium is missing; `make test-browser` installs them and runs this file.
 """
 
 import threading

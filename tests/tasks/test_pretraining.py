@@ -87,7 +87,8 @@ def test_pretrain_command_trains_logs_checkpoints_and_loss_falls(tmp_path, paths
     assert "run directory" in out and "best mlm_accuracy" in out
 
 
-@pytest.mark.parametrize("grouping", [[], ["train.group_by_length=true", "data.negatives=image"]], ids=["fixed-length", "length-grouped"])
+@pytest.mark.parametrize("grouping", [[], ["train.group_by_length=true", "data.negatives=image"]],
+    ids=["fixed-length", "length-grouped"])
 def test_pretraining_resume_reproduces_the_uninterrupted_losses(tmp_path, paths, monkeypatch, grouping):
     overrides = ["train.epochs=2", "train.log_every=1", "train.save_every=3", "train.eval_at_end=false",
                  "train.eval_every=100", *grouping]

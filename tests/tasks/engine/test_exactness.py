@@ -3,7 +3,8 @@
 Every loss is a sum over labelled items divided by the global count of those items, so the step's loss and
 gradients are the same (≤ 1e-5 relative, fp32) however the global batch is split. The two ranks are spawned once
 for the whole module and compute every registered single task (task_zoo.ZOO_TASKS); each task's test compares them
-with one process and with accumulation. Frozen layers (`fixed_t_layer`) train under two ranks through `Trainer.fit` (its sampler shards, no
+with one process and with accumulation. Frozen layers (`fixed_t_layer`) train under two ranks through `Trainer.fit`
+(its sampler shards, no
 "Expected to have finished reduction" error) and log the single-process losses and gradient norms.
 """
 

@@ -18,7 +18,8 @@ def _write_run(directory, scale=1.0):
     records.append({"kind": "eval", "step": 30, "epoch": 0, "accuracy": 60.0 * scale, "num_questions": 300.0,
                     "accuracy/yes/no": 80.0, "question_type/what color": 90.0 * scale,
                     "question_type/how many": 40.0, "prior_question_type/what color": 50.0,
-                    "prior_question_type/how many": 20.0, "prior_accuracy/yes/no": 50.0, "r1": 30.0, "r5": 70.0, "r10": 90.0, "i2t_r1": 35.0,
+                    "prior_question_type/how many": 20.0, "prior_accuracy/yes/no": 50.0, "r1": 30.0, "r5": 70.0,
+                        "r10": 90.0, "i2t_r1": 35.0,
                     "i2t_r5": 75.0, "i2t_r10": 95.0})
     (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return directory

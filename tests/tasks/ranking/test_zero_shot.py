@@ -1,4 +1,5 @@
-"""Zero-shot classification: `vilbert classify` by the dual encoder and by co-attention. The tiny models are rigged: their last linear layers are solved (least squares on the
+"""Zero-shot classification: `vilbert classify` by the dual encoder and by co-attention. The tiny models are rigged:
+their last linear layers are solved (least squares on the
 features the real inputs produce) so that the right label must win, through every step the command takes."""
 
 import json
