@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import BinaryIO
 
 import numpy as np
 
@@ -19,15 +20,20 @@ class ArrayFileError(FeaturesError):
     """A `.npy` file that cannot be read as the plain array its header declares."""
 
 
+def read_header(f: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) from the header of the .npy file open at `f`, leaving `f` at the data."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
 def load_array(path: str | os.PathLike) -> np.ndarray:
     """The plain (non-object) array stored in `path`, after checking its header against the file's size."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
             try:
-                version = np.lib.format.read_magic(f)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
                 shape, fortran, dtype = read_header(f)
             except (ValueError, EOFError, SyntaxError) as error:
                 raise ArrayFileError(f"{path}: not a numpy .npy file ({error})") from None

@@ -27,7 +27,7 @@ import numpy as np
 from features.atomic import atomic_path
 from features.errors import FeatureStoreError, WeightsError
 from features.inputs import clip_boxes
-from features.npy import ArrayFileError, load_array
+from features.npy import ArrayFileError, load_array, read_header
 from features.safe_pickle import safe_load
 from features.store import INT32_MAX
 
@@ -395,9 +395,6 @@ class MmfNpyReader(PublishedReader):
             raise check.fail(f"{path.name} is missing")
         with open(path, "rb") as f:
             try:
-                version = np.lib.format.read_magic(f)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
                 _, _, dtype = read_header(f)
             except ValueError as error:
                 raise check.fail(f"{path.name} is not a numpy file ({error})") from None
