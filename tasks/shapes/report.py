@@ -252,6 +252,17 @@ def finetuning_report(run_dir: str | Path, task_name: str, compare: str | Path |
     return lines
 
 
+def report_record(run_dir: str | Path, task_name: str, rows: list[Row], compare: str | Path | None = None,
+                  other: list[Row] | None = None) -> dict:
+    """A fine-tuning report as data (`vilbert report --json`): per split its metric, chance and whole evaluation,
+    for the run and the --compare run."""
+    def record(directory, found):
+        return {"run": str(directory), "checkpoint": str(last_checkpoint(Path(directory))),
+                "rows": [{"split": row.name.split(": ", 1)[0], "metric": row.name.split(": ", 1)[1], "value": row.value,
+                          "chance": row.chance, "metrics": row.metrics} for row in found]}
+    return {"task": task_name, **record(run_dir, rows), "compare": record(compare, other) if compare else None}
+
+
 def multitask_report(multi_run: str | Path, singles: dict[str, tuple[Path, int]]) -> list[str]:
     """Per member of a multi-task run: its held-out metric from the multi-task model beside the single-task model
     trained for the same number of steps (`singles`: member -> (that run's directory, steps)), and chance."""
