@@ -104,9 +104,9 @@ def lmh_loss(logits: torch.Tensor, gate_logit: torch.Tensor, smoothing_logit: to
              target: torch.Tensor, entropy_weight: float) -> torch.Tensor:
     """BCE (summed) of z + g · log((b + sigma) / (1 - b + sigma)), g = softplus(gate), sigma = sigmoid(smoothing),
     plus `entropy_weight` times the entropy of sigmoid(g · log(...)) averaged over answers, summed over questions.
-    `prior` b is [B, C], each question's type row; `smoothing_logit` is one learned scalar ([1])."""
+    `prior` b is [B, C], each question's type row; `smoothing_logit` s is one learned value ([1], or per question [B])."""
     b = prior.float()
-    sigma = torch.sigmoid(smoothing_logit.float())
+    sigma = torch.sigmoid(smoothing_logit.float()).reshape(-1, 1)  # [B, 1] or [1, 1]
     prior_logit = torch.log((b + sigma).clamp(min=SMOOTHED_FLOOR)) - torch.log((1 - b + sigma).clamp(min=SMOOTHED_FLOOR))
     scaled = F.softplus(gate_logit.float()).unsqueeze(1) * prior_logit  # [B, C]
     loss = soft_bce(logits.float() + scaled, target)

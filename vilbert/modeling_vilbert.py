@@ -791,8 +791,8 @@ class LearnedMixinGate(nn.Module):
         self.smoothing_logit = nn.Parameter(torch.full((1,), MIXIN_SMOOTHING_INIT))
 
     def forward(self, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate logit [B], smoothing logit [1])."""
-        return self.gate(fused).squeeze(-1), self.smoothing_logit
+        """(gate logit [B], smoothing logit [B]: the one learned value, per question)."""
+        return self.gate(fused).squeeze(-1), self.smoothing_logit.expand(fused.shape[0]).clone()
 
 
 def _select(hidden: torch.Tensor, selected: torch.Tensor, count: int) -> torch.Tensor:
@@ -1014,7 +1014,7 @@ class ViLBertForVLTasksOutput(ModelOutput):
     question_only_logits: torch.Tensor | None = None  # [B, question_only_labels], from the text before co-attention
     question_only_answer_logits: torch.Tensor | None = None  # [B, question_only_labels]
     mixin_gate_logit: torch.Tensor | None = None  # [B], before the softplus
-    mixin_smoothing_logit: torch.Tensor | None = None  # [1], before the sigmoid
+    mixin_smoothing_logit: torch.Tensor | None = None  # [B] (one learned value), before the sigmoid
     text_hidden: torch.Tensor | None = None
     vision_hidden: torch.Tensor | None = None
     pooled_text: torch.Tensor | None = None
