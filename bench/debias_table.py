@@ -46,8 +46,11 @@ def read_rows(path: Path, start: str, mode: str, seed: int) -> dict[str, dict]:
             raise TableError(f"{path}: the report has no text-only run beside it; run `{make}`")
     try:
         rows = {row["split"]: row for row in record["rows"]}
-        for row in rows.values():
-            float(row["value"]), float(row["chance"]), float(row["metrics"]["prior_agreement"]), str(row["metric"])
+        numbers = [[row["value"], row["chance"], row["metrics"]["prior_agreement"]] for row in rows.values()]
+        if not all(isinstance(x, (int, float)) for found in numbers for x in found):
+            raise TypeError("not a number")
+        if not all(isinstance(row["metric"], str) for row in rows.values()):
+            raise TypeError("no metric name")
     except (KeyError, TypeError, ValueError):
         raise TableError(f"{path}: not a VQA `vilbert report --json` file (rows need split, metric, value, chance "
                          "and metrics.prior_agreement)") from None
