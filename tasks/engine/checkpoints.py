@@ -27,7 +27,7 @@ CHECKPOINT_PREFIX = "step-"
 CONFIG_FILE = "run_config.yaml"
 # what a resumed run may change: how long and where it runs, how often it logs, evaluates and saves
 RESUMABLE_KEYS = frozenset(f"train.{key}" for key in (
-    "output_dir", "epochs", "max_steps", "compile", "device", "num_workers", "log_every", "eval_every",
+    "output_dir", "epochs", "max_steps", "compile", "compile_backend", "device", "num_workers", "log_every", "eval_every",
     "save_every", "keep_last", "eval_at_end"))
 
 

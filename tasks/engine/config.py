@@ -62,7 +62,8 @@ class TrainConfig:
     global_batch_size: int = 32  # per optimizer step, over all ranks and accumulation steps
     grad_accumulation: int = 1
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (with GradScaler)
-    compile: bool = False  # torch.compile (inductor) around the model for training steps
+    compile: bool = False  # torch.compile around the model for training steps
+    compile_backend: str = "inductor"  # torch.compile's backend: inductor | cudagraphs | aot_eager (debugging) | ...
     pad_to_multiple: int = 1  # round batches' text and region lengths up to a multiple (8: few compiled shapes)
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 2

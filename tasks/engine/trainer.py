@@ -245,7 +245,7 @@ class Trainer:
             train.grad_accumulation, self.micro_batch_size, self.amp_dtype or torch.float32, self.device,
         )
         return Run(
-            model=model, forward_model=torch.compile(wrapped) if train.compile else wrapped,
+            model=model, forward_model=torch.compile(wrapped, backend=train.compile_backend) if train.compile else wrapped,
             optimizer=optimizer, scheduler=scheduler, scaler=scaler, sampler=sampler,
             loader=self._loader(dataset, sampler, batched=schedule is not None), state=state, total_steps=total_steps,
             window=LogWindow(self.device), first_bad=torch.full((), -1, dtype=torch.int64, device=self.device),
