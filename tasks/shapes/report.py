@@ -185,11 +185,14 @@ def pretraining_report(run_dir: str | Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- finetuning
 
 
-def _task_for(run_dir: Path, task_name: str, split_root: str | None, checkpoint: Path | None = None) -> Task:
-    """The run's task reading `checkpoint` (its head as it is), on the split folder `split_root` when given."""
+def _task_for(run_dir: Path, task_name: str, split_root: str | None, checkpoint: Path | None = None,
+              split: str | None = None) -> Task:
+    """The run's task reading `checkpoint` (its head as it is), on the split folder `split_root` when given, with
+    `split` meaning the split of that name (not a training role)."""
     checkpoint = checkpoint or last_checkpoint(run_dir)
     cls = task_class(task_name)
-    overrides = [f"model.init={checkpoint}", *cls.checkpoint_overrides]
+    overrides = [f"model.init={checkpoint}", *cls.checkpoint_overrides,
+                 *(cls.named_split_overrides(split) if split else [])]
     if split_root is not None:
         data = load_config(run_dir / "config.yaml", cls.config_class).data
         overrides.append(f"data.root={Path(data.root) / split_root}")
@@ -215,7 +218,7 @@ def finetuning_rows(run_dir: str | Path, task_name: str, checkpoint: Path | None
     model = load_checkpoint_model(str(checkpoint), train_task).eval()
     rows = []
     for label, split, root in splits[:1 if held_out_only else None]:
-        task = _task_for(run_dir, task_name, root, checkpoint)
+        task = _task_for(run_dir, task_name, root, checkpoint, split)
         with torch.no_grad():
             metrics = task.evaluate(model, split)
         chance = task.chance(split, train_task)

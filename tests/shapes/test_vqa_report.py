@@ -1,10 +1,13 @@
 """`vilbert report --task vqa` on a tiny shapes world: each split's accuracy beside the question-type prior, the
 per-type rows and the prior-agreement rate, for the run and a compared run; and the same for `--task vqa-cp`."""
 
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tasks.cli import main
 from tasks.shapes.report import _task_for, finetuning_rows, last_checkpoint
@@ -71,3 +74,19 @@ def test_a_debiased_run_reports_its_split_folders_with_the_prior_of_its_training
     rows = finetuning_rows(runs["vqa", "lmh"], "vqa")  # the split folders hold no training files
     plain = finetuning_rows(runs["vqa", "a"], "vqa")
     assert [row.chance for row in rows] == [row.chance for row in plain]
+
+
+def test_each_split_is_scored_on_all_its_questions_not_the_minval_role(runs, tmp_path):
+    """The report's "val" is the split folder's whole val2014 file; the trainer's "val" role (data.val_split:
+    minval, the last data.minval_size questions) must not cut it."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["vqa", "a"], run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["minval_size"] = 2
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = finetuning_rows(run, "vqa", checkpoint=last_checkpoint(runs["vqa", "a"]))
+    world = Path(config["data"]["root"])
+    for row, folder in zip(rows, ("test", "compositional"), strict=True):
+        questions = json.loads((world / folder / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())
+        assert len(questions["questions"]) > 2
+        assert row.metrics["num_questions"] == len(questions["questions"])
