@@ -80,6 +80,9 @@ def test_validation_runs_once_at_load(tmp_path):
         load_config(write(tmp_path, {"train": {"global_batch_size": 10, "grad_accumulation": 3}}), RunConfig)
     with pytest.raises(ConfigError, match="precision"):
         load_config(write(tmp_path, {}), RunConfig, ["train.precision=fp8"])
+    with pytest.raises(ConfigError, match="train.compile_backend: torch.compile has no backend 'inductr'; it has .*inductor"):
+        load_config(write(tmp_path, {}), RunConfig, ["train.compile=true", "train.compile_backend=inductr"])
+    assert load_config(write(tmp_path, {}), RunConfig, ["train.compile=true", "train.compile_backend=aot_eager"])
 
 
 def test_saved_config_loads_back_equal(tmp_path):
