@@ -9,11 +9,7 @@ import pytest
 
 from tasks.cli import main
 from tasks.shapes.report import finetuning_rows
-from tasks.shapes.tasks import write_task_files
-from tasks.shapes.world import write_shapes_world
-from tests.fixtures.tiny_12in1_data import write_vocab_with
-from tests.fixtures.tiny_task_data import write_store
-from tests.shapes.test_vqa_report import CONFIGS, TINY, WORDS
+from tests.fixtures.tiny_shapes_runs import CONFIGS, TINY, write_tiny_shapes
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "debias_table.py"
 
@@ -28,17 +24,13 @@ def _script():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("debias_table")
-    world = root / "world"
-    write_shapes_world(world, seed=2, num_images=40, size=128, progress=False)
-    write_task_files(world)
-    write_store(root / "f.h5", [str(i) for i in range(40)], boxes_per_image=5)
-    vocab = write_vocab_with(root / "tok", WORDS)
+    world, data = write_tiny_shapes(root, seed=2)
     out = root / "runs"
     for task in ("vqa", "vqa-cp"):
         for seed in (0, 1):
             run = out / f"{task}_embedded_lmh_seed{seed}"  # the Makefile's names for DEBIAS=lmh SEED=seed
             assert main(["finetune", "--task", task, "--config", str(CONFIGS / f"{task}_embedded.yaml"), *TINY,
-                         f"data.features=[{root / 'f.h5'}]", f"data.tokenizer={vocab}", f"data.root={world / task}",
+                         *data, f"data.root={world / task}",
                          f"train.output_dir={run}", f"train.seed={seed}", "data.debias=lmh"]) == 0
             assert main(["report", "--run", str(run), "--task", task, "--json", str(run / "report.json")]) == 0
     return out

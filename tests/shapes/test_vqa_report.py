@@ -11,28 +11,13 @@ import yaml
 
 from tasks.cli import main
 from tasks.shapes.report import _task_for, finetuning_rows, last_checkpoint
-from tasks.shapes.tasks import write_task_files
-from tasks.shapes.world import COLOURS, KINDS, write_shapes_world
-from tests.fixtures.tiny_12in1_data import write_vocab_with
-from tests.fixtures.tiny_task_data import write_store
-
-WORDS = sorted({*COLOURS, *KINDS, "what", "color", "is", "the", "shape", "object", "how", "many", "are", "there",
-                "to", "left", "of", "above", "small", "large", "circles", "squares", "triangles", "shapes",
-                "yes", "no", "on", "right", "top", "bottom", "at"})
-CONFIGS = Path(__file__).resolve().parents[2] / "tasks" / "shapes" / "configs"
-TINY = ["model.preset=tiny", "model.text_init=null", "model.overrides.fixed_t_layer=0", "train.max_steps=3",
-        "train.global_batch_size=8", "data.max_regions=6", "data.eval_batch_size=64"]
+from tests.fixtures.tiny_shapes_runs import CONFIGS, TINY, write_tiny_shapes
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    world = root / "world"
-    write_shapes_world(world, seed=1, num_images=40, size=128, progress=False)
-    write_task_files(world)
-    write_store(root / "f.h5", [str(i) for i in range(40)], boxes_per_image=5)
-    vocab = write_vocab_with(root / "tok", WORDS)
-    data = [f"data.features=[{root / 'f.h5'}]", f"data.tokenizer={vocab}"]
+    world, data = write_tiny_shapes(root, seed=1)
     made = {}
     for task, name, seed, mode in (("vqa", "a", 0, "none"), ("vqa", "b", 1, "none"), ("vqa-cp", "a", 0, "none"),
                                    ("vqa", "lmh", 0, "lmh")):
