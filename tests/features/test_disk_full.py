@@ -6,11 +6,15 @@ from HDF5's shutdown, and nothing half-written left at the output (issue 24).
 
 from __future__ import annotations
 
+import json
 import subprocess
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from features.errors import DiskFullError
+from features.store import FeatureStore
 from tasks.engine.config import OptimConfig
 from tasks.engine.trainer import Trainer
 from tests.fixtures.cli_check import error_lines, run_cli
@@ -65,3 +69,69 @@ def test_a_checkpoint_onto_a_full_disk_is_a_disk_full_error(small_disk):
     config = train_config(small_disk.parent, "disk", epochs=1)
     with pytest.raises(DiskFullError, match="no space left on device while writing"):
         Trainer(Wide(), config, OptimConfig()).fit()
+
+
+def _resize(disk, size):
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
+
+
+def _images_and_boxes(tmp_path, names, boxes_per_image=40):
+    """Noise PNGs `names` in tmp_path/img, of sizes divisible by nothing, and tmp_path/boxes.json with
+    `boxes_per_image` boxes for each; returns the ids."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    boxes = {}
+    for i, name in enumerate(names):
+        h, w = 37 + i % 5, 53 - i % 7
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{name}.png")
+        x, y = rng.uniform(0, w / 2, boxes_per_image), rng.uniform(0, h / 2, boxes_per_image)
+        boxes[name] = np.stack([x, y, x + w / 3, y + h / 3], axis=1).round(1).tolist()
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    return sorted(boxes)
+
+
+def _extract_argv(tmp_path, out):
+    """The embedded detector (mobilenet-v2, packaged weights) on given boxes."""
+    return ["extract", "--images", str(tmp_path / "img"), "--out", str(out), "--boxes", str(tmp_path / "boxes.json"),
+            "--box-format", "xyxy", "--workers", "0", "--batch-size", "4", "--no-progress"]
+
+
+def _finished(argv, out, ids, disk):
+    code, _, stderr = run_cli(argv)
+    assert code == 0, stderr
+    store = FeatureStore(out)
+    assert sorted(store.ids) == ids and all(len(store.read(i).boxes) == 40 for i in ids)
+    assert sorted(p.name for p in disk.iterdir()) == [out.name]
+
+
+def test_extract_onto_a_full_disk_is_one_line_and_the_rerun_finishes(tmp_path, small_disk):
+    """HDF5 allocates a store's row chunks whole (about 2.2 MB), so the open part's write fails on 256 KiB; after
+    the disk grows the same command writes the store, every image once."""
+    ids = _images_and_boxes(tmp_path, [f"a{i}" for i in range(6)])
+    out = small_disk / "feats.h5"
+    line = _refused_full(_extract_argv(tmp_path, out), small_disk)
+    assert "feats.h5.partial/part-00000.h5" in line and list(small_disk.iterdir()) == []
+    _resize(small_disk, "8m")
+    _finished(_extract_argv(tmp_path, out), out, ids, small_disk)
+
+
+def test_extract_whose_merge_fills_the_disk_keeps_the_store_and_the_sealed_part(tmp_path, small_disk):
+    """A rerun on a grown folder: the store (2.2 MB) and the new part fit in 5 MiB, the merged copy does not. The
+    old store stays whole, the sealed part stays for the rerun, which finishes once the disk has room."""
+    ids = _images_and_boxes(tmp_path, [f"a{i}" for i in range(8)])
+    later = tmp_path / "later"
+    later.mkdir()
+    for name in ids[4:]:
+        (tmp_path / "img" / f"{name}.png").rename(later / f"{name}.png")
+    _resize(small_disk, "8m")
+    out = small_disk / "feats.h5"
+    _finished(_extract_argv(tmp_path, out), out, ids[:4], small_disk)
+    for path in later.iterdir():
+        path.rename(tmp_path / "img" / path.name)
+    _resize(small_disk, "5m")
+    line = _refused_full(_extract_argv(tmp_path, out), small_disk)
+    assert f"writing {out}" in line
+    assert sorted(FeatureStore(out).ids) == ids[:4]
+    assert [p.name for p in (small_disk / "feats.h5.partial").iterdir()] == ["part-00000.h5"]
+    _resize(small_disk, "12m")
+    _finished(_extract_argv(tmp_path, out), out, ids, small_disk)
