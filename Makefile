@@ -173,11 +173,15 @@ demo: setup
 	$(VILBERT) serve $$(for c in $(DEMO_CHECKPOINTS); do echo --checkpoint $$c; done) --examples $(WORLD)
 
 # make demo-screenshot: docs/images/demo.png from the multi-task model (`make finetune TASK=multi` first), in
-# headless Chromium (`make test-browser` installs it): a test-split colour question about shapes-world image 1618.
-demo-screenshot: setup
+# headless Chromium (`make test-browser` installs it): a question about an image of a world of another seed, the
+# model never saw it, uploaded without boxes, so the shapes-world detector (`make detector`) finds its regions.
+NEW_WORLD := data/shapes/world_seed1
+$(NEW_WORLD)/scenes.json: | setup
+	$(VILBERT) shapes-world --out $(NEW_WORLD) --seed 1 --images 2000
+demo-screenshot: setup $(DETECTOR)/config.json $(NEW_WORLD)/scenes.json
 	@test -n "$(MULTI_CHECKPOINT)" || { echo "no multi-task run: run \`make finetune TASK=multi\` first"; exit 2; }
 	$(BIN)/python -m docs.demo_screenshot --checkpoint $(MULTI_CHECKPOINT) --examples $(WORLD) --task vqa \
-		--example 1618 --text "what color is the triangle?" --out docs/images/demo.png
+		--image $(NEW_WORLD)/images/1601.png --text "what shape is the purple object?" --out docs/images/demo.png
 
 # make features IMAGES=dir OUT=feats.h5 [BOXES=boxes.json]: MobileNetV2 features on given boxes, or without
 # BOXES on the boxes the shapes-world detector finds (`make detector` first).
