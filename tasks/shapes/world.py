@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from features.atomic import OWNED_MARKER, atomic_path, check_output
+from features.atomic import atomic_path, claim_folder
 
 # Base colours (RGB); each shape jitters every channel by a uniform integer in [-25, 25].
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -396,9 +396,7 @@ def write_shapes_world(out: str | Path, seed: int = 0, num_images: int = 2000, s
         raise ValueError(f"--size must be 128 or 224, got {size}")
     out = Path(out)
     if not (out / "scenes.json").is_file():  # a world is rewritten in place (the same files), a user's folder is not
-        check_output(out, folder=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / OWNED_MARKER).write_text("written by vilbert shapes-world; a rerun may write over this folder\n")
+        claim_folder(out)
     scenes = [make_scene(seed, i, split_of(i, num_images), size) for i in range(num_images)]
     for scene in tqdm(scenes, desc="shapes-world images", disable=not progress):
         buffer = io.BytesIO()
