@@ -201,6 +201,7 @@ def test_index_build_with_faiss_prints_no_import_chatter(data):
                                "--device", "cpu", "--faiss"], subprocess=True)
     assert code == 0, stderr
     assert "ModuleNotFoundError" not in stderr and "faiss.loader" not in stderr and "not sharded" not in stderr
+    assert "Loading weights" not in stderr  # transformers' bar for every checkpoint read
 
 
 def test_resuming_a_build_after_the_store_changed_is_refused(data, capsys):
