@@ -111,28 +111,35 @@ WORLD_TASKS := $(WORLD)/vqa-cp/vqacp_v2_test_annotations.json
 $(WORLD_TASKS): $(WORLD)/scenes.json
 	$(VILBERT) shapes-world --out $(WORLD) --add-tasks
 
-# make finetune TASK=vqa|retrieval|refcoco|nlvr2|snli-ve|gqa|visual7w [DEBIAS=none|rubi|lmh]: from the pretraining
-# checkpoint; VQA and the four 12-in-1 tasks also from the text stream alone, reported side by side. TASK=vqa also
-# trains and reports VQA-CP, the world's changing-priors split. DEBIAS (VQA, VQA-CP, GQA) picks the debiasing loss
-# (data.debias) and suffixes the run directories. TASK=multi: all seven together
+# make finetune TASK=vqa|retrieval|refcoco|nlvr2|snli-ve|gqa|visual7w [DEBIAS=none|rubi|lmh] [SEED=N] [TEXT_ONLY=0]:
+# from the pretraining checkpoint; VQA and the four 12-in-1 tasks also from the text stream alone, reported side by
+# side. TASK=vqa also trains and reports VQA-CP, the world's changing-priors split. DEBIAS (VQA, VQA-CP, GQA) picks
+# the debiasing loss (data.debias); SEED sets train.seed (default: the config's); TEXT_ONLY=0 skips the text-only
+# start. DEBIAS and SEED suffix the run directories (runs/vqa_embedded_lmh_seed1), and each report's rows are also
+# written to the run's report.json (bench/debias_table.py reads them). TASK=multi: all seven together
 # (tasks/shapes/configs/multi_embedded.yaml), then each alone for the steps it had, then the table.
 TEXT_ONLY_TASKS := vqa vqa-cp nlvr2 snli-ve gqa visual7w
 DEBIAS ?= none
-RUN_SUFFIX := $(if $(filter-out none,$(DEBIAS)),_$(DEBIAS),)
-DEBIAS_ARG := $(if $(filter-out none,$(DEBIAS)),data.debias=$(DEBIAS),)
+SEED ?=
+TEXT_ONLY ?= 1
+RUN_SUFFIX := $(if $(filter-out none,$(DEBIAS)),_$(DEBIAS),)$(if $(SEED),_seed$(SEED),)
+FINETUNE_ARGS := $(if $(filter-out none,$(DEBIAS)),data.debias=$(DEBIAS),) $(if $(SEED),train.seed=$(SEED),)
 # BOXES=detected: the detector's feature store and run directories suffixed _detected (see above)
 RUN_SUFFIX := $(if $(filter detected,$(BOXES)),_detected,)$(RUN_SUFFIX)
-DEBIAS_ARG += $(if $(filter detected,$(BOXES)),data.features=[$(SHAPES_FEATURES)],)
+FINETUNE_ARGS += $(if $(filter detected,$(BOXES)),data.features=[$(SHAPES_FEATURES)],)
+# whether $(1) also trains from the text stream alone
+text_only = $(and $(filter 1,$(TEXT_ONLY)),$(filter $(1),$(TEXT_ONLY_TASKS)))
 # one task from both starts (or the pretrained one), then its report: $(call finetune_one,TASK)
 define finetune_one
-	rm -rf runs/$(1)_embedded$(RUN_SUFFIX) runs/$(1)_embedded$(RUN_SUFFIX)_textonly
+	rm -rf runs/$(1)_embedded$(RUN_SUFFIX) $(if $(call text_only,$(1)),runs/$(1)_embedded$(RUN_SUFFIX)_textonly,)
 	$(VILBERT) finetune --task $(1) --config tasks/shapes/configs/$(1)_embedded.yaml \
 		--init $$(tail -n 1 $(PRETRAIN_REPORT) | cut -d' ' -f2) model.text_init=$(TEXT_INIT) \
-		train.output_dir=runs/$(1)_embedded$(RUN_SUFFIX) $(DEBIAS_ARG)
-	$(if $(filter $(1),$(TEXT_ONLY_TASKS)),$(VILBERT) finetune --task $(1) --config tasks/shapes/configs/$(1)_embedded.yaml \
-		model.text_init=$(TEXT_INIT) train.output_dir=runs/$(1)_embedded$(RUN_SUFFIX)_textonly $(DEBIAS_ARG),@true)
+		train.output_dir=runs/$(1)_embedded$(RUN_SUFFIX) $(FINETUNE_ARGS)
+	$(if $(call text_only,$(1)),$(VILBERT) finetune --task $(1) --config tasks/shapes/configs/$(1)_embedded.yaml \
+		model.text_init=$(TEXT_INIT) train.output_dir=runs/$(1)_embedded$(RUN_SUFFIX)_textonly $(FINETUNE_ARGS),@true)
 	$(VILBERT) report --run runs/$(1)_embedded$(RUN_SUFFIX) --task $(1) --plot runs/$(1)_embedded$(RUN_SUFFIX)/curves.png \
-		$(if $(filter $(1),$(TEXT_ONLY_TASKS)),--compare runs/$(1)_embedded$(RUN_SUFFIX)_textonly,)
+		--json runs/$(1)_embedded$(RUN_SUFFIX)/report.json \
+		$(if $(call text_only,$(1)),--compare runs/$(1)_embedded$(RUN_SUFFIX)_textonly,)
 endef
 
 finetune: $(PRETRAIN_REPORT) $(WORLD_TASKS)
@@ -140,6 +147,8 @@ finetune: $(PRETRAIN_REPORT) $(WORLD_TASKS)
 		*) echo "TASK must be vqa, retrieval, refcoco, nlvr2, snli-ve, gqa, visual7w or multi, got '$(TASK)'"; exit 2;; esac
 	@case "$(DEBIAS)" in none|rubi|lmh) ;; \
 		*) echo "DEBIAS must be none, rubi or lmh, got '$(DEBIAS)'"; exit 2;; esac
+	@case "$(SEED)" in *[!0-9]*) echo "SEED must be a whole number, got '$(SEED)'"; exit 2;; esac
+	@case "$(TEXT_ONLY)" in 0|1) ;; *) echo "TEXT_ONLY must be 0 or 1, got '$(TEXT_ONLY)'"; exit 2;; esac
 	@$(WEIGHTS_CHECK)
 ifeq ($(TASK),multi)
 	rm -rf $(FINETUNE_RUN)

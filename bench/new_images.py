@@ -67,9 +67,8 @@ def extract(out: Path, images: list[Path], how: str, detector: Path, world: Path
 
 
 def accuracy(evaluation: Path, world: Path) -> dict[str, tuple[float, float, int]]:
-    """(accuracy %, standard error, questions) overall and per question type: the VQA score of each question
-    (min(1, matching humans / 3); the world's ten human answers agree, so this is the official average over
-    annotator subsets), checked against the overall accuracy `vilbert evaluate` wrote."""
+    """(accuracy %, standard error, questions) overall and per question type, each question scored as the official
+    VQA accuracy, checked against the overall accuracy `vilbert evaluate` wrote."""
     predictions = evaluation / "predictions.json"
     folder = world / "vqa" / "test"
     questions = json.loads(next(folder.glob("*_questions.json")).read_text())["questions"]
@@ -80,7 +79,9 @@ def accuracy(evaluation: Path, world: Path) -> dict[str, tuple[float, float, int
     for question in questions:
         annotation = annotations[question["question_id"]]
         humans = [a["answer"] for a in annotation["answers"]]
-        score = min(1.0, humans.count(answered.get(question["question_id"], "")) / 3)
+        matches = humans.count(answered.get(question["question_id"], ""))
+        # the official VQA accuracy: min(1, matching humans / 3) averaged over the ten sets of nine humans
+        score = sum(min(1.0, (matches - (h == answered.get(question["question_id"]))) / 3) for h in humans) / len(humans)
         scores["all"].append(score)
         if annotation.get("question_type") in scores:
             scores[annotation["question_type"]].append(score)

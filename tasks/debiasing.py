@@ -9,11 +9,16 @@ Both are training-time changes of the loss; evaluation and prediction read the f
   classifier c(q). Answers the question alone predicts well get a mask near 1 and a small gradient through the
   fused branch; the fused branch has to learn what the question does not give.
 - `lmh` (Learned-Mixin +H, Clark et al., EMNLP 2019): the bias model is the per-question-type answer prior b
-  (the mean training target of each answer among the training questions of that type). For BCE targets, the
-  mixture of the model's per-answer Bernoulli with the prior raised to a learned power g(x) >= 0 (softplus of a
-  gate on the fused vector) is the logit z + g(x) · logit(b); the loss is BCE on that logit, plus `entropy_weight`
-  times the entropy of sigmoid(g(x) · logit(b)) summed over answers (the +H penalty, which keeps g from
-  shrinking the prior to nothing).
+  (the mean training target of each answer among the training questions of that type), smoothed as the paper's
+  code does: each answer's (b, 1 - b) gets a learned sigma = sigmoid(s) added (s starts at -1, sigma = 0.27). The
+  model's per-answer Bernoulli is mixed with that smoothed prior raised to a learned power g(x) >= 0 (softplus of
+  a gate on the fused vector); for BCE targets the mixture is the logit z + g(x) · log((b + sigma) / (1 - b + sigma)),
+  and the loss is BCE on it summed over answers, plus `entropy_weight` times the entropy of
+  sigmoid(g(x) · log((b + sigma) / (1 - b + sigma))) *averaged* over answers (the +H penalty, which keeps g from
+  shrinking the prior to nothing). Both details matter: an unsmoothed prior that is 0 for most answers of a
+  type (clamped, its logit near -9) and an entropy summed over answers (which pays g to grow) leave the model's
+  own logit of every answer the prior rules out without a gradient, so z alone, what evaluation reads, ranks
+  those answers first (measured: docs/results.md, "Language priors").
 
 A task takes part by setting `FinetuneTask.debias_supported`, giving each training item its question-type row
 (`AnswerPrior.row`) and calling `debias_loss` in its training step; `model_settings` adds the branches.
@@ -30,7 +35,7 @@ import torch.nn.functional as F
 from tasks.errors import ConfigError
 
 DEBIAS_MODES = ("none", "rubi", "lmh")
-PRIOR_EPSILON = 1e-4  # the prior is clamped into [eps, 1 - eps] before its logit is taken
+SMOOTHED_FLOOR = 1e-6  # the smoothed prior's terms are floored here before their log (sigma -> 0 would give log 0)
 
 
 def check_mode(mode: str, task: str, supported: bool) -> None:
@@ -53,7 +58,8 @@ def model_settings(mode: str, num_labels: int) -> dict[str, object]:
 
 def heads(mode: str, answer_head: str) -> list[str]:
     """The model outputs a training step of this mode reads."""
-    extra = {"rubi": ["question_only_logits", "question_only_answer_logits"], "lmh": ["mixin_gate_logit"]}
+    extra = {"rubi": ["question_only_logits", "question_only_answer_logits"],
+             "lmh": ["mixin_gate_logit", "mixin_smoothing_logit"]}
     return [answer_head, *extra.get(mode, [])]
 
 
@@ -94,17 +100,20 @@ def rubi_loss(fused_logits: torch.Tensor, question_only_logits: torch.Tensor,
     return soft_bce(masked, target) + soft_bce(question_only_answer_logits, target)
 
 
-def lmh_loss(logits: torch.Tensor, gate_logit: torch.Tensor, prior: torch.Tensor, target: torch.Tensor,
-             entropy_weight: float) -> torch.Tensor:
-    """BCE (summed) of z + g · logit(b), g = softplus(gate), plus `entropy_weight` times the entropy of
-    sigmoid(g · logit(b)) summed over answers and questions. `prior` b is [B, C], each question's type row."""
-    b = prior.float().clamp(PRIOR_EPSILON, 1 - PRIOR_EPSILON)
-    scaled = F.softplus(gate_logit.float()).unsqueeze(1) * (torch.log(b) - torch.log1p(-b))  # [B, C]
+def lmh_loss(logits: torch.Tensor, gate_logit: torch.Tensor, smoothing_logit: torch.Tensor, prior: torch.Tensor,
+             target: torch.Tensor, entropy_weight: float) -> torch.Tensor:
+    """BCE (summed) of z + g · log((b + sigma) / (1 - b + sigma)), g = softplus(gate), sigma = sigmoid(smoothing),
+    plus `entropy_weight` times the entropy of sigmoid(g · log(...)) averaged over answers, summed over questions.
+    `prior` b is [B, C], each question's type row; `smoothing_logit` s is one learned value ([1], or per question [B])."""
+    b = prior.float()
+    sigma = torch.sigmoid(smoothing_logit.float()).reshape(-1, 1)  # [B, 1] or [1, 1]
+    prior_logit = torch.log((b + sigma).clamp(min=SMOOTHED_FLOOR)) - torch.log((1 - b + sigma).clamp(min=SMOOTHED_FLOOR))
+    scaled = F.softplus(gate_logit.float()).unsqueeze(1) * prior_logit  # [B, C]
     loss = soft_bce(logits.float() + scaled, target)
     if entropy_weight:
         p = torch.sigmoid(scaled)
-        entropy = -(p * F.logsigmoid(scaled) + (1 - p) * F.logsigmoid(-scaled))
-        loss = loss + entropy_weight * entropy.sum()
+        entropy = -(p * F.logsigmoid(scaled) + (1 - p) * F.logsigmoid(-scaled))  # [B, C]
+        loss = loss + entropy_weight * entropy.mean(dim=1).sum()
     return loss
 
 
@@ -119,4 +128,4 @@ def debias_loss(mode: str, out: object, answer_head: str, target: torch.Tensor, 
     if prior is None or prior_rows is None:
         raise ConfigError("data.debias=lmh: the task gave no answer prior")
     table = prior.table.to(logits.device)
-    return lmh_loss(logits, out.mixin_gate_logit, table[prior_rows], target, entropy_weight)
+    return lmh_loss(logits, out.mixin_gate_logit, out.mixin_smoothing_logit, table[prior_rows], target, entropy_weight)

@@ -125,9 +125,12 @@ class FinetuneConfig:
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
 
 
+SPLIT_ROLES = {"train": "train_split", "val": "val_split"}
+
+
 def resolve_split(data: FinetuneDataConfig, split: str) -> str:
     """The trainer asks for the roles "train" and "val": they mean `data.train_split` / `data.val_split`."""
-    return {"train": data.train_split, "val": data.val_split}.get(split, split)
+    return getattr(data, SPLIT_ROLES[split]) if split in SPLIT_ROLES else split
 
 
 def tokenizer_directory(data: FinetuneDataConfig, model_config: ModelConfig) -> str:
@@ -263,6 +266,12 @@ class FinetuneTask(Task):
             if cls.head not in HEAD_MODULES:
                 raise TypeError(f"{cls.__name__}.head: {cls.head!r} is not a head output ({', '.join(HEAD_MODULES)})")
             cls.head_modules = (HEAD_MODULES[cls.head],)
+
+    @classmethod
+    def named_split_overrides(cls, split: str) -> list[str]:
+        """A role's name given as a split ("val" of VQA is the whole val2014 file, while the trainer's "val" role
+        is `data.val_split`, minval) pins the role to it, so that it means the named split."""
+        return [f"data.{SPLIT_ROLES[split]}={split}"] if split in SPLIT_ROLES else []
 
     def __init__(self, config: Any):
         self.config = config

@@ -143,7 +143,7 @@ class ViLBertConfig(PreTrainedConfig):
 
     # Debiasing branches (ours, not in the reference), used in training only; 0 / False = no parameters.
     # RUBi (Cadene et al., 2019): a question-only branch on the text before co-attention, `question_only_labels` outputs.
-    # Learned-Mixin (Clark et al., 2019): a scalar gate on the fused pooled vector.
+    # Learned-Mixin (Clark et al., 2019): a scalar gate on the fused pooled vector and a learned prior smoothing.
     question_only_labels: int = 0
     mixin_gate: bool = False
 

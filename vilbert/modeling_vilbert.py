@@ -556,6 +556,8 @@ class ViLBertPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, DualEncoderHead):
             init.constant_(module.logit_scale, math.log(1.0 / self.config.dual_temperature))
+        elif isinstance(module, LearnedMixinGate):
+            init.constant_(module.smoothing_logit, MIXIN_SMOOTHING_INIT)
 
 
 class ViLBertModel(ViLBertPreTrainedModel):
@@ -776,6 +778,23 @@ class QuestionOnlyBranch(nn.Module):
         return mask_logits, self.classifier(mask_logits)
 
 
+MIXIN_SMOOTHING_INIT = -1.0  # Clark et al.'s initial smoothing logit: the prior starts smoothed by sigmoid(-1) = 0.27
+
+
+class LearnedMixinGate(nn.Module):
+    """Learned-Mixin's parameters: a gate on the fused pooled vector (the prior's learned power g(x) is its softplus)
+    and one learned logit s whose sigmoid smooths the answer prior (b + sigmoid(s), 1 - b + sigmoid(s))."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.gate = nn.Linear(width, 1)
+        self.smoothing_logit = nn.Parameter(torch.full((1,), MIXIN_SMOOTHING_INIT))
+
+    def forward(self, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate logit [B], smoothing logit [B]: the one learned value, per question)."""
+        return self.gate(fused).squeeze(-1), self.smoothing_logit.expand(fused.shape[0]).clone()
+
+
 def _select(hidden: torch.Tensor, selected: torch.Tensor, count: int) -> torch.Tensor:
     """Rows of hidden [B, N, D] where selected [B, N] is true, in nonzero order -> [count, D] (no host sync)."""
     index = torch.nonzero_static(selected.flatten(), size=count).squeeze(1)
@@ -966,7 +985,7 @@ VL_HEADS = (
     "region_class_logits",
 )
 # The debiasing branches' outputs: asked for by name only, by models whose config has the branch.
-DEBIAS_HEADS = ("question_only_logits", "question_only_answer_logits", "mixin_gate_logit")
+DEBIAS_HEADS = ("question_only_logits", "question_only_answer_logits", "mixin_gate_logit", "mixin_smoothing_logit")
 # The module behind each head output: what a checkpoint must hold for a task that reads that output.
 HEAD_MODULES = {
     "answer_logits": "answer_head",
@@ -995,6 +1014,7 @@ class ViLBertForVLTasksOutput(ModelOutput):
     question_only_logits: torch.Tensor | None = None  # [B, question_only_labels], from the text before co-attention
     question_only_answer_logits: torch.Tensor | None = None  # [B, question_only_labels]
     mixin_gate_logit: torch.Tensor | None = None  # [B], before the softplus
+    mixin_smoothing_logit: torch.Tensor | None = None  # [B] (one learned value), before the sigmoid
     text_hidden: torch.Tensor | None = None
     vision_hidden: torch.Tensor | None = None
     pooled_text: torch.Tensor | None = None
@@ -1028,7 +1048,7 @@ class ViLBertForVLTasks(ViLBertWithPretrainingHeads):
         if config.question_only_labels:
             self.question_only_branch = QuestionOnlyBranch(config.hidden_size, 2 * bi, config.question_only_labels)
         if config.mixin_gate:
-            self.mixin_gate = nn.Linear(bi, 1)
+            self.mixin_gate = LearnedMixinGate(bi)
         self.post_init()
 
     def forward(
@@ -1068,7 +1088,7 @@ class ViLBertForVLTasks(ViLBertWithPretrainingHeads):
         if question is not None:
             out.question_only_logits, out.question_only_answer_logits = self.question_only_branch(question)
         if wanted & {"answer_logits", "gqa_answer_logits", "pair_logit", "binary_logits", "tri_logits",
-                     "mixin_gate_logit"}:
+                     "mixin_gate_logit", "mixin_smoothing_logit"}:
             fused = self.fused_pooled(base)  # [B, Hb]
             if "answer_logits" in wanted:
                 out.answer_logits = self.answer_head(fused)
@@ -1080,10 +1100,11 @@ class ViLBertForVLTasks(ViLBertWithPretrainingHeads):
                 out.binary_logits = self.binary_head(fused.reshape(fused.shape[0] // 2, 2 * fused.shape[1]))
             if "tri_logits" in wanted:
                 out.tri_logits = self.tri_head(fused)
-            if "mixin_gate_logit" in wanted:
+            if wanted & {"mixin_gate_logit", "mixin_smoothing_logit"}:
                 if not self.config.mixin_gate:
-                    raise ConfigError("heads: mixin_gate_logit needs mixin_gate: true in the model config")
-                out.mixin_gate_logit = self.mixin_gate(fused).squeeze(-1)
+                    raise ConfigError("heads: mixin_gate_logit and mixin_smoothing_logit need mixin_gate: true in the "
+                                      "model config")
+                out.mixin_gate_logit, out.mixin_smoothing_logit = self.mixin_gate(fused)
         if "region_logits" in wanted:
             vision = base.vision_hidden
             if region_mask is None:

@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     config = args.config
     if cls.config_from_checkpoint and config is None:
         config = Path(args.checkpoint) / "run_config.yaml"
-    task = build_task(args.task, config, [*args.overrides, f"model.init={args.checkpoint}",
-                                          *cls.checkpoint_overrides, *strict])
+    task = build_task(args.task, config, [*cls.named_split_overrides(args.split), *args.overrides,
+                                          f"model.init={args.checkpoint}", *cls.checkpoint_overrides, *strict])
     for features in task.feature_files():
         warn_if_store_differs(args.checkpoint, features)
     model = load_checkpoint_model(args.checkpoint, task)

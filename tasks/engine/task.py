@@ -192,6 +192,12 @@ class Task:
     config_from_checkpoint: bool = False  # `vilbert evaluate` reads the checkpoint's run config by default
     padded_keys: PaddedKeys = MODEL_PADDED_KEYS  # batch keys along the text / region axes, and their padding value
 
+    @classmethod
+    def named_split_overrides(cls, split: str) -> list[str]:
+        """Config overrides under which `split`, named by a user (`vilbert evaluate --split`, a report), means that
+        split and not a training role. Default: none (the task has no roles that shadow split names)."""
+        return []
+
     def run_record(self) -> dict[str, Any]:
         """What `run.json` says about a run of this task (see tasks.engine.run_record). Default: the name only."""
         return {"task": self.name, "task_token": None, "feature_extractor": [], "architecture": "tasks"}

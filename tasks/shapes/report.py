@@ -185,11 +185,14 @@ def pretraining_report(run_dir: str | Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- finetuning
 
 
-def _task_for(run_dir: Path, task_name: str, split_root: str | None, checkpoint: Path | None = None) -> Task:
-    """The run's task reading `checkpoint` (its head as it is), on the split folder `split_root` when given."""
+def _task_for(run_dir: Path, task_name: str, split_root: str | None, checkpoint: Path | None = None,
+              split: str | None = None) -> Task:
+    """The run's task reading `checkpoint` (its head as it is), on the split folder `split_root` when given, with
+    `split` meaning the split of that name (not a training role)."""
     checkpoint = checkpoint or last_checkpoint(run_dir)
     cls = task_class(task_name)
-    overrides = [f"model.init={checkpoint}", *cls.checkpoint_overrides]
+    overrides = [f"model.init={checkpoint}", *cls.checkpoint_overrides,
+                 *(cls.named_split_overrides(split) if split else [])]
     if split_root is not None:
         data = load_config(run_dir / "config.yaml", cls.config_class).data
         overrides.append(f"data.root={Path(data.root) / split_root}")
@@ -215,7 +218,7 @@ def finetuning_rows(run_dir: str | Path, task_name: str, checkpoint: Path | None
     model = load_checkpoint_model(str(checkpoint), train_task).eval()
     rows = []
     for label, split, root in splits[:1 if held_out_only else None]:
-        task = _task_for(run_dir, task_name, root, checkpoint)
+        task = _task_for(run_dir, task_name, root, checkpoint, split)
         with torch.no_grad():
             metrics = task.evaluate(model, split)
         chance = task.chance(split, train_task)
@@ -250,6 +253,17 @@ def finetuning_report(run_dir: str | Path, task_name: str, compare: str | Path |
         lines.append(f"  (text-only: the same steps from the MiniLM text stream alone: {compare})")
     lines.append(f"checkpoint {last_checkpoint(Path(run_dir))}")
     return lines
+
+
+def report_record(run_dir: str | Path, task_name: str, rows: list[Row], compare: str | Path | None = None,
+                  other: list[Row] | None = None) -> dict:
+    """A fine-tuning report as data (`vilbert report --json`): per split its metric, chance and whole evaluation,
+    for the run and the --compare run."""
+    def record(directory, found):
+        return {"run": str(directory), "checkpoint": str(last_checkpoint(Path(directory))),
+                "rows": [{"split": row.name.split(": ", 1)[0], "metric": row.name.split(": ", 1)[1], "value": row.value,
+                          "chance": row.chance, "metrics": row.metrics} for row in found]}
+    return {"task": task_name, **record(run_dir, rows), "compare": record(compare, other) if compare else None}
 
 
 def multitask_report(multi_run: str | Path, singles: dict[str, tuple[Path, int]]) -> list[str]:

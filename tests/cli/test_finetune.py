@@ -35,10 +35,13 @@ def test_vqa_finetune_evaluate_submit_and_score(tmp_path, capsys):
     checkpoint = _finetune("vqa", tmp_path, data)
     out = tmp_path / "eval"
     assert main(["evaluate", "--task", "vqa", "--checkpoint", str(checkpoint), "--split", "val",
-                 "--out", str(out), f"data.tokenizer={tmp_path / 'tok'}", "data.max_regions=5", *data,
-                 "data.val_split=val"]) == 0
+                 "--out", str(out), f"data.tokenizer={tmp_path / 'tok'}", "data.max_regions=5", *data]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["num_questions"] == 12
+    assert metrics["num_questions"] == 12  # all of val, although the run's "val" role (data.val_split) is minval
+    assert main(["evaluate", "--task", "vqa", "--checkpoint", str(checkpoint), "--split", "minval",
+                 "--out", str(tmp_path / "minval"), f"data.tokenizer={tmp_path / 'tok'}", "data.max_regions=5",
+                 *data]) == 0
+    assert json.loads((tmp_path / "minval" / "metrics.json").read_text())["num_questions"] == 4
     # the CLI score of the written predictions (all of val, as the official evaluator requires) equals evaluate's
     assert main(["score", "--task", "vqa", "--predictions", str(out / "predictions.json"),
                  "--annotations", str(tmp_path / "vqa" / "v2_mscoco_val2014_annotations.json"),

@@ -1,35 +1,23 @@
 """`vilbert report --task vqa` on a tiny shapes world: each split's accuracy beside the question-type prior, the
 per-type rows and the prior-agreement rate, for the run and a compared run; and the same for `--task vqa-cp`."""
 
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tasks.cli import main
 from tasks.shapes.report import _task_for, finetuning_rows, last_checkpoint
-from tasks.shapes.tasks import write_task_files
-from tasks.shapes.world import COLOURS, KINDS, write_shapes_world
-from tests.fixtures.tiny_12in1_data import write_vocab_with
-from tests.fixtures.tiny_task_data import write_store
-
-WORDS = sorted({*COLOURS, *KINDS, "what", "color", "is", "the", "shape", "object", "how", "many", "are", "there",
-                "to", "left", "of", "above", "small", "large", "circles", "squares", "triangles", "shapes",
-                "yes", "no", "on", "right", "top", "bottom", "at"})
-CONFIGS = Path(__file__).resolve().parents[2] / "tasks" / "shapes" / "configs"
-TINY = ["model.preset=tiny", "model.text_init=null", "model.overrides.fixed_t_layer=0", "train.max_steps=3",
-        "train.global_batch_size=8", "data.max_regions=6", "data.eval_batch_size=64"]
+from tests.fixtures.tiny_shapes_runs import CONFIGS, TINY, write_tiny_shapes
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    world = root / "world"
-    write_shapes_world(world, seed=1, num_images=40, size=128, progress=False)
-    write_task_files(world)
-    write_store(root / "f.h5", [str(i) for i in range(40)], boxes_per_image=5)
-    vocab = write_vocab_with(root / "tok", WORDS)
-    data = [f"data.features=[{root / 'f.h5'}]", f"data.tokenizer={vocab}"]
+    world, data = write_tiny_shapes(root, seed=1)
     made = {}
     for task, name, seed, mode in (("vqa", "a", 0, "none"), ("vqa", "b", 1, "none"), ("vqa-cp", "a", 0, "none"),
                                    ("vqa", "lmh", 0, "lmh")):
@@ -71,3 +59,19 @@ def test_a_debiased_run_reports_its_split_folders_with_the_prior_of_its_training
     rows = finetuning_rows(runs["vqa", "lmh"], "vqa")  # the split folders hold no training files
     plain = finetuning_rows(runs["vqa", "a"], "vqa")
     assert [row.chance for row in rows] == [row.chance for row in plain]
+
+
+def test_each_split_is_scored_on_all_its_questions_not_the_minval_role(runs, tmp_path):
+    """The report's "val" is the split folder's whole val2014 file; the trainer's "val" role (data.val_split:
+    minval, the last data.minval_size questions) must not cut it."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["vqa", "a"], run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["minval_size"] = 2
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = finetuning_rows(run, "vqa", checkpoint=last_checkpoint(runs["vqa", "a"]))
+    world = Path(config["data"]["root"])
+    for row, folder in zip(rows, ("test", "compositional"), strict=True):
+        questions = json.loads((world / folder / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())
+        assert len(questions["questions"]) > 2
+        assert row.metrics["num_questions"] == len(questions["questions"])

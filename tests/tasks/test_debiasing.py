@@ -30,34 +30,49 @@ def test_rubi_masks_the_fused_logits_by_the_question_only_sigmoid_and_adds_its_c
     assert rubi_loss(fused, question_only, classified, target).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_learned_mixin_adds_the_gated_prior_logit_and_the_entropy_penalty():
+def _entropy(x: float) -> float:
+    p = _sigmoid(x)
+    return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+
+def test_learned_mixin_adds_the_gated_smoothed_prior_logit_and_the_entropy_penalty_averaged_over_answers():
     logits = torch.tensor([[0.0, 1.0]])
     gate = torch.tensor([0.0])  # g = softplus(0) = ln 2
+    smoothing = torch.tensor([-1.0])  # sigma = sigmoid(-1), the initial smoothing
     prior = torch.tensor([[0.8, 0.2]])
     target = torch.tensor([[1.0, 0.0]])
-    g = math.log(2.0)
-    shift = [g * math.log(0.8 / 0.2), g * math.log(0.2 / 0.8)]
-
-    def entropy(x):
-        p = _sigmoid(x)
-        return -(p * math.log(p) + (1 - p) * math.log(1 - p))
-
+    g, sigma = math.log(2.0), _sigmoid(-1.0)
+    shift = [g * math.log((0.8 + sigma) / (0.2 + sigma)), g * math.log((0.2 + sigma) / (0.8 + sigma))]
     bce = _bce(0.0 + shift[0], 1.0) + _bce(1.0 + shift[1], 0.0)
-    assert lmh_loss(logits, gate, prior, target, 0.0).item() == pytest.approx(bce, rel=1e-6)
-    penalised = bce + 0.36 * (entropy(shift[0]) + entropy(shift[1]))
-    assert lmh_loss(logits, gate, prior, target, 0.36).item() == pytest.approx(penalised, rel=1e-6)
+    assert lmh_loss(logits, gate, smoothing, prior, target, 0.0).item() == pytest.approx(bce, rel=1e-6)
+    penalised = bce + 0.36 * (_entropy(shift[0]) + _entropy(shift[1])) / 2  # the mean over the two answers
+    assert lmh_loss(logits, gate, smoothing, prior, target, 0.36).item() == pytest.approx(penalised, rel=1e-6)
 
 
-def test_the_learned_mixin_gate_gets_a_gradient_and_a_zero_gate_leaves_plain_bce():
+def test_an_answer_the_prior_rules_out_keeps_a_gradient_on_the_models_own_logit():
+    # the collapse of the unsmoothed version: prior 0 gave the mixed logit z - 6.4 and z no gradient, so z of the
+    # answers a question type never has drifted above the right one; smoothed, z = 0 still gets pushed down
+    logits = torch.zeros(1, 3, requires_grad=True)
+    prior = torch.tensor([[1.0, 0.0, 0.0]])
+    target = torch.tensor([[1.0, 0.0, 0.0]])
+    lmh_loss(logits, torch.tensor([0.0]), torch.tensor([-1.0]), prior, target, 0.36).backward()
+    g, sigma = math.log(2.0), _sigmoid(-1.0)
+    ruled_out = _sigmoid(g * math.log(sigma / (1 + sigma)))  # d BCE / d z at z = 0, target 0
+    assert ruled_out > 0.2
+    assert logits.grad[0, 1:].tolist() == pytest.approx([ruled_out, ruled_out], rel=1e-5)
+
+
+def test_the_learned_mixin_gate_and_smoothing_get_a_gradient_and_a_zero_gate_leaves_plain_bce():
     logits = torch.tensor([[0.3, -0.2]])
     prior = torch.tensor([[0.7, 0.3]])
     target = torch.tensor([[1.0, 0.0]])
     gate = torch.tensor([-60.0])  # softplus ~ 0: no prior
     plain = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="sum")
-    assert lmh_loss(logits, gate, prior, target, 0.0).item() == pytest.approx(plain.item(), rel=1e-6)
+    assert lmh_loss(logits, gate, torch.tensor([-1.0]), prior, target, 0.0).item() == pytest.approx(plain.item(), rel=1e-6)
     gate = torch.tensor([0.5], requires_grad=True)
-    lmh_loss(logits, gate, prior, target, 0.36).backward()
-    assert gate.grad is not None and gate.grad.abs().item() > 0
+    smoothing = torch.tensor([-1.0], requires_grad=True)
+    lmh_loss(logits, gate, smoothing, prior, target, 0.36).backward()
+    assert gate.grad.abs().item() > 0 and smoothing.grad.abs().item() > 0
 
 
 def test_the_answer_prior_averages_targets_per_question_type():
@@ -81,6 +96,8 @@ def test_a_debiased_training_step_computes_the_mode_loss_and_evaluation_reads_th
     model = task.build_model()
     branch = "question_only_branch" if mode == "rubi" else "mixin_gate"
     assert hasattr(model, branch)
+    if mode == "lmh":  # Clark et al.'s initial smoothing, sigmoid(-1)
+        assert model.mixin_gate.smoothing_logit.tolist() == [-1.0]
     batch = task.collate([task.dataset("train")[i] for i in range(2)])
     loss = task.training_step(model, batch).loss_sums["loss"]
     loss.backward()
