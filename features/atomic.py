@@ -11,7 +11,8 @@ indexes) goes through `atomic_path`:
 - temporaries left by a killed process (`.NAME.tmp-PID@HOST` of this host whose PID no longer runs) beside the
   output are removed by the next write there, so a SIGKILL never leaves a whole model or LMDB copy behind for good.
 
-`check_output` runs the same refusals without writing, for commands that must refuse before any work.
+`check_output` runs the same refusals without writing, for commands that must refuse before any work;
+`claim_folder` runs them for a folder filled in place, file by file, and marks it as this project's.
 """
 
 from __future__ import annotations
@@ -97,6 +98,17 @@ def atomic_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | No
     except BaseException:
         _remove(tmp)
         raise
+
+
+def claim_folder(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (),
+                 option: str = "--out") -> Path:
+    """Make (or take back) a folder output that is filled in place, file by file, each file through `atomic_path`
+    (a generated data set, resumable): `check_output`'s refusals, then the folder is created and carries
+    `OWNED_MARKER`, so that a rerun after a kill may write into it again."""
+    path = check_output(path, inputs, folder=True, option=option)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / OWNED_MARKER).write_text("written by vilbert; a rerun may write over this folder\n")
+    return path
 
 
 def temporary_path(path: str | os.PathLike) -> Path:

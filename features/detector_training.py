@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 SETTINGS_FILE = "settings.json"
 LOG_FILE = "log.jsonl"
+RUN_LOCK = "run.lock"  # the command's lock inside the run directory
 SCORING_THRESHOLD = 0.05  # detections kept for average precision (the usual floor), not the operating threshold
 
 
@@ -130,10 +131,14 @@ def train_detector(detector: MobileNetRCNN, train: Sequence[DetectionSample], ru
     start = 0
     state_path = run_dir / STATE_FILE
     if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        heads.load_state_dict(state["heads"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["step"])
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            heads.load_state_dict(state["heads"])
+            optimizer.load_state_dict(state["optimizer"])
+            start = int(state["step"])
+        except Exception as error:  # noqa: BLE001 - any unreadable or foreign state is the same user error
+            raise FeaturesError(f"{state_path}: not a readable training state ({type(error).__name__}: "
+                                f"{str(error)[:200]}); remove {run_dir} to start over") from error
         logger.info("%s: resuming at step %d of %d", run_dir, start, settings.steps)
     if start >= settings.steps:
         return {"steps": start, "final_loss": None}
@@ -174,6 +179,11 @@ def _check_settings(run_dir: Path, settings: TrainingSettings, detector: MobileN
     recorded = {"training": asdict(settings), "detector": detector.config.to_dict()}
     recorded = json.loads(json.dumps(recorded))  # tuples as lists, as read back
     path = run_dir / SETTINGS_FILE
+    others = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_LOCK) if run_dir.is_dir() else []
+    if others and not path.is_file():
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise FeaturesError(f"{run_dir}: is not empty and holds no detector run ({shown}); nothing there is touched: "
+                            "choose a new or empty --run-dir")
     if path.is_file():
         try:
             found = json.loads(path.read_text(encoding="utf-8"))

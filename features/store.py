@@ -105,6 +105,7 @@ class FeatureStoreWriter:
         self._buffer: list[dict] = []
         self._buffered_rows = 0
         self._labels: tuple[str, ...] | None = None
+        self._datasets: dict[str, h5py.Dataset] = {}  # held open: their cached writes fail in a call, not a dealloc
         check_output(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.path.parent)
@@ -126,7 +127,7 @@ class FeatureStoreWriter:
         row_bytes = np.dtype(dtype).itemsize * (width or 1)
         chunk_rows = max(1, min(65536, _CHUNK_BYTES // row_bytes))
         shape = (0, width) if width else (0,)
-        self._file.create_dataset(
+        self._datasets[name] = self._file.create_dataset(
             name, shape=shape, maxshape=(None, width) if width else (None,), dtype=dtype,
             chunks=(chunk_rows, width) if width else (chunk_rows,),
         )
@@ -137,9 +138,10 @@ class FeatureStoreWriter:
         f.attrs["version"] = VERSION
         f.attrs["feature_dim"] = self.feature_dim
         f.attrs["extractor"] = json.dumps(self.extractor, sort_keys=True)
-        f.create_dataset("image_id", shape=(0,), maxshape=(None,), dtype=_STRING, chunks=(4096,))
-        f.create_dataset("image_hw", shape=(0, 2), maxshape=(None, 2), dtype=np.int32, chunks=(4096, 2))
-        f.create_dataset("offsets", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(4096,))
+        d = self._datasets
+        d["image_id"] = f.create_dataset("image_id", shape=(0,), maxshape=(None,), dtype=_STRING, chunks=(4096,))
+        d["image_hw"] = f.create_dataset("image_hw", shape=(0, 2), maxshape=(None, 2), dtype=np.int32, chunks=(4096, 2))
+        d["offsets"] = f.create_dataset("offsets", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(4096,))
         self._rows_dataset("features", self.feature_dim, self.feature_dtype)
         self._rows_dataset("boxes", 4, np.float32)
         if self.cls_prob_dim:
@@ -224,9 +226,10 @@ class FeatureStoreWriter:
             return
         with _hdf5_writes(self.path):
             self._flush()
+            self._file.flush()
 
     def _flush(self) -> None:
-        f, records = self._file, self._buffer
+        f, records = self._datasets, self._buffer
         n0, n1 = self.num_images, self.num_images + len(records)
         m0, m1 = self.num_rows, self.num_rows + self._buffered_rows
         counts = np.array([len(r["boxes"]) for r in records], np.int64)
@@ -243,7 +246,6 @@ class FeatureStoreWriter:
             _append(f[name], m0, m1, np.concatenate([r[name] for r in records]).astype(_LABEL_DTYPES[name]))
         self.num_images, self.num_rows = n1, m1
         self._buffer, self._buffered_rows = [], 0
-        f.flush()
 
     def close(self) -> Path:
         """Flush, close and move the finished file to `path`; returns that path."""
@@ -251,6 +253,9 @@ class FeatureStoreWriter:
             return self.path
         self.flush()
         with _hdf5_writes(self.path):
+            self._file.flush()
+        with _hdf5_writes(self.path):
+            self._datasets = {}
             self._file.close()
         self._file = None
         os.replace(self._tmp, self.path)
@@ -259,15 +264,15 @@ class FeatureStoreWriter:
     def abort(self) -> None:
         """Drop everything written so far; `path` is left as it was.
 
-        The temporary file is emptied before HDF5 closes it: after a failed write (a full disk) closing would flush
-        its caches into the full device again, which HDF5 does not survive.
+        HDF5 closes the file with its descriptor pointed at the null device: after a failed write (a full disk)
+        closing flushes the dirty caches again, and HDF5 does not survive a second failed write (a segfault).
         """
         if self._file is not None:
             file, self._file = self._file, None
-            try:
+            with contextlib.suppress(OSError):
                 os.truncate(self._tmp, 0)
-            except OSError:
-                pass
+            _discard_writes(file)
+            self._datasets = {}
             try:
                 with _hdf5_writes(self.path):
                     file.close()
@@ -370,6 +375,20 @@ def _image_size(image_hw, where: str) -> tuple[int, int]:
             raise FeatureStoreError(f"{where}: image {name} {value!r} is not a positive integer up to {INT32_MAX}")
         sizes.append(int(value))
     return sizes[0], sizes[1]
+
+
+def _discard_writes(file: h5py.File) -> None:
+    """Point an open HDF5 file's descriptor at the null device, so that whatever HDF5 still writes succeeds and
+    goes nowhere (the file is being dropped)."""
+    try:
+        descriptor = file.id.get_vfd_handle()
+    except Exception:  # noqa: BLE001 - another driver or a closed file: nothing to redirect
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(null, descriptor)
+    finally:
+        os.close(null)
 
 
 def _append(dataset: h5py.Dataset, start: int, stop: int, values: np.ndarray) -> None:
@@ -739,22 +758,24 @@ def _merge(paths: list[str], out_path: str | os.PathLike, float32: bool | None) 
         float32 = first.feature_dtype == "float32"
     writer = FeatureStoreWriter(out_path, first.feature_dim, optional.get("cls_prob"), first.extractor, float32)
     try:
-        out = writer._file
+        out = writer._datasets
         for name in LABELS:
             if name in optional:
                 writer._rows_dataset(name, None, _LABEL_DTYPES[name])
         n, m = 0, 0
-        for index in indexes:
-            with _open_h5(index.path) as f:
-                count, rows = len(index.ids), int(index.offsets[-1])
-                _append(out["image_id"], n, n + count, np.array(index.ids, dtype=object))
-                _append(out["image_hw"], n, n + count, f["image_hw"][:])
-                _append(out["offsets"], n + 1, n + count + 1, m + index.offsets[1:])
-                for name in ("features", "boxes", *(o for o in OPTIONAL if o in optional)):
-                    if rows:
-                        block = max(1, (64 << 20) // max(1, f[name].dtype.itemsize * (f[name].shape[1:] or (1,))[0]))
-                        _copy_rows(f[name], out[name], m, block)
-                n, m = n + count, m + rows
+        with _hdf5_writes(writer.path):  # a full disk: one DiskFullError, raised before anything closes
+            for index in indexes:
+                with _open_h5(index.path) as f:
+                    count, rows = len(index.ids), int(index.offsets[-1])
+                    _append(out["image_id"], n, n + count, np.array(index.ids, dtype=object))
+                    _append(out["image_hw"], n, n + count, f["image_hw"][:])
+                    _append(out["offsets"], n + 1, n + count + 1, m + index.offsets[1:])
+                    for name in ("features", "boxes", *(o for o in OPTIONAL if o in optional)):
+                        if rows:
+                            row_bytes = f[name].dtype.itemsize * (f[name].shape[1:] or (1,))[0]
+                            _copy_rows(f[name], out[name], m, max(1, (64 << 20) // max(1, row_bytes)))
+                    n, m = n + count, m + rows
+            writer._file.flush()
         writer.num_images, writer.num_rows = n, m
         writer._labels = tuple(name for name in LABELS if name in optional) or None
         writer.ids = set(seen)

@@ -24,3 +24,12 @@ def tiny_multitask_checkpoint(tmp_path_factory):
     from tests.fixtures.tiny_multitask import write_multitask_checkpoint
 
     return write_multitask_checkpoint(tmp_path_factory.mktemp("multitask"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real full disk: a 256 KiB tmpfs at tmp_path/disk (root only; skipped with the reason elsewhere)."""
+    from tests.fixtures.small_disk import mounted
+
+    with mounted(tmp_path / "disk") as disk:
+        yield disk

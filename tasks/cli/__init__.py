@@ -95,11 +95,13 @@ def _quiet_libraries(verbose: bool) -> None:
     """One line per problem and nothing when there is none: libraries' chatter that says nothing to a user goes.
 
     torch warns about every protocol-4 pickle before its own (one-line) refusal; faiss logs at INFO the optional
-    AVX2/AVX512 builds it failed to import on its way to the one it loads.
+    AVX2/AVX512 builds it failed to import on its way to the one it loads; transformers draws a "Loading weights"
+    bar for every checkpoint it reads (read before transformers is imported: nothing here imports it).
     """
     warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
     if not verbose:
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def one_line(error: BaseException, verbose: bool = False) -> str:

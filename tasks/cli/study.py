@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--estimate", action="store_true", help="print the grid and its estimated time, then stop")
     parser.add_argument("--table", action="store_true",
                         help="print the table of what --out has finished so far (while it runs, too), then stop")
-    parser.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the study --out holds (its own files; a folder holding no study is refused)")
 
 
 def run(args: argparse.Namespace) -> int:

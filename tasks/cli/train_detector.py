@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from features.detector_training import TrainingSettings, score_detector, train_detector
+    from features.atomic import check_output
+    from features.detector_training import RUN_LOCK, TrainingSettings, score_detector, train_detector
     from features.locks import OutputLock
     from features.mobilenet_rcnn import MobileNetRCNN, RCNNConfig, build_trunk, save_detector
     from tasks.errors import ConfigError
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     for option in ("steps", "batch_size", "detect_short_side"):
         if getattr(args, option) < 1:
             raise ConfigError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+    check_output(args.out, inputs=[args.world], folder=True)  # refused now, not after the training
     world = world_record(args.world)
     train = detection_samples(args.world, ("train",))[: args.train_images]
     held_out = detection_samples(args.world, ("test",))[: args.held_out_images]
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
                                 seed=args.seed, warmup_steps=min(100, max(1, args.steps // 10)))
     run_dir = Path(args.run_dir or f"{args.out}.run")
     run_dir.mkdir(parents=True, exist_ok=True)
-    with OutputLock(run_dir / "run.lock", f"detector run {run_dir}"):
+    with OutputLock(run_dir / RUN_LOCK, f"detector run {run_dir}"):
         trained = train_detector(detector, train, run_dir, settings, progress=not args.no_progress)
         scores = score_detector(detector, held_out)
         results = {**scores, "train_images": len(train), "steps": trained["steps"], "world": world}

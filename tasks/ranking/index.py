@@ -126,8 +126,8 @@ def build_index(
         faiss = _import_faiss()
         flat = faiss.IndexFlatIP(embeddings.shape[1])
         flat.add(embeddings)
-        with atomic_path(out / "faiss.index") as tmp:
-            faiss.write_index(flat, str(tmp))
+        with atomic_path(out / "faiss.index") as tmp:  # not faiss.write_index: it reports a full disk on stderr only
+            tmp.write_bytes(faiss.serialize_index(flat).tobytes())
     write_json_atomic(out / INDEX_FILE, {"count": len(ids), "width": int(embeddings.shape[1]), "faiss": use_faiss})
     for leftover in (out / CHUNK_DIR).glob(".*.tmp-*"):  # left by a process killed while writing a chunk
         leftover.unlink()

@@ -271,11 +271,24 @@ def estimate_minutes(plan: StudyPlan, costs: dict[str, ModelCost]) -> float:
 # -------------------------------------------------------------------------------------------- the study directory
 
 
+STUDY_RECORD = "study.json"
+PARTIAL_FEATURES = "features.partial.h5"  # the store while it is extracted (and its parts, lock, error log)
+# what a study writes at the top of its directory; `--overwrite` removes these and nothing else
+STUDY_FILES = frozenset({STUDY_RECORD, "study.md", "study.png", "world", "features.h5", "captions", "retrieval_eval",
+                         "cells"})
+
+
+def is_study_file(name: str) -> bool:
+    """Whether `name` at the top of a study directory is the study's own (the features store in the making too)."""
+    return name in STUDY_FILES or name.startswith(PARTIAL_FEATURES)
+
+
 @contextlib.contextmanager
 def claim_study_directory(out: Path, plan: StudyPlan, overwrite: bool = False) -> Iterator[Path]:
     """Hold `out` for this study (the run-directory rules): a new or empty directory, or one holding this very
-    study (resumed); anything else is refused unless `overwrite`. Locked while held; nothing is removed on failure
-    (each finished step is kept for the rerun)."""
+    study (resumed); another study is refused unless `overwrite`, which then removes the study's own files
+    (`is_study_file`) and nothing else; a folder holding no study is refused, `overwrite` included. Locked while
+    held; nothing is removed on failure (each finished step is kept for the rerun)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a directory")
     created = not out.exists()
@@ -283,12 +296,12 @@ def claim_study_directory(out: Path, plan: StudyPlan, overwrite: bool = False) -
     lock.acquire()
     try:
         contents = run_contents(out)
-        record = out / "study.json"
+        record = out / STUDY_RECORD
+        if contents and not record.is_file():
+            shown = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
+            raise ConfigError(f"--out {out}: is not empty and holds no study ({shown}); nothing there is removed, "
+                              "--overwrite included: choose a new or empty --out")
         if contents and not overwrite:
-            if not record.is_file():
-                shown = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
-                raise ConfigError(f"--out {out}: holds files that are not a study ({shown}); choose another --out, "
-                                  "or replace them with --overwrite")
             try:
                 recorded = json.loads(record.read_text())
             except (OSError, ValueError) as error:
@@ -299,7 +312,7 @@ def claim_study_directory(out: Path, plan: StudyPlan, overwrite: bool = False) -
                                   f"{', '.join(differ) or 'its keys'}); choose another --out, or replace it with "
                                   "--overwrite")
         elif contents:
-            for name in contents:
+            for name in filter(is_study_file, contents):
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         if not record.is_file():
@@ -354,7 +367,7 @@ def prepare_world(paths: StudyPaths, images: int, say: Callable[[str], None]) ->
     if paths.world.exists():
         shutil.rmtree(paths.world)
     write_shapes_world(paths.world, seed=0, num_images=images, progress=False)
-    partial = paths.out / "features.partial.h5"
+    partial = paths.out / PARTIAL_FEATURES
     boxes_path = paths.world / "gt_boxes.json"
     extract(list_images(paths.world / "images"), partial, build_detector("mobilenet-v2"),
             boxes=load_boxes(boxes_path, "xyxy"), boxes_info=boxes_file_info(boxes_path, "xyxy"), batch_size=64,

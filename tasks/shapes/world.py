@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from features.atomic import atomic_path
+from features.atomic import atomic_path, claim_folder
 
 # Base colours (RGB); each shape jitters every channel by a uniform integer in [-25, 25].
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -395,6 +395,8 @@ def write_shapes_world(out: str | Path, seed: int = 0, num_images: int = 2000, s
     if size not in (128, 224):
         raise ValueError(f"--size must be 128 or 224, got {size}")
     out = Path(out)
+    if not (out / "scenes.json").is_file():  # a world is rewritten in place (the same files), a user's folder is not
+        claim_folder(out)
     scenes = [make_scene(seed, i, split_of(i, num_images), size) for i in range(num_images)]
     for scene in tqdm(scenes, desc="shapes-world images", disable=not progress):
         buffer = io.BytesIO()

@@ -4,9 +4,11 @@ or, for boxes outside the image, clipped with a warning, never stored wrong.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 
+import lmdb
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,7 @@ from features.store import FeatureStore, FeatureStoreWriter
 from tasks.data.reference_files import read_image_ids
 from tasks.errors import AnnotationError
 from tests.fixtures.cli_check import assert_refused
-from tests.fixtures.published_sources import make_rows, write_butd_tsv, write_vilbert_lmdb
+from tests.fixtures.published_sources import make_rows, write_butd_tsv, write_lmdb, write_vilbert_lmdb
 from tests.fixtures.tiny_task_data import write_store
 
 
@@ -116,6 +118,22 @@ def test_a_tiny_pickle_cannot_allocate_gigabytes(tmp_path, payload):
     path.write_bytes(payload)
     with pytest.raises(WeightsError, match="bytes in a pickle of"):
         safe_load(path)
+
+
+@pytest.mark.parametrize("where", ["row", "keys"])
+def test_a_pickle_bomb_in_an_lmdb_row_or_its_key_list_is_one_line(tmp_path, where):
+    """The bound holds where published features are read: an LMDB's rows and its pickled `keys` list."""
+    bomb = b"\x80\x02c__builtin__\nbytearray\n(" + GIB3 + b"tR."
+    rows = make_rows(2, k=3, dim=8)
+    entries = [(r["id"], {"image_id": r["id"], "image_h": r["h"], "image_w": r["w"], "num_boxes": len(r["boxes"]),
+                          "boxes": r["boxes"], "features": r["features"]}) for r in rows]
+    source = write_lmdb(tmp_path / "src.lmdb", entries if where == "keys" else [*entries, ("bomb", bomb)])
+    if where == "keys":
+        with contextlib.closing(lmdb.open(str(source), subdir=True)) as env, env.begin(write=True) as txn:
+            txn.put(b"keys", bomb)
+    line = assert_refused(["features", "import", "--from", "vilbert-lmdb", str(source), "--out",
+                           str(tmp_path / "out.h5"), "--no-progress"], names=[str(source)], watch=[tmp_path])
+    assert "bytes in a pickle of" in line
 
 
 def test_bounded_pickles_still_load_real_data(tmp_path):

@@ -132,11 +132,17 @@ def test_pipeline_with_packaged_weights_writes_96_d_float16(tmp_path, detector):
     np.testing.assert_allclose(store.read("a").features, direct.features.numpy(), atol=2e-2, rtol=1e-2)
 
 
-def test_boxes_stay_inside_an_image_whose_size_is_not_a_multiple_of_anything(tmp_path, detector):
+def test_boxes_stay_inside_each_image_of_a_batch_of_sizes_not_a_multiple_of_anything(tmp_path, detector):
+    """Two landscape images of other sizes share one padded batch; each one's boxes are clipped to its own size."""
     folder = tmp_path / "img"
     folder.mkdir()
     Image.fromarray(np.full((75, 101, 3), 128, np.uint8)).save(folder / "odd.png")
-    boxes = {"odd": np.array([[-10, -10, 200, 200], [20, 10, 60, 50]], np.float32)}
-    extract(list_images(folder), tmp_path / "f.h5", detector, boxes=boxes, workers=0, progress=False)
-    stored = FeatureStore(tmp_path / "f.h5").read("odd").boxes
-    assert stored.tolist() == [[0, 0, 101, 75], [20, 10, 60, 50]]
+    Image.fromarray(np.full((43, 67, 3), 90, np.uint8)).save(folder / "small.png")
+    boxes = {"odd": np.array([[-10, -10, 200, 200], [20, 10, 60, 50]], np.float32),
+             "small": np.array([[30, 20, 90, 70], [-3, 5, 10, 44]], np.float32)}
+    summary = extract(list_images(folder), tmp_path / "f.h5", detector, boxes=boxes, workers=0, batch_size=2,
+                      progress=False)
+    assert summary.boxes_clipped == 3
+    store = FeatureStore(tmp_path / "f.h5")
+    assert store.read("odd").boxes.tolist() == [[0, 0, 101, 75], [20, 10, 60, 50]]
+    assert store.read("small").boxes.tolist() == [[30, 20, 67, 43], [0, 5, 10, 43]]

@@ -67,6 +67,8 @@ def test_file_outputs_given_a_folder_refuse_in_one_line(tmp_path):
     assert_refused(["boxes", "--coco", str(coco), "--out", str(folder)], names=[str(folder), "folder"],
                    watch=[tmp_path])
     assert_refused(["boxes", "--coco", str(coco), "--out", str(coco)], names=[str(coco), "input"], watch=[tmp_path])
+    assert_refused(["vcr-submission", "--checkpoint", str(tmp_path / "absent"), "--out", str(folder)],
+                   names=[str(folder), "is a folder"], watch=[tmp_path])  # before reading the checkpoint
     with pytest.raises(OutputError, match="is a folder"):
         write_json_atomic(folder, {"a": 1})
     assert snapshot([folder]) == snapshot([folder])

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from features.detector_training import TrainingSettings, train_detector
 from features.detectors import build_detector
+from features.errors import FeaturesError
 from features.images import read_image
 from features.mobilenet_rcnn import MobileNetRCNN, RCNNConfig, build_trunk
 from features.selection import SelectionRule
@@ -21,6 +22,7 @@ from tasks.runners.predict import grid_boxes
 from tasks.shapes.detector import detection_samples, world_record
 from tasks.shapes.targets import add_class_targets
 from tasks.shapes.world import NUM_CLASSES, write_shapes_world
+from tests.fixtures.cli_check import assert_refused
 from tests.fixtures.tiny_task_data import write_vocab
 
 TRAIN = ["--steps", "40", "--batch-size", "4", "--detect-short-side", "128", "--no-progress"]
@@ -145,6 +147,29 @@ def test_bad_detector_directories_are_one_line_and_exit_2(trained, tmp_path, cap
                  str(trained / "new"), "--out", str(tmp_path / "f.h5"), "--workers", "0", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "nowhere" in err and "make detector" in err
+
+
+def test_train_detector_refuses_a_users_folder_as_out_or_run_dir_before_training(trained, tmp_path):
+    """--out a folder of the user's (or the world itself) is refused before any training; a --run-dir holding
+    anything but a detector run is left untouched; a damaged training state is one line."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    argv = ["train-detector", "--world", str(trained / "world"), *TRAIN, "--random-trunk"]
+    assert_refused([*argv, "--out", str(mine)], names=[str(mine), "did not write"], watch=[tmp_path])
+    assert_refused([*argv, "--out", str(trained / "world")], names=[str(trained / "world"), "input"],
+                   watch=[tmp_path])
+    line = assert_refused([*argv, "--out", str(tmp_path / "detector"), "--run-dir", str(mine)],
+                          names=[str(mine), "holds no detector run"], watch=[tmp_path])
+    assert "nothing there is touched" in line
+    samples = detection_samples(trained / "world", ("train",))[:4]
+    settings = TrainingSettings(steps=2, batch_size=4)
+    detector = MobileNetRCNN(RCNNConfig(classes=world_record(trained / "world")["classes"], detect_short_side=128),
+                             build_trunk(random_init=True))
+    train_detector(detector, samples, tmp_path / "run", settings, progress=False)
+    (tmp_path / "run" / "state.pt").write_bytes((tmp_path / "run" / "state.pt").read_bytes()[:300])  # a cut copy
+    with pytest.raises(FeaturesError, match="state.pt: not a readable training state"):
+        train_detector(detector, samples, tmp_path / "run", settings, progress=False)
 
 
 @pytest.fixture(scope="module")

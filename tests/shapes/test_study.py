@@ -12,6 +12,7 @@ from tasks.shapes.study import (
     Cell,
     StudyPlan,
     Variant,
+    claim_study_directory,
     custom_plan,
     estimate_minutes,
     interval,
@@ -139,7 +140,25 @@ def test_a_directory_holding_another_study_or_other_files_is_refused_and_kept(tm
     files = tmp_path / "files"
     files.mkdir()
     (files / "notes.txt").write_text("mine")
-    assert_refused(["study", "--out", files, "--text-init", tmp_path], [str(files), "not a study"], watch=[tmp_path])
+    line = assert_refused(["study", "--out", files, "--text-init", tmp_path], [str(files), "holds no study"],
+                          watch=[tmp_path])
+    assert "nothing there is removed" in line
+    # --overwrite deletes nothing of a folder that holds no study (photos, notes, a dataset)
+    assert_refused(["study", "--out", files, "--text-init", tmp_path, "--overwrite"], [str(files), "holds no study"],
+                   watch=[tmp_path])
+
+
+def test_overwrite_of_a_study_removes_its_own_files_and_nothing_else(tmp_path):
+    plan = tiny_plan([(Variant("coattention", 2), 0.0)])
+    out = tmp_path / "study"
+    (out / "cells" / "old").mkdir(parents=True)
+    (out / "study.json").write_text(json.dumps({"preset": "another"}))
+    (out / "features.partial.h5.partial").mkdir()
+    (out / "notes.txt").write_text("mine")
+    with claim_study_directory(out, plan, overwrite=True):
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "run.lock", "study.json"]
+        assert json.loads((out / "study.json").read_text()) == plan.identity()
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_estimate_prints_the_grid_and_its_time(capsys):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from features.errors import OutputError
 from tasks.shapes.world import CLASS_NAMES, COMPOSITIONAL_PAIRS, write_shapes_world
 
 SPLITS = ("train", "val", "test", "compositional")
@@ -92,6 +93,20 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_differs(world, tm
     write_shapes_world(tmp_path / "other", seed=4, num_images=40, size=128, progress=False)
     assert folder_digest(tmp_path / "again") == folder_digest(world)
     assert folder_digest(tmp_path / "other") != folder_digest(world)
+
+
+def test_a_users_folder_is_refused_and_a_killed_world_is_written_again(tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "images").mkdir(parents=True)
+    (mine / "images" / "0.png").write_bytes(b"my photo")
+    with pytest.raises(OutputError, match="did not write"):
+        write_shapes_world(mine, seed=3, num_images=8, progress=False)
+    assert (mine / "images" / "0.png").read_bytes() == b"my photo" and len(list(tmp_path.rglob("*"))) == 3
+    killed = tmp_path / "killed"  # a generation killed before scenes.json: its own folder, written again
+    write_shapes_world(killed, seed=3, num_images=8, progress=False)
+    (killed / "scenes.json").unlink()
+    write_shapes_world(killed, seed=3, num_images=8, progress=False)
+    assert (killed / "scenes.json").is_file()
 
 
 def test_scenes_hold_two_to_five_separated_shapes_inside_the_image(scenes, world):

@@ -17,6 +17,7 @@ from tasks.ranking.index import load_index
 from tasks.ranking.search import rank_both_ways, rerank
 from tasks.retrieval import RetrievalConfig, RetrievalDataConfig, RetrievalTask
 from tests.fixtures.cli_check import assert_refused, run_cli
+from tests.fixtures.small_disk import assert_refused_full, fill
 from tests.fixtures.tiny_task_data import write_karpathy, write_store, write_vocab
 from vilbert import ViLBertConfig, ViLBertForVLTasks
 
@@ -95,6 +96,27 @@ def test_index_build_resumes_after_sigkill_without_duplicates(data):
     assert resumed.ids == clean.ids and len(set(resumed.ids)) == 10
     assert torch.equal(resumed.embeddings, clean.embeddings)
     assert sorted(p.name for p in (data / "index" / "chunks").iterdir()) == [f"chunk-{n:06d}.npy" for n in range(4)]
+
+
+@pytest.mark.parametrize("pages, failing", [(3, "chunks/chunk-000002.npy"), (7, "faiss.index")])
+def test_index_build_onto_a_full_disk_is_one_line_and_resumes_when_there_is_room(data, small_disk, pages, failing):
+    """Room (a page a file) for the settings and two chunks, or for all four chunks: the next file fails in one
+    line (no traceback, no temporary), the chunks written stay, the index is not complete, and once the disk has
+    room the same command finishes the index exactly as a clean build."""
+    argv = ["index", "build", "--checkpoint", data / "ckpt", "--features", data / "feats.h5", "--out",
+            small_disk / "index", "--batch-size", "3", "--device", "cpu", "--faiss"]
+    filler = fill(small_disk, leave_pages=pages)
+    line = assert_refused_full(argv, small_disk)
+    assert line.endswith(f"writing {small_disk / 'index' / failing}"), line
+    chunks = small_disk / "index" / "chunks"
+    assert sorted(p.name for p in chunks.iterdir()) == [f"chunk-{n:06d}.npy" for n in range(min(4, pages - 1))]
+    assert "index.json" not in [p.name for p in (small_disk / "index").iterdir()]  # not taken for a complete index
+    filler.unlink()
+    code, _, stderr = run_cli(argv)
+    assert code == 0, stderr
+    assert _build(data, data / "clean", "--faiss") == 0
+    resumed, clean = load_index(small_disk / "index"), load_index(data / "clean")
+    assert resumed.ids == clean.ids and torch.equal(resumed.embeddings, clean.embeddings)
 
 
 def test_resuming_with_other_settings_is_refused(data, capsys):
@@ -179,6 +201,7 @@ def test_index_build_with_faiss_prints_no_import_chatter(data):
                                "--device", "cpu", "--faiss"], subprocess=True)
     assert code == 0, stderr
     assert "ModuleNotFoundError" not in stderr and "faiss.loader" not in stderr and "not sharded" not in stderr
+    assert "Loading weights" not in stderr  # transformers' bar for every checkpoint read
 
 
 def test_resuming_a_build_after_the_store_changed_is_refused(data, capsys):
