@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch.distributed
 
 from tests.fixtures.local_ports import free_port
 from tests.fixtures.run_logs import records
@@ -50,13 +51,18 @@ def _assert_same(got, expected):
 
 
 def test_two_nodes_under_a_c10d_rendezvous_train_with_the_single_process_losses(overrides, tmp_path):
-    endpoint = f"127.0.0.1:{free_port()}"
-    options = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
-               "--rdzv-id", "two-nodes", "--local-addr", "127.0.0.1"]
+    # The rendezvous store lives in this process, as a store on its own machine would: when a node hosts it, the
+    # host's agent may exit while the other node's agent still talks to it (it then aborts, rc -6).
+    port = free_port()
+    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    options = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+               f"127.0.0.1:{port}", "--rdzv-conf", "is_host=false", "--rdzv-id", "two-nodes", "--local-addr",
+               "127.0.0.1"]
     run = ["-m", "tests.fixtures.elastic_run", str(overrides), str(tmp_path / "two")]
     nodes = [subprocess.Popen(_torchrun(*options, *run), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    del store
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     _assert_same(_losses(tmp_path / "two"), _single(overrides, tmp_path / "one"))
 
