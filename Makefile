@@ -106,9 +106,10 @@ pretrain: $(PRETRAIN_REPORT)
 	@cat $(PRETRAIN_REPORT)
 
 # The NLVR2, SNLI-VE, GQA, Visual7W and VQA-CP (changing priors) files of the world (tasks/shapes/tasks.py),
-# beside its other files; the VQA-CP files come last.
+# beside its other files; the VQA-CP files come last. A change to their generator writes them again (pretraining
+# reads none of them).
 WORLD_TASKS := $(WORLD)/vqa-cp/vqacp_v2_test_annotations.json
-$(WORLD_TASKS): $(WORLD)/scenes.json
+$(WORLD_TASKS): $(WORLD)/scenes.json tasks/shapes/tasks.py
 	$(VILBERT) shapes-world --out $(WORLD) --add-tasks
 
 # make finetune TASK=vqa|retrieval|refcoco|nlvr2|snli-ve|gqa|visual7w [DEBIAS=none|rubi|lmh] [SEED=N] [TEXT_ONLY=0]:

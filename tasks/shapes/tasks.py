@@ -11,7 +11,8 @@ existing files (which it leaves untouched):
 - `snli_ve/snli_ve_{train,dev,test}.jsonl`: per scene an entailed, a contradicted and a neutral hypothesis
   (neutral ones ascribe what a picture cannot show: material, weight, age).
 - `gqa/{train,val,testdev}_balanced_questions.json`: compositional questions (relation checks, relate-then-
-  query, attribute comparisons, or-logic), one answer each.
+  query, attribute comparisons, or-logic), one answer each, balanced per template (`GQA_TEMPLATES`): each question's
+  answer is drawn first, so the question alone answers no better than chance.
 - `visual7w/dataset_v7w_pointing.json`: "which is the <unique description>?" over the scene's shapes (box ids
   image_id * 10 + shape index; the candidates are all of the scene's 2-5 shapes, so chance varies per question).
 - `vqa-cp/vqacp_v2_{train,test}_{questions,annotations}.json`: the changing-priors split, the world's VQA v2
@@ -33,6 +34,8 @@ import numpy as np
 
 from tasks.shapes.world import (
     COLOURS,
+    COMPOSITIONAL_PAIRS,
+    DESCRIPTIONS,
     KINDS,
     NUMBER_WORDS,
     Scene,
@@ -179,48 +182,130 @@ def _write_snli_ve(folder: Path, scenes: list[Scene], seed: int) -> None:
 # ------------------------------------------------------------------------------------------------------------ GQA
 
 
-def gqa_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """[(question, answer, structural type)]: relation verify, relate-query, compare, logic."""
-    shapes = scene.shapes
-    described = [(s, unique_descriptions(shapes, s)) for s in shapes]
-    described = [(s, d[int(rng.integers(len(d)))]) for s, d in described if d]
-    out = []
-    if len(described) >= 2:
-        (a, a_text), (b, b_text) = (described[int(i)] for i in rng.choice(len(described), size=2, replace=False))
+# The GQA templates: (structural type, the answers it draws from). Answers are balanced per template, as GQA
+# balances its answer distributions per question group (VQA-CP shows what a skewed one hides): each scene's question
+# of a template is asked with an answer drawn uniformly from the template's (another the scene allows if it has no
+# question with that one), then each split keeps as many questions of every answer of a template as of its rarest
+# (`balance_answers`), so the question alone does no better than chance. The noun phrases name attributes only
+# ("the large circle"), never a position ("the circle on the left" would tell a relation's answer).
+YES_NO = ("yes", "no")
+GQA_TEMPLATES = {
+    "relVerify": ("verify", YES_NO),
+    "sameColor": ("compare", YES_NO),
+    "relQueryColor": ("query", tuple(COLOURS)),
+    "relQueryShape": ("query", KINDS),
+    "existOr": ("logical", YES_NO),
+}
+KIND_PHRASES = (("kind",), ("size", "kind"))  # no colour: "the circle", "the large circle"
+COLOUR_PHRASES = (("colour",), ("size", "colour"))  # no kind: "the red shape", "the large red shape"
+
+
+def attribute_phrases(shapes: tuple[Shape, ...], target: Shape, attribute_sets=DESCRIPTIONS) -> list[str]:
+    """The phrases of `attribute_sets` ("large red circle") that fit the target and no other shape of the scene."""
+    return [target.words(*attributes) for attributes in attribute_sets
+            if sum(s.matches(**{a: getattr(target, a) for a in attributes}) for s in shapes) == 1]
+
+
+def _neighbour(shapes: tuple[Shape, ...], shape: Shape, side: str) -> Shape | None:
+    """The one shape to the left (side "left") or right of `shape`, None unless exactly one."""
+    found = [s for s in shapes if (left_of(s, shape) if side == "left" else left_of(shape, s))]
+    return found[0] if len(found) == 1 else None
+
+
+def _gqa_candidates(template: str, scene: Scene, rng: np.random.Generator,
+                    allowed: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """{answer: the template's questions about the scene with that answer}."""
+    shapes, found = scene.shapes, {}
+    if template == "relVerify":
         relation, test = [("to the left of", left_of), ("above", above)][int(rng.integers(2))]
-        out.append((f"is the {a_text} {relation} the {b_text}?", "yes" if test(a, b) else "no", "verify"))
-        same = a.colour == b.colour
-        out.append((f"are the {a_text} and the {b_text} the same color?", "yes" if same else "no", "compare"))
-        left = [s for s in shapes if left_of(s, b)]
-        if len(left) == 1:
-            out.append((f"what color is the shape to the left of the {b_text}?", left[0].colour, "query"))
-        right = [s for s in shapes if left_of(b, s)]
-        if len(right) == 1:
-            out.append((f"what shape is the object to the right of the {b_text}?", right[0].kind, "query"))
-    colours = list(COLOURS)
-    c1, c2 = (colours[int(i)] for i in rng.choice(len(colours), size=2, replace=False))
-    k1, k2 = (KINDS[int(i)] for i in rng.integers(len(KINDS), size=2))
-    if rng.random() < 0.5:  # half the or-questions name a shape that is there: yes and no equally often
-        shown = shapes[int(rng.integers(len(shapes)))]
-        c1, k1 = shown.colour, shown.kind
-    present = _count(scene, colour=c1, kind=k1) > 0 or _count(scene, colour=c2, kind=k2) > 0
-    out.append((f"is there a {c1} {k1} or a {c2} {k2}?", "yes" if present else "no", "logical"))
+        for a in shapes:
+            for b in shapes:
+                if a is not b:
+                    found.setdefault("yes" if test(a, b) else "no", []).extend(
+                        f"is the {p} {relation} the {q}?" for p in attribute_phrases(shapes, a)
+                        for q in attribute_phrases(shapes, b))
+    elif template == "sameColor":
+        for i, a in enumerate(shapes):
+            for b in shapes[i + 1:]:
+                found.setdefault("yes" if a.colour == b.colour else "no", []).extend(
+                    f"are the {p} and the {q} the same color?" for p in attribute_phrases(shapes, a, KIND_PHRASES)
+                    for q in attribute_phrases(shapes, b, KIND_PHRASES))
+    elif template == "relQueryColor":
+        for b in shapes:
+            if (left := _neighbour(shapes, b, "left")) is not None:
+                found.setdefault(left.colour, []).extend(f"what color is the shape to the left of the {p}?"
+                                                         for p in attribute_phrases(shapes, b, KIND_PHRASES))
+    elif template == "relQueryShape":
+        for b in shapes:
+            if (right := _neighbour(shapes, b, "right")) is not None:
+                found.setdefault(right.kind, []).extend(f"what shape is the object to the right of the {p} shape?"
+                                                        for p in attribute_phrases(shapes, b, COLOUR_PHRASES))
+    else:  # existOr: "yes" names a pair of the scene (in either place), "no" two pairs it lacks
+        present = sorted({(s.colour, s.kind) for s in shapes})
+        absent = [pair for pair in allowed if pair not in present]
+        shown = present[int(rng.integers(len(present)))]
+        other = allowed[int(rng.integers(len(allowed)))]
+        first, second = (shown, other) if rng.random() < 0.5 else (other, shown)
+        found["yes"] = [f"is there a {first[0]} {first[1]} or a {second[0]} {second[1]}?"]
+        if len(absent) >= 2:
+            first, second = (absent[int(i)] for i in rng.choice(len(absent), size=2, replace=False))
+            found["no"] = [f"is there a {first[0]} {first[1]} or a {second[0]} {second[1]}?"]
+    return {answer: questions for answer, questions in found.items() if questions}
+
+
+def gqa_questions(scene: Scene, rng: np.random.Generator, allowed_pairs: list[tuple[str, str]] | None = None
+                  ) -> list[tuple[str, str, str, str]]:
+    """[(question, answer, structural type, detailed type)], at most one per template (`GQA_TEMPLATES`): relation
+    verify, same colour, relate-then-query colour and shape, or-logic; the answer drawn uniformly from the template's,
+    else from those the scene allows. `allowed_pairs`: the colour-shape pairs or-questions may name (default every
+    pair outside `COMPOSITIONAL_PAIRS`, which no train/val/test image holds)."""
+    allowed = allowed_pairs or [(c, k) for c in COLOURS for k in KINDS if (c, k) not in COMPOSITIONAL_PAIRS]
+    out = []
+    for template, (structural, answers) in GQA_TEMPLATES.items():
+        want = answers[int(rng.integers(len(answers)))]
+        found = _gqa_candidates(template, scene, rng, allowed)
+        if not found:
+            continue
+        if want not in found:
+            possible = sorted(found)
+            want = possible[int(rng.integers(len(possible)))]
+        questions = found[want]
+        out.append((questions[int(rng.integers(len(questions)))], want, structural, template))
     return out
 
 
+def balance_answers(items: list[tuple[str, str]], rng: np.random.Generator) -> list[int]:
+    """Indices (in order) of the `(template, answer)` items to keep: per template, as many of each of its answers as
+    of its rarest answer, drawn by `rng`."""
+    groups: dict[str, dict[str, list[int]]] = {}
+    for index, (template, answer) in enumerate(items):
+        groups.setdefault(template, {}).setdefault(answer, []).append(index)
+    kept = []
+    for template in sorted(groups):
+        size = min(len(indices) for indices in groups[template].values())
+        for answer in sorted(groups[template]):
+            indices = groups[template][answer]
+            kept += [indices[int(i)] for i in np.sort(rng.choice(len(indices), size=size, replace=False))]
+    return sorted(kept)
+
+
 def _write_gqa(folder: Path, scenes: list[Scene], seed: int) -> None:
-    for split, name in SPLIT_NAMES["gqa"].items():
-        questions = {}
+    for split_index, (split, name) in enumerate(SPLIT_NAMES["gqa"].items()):
+        asked = []  # (question id, image id, question, answer, structural, detailed)
         for scene in (s for s in scenes if s.split == split):
             rng = _rng(seed, "gqa", scene.image_id)
-            for k, (question, answer, structural) in enumerate(gqa_questions(scene, rng)):
-                questions[f"{scene.image_id}{k:02d}"] = {
-                    "imageId": str(scene.image_id), "question": question, "answer": answer,
-                    "fullAnswer": f"The answer is {answer}.", "isBalanced": True,
-                    "types": {"structural": structural, "semantic": "rel", "detailed": structural},
-                    "groups": {"global": None, "local": None}, "entailed": [], "equivalent": [],
-                    "annotations": {"question": {}, "answer": {}, "fullAnswer": {}}, "semantic": [],
-                    "semanticStr": ""}
+            for k, (question, answer, structural, detailed) in enumerate(gqa_questions(scene, rng)):
+                asked.append((f"{scene.image_id}{k:02d}", scene.image_id, question, answer, structural, detailed))
+        keep = balance_answers([(a[5], a[3]) for a in asked], np.random.default_rng([seed, TASK_STREAM["gqa"], split_index]))
+        questions = {}
+        for qid, image_id, question, answer, structural, detailed in (asked[i] for i in keep):
+            questions[qid] = {
+                "imageId": str(image_id), "question": question, "answer": answer,
+                "fullAnswer": f"The answer is {answer}.", "isBalanced": True,
+                "types": {"structural": structural, "semantic": "rel", "detailed": detailed},
+                "groups": {"global": None, "local": None}, "entailed": [], "equivalent": [],
+                "annotations": {"question": {}, "answer": {}, "fullAnswer": {}}, "semantic": [],
+                "semanticStr": ""}
         _write_json(folder / f"{name}_balanced_questions.json", questions)
 
 

@@ -3,16 +3,19 @@ deterministic, and written beside the world's other files without changing them.
 
 import hashlib
 import json
+import re
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from tasks.gqa import read_gqa
 from tasks.nlvr2 import read_nlvr2
 from tasks.pointing import read_visual7w
-from tasks.shapes.tasks import write_task_files
-from tasks.shapes.world import write_shapes_world
+from tasks.shapes.tasks import GQA_TEMPLATES, balance_answers, gqa_questions, write_task_files
+from tasks.shapes.world import COLOURS, COMPOSITIONAL_PAIRS, KINDS, SIZES, above, left_of, make_scene, write_shapes_world
 from tasks.snli_ve import LABELS, read_snli_ve
 from tasks.vqa import read_cp_split, read_split
 
@@ -70,16 +73,75 @@ def test_snli_ve_has_one_hypothesis_of_each_label_per_scene(world):
     assert Counter(s.label for s in samples) == {i: len(by_image) for i in range(len(LABELS))}
 
 
+def shape_named(phrase: str, shapes: list[dict]) -> dict:
+    """The one shape of the scene that a phrase of attribute words ("large red", "circle") fits."""
+    words = phrase.split()
+    wanted = {key: word for word in words for key, values in (("size", SIZES), ("colour", COLOURS), ("kind", KINDS))
+              if word in values}
+    assert len(wanted) == len(words), phrase  # attribute words only: no position ("on the left") tells an answer
+    found = [s for s in shapes if all(s[key] == value for key, value in wanted.items())]
+    assert len(found) == 1, phrase
+    return found[0]
+
+
+def relation(test, a: dict, b: dict) -> bool:
+    """The world's spatial relation (`left_of`, `above`) between two shapes of scenes.json."""
+    return test(SimpleNamespace(box=tuple(a["box"])), SimpleNamespace(box=tuple(b["box"])))
+
+
 def test_gqa_answers_are_true_of_the_scene(world):
     scenes = {str(i["image_id"]): i for i in json.loads((world / "scenes.json").read_text())["images"]}
     samples = read_gqa(world / "gqa" / "testdev_balanced_questions.json")
-    assert samples
+    assert {s.extra["question_type"] for s in samples} == set(GQA_TEMPLATES)
     for sample in samples:
         text, shapes = sample.texts[0], scenes[sample.images[0]]["shapes"]
         if text.startswith("is there a "):
             options = text.removeprefix("is there a ").removesuffix("?").split(" or a ")
+            assert not {tuple(o.split()) for o in options} & set(COMPOSITIONAL_PAIRS)  # pairs no image of it holds
             present = any(f"{s['colour']} {s['kind']}" in options for s in shapes)
             assert sample.label == ("yes" if present else "no")
+        elif match := re.fullmatch(r"is the (.+) (to the left of|above) the (.+)\?", text):
+            a, b = shape_named(match[1], shapes), shape_named(match[3], shapes)
+            holds = relation(left_of if match[2] == "to the left of" else above, a, b)
+            assert sample.label == ("yes" if holds else "no")
+        elif match := re.fullmatch(r"are the (.+) and the (.+) the same color\?", text):
+            a, b = shape_named(match[1], shapes), shape_named(match[2], shapes)
+            assert sample.label == ("yes" if a["colour"] == b["colour"] else "no")
+        elif match := re.fullmatch(r"what color is the shape to the left of the (.+)\?", text):
+            b = shape_named(match[1], shapes)
+            left = [s for s in shapes if relation(left_of, s, b)]
+            assert [s["colour"] for s in left] == [sample.label]
+        else:
+            match = re.fullmatch(r"what shape is the object to the right of the (.+) shape\?", text)
+            b = shape_named(match[1], shapes)
+            right = [s for s in shapes if relation(left_of, b, s)]
+            assert [s["kind"] for s in right] == [sample.label]
+
+
+def test_gqa_answers_are_balanced_per_template_so_the_question_alone_is_at_chance(world):
+    for name in ("train", "val", "testdev"):
+        answers = {}
+        for sample in read_gqa(world / "gqa" / f"{name}_balanced_questions.json"):
+            answers.setdefault(sample.extra["question_type"], Counter())[sample.label] += 1
+        assert {"relVerify", "existOr"} <= set(answers)
+        for template, counts in answers.items():
+            assert set(counts) <= set(GQA_TEMPLATES[template][1])
+            assert len(set(counts.values())) == 1, (name, template, counts)  # every answer of a template equally often
+
+
+def test_gqa_scenes_draw_the_answer_first_and_splits_keep_each_template_s_rarest_answer_count():
+    scenes = [make_scene(5, image_id, "train", 128) for image_id in range(400)]
+    asked = [(template, answer) for scene in scenes
+             for _, answer, _, template in gqa_questions(scene, np.random.default_rng(scene.image_id))]
+    drawn = Counter(answer for template, answer in asked if template == "sameColor")
+    assert drawn["yes"] > 0.25 * drawn.total()  # same-colour pairs are rare in scenes; the drawn answer asks for them
+    indices = balance_answers(asked, np.random.default_rng(0))
+    assert indices == sorted(set(indices))  # each item once, in order
+    kept = [asked[i] for i in indices]
+    for template in GQA_TEMPLATES:
+        before = Counter(answer for t, answer in asked if t == template)
+        after = Counter(answer for t, answer in kept if t == template)
+        assert set(after) == set(before) and set(after.values()) == {min(before.values())}
 
 
 def test_visual7w_candidates_are_the_scene_shapes(world):
