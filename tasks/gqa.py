@@ -10,7 +10,8 @@ every answer given by at least `data.min_answer_count` train questions, most fre
 Model (12-in-1 task 15): `gqa_answer_logits`, BCE × number of answers on the one-hot answer (the original's
 vilbert/task_utils.py: BCEWithLogitsLoss mean × number of labels).
 Question types (for the answer prior of `data.debias`): each question's `types.detailed` (else `structural`).
-Metric: exact match (`tasks.metrics.gqa_accuracy`); a question whose answer is outside the list cannot be right.
+Metric: exact match (`tasks.metrics.gqa_accuracy`); a question whose answer is outside the list cannot be right;
+also per question type (`question_type/<type>`).
 Predictions [{"questionId", "prediction"}]: the official submission format.
 """
 
@@ -123,5 +124,20 @@ class GQATask(AnswerTask):
         if any(label is None for label in gold.values()):
             return {"num_predictions": float(len(predictions))}
         predicted = {self.id_of(p): self.predicted_label(p) for p in predictions}
-        return {"accuracy": gqa_accuracy(predicted, gold), "num_items": float(len(gold)),
-                "num_predictions": float(len(predictions))}
+        return {"accuracy": gqa_accuracy(predicted, gold), **self.type_accuracy(predicted, split),
+                "num_items": float(len(gold)), "num_predictions": float(len(predictions))}
+
+    def type_accuracy(self, predicted: Mapping[str, str], split: str) -> dict[str, float]:
+        """{"question_type/<type>": exact-match accuracy %} per question type of the split (`types.detailed`);
+        empty when the split's questions carry no types."""
+        by_type: dict[str, list[bool]] = {}
+        for sample in self.samples(split):
+            if question_type := self.question_type(sample):
+                right = str(predicted.get(sample.id, "")).strip() == str(sample.label).strip()
+                by_type.setdefault(question_type, []).append(right)
+        return {f"question_type/{name}": 100.0 * sum(hits) / len(hits) for name, hits in sorted(by_type.items())}
+
+    def report_lines(self, metrics: Mapping[str, float]) -> list[tuple[str, float, float | None]]:
+        """Accuracy per question type (`make finetune TASK=gqa` prints the text-only start's beside it)."""
+        return [(f"question type '{key.split('/', 1)[1]}'", value, None)
+                for key, value in sorted(metrics.items()) if key.startswith("question_type/")]

@@ -34,7 +34,15 @@ def test_gqa_answer_list_training_and_exact_match(tmp_path):
     assert set(predictions[0]) == {"questionId", "prediction"}
     gold = {s.id: s.label for s in read_gqa(tmp_path / "gqa" / "testdev_balanced_questions.json")}
     expected = gqa_accuracy({p["questionId"]: p["prediction"] for p in predictions}, gold)
-    assert task.evaluate(model, "testdev")["accuracy"] == pytest.approx(expected)
+    metrics = task.evaluate(model, "testdev")
+    assert metrics["accuracy"] == pytest.approx(expected)
+    types = {s.id: s.extra["question_type"] for s in read_gqa(tmp_path / "gqa" / "testdev_balanced_questions.json")}
+    for name in ("query", "verify"):  # per question type: the same exact match over that type's questions alone
+        mine = [p for p in predictions if types[p["questionId"]] == name]
+        expected = gqa_accuracy({p["questionId"]: p["prediction"] for p in mine},
+                                {key: gold[key] for key in gold if types[key] == name})
+        assert metrics[f"question_type/{name}"] == pytest.approx(expected)
+    assert [label for label, _, _ in task.report_lines(metrics)] == ["question type 'query'", "question type 'verify'"]
     built = _task(tmp_path)
     assert built.answers() == ["no", "yes", "left", "red"]  # train answers, most frequent first
 
