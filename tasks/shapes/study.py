@@ -481,6 +481,11 @@ def _cell_in_worker(out: str, plan: StudyPlan, cell: Cell, text_init: str, label
     return cell.key
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one, as Linux does; else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _worker_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
@@ -491,7 +496,7 @@ def _run_cells_in_parallel(paths: StudyPaths, plan: StudyPlan, text_init: str, j
     stops the cells not yet started and is raised once the running ones have finished (their steps are kept)."""
     cells = plan.cells()
     pending = [(number, cell) for number, cell in enumerate(cells, 1) if not _cell_done(paths, cell)]
-    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+    threads = max(1, usable_cores() // jobs)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_threads, initargs=(threads,)) as pool:
         futures = [pool.submit(_cell_in_worker, str(paths.out), plan, cell, text_init, f"[{number}/{len(cells)}] ")
