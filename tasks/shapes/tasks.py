@@ -11,8 +11,9 @@ existing files (which it leaves untouched):
 - `snli_ve/snli_ve_{train,dev,test}.jsonl`: per scene an entailed, a contradicted and a neutral hypothesis
   (neutral ones ascribe what a picture cannot show: material, weight, age).
 - `gqa/{train,val,testdev}_balanced_questions.json`: compositional questions (relation checks, relate-then-
-  query, attribute comparisons, or-logic), one answer each, balanced per template (`GQA_TEMPLATES`): each question's
-  answer is drawn first, so the question alone answers no better than chance.
+  query, attribute comparisons, or-logic), one answer each, balanced per template (`GQA_TEMPLATES`: each question's
+  answer drawn first, then each split keeps every answer of a template as often as its rarest), so the question
+  alone answers no better than chance.
 - `visual7w/dataset_v7w_pointing.json`: "which is the <unique description>?" over the scene's shapes (box ids
   image_id * 10 + shape index; the candidates are all of the scene's 2-5 shapes, so chance varies per question).
 - `vqa-cp/vqacp_v2_{train,test}_{questions,annotations}.json`: the changing-priors split, the world's VQA v2
