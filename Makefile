@@ -170,13 +170,15 @@ ifeq ($(TASK),vqa)
 endif
 endif
 
-# make study [STUDY=quick|full]: the paper's ablations on the shapes world (`vilbert study`, tasks/shapes/study.py):
+# make study [STUDY=quick|full] [JOBS=N]: the paper's ablations on the shapes world (`vilbert study`, tasks/shapes/study.py):
 # architecture variants x pretraining-data fraction x seeds, each pretrained and fine-tuned on VQA, retrieval and
-# RefCOCO in a world of its own; a rerun skips what is done. Table runs/study_$(STUDY)/study.md, figure study.png.
+# RefCOCO in a world of its own; a rerun skips what is done; JOBS cells at a time.
+# Table runs/study_$(STUDY)/study.md, figure study.png.
 STUDY ?= quick
+JOBS ?= 1
 study: setup
 	@$(WEIGHTS_CHECK)
-	$(VILBERT) study --preset $(STUDY) --out runs/study_$(STUDY) --text-init $(TEXT_INIT)
+	$(VILBERT) study --preset $(STUDY) --out runs/study_$(STUDY) --text-init $(TEXT_INIT) --jobs $(JOBS)
 
 # make demo: the web demo (http://127.0.0.1:7860/) with the shapes world's test images to pick from: the multi-task
 # model of `make finetune TASK=multi` when there is one (every task from one checkpoint), else every fine-tuned

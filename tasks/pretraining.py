@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from features.store import FeatureStore
@@ -56,9 +55,7 @@ from tasks.metrics import recall_at_k
 from tasks.ranking.contrastive import contrastive_loss, dual_overrides
 from tasks.ranking.search import (
     CoattentionScorer,
-    caption_headline,
-    caption_lines,
-    draw_captions,
+    RankedCaptionsView,
     rank_captions,
 )
 from vilbert import ViLBertConfig, ViLBertForPreTraining
@@ -266,7 +263,7 @@ def collate_pretraining(samples: list[dict]) -> dict[str, torch.Tensor | tuple[i
 # ---------------------------------------------------------------------------------------------------------- task
 
 
-class PretrainingTask(Task):
+class PretrainingTask(RankedCaptionsView, Task):
     """Masked multimodal pretraining for the shared trainer."""
 
     name = "pretrain"
@@ -501,15 +498,3 @@ class PretrainingTask(Task):
     def predict_one(self, model: nn.Module, example: PredictExample) -> dict[str, Any]:
         """The captions ranked zero-shot by P(aligned) from the alignment head (as retrieval would rank them)."""
         return rank_captions(model, self.tokenizer, example, self.config.data.max_text_length)
-
-    def headline(self, result: Mapping[str, Any]) -> str:
-        return caption_headline(result)
-
-    def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
-        return draw_captions(example, result)
-
-    def summary_lines(self, result: Mapping[str, Any]) -> list[str]:
-        return caption_lines(result)
-
-    def explained_text(self, example: PredictExample, result: Mapping[str, Any]) -> str:
-        return result["captions"][0]["caption"]  # the best-ranked caption

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -62,9 +61,7 @@ from tasks.metrics import mean_recall, recall_both_ways
 from tasks.ranking.contrastive import contrastive_loss, dual_overrides
 from tasks.ranking.search import (
     CoattentionScorer,
-    caption_headline,
-    caption_lines,
-    draw_captions,
+    RankedCaptionsView,
     rank_both_ways,
     rank_captions,
 )
@@ -233,7 +230,7 @@ def collate_retrieval(samples: list[dict]) -> dict:
     return batch
 
 
-class RetrievalTask(FinetuneTask):
+class RetrievalTask(RankedCaptionsView, FinetuneTask):
     """Caption-based image retrieval; main metric: the mean of caption→image R@1, R@5, R@10."""
 
     name = "retrieval"
@@ -388,18 +385,6 @@ class RetrievalTask(FinetuneTask):
     def predict_one(self, model: nn.Module, example: PredictExample) -> dict[str, Any]:
         return rank_captions(model, self.tokenizer(), example, self.data.max_text_length,
                              task_token_id(model, self.example_token(example)))
-
-    def headline(self, result: Mapping[str, Any]) -> str:
-        return caption_headline(result)
-
-    def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
-        return draw_captions(example, result)
-
-    def summary_lines(self, result: Mapping[str, Any]) -> list[str]:
-        return caption_lines(result)
-
-    def explained_text(self, example: PredictExample, result: Mapping[str, Any]) -> str:
-        return result["captions"][0]["caption"]  # the best-ranked caption
 
 
 def evaluate_retrieval(task: RetrievalTask, model: nn.Module, split: str, mode: str, rerank_k: int = 32,

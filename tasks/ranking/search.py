@@ -241,19 +241,24 @@ def rank_captions(model: nn.Module, tokenizer: Tokenizer, example: PredictExampl
                           "probability": probabilities[i].item()} for i in order]}
 
 
-def caption_headline(result: Mapping[str, Any]) -> str:
-    """The best caption with its score."""
-    best = result["captions"][0]
-    return f"{best['caption']} ({best['score']:.2f})"
+class RankedCaptionsView:
+    """How a task whose `predict_one` is `rank_captions` shows its result: the `Task` presentation hooks for a list of
+    captions ranked for one image (pretraining zero-shot, caption retrieval)."""
 
+    def headline(self, result: Mapping[str, Any]) -> str:
+        """The best caption with its score."""
+        best = result["captions"][0]
+        return f"{best['caption']} ({best['score']:.2f})"
 
-def draw_captions(example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
-    """The regions and the best caption with its score."""
-    return draw_boxes(example.image, example.boxes, None, caption_headline(result))
+    def draw(self, example: PredictExample, result: Mapping[str, Any]) -> Image.Image:
+        """The regions and the best caption with its score."""
+        return draw_boxes(example.image, example.boxes, None, self.headline(result))
 
+    def summary_lines(self, result: Mapping[str, Any]) -> list[str]:
+        """The ranking, one caption a line: score, share among the captions, text."""
+        return ["captions, best first (score, share among these captions):",
+                *(f"  {i + 1}. {c['score']:8.3f} {c['probability']:6.1%}  {c['caption']}"
+                  for i, c in enumerate(result["captions"]))]
 
-def caption_lines(result: Mapping[str, Any]) -> list[str]:
-    """The ranking, one caption a line: score, share among the captions, text."""
-    return ["captions, best first (score, share among these captions):",
-            *(f"  {i + 1}. {c['score']:8.3f} {c['probability']:6.1%}  {c['caption']}"
-              for i, c in enumerate(result["captions"]))]
+    def explained_text(self, example: PredictExample, result: Mapping[str, Any]) -> str:
+        return result["captions"][0]["caption"]  # the best-ranked caption

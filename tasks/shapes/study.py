@@ -26,9 +26,12 @@ import functools
 import json
 import logging
 import math
+import multiprocessing
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +65,11 @@ SPLITS = ("held-out test", "compositional")
 METRIC_NAMES = {"vqa": "VQA accuracy", "retrieval": "retrieval R@1", "refcoco": "RefCOCO accuracy"}
 FROZEN_TEXT_LAYERS = 4  # as the embedded default's configs (model.overrides.fixed_t_layer)
 COST_TEXT_LENGTH, COST_REGIONS = 16, 6  # the sample FLOPs are counted on (a typical caption, IMG + 5 shapes)
-# Effective training FLOP/s of one idle 2-core VM of this project, from `make pretrain`'s idle run (1,400 steps x 32
-# samples in 12.7 min with its evaluation; forward FLOPs x 3 per trained sample): what the time estimate divides by.
-IDLE_FLOPS_PER_SECOND = 8e10
+# Effective FLOP/s of one idle 2-core VM of this project per kind of run, counted in base-model forward FLOPs (x 3
+# per trained sample; the heads, uncounted, are what makes them differ): pretraining from `make pretrain`'s idle run
+# (1,400 steps x 32 samples in 12.7 min with its evaluation), fine-tuning from the quick preset's idle run of
+# 2026-12-06 (the `seconds` of its 30 result files, less RUN_OVERHEAD_SECONDS each), rounded down.
+IDLE_FLOPS_PER_SECOND = {"pretrain": 8e10, "vqa": 1.7e11, "retrieval": 1.5e11, "refcoco": 3.5e11}
 EXTRACT_SECONDS_PER_IMAGE = 0.03  # MobileNetV2 on given boxes, idle (the README's 2,000 images in 1.1 min)
 RUN_OVERHEAD_SECONDS = 4.0  # building, loading and saving a model once, idle
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # Student t, 1..10 d.o.f.
@@ -175,18 +180,18 @@ def _rows(variants: list[str], fractions: list[float], num_text_layers: int = 6)
 
 
 def preset_plan(name: str) -> StudyPlan:
-    """`quick` (28 min estimated, idle): the architecture questions without pretraining (the paper's † rows:
+    """`quick` (18 min estimated, idle): the architecture questions without pretraining (the paper's † rows:
     single-stream vs ViLBERT), the two new ones (coattention-only, sequential) and the late-fusion lower bound, each
-    fine-tuned from the text stream, 2 seeds, a 300-image world. No pretraining: 80 steps of it (all such a budget
+    fine-tuned from the text stream, 3 seeds, a 300-image world. No pretraining: 80 steps of it (all such a budget
     allows) taught nothing measurable (alignment 48.7 % against 50 % chance), so the budget goes to fine-tuning.
-    `full` (about 13 h, idle): Tables 1-3 (single-stream and ViLBERT with and without pretraining; depth 1/2/4/6;
+    `full` (about 10 h, idle, in one process): Tables 1-3 (single-stream and ViLBERT with and without pretraining; depth 1/2/4/6;
     data 0/25/50/100 %) and the new questions, 3 seeds, the default world and run lengths of `make pretrain` and
     `make finetune`."""
     if name == "quick":
         return StudyPlan(
             "quick",
             rows=_rows(["vilbert", "single-stream", "coattention-only", "sequential", "late-fusion"], [0.0]),
-            seeds=[0, 1], images=300, pretrain_steps=0, finetune_steps={"vqa": 100, "retrieval": 30, "refcoco": 80},
+            seeds=[0, 1, 2], images=300, pretrain_steps=0, finetune_steps={"vqa": 100, "retrieval": 30, "refcoco": 80},
             budget_minutes=30.0, retrieval_eval_images=20)
     if name == "full":
         return StudyPlan(
@@ -249,7 +254,7 @@ def _counted(config_json: str) -> ModelCost:
 
 def estimate_minutes(plan: StudyPlan, costs: dict[str, ModelCost]) -> float:
     """The grid's time on an idle machine: world and features, then per cell its training samples x 3 forward
-    FLOPs and its evaluation forwards, over IDLE_FLOPS_PER_SECOND, plus a fixed cost per run."""
+    FLOPs and its evaluation forwards, over the kind of run's IDLE_FLOPS_PER_SECOND, plus a fixed cost per run."""
     held = max(1, plan.images // 10)
     ranked = min(held, 50, plan.retrieval_eval_images or 50)
     ranked_zero_shot = min(held, 16 if "data.retrieval_images=16" in plan.pretrain_overrides else 32)
@@ -264,7 +269,7 @@ def estimate_minutes(plan: StudyPlan, costs: dict[str, ModelCost]) -> float:
             runs["pretrain"] = plan.pretrain_steps
         for run, steps in runs.items():
             samples = steps * batch[run] * 3 + eval_forwards[run]
-            seconds += samples * flops / IDLE_FLOPS_PER_SECOND + RUN_OVERHEAD_SECONDS
+            seconds += samples * flops / IDLE_FLOPS_PER_SECOND[run] + RUN_OVERHEAD_SECONDS
     return seconds / 60
 
 
@@ -452,9 +457,70 @@ def finetune(paths: StudyPaths, plan: StudyPlan, cell: Cell, task_name: str, tex
             "splits": {row.name.split(":")[0]: {"value": row.value, "chance": row.chance} for row in rows}}
 
 
+def run_cell(paths: StudyPaths, plan: StudyPlan, cell: Cell, text_init: str, say: Callable[[str], None],
+             label: str = "") -> None:
+    """Pretrain the cell (unless its fraction is 0), then fine-tune and evaluate every task; each finished step
+    leaves its result file, and a step whose file exists is skipped."""
+    folder = paths.cell(cell)
+    init = None
+    if cell.fraction > 0:
+        done = _read_json(folder / "pretrain.json")
+        if done is None:
+            say(f"{label}{cell.key}: pretraining")
+            done = pretrain(paths, plan, cell, text_init)
+            _write_json(folder / "pretrain.json", done)
+        init = done["checkpoint"]
+    for task_name in TASKS:
+        if not (folder / f"{task_name}.json").is_file():
+            say(f"{label}{cell.key}: {task_name}")
+            _write_json(folder / f"{task_name}.json", finetune(paths, plan, cell, task_name, text_init, init))
+
+
+def _cell_in_worker(out: str, plan: StudyPlan, cell: Cell, text_init: str, label: str) -> str:
+    run_cell(StudyPaths(Path(out)), plan, cell, text_init, functools.partial(print, flush=True), label)
+    return cell.key
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one, as Linux does; else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _worker_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run_cells_in_parallel(paths: StudyPaths, plan: StudyPlan, text_init: str, jobs: int,
+                           say: Callable[[str], None]) -> None:
+    """The unfinished cells over `jobs` worker processes, the machine's cores shared among them. A failed cell
+    stops the cells not yet started and is raised once the running ones have finished (their steps are kept)."""
+    cells = plan.cells()
+    pending = [(number, cell) for number, cell in enumerate(cells, 1) if not _cell_done(paths, cell)]
+    threads = max(1, usable_cores() // jobs)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_threads, initargs=(threads,)) as pool:
+        futures = [pool.submit(_cell_in_worker, str(paths.out), plan, cell, text_init, f"[{number}/{len(cells)}] ")
+                   for number, cell in pending]
+        try:
+            for future in as_completed(futures):
+                say(f"cell {future.result()}: done")
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def _cell_done(paths: StudyPaths, cell: Cell) -> bool:
+    folder = paths.cell(cell)
+    return all((folder / f"{name}.json").is_file()
+               for name in (*TASKS, *(("pretrain",) if cell.fraction > 0 else ())))
+
+
 def run_study(plan: StudyPlan, out: str | Path, text_init: str, overwrite: bool = False,
-              say: Callable[[str], None] = logger.info) -> list[str]:
-    """Run (or resume) every cell of `plan` in `out`; write study.md and study.png; return the table's lines."""
+              say: Callable[[str], None] = logger.info, jobs: int = 1) -> list[str]:
+    """Run (or resume) every cell of `plan` in `out`, `jobs` cells at a time (worker processes when more than
+    one); write study.md and study.png; return the table's lines."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs: {jobs} must be at least 1")
     costs = {v.name: model_cost(plan, v) for v in dict.fromkeys(v for v, _ in plan.rows)}
     minutes = estimate_minutes(plan, costs)
     if plan.budget_minutes is not None and minutes > plan.budget_minutes:
@@ -466,25 +532,16 @@ def run_study(plan: StudyPlan, out: str | Path, text_init: str, overwrite: bool 
     out = Path(out)
     paths = StudyPaths(out)
     with claim_study_directory(out, plan, overwrite):
-        say(f"study {plan.preset}: {len(plan.cells())} cells, estimated {minutes:.0f} min on an idle 2-core CPU")
+        say(f"study {plan.preset}: {len(plan.cells())} cells, estimated {minutes:.0f} min on an idle 2-core CPU"
+            + (f" in one process; {jobs} at a time" if jobs > 1 else ""))
         started = time.perf_counter()
         prepare_world(paths, plan.images, say)
         write_caption_subsets(paths, {f for _, f in plan.rows})
-        for number, cell in enumerate(plan.cells(), 1):
-            folder = paths.cell(cell)
-            init = None
-            if cell.fraction > 0:
-                done = _read_json(folder / "pretrain.json")
-                if done is None:
-                    say(f"[{number}/{len(plan.cells())}] {cell.key}: pretraining")
-                    done = pretrain(paths, plan, cell, text_init)
-                    _write_json(folder / "pretrain.json", done)
-                init = done["checkpoint"]
-            for task_name in TASKS:
-                if not (folder / f"{task_name}.json").is_file():
-                    say(f"[{number}/{len(plan.cells())}] {cell.key}: {task_name}")
-                    _write_json(folder / f"{task_name}.json",
-                                finetune(paths, plan, cell, task_name, text_init, init))
+        if jobs > 1:
+            _run_cells_in_parallel(paths, plan, text_init, jobs, say)
+        else:
+            for number, cell in enumerate(plan.cells(), 1):
+                run_cell(paths, plan, cell, text_init, say, f"[{number}/{len(plan.cells())}] ")
         results = study_results(plan, out)
         lines = table_lines(plan, results, costs)
         with atomic_path(out / "study.md") as tmp:

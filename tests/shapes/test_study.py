@@ -5,9 +5,11 @@ import json
 import shutil
 
 import pytest
+import torch
 from transformers import BertConfig, BertForPreTraining
 
 from tasks.errors import ConfigError
+from tasks.shapes import study
 from tasks.shapes.study import (
     Cell,
     StudyPlan,
@@ -85,6 +87,27 @@ def test_a_tiny_study_runs_resumes_without_redoing_and_writes_its_table_and_figu
         p: t for p, t in results.items() if p != redone}
 
 
+def test_cells_in_worker_processes_give_the_results_of_one_process(tiny_text, tmp_path, monkeypatch):
+    plan = tiny_plan([(parse_variant("vilbert", 3), 0.5)])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(study, "usable_cores", lambda: 2)  # one thread per worker, as below
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = run_study(plan, "serial", tiny_text)
+    finally:
+        torch.set_num_threads(threads)
+    said = []
+    assert run_study(plan, "parallel", tiny_text, jobs=2, say=said.append) == serial
+    assert sorted(line for line in said if line.startswith("cell ")) == [
+        f"cell vilbert_p050_s{seed}: done" for seed in (0, 1)]
+    for seed in (0, 1):
+        for task in ("vqa", "retrieval", "refcoco"):
+            ours, theirs = (json.loads((tmp_path / run / "cells" / f"vilbert_p050_s{seed}" / f"{task}.json").read_text())
+                            for run in ("parallel", "serial"))
+            assert ours["splits"] == theirs["splits"]
+
+
 def test_variants_and_depths_parse_and_the_impossible_is_refused():
     assert parse_variant("vilbert:4", 6) == Variant("vilbert", 4)
     assert Cell(Variant("vilbert", 4), 0.25, 1).key == "vilbert-d4_p025_s1"
@@ -122,6 +145,7 @@ def test_a_custom_grid_replaces_the_rows():
     (["--fractions", "0,1.5"], "--fractions: 1.5"),
     (["--seeds", "40", "--budget-minutes", "30"], "--budget-minutes"),
     (["--preset", "huge"], "--preset: unknown 'huge'"),
+    (["--jobs", "0"], "--jobs: 0 must be at least 1"),
 ])
 def test_bad_grids_are_refused_before_anything_is_written(tmp_path, extra, named):
     out = tmp_path / "study"
@@ -164,4 +188,4 @@ def test_overwrite_of_a_study_removes_its_own_files_and_nothing_else(tmp_path):
 def test_estimate_prints_the_grid_and_its_time(capsys):
     code, out, _ = run_cli(["study", "--preset", "quick", "--estimate"])
     assert code == 0
-    assert "10 cells (2 seeds): estimated" in out and "single-stream" in out and "GFLOPs/sample" in out
+    assert "15 cells (3 seeds): estimated" in out and "single-stream" in out and "GFLOPs/sample" in out
