@@ -106,25 +106,30 @@ pretrain: $(PRETRAIN_REPORT)
 	@cat $(PRETRAIN_REPORT)
 
 # The NLVR2, SNLI-VE, GQA, Visual7W and VQA-CP (changing priors) files of the world (tasks/shapes/tasks.py),
-# beside its other files; the VQA-CP files come last. A change to their generator writes them again (pretraining
-# reads none of them).
-WORLD_TASKS := $(WORLD)/vqa-cp/vqacp_v2_test_annotations.json
+# and the VQA and VQA-CP grounding files (the named shape's box per question), beside its other files; the VQA-CP
+# grounding files come last. A change to their generator writes them again (pretraining reads none of them).
+WORLD_TASKS := $(WORLD)/vqa-cp/vqacp_v2_test_grounding.json
 $(WORLD_TASKS): $(WORLD)/scenes.json tasks/shapes/tasks.py
 	$(VILBERT) shapes-world --out $(WORLD) --add-tasks
 
-# make finetune TASK=vqa|retrieval|refcoco|nlvr2|snli-ve|gqa|visual7w [DEBIAS=none|rubi|lmh] [SEED=N] [TEXT_ONLY=0]:
+# make finetune TASK=vqa|retrieval|refcoco|nlvr2|snli-ve|gqa|visual7w [DEBIAS=none|rubi|lmh] [SEED=N] [TEXT_ONLY=0]
+#   [GROUNDING=W]:
 # from the pretraining checkpoint; VQA and the four 12-in-1 tasks also from the text stream alone, reported side by
 # side. TASK=vqa also trains and reports VQA-CP, the world's changing-priors split. DEBIAS (VQA, VQA-CP, GQA) picks
-# the debiasing loss (data.debias); SEED sets train.seed (default: the config's); TEXT_ONLY=0 skips the text-only
-# start. DEBIAS and SEED suffix the run directories (runs/vqa_embedded_lmh_seed1), and each report's rows are also
-# written to the run's report.json (bench/debias_table.py reads them). TASK=multi: all seven together
-# (tasks/shapes/configs/multi_embedded.yaml), then each alone for the steps it had, then the table.
+# the debiasing loss (data.debias); GROUNDING (VQA, VQA-CP) the weight of region supervision (data.grounding_weight,
+# default: the config's); SEED sets train.seed (default: the config's); TEXT_ONLY=0 skips the text-only start.
+# DEBIAS, GROUNDING and SEED suffix the run directories (runs/vqa_embedded_lmh_grounding0_seed1), and each
+# report's rows are also written to the run's report.json (bench/debias_table.py reads them). TASK=multi: all
+# seven together (tasks/shapes/configs/multi_embedded.yaml), then each alone for the steps it had, then the table.
 TEXT_ONLY_TASKS := vqa vqa-cp nlvr2 snli-ve gqa visual7w
 DEBIAS ?= none
 SEED ?=
 TEXT_ONLY ?= 1
-RUN_SUFFIX := $(if $(filter-out none,$(DEBIAS)),_$(DEBIAS),)$(if $(SEED),_seed$(SEED),)
-FINETUNE_ARGS := $(if $(filter-out none,$(DEBIAS)),data.debias=$(DEBIAS),) $(if $(SEED),train.seed=$(SEED),)
+GROUNDING ?=
+GROUNDING_SUFFIX := $(if $(GROUNDING),_grounding$(GROUNDING),)
+RUN_SUFFIX := $(if $(filter-out none,$(DEBIAS)),_$(DEBIAS),)$(GROUNDING_SUFFIX)$(if $(SEED),_seed$(SEED),)
+FINETUNE_ARGS := $(if $(filter-out none,$(DEBIAS)),data.debias=$(DEBIAS),) $(if $(SEED),train.seed=$(SEED),) \
+	$(if $(GROUNDING),data.grounding_weight=$(GROUNDING),)
 # BOXES=detected: the detector's feature store and run directories suffixed _detected (see above)
 RUN_SUFFIX := $(if $(filter detected,$(BOXES)),_detected,)$(RUN_SUFFIX)
 FINETUNE_ARGS += $(if $(filter detected,$(BOXES)),data.features=[$(SHAPES_FEATURES)],)
@@ -149,6 +154,8 @@ finetune: $(PRETRAIN_REPORT) $(WORLD_TASKS)
 	@case "$(DEBIAS)" in none|rubi|lmh) ;; \
 		*) echo "DEBIAS must be none, rubi or lmh, got '$(DEBIAS)'"; exit 2;; esac
 	@case "$(SEED)" in *[!0-9]*) echo "SEED must be a whole number, got '$(SEED)'"; exit 2;; esac
+	@case "$(GROUNDING)" in *[!0-9.]*|*.*.*|.*) echo "GROUNDING must be a number >= 0 like 0.5, got '$(GROUNDING)'"; \
+		exit 2;; esac
 	@case "$(TEXT_ONLY)" in 0|1) ;; *) echo "TEXT_ONLY must be 0 or 1, got '$(TEXT_ONLY)'"; exit 2;; esac
 	@$(WEIGHTS_CHECK)
 ifeq ($(TASK),multi)

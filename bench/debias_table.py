@@ -1,10 +1,13 @@
 """The debiasing table of docs/results.md, from the `report.json` of `make finetune TASK=vqa` runs.
 
     python bench/debias_table.py [--runs runs] [--modes none rubi lmh] [--seeds 0 1] [--start pretrained|text-only]
+                                 [--grounding W ...]
 
 Reads, per debias mode and seed, the report rows `make finetune TASK=vqa DEBIAS=MODE SEED=N` wrote
 (runs/vqa_embedded[_MODE]_seedN/report.json: held-out test and compositional; runs/vqa-cp_embedded[_MODE]_seedN/
-report.json: the changing-priors split) and prints a markdown table: each split's VQA accuracy and how often the
+report.json: the changing-priors split); with `--grounding W ...`, those of `make finetune ... GROUNDING=W` for
+each W (runs/vqa_embedded[_MODE]_groundingW_seedN), a column per mode and weight. It prints a markdown table: each
+split's VQA accuracy and how often the
 model answers the question-type prior's answer, as the mean over seeds with each seed in brackets, beside the
 prior's own accuracy. `--start text-only` reads the text-only runs the same reports compared against
 (`make finetune` without TEXT_ONLY=0).
@@ -25,15 +28,17 @@ class TableError(Exception):
     """A run's report is missing or unreadable: one line naming the file."""
 
 
-def report_path(runs: Path, task: str, mode: str, seed: int) -> Path:
-    """Where `make finetune TASK=vqa DEBIAS=mode SEED=seed` writes the task's report rows (Makefile RUN_SUFFIX)."""
-    suffix = ("" if mode == "none" else f"_{mode}") + f"_seed{seed}"
-    return runs / f"{task}_embedded{suffix}" / "report.json"
+def report_path(runs: Path, task: str, mode: str, seed: int, grounding: str | None = None) -> Path:
+    """Where `make finetune TASK=vqa DEBIAS=mode SEED=seed [GROUNDING=grounding]` writes the task's report rows
+    (Makefile RUN_SUFFIX)."""
+    suffix = ("" if mode == "none" else f"_{mode}") + ("" if grounding is None else f"_grounding{grounding}")
+    return runs / f"{task}_embedded{suffix}_seed{seed}" / "report.json"
 
 
-def read_rows(path: Path, start: str, mode: str, seed: int) -> dict[str, dict]:
+def read_rows(path: Path, start: str, mode: str, seed: int, grounding: str | None = None) -> dict[str, dict]:
     """{split label: report row} of the run (`start` pretrained) or of the text-only run it was compared with."""
-    make = f"make finetune TASK=vqa DEBIAS={mode} SEED={seed}" + (" TEXT_ONLY=0" if start == "pretrained" else "")
+    given = "" if grounding is None else f" GROUNDING={grounding}"
+    make = f"make finetune TASK=vqa DEBIAS={mode}{given} SEED={seed}" + (" TEXT_ONLY=0" if start == "pretrained" else "")
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
@@ -57,6 +62,16 @@ def read_rows(path: Path, start: str, mode: str, seed: int) -> dict[str, dict]:
     return rows
 
 
+def weight(text: str) -> str:
+    """A GROUNDING=W value as make got it (it names the run directories): a number >= 0, kept as written."""
+    try:
+        if float(text) >= 0:
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"--grounding: {text!r} is not a number >= 0")
+
+
 def cell(values: list[float]) -> str:
     mean = sum(values) / len(values)
     if len(values) == 1:
@@ -64,23 +79,29 @@ def cell(values: list[float]) -> str:
     return f"{mean:.1f} % ({' / '.join(f'{v:.1f}' for v in values)})"
 
 
-def table(runs: Path, modes: list[str], seeds: list[int], start: str) -> list[str]:
-    rows = {(mode, seed, task): read_rows(report_path(runs, task, mode, seed), start, mode, seed)
-            for mode in modes for seed in seeds for task in dict.fromkeys(task for task, _ in SPLITS)}
+def table(runs: Path, modes: list[str], seeds: list[int], start: str, grounding: list[str] | None = None
+          ) -> list[str]:
+    columns = [(mode, weight) for mode in modes for weight in (grounding or [None])]
+    rows = {((mode, weight), seed, task): read_rows(report_path(runs, task, mode, seed, weight), start, mode, seed,
+                                                    weight)
+            for mode, weight in columns for seed in seeds for task in dict.fromkeys(task for task, _ in SPLITS)}
     seed_text = ", ".join(str(s) for s in seeds)
+    labels = [mode if weight is None else f"{mode}, grounding {weight}" for mode, weight in columns]
     lines = [f"| {start} start, seed{'s' if len(seeds) > 1 else ''} {seed_text}: mean (each seed) | "
-             + " | ".join(modes) + " | question-type prior |",
-             "|---" * (len(modes) + 2) + "|"]
+             + " | ".join(labels) + " | question-type prior |",
+             "|---" * (len(columns) + 2) + "|"]
     for task, split in SPLITS:
         found = {key: task_rows[split] for key, task_rows in rows.items() if key[2] == task and split in task_rows}
-        if len(found) < len(modes) * len(seeds):
-            missing = next(report_path(runs, task, m, s) for m in modes for s in seeds if (m, s, task) not in found)
+        if len(found) < len(columns) * len(seeds):
+            missing = next(report_path(runs, task, c[0], s, c[1]) for c in columns for s in seeds
+                           if (c, s, task) not in found)
             raise TableError(f"{missing}: has no '{split}' row")
         priors = sorted({round(row["chance"], 6) for row in found.values()})
         prior = f"{priors[0]:.1f} %" if len(priors) == 1 else " / ".join(f"{p:.1f}" for p in priors) + " %"
         metric = next(iter(found.values()))["metric"]
-        accuracy = [cell([found[mode, seed, task]["value"] for seed in seeds]) for mode in modes]
-        agreement = [cell([found[mode, seed, task]["metrics"]["prior_agreement"] for seed in seeds]) for mode in modes]
+        accuracy = [cell([found[column, seed, task]["value"] for seed in seeds]) for column in columns]
+        agreement = [cell([found[column, seed, task]["metrics"]["prior_agreement"] for seed in seeds])
+                     for column in columns]
         lines.append(f"| {split}: {metric} | " + " | ".join(accuracy) + f" | {prior} |")
         lines.append(f"| {split}: answer = the prior's | " + " | ".join(agreement) + " | |")
     return lines
@@ -92,9 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=["none", "rubi", "lmh"], choices=["none", "rubi", "lmh"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--start", choices=["pretrained", "text-only"], default="pretrained")
+    parser.add_argument("--grounding", nargs="+", metavar="W", type=weight,
+                        help="the GROUNDING=W of the runs, as given to make (default: runs made without it)")
     args = parser.parse_args(argv)
     try:
-        lines = table(Path(args.runs), args.modes, args.seeds, args.start)
+        lines = table(Path(args.runs), args.modes, args.seeds, args.start, args.grounding)
     except TableError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -18,6 +18,11 @@ that each question type's answer distribution differs between train and test. Fi
 `coco_split` (train2014 or val2014) names the COCO image folder; features join by image id as VQA's do (COCO ids
 are unique over both folders). Splits: train and test; the vocabulary is built from train alone.
 
+Region supervision (`data.grounding_weight` > 0; tasks/region_supervision.py): a grounding file beside a split's
+annotation file (`v2_mscoco_<subtype>_grounding.json`, VQA-CP `vqacp_v2_<split>_grounding.json`; the format in
+tasks/data/grounding.py) names the box of each question about one object; training adds -log of the share of
+the words' attention over the regions that lands on that box's region.
+
 Bias measurements (`score`, on annotated splits): accuracy per answer type and per question type, the
 question-only prior's accuracy (each question answered with its type's most frequent training answer, the
 training questions read from `data.prior_root` or else `data.root`) per answer and question type, and how often
@@ -27,6 +32,7 @@ the model's answer equals that prior (`prior_agreement`).
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -57,10 +63,11 @@ from tasks.data.answer_labels import (
     extend_answers,
     require_answer_labels,
 )
+from tasks.data.grounding import Box, read_grounding, target_rows
 from tasks.data.regions import collate_visual, visual_input, visual_rows
 from tasks.debiasing import AnswerPrior
 from tasks.engine.evaluation import eval_batches, in_dataset_order
-from tasks.engine.padding import cut_to_longest
+from tasks.engine.padding import MODEL_PADDED_KEYS, REGIONS, cut_to_longest
 from tasks.engine.sampler import length_order
 from tasks.engine.task import ExampleInputs, PredictExample, StepOutput, TaskDataset
 from tasks.errors import AnnotationError, ConfigError, DataError
@@ -74,6 +81,7 @@ from tasks.finetuning import (
     resolve_split,
 )
 from tasks.metrics import normalize_answer, soft_score, vqa_score
+from tasks.region_supervision import check_model, grounding_loss
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +94,10 @@ QUESTION_FILES = {
 ANNOTATION_FILES = {
     "train2014": "v2_mscoco_train2014_annotations.json",
     "val2014": "v2_mscoco_val2014_annotations.json",
+}
+GROUNDING_FILES = {  # optional: the box each question about one object names (tasks/data/grounding.py)
+    "train2014": "v2_mscoco_train2014_grounding.json",
+    "val2014": "v2_mscoco_val2014_grounding.json",
 }
 SPLITS = ("train", "val", "trainval", "minval", "test", "test-dev")
 FORMATS = ("vqa", "vqa-cp")
@@ -104,6 +116,7 @@ class VQAQuestion:
     question_type: str = ""
     consensus: str = ""  # multiple_choice_answer
     coco_split: str = ""  # VQA-CP: the COCO image folder (train2014, val2014)
+    box: Box | None = None  # the named object's box, from the split's grounding file (when read)
 
 
 def vocabulary_key(answer: str) -> str:
@@ -137,6 +150,14 @@ def attach_annotations(questions: list[VQAQuestion], path: str | Path) -> list[V
     data = load_json(path)
     require(data, ["annotations"], str(path), "the file")
     return attach_entries(questions, list_field(data, "annotations", str(path), "the file"), path)
+
+
+def attach_grounding(questions: list[VQAQuestion], path: Path) -> list[VQAQuestion]:
+    """Set each question's `box` from the grounding file `path` (none: every box stays None)."""
+    boxes = read_grounding(path, {q.question_id for q in questions})
+    for question in questions:
+        question.box = boxes.get(question.question_id)
+    return questions
 
 
 def attach_entries(questions: list[VQAQuestion], entries: list, path: str | Path) -> list[VQAQuestion]:
@@ -186,10 +207,10 @@ def _coco_split(entry: dict, path: Path, where: str) -> str:
     return split
 
 
-def read_cp_split(root: str | Path, split: str) -> list[VQAQuestion]:
-    """The annotated questions of a VQA-CP v2 split (`vqacp_v2_<split>_{questions,annotations}.json`), sorted by
-    question_id. A file of the wrong shape (not a list, an entry without a key, an unknown coco_split) is an
-    AnnotationError naming the file and the entry."""
+def read_cp_split(root: str | Path, split: str, grounding: bool = False) -> list[VQAQuestion]:
+    """The annotated questions of a VQA-CP v2 split (`vqacp_v2_<split>_{questions,annotations}.json`, with
+    `grounding` also its `_grounding.json` boxes), sorted by question_id. A file of the wrong shape (not a list, an
+    entry without a key, an unknown coco_split) is an AnnotationError naming the file and the entry."""
     if split not in CP_SPLITS:
         raise ConfigError(f"unknown VQA-CP split {split!r}; choose one of {', '.join(CP_SPLITS)}")
     root = Path(root)
@@ -202,6 +223,8 @@ def read_cp_split(root: str | Path, split: str) -> list[VQAQuestion]:
                                str(path), where), str_field(entry, "question", str(path), where))
         question.coco_split = _coco_split(entry, path, where)
         questions.append(question)
+    if grounding:
+        attach_grounding(questions, root / CP_FILES.format(split=split, kind="grounding"))
     path = root / CP_FILES.format(split=split, kind="annotations")
     entries = _cp_list(path)
     for i, entry in enumerate(entries):
@@ -237,17 +260,20 @@ def soft_target(answers: list[str], label_of: Mapping[str, int]) -> dict[int, fl
     return {label_of[a]: soft_score(c) for a, c in counts.items() if a in label_of}
 
 
-def read_split(root: str | Path, split: str, minval_size: int = 3000, layout: str = "vqa") -> list[VQAQuestion]:
+def read_split(root: str | Path, split: str, minval_size: int = 3000, layout: str = "vqa",
+               grounding: bool = False) -> list[VQAQuestion]:
     """The questions of a split (annotated for train/val/trainval/minval), sorted by question_id; `layout`
-    "vqa-cp" reads VQA-CP v2's train / test files instead."""
+    "vqa-cp" reads VQA-CP v2's train / test files instead; `grounding` also reads the grounding files' boxes."""
     if layout == "vqa-cp":
-        return read_cp_split(root, split)
+        return read_cp_split(root, split, grounding)
     root = Path(root)
     if split not in SPLITS:
         raise ConfigError(f"unknown VQA split {split!r}; choose one of {', '.join(SPLITS)}")
 
     def annotated(subset: str) -> list[VQAQuestion]:
         questions = read_questions(root / QUESTION_FILES[subset])
+        if grounding:
+            attach_grounding(questions, root / GROUNDING_FILES[subset])
         return sorted(attach_annotations(questions, root / ANNOTATION_FILES[subset]), key=lambda q: q.question_id)
 
     if split == "test":
@@ -279,9 +305,13 @@ class VQADataConfig(FinetuneDataConfig):
     extend_answers: bool = True  # fine-tuning from a labelled head: append the data's new answers (evaluate: off)
     format: str = "vqa"  # vqa (VQA v2 files) | vqa-cp (VQA-CP v2 files)
     prior_root: str | None = None  # the folder whose train split gives the question-type prior (default: root)
+    grounding_weight: float = 0.0  # > 0: region supervision from the grounding files (tasks/region_supervision.py)
 
     def validate(self) -> None:
         super().validate()
+        if not (isinstance(self.grounding_weight, (int, float)) and math.isfinite(self.grounding_weight)
+                and self.grounding_weight >= 0):
+            raise ConfigError(f"data.grounding_weight must be a number >= 0, got {self.grounding_weight!r}")
         if self.format not in FORMATS:
             raise ConfigError(f"data.format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         splits = CP_SPLITS if self.format == "vqa-cp" else SPLITS
@@ -316,7 +346,7 @@ class VQADataset(TaskDataset):
     """One item per question: tokenised question, the image's regions, soft-score target."""
 
     def __init__(self, questions, store, tokenizer, label_of, max_text_length, max_regions, source, strict=False,
-                 prior_row: Callable[[str], int] | None = None):
+                 prior_row: Callable[[str], int] | None = None, grounding: bool = False):
         resolve = image_key_resolver(store.ids)
         kept = keep_known_images(questions, lambda q: q.image_id, resolve, source, "questions", strict)
         self.questions = [q for q, _ in kept]
@@ -328,6 +358,7 @@ class VQADataset(TaskDataset):
         self.targets = [soft_target(q.answers, label_of) for q in self.questions]
         self.prior_rows = [prior_row(q.question_type) if prior_row else -1 for q in self.questions]
         self.store, self.num_labels, self.max_regions = store, len(label_of), max_regions
+        self.grounding = grounding  # items carry "grounding": their target rows (tasks/data/grounding.py)
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -336,15 +367,21 @@ class VQADataset(TaskDataset):
         target = torch.zeros(self.num_labels)
         for label, score in self.targets[index].items():
             target[label] = score
-        return {
+        regions = self.store.read(self.image_keys[index], float32=False, optional=())
+        visual = visual_input(regions, self.max_regions)
+        item = {
             "question_id": self.questions[index].question_id,
             "input_ids": torch.from_numpy(self.text.input_ids[index]),
             "attention_mask": torch.from_numpy(self.text.attention_mask[index]),
             "token_type_ids": torch.from_numpy(self.text.token_type_ids[index]),
-            "visual": visual_input(self.store.read(self.image_keys[index], float32=False, optional=()), self.max_regions),
+            "visual": visual,
             "target": target,
             "prior_row": self.prior_rows[index],  # the question type's row of the answer prior (lmh), else -1
         }
+        if self.grounding:
+            rows = target_rows(self.questions[index].box, regions.boxes[: visual.num_boxes])
+            item["grounding"] = torch.from_numpy(rows)
+        return item
 
 
 def collate_vqa(samples: list[dict]) -> dict:
@@ -353,6 +390,11 @@ def collate_vqa(samples: list[dict]) -> dict:
     batch["question_id"] = torch.tensor([s["question_id"] for s in samples])
     batch["prior_row"] = torch.tensor([s["prior_row"] for s in samples])
     batch.update(collate_visual([s["visual"] for s in samples]))
+    if "grounding" in samples[0]:  # target rows, padded like the regions
+        rows = torch.zeros(batch["region_mask"].shape, dtype=torch.bool)
+        for i, s in enumerate(samples):
+            rows[i, : len(s["grounding"])] = s["grounding"]
+        batch["grounding"] = rows
     return batch
 
 
@@ -369,6 +411,7 @@ class VQATask(FinetuneTask):
     metric_labels = {"accuracy": "VQA accuracy"}
     checkpoint_overrides = ("data.extend_answers=false",)  # the checkpoint's answers as they are
     debias_supported = True
+    padded_keys = {**MODEL_PADDED_KEYS, "grounding": (REGIONS, False)}  # one target flag per region row
     data: VQADataConfig
 
     def __init__(self, config: VQAConfig):
@@ -385,7 +428,8 @@ class VQATask(FinetuneTask):
     def questions(self, split: str) -> list[VQAQuestion]:
         split = resolve_split(self.data, split)
         if split not in self._questions:
-            self._questions[split] = read_split(self.data.root, split, self.data.minval_size, self.data.format)
+            self._questions[split] = read_split(self.data.root, split, self.data.minval_size, self.data.format,
+                                                self.data.grounding_weight > 0)
         return self._questions[split]
 
     def training_questions(self) -> list[VQAQuestion]:
@@ -427,9 +471,14 @@ class VQATask(FinetuneTask):
     def dataset(self, split: str) -> Dataset:
         label_of = {answer: i for i, answer in enumerate(self.vocabulary())}
         prior_row = self.answer_prior().row if self.data.debias == "lmh" else None
+        grounding = self.data.grounding_weight > 0 and resolve_split(self.data, split) == self.data.train_split
+        if grounding and not any(q.box is not None for q in self.questions(split)):
+            raise ConfigError(f"data.grounding_weight={self.data.grounding_weight}: no question of the "
+                              f"{self.data.train_split} split in {self.data.root} has a grounding box (its "
+                              "*_grounding.json files are missing or empty); set it to 0 or add them")
         return VQADataset(self.questions(split), self.store(), self.tokenizer(), label_of,
                           self.data.max_text_length, self.data.max_regions, f"{self.data.root} ({split})",
-                          self.data.strict, prior_row)
+                          self.data.strict, prior_row, grounding)
 
     def answer_prior(self) -> AnswerPrior:
         """The per-question-type answer prior of the training split (soft targets averaged per type), for lmh."""
@@ -467,21 +516,35 @@ class VQATask(FinetuneTask):
         model = build_task_model(self.config.model, id2label=dict(enumerate(answers)),
                                  label2id={a: i for i, a in enumerate(answers)},
                                  **debiasing.model_settings(self.data.debias, len(answers)))
+        check_model(model.config, self.data.grounding_weight)
         if self.init_answers is not None and answers != self.init_answers:  # rows follow their answers
             old = checkpoint_classifier(self.config.model.init)
             carry_answer_rows(model.answer_head.classifier, old, self.init_answers, answers)
         return model
 
+    def label_counts(self, batch: Mapping[str, Any]) -> dict[str, int]:
+        """The answer loss over every question; with region supervision, its term over the grounded ones."""
+        counts = {"loss": int(batch["input_ids"].shape[0])}
+        if self.data.grounding_weight > 0:
+            counts["grounding"] = int(batch["grounding"].any(dim=1).sum())
+        return counts
+
     def training_step(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> StepOutput:
         ids = self.task_ids(model, batch["input_ids"].shape[0], batch["input_ids"].device)
         mode = self.data.debias
-        out = model(**model_inputs(batch), task_ids=ids, heads=debiasing.heads(mode, "answer_logits"))
+        grounded = self.data.grounding_weight > 0
+        out = model(**model_inputs(batch), task_ids=ids, heads=debiasing.heads(mode, "answer_logits"),
+                    output_attentions=grounded)
         best = out.answer_logits.argmax(dim=1, keepdim=True)
         score = batch["target"].gather(1, best).mean()  # the reference's in-training soft accuracy
         prior = self.answer_prior() if mode == "lmh" else None
         loss = debiasing.debias_loss(mode, out, "answer_logits", batch["target"], batch["prior_row"], prior,
                                      self.data.debias_entropy_weight)
-        return StepOutput({"loss": loss}, metrics={"soft_accuracy": score.detach()})
+        if not grounded:
+            return StepOutput({"loss": loss}, metrics={"soft_accuracy": score.detach()})
+        per_question = grounding_loss(out.text_to_vision_attentions, batch["attention_mask"], batch["grounding"])
+        return StepOutput({"loss": loss, "grounding": self.data.grounding_weight * per_question.sum()},
+                          metrics={"soft_accuracy": score.detach()})
 
     # ------------------------------------------------------------------ evaluation
 

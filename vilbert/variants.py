@@ -77,6 +77,14 @@ def variant_schedule(config: ViLBertConfig) -> list[tuple[str, int]]:
     raise ConfigError(f"architecture: unknown {architecture!r}")
 
 
+def text_to_vision_maps(config: ViLBertConfig) -> int:
+    """How many words-over-regions maps (`text_to_vision_attentions`) the encoder of `config` returns: one per
+    co-attention block or one-way block, one per layer of the single stream, none for late fusion."""
+    if config.architecture == "single-stream":
+        return config.num_hidden_layers
+    return sum(kind in ("C", "X") for kind, _ in variant_schedule(config))
+
+
 def _count(schedule: list[tuple[str, int]], kind: str) -> int:
     """How many layers of `kind` the schedule runs (indices are 0..n-1)."""
     return 1 + max((index for k, index in schedule if k == kind), default=-1)

@@ -20,6 +20,11 @@ existing files (which it leaves untouched):
   questions (train, val and test images) regrouped the way VQA-CP v2 regroups VQA v2 (`regroup_changing_priors`):
   per question type, the answers alternate between a train side and a test side, and each (type, answer) group
   sends `CP_MAJORITY` of its questions to its side, so the type's most frequent train answer is rare in test.
+- `vqa/**/v2_mscoco_<subtype>_grounding.json` beside each VQA annotation file, and
+  `vqa-cp/vqacp_v2_{train,test}_grounding.json`: for each question that names one shape ("what color is the
+  triangle?", "what shape is the red object?"), that shape's box (`write_vqa_grounding`; the VQA reader's
+  region supervision, `data.grounding_weight`). The targets are not in the VQA files: the questions are drawn
+  again from the world's seed, and each must equal the file's.
 
 Splits: train -> train, val -> dev/val, test -> test/testdev/test1 (the compositional images are not used).
 Everything is a pure function of the scenes and the world's seed.
@@ -33,18 +38,22 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.errors import DataError
 from tasks.shapes.world import (
     COLOURS,
     COMPOSITIONAL_PAIRS,
     DESCRIPTIONS,
     KINDS,
     NUMBER_WORDS,
+    SPLITS,
+    VQA_FILES,
     Scene,
     Shape,
     _write_bytes,
     _write_json,
     above,
     left_of,
+    replay_vqa_items,
     unique_descriptions,
 )
 
@@ -360,9 +369,34 @@ def regroup_changing_priors(annotations: list[dict], seed: int) -> dict[int, str
     return side
 
 
-def _write_vqa_cp(world: Path, seed: int) -> int:
-    """The changing-priors split from the world's VQA v2 files (see `regroup_changing_priors`); returns the number
-    of questions written."""
+def write_vqa_grounding(world: Path, scenes: list[Scene], seed: int) -> dict[int, list[float]]:
+    """`v2_mscoco_<subtype>_grounding.json` beside each VQA annotation file: a JSON list of {"question_id", "box":
+    [x1, y1, x2, y2] in pixels} for the questions that name one shape. Returns {question_id: box} of every split.
+    A question drawn again that differs from the file's is a DataError (the world is of another generator)."""
+    boxes: dict[int, list[float]] = {}
+    for split in SPLITS:
+        chosen = [scene for scene in scenes if scene.split == split]
+        entries = []
+        folder, subtype = next((f, s) for f, s in VQA_FILES[split] if s != "test2015")
+        path = world / "vqa" / folder / f"v2_OpenEnded_mscoco_{subtype}_questions.json"
+        written = {q["question_id"]: q["question"] for q in json.loads(path.read_text())["questions"]}
+        for scene in chosen:
+            for question_id, question, _ in replay_vqa_items(scene, seed):
+                if written.get(question_id) != question.question:
+                    raise DataError(f"{path}: question {question_id} is not the one the world's seed draws "
+                                    f"({question.question!r}); regenerate the world with this version")
+                if question.target is not None:
+                    entries.append({"question_id": question_id, "box": list(scene.shapes[question.target].box)})
+        for folder, subtype in VQA_FILES[split]:
+            if subtype != "test2015":  # test2015 is the questions-only copy (no answers, no boxes)
+                _write_json(world / "vqa" / folder / f"v2_mscoco_{subtype}_grounding.json", entries)
+        boxes.update((entry["question_id"], entry["box"]) for entry in entries)
+    return boxes
+
+
+def _write_vqa_cp(world: Path, seed: int, boxes: dict[int, list[float]]) -> int:
+    """The changing-priors split from the world's VQA v2 files (see `regroup_changing_priors`), the grounding file
+    of each side last; returns the number of questions written."""
     questions, annotations = [], []
     for folder, subtype, coco_split in CP_SOURCES.values():
         path = world / "vqa" / folder
@@ -376,19 +410,24 @@ def _write_vqa_cp(world: Path, seed: int) -> int:
                     [q for q in questions if side[q["question_id"]] == split])
         _write_json(world / "vqa-cp" / f"vqacp_v2_{split}_annotations.json",
                     [a for a in annotations if side[a["question_id"]] == split])
+    for split in ("train", "test"):
+        _write_json(world / "vqa-cp" / f"vqacp_v2_{split}_grounding.json",
+                    [{"question_id": q["question_id"], "box": boxes[q["question_id"]]} for q in questions
+                     if side[q["question_id"]] == split and q["question_id"] in boxes])
     return len(questions)
 
 
 def write_task_files(world: str | Path) -> dict[str, int]:
-    """Write the tasks' files under `world`; returns the number of items per task (all splits). The VQA-CP
-    files come last (the Makefile's target)."""
+    """Write the tasks' files under `world`; returns the number of items per task (all splits). The VQA grounding
+    files, then the VQA-CP files come last (its test grounding file is the Makefile's target)."""
     world = Path(world)
     seed, scenes = load_scenes(world)
     _write_nlvr2(world / "nlvr2", scenes, seed)
     _write_snli_ve(world / "snli_ve", scenes, seed)
     _write_gqa(world / "gqa", scenes, seed)
     _write_visual7w(world / "visual7w", scenes, seed)
-    cp_questions = _write_vqa_cp(world, seed)
+    boxes = write_vqa_grounding(world, scenes, seed)
+    cp_questions = _write_vqa_cp(world, seed, boxes)
     counts = Counter()
     for name in SPLIT_NAMES["nlvr2"].values():
         counts["nlvr2"] += len((world / "nlvr2" / f"{name}.json").read_text().splitlines())

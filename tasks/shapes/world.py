@@ -277,6 +277,7 @@ class Question:
     answer: str
     question_type: str  # VQA's question-type prefix
     answer_type: str  # "yes/no", "number" or "other"
+    target: int | None = None  # the index in scene.shapes of the one shape the question names (colour, shape)
 
 
 def _pick(rng: np.random.Generator, items: list):
@@ -286,13 +287,15 @@ def _pick(rng: np.random.Generator, items: list):
 def _colour_question(scene, focus, rng) -> Question | None:
     target = _pick(rng, focus)
     phrase = _pick(rng, unique_descriptions(scene.shapes, target, (("kind",), ("size", "kind"))))
-    return phrase and Question(f"what color is the {phrase}?", target.colour, "what color is the", "other")
+    return phrase and Question(f"what color is the {phrase}?", target.colour, "what color is the", "other",
+                               scene.shapes.index(target))
 
 
 def _shape_question(scene, focus, rng) -> Question | None:
     target = _pick(rng, focus)
     phrase = _pick(rng, unique_descriptions(scene.shapes, target, (("colour",), ("size", "colour"))))
-    return phrase and Question(f"what shape is the {phrase} object?", target.kind, "what shape is the", "other")
+    return phrase and Question(f"what shape is the {phrase} object?", target.kind, "what shape is the", "other",
+                               scene.shapes.index(target))
 
 
 def _count_question(scene, focus, rng, allowed_pairs) -> Question | None:
@@ -477,15 +480,29 @@ VQA_FILES = {
 }
 
 
+def vqa_items(scene: Scene, rng: np.random.Generator) -> list[tuple[int, Question, list[str]]]:
+    """(question_id, question, the ten annotators' answers) of one scene; question_id = image_id * 100 + index.
+    `rng` is the scene's text generator after its captions (as `write_shapes_world` draws them)."""
+    items = []
+    for index, q in enumerate(questions(scene, rng)):
+        items.append((scene.image_id * 100 + index, q, _annotator_answers(q, rng)))
+    return items
+
+
+def replay_vqa_items(scene: Scene, seed: int) -> list[tuple[int, Question, list[str]]]:
+    """`vqa_items` of a scene of a written world, drawn again from its seed: the same questions, with their
+    targets (which the VQA files do not hold)."""
+    rng = np.random.default_rng([seed, scene.image_id, 2])
+    captions(scene, rng)
+    return vqa_items(scene, rng)
+
+
 def _write_vqa(folder: Path, scenes: list[Scene], texts: dict[int, np.random.Generator]) -> None:
-    """VQA v2 question and annotation JSON per split; question_id = image_id * 100 + index."""
+    """VQA v2 question and annotation JSON per split (`vqa_items`)."""
     for split in SPLITS:
         qs, anns = [], []
         for scene in (s for s in scenes if s.split == split):
-            rng = texts[scene.image_id]
-            for index, q in enumerate(questions(scene, rng)):
-                question_id = scene.image_id * 100 + index
-                answers = _annotator_answers(q, rng)
+            for question_id, q, answers in vqa_items(scene, texts[scene.image_id]):
                 qs.append({"image_id": scene.image_id, "question": q.question, "question_id": question_id})
                 anns.append({
                     "question_id": question_id, "image_id": scene.image_id,

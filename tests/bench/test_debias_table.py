@@ -73,3 +73,19 @@ def test_a_missing_or_foreign_report_is_one_line_naming_it(runs, tmp_path, capsy
     (bad / "report.json").write_text('{"rows": [{"split": "held-out test"}]}')
     assert script.main(["--runs", str(tmp_path), "--modes", "none", "--seeds", "0"]) == 2
     assert "not a VQA `vilbert report --json` file" in capsys.readouterr().err
+
+
+def test_runs_made_with_a_grounding_weight_get_a_column_per_weight(runs, tmp_path, capsys):
+    for task in ("vqa", "vqa-cp"):
+        for seed in (0, 1):  # the Makefile's names for DEBIAS=lmh GROUNDING=1 SEED=seed
+            run = tmp_path / f"{task}_embedded_lmh_grounding1_seed{seed}"
+            run.mkdir()
+            (run / "report.json").write_bytes((runs / f"{task}_embedded_lmh_seed{seed}" / "report.json").read_bytes())
+    script = _script()
+    assert script.main(["--runs", str(tmp_path), "--modes", "lmh", "--seeds", "0", "1", "--grounding", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| pretrained start, seeds 0, 1: mean (each seed) | lmh, grounding 1 | question-type prior |"
+    assert script.main(["--runs", str(tmp_path), "--modes", "lmh", "--seeds", "0", "--grounding", "1", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "vqa_embedded_lmh_grounding0.5_seed0/report.json: no such report" in err
+    assert "make finetune TASK=vqa DEBIAS=lmh GROUNDING=0.5 SEED=0 TEXT_ONLY=0" in err

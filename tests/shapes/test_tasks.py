@@ -1,9 +1,10 @@
-"""The shapes world's NLVR2 / SNLI-VE / GQA / Visual7W / VQA-CP files: readable by the task readers, true to the scenes,
-deterministic, and written beside the world's other files without changing them."""
+"""The shapes world's NLVR2 / SNLI-VE / GQA / Visual7W / VQA-CP files and VQA grounding boxes: readable by the task
+readers, true to the scenes, deterministic, and written beside the world's other files without changing them."""
 
 import hashlib
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from tasks.errors import DataError
 from tasks.gqa import read_gqa
 from tasks.nlvr2 import read_nlvr2
 from tasks.pointing import read_visual7w
@@ -20,9 +22,10 @@ from tasks.snli_ve import LABELS, read_snli_ve
 from tasks.vqa import read_cp_split, read_split
 
 
-def digest(folder: Path) -> str:
+def digest(folder: Path, skip: str | None = None) -> str:
+    """One hash of every file under `folder` (but those whose name ends with `skip`)."""
     hashed = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not (skip and p.name.endswith(skip))):
         hashed.update(str(path.relative_to(folder)).encode() + path.read_bytes())
     return hashed.hexdigest()
 
@@ -40,7 +43,7 @@ def world(tmp_path_factory) -> Path:
     for path in out.iterdir():
         if path.name not in new:
             path.rename(original / path.name)
-    assert digest(original) == before
+    assert digest(original, skip="_grounding.json") == before  # the VQA folders only gain grounding files
     for path in original.iterdir():
         path.rename(out / path.name)
     return out
@@ -50,7 +53,7 @@ def test_files_are_deterministic(world, tmp_path):
     again = tmp_path / "again"
     write_shapes_world(again, seed=3, num_images=60, size=128, progress=False)
     write_task_files(again)
-    for name in ("nlvr2", "snli_ve", "gqa", "visual7w", "vqa-cp"):
+    for name in ("nlvr2", "snli_ve", "gqa", "visual7w", "vqa-cp", "vqa"):
         assert digest(world / name) == digest(again / name)
 
 
@@ -166,3 +169,33 @@ def test_the_changing_priors_split_regroups_the_vqa_questions_so_each_type_s_top
         share_test = in_test[top_train[0]] / max(1, sum(in_test.values()))
         changed += share_test < 0.5 * top_train[1] / sum(1 for q in train if q.question_type == question_type)
     assert changed == len({q.question_type for q in vqa})  # the train favourite is at most half as common in test
+
+
+def test_each_question_about_one_shape_has_that_shape_s_box(world):
+    scenes = {i["image_id"]: i["shapes"] for i in json.loads((world / "scenes.json").read_text())["images"]}
+    named = 0
+    for root, split in ((world / "vqa", "trainval"), (world / "vqa" / "test", "val"),
+                        (world / "vqa" / "compositional", "val"), (world / "vqa-cp", "train"),
+                        (world / "vqa-cp", "test")):
+        layout = "vqa-cp" if root.name == "vqa-cp" else "vqa"
+        for q in read_split(root, split, minval_size=0, layout=layout, grounding=True):
+            about_one = q.question.startswith(("what color is the", "what shape is the"))
+            assert (q.box is not None) == about_one, q.question
+            if not about_one:
+                continue
+            shape = next(s for s in scenes[q.image_id] if tuple(s["box"]) == q.box)
+            attribute, named_by = ("colour", "kind") if q.question.startswith("what color") else ("kind", "colour")
+            assert shape[attribute] == q.consensus and shape[named_by] in q.question
+            named += 1
+    assert named > 50
+
+
+def test_grounding_files_refuse_a_world_whose_questions_the_seed_does_not_draw(world, tmp_path):
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy)
+    path = copy / "vqa" / "v2_OpenEnded_mscoco_train2014_questions.json"
+    data = json.loads(path.read_text())
+    data["questions"][0]["question"] = "what is this?"
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="is not the one the world's seed draws"):
+        write_task_files(copy)

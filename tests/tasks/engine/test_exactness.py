@@ -34,14 +34,17 @@ def zoo(tmp_path_factory):
 # the dual encoder's InfoNCE gathers its negatives over ranks: exact across ranks, not across accumulation steps
 # (a micro-step's negatives are its own batch)
 CONTRASTIVE = {f"{name} + contrastive": name for name in ("pretrain", "retrieval")}
-# the debiasing losses (tasks/debiasing.py) on the answer-classifier tasks: (task, data.debias)
-DEBIAS = {"vqa + rubi": ("vqa", "rubi"), "vqa-cp + lmh": ("vqa-cp", "lmh"), "gqa + lmh": ("gqa", "lmh"),
-          "genome-qa + rubi": ("genome-qa", "rubi")}
+# the debiasing losses (tasks/debiasing.py) on the answer-classifier tasks and VQA's region supervision
+# (tasks/region_supervision.py, a loss term over the grounded questions only): (task, overrides)
+DEBIAS = {"vqa + rubi": ("vqa", ["data.debias=rubi"]), "vqa-cp + lmh": ("vqa-cp", ["data.debias=lmh"]),
+          "gqa + lmh": ("gqa", ["data.debias=lmh"]), "genome-qa + rubi": ("genome-qa", ["data.debias=rubi"]),
+          "vqa + grounding": ("vqa", ["data.grounding_weight=1.0"]),
+          "vqa-cp + rubi + grounding": ("vqa-cp", ["data.debias=rubi", "data.grounding_weight=0.5"])}
 
 
 def _debias(zoo, case):
-    name, mode = DEBIAS[case]
-    return name, [*zoo[name], f"data.debias={mode}"]
+    name, overrides = DEBIAS[case]
+    return name, [*zoo[name], *overrides]
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +142,7 @@ def _fit(name, overrides, run_dir, crash_at_call=None, resume=None):
     return Trainer(task, config, OptimConfig(lr=1e-3, warmup=0.5)).fit(resume=resume)
 
 
-@pytest.mark.parametrize("name", [*ZOO_TASKS, "vqa + rubi", "gqa + lmh"])
+@pytest.mark.parametrize("name", [*ZOO_TASKS, "vqa + rubi", "gqa + lmh", "vqa + grounding"])
 def test_killed_and_resumed_training_ends_with_the_uninterrupted_weights(name, zoo, tmp_path):
     name, overrides = _debias(zoo, name) if name in DEBIAS else (name, zoo[name])
     full = _fit(name, overrides, tmp_path / "full")
