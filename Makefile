@@ -172,10 +172,10 @@ endif
 
 # make study [STUDY=quick|full] [JOBS=N]: the paper's ablations on the shapes world (`vilbert study`, tasks/shapes/study.py):
 # architecture variants x pretraining-data fraction x seeds, each pretrained and fine-tuned on VQA, retrieval and
-# RefCOCO in a world of its own; a rerun skips what is done; JOBS cells at a time.
+# RefCOCO in a world of its own; a rerun skips what is done; JOBS cells at a time (default 2, one thread each here).
 # Table runs/study_$(STUDY)/study.md, figure study.png.
 STUDY ?= quick
-JOBS ?= 1
+JOBS ?= 2
 study: setup
 	@$(WEIGHTS_CHECK)
 	$(VILBERT) study --preset $(STUDY) --out runs/study_$(STUDY) --text-init $(TEXT_INIT) --jobs $(JOBS)
