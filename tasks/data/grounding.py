@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.data.annotations import int_field, load_json, require
+from tasks.data.regions import iou_matrix
 from tasks.errors import AnnotationError
 
 GROUNDING_IOU = 0.5  # a stored box this close to the named box is the named object
@@ -58,19 +59,9 @@ def read_grounding(path: str | Path, question_ids: Collection[int]) -> dict[int,
     return boxes
 
 
-def box_iou(box: Box, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one pixel box against `boxes` [K, 4] -> [K]."""
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    lt = np.maximum(boxes[:, :2], box[:2])
-    rb = np.minimum(boxes[:, 2:], box[2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=1)
-    union = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) + (box[2] - box[0]) * (box[3] - box[1]) - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-
-
 def target_rows(box: Box | None, kept_boxes: np.ndarray) -> np.ndarray:
     """[1 + K] bool: the visual rows (IMG token first, then the K kept boxes) that are the named object."""
     rows = np.zeros(1 + len(kept_boxes), dtype=bool)
     if box is not None and len(kept_boxes):
-        rows[1:] = box_iou(box, kept_boxes) >= GROUNDING_IOU
+        rows[1:] = iou_matrix(np.array([box]), kept_boxes)[0] >= GROUNDING_IOU
     return rows

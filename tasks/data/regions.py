@@ -84,14 +84,18 @@ def region_boxes(boxes: np.ndarray, image_hw: Sequence[int]) -> torch.Tensor:
     return torch.cat([whole, torch.as_tensor(np.asarray(boxes), dtype=torch.float32).reshape(-1, 4)])
 
 
-def iou_matrix(boxes: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of pixel boxes `[K, 4]` → `[K, K]`."""
-    boxes = np.asarray(boxes, dtype=np.float64)
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    lt = np.maximum(boxes[:, None, :2], boxes[None, :, :2])
-    rb = np.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+def iou_matrix(boxes: np.ndarray, others: np.ndarray | None = None) -> np.ndarray:
+    """IoU of pixel boxes `[K, 4]` against `others` `[M, 4]` (default: `boxes` themselves) → `[K, M]`."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    others = boxes if others is None else np.asarray(others, dtype=np.float64).reshape(-1, 4)
+
+    def area(b: np.ndarray) -> np.ndarray:
+        return (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+
+    lt = np.maximum(boxes[:, None, :2], others[None, :, :2])
+    rb = np.minimum(boxes[:, None, 2:], others[None, :, 2:])
     inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    union = area[:, None] + area[None, :] - inter
+    union = area(boxes)[:, None] + area(others)[None, :] - inter
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
