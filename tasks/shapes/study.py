@@ -188,9 +188,11 @@ def preset_plan(name: str) -> StudyPlan:
     single-stream vs ViLBERT), the two new ones (coattention-only, sequential) and the late-fusion lower bound, each
     fine-tuned from the text stream, 3 seeds, a 300-image world. No pretraining: 80 steps of it (all such a budget
     allows) taught nothing measurable (alignment 48.7 % against 50 % chance), so the budget goes to fine-tuning.
-    `full` (about 10 h, idle, in one process): Tables 1-3 (single-stream and ViLBERT with and without pretraining; depth 1/2/4/6;
-    data 0/25/50/100 %) and the new questions, 3 seeds, the default world and run lengths of `make pretrain` and
-    `make finetune`."""
+    `full` (about 8 h, idle, in one process): Tables 1-3 (single-stream and ViLBERT with and without pretraining;
+    depth 2/4/6, the paper's first three; data 0/25/50/100 %) and the two new questions, pretrained, 3 seeds, the
+    default world and run lengths of `make pretrain` and `make finetune`. Late fusion and depth 1 are left to
+    custom grids (`--variants`): the quick preset already bounds late fusion, and every pretrained row costs 3
+    pretraining runs."""
     if name == "quick":
         return StudyPlan(
             "quick",
@@ -200,8 +202,8 @@ def preset_plan(name: str) -> StudyPlan:
     if name == "full":
         return StudyPlan(
             "full",
-            rows=_rows(["vilbert", "single-stream"], [1.0, 0.0]) + _rows(["vilbert:1", "vilbert:4", "vilbert:6"], [1.0])
-            + _rows(["vilbert"], [0.25, 0.5]) + _rows(["coattention-only", "sequential", "late-fusion"], [1.0]),
+            rows=_rows(["vilbert", "single-stream"], [1.0, 0.0]) + _rows(["vilbert:4", "vilbert:6"], [1.0])
+            + _rows(["vilbert"], [0.25, 0.5]) + _rows(["coattention-only", "sequential"], [1.0]),
             seeds=[0, 1, 2], images=2000, pretrain_steps=1400,
             finetune_steps={"vqa": 450, "retrieval": 100, "refcoco": 150}, budget_minutes=None)
     raise ConfigError(f"--preset: unknown {name!r}; expected quick or full")
@@ -480,6 +482,50 @@ def run_cell(paths: StudyPaths, plan: StudyPlan, cell: Cell, text_init: str, say
             _write_json(folder / f"{task_name}.json", finetune(paths, plan, cell, task_name, text_init, init))
 
 
+# ------------------------------------------------------------------------------- finished results kept elsewhere
+
+
+def _check_results_folder(results: Path, plan: StudyPlan) -> None:
+    """`results` holds no study yet or this very study (its study.json), else ConfigError naming the file."""
+    record = results / STUDY_RECORD
+    if results.exists() and not results.is_dir():
+        raise ConfigError(f"--results {results}: exists and is not a directory")
+    if not record.is_file():
+        if results.is_dir() and any(results.iterdir()):
+            raise ConfigError(f"--results {results}: is not empty and holds no {STUDY_RECORD}; choose a new folder")
+        return
+    try:
+        recorded = json.loads(record.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{record}: cannot read the study record ({error})") from error
+    if recorded != plan.identity():
+        raise ConfigError(f"{record}: holds another study (preset {recorded.get('preset')!r}); choose another "
+                          "--results folder")
+
+
+def restore_finished_cells(plan: StudyPlan, results: Path, out: Path) -> list[str]:
+    """Copy into the study directory `out` every cell `results` holds finished and `out` does not: a study run in
+    pieces on machines that do not keep their disks goes on where the last piece stopped. The keys restored."""
+    restored = []
+    for cell in plan.cells():
+        source, target = StudyPaths(results), StudyPaths(out)
+        if _cell_done(source, cell) and not _cell_done(target, cell):
+            for name in _step_names(cell):
+                target.cell(cell).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source.cell(cell) / f"{name}.json", target.cell(cell) / f"{name}.json")
+            restored.append(cell.key)
+    return restored
+
+
+def keep_finished_cell(plan: StudyPlan, out: Path, cell: Cell, results: Path) -> None:
+    """Copy a finished cell's result files (no checkpoints: a few kB) into `results`, with the study record."""
+    if not (results / STUDY_RECORD).is_file():
+        _write_json(results / STUDY_RECORD, plan.identity())
+    for name in _step_names(cell):
+        _write_json(StudyPaths(results).cell(cell) / f"{name}.json",
+                    _read_json(StudyPaths(out).cell(cell) / f"{name}.json"))
+
+
 def _cell_in_worker(out: str, plan: StudyPlan, cell: Cell, text_init: str, label: str) -> str:
     run_cell(StudyPaths(Path(out)), plan, cell, text_init, functools.partial(print, flush=True), label)
     return cell.key
@@ -495,7 +541,7 @@ def _worker_threads(threads: int) -> None:
 
 
 def _run_cells_in_parallel(paths: StudyPaths, plan: StudyPlan, text_init: str, jobs: int,
-                           say: Callable[[str], None]) -> None:
+                           say: Callable[[str], None], finished: Callable[[Cell], None]) -> None:
     """The unfinished cells over `jobs` worker processes, the machine's cores shared among them. A failed cell
     stops the cells not yet started and is raised once the running ones have finished (their steps are kept)."""
     cells = plan.cells()
@@ -503,26 +549,31 @@ def _run_cells_in_parallel(paths: StudyPaths, plan: StudyPlan, text_init: str, j
     threads = max(1, usable_cores() // jobs)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_threads, initargs=(threads,)) as pool:
-        futures = [pool.submit(_cell_in_worker, str(paths.out), plan, cell, text_init, f"[{number}/{len(cells)}] ")
-                   for number, cell in pending]
+        futures = {pool.submit(_cell_in_worker, str(paths.out), plan, cell, text_init, f"[{number}/{len(cells)}] "):
+                   cell for number, cell in pending}
         try:
             for future in as_completed(futures):
                 say(f"cell {future.result()}: done")
+                finished(futures[future])
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
 
 
+def _step_names(cell: Cell) -> tuple[str, ...]:
+    return (*(("pretrain",) if cell.fraction > 0 else ()), *TASKS)
+
+
 def _cell_done(paths: StudyPaths, cell: Cell) -> bool:
-    folder = paths.cell(cell)
-    return all((folder / f"{name}.json").is_file()
-               for name in (*TASKS, *(("pretrain",) if cell.fraction > 0 else ())))
+    return all((paths.cell(cell) / f"{name}.json").is_file() for name in _step_names(cell))
 
 
 def run_study(plan: StudyPlan, out: str | Path, text_init: str, overwrite: bool = False,
-              say: Callable[[str], None] = logger.info, jobs: int = 1) -> list[str]:
+              say: Callable[[str], None] = logger.info, jobs: int = 1, results: str | Path | None = None) -> list[str]:
     """Run (or resume) every cell of `plan` in `out`, `jobs` cells at a time (worker processes when more than
-    one); write study.md and study.png; return the table's lines."""
+    one); write study.md and study.png; return the table's lines. `results`: a folder (in the repository, say)
+    that keeps each finished cell's result files and the table: its cells are restored into `out` first and
+    skipped, and each cell finished here is copied there at once."""
     if jobs < 1:
         raise ConfigError(f"--jobs: {jobs} must be at least 1")
     costs = {v.name: model_cost(plan, v) for v in dict.fromkeys(v for v, _ in plan.rows)}
@@ -535,22 +586,38 @@ def run_study(plan: StudyPlan, out: str | Path, text_init: str, overwrite: bool 
         raise ConfigError(f"--text-init {text_init}: not a directory (a local BERT such as MiniLM)")
     out = Path(out)
     paths = StudyPaths(out)
+    if results is not None:
+        results = Path(results)
+        _check_results_folder(results, plan)
+
+    def finished(cell: Cell) -> None:
+        if results is not None:
+            keep_finished_cell(plan, out, cell, results)
+
     with claim_study_directory(out, plan, overwrite):
         say(f"study {plan.preset}: {len(plan.cells())} cells, estimated {minutes:.0f} min on an idle 2-core CPU"
             + (f" in one process; {jobs} at a time" if jobs > 1 else ""))
         started = time.perf_counter()
+        if results is not None and (restored := restore_finished_cells(plan, results, out)):
+            say(f"restored {len(restored)} finished cells from {results}")
         prepare_world(paths, plan.images, say)
         write_caption_subsets(paths, {f for _, f in plan.rows})
         if jobs > 1:
-            _run_cells_in_parallel(paths, plan, text_init, jobs, say)
+            _run_cells_in_parallel(paths, plan, text_init, jobs, say, finished)
         else:
             for number, cell in enumerate(plan.cells(), 1):
-                run_cell(paths, plan, cell, text_init, say, f"[{number}/{len(plan.cells())}] ")
-        results = study_results(plan, out)
-        lines = table_lines(plan, results, costs)
-        with atomic_path(out / "study.md") as tmp:
-            Path(tmp).write_text("\n".join(lines) + "\n")
-        study_figure(plan, results, out / "study.png")
+                if not _cell_done(paths, cell):
+                    run_cell(paths, plan, cell, text_init, say, f"[{number}/{len(plan.cells())}] ")
+                    finished(cell)
+        for cell in plan.cells():  # and those finished before `results` was given
+            if _cell_done(paths, cell):
+                finished(cell)
+        found = study_results(plan, out)
+        lines = table_lines(plan, found, costs)
+        for folder in (out, *([results] if results is not None else [])):
+            with atomic_path(folder / "study.md") as tmp:
+                Path(tmp).write_text("\n".join(lines) + "\n")
+            study_figure(plan, found, folder / "study.png")
         say(f"study {plan.preset}: done in {(time.perf_counter() - started) / 60:.1f} min this run "
             f"(estimate for the whole grid, idle: {minutes:.0f} min)")
     return lines

@@ -189,3 +189,41 @@ def test_estimate_prints_the_grid_and_its_time(capsys):
     code, out, _ = run_cli(["study", "--preset", "quick", "--estimate"])
     assert code == 0
     assert "15 cells (3 seeds): estimated" in out and "single-stream" in out and "GFLOPs/sample" in out
+
+
+def test_a_study_in_pieces_keeps_finished_cells_in_a_results_folder_and_restores_them(tmp_path, monkeypatch):
+    """A machine that loses its disk between pieces: the results folder carries the finished cells over, so the
+    next piece runs only the rest; a results folder of another study is refused before anything runs."""
+    plan = tiny_plan([(Variant("vilbert"), 0.5), (Variant("single-stream"), 0.0)])
+    ran = []
+
+    def fake_cell(paths, plan, cell, text_init, say, label=""):  # the steps' result files, as run_cell leaves them
+        ran.append(cell.key)
+        if len(ran) == 3:
+            raise KeyboardInterrupt  # the first piece ends during its third cell
+        for name in study._step_names(cell):
+            value = {"checkpoint": "gone"} if name == "pretrain" else {
+                "splits": {s: {"value": 40.0 + cell.seed, "chance": 25.0} for s in study.SPLITS}}
+            study._write_json(paths.cell(cell) / f"{name}.json", value)
+
+    monkeypatch.setattr(study, "prepare_world", lambda *args: None)
+    monkeypatch.setattr(study, "write_caption_subsets", lambda *args: None)
+    monkeypatch.setattr(study, "run_cell", fake_cell)
+    kept = tmp_path / "kept"
+    with pytest.raises(KeyboardInterrupt):
+        run_study(plan, tmp_path / "first", str(tmp_path), results=kept)
+    assert sorted(p.name for p in (kept / "cells").iterdir()) == ["single-stream_p000_s0", "vilbert_p050_s0"]
+    assert sorted(p.name for p in (kept / "cells" / "vilbert_p050_s0").iterdir()) == [
+        "pretrain.json", "refcoco.json", "retrieval.json", "vqa.json"]
+
+    ran.clear()
+    lines = run_study(plan, tmp_path / "second", str(tmp_path), results=kept)  # a new disk: only the rest runs
+    assert ran == ["vilbert_p050_s1", "single-stream_p000_s1"]
+    assert (kept / "study.md").read_text().splitlines() == lines
+    assert next(line for line in lines if line.startswith("| vilbert, 50 %")).count("±") == 6
+    assert sorted(p.name for p in (kept / "cells").iterdir()) == sorted(c.key for c in plan.cells())
+
+    other = tiny_plan([(Variant("vilbert"), 0.25)])
+    with pytest.raises(ConfigError, match="kept/study.json: holds another study"):
+        run_study(other, tmp_path / "third", str(tmp_path), results=kept)
+    assert not (tmp_path / "third").exists()
