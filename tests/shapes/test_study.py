@@ -227,3 +227,13 @@ def test_a_study_in_pieces_keeps_finished_cells_in_a_results_folder_and_restores
     with pytest.raises(ConfigError, match="kept/study.json: holds another study"):
         run_study(other, tmp_path / "third", str(tmp_path), results=kept)
     assert not (tmp_path / "third").exists()
+
+
+def test_a_results_folder_that_is_a_file_or_holds_something_else_is_refused_untouched(tmp_path):
+    (tmp_path / "results.txt").write_text("mine")
+    assert_refused(["study", "--out", tmp_path / "study", "--text-init", tmp_path, "--results", tmp_path / "results.txt"],
+                   [str(tmp_path / "results.txt"), "not a directory"], watch=[tmp_path])
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "draft.md").write_text("mine")
+    assert_refused(["study", "--out", tmp_path / "study", "--text-init", tmp_path, "--results", tmp_path / "notes"],
+                   [str(tmp_path / "notes"), "holds no study.json"], watch=[tmp_path])
