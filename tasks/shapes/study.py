@@ -590,9 +590,12 @@ def run_study(plan: StudyPlan, out: str | Path, text_init: str, overwrite: bool 
         results = Path(results)
         _check_results_folder(results, plan)
 
-    def finished(cell: Cell) -> None:
+    def finished(cell: Cell, outputs: bool = True) -> None:
+        """Keep the cell in `results` and, unless told not to, its table and figure up to date there."""
         if results is not None:
             keep_finished_cell(plan, out, cell, results)
+            if outputs:
+                write_outputs(plan, results, costs)
 
     with claim_study_directory(out, plan, overwrite):
         say(f"study {plan.preset}: {len(plan.cells())} cells, estimated {minutes:.0f} min on an idle 2-core CPU"
@@ -611,15 +614,22 @@ def run_study(plan: StudyPlan, out: str | Path, text_init: str, overwrite: bool 
                     finished(cell)
         for cell in plan.cells():  # and those finished before `results` was given
             if _cell_done(paths, cell):
-                finished(cell)
-        found = study_results(plan, out)
-        lines = table_lines(plan, found, costs)
-        for folder in (out, *([results] if results is not None else [])):
-            with atomic_path(folder / "study.md") as tmp:
-                Path(tmp).write_text("\n".join(lines) + "\n")
-            study_figure(plan, found, folder / "study.png")
+                finished(cell, outputs=False)
+        lines = write_outputs(plan, out, costs)
+        if results is not None:
+            write_outputs(plan, results, costs)
         say(f"study {plan.preset}: done in {(time.perf_counter() - started) / 60:.1f} min this run "
             f"(estimate for the whole grid, idle: {minutes:.0f} min)")
+    return lines
+
+
+def write_outputs(plan: StudyPlan, folder: Path, costs: dict[str, ModelCost]) -> list[str]:
+    """study.md and study.png in `folder` from the cells it holds finished; the table's lines."""
+    found = study_results(plan, folder)
+    lines = table_lines(plan, found, costs)
+    with atomic_path(folder / "study.md") as tmp:
+        Path(tmp).write_text("\n".join(lines) + "\n")
+    study_figure(plan, found, folder / "study.png")
     return lines
 
 

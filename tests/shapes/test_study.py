@@ -215,6 +215,8 @@ def test_a_study_in_pieces_keeps_finished_cells_in_a_results_folder_and_restores
     assert sorted(p.name for p in (kept / "cells").iterdir()) == ["single-stream_p000_s0", "vilbert_p050_s0"]
     assert sorted(p.name for p in (kept / "cells" / "vilbert_p050_s0").iterdir()) == [
         "pretrain.json", "refcoco.json", "retrieval.json", "vqa.json"]
+    partial = (kept / "study.md").read_text().splitlines()  # the table of what is kept, as each cell finished
+    assert next(line for line in partial if line.startswith("| vilbert, 50 % data |")).endswith("| 40.0 [1] |")
 
     ran.clear()
     lines = run_study(plan, tmp_path / "second", str(tmp_path), results=kept)  # a new disk: only the rest runs
