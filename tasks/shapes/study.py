@@ -506,9 +506,8 @@ def _check_results_folder(results: Path, plan: StudyPlan) -> None:
 def restore_finished_cells(plan: StudyPlan, results: Path, out: Path) -> list[str]:
     """Copy into the study directory `out` every cell `results` holds finished and `out` does not: a study run in
     pieces on machines that do not keep their disks goes on where the last piece stopped. The keys restored."""
-    restored = []
+    restored, source, target = [], StudyPaths(results), StudyPaths(out)
     for cell in plan.cells():
-        source, target = StudyPaths(results), StudyPaths(out)
         if _cell_done(source, cell) and not _cell_done(target, cell):
             for name in _step_names(cell):
                 target.cell(cell).mkdir(parents=True, exist_ok=True)
