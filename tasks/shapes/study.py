@@ -510,8 +510,7 @@ def restore_finished_cells(plan: StudyPlan, results: Path, out: Path) -> list[st
     for cell in plan.cells():
         if _cell_done(source, cell) and not _cell_done(target, cell):
             for name in _step_names(cell):
-                target.cell(cell).mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source.cell(cell) / f"{name}.json", target.cell(cell) / f"{name}.json")
+                _write_json(target.cell(cell) / f"{name}.json", _read_json(source.cell(cell) / f"{name}.json"))
             restored.append(cell.key)
     return restored
 
