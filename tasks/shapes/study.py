@@ -509,8 +509,7 @@ def restore_finished_cells(plan: StudyPlan, results: Path, out: Path) -> list[st
     restored, source, target = [], StudyPaths(results), StudyPaths(out)
     for cell in plan.cells():
         if _cell_done(source, cell) and not _cell_done(target, cell):
-            for name in _step_names(cell):
-                _write_json(target.cell(cell) / f"{name}.json", _read_json(source.cell(cell) / f"{name}.json"))
+            _copy_cell_results(source, target, cell)
             restored.append(cell.key)
     return restored
 
@@ -519,9 +518,12 @@ def keep_finished_cell(plan: StudyPlan, out: Path, cell: Cell, results: Path) ->
     """Copy a finished cell's result files (no checkpoints: a few kB) into `results`, with the study record."""
     if not (results / STUDY_RECORD).is_file():
         _write_json(results / STUDY_RECORD, plan.identity())
+    _copy_cell_results(StudyPaths(out), StudyPaths(results), cell)
+
+
+def _copy_cell_results(source: StudyPaths, target: StudyPaths, cell: Cell) -> None:
     for name in _step_names(cell):
-        _write_json(StudyPaths(results).cell(cell) / f"{name}.json",
-                    _read_json(StudyPaths(out).cell(cell) / f"{name}.json"))
+        _write_json(target.cell(cell) / f"{name}.json", _read_json(source.cell(cell) / f"{name}.json"))
 
 
 def _cell_in_worker(out: str, plan: StudyPlan, cell: Cell, text_init: str, label: str) -> str:
