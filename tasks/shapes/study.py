@@ -313,15 +313,9 @@ def claim_study_directory(out: Path, plan: StudyPlan, overwrite: bool = False) -
             raise ConfigError(f"--out {out}: is not empty and holds no study ({shown}); nothing there is removed, "
                               "--overwrite included: choose a new or empty --out")
         if contents and not overwrite:
-            try:
-                recorded = json.loads(record.read_text())
-            except (OSError, ValueError) as error:
-                raise ConfigError(f"{record}: cannot read the study record ({error})") from error
-            if recorded != plan.identity():
-                differ = sorted(k for k in plan.identity() if recorded.get(k) != plan.identity()[k])
-                raise ConfigError(f"--out {out}: holds another study (preset {recorded.get('preset')!r}; differs in "
-                                  f"{', '.join(differ) or 'its keys'}); choose another --out, or replace it with "
-                                  "--overwrite")
+            if other := _other_study(record, plan):
+                raise ConfigError(f"--out {out}: holds another study ({other}); choose another --out, or replace "
+                                  "it with --overwrite")
         elif contents:
             for name in filter(is_study_file, contents):
                 path = out / name
@@ -333,6 +327,21 @@ def claim_study_directory(out: Path, plan: StudyPlan, overwrite: bool = False) -
         lock.release()
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
+
+
+def _other_study(record: Path, plan: StudyPlan) -> str | None:
+    """None when the study record `record` is this plan's, else what differs ("preset 'quick'; differs in seeds");
+    a ConfigError naming the file when it cannot be read."""
+    try:
+        recorded = json.loads(record.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{record}: cannot read the study record ({error})") from error
+    identity = plan.identity()
+    if recorded == identity:
+        return None
+    differ = sorted(k for k in identity if not isinstance(recorded, dict) or recorded.get(k) != identity[k])
+    preset = recorded.get("preset") if isinstance(recorded, dict) else None
+    return f"preset {preset!r}; differs in {', '.join(differ) or 'its keys'}"
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -494,13 +503,8 @@ def _check_results_folder(results: Path, plan: StudyPlan) -> None:
         if results.is_dir() and any(results.iterdir()):
             raise ConfigError(f"--results {results}: is not empty and holds no {STUDY_RECORD}; choose a new folder")
         return
-    try:
-        recorded = json.loads(record.read_text())
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{record}: cannot read the study record ({error})") from error
-    if recorded != plan.identity():
-        raise ConfigError(f"{record}: holds another study (preset {recorded.get('preset')!r}); choose another "
-                          "--results folder")
+    if other := _other_study(record, plan):
+        raise ConfigError(f"{record}: holds another study ({other}); choose another --results folder")
 
 
 def restore_finished_cells(plan: StudyPlan, results: Path, out: Path) -> list[str]:
