@@ -52,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
         estimate_minutes,
         model_cost,
         preset_plan,
+        report_lines,
         run_study,
         study_results,
-        table_lines,
     )
 
     plan = custom_plan(preset_plan(args.preset), variants=args.variants.split(",") if args.variants else None,
@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = args.out or f"runs/study_{plan.preset.split()[0]}"
     if args.table:
-        print("\n".join(table_lines(plan, study_results(plan, out), {v.name: model_cost(plan, v) for v, _ in plan.rows})))
+        costs = {v.name: model_cost(plan, v) for v, _ in plan.rows}
+        print("\n".join(report_lines(plan, study_results(plan, out), costs)))
         return 0
     text_init = args.text_init
     if text_init is None:

@@ -630,7 +630,7 @@ def run_study(plan: StudyPlan, out: str | Path, text_init: str, overwrite: bool 
 def write_outputs(plan: StudyPlan, folder: Path, costs: dict[str, ModelCost]) -> list[str]:
     """study.md and study.png in `folder` from the cells it holds finished; the table's lines."""
     found = study_results(plan, folder)
-    lines = table_lines(plan, found, costs)
+    lines = report_lines(plan, found, costs)
     with atomic_path(folder / "study.md") as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")
     study_figure(plan, found, folder / "study.png")
@@ -653,6 +653,58 @@ def interval(values: list[float]) -> tuple[float, float | None]:
     return mean, t * float(np.std(values, ddof=1)) / math.sqrt(len(values))
 
 
+def difference(values: list[float], baseline: list[float]) -> tuple[float, float | None]:
+    """Mean of `values` minus mean of `baseline`, and the half-width of its 95 % Student-t interval with pooled
+    variance (None unless both have at least one value and together at least three)."""
+    delta = float(np.mean(values) - np.mean(baseline))
+    dof = len(values) + len(baseline) - 2
+    if not values or not baseline or dof < 1:
+        return delta, None
+    pooled = ((len(values) - 1) * np.var(values, ddof=1 if len(values) > 1 else 0)
+              + (len(baseline) - 1) * np.var(baseline, ddof=1 if len(baseline) > 1 else 0)) / dof
+    t = T_975[dof - 1] if dof <= len(T_975) else 1.96
+    return delta, t * math.sqrt(pooled * (1 / len(values) + 1 / len(baseline)))
+
+
+def baseline_row(plan: StudyPlan, variant: Variant, fraction: float) -> tuple[Variant, float] | None:
+    """The row a row is compared with: the faithful model (`vilbert` at the preset's depth) at the same
+    pretraining fraction, or for that model's own rows the grid's first row; None for the first row itself."""
+    first = plan.rows[0]
+    faithful = Variant("vilbert") if any(v == Variant("vilbert") for v, _ in plan.rows) else first[0]
+    if (variant, fraction) == first:
+        return None
+    if variant != faithful and (faithful, fraction) in plan.rows:
+        return faithful, fraction
+    return first
+
+
+def comparison_lines(plan: StudyPlan, results: dict[Cell, dict]) -> list[str]:
+    """Each row against its `baseline_row`: the difference of the means ± its 95 % half-width (pooled-variance t),
+    for every task and split; rows or baselines with no finished seed are left out."""
+    columns = [f"{METRIC_NAMES[t]} {'test' if s == SPLITS[0] else 'comp.'}" for t in TASKS for s in SPLITS]
+    lines = ["Differences: each row minus the row it is compared with, difference of the means ± 95 % interval "
+             "half-width (Student t, pooled variance; none with one seed on each side)",
+             "",
+             "| row | against | " + " | ".join(columns) + " |",
+             "|---" * (2 + len(columns)) + "|"]
+    for variant, fraction in plan.rows:
+        if (base := baseline_row(plan, variant, fraction)) is None:
+            continue
+        cells = []
+        for task_name in TASKS:
+            for split in SPLITS:
+                values = _values(plan, results, variant, fraction, task_name, split)
+                reference = _values(plan, results, *base, task_name, split)
+                if not values or not reference:
+                    cells.append("—")
+                    continue
+                delta, half = difference(values, reference)
+                cells.append(f"{delta:+.1f}" + (f" ± {half:.1f}" if half is not None else ""))
+        if any(c != "—" for c in cells):
+            lines.append(f"| {_row_label(variant, fraction)} | {_row_label(*base)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _row_label(variant: Variant, fraction: float) -> str:
     data = "no pretraining" if fraction == 0 else f"{round(100 * fraction)} % data"
     return f"{variant.name}, {data}"
@@ -673,6 +725,11 @@ def _chance(results: dict[Cell, dict], task_name: str, split: str) -> float | No
 def study_results(plan: StudyPlan, out: str | Path) -> dict[Cell, dict]:
     """Every cell's finished results in `out` (None for the steps not done yet)."""
     return {cell: _cell_results(StudyPaths(Path(out)).cell(cell)) for cell in plan.cells()}
+
+
+def report_lines(plan: StudyPlan, results: dict[Cell, dict], costs: dict[str, ModelCost]) -> list[str]:
+    """study.md: the table of means, then the differences against each row's baseline."""
+    return table_lines(plan, results, costs) + [""] + comparison_lines(plan, results)
 
 
 def table_lines(plan: StudyPlan, results: dict[Cell, dict], costs: dict[str, ModelCost]) -> list[str]:

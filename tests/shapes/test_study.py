@@ -14,8 +14,10 @@ from tasks.shapes.study import (
     Cell,
     StudyPlan,
     Variant,
+    baseline_row,
     claim_study_directory,
     custom_plan,
+    difference,
     estimate_minutes,
     interval,
     model_cost,
@@ -70,7 +72,8 @@ def test_a_tiny_study_runs_resumes_without_redoing_and_writes_its_table_and_figu
     assert lines[2].startswith("| variant | params (M) | GFLOPs |")
     row = next(line for line in lines if line.startswith("| single-stream, 50 % data"))
     assert row.count("±") == 6  # two seeds: an interval for every task and split
-    assert lines[-1].startswith("| chance |")
+    differences = next(i for i, line in enumerate(lines) if line.startswith("Differences:"))
+    assert lines[differences - 2].startswith("| chance |")  # the table, then the differences
     assert (out / "study.md").read_text().splitlines() == lines
     assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -121,6 +124,25 @@ def test_interval_is_the_student_t_half_width():
     mean, half = interval([50.0, 52.0])
     assert mean == 51.0 and half == pytest.approx(12.706 * 2 ** 0.5 / 2 ** 0.5, rel=1e-4)
     assert interval([3.0]) == (3.0, None)
+
+
+def test_difference_is_the_pooled_variance_student_t_interval():
+    delta, half = difference([60.0, 62.0, 64.0], [50.0, 52.0, 51.0])  # variances 4 and 1: pooled 2.5, 4 d.o.f.
+    assert delta == 11.0 and half == pytest.approx(2.776 * (2.5 * (1 / 3 + 1 / 3)) ** 0.5, rel=1e-6)
+    delta, half = difference([5.0], [3.0, 5.0])  # one d.o.f.: pooled variance 2
+    assert delta == 1.0 and half == pytest.approx(12.706 * (2 * 1.5) ** 0.5, rel=1e-6)
+    assert difference([5.0], [3.0]) == (2.0, None)
+
+
+def test_each_row_is_compared_with_the_faithful_model_at_its_fraction_or_the_first_row():
+    full = preset_plan("full")
+    vilbert = Variant("vilbert")
+    assert baseline_row(full, vilbert, 1.0) is None
+    assert baseline_row(full, Variant("vilbert", 4), 1.0) == (vilbert, 1.0)
+    assert baseline_row(full, Variant("single-stream"), 0.0) == (vilbert, 0.0)
+    assert baseline_row(full, vilbert, 0.25) == (vilbert, 1.0)  # data fraction: against all the data
+    assert baseline_row(full, vilbert, 0.0) == (vilbert, 1.0)  # pretraining: against none
+    assert baseline_row(preset_plan("quick"), Variant("sequential"), 0.0) == (vilbert, 0.0)
 
 
 def test_presets_fit_their_budget_and_costs_follow_the_architecture():
@@ -223,6 +245,7 @@ def test_a_study_in_pieces_keeps_finished_cells_in_a_results_folder_and_restores
     assert ran == ["vilbert_p050_s1", "single-stream_p000_s1"]
     assert (kept / "study.md").read_text().splitlines() == lines
     assert next(line for line in lines if line.startswith("| vilbert, 50 %")).count("±") == 6
+    assert "| single-stream, no pretraining | vilbert, 50 % data | +0.0 ± 3.0 |"  # 40, 41 each in "\n".join(lines)
     assert sorted(p.name for p in (kept / "cells").iterdir()) == sorted(c.key for c in plan.cells())
 
     other = tiny_plan([(Variant("vilbert"), 0.25)])
