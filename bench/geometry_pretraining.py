@@ -33,7 +33,9 @@ import torch
 from torch import nn
 
 import tasks.pretraining as pretraining
-from tasks.cli import main as vilbert
+from tasks.engine.config import load_config
+from tasks.engine.trainer import Trainer
+from tasks.shapes.report import pretraining_report
 from vilbert import modeling_vilbert
 
 VARIANTS = ("hard-negatives", "balanced-directions", "balanced-lxmert")
@@ -140,9 +142,8 @@ def main() -> None:
                       f"data.val_captions={captions / 'captions_val.jsonl'}"]
         if args.variant == "balanced-lxmert":
             patch_lxmert_embedding()
-    if vilbert(["pretrain", "--config", CONFIG, "--overwrite", *overrides]) != 0:
-        sys.exit(1)
-    vilbert(["report", "--run", str(args.out)])
+    Trainer(pretraining.PretrainingTask(load_config(CONFIG, pretraining.PretrainConfig, overrides))).fit(overwrite=True)
+    print("\n".join(pretraining_report(args.out)))
     checkpoint = sorted((args.out / "checkpoints").glob("step-*"))[-1]
     sys.argv = ["geometry_probe.py", str(checkpoint), "--threads", str(torch.get_num_threads()),
                 "--captions", str(args.probe_captions)]

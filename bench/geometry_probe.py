@@ -7,7 +7,7 @@
    circle.", the same fact), so the sentence alone is at chance; the relation word is masked, and the MLM head's
    logit of the true word is compared with its opposite's (left/right, above/below).
 2. Relation swap: the alignment head scores the caption against the same words with its two shapes swapped (false
-   for the image, `tasks.shapes.world.CAPTION_RELATIONS`); chance 50 %.
+   for the image: the world's relations are strict); chance 50 %.
 3. Left-to-right colours: each single-piece colour word of "from left to right: a small red circle, ..." is
    masked and predicted among the world's colours, in images with two colours or more (where the order tells).
 Each probe runs with the image's true box locations and with them shuffled among its regions (the features kept):
