@@ -14,7 +14,9 @@ images, which a colour or shape word already rules out. The variants, each on to
   text prior is 50 %;
 - `balanced-lxmert`: balanced directions, and the visual embedding LXMERT's (LayerNorm of the projected feature and
   LayerNorm of the projected location, averaged) instead of ViLBERT's (their sum, then one LayerNorm), so the 5-d
-  location is not outweighed by the feature.
+  location is not outweighed by the feature;
+- `balanced-relation-masking`: balanced directions, and the relation word of every aligned relation caption masked
+  (and predicted) besides BERT's random 15 %, so each such pair asks for the two shapes' positions.
 These are experiments patched in here, not options of the library. The script pretrains, prints the pretraining
 report, then the geometry probes of the checkpoint.
 """
@@ -38,7 +40,7 @@ from tasks.engine.trainer import Trainer
 from tasks.shapes.report import pretraining_report
 from vilbert import modeling_vilbert
 
-VARIANTS = ("hard-negatives", "balanced-directions", "balanced-lxmert")
+VARIANTS = ("hard-negatives", "balanced-directions", "balanced-lxmert", "balanced-relation-masking")
 CONFIG = "tasks/shapes/configs/pretrain_embedded.yaml"
 CAPTIONS = Path("data/shapes/world/captions")
 INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
@@ -99,6 +101,26 @@ def patch_hard_negatives() -> None:
     dataset.__init__, dataset.sample = __init__, hard_sample
 
 
+def patch_relation_masking() -> None:
+    """PretrainingDataset: an aligned pair's relation word (left, right, above, below) is always [MASK] with its
+    label, on top of the random masking."""
+    dataset = pretraining.PretrainingDataset
+    sample = dataset.sample
+
+    def masked_sample(self, index, epoch):
+        out = sample(self, index, epoch)
+        if int(out["alignment_labels"]) == 0 and RELATION.match(self.captions[index].text):
+            vocab = self.tokenizer.backend.get_vocab()
+            words = [vocab[w] for w in ("left", "right", "above", "below")]
+            ids = self.text[index].astype(np.int64)
+            for position in np.flatnonzero(np.isin(ids, words)):
+                out["input_ids"][position] = self.tokenizer.mask_id
+                out["mlm_labels"][position] = ids[position]
+        return out
+
+    dataset.sample = masked_sample
+
+
 def patch_lxmert_embedding() -> None:
     """VisionEmbeddings: (LayerNorm(feature projection) + LayerNorm(location projection)) / 2, then dropout."""
     embeddings = modeling_vilbert.VisionEmbeddings
@@ -142,6 +164,8 @@ def main() -> None:
                       f"data.val_captions={captions / 'captions_val.jsonl'}"]
         if args.variant == "balanced-lxmert":
             patch_lxmert_embedding()
+        if args.variant == "balanced-relation-masking":
+            patch_relation_masking()
     Trainer(pretraining.PretrainingTask(load_config(CONFIG, pretraining.PretrainConfig, overrides))).fit(overwrite=True)
     print("\n".join(pretraining_report(args.out)))
     checkpoint = sorted((args.out / "checkpoints").glob("step-*"))[-1]
