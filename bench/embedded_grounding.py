@@ -56,19 +56,28 @@ def masked_word_accuracy(model, dataset, words, indices, images, max_regions, ba
     return 100.0 * correct / max(total, 1)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def checkpoint_arguments(description: str, captions: int) -> argparse.Namespace:
+    """A pretraining checkpoint, how many held-out captions to read, torch's threads (set here)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a pretraining checkpoint directory (with run_config.yaml)")
-    parser.add_argument("--captions", type=int, default=600, help="held-out captions used (default 600)")
+    parser.add_argument("--captions", type=int, default=captions, help=f"held-out captions read (default {captions})")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    return args
 
-    config = load_config(args.checkpoint / "run_config.yaml", PretrainConfig)
+
+def held_out(checkpoint: Path) -> tuple[PretrainConfig, PretrainingTask, ViLBertForPreTraining]:
+    """The checkpoint's run config, its pretraining task on the held-out (val) captions only, the model in eval."""
+    config = load_config(checkpoint / "run_config.yaml", PretrainConfig)
     config.data.train_captions = None  # held-out data only
-    task = PretrainingTask(config)
+    return config, PretrainingTask(config), ViLBertForPreTraining.from_pretrained(checkpoint).eval()
+
+
+def main() -> None:
+    args = checkpoint_arguments(__doc__, captions=600)
+    config, task, model = held_out(args.checkpoint)
     dataset = task.dataset("val")
-    model = ViLBertForPreTraining.from_pretrained(args.checkpoint).eval()
     max_regions = config.data.max_regions
 
     count = min(args.captions, len(dataset))

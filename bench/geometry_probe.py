@@ -16,8 +16,8 @@ a model that reads geometry loses accuracy with the locations shuffled; one that
 
 from __future__ import annotations
 
-import argparse
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,10 +26,10 @@ import torch
 
 from tasks.data.captions import load_captions
 from tasks.data.regions import collate_visual, visual_input
-from tasks.engine.config import load_config
-from tasks.pretraining import PretrainConfig, PretrainingTask
 from tasks.shapes.world import COLOURS
-from vilbert import ViLBertForPreTraining
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from embedded_grounding import checkpoint_arguments, held_out  # noqa: E402
 
 OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
             "below": "above"}
@@ -79,18 +79,9 @@ def aligned_score(model, tokenizer, texts: list[str], max_length: int, inputs) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="a pretraining checkpoint directory (with run_config.yaml)")
-    parser.add_argument("--captions", type=int, default=1000, help="held-out captions read (default 1000)")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    config = load_config(args.checkpoint / "run_config.yaml", PretrainConfig)
-    config.data.train_captions = None  # held-out data only
-    task = PretrainingTask(config)
+    args = checkpoint_arguments(__doc__, captions=1000)
+    config, task, model = held_out(args.checkpoint)
     store, tokenizer = task.dataset("val").store, task.tokenizer
-    model = ViLBertForPreTraining.from_pretrained(args.checkpoint).eval()
     length, regions = config.data.max_text_length, config.data.max_regions
     relation_ids = piece_ids(tokenizer, WORD.values())
     colour_ids = piece_ids(tokenizer, COLOURS)
