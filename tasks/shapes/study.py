@@ -628,7 +628,7 @@ def run_study(plan: StudyPlan, out: str | Path, text_init: str, overwrite: bool 
 
 
 def write_outputs(plan: StudyPlan, folder: Path, costs: dict[str, ModelCost]) -> list[str]:
-    """study.md and study.png in `folder` from the cells it holds finished; the table's lines."""
+    """study.md and study.png in `folder` from the cells it holds finished; study.md's lines."""
     found = study_results(plan, folder)
     lines = report_lines(plan, found, costs)
     with atomic_path(folder / "study.md") as tmp:
@@ -654,14 +654,14 @@ def interval(values: list[float]) -> tuple[float, float | None]:
 
 
 def difference(values: list[float], baseline: list[float]) -> tuple[float, float | None]:
-    """Mean of `values` minus mean of `baseline`, and the half-width of its 95 % Student-t interval with pooled
-    variance (None unless both have at least one value and together at least three)."""
+    """Mean of `values` minus mean of `baseline` (each at least one value), and the half-width of its 95 %
+    Student-t interval with pooled variance (None with one value on each side)."""
     delta = float(np.mean(values) - np.mean(baseline))
     dof = len(values) + len(baseline) - 2
-    if not values or not baseline or dof < 1:
+    if dof < 1:
         return delta, None
-    pooled = ((len(values) - 1) * np.var(values, ddof=1 if len(values) > 1 else 0)
-              + (len(baseline) - 1) * np.var(baseline, ddof=1 if len(baseline) > 1 else 0)) / dof
+    squares = sum(float(np.sum((np.asarray(x) - np.mean(x)) ** 2)) for x in (values, baseline))
+    pooled = squares / dof
     t = T_975[dof - 1] if dof <= len(T_975) else 1.96
     return delta, t * math.sqrt(pooled * (1 / len(values) + 1 / len(baseline)))
 
@@ -681,7 +681,7 @@ def baseline_row(plan: StudyPlan, variant: Variant, fraction: float) -> tuple[Va
 def comparison_lines(plan: StudyPlan, results: dict[Cell, dict]) -> list[str]:
     """Each row against its `baseline_row`: the difference of the means ± its 95 % half-width (pooled-variance t),
     for every task and split; rows or baselines with no finished seed are left out."""
-    columns = [f"{METRIC_NAMES[t]} {'test' if s == SPLITS[0] else 'comp.'}" for t in TASKS for s in SPLITS]
+    columns = _metric_columns()
     lines = ["Differences: each row minus the row it is compared with, difference of the means ± 95 % interval "
              "half-width (Student t, pooled variance; none with one seed on each side)",
              "",
@@ -703,6 +703,10 @@ def comparison_lines(plan: StudyPlan, results: dict[Cell, dict]) -> list[str]:
         if any(c != "—" for c in cells):
             lines.append(f"| {_row_label(variant, fraction)} | {_row_label(*base)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _metric_columns() -> list[str]:
+    return [f"{METRIC_NAMES[t]} {'test' if s == SPLITS[0] else 'comp.'}" for t in TASKS for s in SPLITS]
 
 
 def _row_label(variant: Variant, fraction: float) -> str:
@@ -734,7 +738,7 @@ def report_lines(plan: StudyPlan, results: dict[Cell, dict], costs: dict[str, Mo
 
 def table_lines(plan: StudyPlan, results: dict[Cell, dict], costs: dict[str, ModelCost]) -> list[str]:
     """The study's markdown table: per row, each task and split as mean ± 95 % half-width over the seeds."""
-    columns = [f"{METRIC_NAMES[t]} {'test' if s == SPLITS[0] else 'comp.'}" for t in TASKS for s in SPLITS]
+    columns = _metric_columns()
     lines = [f"Study {plan.preset}: {len(plan.seeds)} seeds, mean ± 95 % interval half-width (Student t; none with one "
              f"seed; [k] = only k seeds finished); FLOPs: forward, one sample of {COST_TEXT_LENGTH} tokens and "
              f"{COST_REGIONS} regions",
