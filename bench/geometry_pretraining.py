@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import runpy
 import sys
 from pathlib import Path
@@ -40,12 +39,12 @@ from tasks.engine.trainer import Trainer
 from tasks.shapes.report import pretraining_report
 from vilbert import modeling_vilbert
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from geometry_probe import OPPOSITE, RELATION, WORD  # noqa: E402
+
 VARIANTS = ("hard-negatives", "balanced-directions", "balanced-lxmert", "balanced-relation-masking")
 CONFIG = "tasks/shapes/configs/pretrain_embedded.yaml"
 CAPTIONS = Path("data/shapes/world/captions")
-INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
-           "below": "above"}
-RELATION = re.compile(rf"^a (.+?) ({'|'.join(INVERSE)}) a (.+)\.$")
 HARD_NEGATIVE_SHARE = 0.5
 
 
@@ -57,7 +56,7 @@ def write_balanced_captions(source: Path, target: Path) -> None:
         found = RELATION.match(item["caption"])
         if found and np.random.default_rng([int(item["image_id"]), number, 5]).random() < 0.5:
             first, relation, second = found.groups()
-            item["caption"] = f"a {second} {INVERSE[relation]} a {first}."
+            item["caption"] = f"a {second} {OPPOSITE[relation]} a {first}."
         lines.append(json.dumps(item))
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text("\n".join(lines) + "\n")
@@ -111,7 +110,7 @@ def patch_relation_masking() -> None:
         out = sample(self, index, epoch)
         if int(out["alignment_labels"]) == 0 and RELATION.match(self.captions[index].text):
             vocab = self.tokenizer.backend.get_vocab()
-            words = [vocab[w] for w in ("left", "right", "above", "below")]
+            words = [vocab[w] for w in WORD.values()]
             ids = self.text[index].astype(np.int64)
             for position in np.flatnonzero(np.isin(ids, words)):
                 out["input_ids"][position] = self.tokenizer.mask_id

@@ -339,9 +339,9 @@ def _other_study(record: Path, plan: StudyPlan) -> str | None:
     identity = plan.identity()
     if recorded == identity:
         return None
-    differ = sorted(k for k in identity if not isinstance(recorded, dict) or recorded.get(k) != identity[k])
-    preset = recorded.get("preset") if isinstance(recorded, dict) else None
-    return f"preset {preset!r}; differs in {', '.join(differ) or 'its keys'}"
+    recorded = recorded if isinstance(recorded, dict) else {}
+    differ = sorted(k for k in identity if recorded.get(k) != identity[k])
+    return f"preset {recorded.get('preset')!r}; differs in {', '.join(differ) or 'its keys'}"
 
 
 def _write_json(path: Path, value: Any) -> None:
