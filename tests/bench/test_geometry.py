@@ -1,12 +1,15 @@
 """bench/geometry_pretraining.py and bench/location_pathway.py: the relation sentences turned around state the same
-fact, and the pathway check's labels say which of A and B lies left, whichever order they are stored in."""
+fact, the box-centre targets sit on the shape word of a phrase that names one shape, and the pathway check's labels
+say which of A and B lies left, whichever order they are stored in."""
 
 import json
 
+import numpy as np
 import torch
 
-from bench.geometry_pretraining import write_balanced_captions
+from bench.geometry_pretraining import shape_positions, write_balanced_captions
 from bench.location_pathway import BATCH, relation_batch
+from tasks.data.tokenization import load_tokenizer
 from tasks.shapes.world import Shape, above, left_of
 
 HOLDS = {"to the left of": left_of, "to the right of": lambda a, b: left_of(b, a), "above": above,
@@ -45,3 +48,22 @@ def test_the_pathway_labels_follow_a_and_b_not_the_stored_order():
     x_b = torch.where(a_first, locations[:, 2, 0], locations[:, 1, 0])
     assert torch.equal(labels, (x_a < x_b).long())
     assert 0 < int(a_first.sum()) < BATCH and 0 < int(labels.sum()) < BATCH
+
+
+def test_box_centre_targets_sit_on_the_shape_word_of_a_phrase_naming_one_shape(tmp_path):
+    words = "a small large red blue circle square to the left of there are two shapes one and".split()
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = load_tokenizer(tmp_path)
+    scenes = {"size": 100, "images": [{"image_id": 7, "shapes": [
+        {"colour": "red", "kind": "circle", "size": "small", "centre": [25.0, 50.0]},
+        {"colour": "blue", "kind": "square", "size": "large", "centre": [75.0, 10.0]},
+        {"colour": "blue", "kind": "square", "size": "small", "centre": [50.0, 90.0]},
+    ]}]}
+    captions = ["a small red circle to the left of a large blue square.", "there are two shapes: one blue square."]
+    text = tokenizer.encode(captions, 16).input_ids
+    targets = shape_positions(tokenizer, text, ["7", "7"], scenes)
+    assert targets.shape == (2, 16, 2)
+    circle, square = 4, 12  # [CLS] a small red circle to the left of a large blue square
+    assert np.allclose(targets[0, circle], [-0.5, 0.0]) and np.allclose(targets[0, square], [0.5, -0.8])
+    labelled = np.isfinite(targets[..., 0])
+    assert labelled.sum() == 2  # "blue square" alone fits two shapes: no target
