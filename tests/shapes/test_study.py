@@ -245,7 +245,7 @@ def test_a_study_in_pieces_keeps_finished_cells_in_a_results_folder_and_restores
     assert ran == ["vilbert_p050_s1", "single-stream_p000_s1"]
     assert (kept / "study.md").read_text().splitlines() == lines
     assert next(line for line in lines if line.startswith("| vilbert, 50 %")).count("±") == 6
-    assert "| single-stream, no pretraining | vilbert, 50 % data | +0.0 ± 3.0 |"  # 40, 41 each in "\n".join(lines)
+    assert "| single-stream, no pretraining | vilbert, 50 % data | +0.0 ± 3.0 |" in "\n".join(lines)  # 40, 41 each
     assert sorted(p.name for p in (kept / "cells").iterdir()) == sorted(c.key for c in plan.cells())
 
     other = tiny_plan([(Variant("vilbert"), 0.25)])
