@@ -42,7 +42,7 @@ import tasks.pretraining as pretraining
 from tasks.engine.config import load_config
 from tasks.engine.trainer import Trainer
 from tasks.shapes.report import pretraining_report
-from tasks.shapes.world import COLOURS
+from tasks.shapes.world import COLOURS, KINDS, SIZES
 from vilbert import modeling_vilbert
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -113,20 +113,23 @@ def patch_relation_masking() -> None:
     """PretrainingDataset: an aligned pair's relation word (left, right, above, below) is always [MASK] with its
     label, on top of the random masking."""
     dataset = pretraining.PretrainingDataset
-    sample = dataset.sample
+    build, sample = dataset.__init__, dataset.sample
+
+    def __init__(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        vocab = self.tokenizer.backend.get_vocab()
+        self.relation_ids = [vocab[w] for w in WORD.values()]
 
     def masked_sample(self, index, epoch):
         out = sample(self, index, epoch)
         if int(out["alignment_labels"]) == 0 and RELATION.match(self.captions[index].text):
-            vocab = self.tokenizer.backend.get_vocab()
-            words = [vocab[w] for w in WORD.values()]
             ids = self.text[index].astype(np.int64)
-            for position in np.flatnonzero(np.isin(ids, words)):
+            for position in np.flatnonzero(np.isin(ids, self.relation_ids)):
                 out["input_ids"][position] = self.tokenizer.mask_id
                 out["mlm_labels"][position] = ids[position]
         return out
 
-    dataset.sample = masked_sample
+    dataset.__init__, dataset.sample = __init__, masked_sample
 
 
 def shape_positions(tokenizer, text: np.ndarray, image_ids: list[str], scenes: dict) -> np.ndarray:
@@ -135,16 +138,16 @@ def shape_positions(tokenizer, text: np.ndarray, image_ids: list[str], scenes: d
     size = float(scenes["size"])
     shapes = {str(image["image_id"]): image["shapes"] for image in scenes["images"]}
     vocab = tokenizer.backend.get_vocab()
-    word = {vocab[w]: w for w in ("circle", "square", "triangle", "small", "large", *COLOURS) if w in vocab}
+    word = {vocab[w]: w for w in (*KINDS, *SIZES, *COLOURS) if w in vocab}
     targets = np.full((*text.shape, 2), np.nan, dtype=np.float32)
     for row, (ids, image_id) in enumerate(zip(text, image_ids, strict=True)):
         for position in range(2, len(ids)):
             kind, colour = word.get(int(ids[position])), word.get(int(ids[position - 1]))
-            if kind not in ("circle", "square", "triangle") or colour not in COLOURS:
+            if kind not in KINDS or colour not in COLOURS:
                 continue
             scale = word.get(int(ids[position - 2]))
             fits = [s for s in shapes.get(image_id, []) if s["kind"] == kind and s["colour"] == colour
-                    and (scale not in ("small", "large") or s["size"] == scale)]
+                    and (scale not in SIZES or s["size"] == scale)]
             if len(fits) == 1:
                 targets[row, position] = np.asarray(fits[0]["centre"], dtype=np.float32) / size * 2 - 1
     return targets
