@@ -48,9 +48,22 @@ GT_FEATURES := $(SHAPES)/features.h5
 DETECTED_FEATURES := $(SHAPES)/features_detected.h5
 SHAPES_FEATURES := $(GT_FEATURES)
 SHAPES_IMAGES ?= 2000
-PRETRAIN_RUN := runs/pretrain_embedded
+# PRETRAIN=grounded: pretrain on the world's grounded captions (tasks/shapes/configs/pretrain_grounded.yaml: phrase
+# boxes, relation words, false captions) and fine-tune from that checkpoint, in run directories of its own.
+PRETRAIN ?= embedded
+ifeq ($(filter $(PRETRAIN),embedded grounded),)
+$(error PRETRAIN must be embedded or grounded, got '$(PRETRAIN)')
+endif
+PRETRAIN_CONFIG := tasks/shapes/configs/pretrain_$(PRETRAIN).yaml
+PRETRAIN_RUN := runs/pretrain_$(PRETRAIN)
+PRETRAIN_SUFFIX := $(if $(filter grounded,$(PRETRAIN)),_grounded,)
 TASK ?= vqa
-FINETUNE_RUN := runs/$(TASK)_embedded
+FINETUNE_RUN := runs/$(TASK)_embedded$(PRETRAIN_SUFFIX)
+# The NLVR2, SNLI-VE, GQA, Visual7W and VQA-CP (changing priors) files of the world (tasks/shapes/tasks.py), the
+# VQA and VQA-CP grounding files (the named shape's box per question) and the grounded captions, beside its other
+# files; the VQA-CP grounding files come last. A change to their generators writes them again.
+WORLD_TASKS := $(WORLD)/vqa-cp/vqacp_v2_test_grounding.json
+PRETRAIN_DEPS := $(if $(filter grounded,$(PRETRAIN)),$(WORLD_TASKS),)
 # The shapes-world detector (`make detector`): Faster R-CNN heads on the frozen MobileNetV2 trunk.
 DETECTOR := $(SHAPES)/detector
 DETECTOR_STEPS ?= 1000
@@ -58,8 +71,8 @@ DETECTOR_STEPS ?= 1000
 # truth (their own feature store and run directories, beside the default ones).
 ifeq ($(BOXES),detected)
 SHAPES_FEATURES := $(DETECTED_FEATURES)
-PRETRAIN_RUN := runs/pretrain_embedded_detected
-FINETUNE_RUN := runs/$(TASK)_embedded_detected
+PRETRAIN_RUN := runs/pretrain_$(PRETRAIN)_detected
+FINETUNE_RUN := runs/$(TASK)_embedded_detected$(PRETRAIN_SUFFIX)
 BOXES_OVERRIDES = data.train_features=$(SHAPES_FEATURES) data.val_features=$(SHAPES_FEATURES) \
 	train.output_dir=$(PRETRAIN_RUN)
 FINETUNE_OVERRIDES = data.features=[$(SHAPES_FEATURES)] train.output_dir=$(FINETUNE_RUN)
@@ -95,21 +108,16 @@ $(DETECTED_FEATURES): $(DETECTOR)/config.json
 		--out $(SHAPES)/features_detected.partial.h5 --workers 0 --batch-size 64
 	mv $(SHAPES)/features_detected.partial.h5 $@
 
-$(PRETRAIN_REPORT): $(SHAPES_FEATURES) tasks/shapes/configs/pretrain_embedded.yaml
+$(PRETRAIN_REPORT): $(SHAPES_FEATURES) $(PRETRAIN_CONFIG) $(PRETRAIN_DEPS)
 	@$(WEIGHTS_CHECK)
 	rm -rf $(PRETRAIN_RUN)
-	$(VILBERT) pretrain --config tasks/shapes/configs/pretrain_embedded.yaml model.text_init=$(TEXT_INIT) \
-		$(BOXES_OVERRIDES)
+	$(VILBERT) pretrain --config $(PRETRAIN_CONFIG) model.text_init=$(TEXT_INIT) $(BOXES_OVERRIDES)
 	$(VILBERT) report --run $(PRETRAIN_RUN) --plot $(PRETRAIN_RUN)/curves.png > $@.tmp && mv $@.tmp $@
 
 pretrain: $(PRETRAIN_REPORT)
 	@cat $(PRETRAIN_REPORT)
 
-# The NLVR2, SNLI-VE, GQA, Visual7W and VQA-CP (changing priors) files of the world (tasks/shapes/tasks.py),
-# and the VQA and VQA-CP grounding files (the named shape's box per question), beside its other files; the VQA-CP
-# grounding files come last. A change to their generator writes them again (pretraining reads none of them).
-WORLD_TASKS := $(WORLD)/vqa-cp/vqacp_v2_test_grounding.json
-$(WORLD_TASKS): $(WORLD)/scenes.json tasks/shapes/tasks.py
+$(WORLD_TASKS): $(WORLD)/scenes.json tasks/shapes/tasks.py tasks/shapes/grounded_captions.py
 	$(VILBERT) shapes-world --out $(WORLD) --add-tasks
 
 # make finetune TASK=vqa|retrieval|refcoco|nlvr2|snli-ve|gqa|visual7w [DEBIAS=none|rubi|lmh] [SEED=N] [TEXT_ONLY=0]
@@ -130,8 +138,9 @@ GROUNDING_SUFFIX := $(if $(GROUNDING),_grounding$(GROUNDING),)
 RUN_SUFFIX := $(if $(filter-out none,$(DEBIAS)),_$(DEBIAS),)$(GROUNDING_SUFFIX)$(if $(SEED),_seed$(SEED),)
 FINETUNE_ARGS := $(if $(filter-out none,$(DEBIAS)),data.debias=$(DEBIAS),) $(if $(SEED),train.seed=$(SEED),) \
 	$(if $(GROUNDING),data.grounding_weight=$(GROUNDING),)
-# BOXES=detected: the detector's feature store and run directories suffixed _detected (see above)
-RUN_SUFFIX := $(if $(filter detected,$(BOXES)),_detected,)$(RUN_SUFFIX)
+# BOXES=detected: the detector's feature store and run directories suffixed _detected (see above);
+# PRETRAIN=grounded: run directories suffixed _grounded
+RUN_SUFFIX := $(if $(filter detected,$(BOXES)),_detected,)$(PRETRAIN_SUFFIX)$(RUN_SUFFIX)
 FINETUNE_ARGS += $(if $(filter detected,$(BOXES)),data.features=[$(SHAPES_FEATURES)],)
 # whether $(1) also trains from the text stream alone
 text_only = $(and $(filter 1,$(TEXT_ONLY)),$(filter $(1),$(TEXT_ONLY_TASKS)))
@@ -161,7 +170,8 @@ finetune: $(PRETRAIN_REPORT) $(WORLD_TASKS)
 ifeq ($(TASK),multi)
 	rm -rf $(FINETUNE_RUN)
 	$(VILBERT) finetune --task multi --config tasks/shapes/configs/multi_embedded.yaml \
-		--init $$(tail -n 1 $(PRETRAIN_REPORT) | cut -d' ' -f2) model.text_init=$(TEXT_INIT)
+		--init $$(tail -n 1 $(PRETRAIN_REPORT) | cut -d' ' -f2) model.text_init=$(TEXT_INIT) \
+		train.output_dir=$(FINETUNE_RUN)
 	$(VILBERT) multitask-baselines --run $(FINETUNE_RUN)
 else
 	$(call finetune_one,$(TASK))

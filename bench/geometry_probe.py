@@ -16,7 +16,6 @@ a model that reads geometry loses accuracy with the locations shuffled; one that
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,15 +25,12 @@ import torch
 
 from tasks.data.captions import load_captions
 from tasks.data.regions import collate_visual, visual_input
+from tasks.shapes.grounded_captions import OPPOSITE, RELATION, WORD
 from tasks.shapes.world import COLOURS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from embedded_grounding import checkpoint_arguments, held_out  # noqa: E402
 
-OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
-            "below": "above"}
-RELATION = re.compile(rf"^a (.+?) ({'|'.join(OPPOSITE)}) a (.+)\.$")
-WORD = {"to the left of": "left", "to the right of": "right", "above": "above", "below": "below"}
 PROBES = ("relation word", "relation swap", "left-to-right colours")
 
 

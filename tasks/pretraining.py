@@ -17,6 +17,14 @@ Objectives (vilbert-multi-task `--objective`): 0 = all losses on all pairs; 1 = 
 region labels; 2 = no negatives and the alignment loss weighted 0.
 `data.contrastive_weight` > 0 adds the dual encoder's symmetric InfoNCE (`tasks.ranking.contrastive`) over the batch's
 aligned pairs, the other aligned pairs of the global batch as negatives (inputs as masked for the other losses).
+
+Grounded captions (phrases with boxes, relation words; tasks.data.captions) add three options, ours, for models that
+must read where things are (the GQA-style relation checks):
+- `data.geometry_weight` > 0: in aligned pairs, each phrase's head word regresses its box centre and each relation
+  word its subject's centre minus its object's (tasks.data.caption_geometry), from the text stream's output through
+  `GeometryHead`, squared error times the weight;
+- `data.mask_relations`: the relation words of aligned pairs are always masked (and predicted), besides BERT's 15 %;
+- `data.hard_negatives` = p: a mismatched pair is, with odds p, the image with its caption's `false_caption`.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import torch
 from torch import nn
 
 from features.store import FeatureStore
+from tasks.data.caption_geometry import NO_GEOMETRY, geometry_targets, geometry_tokens
 from tasks.data.captions import Caption, join_with_store, load_captions
 from tasks.data.regions import (
     VisualInput,
@@ -86,8 +95,15 @@ class PretrainingDataConfig:
     eval_batch_size: int = 64
     retrieval_images: int = 100  # images (with their captions) in the zero-shot retrieval evaluation
     retrieval_chunk: int = 500  # images scored per forward against one cached caption
+    geometry_weight: float = 0.0  # > 0: phrases regress their box centres, relation words their offsets
+    mask_relations: bool = False  # always mask the relation words of aligned grounded captions
+    hard_negatives: float = 0.0  # odds that a mismatched pair is the image with its caption's false_caption
 
     def validate(self) -> None:
+        if self.geometry_weight < 0:
+            raise ConfigError(f"data.geometry_weight must be >= 0, got {self.geometry_weight}")
+        if not 0 <= self.hard_negatives <= 1:
+            raise ConfigError(f"data.hard_negatives must be in [0, 1], got {self.hard_negatives}")
         if self.objective not in (0, 1, 2):
             raise ConfigError(f"data.objective must be 0, 1 or 2, got {self.objective}")
         if self.contrastive_weight < 0:
@@ -163,6 +179,9 @@ class PretrainingDataset(TaskDataset):
         objective: int = 1,
         seed: int = 0,
         negatives: str = "caption",
+        geometry: bool = False,
+        mask_relations: bool = False,
+        hard_negatives: float = 0.0,
     ):
         if "cls_prob" not in store.optional:
             raise DataError(f"{', '.join(store.paths)}: the feature store has no cls_prob (masked-region targets)")
@@ -174,6 +193,14 @@ class PretrainingDataset(TaskDataset):
         image_ids = [c.image_id for c in captions]
         self.image_index = np.unique(image_ids, return_inverse=True)[1]  # [N] image number per caption
         self.region_counts = visual_rows(store, [(i,) for i in image_ids], max_regions)  # [N] the own image's rows
+        self.geometry, self.mask_relations, self.hard_negatives = geometry, mask_relations, hard_negatives
+        grounded = geometry or mask_relations
+        self.geometry_tokens = [geometry_tokens(c, tokenizer, max_text_length) if grounded else NO_GEOMETRY
+                                for c in captions]
+        false = [i for i, c in enumerate(captions) if c.false_caption is not None] if hard_negatives > 0 else []
+        false_text = tokenizer.encode([captions[i].false_caption for i in false], max_text_length).input_ids if false \
+            else []
+        self.false_text = {i: ids.astype(np.int32) for i, ids in zip(false, false_text, strict=True)}
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -192,15 +219,25 @@ class PretrainingDataset(TaskDataset):
     def sample(self, index: int, epoch: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch, index])
         caption_index = image_index = index
+        ids = None
         if self.objective != 2 and rng.random() < NEGATIVE_PROB:
-            other = self._negative(index, rng)
-            if self.negatives == "caption":
-                caption_index = other
+            if index in self.false_text and np.random.default_rng([self.seed, epoch, index, 1]).random() < \
+                    self.hard_negatives:
+                ids = self.false_text[index].astype(np.int64)  # the own image, its caption made false
             else:
-                image_index = other
-        mismatched = int(caption_index != image_index)
-        ids = self.text[caption_index].astype(np.int64)
+                other = self._negative(index, rng)
+                if self.negatives == "caption":
+                    caption_index = other
+                else:
+                    image_index = other
+        mismatched = int(ids is not None or caption_index != image_index)
+        if ids is None:
+            ids = self.text[caption_index].astype(np.int64)
         masked_ids, mlm_labels = mask_text(ids, self.tokenizer, rng)
+        geometry = self.geometry_tokens[index] if not mismatched else NO_GEOMETRY
+        if self.mask_relations:
+            masked_ids[geometry.relation_tokens] = self.tokenizer.mask_id
+            mlm_labels[geometry.relation_tokens] = ids[geometry.relation_tokens]
 
         regions = self.store.read(self.captions[image_index].image_id, float32=False, optional=("cls_prob",))
         if regions.cls_prob is None:
@@ -221,7 +258,7 @@ class PretrainingDataset(TaskDataset):
         if self.objective == 1 and mismatched:
             mlm_labels[:] = IGNORE
             region_labels[:] = IGNORE
-        return {
+        sample = {
             "input_ids": masked_ids,
             "attention_mask": (ids != self.tokenizer.pad_id).astype(np.int64),
             "token_type_ids": np.zeros_like(ids),
@@ -231,18 +268,23 @@ class PretrainingDataset(TaskDataset):
             "region_targets": region_targets,
             "alignment_labels": np.int64(mismatched),
         }
+        if self.geometry:
+            sample["phrase_centres"], sample["relation_offsets"] = geometry_targets(geometry, regions.image_hw, len(ids))
+        return sample
 
 
 # the batch keys along the text and region axes: labels pad with -100 (ignored), targets with 0
 PRETRAINING_PADDED_KEYS = {**MODEL_PADDED_KEYS, "mlm_labels": (TEXT, IGNORE), "region_labels": (REGIONS, IGNORE),
-                           "region_targets": (REGIONS, 0)}
+                           "region_targets": (REGIONS, 0), "phrase_centres": (TEXT, float("nan")),
+                           "relation_offsets": (TEXT, float("nan"))}
+GEOMETRY_KEYS = ("phrase_centres", "relation_offsets")  # the geometry objective's targets, not model inputs
 
 
 def collate_pretraining(samples: list[dict]) -> dict[str, torch.Tensor | tuple[int, int]]:
     """Stack text and pad the visual side, both to the batch's longest item; region labels pad with -100."""
     width = max(int(s["attention_mask"].sum()) for s in samples)
     batch = {k: torch.from_numpy(np.stack([s[k][:width] for s in samples]))
-             for k in ("input_ids", "attention_mask", "token_type_ids", "mlm_labels")}
+             for k in ("input_ids", "attention_mask", "token_type_ids", "mlm_labels", *GEOMETRY_KEYS) if k in samples[0]}
     batch.update(collate_visual([s["visual"] for s in samples]))
     regions = batch["region_mask"].shape[1]
     classes = samples[0]["region_targets"].shape[1]
@@ -258,6 +300,31 @@ def collate_pretraining(samples: list[dict]) -> dict[str, torch.Tensor | tuple[i
     # counted here on the host so the model's forward needs no device sync to size its labelled gathers
     batch["labelled_counts"] = (int((batch["mlm_labels"] != IGNORE).sum()), int((labels == 1).sum()))
     return batch
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The batch without the geometry objective's targets (the model takes the rest)."""
+    return {key: value for key, value in batch.items() if key not in GEOMETRY_KEYS}
+
+
+class GeometryHead(nn.Module):
+    """Two linear maps of the text stream's output: a phrase head word's box centre, a relation word's centre
+    difference (`data.geometry_weight`; pretraining only, fine-tuning drops it)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.phrase = nn.Linear(hidden_size, 2)
+        self.relation = nn.Linear(hidden_size, 2)
+
+    def forward(self, text_hidden: torch.Tensor, phrase_centres: torch.Tensor,
+                relation_offsets: torch.Tensor) -> tuple[tuple[torch.Tensor, int], tuple[torch.Tensor, int]]:
+        """(squared error summed over the labelled tokens, their count) for the phrases, then the relations."""
+        out = []
+        for layer, targets in ((self.phrase, phrase_centres), (self.relation, relation_offsets)):
+            labelled = torch.isfinite(targets[..., 0])
+            predicted = layer(text_hidden[labelled])
+            out.append((((predicted - targets[labelled]) ** 2).sum(), int(labelled.sum())))
+        return out[0], out[1]
 
 
 # ---------------------------------------------------------------------------------------------------------- task
@@ -308,8 +375,17 @@ class PretrainingTask(RankedCaptionsView, Task):
         store = _open_store(features)
         captions = join_with_store(load_captions(captions_path), store, str(captions_path), strict=data.strict)
         seed = self.config.train.seed if split == "train" else self.config.train.seed + 1
+        needs = {"data.geometry_weight": data.geometry_weight > 0 and not any(c.phrases for c in captions),
+                 "data.mask_relations": data.mask_relations and not any(c.relations for c in captions),
+                 "data.hard_negatives": data.hard_negatives > 0 and not any(c.false_caption for c in captions)}
+        for key, missing in needs.items():
+            if missing:
+                raise ConfigError(f"{key}: {captions_path} has no grounded captions for it (phrases, relations or "
+                                  "false_caption; see tasks.data.captions)")
         return PretrainingDataset(captions, store, self.tokenizer, data.max_text_length, data.max_regions,
-                                  data.objective, seed=seed, negatives=data.negatives)
+                                  data.objective, seed=seed, negatives=data.negatives,
+                                  geometry=data.geometry_weight > 0, mask_relations=data.mask_relations,
+                                  hard_negatives=data.hard_negatives)
 
     def dataset(self, split: str) -> PretrainingDataset:
         """The split's captions joined with its store, built on first use (and checked then)."""
@@ -330,6 +406,8 @@ class PretrainingTask(RankedCaptionsView, Task):
                 ViLBertConfig.from_preset(model_config.preset, **{**model_config.overrides, **dual}))
             if model_config.text_init is not None:
                 init_text_stream_from_bert(model, model_config.text_init)
+        if self.config.data.geometry_weight > 0:
+            model.geometry_head = GeometryHead(model.config.hidden_size)
         self._check_model(model.config)
         return model
 
@@ -366,6 +444,8 @@ class PretrainingTask(RankedCaptionsView, Task):
         """Masked tokens, masked regions and pairs: the items each objective averages over."""
         tokens, regions = batch["labelled_counts"]
         counts = {"mlm": tokens, "region": regions, "alignment": len(batch["alignment_labels"])}
+        if self.config.data.geometry_weight > 0:
+            counts.update({key: int(torch.isfinite(batch[key][..., 0]).sum()) for key in GEOMETRY_KEYS})
         if self.config.data.contrastive_weight > 0:
             # InfoNCE is already the mean over the aligned pairs of the whole global batch (its embeddings are
             # gathered over ranks): one item per micro-batch, so every rank holds the same share of it, which the
@@ -377,7 +457,7 @@ class PretrainingTask(RankedCaptionsView, Task):
         """L_mlm + L_region + L_alignment as sums (the alignment term weighted 0 under objective 2), plus the dual
         encoder's InfoNCE over the aligned pairs when `data.contrastive_weight` > 0."""
         weight = self.config.data.contrastive_weight
-        out = model(**batch, dual=weight > 0)
+        out = model(**model_inputs(batch), dual=weight > 0)
         tokens, regions = batch["labelled_counts"]
         loss_sums = {  # the model's means times the micro-batch's counts
             "mlm": out.mlm_loss * tokens,
@@ -394,6 +474,11 @@ class PretrainingTask(RankedCaptionsView, Task):
             contrastive = contrastive_loss(out.text_embeds, out.image_embeds, out.logit_scale, aligned)
             loss_sums["contrastive"] = weight * contrastive  # one item (see label_counts)
             metrics["contrastive_loss"] = contrastive.detach()
+        if self.config.data.geometry_weight > 0:
+            errors = model.geometry_head(out.text_hidden, batch["phrase_centres"], batch["relation_offsets"])
+            for key, (error_sum, count) in zip(GEOMETRY_KEYS, errors, strict=True):
+                loss_sums[key] = self.config.data.geometry_weight * error_sum
+                metrics[f"{key}_error"] = (error_sum / max(count, 1)).detach()
         return StepOutput(loss_sums, metrics)
 
     # ------------------------------------------------------------------------------------------------ evaluation
@@ -441,7 +526,7 @@ class PretrainingTask(RankedCaptionsView, Task):
         for start in range(0, len(dataset), size):
             samples = [dataset.sample(int(i), 0) for i in order[start : start + size]]
             batch = move_to_device(self.collate(samples), device)
-            out = model(**batch)
+            out = model(**model_inputs(batch))
             mlm_targets = batch["mlm_labels"][batch["mlm_labels"] != IGNORE]
             region_teacher = batch["region_targets"][batch["region_labels"] == 1].argmax(-1)
             correct += torch.stack([

@@ -6,6 +6,14 @@ Three forms are read, chosen by the file name:
 - `.json`: the reference's `caption_{train,val}.json` dict `{image_id: caption}` (a list of captions per id is
   accepted too), or a list of `{image_id, caption}` objects.
 An image may have several captions. Image ids are strings, as in the feature store.
+
+A `.jsonl` line with one `caption` may also ground it, as Flickr30k Entities grounds its captions' phrases:
+- `phrases`: `[{"start": s, "end": e, "box": [x1, y1, x2, y2]}]`, the characters [s, e) of a phrase and the box (in
+  pixels) of the one region it names;
+- `relations`: `[{"start": s, "end": e, "subject": i, "object": j}]`, a relation word ("left") between phrases i and
+  j (subject first: "the circle [left of] the square");
+- `false_caption`: the caption with one fact changed so that it is false of the image (a hard negative).
+Pretraining reads them under `data.geometry_weight`, `data.mask_relations` and `data.hard_negatives`.
 """
 
 from __future__ import annotations
@@ -22,9 +30,31 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Phrase:
+    """Characters [start, end) of a caption that name one region, and its box [x1, y1, x2, y2] in pixels."""
+
+    start: int
+    end: int
+    box: tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Relation:
+    """Characters [start, end) of a relation word between the caption's phrases `subject` and `object`."""
+
+    start: int
+    end: int
+    subject: int
+    object: int
+
+
+@dataclass(frozen=True)
 class Caption:
     image_id: str
     text: str
+    phrases: tuple[Phrase, ...] = ()
+    relations: tuple[Relation, ...] = ()
+    false_caption: str | None = None
 
 
 def load_captions(path: str | os.PathLike) -> list[Caption]:
@@ -76,7 +106,56 @@ def _entries(path: Path, where: str, item) -> list[Caption]:
     texts = item.get("captions", [item.get("caption")])
     if not isinstance(texts, list):
         raise AnnotationError(f"{path}: {where}: captions must be a list")
-    return [_caption(path, where, item["image_id"], t) for t in texts]
+    captions = [_caption(path, where, item["image_id"], t) for t in texts]
+    if GROUNDING_KEYS & item.keys():
+        if "captions" in item:
+            raise AnnotationError(f"{path}: {where}: phrases, relations and false_caption need a single caption")
+        captions = [_grounded(path, where, captions[0], item)]
+    return captions
+
+
+GROUNDING_KEYS = {"phrases", "relations", "false_caption"}
+
+
+def _span(path: Path, where: str, entry, text: str, extra: tuple[str, ...]) -> tuple[int, int]:
+    if not isinstance(entry, dict) or not {"start", "end", *extra} <= entry.keys():
+        raise AnnotationError(f"{path}: {where}: expected objects with start, end, {', '.join(extra)}; got {entry!r}")
+    start, end = entry["start"], entry["end"]
+    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= len(text)):
+        raise AnnotationError(f"{path}: {where}: span [{start}, {end}) is not within the caption's "
+                              f"{len(text)} characters")
+    return start, end
+
+
+def _grounded(path: Path, where: str, caption: Caption, item: dict) -> Caption:
+    """`caption` with the line's phrases, relations and false caption, each checked against the caption."""
+    if caption.text != item.get("caption"):  # spans index the caption as written
+        raise AnnotationError(f"{path}: {where}: a grounded caption must have no leading or trailing spaces")
+    phrases, relations = item.get("phrases", []), item.get("relations", [])
+    if not isinstance(phrases, list) or not isinstance(relations, list):
+        raise AnnotationError(f"{path}: {where}: phrases and relations must be lists")
+    grounded = []
+    for entry in phrases:
+        start, end = _span(path, f"{where}: phrases", entry, caption.text, ("box",))
+        box = entry["box"]
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+                and box[0] < box[2] and box[1] < box[3]):
+            raise AnnotationError(f"{path}: {where}: phrases: box must be [x1, y1, x2, y2] with x1 < x2, y1 < y2, "
+                                  f"got {box!r}")
+        grounded.append(Phrase(start, end, tuple(float(v) for v in box)))
+    related = []
+    for entry in relations:
+        start, end = _span(path, f"{where}: relations", entry, caption.text, ("subject", "object"))
+        ends = entry["subject"], entry["object"]
+        if not all(isinstance(i, int) and 0 <= i < len(grounded) for i in ends) or ends[0] == ends[1]:
+            raise AnnotationError(f"{path}: {where}: relations: subject and object must be two different phrase "
+                                  f"indices below {len(grounded)}, got {ends[0]!r} and {ends[1]!r}")
+        related.append(Relation(start, end, *ends))
+    false = item.get("false_caption")
+    if false is not None and (not isinstance(false, str) or not false.strip()):
+        raise AnnotationError(f"{path}: {where}: false_caption must be a non-empty string")
+    return Caption(caption.image_id, caption.text, tuple(grounded), tuple(related),
+                   false.strip() if false is not None else None)
 
 
 def _read_json_lines(path: Path, text: str) -> list[Caption]:

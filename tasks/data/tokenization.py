@@ -75,6 +75,17 @@ class Tokenizer:
             token_type_ids=encoded["token_type_ids"].astype(np.int64),
         )
 
+    def last_tokens(self, text: str, spans: list[tuple[int, int]], max_length: int) -> list[int | None]:
+        """For each character span [start, end) of `text`, the position in `encode(text, max_length)` of the last
+        word piece inside it (a phrase's head word), None where truncation dropped it."""
+        offsets = self.backend(text, max_length=max_length, truncation=True, return_offsets_mapping=True,
+                               add_special_tokens=True)["offset_mapping"]
+        found = []
+        for start, end in spans:
+            inside = [i for i, (a, b) in enumerate(offsets) if b > a and start <= a and b <= end]
+            found.append(inside[-1] if inside else None)
+        return found
+
     def decode(self, ids) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
 

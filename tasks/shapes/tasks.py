@@ -25,6 +25,9 @@ existing files (which it leaves untouched):
   triangle?", "what shape is the red object?"), that shape's box (`write_vqa_grounding`; the VQA reader's
   region supervision, `data.grounding_weight`). The targets are not in the VQA files: the questions are drawn
   again from the world's seed, and each must equal the file's.
+- `captions_grounded/captions_<split>.jsonl`: the world's captions with their phrases' boxes, relation words and a
+  false variant each, relation sentences turned around at odds 1/2 (tasks.shapes.grounded_captions), which the
+  grounded pretraining reads (`make pretrain PRETRAIN=grounded`).
 
 Splits: train -> train, val -> dev/val, test -> test/testdev/test1 (the compositional images are not used).
 Everything is a pure function of the scenes and the world's seed.
@@ -39,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.errors import DataError
+from tasks.shapes.grounded_captions import write_grounded_captions
 from tasks.shapes.world import (
     COLOURS,
     COMPOSITIONAL_PAIRS,
@@ -426,9 +430,10 @@ def write_task_files(world: str | Path) -> dict[str, int]:
     _write_snli_ve(world / "snli_ve", scenes, seed)
     _write_gqa(world / "gqa", scenes, seed)
     _write_visual7w(world / "visual7w", scenes, seed)
+    grounded = write_grounded_captions(world, seed, scenes)
     boxes = write_vqa_grounding(world, scenes, seed)
     cp_questions = _write_vqa_cp(world, seed, boxes)
-    counts = Counter()
+    counts = Counter({"grounded captions": grounded})
     for name in SPLIT_NAMES["nlvr2"].values():
         counts["nlvr2"] += len((world / "nlvr2" / f"{name}.json").read_text().splitlines())
     for name in SPLIT_NAMES["snli_ve"].values():

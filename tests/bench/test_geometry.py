@@ -1,5 +1,6 @@
 """bench/geometry_pretraining.py and bench/location_pathway.py: the relation sentences turned around state the same
-fact, the box-centre targets sit on the shape word of a phrase that names one shape, and the pathway check's labels
+fact, the box-centre targets sit on the shape word of a phrase that names one shape, the relation word's target is the
+first shape's centre minus the second's, and the pathway check's labels
 say which of A and B lies left, whichever order they are stored in."""
 
 import json
@@ -7,7 +8,7 @@ import json
 import numpy as np
 import torch
 
-from bench.geometry_pretraining import shape_positions, write_balanced_captions
+from bench.geometry_pretraining import relation_offsets, shape_positions, write_balanced_captions
 from bench.location_pathway import BATCH, relation_batch
 from tasks.data.tokenization import load_tokenizer
 from tasks.shapes.world import Shape, above, left_of
@@ -67,3 +68,9 @@ def test_box_centre_targets_sit_on_the_shape_word_of_a_phrase_naming_one_shape(t
     assert np.allclose(targets[0, circle], [-0.5, 0.0]) and np.allclose(targets[0, square], [0.5, -0.8])
     labelled = np.isfinite(targets[..., 0])
     assert labelled.sum() == 2  # "blue square" alone fits two shapes: no target
+
+    offsets = relation_offsets(tokenizer, text, targets)
+    relation = 7  # ... circle to the [left] of ...
+    assert np.allclose(offsets[0, relation], [-1.0, 0.8])  # the circle's centre minus the square's
+    assert np.isfinite(offsets[..., 0]).sum() == 1  # the second caption has no relation word
+

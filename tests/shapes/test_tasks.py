@@ -12,10 +12,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from tasks.data.captions import load_captions
 from tasks.errors import DataError
 from tasks.gqa import read_gqa
 from tasks.nlvr2 import read_nlvr2
 from tasks.pointing import read_visual7w
+from tasks.shapes.grounded_captions import COLOUR_COUNT, PHRASE
 from tasks.shapes.tasks import GQA_TEMPLATES, balance_answers, gqa_questions, write_task_files
 from tasks.shapes.world import COLOURS, COMPOSITIONAL_PAIRS, KINDS, SIZES, above, left_of, make_scene, write_shapes_world
 from tasks.snli_ve import LABELS, read_snli_ve
@@ -36,7 +38,7 @@ def world(tmp_path_factory) -> Path:
     write_shapes_world(out, seed=3, num_images=60, size=128, progress=False)
     before = digest(out)
     counts = write_task_files(out)
-    new = {"nlvr2", "snli_ve", "gqa", "visual7w", "vqa-cp"}
+    new = {"nlvr2", "snli_ve", "gqa", "visual7w", "vqa-cp", "captions_grounded"}
     assert {p.name for p in out.iterdir()} >= new and all(counts.values())
     original = out.parent / "original"  # the world's own files are unchanged: the same digest without the new
     original.mkdir()
@@ -53,8 +55,41 @@ def test_files_are_deterministic(world, tmp_path):
     again = tmp_path / "again"
     write_shapes_world(again, seed=3, num_images=60, size=128, progress=False)
     write_task_files(again)
-    for name in ("nlvr2", "snli_ve", "gqa", "visual7w", "vqa-cp", "vqa"):
+    for name in ("nlvr2", "snli_ve", "gqa", "visual7w", "vqa-cp", "vqa", "captions_grounded"):
         assert digest(world / name) == digest(again / name)
+
+
+def test_grounded_captions_point_at_the_shapes_they_name_and_state_true_relations(world):
+    scenes = {str(i["image_id"]): i["shapes"] for i in json.loads((world / "scenes.json").read_text())["images"]}
+    words, originals, false, total = Counter(), 0, 0, 0
+    for split in ("train", "val", "test", "compositional"):
+        captions = load_captions(world / "captions_grounded" / f"captions_{split}.jsonl")
+        source = load_captions(world / "captions" / f"captions_{split}.jsonl")
+        assert len(captions) == len(source)
+        total += len(captions)
+        originals += sum(a.text == b.text for a, b in zip(captions, source, strict=True))
+        for caption in captions:
+            shapes = scenes[caption.image_id]
+            for phrase in caption.phrases:
+                size, colour, kind = caption.text[phrase.start:phrase.end].split()
+                named = [s for s in shapes if (s["size"], s["colour"], s["kind"]) == (size, colour, kind)]
+                assert len(named) == 1 and list(phrase.box) == named[0]["box"], caption
+            for relation in caption.relations:
+                word = caption.text[relation.start:relation.end]
+                words[word] += 1
+                a, b = (caption.phrases[i].box for i in (relation.subject, relation.object))
+                holds = {"left": a[2] <= b[0], "right": b[2] <= a[0], "above": a[3] <= b[1], "below": b[3] <= a[1]}
+                assert holds[word], caption
+            if caption.false_caption is not None:
+                false += 1
+                named = {tuple(m.groups()) for m in PHRASE.finditer(caption.false_caption)}
+                present = {(s["size"], s["colour"], s["kind"]) for s in shapes}
+                colours = {m.group(2) for m in COLOUR_COUNT.finditer(caption.false_caption)}
+                assert not named <= present or not colours <= {s["colour"] for s in shapes}, caption
+    assert set(words) == {"left", "right", "above", "below"}
+    assert min(words.values()) > 0.15 * sum(words.values())  # the world writes ~92 % as left or above
+    assert 0.5 * total < originals < total  # only relation sentences are turned around, about half of them
+    assert false > 0.4 * total  # listings, relations and colour counts can be made false
 
 
 def test_nlvr2_statements_pair_true_and_false(world):
