@@ -52,7 +52,7 @@ from tasks.data.regions import (
 )
 from tasks.data.tokenization import TextInput, Tokenizer, load_tokenizer
 from tasks.engine.config import OptimConfig, TrainConfig
-from tasks.engine.distributed import move_to_device
+from tasks.engine.distributed import move_to_device, unwrap
 from tasks.engine.evaluation import model_device
 from tasks.engine.padding import MODEL_PADDED_KEYS, REGIONS, TEXT
 from tasks.engine.run_record import PRETRAINING, store_extractors
@@ -379,7 +379,7 @@ class PretrainingTask(RankedCaptionsView, Task):
                  "data.mask_relations": data.mask_relations and not any(c.relations for c in captions),
                  "data.hard_negatives": data.hard_negatives > 0 and not any(c.false_caption for c in captions)}
         for key, missing in needs.items():
-            if missing:
+            if missing and split == "train":  # held-out pairs are scored without the new objectives
                 raise ConfigError(f"{key}: {captions_path} has no grounded captions for it (phrases, relations or "
                                   "false_caption; see tasks.data.captions)")
         return PretrainingDataset(captions, store, self.tokenizer, data.max_text_length, data.max_regions,
@@ -475,7 +475,8 @@ class PretrainingTask(RankedCaptionsView, Task):
             loss_sums["contrastive"] = weight * contrastive  # one item (see label_counts)
             metrics["contrastive_loss"] = contrastive.detach()
         if self.config.data.geometry_weight > 0:
-            errors = model.geometry_head(out.text_hidden, batch["phrase_centres"], batch["relation_offsets"])
+            # DDP reduces the head's gradients too (hooks on every parameter of the wrapped module)
+            errors = unwrap(model).geometry_head(out.text_hidden, batch["phrase_centres"], batch["relation_offsets"])
             for key, (error_sum, count) in zip(GEOMETRY_KEYS, errors, strict=True):
                 loss_sums[key] = self.config.data.geometry_weight * error_sum
                 metrics[f"{key}_error"] = (error_sum / max(count, 1)).detach()

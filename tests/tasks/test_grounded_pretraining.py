@@ -23,51 +23,20 @@ from tasks.engine.trainer import Trainer
 from tasks.errors import AnnotationError
 from tasks.pretraining import IGNORE, PretrainConfig, PretrainingDataset, PretrainingTask
 from tests.fixtures.run_logs import records
-from tests.fixtures.tiny_pretrain_data import COLOURS, WORDS, make_images, write_store
+from tests.fixtures.tiny_pretrain_data import grounded_line, make_images, write_store, write_vocab
 
 IMAGE_HW = (80, 100)  # the tiny stores' image size (tests.fixtures.tiny_pretrain_data.write_store)
 
 
-def write_vocab(directory):
-    directory.mkdir(parents=True, exist_ok=True)
-    words = [*WORDS, "left", "right", "is"]
-    (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    return directory
-
-
-def grounded_line(image_id, image) -> dict:
-    """ "a red thing left of a blue thing" for two regions of colours the image has once, with their boxes, the
-    relation word, and a false caption naming a colour the image lacks."""
-    classes = image["classes"].tolist()
-    once = [i for i, c in enumerate(classes) if classes.count(c) == 1][:2]
-    first, second = once
-    centre = lambda i: (image["boxes"][i][0] + image["boxes"][i][2]) / 2  # noqa: E731
-    word = "left" if centre(first) < centre(second) else "right"
-    names = [COLOURS[classes[i] - 1] for i in (first, second)]
-    text = f"a {names[0]} thing {word} of a {names[1]} thing"
-    starts = [2, text.index(f"a {names[1]}") + 2]
-    absent = next(c for c in COLOURS if COLOURS.index(c) + 1 not in classes)
-    return {"image_id": image_id, "caption": text,
-            "phrases": [{"start": s, "end": s + len(n) + 6, "box": image["boxes"][i].tolist()}
-                        for s, n, i in zip(starts, names, (first, second), strict=True)],
-            "relations": [{"start": text.index(word), "end": text.index(word) + len(word), "subject": 0, "object": 1}],
-            "false_caption": text.replace(names[0], absent, 1)}
-
-
 def usable(images):
-    """The images with two colours that occur once (the grounded line needs them) and a colour they lack."""
-    keep = {}
-    for image_id, image in images.items():
-        classes = image["classes"].tolist()
-        if sum(classes.count(c) == 1 for c in set(classes)) >= 2 and len(set(classes)) < len(COLOURS):
-            keep[image_id] = image
-    return keep
+    """The images `grounded_line` grounds (two colours that occur once, a colour they lack)."""
+    return {i: image for i, image in images.items() if "phrases" in grounded_line(i, image)}
 
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("grounded")
-    out = {"vocab": write_vocab(root / "vocab")}
+    out = {"vocab": write_vocab(root / "vocab")}  # the fixture's words: "left" and "right" included
     for split, count, seed in (("train", 160, 0), ("val", 40, 1)):
         images = usable(make_images(count, seed=seed))
         out[f"{split}_features"] = write_store(root / f"{split}.h5", images)

@@ -9,6 +9,7 @@ with one process and with accumulation. Frozen layers (`fixed_t_layer`) train un
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,11 +40,19 @@ CONTRASTIVE = {f"{name} + contrastive": name for name in ("pretrain", "retrieval
 DEBIAS = {"vqa + rubi": ("vqa", ["data.debias=rubi"]), "vqa-cp + lmh": ("vqa-cp", ["data.debias=lmh"]),
           "gqa + lmh": ("gqa", ["data.debias=lmh"]), "genome-qa + rubi": ("genome-qa", ["data.debias=rubi"]),
           "vqa + grounding": ("vqa", ["data.grounding_weight=1.0"]),
-          "vqa-cp + rubi + grounding": ("vqa-cp", ["data.debias=rubi", "data.grounding_weight=0.5"])}
+          "vqa-cp + rubi + grounding": ("vqa-cp", ["data.debias=rubi", "data.grounding_weight=0.5"]),
+          # pretraining on grounded captions (tasks/pretraining.py: box-centre regression, relation words masked,
+          # false captions as negatives); GROUNDED stands for the zoo's grounded caption file
+          "pretrain + geometry": ("pretrain", ["data.train_captions=GROUNDED", "data.geometry_weight=1.0",
+                                               "data.mask_relations=true", "data.hard_negatives=0.5"])}
 
 
 def _debias(zoo, case):
     name, overrides = DEBIAS[case]
+    if any("GROUNDED" in o for o in overrides):
+        captions = next(o.split("=", 1)[1] for o in zoo[name] if o.startswith("data.train_captions="))
+        grounded = str(Path(captions).with_name("grounded_train.jsonl"))
+        overrides = [o.replace("GROUNDED", grounded) for o in overrides]
     return name, [*zoo[name], *overrides]
 
 
