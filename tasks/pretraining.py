@@ -273,7 +273,8 @@ class PretrainingDataset(TaskDataset):
         return sample
 
 
-# the batch keys along the text and region axes: labels pad with -100 (ignored), targets with 0
+# the batch keys along the text and region axes: labels pad with -100 (ignored), region targets with 0, the geometry
+# targets with NaN (no target)
 PRETRAINING_PADDED_KEYS = {**MODEL_PADDED_KEYS, "mlm_labels": (TEXT, IGNORE), "region_labels": (REGIONS, IGNORE),
                            "region_targets": (REGIONS, 0), "phrase_centres": (TEXT, float("nan")),
                            "relation_offsets": (TEXT, float("nan"))}
