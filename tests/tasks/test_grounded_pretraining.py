@@ -18,10 +18,9 @@ from tasks.data.captions import Caption, Phrase, Relation, load_captions
 from tasks.data.regions import visual_input
 from tasks.data.tokenization import load_tokenizer
 from tasks.engine.checkpoints import STATE_FILE, list_checkpoints
-from tasks.engine.config import load_config
-from tasks.engine.trainer import Trainer
 from tasks.errors import AnnotationError
-from tasks.pretraining import IGNORE, PretrainConfig, PretrainingDataset, PretrainingTask
+from tasks.pretraining import IGNORE, PretrainingDataset
+from tests.fixtures.pretrain_resume import killed_and_resumed
 from tests.fixtures.run_logs import records
 from tests.fixtures.tiny_pretrain_data import grounded_line, make_images, write_store, write_vocab
 
@@ -153,26 +152,8 @@ def test_grounded_pretraining_learns_the_box_centres(tmp_path, paths):
 
 
 def test_grounded_pretraining_resumes_bitwise(tmp_path, paths, monkeypatch):
-    overrides = ["train.epochs=2", "train.log_every=1", "train.save_every=3"]
-    config = load_config(write_config(tmp_path, paths), PretrainConfig, [*overrides, f"train.output_dir={tmp_path}/a"])
-    full = Trainer(PretrainingTask(config), config.train, config.optim).fit()
-    crashed = load_config(write_config(tmp_path, paths), PretrainConfig, [*overrides, f"train.output_dir={tmp_path}/b"])
-    calls = {"n": 0}
-    original = PretrainingTask.training_step
-
-    def dies_at_step_5(self, model, batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return original(self, model, batch)
-
-    monkeypatch.setattr(PretrainingTask, "training_step", dies_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(PretrainingTask(crashed), crashed.train, crashed.optim).fit()
-    monkeypatch.setattr(PretrainingTask, "training_step", original)
-    assert cli.main(["pretrain", "--config", str(write_config(tmp_path, paths)), *overrides,
-                     f"train.output_dir={tmp_path}/b", "--resume"]) == 0
-    assert [r["loss"] for r in records(tmp_path / "b", "train")] == [r["loss"] for r in records(full.run_dir, "train")]
+    killed_and_resumed(write_config(tmp_path, paths), ["train.epochs=2", "train.log_every=1", "train.save_every=3"],
+                       tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("option", ["data.geometry_weight=1", "data.mask_relations=true", "data.hard_negatives=0.5"])

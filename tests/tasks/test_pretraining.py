@@ -15,8 +15,8 @@ from tasks.data.regions import masked_image_mean
 from tasks.data.tokenization import load_tokenizer
 from tasks.engine.checkpoints import STATE_FILE, list_checkpoints
 from tasks.engine.config import load_config
-from tasks.engine.trainer import Trainer
 from tasks.pretraining import IGNORE, PretrainConfig, PretrainingDataset, PretrainingTask, collate_pretraining
+from tests.fixtures.pretrain_resume import killed_and_resumed
 from tests.fixtures.run_logs import records
 from tests.fixtures.tiny_pretrain_data import (
     caption_for,
@@ -92,28 +92,9 @@ def test_pretrain_command_trains_logs_checkpoints_and_loss_falls(tmp_path, paths
 def test_pretraining_resume_reproduces_the_uninterrupted_losses(tmp_path, paths, monkeypatch, grouping):
     overrides = ["train.epochs=2", "train.log_every=1", "train.save_every=3", "train.eval_at_end=false",
                  "train.eval_every=100", *grouping]
-    config = load_config(write_config(tmp_path, paths), PretrainConfig, [*overrides, f"train.output_dir={tmp_path}/a"])
-    full = Trainer(PretrainingTask(config), config.train, config.optim).fit()
-
-    crashed = load_config(write_config(tmp_path, paths), PretrainConfig, [*overrides, f"train.output_dir={tmp_path}/b"])
-    calls = {"n": 0}
-    original = PretrainingTask.training_step
-
-    def dies_at_step_5(self, model, batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return original(self, model, batch)
-
-    monkeypatch.setattr(PretrainingTask, "training_step", dies_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(PretrainingTask(crashed), crashed.train, crashed.optim).fit()
-    monkeypatch.setattr(PretrainingTask, "training_step", original)
-    assert cli.main(["pretrain", "--config", str(write_config(tmp_path, paths)), *overrides,
-                     f"train.output_dir={tmp_path}/b", "--resume"]) == 0
-    assert [r["loss"] for r in records(tmp_path / "b", "train")] == [r["loss"] for r in records(full.run_dir, "train")]
-    a = torch.load(list_checkpoints(tmp_path / "a")[-1] / STATE_FILE, weights_only=True)
-    b = torch.load(list_checkpoints(tmp_path / "b")[-1] / STATE_FILE, weights_only=True)
+    full, resumed = killed_and_resumed(write_config(tmp_path, paths), overrides, tmp_path, monkeypatch)
+    a = torch.load(list_checkpoints(full)[-1] / STATE_FILE, weights_only=True)
+    b = torch.load(list_checkpoints(resumed)[-1] / STATE_FILE, weights_only=True)
     assert a["state"] == b["state"]
 
 
