@@ -121,7 +121,7 @@ $(WORLD_TASKS): $(WORLD)/scenes.json tasks/shapes/tasks.py tasks/shapes/grounded
 	$(VILBERT) shapes-world --out $(WORLD) --add-tasks
 
 # make finetune TASK=vqa|retrieval|refcoco|nlvr2|snli-ve|gqa|visual7w [DEBIAS=none|rubi|lmh] [SEED=N] [TEXT_ONLY=0]
-#   [GROUNDING=W]:
+#   [GROUNDING=W] [PRETRAIN=grounded]:
 # from the pretraining checkpoint; VQA and the four 12-in-1 tasks also from the text stream alone, reported side by
 # side. TASK=vqa also trains and reports VQA-CP, the world's changing-priors split. DEBIAS (VQA, VQA-CP, GQA) picks
 # the debiasing loss (data.debias); GROUNDING (VQA, VQA-CP) the weight of region supervision (data.grounding_weight,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.shapes.world import COLOURS, KINDS, NUMBER_WORDS, SIZES, SPLITS, Shape, _write_bytes
+from tasks.shapes.world import COLOURS, KINDS, NUMBER_WORDS, SIZES, SPLITS, Scene, Shape, _write_bytes
 
 FOLDER = "captions_grounded"
 OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
@@ -84,7 +84,7 @@ def grounding(text: str, shapes: list[Shape]) -> dict:
     return {"phrases": phrases, "relations": relations}
 
 
-def write_grounded_captions(world: str | Path, seed: int, scenes: list) -> int:
+def write_grounded_captions(world: str | Path, seed: int, scenes: list[Scene]) -> int:
     """`captions_grounded/captions_<split>.jsonl` under `world`; returns the number of captions written."""
     world = Path(world)
     shapes = {str(scene.image_id): list(scene.shapes) for scene in scenes}
