@@ -51,14 +51,14 @@ from torch import nn
 import tasks.pretraining as pretraining
 from tasks.engine.config import load_config
 from tasks.engine.trainer import Trainer
-from tasks.shapes.grounded_captions import false_attribute
+from tasks.shapes.grounded_captions import false_attribute, turned_around
 from tasks.shapes.report import pretraining_report
 from tasks.shapes.tasks import load_scenes
 from tasks.shapes.world import COLOURS, KINDS, SIZES
 from vilbert import modeling_vilbert
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from geometry_probe import OPPOSITE, RELATION, WORD  # noqa: E402
+from geometry_probe import RELATION, WORD  # noqa: E402
 
 BALANCED_MASKED = ("balanced", "relation-masking")
 VARIANTS = {  # each variant's pieces, applied in main()
@@ -85,10 +85,7 @@ def write_balanced_captions(source: Path, target: Path) -> None:
     lines = []
     for number, line in enumerate(source.read_text().splitlines()):
         item = json.loads(line)
-        found = RELATION.match(item["caption"])
-        if found and np.random.default_rng([int(item["image_id"]), number, 5]).random() < 0.5:
-            first, relation, second = found.groups()
-            item["caption"] = f"a {second} {OPPOSITE[relation]} a {first}."
+        item["caption"] = turned_around(item["caption"], np.random.default_rng([int(item["image_id"]), number, 5]))
         lines.append(json.dumps(item))
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text("\n".join(lines) + "\n")
