@@ -142,6 +142,7 @@ FINETUNE_ARGS := $(if $(filter-out none,$(DEBIAS)),data.debias=$(DEBIAS),) $(if 
 # PRETRAIN=grounded: run directories suffixed _grounded
 RUN_SUFFIX := $(if $(filter detected,$(BOXES)),_detected,)$(PRETRAIN_SUFFIX)$(RUN_SUFFIX)
 FINETUNE_ARGS += $(if $(filter detected,$(BOXES)),data.features=[$(SHAPES_FEATURES)],)
+MULTI_ARGS := $(if $(filter detected,$(BOXES)),'multitask.member_overrides=["data.features=[$(SHAPES_FEATURES)]"]',)
 # whether $(1) also trains from the text stream alone
 text_only = $(and $(filter 1,$(TEXT_ONLY)),$(filter $(1),$(TEXT_ONLY_TASKS)))
 # one task from both starts (or the pretrained one), then its report: $(call finetune_one,TASK)
@@ -171,7 +172,7 @@ ifeq ($(TASK),multi)
 	rm -rf $(FINETUNE_RUN)
 	$(VILBERT) finetune --task multi --config tasks/shapes/configs/multi_embedded.yaml \
 		--init $$(tail -n 1 $(PRETRAIN_REPORT) | cut -d' ' -f2) model.text_init=$(TEXT_INIT) \
-		train.output_dir=$(FINETUNE_RUN)
+		train.output_dir=$(FINETUNE_RUN) $(MULTI_ARGS)
 	$(VILBERT) multitask-baselines --run $(FINETUNE_RUN)
 else
 	$(call finetune_one,$(TASK))

@@ -92,6 +92,7 @@ class MultiTaskSettings:
     continue_threshold: float = 0.005  # relative drop below the best that restarts a stopped member
     cooldown: int = 1
     clean_train_sets: bool = False  # drop training items whose images are in any member's val/test splits
+    member_overrides: list[str] = field(default_factory=list)  # key=value on every member's config, after its own
 
     def validate(self) -> None:
         if self.sampling not in SAMPLING:
@@ -303,14 +304,16 @@ class Member:
     controller: MultiTaskStopOnPlateau
 
 
-def load_member(spec: MemberConfig, model: ModelConfig, seed: int) -> FinetuneTask:
-    """A member task from its resolved config (saved runs) or its YAML plus overrides; the model is the run's."""
+def load_member(spec: MemberConfig, model: ModelConfig, seed: int,
+                shared: list[str] | tuple[str, ...] = ()) -> FinetuneTask:
+    """A member task from its resolved config (saved runs) or its YAML plus its overrides, then the `shared` ones
+    (multitask.member_overrides); the model is the run's."""
     if not issubclass(task_class(spec.name), FinetuneTask):
         raise ConfigError(f"tasks: {spec.name} is not a fine-tuning task and cannot be a member")
     if spec.resolved:
         task = build_task(spec.name, spec.resolved, source=f"tasks[{spec.name}].resolved")
     else:
-        task = build_task(spec.name, spec.config, spec.overrides)
+        task = build_task(spec.name, spec.config, [*spec.overrides, *shared])
     task.config.model = model
     task.config.train.seed = seed
     spec.resolved = to_dict(task.config)
@@ -337,7 +340,7 @@ class MultiTask(Task):
     def __init__(self, config: MultiTaskConfig):
         self.config = config
         settings = config.multitask
-        tasks = [load_member(spec, config.model, config.train.seed) for spec in config.tasks]
+        tasks = [load_member(spec, config.model, config.train.seed, settings.member_overrides) for spec in config.tasks]
         base_lr = min(task.config.optim.lr for task in tasks)
         self.members = [
             Member(spec.label or spec.name, task,

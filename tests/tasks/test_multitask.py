@@ -239,3 +239,21 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     assert "only a multi-task run" in capsys.readouterr().err
     assert main(["multitask-baselines", "--run", str(tmp_path)]) == 2
     assert "no finished checkpoint" in capsys.readouterr().err
+
+
+def test_member_overrides_reach_every_member_after_its_own(tiny, tmp_path):
+    import yaml
+
+    common = {"features": [str(tiny / "f.h5")], "tokenizer": str(tiny / "tok"), "max_regions": 4,
+              "max_text_length": 12}
+    for name, folder in (("snli-ve", "snli"), ("nlvr2", "nlvr2")):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"data": {"root": str(tiny / folder), **common}}))
+    other = tmp_path / "other.h5"
+    other.write_bytes((tiny / "f.h5").read_bytes())  # another feature store (make's BOXES=detected)
+    members = [MemberConfig(name="snli-ve", config=str(tmp_path / "snli-ve.yaml"), overrides=["data.max_regions=3"]),
+               MemberConfig(name="nlvr2", config=str(tmp_path / "nlvr2.yaml"), overrides=[f"data.features=[{tiny}]"])]
+    config = multi_config(tmp_path, "run", members, member_overrides=[f"data.features=[{other}]"])
+    task = MultiTask(config)
+    assert [m.task.config.data.features for m in task.members] == [[str(other)], [str(other)]]
+    assert task.members[0].task.config.data.max_regions == 3  # a member's own override still holds
+    assert [spec.resolved["data"]["features"] for spec in config.tasks] == [[str(other)], [str(other)]]
