@@ -1,16 +1,16 @@
 """The debiasing table of docs/results.md, from the `report.json` of `make finetune TASK=vqa` runs.
 
     python bench/debias_table.py [--runs runs] [--modes none rubi lmh] [--seeds 0 1] [--start pretrained|text-only]
-                                 [--grounding W ...]
+                                 [--grounding W ...] [--pretrain embedded grounded]
 
 Reads, per debias mode and seed, the report rows `make finetune TASK=vqa DEBIAS=MODE SEED=N` wrote
 (runs/vqa_embedded[_MODE]_seedN/report.json: held-out test and compositional; runs/vqa-cp_embedded[_MODE]_seedN/
 report.json: the changing-priors split); with `--grounding W ...`, those of `make finetune ... GROUNDING=W` for
-each W (runs/vqa_embedded[_MODE]_groundingW_seedN), a column per mode and weight. It prints a markdown table: each
-split's VQA accuracy and how often the
-model answers the question-type prior's answer, as the mean over seeds with each seed in brackets, beside the
-prior's own accuracy. `--start text-only` reads the text-only runs the same reports compared against
-(`make finetune` without TEXT_ONLY=0).
+each W (runs/vqa_embedded[_MODE]_groundingW_seedN), a column per mode and weight; with `--pretrain embedded
+grounded`, those of `make finetune ...` and `make finetune ... PRETRAIN=grounded` (runs/vqa_embedded_grounded[_MODE]
+...), a column per pretraining. It prints a markdown table: each split's VQA accuracy and how often the model answers
+the question-type prior's answer, as the mean over seeds with each seed in brackets, beside the prior's own accuracy.
+`--start text-only` reads the text-only runs the same reports compared against (`make finetune` without TEXT_ONLY=0).
 """
 
 from __future__ import annotations
@@ -28,16 +28,20 @@ class TableError(Exception):
     """A run's report is missing or unreadable: one line naming the file."""
 
 
-def report_path(runs: Path, task: str, mode: str, seed: int, grounding: str | None = None) -> Path:
-    """Where `make finetune TASK=vqa DEBIAS=mode SEED=seed [GROUNDING=grounding]` writes the task's report rows
-    (Makefile RUN_SUFFIX)."""
-    suffix = ("" if mode == "none" else f"_{mode}") + ("" if grounding is None else f"_grounding{grounding}")
+def report_path(runs: Path, task: str, mode: str, seed: int, grounding: str | None = None,
+                pretrain: str = "embedded") -> Path:
+    """Where `make finetune TASK=vqa DEBIAS=mode SEED=seed [GROUNDING=grounding] [PRETRAIN=pretrain]` writes the
+    task's report rows (Makefile RUN_SUFFIX)."""
+    suffix = (("_grounded" if pretrain == "grounded" else "") + ("" if mode == "none" else f"_{mode}")
+              + ("" if grounding is None else f"_grounding{grounding}"))
     return runs / f"{task}_embedded{suffix}_seed{seed}" / "report.json"
 
 
-def read_rows(path: Path, start: str, mode: str, seed: int, grounding: str | None = None) -> dict[str, dict]:
+def read_rows(path: Path, start: str, mode: str, seed: int, grounding: str | None = None,
+              pretrain: str = "embedded") -> dict[str, dict]:
     """{split label: report row} of the run (`start` pretrained) or of the text-only run it was compared with."""
-    given = "" if grounding is None else f" GROUNDING={grounding}"
+    given = ("" if grounding is None else f" GROUNDING={grounding}") + (
+        "" if pretrain == "embedded" else f" PRETRAIN={pretrain}")
     make = f"make finetune TASK=vqa DEBIAS={mode}{given} SEED={seed}" + (" TEXT_ONLY=0" if start == "pretrained" else "")
     try:
         record = json.loads(path.read_text())
@@ -79,21 +83,24 @@ def cell(values: list[float]) -> str:
     return f"{mean:.1f} % ({' / '.join(f'{v:.1f}' for v in values)})"
 
 
-def table(runs: Path, modes: list[str], seeds: list[int], start: str, grounding: list[str] | None = None
-          ) -> list[str]:
-    columns = [(mode, weight) for mode in modes for weight in (grounding or [None])]
-    rows = {((mode, weight), seed, task): read_rows(report_path(runs, task, mode, seed, weight), start, mode, seed,
-                                                    weight)
-            for mode, weight in columns for seed in seeds for task in dict.fromkeys(task for task, _ in SPLITS)}
+def table(runs: Path, modes: list[str], seeds: list[int], start: str, grounding: list[str] | None = None,
+          pretrains: list[str] | None = None) -> list[str]:
+    columns = [(mode, weight, pretrain) for pretrain in (pretrains or ["embedded"]) for mode in modes
+               for weight in (grounding or [None])]
+    rows = {((mode, weight, pretrain), seed, task):
+            read_rows(report_path(runs, task, mode, seed, weight, pretrain), start, mode, seed, weight, pretrain)
+            for mode, weight, pretrain in columns for seed in seeds
+            for task in dict.fromkeys(task for task, _ in SPLITS)}
     seed_text = ", ".join(str(s) for s in seeds)
-    labels = [mode if weight is None else f"{mode}, grounding {weight}" for mode, weight in columns]
+    labels = [", ".join([*([] if pretrains is None else [f"PRETRAIN={pretrain}"]), mode,
+                         *([] if weight is None else [f"grounding {weight}"])]) for mode, weight, pretrain in columns]
     lines = [f"| {start} start, seed{'s' if len(seeds) > 1 else ''} {seed_text}: mean (each seed) | "
              + " | ".join(labels) + " | question-type prior |",
              "|---" * (len(columns) + 2) + "|"]
     for task, split in SPLITS:
         found = {key: task_rows[split] for key, task_rows in rows.items() if key[2] == task and split in task_rows}
         if len(found) < len(columns) * len(seeds):
-            missing = next(report_path(runs, task, c[0], s, c[1]) for c in columns for s in seeds
+            missing = next(report_path(runs, task, c[0], s, c[1], c[2]) for c in columns for s in seeds
                            if (c, s, task) not in found)
             raise TableError(f"{missing}: has no '{split}' row")
         priors = sorted({round(row["chance"], 6) for row in found.values()})
@@ -115,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", choices=["pretrained", "text-only"], default="pretrained")
     parser.add_argument("--grounding", nargs="+", metavar="W", type=weight,
                         help="the GROUNDING=W of the runs, as given to make (default: runs made without it)")
+    parser.add_argument("--pretrain", nargs="+", choices=["embedded", "grounded"],
+                        help="the PRETRAIN= of the runs, a column each (default: runs made without it)")
     args = parser.parse_args(argv)
     try:
-        lines = table(Path(args.runs), args.modes, args.seeds, args.start, args.grounding)
+        lines = table(Path(args.runs), args.modes, args.seeds, args.start, args.grounding, args.pretrain)
     except TableError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

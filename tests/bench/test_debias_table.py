@@ -89,3 +89,28 @@ def test_runs_made_with_a_grounding_weight_get_a_column_per_weight(runs, tmp_pat
     err = capsys.readouterr().err.strip()
     assert "vqa_embedded_lmh_grounding0.5_seed0/report.json: no such report" in err
     assert "make finetune TASK=vqa DEBIAS=lmh GROUNDING=0.5 SEED=0 TEXT_ONLY=0" in err
+
+
+def test_runs_from_the_grounded_pretraining_get_a_column_beside_the_default(runs, tmp_path, capsys):
+    for name in ("", "_grounded"):  # the Makefile's names for DEBIAS=lmh SEED=seed [PRETRAIN=grounded]
+        for task in ("vqa", "vqa-cp"):
+            for seed in (0, 1):
+                run = tmp_path / f"{task}_embedded{name}_lmh_seed{seed}"
+                run.mkdir()
+                (run / "report.json").write_bytes(
+                    (runs / f"{task}_embedded_lmh_seed{1 - seed if name else seed}" / "report.json").read_bytes())
+    script = _script()
+    assert script.main(["--runs", str(tmp_path), "--modes", "lmh", "--pretrain", "embedded", "grounded"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("| pretrained start, seeds 0, 1: mean (each seed) | PRETRAIN=embedded, lmh | "
+                        "PRETRAIN=grounded, lmh | question-type prior |")
+    cp = [json.loads((runs / f"vqa-cp_embedded_lmh_seed{s}" / "report.json").read_text())["rows"][0]["value"]
+          for s in (0, 1)]
+    row = next(line for line in lines if line.startswith("| changing priors: VQA accuracy"))
+    assert row.split(" | ")[1:3] == [f"{sum(cp) / 2:.1f} % ({cp[0]:.1f} / {cp[1]:.1f})",
+                                     f"{sum(cp) / 2:.1f} % ({cp[1]:.1f} / {cp[0]:.1f})"]
+    (tmp_path / "vqa_embedded_grounded_lmh_seed1" / "report.json").unlink()
+    assert script.main(["--runs", str(tmp_path), "--modes", "lmh", "--pretrain", "grounded"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "vqa_embedded_grounded_lmh_seed1/report.json: no such report" in err
+    assert "make finetune TASK=vqa DEBIAS=lmh PRETRAIN=grounded SEED=1 TEXT_ONLY=0" in err
